@@ -1,0 +1,133 @@
+//! The backplane port: how invalidations travel between the instances of a fleet.
+//!
+//! Every [`Message`] carries its origin (one id per `Cache` handle) and a sequence
+//! number that origin increments by one per message, so a receiver can tell when it
+//! missed something. Heartbeats carry the origin's current sequence number, so a lost
+//! *last* message is detected too. The core (not the backplane) tracks sequence numbers
+//! and heartbeats; a backplane only has to deliver what it can and say when it knows it
+//! lost something (a dropped subscription, a trimmed stream) through [`BackplaneEvent`].
+
+mod in_process;
+
+pub use in_process::{FaultControl, InProcessBackplane};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// Identifies one publishing `Cache` handle.
+pub type OriginId = u64;
+
+/// One invalidation (or heartbeat) on the backplane.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// Who sent it.
+    pub origin: OriginId,
+    /// The origin's sequence number: 1, 2, 3… with no gaps. A heartbeat repeats the
+    /// last sequence number used.
+    pub seq: u64,
+    /// The namespace it applies to.
+    pub namespace: String,
+    /// What to invalidate.
+    pub body: MessageBody,
+}
+
+/// What a message asks receivers to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MessageBody {
+    /// Drop these keys (text form, see `CacheKey`).
+    Keys(Vec<String>),
+    /// Drop every entry carrying this tag.
+    Tag(String),
+    /// Drop the whole namespace.
+    All,
+    /// Liveness: the origin is alive and its last sequence number is `seq`.
+    Heartbeat,
+}
+
+/// The first byte of every encoded message, so the format can evolve.
+const WIRE_FORMAT: u8 = 1;
+
+impl Message {
+    /// Encodes the message for a wire (format byte + postcard).
+    pub fn encode(&self) -> Result<Bytes> {
+        let mut out = vec![WIRE_FORMAT];
+        postcard::to_io(self, &mut out).map_err(|e| {
+            Error::new(ErrorKind::Codec, "cannot encode backplane message").with_source(e)
+        })?;
+        Ok(Bytes::from(out))
+    }
+
+    /// Decodes a message; malformed input is an error the receiver counts and ignores.
+    pub fn decode(bytes: &[u8]) -> Result<Message> {
+        match bytes.split_first() {
+            Some((&WIRE_FORMAT, rest)) => postcard::from_bytes(rest).map_err(|e| {
+                Error::new(ErrorKind::Codec, "malformed backplane message").with_source(e)
+            }),
+            Some((other, _)) => Err(Error::new(
+                ErrorKind::Codec,
+                format!("unknown backplane message format {other}"),
+            )),
+            None => Err(Error::new(ErrorKind::Codec, "empty backplane message")),
+        }
+    }
+
+    /// True for heartbeats.
+    pub fn is_heartbeat(&self) -> bool {
+        matches!(self.body, MessageBody::Heartbeat)
+    }
+}
+
+/// What a subscription yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackplaneEvent {
+    /// A message, in the order the backplane delivered it.
+    Message(Message),
+    /// The subscription was lost; messages may be missed until [`BackplaneEvent::Resumed`].
+    Disconnected,
+    /// The subscription is back. `complete` is true when the backplane replayed
+    /// everything published while it was away (a stream); false when it could not
+    /// (Pub/Sub), in which case the receiver must repair by flushing.
+    Resumed {
+        /// Whether nothing was lost.
+        complete: bool,
+    },
+    /// The backplane knows messages were lost (a trimmed stream, a lagging receiver).
+    Lost,
+    /// A message that could not be decoded was received and skipped.
+    Malformed,
+}
+
+/// The receiving end of a subscription. Bounded: a receiver that falls behind gets a
+/// [`BackplaneEvent::Lost`] rather than unbounded memory growth.
+pub type Subscription = mpsc::Receiver<BackplaneEvent>;
+
+/// The backplane port. Object safe (`Arc<dyn Backplane>`).
+#[async_trait]
+pub trait Backplane: Send + Sync + 'static {
+    /// A short name for metrics and logs.
+    fn name(&self) -> &str;
+
+    /// Publishes a message. Returns once the message is durable on the backplane (for a
+    /// stream) or handed to it (Pub/Sub).
+    async fn publish(&self, message: &Message) -> Result<()>;
+
+    /// Opens a subscription that receives every message published after it starts,
+    /// including this process's own (receivers skip their own by origin id).
+    async fn subscribe(&self) -> Result<Subscription>;
+
+    /// Asks for messages `from_seq..=to_seq` of `origin` again. `Ok(None)` means the
+    /// backplane cannot replay (the receiver flushes instead).
+    async fn replay(
+        &self,
+        origin: OriginId,
+        from_seq: u64,
+        to_seq: u64,
+    ) -> Result<Option<Vec<Message>>> {
+        let _ = (origin, from_seq, to_seq);
+        Ok(None)
+    }
+}

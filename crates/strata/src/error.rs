@@ -1,0 +1,198 @@
+//! The one error type of strata: a kind, a context line and an optional source.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What went wrong, coarsely enough to decide what to do about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// A remote call (L2, backplane, loader) did not answer in time.
+    Timeout,
+    /// The L2 tier could not be reached or answered with an error.
+    Tier,
+    /// The invalidation backplane could not be reached or lost its subscription.
+    Backplane,
+    /// The caller's loader (usually the database) returned an error.
+    Loader,
+    /// A value or an L2 envelope could not be encoded or decoded.
+    Codec,
+    /// A circuit breaker is open: the call was not attempted.
+    CircuitOpen,
+    /// The input was rejected (oversized value, bad key…): nothing was changed.
+    InvalidInput,
+    /// The cache is shutting down.
+    Shutdown,
+    /// The write-behind queue or another durable structure refused the write.
+    Rejected,
+}
+
+impl ErrorKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Tier => "l2 tier error",
+            ErrorKind::Backplane => "backplane error",
+            ErrorKind::Loader => "loader error",
+            ErrorKind::Codec => "codec error",
+            ErrorKind::CircuitOpen => "circuit open",
+            ErrorKind::InvalidInput => "invalid input",
+            ErrorKind::Shutdown => "shutting down",
+            ErrorKind::Rejected => "rejected",
+        }
+    }
+}
+
+type Source = Arc<dyn std::error::Error + Send + Sync + 'static>;
+
+/// The error returned by every fallible strata operation.
+///
+/// It is `Clone` (the source is shared behind an `Arc`) so that the callers coalesced
+/// onto one load by single-flight can all receive the same error.
+#[derive(Clone)]
+pub struct Error {
+    kind: ErrorKind,
+    context: Arc<str>,
+    source: Option<Source>,
+}
+
+impl Error {
+    /// An error of `kind` with a one-line, lowercase description of what failed.
+    pub fn new(kind: ErrorKind, context: impl Into<Arc<str>>) -> Self {
+        Error {
+            kind,
+            context: context.into(),
+            source: None,
+        }
+    }
+
+    /// Attaches the underlying cause.
+    #[must_use]
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Arc::new(source));
+        self
+    }
+
+    /// Attaches an already shared cause.
+    #[must_use]
+    pub fn with_shared_source(mut self, source: Source) -> Self {
+        self.source = Some(source);
+        self
+    }
+
+    /// A timeout of `what` after `after`.
+    pub fn timeout(what: &str, after: Duration) -> Self {
+        Error::new(
+            ErrorKind::Timeout,
+            format!("{what} timed out after {after:?}"),
+        )
+    }
+
+    /// Wraps an error returned by the caller's loader.
+    pub fn loader(source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>) -> Self {
+        let source: Box<dyn std::error::Error + Send + Sync + 'static> = source.into();
+        Error {
+            kind: ErrorKind::Loader,
+            context: Arc::from("loader failed"),
+            source: Some(Arc::from(source)),
+        }
+    }
+
+    /// The kind of failure.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The context line, without the source.
+    pub fn context(&self) -> &str {
+        &self.context
+    }
+
+    /// True when retrying the same call later may succeed (timeouts, unreachable
+    /// remotes, open breakers).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self.kind,
+            ErrorKind::Timeout | ErrorKind::Tier | ErrorKind::Backplane | ErrorKind::CircuitOpen
+        )
+    }
+
+    /// True for timeouts.
+    pub fn is_timeout(&self) -> bool {
+        self.kind == ErrorKind::Timeout
+    }
+
+    /// True when the loader (the database) failed.
+    pub fn is_loader(&self) -> bool {
+        self.kind == ErrorKind::Loader
+    }
+
+    /// True when a circuit breaker refused the call.
+    pub fn is_circuit_open(&self) -> bool {
+        self.kind == ErrorKind::CircuitOpen
+    }
+
+    /// True when the input was rejected and nothing was changed.
+    pub fn is_invalid_input(&self) -> bool {
+        self.kind == ErrorKind::InvalidInput
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("Error");
+        d.field("kind", &self.kind).field("context", &self.context);
+        if let Some(s) = &self.source {
+            d.field("source", &format_args!("{s}"));
+        }
+        d.finish()
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind.as_str(), self.context)?;
+        if let Some(s) = &self.source {
+            write!(f, ": {s}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|s| s as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// Shorthand for `Result<T, strata::Error>`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A setting given to a builder was invalid; the message says how to fix it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid cache configuration: {setting}: {problem}; {fix}")]
+pub struct BuildError {
+    /// The setter at fault, e.g. `max_stale`.
+    pub setting: &'static str,
+    /// What is wrong with the value.
+    pub problem: String,
+    /// How to fix it.
+    pub fix: String,
+}
+
+impl BuildError {
+    pub(crate) fn new(
+        setting: &'static str,
+        problem: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Self {
+        BuildError {
+            setting,
+            problem: problem.into(),
+            fix: fix.into(),
+        }
+    }
+}

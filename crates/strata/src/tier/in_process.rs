@@ -1,0 +1,309 @@
+//! An L2 tier that lives in the process: the shared tier of an in-process fleet (several
+//! `Cache` handles in one process), used by tests and by `strata bench`'s embedded
+//! default. It implements the full fill-guard contract of [`Tier`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+
+use super::{Envelope, FillOutcome, FillToken, Lookup, Tier, TierConfig};
+use crate::clock::{Clock, SystemClock, Timestamp};
+use crate::error::{Error, ErrorKind, Result};
+
+#[derive(Default)]
+struct Namespace {
+    /// The invalidation clock.
+    clock: u64,
+    namespace_epoch: u64,
+    tag_epochs: HashMap<String, u64>,
+    tombstones: HashMap<String, (u64, Timestamp)>,
+    entries: HashMap<String, (Envelope, Timestamp)>,
+    leases: HashMap<String, (u64, Timestamp)>,
+}
+
+impl Namespace {
+    fn tick(&mut self) -> u64 {
+        self.clock += 1;
+        self.clock
+    }
+
+    fn valid(&self, env: &Envelope) -> bool {
+        env.stamp >= self.namespace_epoch
+            && env
+                .tags
+                .iter()
+                .all(|t| self.tag_epochs.get(t).is_none_or(|&e| env.stamp >= e))
+    }
+
+    fn prune(&mut self, now: Timestamp) {
+        // Amortised: sweep only when the maps have grown, so a long run stays bounded.
+        if self.tombstones.len() > 4096 {
+            self.tombstones.retain(|_, (_, exp)| *exp > now);
+        }
+        if self.leases.len() > 4096 {
+            self.leases.retain(|_, (_, exp)| *exp > now);
+        }
+    }
+}
+
+struct Inner {
+    config: TierConfig,
+    clock: Arc<dyn Clock>,
+    namespaces: Mutex<HashMap<String, Namespace>>,
+    next_lease: AtomicU64,
+    available: AtomicBool,
+    ops: AtomicU64,
+}
+
+/// An in-process L2 tier shared by every `Cache` handle it is given to.
+///
+/// Cloning gives another handle to the same tier. Fault injection: [`InProcessTier::set_available`]
+/// makes every call fail as a real outage would.
+#[derive(Clone)]
+pub struct InProcessTier {
+    inner: Arc<Inner>,
+}
+
+impl Default for InProcessTier {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl InProcessTier {
+    /// A tier on the system clock with default settings.
+    pub fn new() -> Self {
+        Self::with_config(TierConfig::default(), Arc::new(SystemClock::default()))
+    }
+
+    /// A tier with explicit settings and clock (use the same clock as the caches).
+    pub fn with_config(config: TierConfig, clock: Arc<dyn Clock>) -> Self {
+        InProcessTier {
+            inner: Arc::new(Inner {
+                config,
+                clock,
+                namespaces: Mutex::new(HashMap::new()),
+                next_lease: AtomicU64::new(1),
+                available: AtomicBool::new(true),
+                ops: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Simulates an outage (`false`) or its end (`true`).
+    pub fn set_available(&self, available: bool) {
+        self.inner.available.store(available, Ordering::SeqCst);
+    }
+
+    /// How many calls the tier has served (the equivalent of Redis ops).
+    pub fn ops(&self) -> u64 {
+        self.inner.ops.load(Ordering::Relaxed)
+    }
+
+    /// How many live entries `namespace` holds.
+    pub fn len(&self, namespace: &str) -> usize {
+        let now = self.inner.clock.now();
+        self.inner.namespaces.lock().get(namespace).map_or(0, |ns| {
+            ns.entries.values().filter(|(_, exp)| *exp > now).count()
+        })
+    }
+
+    /// True when `namespace` holds no live entry.
+    pub fn is_empty(&self, namespace: &str) -> bool {
+        self.len(namespace) == 0
+    }
+
+    /// The raw stored envelope, valid or not (for tests that look for stale entries).
+    pub fn raw(&self, namespace: &str, key: &str) -> Option<Envelope> {
+        self.inner
+            .namespaces
+            .lock()
+            .get(namespace)
+            .and_then(|ns| ns.entries.get(key))
+            .map(|(e, _)| e.clone())
+    }
+
+    /// Removes an entry without an invalidation (as an LRU eviction in Redis would).
+    pub fn evict(&self, namespace: &str, key: &str) {
+        if let Some(ns) = self.inner.namespaces.lock().get_mut(namespace) {
+            ns.entries.remove(key);
+        }
+    }
+
+    fn enter(&self) -> Result<Timestamp> {
+        self.inner.ops.fetch_add(1, Ordering::Relaxed);
+        if self.inner.available.load(Ordering::SeqCst) {
+            Ok(self.inner.clock.now())
+        } else {
+            Err(Error::new(
+                ErrorKind::Tier,
+                "in-process tier is unavailable (injected outage)",
+            ))
+        }
+    }
+
+    fn with_ns<R>(&self, namespace: &str, f: impl FnOnce(&mut Namespace) -> R) -> R {
+        let mut map = self.inner.namespaces.lock();
+        let ns = match map.get_mut(namespace) {
+            Some(ns) => ns,
+            None => map.entry(namespace.to_owned()).or_default(),
+        };
+        f(ns)
+    }
+}
+
+#[async_trait]
+impl Tier for InProcessTier {
+    fn name(&self) -> &str {
+        "in-process"
+    }
+
+    fn tombstone_ttl(&self) -> Duration {
+        self.inner.config.tombstone_ttl
+    }
+
+    async fn lookup(&self, namespace: &str, key: &str, lease: Option<Duration>) -> Result<Lookup> {
+        let now = self.enter()?;
+        let next_lease = &self.inner.next_lease;
+        Ok(self.with_ns(namespace, |ns| {
+            if let Some((env, exp)) = ns.entries.get(key) {
+                if *exp > now && ns.valid(env) {
+                    return Lookup::Hit(env.clone());
+                }
+                ns.entries.remove(key);
+            }
+            let stamp = ns.clock;
+            let Some(lease_ttl) = lease else {
+                return Lookup::Miss(FillToken {
+                    stamp,
+                    lease: None,
+                    leader: true,
+                });
+            };
+            match ns.leases.get(key) {
+                Some((_, exp)) if *exp > now => Lookup::Miss(FillToken {
+                    stamp,
+                    lease: None,
+                    leader: false,
+                }),
+                _ => {
+                    let id = next_lease.fetch_add(1, Ordering::Relaxed);
+                    ns.leases.insert(key.to_owned(), (id, now.add(lease_ttl)));
+                    Lookup::Miss(FillToken {
+                        stamp,
+                        lease: Some(id),
+                        leader: true,
+                    })
+                }
+            }
+        }))
+    }
+
+    async fn fill(
+        &self,
+        namespace: &str,
+        key: &str,
+        mut envelope: Envelope,
+        ttl: Duration,
+        token: &FillToken,
+    ) -> Result<FillOutcome> {
+        let now = self.enter()?;
+        Ok(self.with_ns(namespace, |ns| {
+            if let Some(lease) = token.lease
+                && ns.leases.get(key).is_some_and(|(id, _)| *id == lease)
+            {
+                ns.leases.remove(key);
+            }
+            let tombstoned = ns
+                .tombstones
+                .get(key)
+                .is_some_and(|(at, exp)| *exp > now && *at > token.stamp);
+            envelope.stamp = token.stamp;
+            if tombstoned || !ns.valid(&envelope) {
+                return FillOutcome::Rejected;
+            }
+            ns.entries.insert(key.to_owned(), (envelope, now.add(ttl)));
+            FillOutcome::Stored
+        }))
+    }
+
+    async fn set(
+        &self,
+        namespace: &str,
+        key: &str,
+        mut envelope: Envelope,
+        ttl: Duration,
+    ) -> Result<()> {
+        let now = self.enter()?;
+        self.with_ns(namespace, |ns| {
+            ns.leases.remove(key);
+            envelope.stamp = ns.clock;
+            ns.entries.insert(key.to_owned(), (envelope, now.add(ttl)));
+        });
+        Ok(())
+    }
+
+    async fn delete(&self, namespace: &str, keys: &[String]) -> Result<()> {
+        let now = self.enter()?;
+        let tomb_exp = now.add(self.inner.config.tombstone_ttl);
+        self.with_ns(namespace, |ns| {
+            let at = ns.tick();
+            for k in keys {
+                ns.entries.remove(k);
+                ns.leases.remove(k);
+                ns.tombstones.insert(k.clone(), (at, tomb_exp));
+            }
+            ns.prune(now);
+        });
+        Ok(())
+    }
+
+    async fn invalidate_tag(&self, namespace: &str, tag: &str) -> Result<()> {
+        self.enter()?;
+        self.with_ns(namespace, |ns| {
+            let at = ns.tick();
+            ns.tag_epochs.insert(tag.to_owned(), at);
+        });
+        Ok(())
+    }
+
+    async fn invalidate_namespace(&self, namespace: &str) -> Result<()> {
+        self.enter()?;
+        self.with_ns(namespace, |ns| {
+            let at = ns.tick();
+            ns.namespace_epoch = at;
+            ns.entries.clear();
+            ns.leases.clear();
+        });
+        Ok(())
+    }
+
+    async fn touch(
+        &self,
+        namespace: &str,
+        key: &str,
+        soft_expiry: Timestamp,
+        ttl: Duration,
+    ) -> Result<bool> {
+        let now = self.enter()?;
+        Ok(self.with_ns(namespace, |ns| {
+            let valid = ns
+                .entries
+                .get(key)
+                .is_some_and(|(env, exp)| *exp > now && ns.valid(env));
+            if !valid {
+                return false;
+            }
+            if let Some((env, exp)) = ns.entries.get_mut(key) {
+                env.soft_expiry = soft_expiry;
+                env.hard_expiry = now.add(ttl);
+                *exp = now.add(ttl);
+            }
+            true
+        }))
+    }
+}

@@ -1,0 +1,150 @@
+//! The L2 port: a tier shared by the fleet (Redis/Valkey, or in-process for tests and
+//! the embedded benchmark).
+//!
+//! # The fill-guard contract
+//!
+//! Every tier keeps, per namespace, an *invalidation clock*: a counter that every
+//! invalidation (key delete, tag bump, namespace bump) advances. A [`Lookup::Miss`]
+//! hands out a [`FillToken`] stamped with the clock's value at the time of the
+//! lookup. [`Tier::fill`] must store the value only if, since that stamp, nothing
+//! invalidated the key, the namespace, or any of the value's tags. Key invalidations
+//! are remembered as *tombstones* that live at least [`TierConfig::tombstone_ttl`];
+//! the core never fills later than the loader's hard timeout after the lookup, and
+//! it refuses to build a cache whose tombstones would not outlive that.
+//!
+//! Entries are stamped with the token's stamp, and [`Tier::lookup`] must treat as a
+//! miss any entry whose stamp is older than its namespace's or one of its tags' last
+//! invalidation: that is what makes `invalidate_tag` and `invalidate_all` O(1).
+
+mod in_process;
+
+pub use in_process::InProcessTier;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::clock::Timestamp;
+use crate::error::Result;
+
+/// One L2 entry as the tier stores it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// The encoded value; `None` is a cached negative result ("no such row").
+    pub value: Option<Bytes>,
+    /// The row version reported by the loader, if any.
+    pub version: Option<u64>,
+    /// When the value was loaded.
+    pub created: Timestamp,
+    /// Fresh until this time; after it the entry is only used by fail-safe.
+    pub soft_expiry: Timestamp,
+    /// Dropped after this time (the tier's own TTL should end near it).
+    pub hard_expiry: Timestamp,
+    /// The invalidation-clock value under which this value was loaded.
+    pub stamp: u64,
+    /// Tags the value belongs to.
+    pub tags: Vec<String>,
+    /// How long the load took, for early refresh (XFetch).
+    pub load_nanos: u64,
+}
+
+/// The answer to a [`Tier::lookup`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// A valid entry.
+    Hit(Envelope),
+    /// No valid entry: fill with this token.
+    Miss(FillToken),
+}
+
+/// Handed out on a miss; presented back to [`Tier::fill`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FillToken {
+    /// The invalidation clock at the lookup.
+    pub stamp: u64,
+    /// The load lease, when this caller won it: the fleet's one loader for this key.
+    pub lease: Option<u64>,
+    /// True when this caller should run the loader; false when another instance holds
+    /// the lease and this caller should wait briefly for its fill.
+    pub leader: bool,
+}
+
+/// What became of a fill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FillOutcome {
+    /// The value was stored.
+    Stored,
+    /// The fill was refused because an invalidation happened since the lookup.
+    Rejected,
+}
+
+/// Settings every tier implementation honours.
+#[derive(Debug, Clone)]
+pub struct TierConfig {
+    /// How long key tombstones live: must exceed the longest loader hard timeout.
+    pub tombstone_ttl: Duration,
+}
+
+impl Default for TierConfig {
+    fn default() -> Self {
+        TierConfig {
+            tombstone_ttl: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The L2 port. All methods are async and object safe (`Arc<dyn Tier>`).
+#[async_trait]
+pub trait Tier: Send + Sync + 'static {
+    /// A short name for metrics and logs ("in-process", "redis").
+    fn name(&self) -> &str;
+
+    /// The longest loader hard timeout this tier's tombstones protect against.
+    fn tombstone_ttl(&self) -> Duration;
+
+    /// Reads `key`. On a miss, when `lease` is given, tries to take the load lease for
+    /// that long; the token says whether this caller won it.
+    async fn lookup(&self, namespace: &str, key: &str, lease: Option<Duration>) -> Result<Lookup>;
+
+    /// Stores a loaded value if no invalidation happened since `token` was issued.
+    async fn fill(
+        &self,
+        namespace: &str,
+        key: &str,
+        envelope: Envelope,
+        ttl: Duration,
+        token: &FillToken,
+    ) -> Result<FillOutcome>;
+
+    /// Stores a value unconditionally (an explicit insert or a write-behind value):
+    /// voids the key's lease and stamps the entry with the current clock.
+    async fn set(
+        &self,
+        namespace: &str,
+        key: &str,
+        envelope: Envelope,
+        ttl: Duration,
+    ) -> Result<()>;
+
+    /// Deletes keys, leaves tombstones and voids their leases. Returns once the tier
+    /// has applied the deletes.
+    async fn delete(&self, namespace: &str, keys: &[String]) -> Result<()>;
+
+    /// Invalidates every entry carrying `tag`, in O(1).
+    async fn invalidate_tag(&self, namespace: &str, tag: &str) -> Result<()>;
+
+    /// Invalidates the whole namespace, in O(1).
+    async fn invalidate_namespace(&self, namespace: &str) -> Result<()>;
+
+    /// Extends a live entry's life (sliding expiration). Returns false if there was
+    /// no live entry.
+    async fn touch(
+        &self,
+        namespace: &str,
+        key: &str,
+        soft_expiry: Timestamp,
+        ttl: Duration,
+    ) -> Result<bool>;
+}
