@@ -239,10 +239,14 @@ impl Tier for InProcessTier {
         ttl: Duration,
     ) -> Result<()> {
         let now = self.enter()?;
+        let tomb_exp = now.add(self.inner.config.tombstone_ttl);
         self.with_ns(namespace, |ns| {
+            let at = ns.tick();
             ns.leases.remove(key);
-            envelope.stamp = ns.clock;
+            ns.tombstones.insert(key.to_owned(), (at, tomb_exp));
+            envelope.stamp = at;
             ns.entries.insert(key.to_owned(), (envelope, now.add(ttl)));
+            ns.prune(now);
         });
         Ok(())
     }

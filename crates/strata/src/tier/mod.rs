@@ -53,10 +53,16 @@ pub struct Envelope {
 /// The answer to a [`Tier::lookup`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {
-    /// A valid entry.
+    /// A valid, fresh entry (its `soft_expiry` is in the future).
     Hit(Envelope),
-    /// No valid entry: fill with this token.
-    Miss(FillToken),
+    /// No fresh entry: fill with `token`.
+    Miss {
+        /// Presented back to [`Tier::fill`].
+        token: FillToken,
+        /// A valid entry whose `soft_expiry` has passed but whose `hard_expiry` has not:
+        /// the core may serve it if the loader fails (fail-safe).
+        stale: Option<Envelope>,
+    },
 }
 
 /// Handed out on a miss; presented back to [`Tier::fill`].
@@ -104,8 +110,10 @@ pub trait Tier: Send + Sync + 'static {
     /// The longest loader hard timeout this tier's tombstones protect against.
     fn tombstone_ttl(&self) -> Duration;
 
-    /// Reads `key`. On a miss, when `lease` is given, tries to take the load lease for
-    /// that long; the token says whether this caller won it.
+    /// Reads `key`. An entry is a hit while valid (see the module doc) and before its
+    /// `soft_expiry`; a valid entry past `soft_expiry` but before `hard_expiry` comes back
+    /// as `Miss { stale: Some(..) }`. On a miss, when `lease` is given, tries to take the
+    /// load lease for that long; the token says whether this caller won it.
     async fn lookup(&self, namespace: &str, key: &str, lease: Option<Duration>) -> Result<Lookup>;
 
     /// Stores a loaded value if no invalidation happened since `token` was issued.
@@ -118,8 +126,10 @@ pub trait Tier: Send + Sync + 'static {
         token: &FillToken,
     ) -> Result<FillOutcome>;
 
-    /// Stores a value unconditionally (an explicit insert or a write-behind value):
-    /// voids the key's lease and stamps the entry with the current clock.
+    /// Stores a value unconditionally (an explicit insert or a write-behind value). It
+    /// counts as an invalidation of the key (advances the clock, leaves a tombstone, voids
+    /// the lease) so that no fill that began earlier can overwrite it, and stamps the
+    /// entry with the new clock value.
     async fn set(
         &self,
         namespace: &str,
