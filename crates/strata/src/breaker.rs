@@ -65,11 +65,7 @@ impl BreakerConfig {
     /// Checks the settings.
     pub fn validate(&self) -> std::result::Result<(), BuildError> {
         if self.window == 0 {
-            return Err(BuildError::new(
-                "breaker.window",
-                "is 0",
-                "use at least 1 (default 20)",
-            ));
+            return Err(BuildError::new("breaker.window", "is 0", "use at least 1 (default 20)"));
         }
         if !(self.failure_ratio > 0.0 && self.failure_ratio <= 1.0) {
             return Err(BuildError::new(
@@ -86,18 +82,10 @@ impl BreakerConfig {
             ));
         }
         if !(0.0..=1.0).contains(&self.jitter) {
-            return Err(BuildError::new(
-                "breaker.jitter",
-                format!("is {}", self.jitter),
-                "use 0.0..=1.0",
-            ));
+            return Err(BuildError::new("breaker.jitter", format!("is {}", self.jitter), "use 0.0..=1.0"));
         }
         if self.open_for.is_zero() {
-            return Err(BuildError::new(
-                "breaker.open_for",
-                "is zero",
-                "use a cool-down such as 1s",
-            ));
+            return Err(BuildError::new("breaker.open_for", "is zero", "use a cool-down such as 1s"));
         }
         Ok(())
     }
@@ -130,10 +118,7 @@ pub struct CircuitBreaker {
 
 impl std::fmt::Debug for CircuitBreaker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CircuitBreaker")
-            .field("name", &self.name)
-            .field("state", &self.state())
-            .finish()
+        f.debug_struct("CircuitBreaker").field("name", &self.name).field("state", &self.state()).finish()
     }
 }
 
@@ -144,11 +129,7 @@ impl CircuitBreaker {
     }
 
     /// A breaker on an explicit clock.
-    pub fn with_clock(
-        name: impl Into<String>,
-        config: BreakerConfig,
-        clock: Arc<dyn Clock>,
-    ) -> Self {
+    pub fn with_clock(name: impl Into<String>, config: BreakerConfig, clock: Arc<dyn Clock>) -> Self {
         let window = config.window.max(1);
         CircuitBreaker {
             name: name.into(),
@@ -207,10 +188,7 @@ impl CircuitBreaker {
     }
 
     fn refusal(&self, how: &str) -> Error {
-        Error::new(
-            ErrorKind::CircuitOpen,
-            format!("circuit breaker for {} is {how}", self.name),
-        )
+        Error::new(ErrorKind::CircuitOpen, format!("circuit breaker for {} is {how}", self.name))
     }
 
     /// Records the outcome of a call allowed by [`CircuitBreaker::try_acquire`].
@@ -255,17 +233,13 @@ impl CircuitBreaker {
     }
 
     fn trip(&self, w: &mut Window) {
-        let jitter = if self.config.jitter > 0.0 {
-            rand::rng().random_range(0.0..=self.config.jitter)
-        } else {
-            0.0
-        };
+        let jitter =
+            if self.config.jitter > 0.0 { rand::rng().random_range(0.0..=self.config.jitter) } else { 0.0 };
         let cool = self.config.open_for.mul_f64(1.0 + jitter);
         w.reopen_at = self.clock.now().add(cool);
         w.probe_in_flight = false;
         self.state.store(OPEN, Ordering::Release);
-        metrics::counter!("strata_breaker_opened_total", "endpoint" => self.name.clone())
-            .increment(1);
+        metrics::counter!("strata_breaker_opened_total", "endpoint" => self.name.clone()).increment(1);
         tracing::warn!(endpoint = %self.name, cool_down = ?cool, "circuit breaker opened");
     }
 
@@ -273,8 +247,7 @@ impl CircuitBreaker {
     /// when the endpoint may hold wrong data.
     pub fn force_open(&self) {
         self.state.store(FORCED, Ordering::Release);
-        metrics::counter!("strata_breaker_forced_open_total", "endpoint" => self.name.clone())
-            .increment(1);
+        metrics::counter!("strata_breaker_forced_open_total", "endpoint" => self.name.clone()).increment(1);
     }
 
     /// Closes the breaker and clears its window.

@@ -10,17 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// advanced by the monotonic clock), and across processes it is comparable up to the
 /// machines' clock skew, which is what L2 envelopes shared by a fleet need.
 #[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    Default,
-    serde::Serialize,
-    serde::Deserialize,
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize, serde::Deserialize,
 )]
 #[serde(transparent)]
 pub struct Timestamp(pub u64);
@@ -78,14 +68,8 @@ pub struct SystemClock {
 
 impl Default for SystemClock {
     fn default() -> Self {
-        let base_wall = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(duration_nanos)
-            .unwrap_or(0);
-        SystemClock {
-            base_wall,
-            base: Instant::now(),
-        }
+        let base_wall = SystemTime::now().duration_since(UNIX_EPOCH).map(duration_nanos).unwrap_or(0);
+        SystemClock { base_wall, base: Instant::now() }
     }
 }
 
@@ -105,9 +89,7 @@ pub struct ManualClock {
 impl ManualClock {
     /// A clock at an arbitrary fixed start (1 000 000 s after the epoch).
     pub fn new() -> Self {
-        ManualClock {
-            now: Arc::new(AtomicU64::new(1_000_000 * 1_000_000_000)),
-        }
+        ManualClock { now: Arc::new(AtomicU64::new(1_000_000 * 1_000_000_000)) }
     }
 
     /// Moves time forward by `d`.

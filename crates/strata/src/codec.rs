@@ -27,14 +27,13 @@ impl<V> Default for PostcardCodec<V> {
 
 impl<V: Serialize + DeserializeOwned + 'static> Codec<V> for PostcardCodec<V> {
     fn encode(&self, value: &V) -> Result<Bytes> {
-        postcard::to_stdvec(value).map(Bytes::from).map_err(|e| {
-            Error::new(ErrorKind::Codec, "cannot encode value with postcard").with_source(e)
-        })
+        postcard::to_stdvec(value)
+            .map(Bytes::from)
+            .map_err(|e| Error::new(ErrorKind::Codec, "cannot encode value with postcard").with_source(e))
     }
 
     fn decode(&self, bytes: &[u8]) -> Result<V> {
-        postcard::from_bytes(bytes).map_err(|e| {
-            Error::new(ErrorKind::Codec, "cannot decode value with postcard").with_source(e)
-        })
+        postcard::from_bytes(bytes)
+            .map_err(|e| Error::new(ErrorKind::Codec, "cannot decode value with postcard").with_source(e))
     }
 }

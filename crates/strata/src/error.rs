@@ -60,11 +60,7 @@ pub struct Error {
 impl Error {
     /// An error of `kind` with a one-line, lowercase description of what failed.
     pub fn new(kind: ErrorKind, context: impl Into<Arc<str>>) -> Self {
-        Error {
-            kind,
-            context: context.into(),
-            source: None,
-        }
+        Error { kind, context: context.into(), source: None }
     }
 
     /// Attaches the underlying cause.
@@ -83,10 +79,7 @@ impl Error {
 
     /// A timeout of `what` after `after`.
     pub fn timeout(what: &str, after: Duration) -> Self {
-        Error::new(
-            ErrorKind::Timeout,
-            format!("{what} timed out after {after:?}"),
-        )
+        Error::new(ErrorKind::Timeout, format!("{what} timed out after {after:?}"))
     }
 
     /// Wraps an error returned by the caller's loader.
@@ -162,9 +155,7 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source
-            .as_deref()
-            .map(|s| s as &(dyn std::error::Error + 'static))
+        self.source.as_deref().map(|s| s as &(dyn std::error::Error + 'static))
     }
 }
 
@@ -184,15 +175,7 @@ pub struct BuildError {
 }
 
 impl BuildError {
-    pub(crate) fn new(
-        setting: &'static str,
-        problem: impl Into<String>,
-        fix: impl Into<String>,
-    ) -> Self {
-        BuildError {
-            setting,
-            problem: problem.into(),
-            fix: fix.into(),
-        }
+    pub(crate) fn new(setting: &'static str, problem: impl Into<String>, fix: impl Into<String>) -> Self {
+        BuildError { setting, problem: problem.into(), fix: fix.into() }
     }
 }

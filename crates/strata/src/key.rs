@@ -57,6 +57,4 @@ macro_rules! int_key {
         }
     )*};
 }
-int_key!(
-    u8, u16, u32, u64, u128, i8, i16, i32, i64, i128, usize, isize
-);
+int_key!(u8, u16, u32, u64, u128, i8, i16, i32, i64, i128, usize, isize);

@@ -61,10 +61,7 @@ impl FaultControl {
 
     /// Delays every received message by `d` (order is kept).
     pub fn set_delay(&self, d: Duration) {
-        self.delay_micros.store(
-            u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
-            Ordering::SeqCst,
-        );
+        self.delay_micros.store(u64::try_from(d.as_micros()).unwrap_or(u64::MAX), Ordering::SeqCst);
     }
 
     /// Swaps each pair of consecutive received messages while on.
@@ -95,9 +92,7 @@ impl FaultControl {
     }
 
     fn take_drop(&self) -> bool {
-        self.drop_next
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
+        self.drop_next.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
     }
 }
 
@@ -135,10 +130,7 @@ impl InProcessBackplane {
 
     /// Another connection to the same hub, with its own faults: one per instance.
     pub fn connect(&self) -> Self {
-        InProcessBackplane {
-            hub: self.hub.clone(),
-            faults: Arc::new(FaultControl::default()),
-        }
+        InProcessBackplane { hub: self.hub.clone(), faults: Arc::new(FaultControl::default()) }
     }
 
     /// This connection's fault controls.
@@ -190,12 +182,7 @@ impl Backplane for InProcessBackplane {
         Ok(rx)
     }
 
-    async fn replay(
-        &self,
-        origin: OriginId,
-        from_seq: u64,
-        to_seq: u64,
-    ) -> Result<Option<Vec<Message>>> {
+    async fn replay(&self, origin: OriginId, from_seq: u64, to_seq: u64) -> Result<Option<Vec<Message>>> {
         if self.hub.mode != Mode::Stream {
             return Ok(None);
         }
@@ -303,9 +290,5 @@ async fn handle_transition(
             return false;
         }
     }
-    out.send(BackplaneEvent::Resumed {
-        complete: mode == Mode::Stream,
-    })
-    .await
-    .is_ok()
+    out.send(BackplaneEvent::Resumed { complete: mode == Mode::Stream }).await.is_ok()
 }

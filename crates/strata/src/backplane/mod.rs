@@ -55,22 +55,19 @@ impl Message {
     /// Encodes the message for a wire (format byte + postcard).
     pub fn encode(&self) -> Result<Bytes> {
         let mut out = vec![WIRE_FORMAT];
-        postcard::to_io(self, &mut out).map_err(|e| {
-            Error::new(ErrorKind::Codec, "cannot encode backplane message").with_source(e)
-        })?;
+        postcard::to_io(self, &mut out)
+            .map_err(|e| Error::new(ErrorKind::Codec, "cannot encode backplane message").with_source(e))?;
         Ok(Bytes::from(out))
     }
 
     /// Decodes a message; malformed input is an error the receiver counts and ignores.
     pub fn decode(bytes: &[u8]) -> Result<Message> {
         match bytes.split_first() {
-            Some((&WIRE_FORMAT, rest)) => postcard::from_bytes(rest).map_err(|e| {
-                Error::new(ErrorKind::Codec, "malformed backplane message").with_source(e)
-            }),
-            Some((other, _)) => Err(Error::new(
-                ErrorKind::Codec,
-                format!("unknown backplane message format {other}"),
-            )),
+            Some((&WIRE_FORMAT, rest)) => postcard::from_bytes(rest)
+                .map_err(|e| Error::new(ErrorKind::Codec, "malformed backplane message").with_source(e)),
+            Some((other, _)) => {
+                Err(Error::new(ErrorKind::Codec, format!("unknown backplane message format {other}")))
+            }
             None => Err(Error::new(ErrorKind::Codec, "empty backplane message")),
         }
     }
@@ -121,12 +118,7 @@ pub trait Backplane: Send + Sync + 'static {
 
     /// Asks for messages `from_seq..=to_seq` of `origin` again. `Ok(None)` means the
     /// backplane cannot replay (the receiver flushes instead).
-    async fn replay(
-        &self,
-        origin: OriginId,
-        from_seq: u64,
-        to_seq: u64,
-    ) -> Result<Option<Vec<Message>>> {
+    async fn replay(&self, origin: OriginId, from_seq: u64, to_seq: u64) -> Result<Option<Vec<Message>>> {
         let _ = (origin, from_seq, to_seq);
         Ok(None)
     }

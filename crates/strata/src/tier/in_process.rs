@@ -33,10 +33,7 @@ impl Namespace {
 
     fn valid(&self, env: &Envelope) -> bool {
         env.stamp >= self.namespace_epoch
-            && env
-                .tags
-                .iter()
-                .all(|t| self.tag_epochs.get(t).is_none_or(|&e| env.stamp >= e))
+            && env.tags.iter().all(|t| self.tag_epochs.get(t).is_none_or(|&e| env.stamp >= e))
     }
 
     fn prune(&mut self, now: Timestamp) {
@@ -107,9 +104,11 @@ impl InProcessTier {
     /// How many live entries `namespace` holds.
     pub fn len(&self, namespace: &str) -> usize {
         let now = self.inner.clock.now();
-        self.inner.namespaces.lock().get(namespace).map_or(0, |ns| {
-            ns.entries.values().filter(|(_, exp)| *exp > now).count()
-        })
+        self.inner
+            .namespaces
+            .lock()
+            .get(namespace)
+            .map_or(0, |ns| ns.entries.values().filter(|(_, exp)| *exp > now).count())
     }
 
     /// True when `namespace` holds no live entry.
@@ -119,12 +118,7 @@ impl InProcessTier {
 
     /// The raw stored envelope, valid or not (for tests that look for stale entries).
     pub fn raw(&self, namespace: &str, key: &str) -> Option<Envelope> {
-        self.inner
-            .namespaces
-            .lock()
-            .get(namespace)
-            .and_then(|ns| ns.entries.get(key))
-            .map(|(e, _)| e.clone())
+        self.inner.namespaces.lock().get(namespace).and_then(|ns| ns.entries.get(key)).map(|(e, _)| e.clone())
     }
 
     /// Removes an entry without an invalidation (as an LRU eviction in Redis would).
@@ -139,10 +133,7 @@ impl InProcessTier {
         if self.inner.available.load(Ordering::SeqCst) {
             Ok(self.inner.clock.now())
         } else {
-            Err(Error::new(
-                ErrorKind::Tier,
-                "in-process tier is unavailable (injected outage)",
-            ))
+            Err(Error::new(ErrorKind::Tier, "in-process tier is unavailable (injected outage)"))
         }
     }
 
@@ -170,36 +161,30 @@ impl Tier for InProcessTier {
         let now = self.enter()?;
         let next_lease = &self.inner.next_lease;
         Ok(self.with_ns(namespace, |ns| {
+            let mut stale = None;
             if let Some((env, exp)) = ns.entries.get(key) {
                 if *exp > now && ns.valid(env) {
-                    return Lookup::Hit(env.clone());
+                    if env.soft_expiry > now {
+                        return Lookup::Hit(env.clone());
+                    }
+                    stale = Some(env.clone());
+                } else {
+                    ns.entries.remove(key);
                 }
-                ns.entries.remove(key);
             }
             let stamp = ns.clock;
-            let Some(lease_ttl) = lease else {
-                return Lookup::Miss(FillToken {
-                    stamp,
-                    lease: None,
-                    leader: true,
-                });
+            let token = match lease {
+                None => FillToken { stamp, lease: None, leader: true },
+                Some(lease_ttl) => match ns.leases.get(key) {
+                    Some((_, exp)) if *exp > now => FillToken { stamp, lease: None, leader: false },
+                    _ => {
+                        let id = next_lease.fetch_add(1, Ordering::Relaxed);
+                        ns.leases.insert(key.to_owned(), (id, now.add(lease_ttl)));
+                        FillToken { stamp, lease: Some(id), leader: true }
+                    }
+                },
             };
-            match ns.leases.get(key) {
-                Some((_, exp)) if *exp > now => Lookup::Miss(FillToken {
-                    stamp,
-                    lease: None,
-                    leader: false,
-                }),
-                _ => {
-                    let id = next_lease.fetch_add(1, Ordering::Relaxed);
-                    ns.leases.insert(key.to_owned(), (id, now.add(lease_ttl)));
-                    Lookup::Miss(FillToken {
-                        stamp,
-                        lease: Some(id),
-                        leader: true,
-                    })
-                }
-            }
+            Lookup::Miss { token, stale }
         }))
     }
 
@@ -218,10 +203,7 @@ impl Tier for InProcessTier {
             {
                 ns.leases.remove(key);
             }
-            let tombstoned = ns
-                .tombstones
-                .get(key)
-                .is_some_and(|(at, exp)| *exp > now && *at > token.stamp);
+            let tombstoned = ns.tombstones.get(key).is_some_and(|(at, exp)| *exp > now && *at > token.stamp);
             envelope.stamp = token.stamp;
             if tombstoned || !ns.valid(&envelope) {
                 return FillOutcome::Rejected;
@@ -231,13 +213,7 @@ impl Tier for InProcessTier {
         }))
     }
 
-    async fn set(
-        &self,
-        namespace: &str,
-        key: &str,
-        mut envelope: Envelope,
-        ttl: Duration,
-    ) -> Result<()> {
+    async fn set(&self, namespace: &str, key: &str, mut envelope: Envelope, ttl: Duration) -> Result<()> {
         let now = self.enter()?;
         let tomb_exp = now.add(self.inner.config.tombstone_ttl);
         self.with_ns(namespace, |ns| {
@@ -286,19 +262,10 @@ impl Tier for InProcessTier {
         Ok(())
     }
 
-    async fn touch(
-        &self,
-        namespace: &str,
-        key: &str,
-        soft_expiry: Timestamp,
-        ttl: Duration,
-    ) -> Result<bool> {
+    async fn touch(&self, namespace: &str, key: &str, soft_expiry: Timestamp, ttl: Duration) -> Result<bool> {
         let now = self.enter()?;
         Ok(self.with_ns(namespace, |ns| {
-            let valid = ns
-                .entries
-                .get(key)
-                .is_some_and(|(env, exp)| *exp > now && ns.valid(env));
+            let valid = ns.entries.get(key).is_some_and(|(env, exp)| *exp > now && ns.valid(env));
             if !valid {
                 return false;
             }

@@ -95,9 +95,7 @@ pub struct TierConfig {
 
 impl Default for TierConfig {
     fn default() -> Self {
-        TierConfig {
-            tombstone_ttl: Duration::from_secs(60),
-        }
+        TierConfig { tombstone_ttl: Duration::from_secs(60) }
     }
 }
 
@@ -130,13 +128,7 @@ pub trait Tier: Send + Sync + 'static {
     /// counts as an invalidation of the key (advances the clock, leaves a tombstone, voids
     /// the lease) so that no fill that began earlier can overwrite it, and stamps the
     /// entry with the new clock value.
-    async fn set(
-        &self,
-        namespace: &str,
-        key: &str,
-        envelope: Envelope,
-        ttl: Duration,
-    ) -> Result<()>;
+    async fn set(&self, namespace: &str, key: &str, envelope: Envelope, ttl: Duration) -> Result<()>;
 
     /// Deletes keys, leaves tombstones and voids their leases. Returns once the tier
     /// has applied the deletes.
@@ -150,11 +142,5 @@ pub trait Tier: Send + Sync + 'static {
 
     /// Extends a live entry's life (sliding expiration). Returns false if there was
     /// no live entry.
-    async fn touch(
-        &self,
-        namespace: &str,
-        key: &str,
-        soft_expiry: Timestamp,
-        ttl: Duration,
-    ) -> Result<bool>;
+    async fn touch(&self, namespace: &str, key: &str, soft_expiry: Timestamp, ttl: Duration) -> Result<bool>;
 }
