@@ -1,0 +1,111 @@
+//! A spawned server process with signal helpers, plus small shared utilities.
+
+use std::io;
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Child;
+
+use crate::sys;
+
+/// A child server process. With `group`, it was started as the leader of its
+/// own process group and signals go to the whole group (postgres backends).
+#[derive(Debug)]
+pub(crate) struct Proc {
+    child: Child,
+    group: bool,
+    reaped: bool,
+}
+
+impl Proc {
+    pub(crate) fn new(child: Child, group: bool) -> Self {
+        Self { child, group, reaped: false }
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn target(&self) -> i32 {
+        // Pids fit in i32 on Linux (pid_max <= 2^22).
+        let pid = i32::try_from(self.child.id()).unwrap_or(i32::MAX);
+        if self.group { -pid } else { pid }
+    }
+
+    /// Sends a signal to the process (or its group).
+    pub(crate) fn signal(&mut self, sig: libc::c_int) -> io::Result<()> {
+        // A reaped single process's pid may have been reused: never signal it.
+        // A process group id cannot be reused while the group has members.
+        if !self.group && self.exit_status().is_some() {
+            return Err(io::Error::new(io::ErrorKind::NotFound, "the server process has exited"));
+        }
+        sys::kill(self.target(), sig)
+    }
+
+    /// Returns the exit status if the process has exited (reaping it).
+    pub(crate) fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => {
+                self.reaped = true;
+                Some(status)
+            }
+            _ => None,
+        }
+    }
+
+    pub(crate) fn is_running(&mut self) -> bool {
+        self.exit_status().is_none()
+    }
+
+    /// SIGKILL (the group too, if any) and wait for the process.
+    pub(crate) fn kill(&mut self) {
+        if self.group || !self.reaped {
+            // Resume first is not needed: SIGKILL also ends stopped processes.
+            let _ = sys::kill(self.target(), libc::SIGKILL);
+        }
+        let _ = self.child.wait();
+        self.reaped = true;
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A port that was free a moment ago on 127.0.0.1 (bind to port 0, read, drop).
+pub(crate) fn free_port() -> io::Result<u16> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Looks `name` up in `PATH`.
+pub(crate) fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| is_executable(p))
+}
+
+pub(crate) fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+}
+
+/// The whole file as (lossy) UTF-8; empty if it cannot be read.
+pub(crate) fn read_lossy(path: &Path) -> String {
+    std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+}
+
+/// The last `n` lines of `text`.
+pub(crate) fn tail(text: &str, n: usize) -> &str {
+    let trimmed = text.trim_end_matches('\n');
+    match trimmed.rmatch_indices('\n').nth(n.saturating_sub(1)) {
+        Some((i, _)) if n > 0 => &trimmed[i + 1..],
+        _ if n == 0 => "",
+        _ => trimmed,
+    }
+}
+
+/// Prints the tail of a server log to stderr (used on drop while panicking).
+pub(crate) fn dump_log_tail(what: &str, log: &str) {
+    eprintln!("---- {what}: last 50 log lines ----\n{}\n---- end of {what} log ----", tail(log, 50));
+}
