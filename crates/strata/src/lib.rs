@@ -1,8 +1,97 @@
-//! strata (work in progress)
+//! # strata
+//!
+//! A cache for data that lives in a relational database, shared by a fleet of
+//! application instances, that does not serve wrong data.
+//!
+//! Each [`Cache`] handle (one per namespace: `"billsetting"`, `"payment"`…) has an
+//! in-process L1 ([quick_cache]), an optional shared L2 ([`Tier`]: Redis/Valkey in
+//! `strata-redis`, or [`InProcessTier`]) and an optional invalidation [`Backplane`]
+//! ([`InProcessBackplane`] here, Redis Streams / Pub/Sub in `strata-redis`).
+//!
+//! ```
+//! use std::sync::Arc;
+//! use strata::{Cache, InProcessBackplane, InProcessTier};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let tier = InProcessTier::new();
+//! let hub = InProcessBackplane::new();
+//! let cache: Cache<u64, String> = Cache::builder("billsetting")
+//!     .tier(Arc::new(tier))
+//!     .backplane(Arc::new(hub.connect()))
+//!     .time_to_live(std::time::Duration::from_secs(24 * 3600))
+//!     .build()?;
+//! cache.ready().await;
+//! let plan = cache
+//!     .get_or_load(&42, || async { Ok::<_, std::io::Error>(Some("gold".to_string())) })
+//!     .await?;
+//! assert_eq!(plan.as_deref(), Some("gold"));
+//! // After committing a change to row 42 in the database:
+//! cache.invalidate(&42).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! ## The consistency promise
+//!
+//! A *stale read* returns a value older than the last write committed before the read
+//! began. strata bounds them per [`Consistency`] level, provided every write goes
+//! through [`Cache::invalidate`] (or [`Cache::insert`]) after its commit, or through a
+//! change-capture path that calls it:
+//!
+//! | level | bound on stale reads |
+//! |---|---|
+//! | [`Consistency::Local`] | the L1 time to live (no invalidation reaches other instances) |
+//! | [`Consistency::Invalidated`] | the backplane's propagation delay while it is healthy; `max_stale` while it is not |
+//! | [`Consistency::Strong`] | as Invalidated, and a failed L2 delete makes every read bypass the cache until L2 is clean |
+//!
+//! What makes these bounds hold:
+//!
+//! * **Fill guards.** A load that began before an invalidation of its key, one of its
+//!   tags or its namespace is never stored, in L1 (per-key tombstones that outlive the
+//!   loader's hard timeout, and lazily compared tag and namespace epochs) or in L2 (the
+//!   [`Tier`] refuses fills whose token predates an invalidation). This holds even when
+//!   the newer entry was evicted in between: tombstones, not entries, carry the proof.
+//! * **No silent loss.** Every message carries its origin and a per-origin sequence
+//!   number; heartbeats carry the last one. A gap, a lost subscription or a missed
+//!   heartbeat is detected and repaired: by replay where the backplane can, else by
+//!   flushing L1 (counted in [`CacheStats::repairs_flushed`]).
+//! * **Degraded mode.** While the backplane has been unhealthy longer than
+//!   `max_stale`, L1 serves no entry older than `max_stale`, and what is loaded
+//!   meanwhile lives at most `max_stale`. L2 deletes and messages that failed are
+//!   buffered and retried.
+//! * **Single-flight and leases.** Concurrent misses on a key run one load per instance,
+//!   and with a leasing tier one per fleet.
+//!
+//! Not promised: writes that bypass both strata and change capture are only bounded by
+//! the TTL; L1 time checks use this process's clock, L2 expiry the tier's.
+//!
+//! ## Costs
+//!
+//! An L1 hit is a quick_cache lookup plus a clock read and a few comparisons, with no
+//! shared reference count touched (see the `l1_hit` benchmark). Misses cost one L2
+//! round trip; invalidations one L2 round trip and one publish.
+
 pub mod backplane;
 pub mod breaker;
+mod builder;
+mod cache;
 pub mod clock;
 pub mod codec;
 pub mod error;
+mod guard;
 pub mod key;
+mod l1;
+mod listener;
+mod stats;
 pub mod tier;
+
+pub use backplane::{Backplane, BackplaneEvent, InProcessBackplane, Message, MessageBody, OriginId};
+pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker};
+pub use builder::{CacheBuilder, Consistency, Invalidation};
+pub use cache::Cache;
+pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
+pub use codec::{Codec, PostcardCodec};
+pub use error::{BuildError, Error, ErrorKind, Result};
+pub use key::CacheKey;
+pub use stats::CacheStats;
+pub use tier::{Envelope, FillOutcome, FillToken, InProcessTier, Lookup, Tier, TierConfig};

@@ -1,0 +1,489 @@
+//! The cache builder: every setter documents its default; `build()` checks the whole
+//! configuration and says how to fix what is wrong.
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::backplane::Backplane;
+use crate::breaker::BreakerConfig;
+use crate::cache::Cache;
+use crate::clock::{Clock, ClockSource, SystemClock};
+use crate::codec::{Codec, PostcardCodec};
+use crate::error::BuildError;
+use crate::key::CacheKey;
+use crate::l1::WeighFn;
+use crate::tier::Tier;
+
+/// How much staleness a cache promises. See the crate docs for the exact bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Consistency {
+    /// No backplane: L1's TTL bounds staleness (the "local 5 s cache" baseline).
+    Local,
+    /// Writes through strata delete the L2 entry and broadcast the invalidation; lost
+    /// messages are detected and repaired. Bound: propagation delay while the backplane
+    /// is healthy, `max_stale` while it is not. The default when a backplane is set.
+    #[default]
+    Invalidated,
+    /// Invalidated, plus: when an L2 delete fails, the L2 breaker is forced open and
+    /// reads bypass every cache tier until the namespace has been bumped in L2.
+    Strong,
+}
+
+/// A value-to-tags function.
+pub(crate) type TagFn<K, V> = Arc<dyn Fn(&K, &V) -> Vec<String> + Send + Sync>;
+/// A value-to-version function.
+pub(crate) type VersionFn<V> = Arc<dyn Fn(&V) -> Option<u64> + Send + Sync>;
+/// An after-invalidate hook.
+pub(crate) type InvalidateHook = Arc<dyn Fn(&Invalidation) + Send + Sync>;
+
+/// What was invalidated, as passed to after-invalidate hooks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invalidation {
+    /// These keys (text form).
+    Keys(Vec<String>),
+    /// Every entry with this tag.
+    Tag(String),
+    /// The whole namespace.
+    All,
+}
+
+/// The validated configuration a cache runs with.
+pub(crate) struct Config<K, V> {
+    pub(crate) namespace: String,
+    pub(crate) max_capacity: u64,
+    pub(crate) estimated_entries: usize,
+    pub(crate) weigher: Option<WeighFn<K, V>>,
+    pub(crate) l1_ttl: Duration,
+    pub(crate) l2_ttl: Duration,
+    pub(crate) jitter: f64,
+    pub(crate) negative_ttl: Option<Duration>,
+    pub(crate) max_stale: Duration,
+    pub(crate) fail_safe_max: Option<Duration>,
+    pub(crate) fail_safe_throttle: Duration,
+    pub(crate) soft_timeout: Option<Duration>,
+    pub(crate) hard_timeout: Duration,
+    pub(crate) early_refresh_beta: f64,
+    pub(crate) consistency: Consistency,
+    pub(crate) l2_timeout: Duration,
+    pub(crate) lease_wait: Duration,
+    pub(crate) max_value_bytes: usize,
+    pub(crate) heartbeat_interval: Duration,
+    pub(crate) tombstone_ttl: Duration,
+    pub(crate) tags: Option<TagFn<K, V>>,
+    pub(crate) version: Option<VersionFn<V>>,
+    pub(crate) hooks: Vec<InvalidateHook>,
+    pub(crate) codec: Arc<dyn Codec<V>>,
+    pub(crate) breaker: BreakerConfig,
+    pub(crate) seed: Option<u64>,
+}
+
+/// Builds a [`Cache`]. Create it with [`Cache::builder`].
+#[must_use = "a builder does nothing until build() is called"]
+pub struct CacheBuilder<K, V> {
+    namespace: String,
+    max_capacity: u64,
+    estimated_entries: Option<usize>,
+    weigher: Option<WeighFn<K, V>>,
+    ttl: Duration,
+    l1_ttl: Option<Duration>,
+    l2_ttl: Option<Duration>,
+    jitter: f64,
+    negative_ttl: Option<Duration>,
+    max_stale: Duration,
+    fail_safe_max: Option<Duration>,
+    fail_safe_throttle: Duration,
+    soft_timeout: Option<Duration>,
+    hard_timeout: Duration,
+    early_refresh_beta: f64,
+    consistency: Option<Consistency>,
+    l2_timeout: Duration,
+    lease_wait: Duration,
+    max_value_bytes: usize,
+    heartbeat_interval: Duration,
+    tags: Option<TagFn<K, V>>,
+    version: Option<VersionFn<V>>,
+    hooks: Vec<InvalidateHook>,
+    codec: Option<Arc<dyn Codec<V>>>,
+    breaker: BreakerConfig,
+    tier: Option<Arc<dyn Tier>>,
+    backplane: Option<Arc<dyn Backplane>>,
+    clock: ClockSource,
+    seed: Option<u64>,
+    _types: PhantomData<fn() -> (K, V)>,
+}
+
+impl<K, V> CacheBuilder<K, V>
+where
+    K: CacheKey,
+    V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
+{
+    pub(crate) fn new(namespace: impl Into<String>) -> Self {
+        CacheBuilder {
+            namespace: namespace.into(),
+            max_capacity: 10_000,
+            estimated_entries: None,
+            weigher: None,
+            ttl: Duration::from_secs(300),
+            l1_ttl: None,
+            l2_ttl: None,
+            jitter: 0.1,
+            negative_ttl: None,
+            max_stale: Duration::from_secs(5),
+            fail_safe_max: None,
+            fail_safe_throttle: Duration::from_secs(1),
+            soft_timeout: None,
+            hard_timeout: Duration::from_secs(10),
+            early_refresh_beta: 1.0,
+            consistency: None,
+            l2_timeout: Duration::from_millis(50),
+            lease_wait: Duration::from_millis(500),
+            max_value_bytes: 1 << 20,
+            heartbeat_interval: Duration::from_secs(1),
+            tags: None,
+            version: None,
+            hooks: Vec::new(),
+            codec: None,
+            breaker: BreakerConfig::default(),
+            tier: None,
+            backplane: None,
+            clock: ClockSource::System(SystemClock::default()),
+            seed: None,
+            _types: PhantomData,
+        }
+    }
+
+    /// L1 capacity: entries, or total weight when a [`CacheBuilder::weigher`] is set.
+    /// Default 10 000.
+    pub fn max_capacity(mut self, capacity: u64) -> Self {
+        self.max_capacity = capacity;
+        self
+    }
+
+    /// Weighs entries (e.g. in bytes) so that `max_capacity` bounds their total weight.
+    /// `estimated_entries` sizes L1's tables. Default: every entry weighs 1.
+    pub fn weigher(
+        mut self,
+        estimated_entries: usize,
+        weigher: impl Fn(&K, &V) -> u64 + Send + Sync + 'static,
+    ) -> Self {
+        self.estimated_entries = Some(estimated_entries);
+        self.weigher = Some(Arc::new(weigher));
+        self
+    }
+
+    /// Time to live of entries in both tiers unless set separately. Default 5 minutes.
+    pub fn time_to_live(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// Time to live in L1. Default: `time_to_live`.
+    pub fn l1_time_to_live(mut self, ttl: Duration) -> Self {
+        self.l1_ttl = Some(ttl);
+        self
+    }
+
+    /// Time to live in L2. Default: `time_to_live`.
+    pub fn l2_time_to_live(mut self, ttl: Duration) -> Self {
+        self.l2_ttl = Some(ttl);
+        self
+    }
+
+    /// Random extra fraction added to every TTL (0.1 = up to +10 %), so that entries
+    /// loaded together do not expire together. Default 0.1.
+    pub fn ttl_jitter(mut self, fraction: f64) -> Self {
+        self.jitter = fraction;
+        self
+    }
+
+    /// Caches "not found" results for this long. Default: not cached.
+    pub fn negative_ttl(mut self, ttl: Duration) -> Self {
+        self.negative_ttl = Some(ttl);
+        self
+    }
+
+    /// While the backplane has been unhealthy for longer than this, L1 does not serve
+    /// entries older than this, and entries loaded meanwhile live at most this long.
+    /// Default 5 s.
+    pub fn max_stale(mut self, max_stale: Duration) -> Self {
+        self.max_stale = max_stale;
+        self
+    }
+
+    /// Enables fail-safe: when the loader fails or times out, a copy that expired less
+    /// than `max_duration` ago is served instead (counted as stale) and further loads of
+    /// that key are throttled to one per `throttle`. Default: off; throttle 1 s.
+    pub fn fail_safe(mut self, max_duration: Duration, throttle: Duration) -> Self {
+        self.fail_safe_max = Some(max_duration);
+        self.fail_safe_throttle = throttle;
+        self
+    }
+
+    /// Past this, a load with a fail-safe copy at hand returns the copy at once and
+    /// finishes in the background. Default: off.
+    pub fn soft_timeout(mut self, timeout: Duration) -> Self {
+        self.soft_timeout = Some(timeout);
+        self
+    }
+
+    /// Past this, a load is abandoned (fail-safe copy or a timeout error). Default 10 s.
+    pub fn hard_timeout(mut self, timeout: Duration) -> Self {
+        self.hard_timeout = timeout;
+        self
+    }
+
+    /// XFetch β: on a hit, refresh in the background when
+    /// `now − Δ·β·ln(rand()) ≥ expiry`, Δ being the last load's duration. 0 disables
+    /// early refresh; larger values refresh earlier. Default 1.0.
+    pub fn early_refresh(mut self, beta: f64) -> Self {
+        self.early_refresh_beta = beta;
+        self
+    }
+
+    /// The consistency level. Default: `Invalidated` with a backplane, `Local` without.
+    pub fn consistency(mut self, level: Consistency) -> Self {
+        self.consistency = Some(level);
+        self
+    }
+
+    /// The shared L2 tier. Default: none (L1 only).
+    pub fn tier(mut self, tier: Arc<dyn Tier>) -> Self {
+        self.tier = Some(tier);
+        self
+    }
+
+    /// The invalidation backplane. Default: none.
+    pub fn backplane(mut self, backplane: Arc<dyn Backplane>) -> Self {
+        self.backplane = Some(backplane);
+        self
+    }
+
+    /// Timeout of each L2 call; keep it near the tier's p99.9. Default 50 ms.
+    pub fn l2_timeout(mut self, timeout: Duration) -> Self {
+        self.l2_timeout = timeout;
+        self
+    }
+
+    /// How long a read waits for another instance's fill when that instance holds the
+    /// load lease, before loading itself. Default 500 ms.
+    pub fn lease_wait(mut self, wait: Duration) -> Self {
+        self.lease_wait = wait;
+        self
+    }
+
+    /// Largest encoded value stored in L2; larger values stay in L1 only (and
+    /// `insert` refuses them). Default 1 MiB.
+    pub fn max_value_bytes(mut self, bytes: usize) -> Self {
+        self.max_value_bytes = bytes;
+        self
+    }
+
+    /// How often this instance publishes a heartbeat on the backplane. Default 1 s.
+    pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
+        self.heartbeat_interval = interval;
+        self
+    }
+
+    /// The tags of a value, for [`Cache::invalidate_tag`]. Default: no tags.
+    pub fn tags(mut self, tags: impl Fn(&K, &V) -> Vec<String> + Send + Sync + 'static) -> Self {
+        self.tags = Some(Arc::new(tags));
+        self
+    }
+
+    /// The row version of a value (`updated_at`, a version column): a fill never
+    /// replaces an L1 entry with an older version. Default: none.
+    pub fn version(mut self, version: impl Fn(&V) -> Option<u64> + Send + Sync + 'static) -> Self {
+        self.version = Some(Arc::new(version));
+        self
+    }
+
+    /// Runs after each invalidation has been applied (L2 deleted, message published),
+    /// in registration order: publish your domain events here. Default: none.
+    pub fn after_invalidate(mut self, hook: impl Fn(&Invalidation) + Send + Sync + 'static) -> Self {
+        self.hooks.push(Arc::new(hook));
+        self
+    }
+
+    /// The L2 value codec. Default: postcard.
+    pub fn codec(mut self, codec: Arc<dyn Codec<V>>) -> Self {
+        self.codec = Some(codec);
+        self
+    }
+
+    /// The L2 circuit breaker's settings. Default: [`BreakerConfig::default`].
+    pub fn breaker(mut self, config: BreakerConfig) -> Self {
+        self.breaker = config;
+        self
+    }
+
+    /// The clock (tests use [`crate::ManualClock`]). Default: the system clock.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = ClockSource::Custom(clock);
+        self
+    }
+
+    /// Seeds the random choices (TTL jitter, XFetch) for reproducible runs. Default:
+    /// seeded from the OS.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// Checks the configuration and builds the cache. With a backplane, it must be
+    /// called inside a tokio runtime (background tasks are spawned).
+    pub fn build(self) -> Result<Cache<K, V>, BuildError> {
+        let consistency = self.consistency.unwrap_or(if self.backplane.is_some() {
+            Consistency::Invalidated
+        } else {
+            Consistency::Local
+        });
+        self.check(consistency)?;
+        let tombstone_ttl = self.tier.as_ref().map_or(self.hard_timeout * 2, |t| t.tombstone_ttl());
+        let config = Config {
+            namespace: self.namespace,
+            max_capacity: self.max_capacity,
+            estimated_entries: self.estimated_entries.unwrap_or(self.max_capacity.min(1 << 24) as usize),
+            weigher: self.weigher,
+            l1_ttl: self.l1_ttl.unwrap_or(self.ttl),
+            l2_ttl: self.l2_ttl.unwrap_or(self.ttl),
+            jitter: self.jitter,
+            negative_ttl: self.negative_ttl,
+            max_stale: self.max_stale,
+            fail_safe_max: self.fail_safe_max,
+            fail_safe_throttle: self.fail_safe_throttle,
+            soft_timeout: self.soft_timeout,
+            hard_timeout: self.hard_timeout,
+            early_refresh_beta: self.early_refresh_beta,
+            consistency,
+            l2_timeout: self.l2_timeout,
+            lease_wait: self.lease_wait,
+            max_value_bytes: self.max_value_bytes,
+            heartbeat_interval: self.heartbeat_interval,
+            tombstone_ttl,
+            tags: self.tags,
+            version: self.version,
+            hooks: self.hooks,
+            codec: self.codec.unwrap_or_else(|| Arc::new(PostcardCodec::<V>::default())),
+            breaker: self.breaker,
+            seed: self.seed,
+        };
+        Cache::start(config, self.clock, self.tier, self.backplane)
+    }
+
+    fn check(&self, consistency: Consistency) -> Result<(), BuildError> {
+        let ns = &self.namespace;
+        if ns.is_empty()
+            || ns.len() > 64
+            || !ns.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(BuildError::new(
+                "namespace",
+                format!(
+                    "{ns:?} is empty, longer than 64 characters or has characters other than [A-Za-z0-9-_.]"
+                ),
+                "use a short name such as \"billsetting\"",
+            ));
+        }
+        if self.max_capacity == 0 {
+            return Err(BuildError::new("max_capacity", "is 0", "use at least 1 (default 10 000)"));
+        }
+        for (name, d) in [
+            ("time_to_live", Some(self.ttl)),
+            ("l1_time_to_live", self.l1_ttl),
+            ("l2_time_to_live", self.l2_ttl),
+            ("negative_ttl", self.negative_ttl),
+            ("max_stale", Some(self.max_stale)),
+            ("hard_timeout", Some(self.hard_timeout)),
+            ("l2_timeout", Some(self.l2_timeout)),
+            ("heartbeat_interval", Some(self.heartbeat_interval)),
+        ] {
+            if d.is_some_and(|d| d.is_zero()) {
+                return Err(BuildError::new(name, "is zero", "use a positive duration"));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.jitter) {
+            return Err(BuildError::new(
+                "ttl_jitter",
+                format!("is {}", self.jitter),
+                "use a fraction in 0.0..=1.0 (default 0.1)",
+            ));
+        }
+        if !(self.early_refresh_beta >= 0.0 && self.early_refresh_beta.is_finite()) {
+            return Err(BuildError::new(
+                "early_refresh",
+                format!("β is {}", self.early_refresh_beta),
+                "use a finite β ≥ 0 (0 disables, default 1.0)",
+            ));
+        }
+        if let Some(soft) = self.soft_timeout
+            && soft >= self.hard_timeout
+        {
+            return Err(BuildError::new(
+                "soft_timeout",
+                format!("{soft:?} is not below hard_timeout {:?}", self.hard_timeout),
+                "make soft_timeout shorter than hard_timeout",
+            ));
+        }
+        if self.soft_timeout.is_some() && self.fail_safe_max.is_none() {
+            return Err(BuildError::new(
+                "soft_timeout",
+                "is set but fail-safe is off, so there is never a stale copy to return",
+                "call .fail_safe(max_duration, throttle) too, or drop soft_timeout",
+            ));
+        }
+        if self.fail_safe_max.is_some_and(|d| d.is_zero()) || self.fail_safe_throttle.is_zero() {
+            return Err(BuildError::new("fail_safe", "has a zero duration", "use positive durations"));
+        }
+        if let Some(tier) = &self.tier
+            && tier.tombstone_ttl() <= self.hard_timeout
+        {
+            return Err(BuildError::new(
+                "hard_timeout",
+                format!(
+                    "{:?} is not below the tier's tombstone lifetime {:?}, so a slow fill could outlive the \
+                     evidence that it is stale",
+                    self.hard_timeout,
+                    tier.tombstone_ttl()
+                ),
+                "lower hard_timeout or raise the tier's tombstone_ttl",
+            ));
+        }
+        match (consistency, &self.backplane) {
+            (Consistency::Local, Some(_)) => {
+                return Err(BuildError::new(
+                    "consistency",
+                    "is Local but a backplane is set",
+                    "drop .consistency(Local) (a backplane implies Invalidated) or drop the backplane",
+                ));
+            }
+            (Consistency::Invalidated | Consistency::Strong, None) => {
+                return Err(BuildError::new(
+                    "consistency",
+                    format!("{consistency:?} needs a backplane to tell other instances about invalidations"),
+                    "call .backplane(...) or use Consistency::Local",
+                ));
+            }
+            _ => {}
+        }
+        if consistency == Consistency::Strong && self.tier.is_none() {
+            return Err(BuildError::new(
+                "consistency",
+                "Strong needs an L2 tier (its guarantees are about L2 being clean)",
+                "call .tier(...) or use Consistency::Invalidated",
+            ));
+        }
+        if (self.backplane.is_some() || self.tier.is_some()) && tokio::runtime::Handle::try_current().is_err()
+        {
+            return Err(BuildError::new(
+                "runtime",
+                "build() was called outside a tokio runtime, but a tier or backplane needs background tasks",
+                "build the cache from async code running on tokio",
+            ));
+        }
+        self.breaker.validate()
+    }
+}

@@ -1,0 +1,347 @@
+//! Background work of a cache: the backplane listener (apply, gap detection, repair,
+//! health), the heartbeat, the retry of buffered invalidations, and the metrics export.
+//! Every task ends when the last `Cache` handle is dropped.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+
+use crate::backplane::{Backplane, BackplaneEvent, Message, MessageBody, OriginId};
+use crate::cache::Inner;
+use crate::clock::Timestamp;
+use crate::key::CacheKey;
+
+/// Heartbeats missed before the backplane counts as unhealthy.
+const MISSED_HEARTBEATS: u32 = 3;
+/// Origins not heard from for this many heartbeat intervals are forgotten.
+const FORGET_AFTER_HEARTBEATS: u32 = 60;
+/// How often buffered invalidations are retried, at the most.
+const RETRY_EVERY: Duration = Duration::from_millis(100);
+/// How often counters are pushed to the `metrics` recorder.
+const EXPORT_EVERY: Duration = Duration::from_secs(1);
+
+pub(crate) fn spawn_background<K, V>(inner: &Arc<Inner<K, V>>)
+where
+    K: CacheKey,
+    V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
+{
+    if let Some(bp) = inner.backplane.clone() {
+        tokio::spawn(listen(inner.clone(), bp));
+        tokio::spawn(heartbeat(inner.clone()));
+    }
+    if inner.tier.is_some() || inner.backplane.is_some() {
+        tokio::spawn(retry(inner.clone()));
+    }
+    tokio::spawn(export(inner.clone()));
+}
+
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    // Err: every sender is gone, which also means stop.
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+async fn export<K, V>(inner: Arc<Inner<K, V>>)
+where
+    K: CacheKey,
+    V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
+{
+    let mut stop = inner.shutdown.clone();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(EXPORT_EVERY) => inner.stats.export(&inner.cfg.namespace),
+            _ = stopped(&mut stop) => return,
+        }
+    }
+}
+
+async fn retry<K, V>(inner: Arc<Inner<K, V>>)
+where
+    K: CacheKey,
+    V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
+{
+    let mut stop = inner.shutdown.clone();
+    let mut pause = RETRY_EVERY;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stopped(&mut stop) => return,
+        }
+        if inner.pending.lock().is_empty() {
+            pause = RETRY_EVERY;
+            continue;
+        }
+        inner.retry_pending().await;
+        // Back off while the remote stays down, up to a few seconds.
+        pause = if inner.pending.lock().is_empty() {
+            RETRY_EVERY
+        } else {
+            (pause * 2).min(Duration::from_secs(2))
+        };
+    }
+}
+
+async fn heartbeat<K, V>(inner: Arc<Inner<K, V>>)
+where
+    K: CacheKey,
+    V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
+{
+    let Some(bp) = inner.backplane.clone() else { return };
+    let mut stop = inner.shutdown.clone();
+    let every = inner.cfg.heartbeat_interval;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stopped(&mut stop) => return,
+        }
+        {
+            let seq = inner.publisher.lock().await;
+            let msg = Message {
+                origin: inner.origin,
+                seq: *seq,
+                namespace: inner.cfg.namespace.clone(),
+                body: MessageBody::Heartbeat,
+            };
+            // A failed heartbeat shows up below as our own heartbeat not coming back.
+            let _ = tokio::time::timeout(inner.backplane_timeout(), bp.publish(&msg)).await;
+        }
+        let now = inner.now();
+        let last = inner.health.last_own_heartbeat.load(Ordering::SeqCst);
+        let missed = now.since(Timestamp(last)) > every * MISSED_HEARTBEATS;
+        if inner.health.subscribed.load(Ordering::SeqCst) && missed {
+            mark_unhealthy(&inner, Timestamp(last));
+        }
+    }
+}
+
+fn mark_unhealthy<K, V>(inner: &Inner<K, V>, since: Timestamp) {
+    // Keep the earliest time: the bound on staleness counts from then.
+    let _ = inner.health.unhealthy_since.compare_exchange(
+        0,
+        since.as_nanos().max(1),
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+}
+
+/// Per-origin sequence tracking.
+struct OriginState {
+    last_seq: u64,
+    last_heard: Timestamp,
+}
+
+struct Listener<K, V> {
+    inner: Arc<Inner<K, V>>,
+    bp: Arc<dyn Backplane>,
+    origins: HashMap<OriginId, OriginState>,
+    subscribed_at: Timestamp,
+    disconnected: bool,
+}
+
+async fn listen<K, V>(inner: Arc<Inner<K, V>>, bp: Arc<dyn Backplane>)
+where
+    K: CacheKey,
+    V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
+{
+    let mut stop = inner.shutdown.clone();
+    let mut l = Listener {
+        inner: inner.clone(),
+        bp,
+        origins: HashMap::new(),
+        subscribed_at: Timestamp(0),
+        disconnected: false,
+    };
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let sub = tokio::select! {
+            s = l.bp.subscribe() => s,
+            _ = stopped(&mut stop) => return,
+        };
+        let mut sub = match sub {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, namespace = %inner.cfg.namespace, "backplane subscribe failed; retrying");
+                mark_unhealthy(&inner, inner.now());
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stopped(&mut stop) => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(10);
+        // Whatever was published before this subscription could not reach us: start from
+        // a clean L1, and refuse the fills of loads that began before it.
+        l.inner.flush_l1();
+        l.subscribed_at = inner.now();
+        l.disconnected = false;
+        inner.health.last_own_heartbeat.store(l.subscribed_at.as_nanos(), Ordering::SeqCst);
+        inner.health.unhealthy_since.store(0, Ordering::SeqCst);
+        inner.health.subscribed.store(true, Ordering::SeqCst);
+        loop {
+            let ev = tokio::select! {
+                ev = sub.recv() => ev,
+                _ = stopped(&mut stop) => return,
+            };
+            match ev {
+                Some(ev) => l.handle(ev).await,
+                None => break,
+            }
+        }
+        // The subscription ended: we are deaf until the next one.
+        inner.stats.gaps_detected.incr();
+        mark_unhealthy(&inner, inner.now());
+    }
+}
+
+impl<K, V> Listener<K, V>
+where
+    K: CacheKey,
+    V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
+{
+    async fn handle(&mut self, ev: BackplaneEvent) {
+        let inner = &self.inner;
+        match ev {
+            BackplaneEvent::Message(m) => self.on_message(m).await,
+            BackplaneEvent::Disconnected => {
+                inner.stats.gaps_detected.incr();
+                self.disconnected = true;
+                mark_unhealthy(inner, inner.now());
+            }
+            BackplaneEvent::Resumed { complete } => {
+                self.disconnected = false;
+                if !complete {
+                    inner.stats.repairs_flushed.incr();
+                    inner.flush_l1();
+                }
+                inner.health.last_own_heartbeat.store(inner.now().as_nanos(), Ordering::SeqCst);
+                inner.health.unhealthy_since.store(0, Ordering::SeqCst);
+            }
+            BackplaneEvent::Lost => {
+                inner.stats.gaps_detected.incr();
+                inner.stats.repairs_flushed.incr();
+                inner.flush_l1();
+            }
+            BackplaneEvent::Malformed => inner.stats.malformed_messages.incr(),
+        }
+    }
+
+    async fn on_message(&mut self, m: Message) {
+        let inner = self.inner.clone();
+        if m.namespace != inner.cfg.namespace {
+            return;
+        }
+        let now = inner.now();
+        if m.origin == inner.origin {
+            if m.is_heartbeat() {
+                inner.health.last_own_heartbeat.store(now.as_nanos(), Ordering::SeqCst);
+                if !self.disconnected {
+                    inner.health.unhealthy_since.store(0, Ordering::SeqCst);
+                }
+            }
+            return;
+        }
+        if m.is_heartbeat() {
+            inner.stats.heartbeats_received.incr();
+        } else {
+            inner.stats.invalidations_received.incr();
+            // Applying an invalidation twice is harmless, so apply before any repair.
+            self.apply(&m.body, now);
+        }
+        self.track(m.origin, m.seq, m.is_heartbeat(), now).await;
+        let forget_after = inner.cfg.heartbeat_interval * FORGET_AFTER_HEARTBEATS;
+        if self.origins.len() > 64 {
+            self.origins.retain(|_, o| now.since(o.last_heard) < forget_after);
+        }
+    }
+
+    /// Sequence bookkeeping: a jump means missed messages, which are replayed or, if the
+    /// backplane cannot, answered with a flush.
+    async fn track(&mut self, origin: OriginId, seq: u64, heartbeat: bool, now: Timestamp) {
+        let grace = self.inner.cfg.heartbeat_interval * 2;
+        let (from, to) = match self.origins.get_mut(&origin) {
+            Some(o) => {
+                o.last_heard = now;
+                let expected = o.last_seq + 1;
+                // A heartbeat repeats the last seq; a message should be exactly the next.
+                let missing_to = if heartbeat { seq } else { seq.saturating_sub(1) };
+                let range = (missing_to >= expected).then_some((expected, missing_to));
+                o.last_seq = o.last_seq.max(seq);
+                match range {
+                    Some(r) => r,
+                    None => return,
+                }
+            }
+            None => {
+                self.origins.insert(origin, OriginState { last_seq: seq, last_heard: now });
+                // First contact. Early after subscribing, earlier messages predate us
+                // (and L1 was flushed then). Later, an origin that publishes without our
+                // having heard its heartbeats means we missed something.
+                if heartbeat || seq <= 1 || now.since(self.subscribed_at) <= grace {
+                    return;
+                }
+                (1, seq.saturating_sub(1))
+            }
+        };
+        self.repair(origin, from, to).await;
+    }
+
+    async fn repair(&mut self, origin: OriginId, from: u64, to: u64) {
+        let inner = self.inner.clone();
+        inner.stats.gaps_detected.incr();
+        let replay = tokio::time::timeout(inner.backplane_timeout(), self.bp.replay(origin, from, to))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten();
+        match replay {
+            Some(messages) => {
+                let now = inner.now();
+                for m in messages.iter().filter(|m| m.namespace == inner.cfg.namespace) {
+                    self.apply(&m.body, now);
+                }
+                inner.stats.repairs_replayed.incr();
+            }
+            None => {
+                inner.stats.repairs_flushed.incr();
+                inner.flush_l1();
+            }
+        }
+        tracing::info!(namespace = %inner.cfg.namespace, origin, from, to, "backplane gap repaired");
+    }
+
+    fn apply(&self, body: &MessageBody, now: Timestamp) {
+        let inner = &self.inner;
+        match body {
+            MessageBody::Keys(keys) => {
+                for k in keys {
+                    match K::parse_key(k) {
+                        Some(key) => {
+                            inner.evict_key(&key, now);
+                            inner.stats.invalidations_applied.incr();
+                        }
+                        None => {
+                            // Not a key of this cache's type: count it and go on with the rest.
+                            inner.stats.malformed_messages.incr();
+                        }
+                    }
+                }
+            }
+            MessageBody::Tag(tag) => {
+                inner.guards.invalidate_tag(tag);
+                inner.flights.detach_all();
+                inner.stats.invalidations_applied.incr();
+            }
+            MessageBody::All => {
+                inner.flush_l1();
+                inner.stats.invalidations_applied.incr();
+            }
+            MessageBody::Heartbeat => {}
+        }
+    }
+}
