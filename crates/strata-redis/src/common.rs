@@ -1,0 +1,294 @@
+//! Helpers shared by the tier and the backplanes: opening clients from URLs, mapping
+//! redis-rs errors into strata's, reconnect backoff, reading reply values.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::RwLock;
+use rand::Rng;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisError, Value};
+use strata::error::{Error, ErrorKind};
+
+/// The URL with any password replaced by `***`, safe for error messages and logs.
+pub(crate) fn redact_url(url: &str) -> String {
+    // scheme://[user[:password]@]host...
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, tail) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            if userinfo.contains(':') {
+                format!("{scheme}://{user}:***@{host}{tail}")
+            } else {
+                format!("{scheme}://{user}@{host}{tail}")
+            }
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// Opens a redis-rs client for `url`, with an error that says how to fix a bad URL.
+pub(crate) fn open_client(url: &str, what: &str) -> Result<redis::Client, Error> {
+    let shown = redact_url(url);
+    let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
+    match scheme {
+        "redis" | "redis+unix" | "unix" => {}
+        "rediss" => {
+            #[cfg(not(feature = "tls"))]
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "{what}: `{shown}` asks for TLS but strata-redis was built without TLS; \
+                     enable the `tls` feature of strata-redis (on by default) or use redis://"
+                ),
+            ));
+            #[cfg(feature = "tls")]
+            crate::tls::install_crypto_provider();
+        }
+        _ => {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "{what}: `{shown}` is not a Redis URL; use \
+                     redis://[user:password@]host[:port][/db] (or rediss:// for TLS)"
+                ),
+            ));
+        }
+    }
+    redis::Client::open(url).map_err(|e| {
+        Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "{what}: cannot use Redis URL `{shown}`; write it as \
+                 redis://[user:password@]host[:port][/db] (rediss:// for TLS), \
+                 with user and password percent-encoded"
+            ),
+        )
+        .with_source(e)
+    })
+}
+
+/// Maps a redis-rs error: timeouts become [`ErrorKind::Timeout`], everything else `kind`.
+pub(crate) fn map_redis_error(kind: ErrorKind, what: &str, e: RedisError) -> Error {
+    if e.is_timeout() {
+        Error::new(ErrorKind::Timeout, format!("{what}: redis timed out")).with_source(e)
+    } else {
+        Error::new(kind, format!("{what} failed")).with_source(e)
+    }
+}
+
+/// Exponential backoff with full jitter for reconnect loops.
+#[derive(Debug, Clone)]
+pub(crate) struct Backoff {
+    min: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub(crate) fn new(min: Duration, max: Duration) -> Self {
+        Backoff { min, max, attempt: 0 }
+    }
+
+    /// The delay before the next attempt (grows until `max`, randomised in [d/2, d]).
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let factor = 1u32 << self.attempt.min(16);
+        self.attempt = self.attempt.saturating_add(1);
+        let d = self.min.saturating_mul(factor).min(self.max);
+        let half = d / 2;
+        half + d.mul_f64(rand::rng().random_range(0.0..=0.5))
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// Duration in whole milliseconds, at least 1 (Redis refuses `PX 0`).
+pub(crate) fn millis_at_least_one(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// Reads an integer from a reply value that may be an integer or a decimal string.
+pub(crate) fn value_u64(v: &Value) -> Option<u64> {
+    match v {
+        Value::Int(i) => u64::try_from(*i).ok(),
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+        Value::SimpleString(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+/// Reads a binary string from a reply value.
+pub(crate) fn value_bytes(v: &Value) -> Option<&[u8]> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+/// Reads an array from a reply value.
+pub(crate) fn value_array(v: &Value) -> Option<&[Value]> {
+    match v {
+        Value::Array(a) | Value::Set(a) => Some(a),
+        _ => None,
+    }
+}
+
+/// An error for a reply that does not have the shape a script returns.
+pub(crate) fn bad_reply(kind: ErrorKind, what: &str) -> Error {
+    Error::new(kind, format!("{what}: unexpected reply shape from redis (script version mismatch?)"))
+}
+
+/// A [`ConnectionManager`] that is replaced by a fresh one after repeated timeouts:
+/// a connection to a peer that vanished without a reset (a paused server, a dropped
+/// network path) never reports an error by itself.
+pub(crate) struct ManagedConn {
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    conn: RwLock<ConnectionManager>,
+    shown_url: String,
+    consecutive_timeouts: AtomicU32,
+    reconnect_after: u32,
+    reconnects: AtomicU64,
+}
+
+/// How a [`ManagedConn::call`] ended, for the caller's counters.
+pub(crate) enum CallError {
+    /// The call did not finish within its timeout.
+    Timeout(Error),
+    /// Redis or the connection returned an error.
+    Failed(Error),
+}
+
+impl CallError {
+    pub(crate) fn into_error(self) -> Error {
+        match self {
+            CallError::Timeout(e) | CallError::Failed(e) => e,
+        }
+    }
+}
+
+impl ManagedConn {
+    pub(crate) fn new(
+        client: redis::Client,
+        connect_timeout: Duration,
+        shown_url: String,
+        reconnect_after: u32,
+        what: &str,
+    ) -> Result<Self, Error> {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(connect_timeout))
+            .set_response_timeout(None)
+            .set_min_delay(Duration::from_millis(10))
+            .set_max_delay(Duration::from_millis(500))
+            .set_number_of_retries(3);
+        let conn = Self::manager(&client, &config, &shown_url, what)?;
+        Ok(ManagedConn {
+            client,
+            config,
+            conn: RwLock::new(conn),
+            shown_url,
+            consecutive_timeouts: AtomicU32::new(0),
+            reconnect_after: reconnect_after.max(1),
+            reconnects: AtomicU64::new(0),
+        })
+    }
+
+    fn manager(
+        client: &redis::Client,
+        config: &ConnectionManagerConfig,
+        shown: &str,
+        what: &str,
+    ) -> Result<ConnectionManager, Error> {
+        ConnectionManager::new_lazy_with_config(client.clone(), config.clone()).map_err(|e| {
+            Error::new(ErrorKind::InvalidInput, format!("{what}: cannot set up a connection to `{shown}`"))
+                .with_source(e)
+        })
+    }
+
+    /// The URL with the password redacted.
+    pub(crate) fn shown_url(&self) -> &str {
+        &self.shown_url
+    }
+
+    /// A handle to the current connection.
+    pub(crate) fn get(&self) -> ConnectionManager {
+        self.conn.read().clone()
+    }
+
+    /// How many times the connection was replaced.
+    pub(crate) fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// Runs `f` on the connection with `timeout`; errors are mapped to `kind`.
+    pub(crate) async fn call<T, F, Fut>(
+        &self,
+        timeout: Duration,
+        kind: ErrorKind,
+        what: &'static str,
+        f: F,
+    ) -> Result<T, CallError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        match tokio::time::timeout(timeout, f(self.get())).await {
+            Ok(Ok(v)) => {
+                self.consecutive_timeouts.store(0, Ordering::Relaxed);
+                Ok(v)
+            }
+            Ok(Err(e)) => Err(CallError::Failed(map_redis_error(kind, what, e))),
+            Err(_) => {
+                self.note_timeout(what);
+                Err(CallError::Timeout(Error::timeout(what, timeout)))
+            }
+        }
+    }
+
+    fn note_timeout(&self, what: &str) {
+        let n = self.consecutive_timeouts.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= self.reconnect_after {
+            self.consecutive_timeouts.store(0, Ordering::Relaxed);
+            if let Ok(m) = Self::manager(&self.client, &self.config, &self.shown_url, what) {
+                *self.conn.write() = m;
+                self.reconnects.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    url = %self.shown_url,
+                    "{what}: replacing the redis connection after {n} consecutive timeouts"
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(redact_url("redis://alice:s3cret@host:6379/0"), "redis://alice:***@host:6379/0");
+        assert_eq!(redact_url("redis://:pw@host"), "redis://:***@host");
+        assert_eq!(redact_url("redis://host:1/2"), "redis://host:1/2");
+        assert_eq!(redact_url("rediss://bob@h"), "rediss://bob@h");
+    }
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let mut b = Backoff::new(Duration::from_millis(10), Duration::from_millis(100));
+        for _ in 0..20 {
+            let d = b.next_delay();
+            assert!(d <= Duration::from_millis(100));
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! Redis/Valkey adapters for strata: the shared L2 tier and the invalidation
+//! backplanes.
+//!
+//! | type | port | what it is |
+//! |---|---|---|
+//! | [`RedisTier`] | [`Tier`](strata::tier::Tier) | L2 on one Redis server: fill guards, leases, tombstones, O(1) tag and namespace invalidation, each operation one Lua script |
+//! | [`RedisStreamBackplane`] | [`Backplane`](strata::backplane::Backplane) | the default backplane: a capped Redis Stream; replays what a subscriber missed |
+//! | [`RedisPubSubBackplane`] | [`Backplane`](strata::backplane::Backplane) | Redis Pub/Sub: cheaper, at most once, nothing replayed |
+//!
+//! All three are configured from a URL: `redis://[user:password@]host[:port][/db]`
+//! (user and password are ACL credentials, percent-encoded), or `rediss://…` for TLS
+//! (the `tls` feature, on by default: rustls with the ring provider and the system's
+//! root certificates; append `#insecure` to skip certificate checks for self-signed
+//! test servers). A bad setting is an error of kind
+//! [`InvalidInput`](strata::error::ErrorKind::InvalidInput) whose message says how to
+//! fix it; passwords are redacted from every message.
+//!
+//! # The tier
+//!
+//! [`RedisTier`] behaves exactly like strata's in-process reference tier (the tests
+//! run one conformance scenario against both). The storage layout and the scripts
+//! are described in the [`tier`] module. Every call has a per-operation timeout
+//! (default 50 ms) and goes through a [`CircuitBreaker`](strata::breaker::CircuitBreaker)
+//! for the endpoint, exposed by [`RedisTier::breaker`] so the core can force it open
+//! when L2 may hold wrong data. Timeouts map to
+//! [`ErrorKind::Timeout`](strata::error::ErrorKind::Timeout), connection and server
+//! errors to [`ErrorKind::Tier`](strata::error::ErrorKind::Tier). An entry that cannot
+//! be decoded is a miss: deleted, counted (`strata_l2_undecodable_total`,
+//! [`RedisTierStats::undecodable`]), never an error. [`RedisTier::lookup_many`] reads a
+//! batch of keys in one round trip; [`RedisTier::ops`] counts round trips for the
+//! benchmark's "Redis ops/s".
+//!
+//! # What each backplane promises
+//!
+//! Both deliver every message published after `subscribe` returned, to every
+//! subscriber (the publisher's own included), in publish order, and report what they
+//! know about losses through [`BackplaneEvent`](strata::backplane::BackplaneEvent).
+//! The core tracks per-origin sequence numbers and heartbeats on top (heartbeats are
+//! published like any message), which catches the losses a backplane cannot see.
+//!
+//! **Stream** ([`RedisStreamBackplane`], the default). A publish returns once Redis
+//! has appended the message to the stream `{prefix}:{bp}` (with AOF `appendfsync
+//! always` it is then on disk; otherwise it lives as long as the server's data). A
+//! subscriber that loses its connection (a killed client, a restarted or paused
+//! server, a network cut) reconnects and reads on from the last entry it saw, so
+//! *nothing is lost while the stream still holds the entries*: it emits
+//! `Disconnected`, delivers what it missed, then `Resumed { complete: true }`. The
+//! stream is capped at about `max_len` entries (default 100 000): a subscriber away
+//! for longer than the stream's window finds entries it never read trimmed, which it
+//! detects exactly (entries are numbered) and reports as `Lost` then
+//! `Resumed { complete: false }`; the core then flushes its L1. `replay(origin, from,
+//! to)` answers from the stream while it still holds those messages, `Ok(None)`
+//! otherwise. Staleness bound: when healthy, the propagation delay (one `XREAD`
+//! round trip after the publish, about 0.2 ms on loopback); when unhealthy (after
+//! `Disconnected`, or when heartbeats stop), the core's `max_stale`.
+//!
+//! **Pub/Sub** ([`RedisPubSubBackplane`]). A publish returns once Redis has handed the
+//! message to the subscribers connected at that moment. Messages published while a
+//! subscriber is disconnected, or dropped by Redis because the subscriber was too slow
+//! (`client-output-buffer-limit pubsub`), are gone: they are *not replayed*. The loss
+//! is detected, by the disconnect itself (`Disconnected`, then
+//! `Resumed { complete: false }` after resubscribing), by a subscriber-side `PING`
+//! that stops answering, or by the core's per-origin sequence numbers and heartbeats;
+//! and it is repaired by an L1 flush. A subscription channel that is full (a slow
+//! receiver in the process) drops messages and reports `Lost` rather than growing
+//! memory. `replay` always answers `Ok(None)`. Staleness bound: the propagation delay
+//! when healthy; `max_stale` otherwise.
+//!
+//! # Requirements on the server
+//!
+//! Redis ≥ 6.2 or Valkey (exclusive stream ranges, `XADD … MAXLEN ~`). The tier's
+//! clocks and epochs have no TTL and must never be evicted: use a `volatile-*`
+//! `maxmemory-policy` or `noeviction` (the tier warns at build time when it sees
+//! `allkeys-*`). The ACL user needs `+@read +@write +@scripting +@stream +@pubsub`
+//! (and `+client|setname` for the stream subscriber) on the keys and channels under
+//! the prefix.
+
+mod common;
+pub mod pubsub;
+mod scripts;
+pub mod stream;
+pub mod tier;
+#[cfg(feature = "tls")]
+mod tls;
+
+pub use pubsub::{RedisPubSubBackplane, RedisPubSubBackplaneBuilder};
+pub use stream::{BackplaneStats, RedisStreamBackplane, RedisStreamBackplaneBuilder};
+pub use tier::{RedisTier, RedisTierBuilder, RedisTierStats};

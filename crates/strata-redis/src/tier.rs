@@ -1,0 +1,850 @@
+//! [`RedisTier`]: the L2 [`Tier`] on a standalone Redis/Valkey server.
+//!
+//! # Storage layout
+//!
+//! Every key of a namespace lives under `{prefix}:{<namespace>}:` (the braces are
+//! literal: a Redis Cluster hash tag, so that one script can touch every key it needs
+//! in a single slot; `:`, `%`, `{` and `}` in a namespace are percent-encoded so that
+//! two namespaces can never share a key):
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `…:m` | hash | `c` invalidation clock, `n` namespace epoch, `l` lease counter, `f` lease floor |
+//! | `…:g` | hash | tag → clock value of the tag's last invalidation |
+//! | `…:e:<key>` | hash, PX = entry ttl | `e` envelope (format byte `1` + postcard of [`Envelope`]), `s` stamp, `t` tags (`<byte len>:<tag>` repeated), `f` soft expiry, `h` hard expiry (ns since the epoch, decimal) |
+//! | `…:l:<key>` | string, PX = lease ttl | the id of the lease holder |
+//! | `…:x:<key>` | string, PX = tombstone ttl | the clock tick of the key's last invalidation |
+//!
+//! The stamp, tags and expiries sit in their own fields so that the Lua scripts
+//! validate and touch entries without decoding postcard; on a hit they override the
+//! copies inside the envelope (a `set` learns its stamp only inside the script, a
+//! `touch` moves the expiries without rewriting the envelope).
+//!
+//! # Scripts
+//!
+//! Each operation is one Lua script, so Redis applies it atomically:
+//!
+//! - **lookup** (one or many keys): read the entry, check its stamp against the
+//!   namespace epoch and the epochs of its tags; an invalid entry is deleted and is a
+//!   miss. On a miss the script reads the clock (the token's stamp) and, when asked,
+//!   takes the lease with `SET PX` unless a live lease (id above the lease floor) is
+//!   held.
+//! - **fill**: release the caller's own lease, then refuse if a tombstone newer than the
+//!   token's stamp exists, or the namespace or one of the value's tags was invalidated
+//!   since the stamp; otherwise store the entry stamped with the token's stamp.
+//! - **set**: void the lease, store the entry stamped with the current clock.
+//! - **delete**: one clock tick (`HINCRBY`), then per key: delete entry and lease,
+//!   leave a tombstone holding the tick.
+//! - **invalidate_tag**: a clock tick becomes the tag's epoch.
+//! - **invalidate_namespace**: a clock tick becomes the namespace epoch; leases granted
+//!   so far are voided (lease floor); the tag epochs are dropped, since the namespace
+//!   epoch dominates them. Old entries stay until they expire but are never served.
+//! - **touch**: validate as lookup does, then move the expiries and `PEXPIRE`.
+//!
+//! # Undecodable entries
+//!
+//! An entry that is not a hash, lacks a field, or whose envelope fails to decode (bad
+//! format byte, bad postcard) is a miss: it is deleted, counted in
+//! `strata_l2_undecodable_total` and [`RedisTierStats::undecodable`], and never
+//! returned as an error. Decoding happens in Rust; the delete is a second lookup
+//! script run that removes the entry only if it still holds the same bytes.
+//!
+//! # Eviction policy
+//!
+//! The clock, epochs and tag epochs have no TTL and must never be evicted (losing the
+//! namespace epoch would make invalidated entries valid again). Run Redis with
+//! `maxmemory-policy` set to a `volatile-*` policy or `noeviction`; the builder logs
+//! a warning when it sees an `allkeys-*` policy.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::Value;
+use redis::aio::ConnectionManager;
+use strata::breaker::{BreakerConfig, CircuitBreaker};
+use strata::clock::{Clock, SystemClock, Timestamp};
+use strata::error::{Error, ErrorKind, Result};
+use strata::tier::{Envelope, FillOutcome, FillToken, Lookup, Tier};
+
+use crate::common::{
+    CallError, ManagedConn, bad_reply, millis_at_least_one, open_client, redact_url, value_array,
+    value_bytes, value_u64,
+};
+use crate::scripts::TierScripts;
+
+/// The first byte of every stored envelope, so the format can evolve.
+pub const ENVELOPE_FORMAT: u8 = 1;
+
+/// Default per-operation timeout.
+pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_millis(50);
+/// Default key prefix.
+pub const DEFAULT_PREFIX: &str = "strata";
+
+/// Counters of a [`RedisTier`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RedisTierStats {
+    /// Redis round trips made (scripts and commands), the benchmark's "Redis ops".
+    pub ops: u64,
+    /// Entries found undecodable, deleted and served as misses.
+    pub undecodable: u64,
+    /// Operations that hit the per-operation timeout.
+    pub timeouts: u64,
+    /// Operations that failed otherwise (connection, server errors).
+    pub errors: u64,
+    /// Operations refused by the open circuit breaker.
+    pub rejected: u64,
+    /// Times the connection was replaced after repeated timeouts.
+    pub reconnects: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    ops: AtomicU64,
+    undecodable: AtomicU64,
+    timeouts: AtomicU64,
+    errors: AtomicU64,
+    rejected: AtomicU64,
+}
+
+/// Builds a [`RedisTier`]; see [`RedisTier::builder`].
+#[must_use = "a builder does nothing until .build().await"]
+pub struct RedisTierBuilder {
+    url: String,
+    prefix: String,
+    op_timeout: Duration,
+    connect_timeout: Duration,
+    tombstone_ttl: Duration,
+    breaker: BreakerConfig,
+    clock: Option<Arc<dyn Clock>>,
+    lazy: bool,
+    reconnect_after_timeouts: u32,
+}
+
+impl std::fmt::Debug for RedisTierBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTierBuilder")
+            .field("url", &redact_url(&self.url))
+            .field("prefix", &self.prefix)
+            .field("op_timeout", &self.op_timeout)
+            .field("tombstone_ttl", &self.tombstone_ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisTierBuilder {
+    /// Prefix of every key (default `strata`). Tiers with different prefixes on one
+    /// server never see each other's data.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Per-operation timeout (default 50 ms): each call gives up after it with an
+    /// error of kind `Timeout`, which the breaker counts as a failure.
+    pub fn op_timeout(mut self, timeout: Duration) -> Self {
+        self.op_timeout = timeout;
+        self
+    }
+
+    /// Timeout of each TCP connection attempt (default 1 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long key tombstones live (default 60 s); must exceed the longest loader
+    /// hard timeout of the caches using this tier.
+    pub fn tombstone_ttl(mut self, ttl: Duration) -> Self {
+        self.tombstone_ttl = ttl;
+        self
+    }
+
+    /// Circuit breaker settings for this endpoint.
+    pub fn breaker(mut self, config: BreakerConfig) -> Self {
+        self.breaker = config;
+        self
+    }
+
+    /// The clock used for `touch` expiries and by the breaker (use the caches' clock).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// Do not contact the server in `build` (default: `build` sends a `PING` and
+    /// fails if the server is unreachable or refuses the credentials). A lazy tier
+    /// connects on first use; until then calls fail and the breaker opens.
+    pub fn lazy(mut self, lazy: bool) -> Self {
+        self.lazy = lazy;
+        self
+    }
+
+    /// After this many consecutive timeouts the connection is replaced by a new one
+    /// (default 8): a connection to a silently dead peer never reports an error.
+    pub fn reconnect_after_timeouts(mut self, n: u32) -> Self {
+        self.reconnect_after_timeouts = n;
+        self
+    }
+
+    /// Checks the settings, connects (unless lazy) and returns the tier.
+    pub async fn build(self) -> Result<RedisTier> {
+        let invalid = |what: String| Err(Error::new(ErrorKind::InvalidInput, what));
+        if self.prefix.is_empty()
+            || self.prefix.chars().any(|c| c == '{' || c == '}' || c.is_whitespace() || c.is_control())
+        {
+            return invalid(format!(
+                "redis tier: prefix `{}` is invalid; use a non-empty name without \
+                 braces or whitespace, such as `strata` or `myapp-cache`",
+                self.prefix
+            ));
+        }
+        if self.op_timeout.is_zero() {
+            return invalid(
+                "redis tier: op_timeout is zero; use a timeout near the server's p99.9 \
+                 latency, such as 50ms"
+                    .into(),
+            );
+        }
+        if self.connect_timeout.is_zero() {
+            return invalid("redis tier: connect_timeout is zero; use for example 1s".into());
+        }
+        if self.tombstone_ttl < Duration::from_millis(1) {
+            return invalid(
+                "redis tier: tombstone_ttl is under 1ms; it must exceed the loaders' \
+                 hard timeout (default 60s)"
+                    .into(),
+            );
+        }
+        if let Err(e) = self.breaker.validate() {
+            return invalid(format!("redis tier: {e}"));
+        }
+        let client = open_client(&self.url, "redis tier")?;
+        let shown = redact_url(&self.url);
+        let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock::default()));
+        let conn = ManagedConn::new(
+            client,
+            self.connect_timeout,
+            shown.clone(),
+            self.reconnect_after_timeouts,
+            "redis tier",
+        )?;
+        let breaker = Arc::new(CircuitBreaker::with_clock(
+            format!("redis-l2 {}", endpoint_of(&shown)),
+            self.breaker,
+            clock.clone(),
+        ));
+        let tier = RedisTier {
+            inner: Arc::new(Inner {
+                conn,
+                prefix: self.prefix,
+                op_timeout: self.op_timeout,
+                tombstone_ttl: self.tombstone_ttl,
+                breaker,
+                clock,
+                scripts: TierScripts::new(),
+                counters: Counters::default(),
+            }),
+        };
+        if !self.lazy {
+            tier.check_server(self.connect_timeout + self.op_timeout).await?;
+        }
+        Ok(tier)
+    }
+}
+
+/// `host:port` part of a redacted URL, for the breaker's name.
+fn endpoint_of(shown: &str) -> &str {
+    let rest = shown.split_once("://").map_or(shown, |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    rest.split('/').next().unwrap_or(rest)
+}
+
+struct Inner {
+    conn: ManagedConn,
+    prefix: String,
+    op_timeout: Duration,
+    tombstone_ttl: Duration,
+    breaker: Arc<CircuitBreaker>,
+    clock: Arc<dyn Clock>,
+    scripts: TierScripts,
+    counters: Counters,
+}
+
+/// The L2 tier on Redis/Valkey: implements the full fill-guard contract of [`Tier`]
+/// with one Lua script per operation (see the module docs for the layout).
+///
+/// Cloning gives another handle to the same connection, breaker and counters.
+#[derive(Clone)]
+pub struct RedisTier {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RedisTier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTier")
+            .field("url", &self.inner.conn.shown_url())
+            .field("prefix", &self.inner.prefix)
+            .field("breaker", &self.inner.breaker)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The key names of one namespace.
+struct NsKeys {
+    base: String,
+}
+
+impl NsKeys {
+    fn new(prefix: &str, namespace: &str) -> Self {
+        let mut base = String::with_capacity(prefix.len() + namespace.len() + 4);
+        base.push_str(prefix);
+        base.push_str(":{");
+        for c in namespace.chars() {
+            match c {
+                ':' => base.push_str("%3A"),
+                '%' => base.push_str("%25"),
+                '{' => base.push_str("%7B"),
+                '}' => base.push_str("%7D"),
+                c => base.push(c),
+            }
+        }
+        base.push_str("}:");
+        NsKeys { base }
+    }
+    fn meta(&self) -> String {
+        format!("{}m", self.base)
+    }
+    fn tags(&self) -> String {
+        format!("{}g", self.base)
+    }
+    fn entry(&self, key: &str) -> String {
+        format!("{}e:{key}", self.base)
+    }
+    fn lease(&self, key: &str) -> String {
+        format!("{}l:{key}", self.base)
+    }
+    fn tomb(&self, key: &str) -> String {
+        format!("{}x:{key}", self.base)
+    }
+}
+
+/// Encodes tags for the `t` field: `<byte len>:<tag>` per tag.
+fn encode_tags(tags: &[String]) -> String {
+    let mut out = String::new();
+    for t in tags {
+        out.push_str(&t.len().to_string());
+        out.push(':');
+        out.push_str(t);
+    }
+    out
+}
+
+fn encode_envelope(env: &Envelope) -> Result<Vec<u8>> {
+    let mut out = vec![ENVELOPE_FORMAT];
+    postcard::to_io(env, &mut out).map_err(|e| {
+        Error::new(ErrorKind::Codec, "cannot encode l2 envelope with postcard").with_source(e)
+    })?;
+    Ok(out)
+}
+
+/// Puts the fields the scripts own (stamp, expiries) into a decoded envelope.
+fn with_fields(mut env: Envelope, stamp: u64, soft: u64, hard: u64) -> Envelope {
+    env.stamp = stamp;
+    env.soft_expiry = Timestamp(soft);
+    env.hard_expiry = Timestamp(hard);
+    env
+}
+
+fn decode_envelope(bytes: &[u8]) -> Option<Envelope> {
+    match bytes.split_first() {
+        Some((&ENVELOPE_FORMAT, rest)) => postcard::from_bytes(rest).ok(),
+        _ => None,
+    }
+}
+
+/// One key's answer from the lookup script.
+enum RawLookup {
+    Hit {
+        bytes: Vec<u8>,
+        stamp: u64,
+        soft: u64,
+        hard: u64,
+    },
+    Miss {
+        token: FillToken,
+        corrupt: bool,
+        /// A valid but soft-expired entry: (bytes, stamp, soft, hard).
+        stale: Option<(Vec<u8>, u64, u64, u64)>,
+    },
+}
+
+fn parse_lookup_reply(v: &Value, expected: usize) -> Option<Vec<RawLookup>> {
+    let items = value_array(v)?;
+    if items.len() != expected {
+        return None;
+    }
+    items
+        .iter()
+        .map(|item| {
+            let a = value_array(item)?;
+            match value_u64(a.first()?)? {
+                1 => Some(RawLookup::Hit {
+                    bytes: value_bytes(a.get(1)?)?.to_vec(),
+                    stamp: value_u64(a.get(2)?)?,
+                    soft: value_u64(a.get(3)?)?,
+                    hard: value_u64(a.get(4)?)?,
+                }),
+                0 => {
+                    let lease = value_u64(a.get(2)?)?;
+                    Some(RawLookup::Miss {
+                        token: FillToken {
+                            stamp: value_u64(a.get(1)?)?,
+                            lease: (lease != 0).then_some(lease),
+                            leader: value_u64(a.get(3)?)? == 1,
+                        },
+                        corrupt: value_u64(a.get(4)?)? == 1,
+                        stale: match a.get(5) {
+                            None => None,
+                            Some(e) => Some((
+                                value_bytes(e)?.to_vec(),
+                                value_u64(a.get(6)?)?,
+                                value_u64(a.get(7)?)?,
+                                value_u64(a.get(8)?)?,
+                            )),
+                        },
+                    })
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+impl RedisTier {
+    /// Starts building a tier for `url`: `redis://[user:password@]host[:port][/db]`,
+    /// or `rediss://…` for TLS (with the `tls` feature). User and password are the
+    /// ACL credentials, percent-encoded.
+    pub fn builder(url: impl Into<String>) -> RedisTierBuilder {
+        RedisTierBuilder {
+            url: url.into(),
+            prefix: DEFAULT_PREFIX.to_owned(),
+            op_timeout: DEFAULT_OP_TIMEOUT,
+            connect_timeout: Duration::from_secs(1),
+            tombstone_ttl: strata::tier::TierConfig::default().tombstone_ttl,
+            breaker: BreakerConfig::default(),
+            clock: None,
+            lazy: false,
+            reconnect_after_timeouts: 8,
+        }
+    }
+
+    /// The circuit breaker guarding this endpoint; the core forces it open when L2 can
+    /// no longer be trusted and resets it once L2 is known clean.
+    pub fn breaker(&self) -> &Arc<CircuitBreaker> {
+        &self.inner.breaker
+    }
+
+    /// Redis round trips made so far.
+    pub fn ops(&self) -> u64 {
+        self.inner.counters.ops.load(Ordering::Relaxed)
+    }
+
+    /// All counters.
+    pub fn stats(&self) -> RedisTierStats {
+        let c = &self.inner.counters;
+        RedisTierStats {
+            ops: c.ops.load(Ordering::Relaxed),
+            undecodable: c.undecodable.load(Ordering::Relaxed),
+            timeouts: c.timeouts.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
+            rejected: c.rejected.load(Ordering::Relaxed),
+            reconnects: self.inner.conn.reconnects(),
+        }
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+
+    /// The per-operation timeout.
+    pub fn op_timeout(&self) -> Duration {
+        self.inner.op_timeout
+    }
+
+    /// The Redis key holding `key`'s entry in `namespace` (for tools and tests).
+    pub fn entry_key(&self, namespace: &str, key: &str) -> String {
+        NsKeys::new(&self.inner.prefix, namespace).entry(key)
+    }
+
+    /// Sends `PING` (through the breaker and timeout): a health check.
+    pub async fn ping(&self) -> Result<()> {
+        let _: Value = self
+            .run("redis tier ping", |mut c| async move { redis::cmd("PING").query_async(&mut c).await })
+            .await?;
+        Ok(())
+    }
+
+    async fn check_server(&self, timeout: Duration) -> Result<()> {
+        let shown = self.inner.conn.shown_url();
+        let mut c = self.inner.conn.get();
+        let ping =
+            tokio::time::timeout(timeout, async { redis::cmd("PING").query_async::<Value>(&mut c).await })
+                .await;
+        match ping {
+            Err(_) => {
+                return Err(Error::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "redis tier: no answer from `{shown}` within {timeout:?}; check that \
+                         the server runs and the host/port are right, or build with .lazy(true) \
+                         to start without it"
+                    ),
+                ));
+            }
+            Ok(Err(e)) => {
+                let hint = if e.kind() == redis::ErrorKind::AuthenticationFailed
+                    || e.code() == Some("NOAUTH")
+                    || e.code() == Some("WRONGPASS")
+                {
+                    "check the ACL user and password in the URL \
+                     (redis://user:password@host:port, percent-encoded)"
+                } else if e.code() == Some("NOPERM") {
+                    "the ACL user lacks permissions: it needs +@read +@write +@scripting \
+                     and the keys under the prefix"
+                } else {
+                    "check that the server runs and the URL's host/port/db are right, or \
+                     build with .lazy(true) to start without it"
+                };
+                return Err(Error::new(
+                    ErrorKind::Tier,
+                    format!("redis tier: cannot use `{shown}`: {e}; {hint}"),
+                )
+                .with_source(e));
+            }
+            Ok(Ok(_)) => {}
+        }
+        // Warn about eviction policies that may drop clocks and epochs.
+        let policy = tokio::time::timeout(timeout, async {
+            redis::cmd("CONFIG").arg("GET").arg("maxmemory-policy").query_async::<Vec<String>>(&mut c).await
+        })
+        .await;
+        if let Ok(Ok(v)) = policy
+            && let Some(p) = v.get(1)
+            && p.starts_with("allkeys-")
+        {
+            tracing::warn!(
+                url = %shown,
+                policy = %p,
+                "redis maxmemory-policy may evict strata's invalidation clocks and epochs, \
+                 which can make invalidated entries valid again; use a volatile-* policy \
+                 or noeviction"
+            );
+        }
+        Ok(())
+    }
+
+    /// Runs one Redis call with the timeout and through the breaker, counting it.
+    async fn run<T, F, Fut>(&self, what: &'static str, f: F) -> Result<T>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let inner = &self.inner;
+        if let Err(e) = inner.breaker.try_acquire() {
+            inner.counters.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(e);
+        }
+        inner.counters.ops.fetch_add(1, Ordering::Relaxed);
+        let out = inner.conn.call(inner.op_timeout, ErrorKind::Tier, what, f).await.map_err(|e| {
+            match &e {
+                CallError::Timeout(_) => &inner.counters.timeouts,
+                CallError::Failed(_) => &inner.counters.errors,
+            }
+            .fetch_add(1, Ordering::Relaxed);
+            e.into_error()
+        });
+        inner.breaker.record(out.as_ref().map_or_else(|e| !e.is_transient(), |_| true));
+        out
+    }
+
+    fn count_undecodable(&self, namespace: &str) {
+        self.inner.counters.undecodable.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("strata_l2_undecodable_total", "namespace" => namespace.to_owned()).increment(1);
+    }
+
+    /// Reads several keys of one namespace in one script run (one round trip). Each
+    /// key's answer is what [`Tier::lookup`] would return for it; with `lease`, a
+    /// lease is tried for every missing key.
+    pub async fn lookup_many(
+        &self,
+        namespace: &str,
+        keys: &[String],
+        lease: Option<Duration>,
+    ) -> Result<Vec<Lookup>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ns = NsKeys::new(&self.inner.prefix, namespace);
+        let lease_ms = lease.map_or(0, millis_at_least_one);
+        let mut results: Vec<Option<Lookup>> = vec![None; keys.len()];
+        let mut pending: Vec<usize> = (0..keys.len()).collect();
+        let mut discard: Vec<Vec<u8>> = vec![Vec::new(); keys.len()];
+        // A few passes at most: an undecodable entry costs one more pass, which deletes
+        // it (if unchanged) and reads again.
+        for _ in 0..4 {
+            let raw = self.lookup_raw(&ns, keys, &pending, &discard, lease_ms).await?;
+            let mut next = Vec::new();
+            for (&i, r) in pending.iter().zip(raw) {
+                match r {
+                    RawLookup::Miss { token, corrupt, stale } => {
+                        if corrupt && discard[i].is_empty() {
+                            // Found corrupt by the script itself (not a hash, bad fields).
+                            self.count_undecodable(namespace);
+                        }
+                        let stale = match stale {
+                            None => None,
+                            Some((bytes, stamp, soft, hard)) => match decode_envelope(&bytes) {
+                                Some(env) => Some(with_fields(env, stamp, soft, hard)),
+                                None => {
+                                    // The lease (if any) is already ours; drop the entry
+                                    // on the next pass without asking for another lease.
+                                    self.count_undecodable(namespace);
+                                    self.discard_entry(&ns, &keys[i], bytes).await;
+                                    None
+                                }
+                            },
+                        };
+                        results[i] = Some(Lookup::Miss { token, stale });
+                    }
+                    RawLookup::Hit { bytes, stamp, soft, hard } => match decode_envelope(&bytes) {
+                        Some(env) => {
+                            results[i] = Some(Lookup::Hit(with_fields(env, stamp, soft, hard)));
+                        }
+                        None => {
+                            self.count_undecodable(namespace);
+                            tracing::warn!(namespace, key = %keys[i], "undecodable l2 entry: deleting it");
+                            discard[i] = bytes;
+                            next.push(i);
+                        }
+                    },
+                }
+            }
+            if next.is_empty() {
+                return results
+                    .into_iter()
+                    .map(|r| r.ok_or_else(|| bad_reply(ErrorKind::Tier, "redis tier lookup")))
+                    .collect();
+            }
+            pending = next;
+        }
+        Err(Error::new(
+            ErrorKind::Codec,
+            "redis tier lookup: entries stay undecodable after being deleted (another \
+             writer keeps storing a different format under this prefix?)",
+        ))
+    }
+
+    /// Deletes an entry the client could not decode, if it still holds `bytes`.
+    async fn discard_entry(&self, ns: &NsKeys, key: &str, bytes: Vec<u8>) {
+        let mut inv = self.inner.scripts.discard.prepare_invoke();
+        inv.key(ns.entry(key)).arg(bytes);
+        let r: Result<Value> =
+            self.run("redis tier discard", |mut c| async move { inv.invoke_async(&mut c).await }).await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "could not delete an undecodable l2 entry");
+        }
+    }
+
+    async fn lookup_raw(
+        &self,
+        ns: &NsKeys,
+        keys: &[String],
+        pending: &[usize],
+        discard: &[Vec<u8>],
+        lease_ms: u64,
+    ) -> Result<Vec<RawLookup>> {
+        let mut inv = self.inner.scripts.lookup.prepare_invoke();
+        inv.key(ns.meta()).key(ns.tags());
+        for &i in pending {
+            inv.key(ns.entry(&keys[i])).key(ns.lease(&keys[i]));
+        }
+        inv.arg(lease_ms).arg(self.inner.clock.now().0);
+        for &i in pending {
+            inv.arg(discard[i].as_slice());
+        }
+        let v: Value =
+            self.run("redis tier lookup", |mut c| async move { inv.invoke_async(&mut c).await }).await?;
+        parse_lookup_reply(&v, pending.len()).ok_or_else(|| bad_reply(ErrorKind::Tier, "redis tier lookup"))
+    }
+}
+
+#[async_trait]
+impl Tier for RedisTier {
+    fn name(&self) -> &str {
+        "redis"
+    }
+
+    fn tombstone_ttl(&self) -> Duration {
+        self.inner.tombstone_ttl
+    }
+
+    async fn lookup(&self, namespace: &str, key: &str, lease: Option<Duration>) -> Result<Lookup> {
+        let keys = [key.to_owned()];
+        let mut out = self.lookup_many(namespace, &keys, lease).await?;
+        out.pop().ok_or_else(|| bad_reply(ErrorKind::Tier, "redis tier lookup"))
+    }
+
+    async fn fill(
+        &self,
+        namespace: &str,
+        key: &str,
+        mut envelope: Envelope,
+        ttl: Duration,
+        token: &FillToken,
+    ) -> Result<FillOutcome> {
+        envelope.stamp = token.stamp;
+        let bytes = encode_envelope(&envelope)?;
+        let ns = NsKeys::new(&self.inner.prefix, namespace);
+        let mut inv = self.inner.scripts.fill.prepare_invoke();
+        inv.key(ns.entry(key))
+            .key(ns.meta())
+            .key(ns.tags())
+            .key(ns.lease(key))
+            .key(ns.tomb(key))
+            .arg(token.stamp)
+            .arg(millis_at_least_one(ttl))
+            .arg(token.lease.unwrap_or(0))
+            .arg(bytes)
+            .arg(encode_tags(&envelope.tags))
+            .arg(envelope.soft_expiry.0)
+            .arg(envelope.hard_expiry.0);
+        for t in &envelope.tags {
+            inv.arg(t.as_str());
+        }
+        let v: Value =
+            self.run("redis tier fill", |mut c| async move { inv.invoke_async(&mut c).await }).await?;
+        match value_u64(&v) {
+            Some(1) => Ok(FillOutcome::Stored),
+            Some(0) => Ok(FillOutcome::Rejected),
+            _ => Err(bad_reply(ErrorKind::Tier, "redis tier fill")),
+        }
+    }
+
+    async fn set(&self, namespace: &str, key: &str, envelope: Envelope, ttl: Duration) -> Result<()> {
+        let bytes = encode_envelope(&envelope)?;
+        let ns = NsKeys::new(&self.inner.prefix, namespace);
+        let mut inv = self.inner.scripts.set.prepare_invoke();
+        inv.key(ns.entry(key))
+            .key(ns.meta())
+            .key(ns.lease(key))
+            .key(ns.tomb(key))
+            .arg(millis_at_least_one(ttl))
+            .arg(bytes)
+            .arg(encode_tags(&envelope.tags))
+            .arg(envelope.soft_expiry.0)
+            .arg(envelope.hard_expiry.0)
+            .arg(millis_at_least_one(self.inner.tombstone_ttl));
+        let _: Value =
+            self.run("redis tier set", |mut c| async move { inv.invoke_async(&mut c).await }).await?;
+        Ok(())
+    }
+
+    async fn delete(&self, namespace: &str, keys: &[String]) -> Result<()> {
+        let ns = NsKeys::new(&self.inner.prefix, namespace);
+        let mut inv = self.inner.scripts.delete.prepare_invoke();
+        inv.key(ns.meta());
+        for k in keys {
+            inv.key(ns.entry(k)).key(ns.lease(k)).key(ns.tomb(k));
+        }
+        inv.arg(millis_at_least_one(self.inner.tombstone_ttl));
+        let _: Value =
+            self.run("redis tier delete", |mut c| async move { inv.invoke_async(&mut c).await }).await?;
+        Ok(())
+    }
+
+    async fn invalidate_tag(&self, namespace: &str, tag: &str) -> Result<()> {
+        let ns = NsKeys::new(&self.inner.prefix, namespace);
+        let mut inv = self.inner.scripts.invalidate_tag.prepare_invoke();
+        inv.key(ns.meta()).key(ns.tags()).arg(tag);
+        let _: Value = self
+            .run("redis tier invalidate_tag", |mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        Ok(())
+    }
+
+    async fn invalidate_namespace(&self, namespace: &str) -> Result<()> {
+        let ns = NsKeys::new(&self.inner.prefix, namespace);
+        let mut inv = self.inner.scripts.invalidate_namespace.prepare_invoke();
+        inv.key(ns.meta()).key(ns.tags());
+        let _: Value = self
+            .run("redis tier invalidate_namespace", |mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        Ok(())
+    }
+
+    async fn touch(&self, namespace: &str, key: &str, soft_expiry: Timestamp, ttl: Duration) -> Result<bool> {
+        let hard = self.inner.clock.now().add(ttl);
+        let ns = NsKeys::new(&self.inner.prefix, namespace);
+        let mut inv = self.inner.scripts.touch.prepare_invoke();
+        inv.key(ns.entry(key))
+            .key(ns.meta())
+            .key(ns.tags())
+            .arg(soft_expiry.0)
+            .arg(hard.0)
+            .arg(millis_at_least_one(ttl));
+        let v: Value =
+            self.run("redis tier touch", |mut c| async move { inv.invoke_async(&mut c).await }).await?;
+        match value_u64(&v) {
+            Some(2) => {
+                self.count_undecodable(namespace);
+                Ok(false)
+            }
+            Some(n) => Ok(n == 1),
+            None => Err(bad_reply(ErrorKind::Tier, "redis tier touch")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[test]
+    fn namespace_escaping_keeps_namespaces_apart() {
+        let a = NsKeys::new("strata", "a:e:b");
+        let b = NsKeys::new("strata", "a");
+        assert_eq!(a.meta(), "strata:{a%3Ae%3Ab}:m");
+        assert_ne!(a.meta(), b.entry("b:m"));
+        assert_eq!(b.entry("k"), "strata:{a}:e:k");
+        assert_eq!(NsKeys::new("p", "x{y}%").tags(), "p:{x%7By%7D%25}:g");
+    }
+
+    #[test]
+    fn tags_encoding() {
+        assert_eq!(encode_tags(&[]), "");
+        assert_eq!(encode_tags(&["a".into(), "b:c".into(), "".into()]), "1:a3:b:c0:");
+    }
+
+    #[test]
+    fn envelope_round_trip_and_garbage() {
+        let env = Envelope {
+            value: Some(Bytes::from_static(b"v")),
+            version: Some(3),
+            created: Timestamp(1),
+            soft_expiry: Timestamp(2),
+            hard_expiry: Timestamp(3),
+            stamp: 4,
+            tags: vec!["t".into()],
+            load_nanos: 5,
+        };
+        let bytes = encode_envelope(&env).unwrap();
+        assert_eq!(decode_envelope(&bytes), Some(env));
+        assert_eq!(decode_envelope(b""), None);
+        assert_eq!(decode_envelope(b"\x02abc"), None);
+        assert_eq!(decode_envelope(b"\x01\xff\xff\xff"), None);
+    }
+}
