@@ -1,15 +1,41 @@
 //! The Lua scripts of the tier and of the stream backplane. Every multi-step operation
 //! is one script, so Redis runs it atomically.
 //!
-//! Conventions shared with `tier.rs` (see the crate docs for the full layout):
-//! namespace meta hash fields `c` (invalidation clock), `n` (namespace epoch), `l` (lease
-//! counter), `f` (lease floor: leases with an id at or below it were voided by a
-//! namespace invalidation); tag epochs hash: tag → clock value of its last
-//! invalidation; entry hash fields `e` (envelope), `s` (stamp), `t` (tags), `f` (soft
-//! expiry, ns), `h` (hard expiry, ns).
+//! Conventions shared with `tier.rs` (see its module docs for the full layout): the
+//! namespace meta hash holds `c` (invalidation clock), `n` (namespace epoch), `l`
+//! (lease counter), `f` (lease floor: leases with an id at or below it were voided by
+//! a namespace invalidation) and `t:<tag>` (the clock value of the tag's last
+//! invalidation). Entry hash fields: `e` (envelope), `s` (stamp), `t` (tags), `f`
+//! (soft expiry, ns), `h` (hard expiry, ns).
+//!
+//! Numbers written by the scripts go through `d()`: Lua turns a number into text with
+//! `%.14g`, which would write clock values (about 1.8e15) in exponent notation.
 
-/// Lua helpers prepended to the tier scripts.
+/// Lua helpers prepended to every tier script.
 const PRELUDE: &str = r#"
+local function d(x)
+  return string.format('%d', x)
+end
+
+-- The namespace clock, created when missing. A new clock starts at the server's time
+-- in microseconds, and so does the namespace epoch: after the meta hash was lost
+-- (restart without persistence, eviction, flush) every older entry is invalid and
+-- every older fill token is rejected, instead of old stamps looking new.
+local function clock_of(meta)
+  local c = redis.call('HGET', meta, 'c')
+  if c then return tonumber(c) end
+  local t = redis.call('TIME')
+  local base = d(tonumber(t[1]) * 1000000 + tonumber(t[2]))
+  redis.call('HSET', meta, 'c', base, 'n', base)
+  return tonumber(base)
+end
+
+-- Advances the clock; returns the new value.
+local function tick(meta)
+  clock_of(meta)
+  return redis.call('HINCRBY', meta, 'c', 1)
+end
+
 -- Parses the `t` field: each tag written as <byte length>:<tag>. nil if malformed.
 local function parse_tags(t)
   if type(t) ~= 'string' then return nil end
@@ -35,15 +61,14 @@ local function dec_lt(a, b)
 end
 
 -- True when an entry stamped `s` with tags `tg` survived every namespace and tag
--- invalidation since its stamp.
-local function valid(s, tg, ns_epoch, tagh)
-  if s < ns_epoch then return false end
-  if #tg > 0 then
-    local ep = redis.call('HMGET', tagh, unpack(tg))
-    for j = 1, #tg do
-      local x = tonumber(ep[j])
-      if x and s < x then return false end
-    end
+-- invalidation since its stamp. The clock must exist (clock_of) before.
+local function valid(s, tg, meta)
+  local fields = {'n'}
+  for j = 1, #tg do fields[j + 1] = 't:' .. tg[j] end
+  local ep = redis.call('HMGET', meta, unpack(fields))
+  for j = 1, #ep do
+    local x = tonumber(ep[j])
+    if x and s < x then return false end
   end
   return true
 end
@@ -51,22 +76,21 @@ end
 
 /// Lookup over one or more keys of a namespace.
 ///
-/// KEYS: meta, tags, then (entry, lease) per key.
+/// KEYS: meta, then (entry, lease) per key.
 /// ARGV: lease ms (0 = no lease), now (ns, decimal), then one "discard" value per key:
 /// '' or the exact envelope bytes the client could not decode (deleted if still there).
 /// Returns per key either {1, e, s, f, h} (fresh hit) or {0, clock, lease id (0 =
 /// none), leader (0/1), corrupt (0/1)[, e, s, f, h]} (miss, with the valid but
 /// soft-expired entry when there is one).
 const LOOKUP_BODY: &str = r#"
-local meta, tagh = KEYS[1], KEYS[2]
+local meta = KEYS[1]
 local lease_ms = tonumber(ARGV[1]) or 0
 local now = ARGV[2]
-local ns_epoch = tonumber(redis.call('HGET', meta, 'n')) or 0
-local clock = nil
+local clock = clock_of(meta)
 local floor = nil
 local out = {}
-for i = 1, (#KEYS - 2) / 2 do
-  local ek, lk = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
+for i = 1, (#KEYS - 1) / 2 do
+  local ek, lk = KEYS[2 * i], KEYS[2 * i + 1]
   local discard = ARGV[2 + i] or ''
   local corrupt = 0
   local hit = nil
@@ -86,7 +110,7 @@ for i = 1, (#KEYS - 2) / 2 do
       if (not s) or (not tg) or (not tonumber(r[4])) or (not tonumber(r[5])) then
         redis.call('DEL', ek)
         corrupt = 1
-      elseif valid(s, tg, ns_epoch, tagh) then
+      elseif valid(s, tg, meta) then
         if dec_lt(now, r[4]) then
           hit = {1, r[1], r[2], r[4], r[5]}
         else
@@ -100,7 +124,6 @@ for i = 1, (#KEYS - 2) / 2 do
   if hit then
     out[i] = hit
   else
-    if not clock then clock = redis.call('HGET', meta, 'c') or '0' end
     local miss
     if lease_ms <= 0 then
       miss = {0, clock, 0, 1, corrupt}
@@ -111,7 +134,7 @@ for i = 1, (#KEYS - 2) / 2 do
         miss = {0, clock, 0, 0, corrupt}
       else
         local id = redis.call('HINCRBY', meta, 'l', 1)
-        redis.call('SET', lk, id, 'PX', lease_ms)
+        redis.call('SET', lk, d(id), 'PX', lease_ms)
         miss = {0, clock, id, 1, corrupt}
       end
     end
@@ -126,21 +149,21 @@ return out
 
 /// Guarded fill.
 ///
-/// KEYS: entry, meta, tags, lease, tombstone.
+/// KEYS: entry, meta, lease, tombstone.
 /// ARGV: stamp, ttl ms, lease id ('0' = none), e, t, f, h, then the value's tags.
 /// Returns 1 (stored) or 0 (rejected).
 const FILL_BODY: &str = r#"
-local ek, meta, tagh, lk, xk = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local ek, meta, lk, xk = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local stamp = tonumber(ARGV[1])
 if ARGV[3] ~= '0' and redis.call('GET', lk) == ARGV[3] then
   redis.call('DEL', lk)
 end
 local tomb = tonumber(redis.call('GET', xk))
 if tomb and tomb > stamp then return 0 end
-local ns_epoch = tonumber(redis.call('HGET', meta, 'n')) or 0
+clock_of(meta)
 local tg = {}
 for j = 8, #ARGV do tg[#tg + 1] = ARGV[j] end
-if not valid(stamp, tg, ns_epoch, tagh) then return 0 end
+if not valid(stamp, tg, meta) then return 0 end
 redis.call('DEL', ek)
 redis.call('HSET', ek, 'e', ARGV[4], 's', ARGV[1], 't', ARGV[5], 'f', ARGV[6], 'h', ARGV[7])
 redis.call('PEXPIRE', ek, ARGV[2])
@@ -154,13 +177,13 @@ return 1
 /// KEYS: entry, meta, lease, tombstone. ARGV: ttl ms, e, t, f, h, tombstone ms.
 /// Returns the stamp.
 const SET_BODY: &str = r#"
-local at = redis.call('HINCRBY', KEYS[2], 'c', 1)
+local at = d(tick(KEYS[2]))
 redis.call('DEL', KEYS[3])
 redis.call('SET', KEYS[4], at, 'PX', ARGV[6])
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'e', ARGV[2], 's', at, 't', ARGV[3], 'f', ARGV[4], 'h', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
-return at
+return tonumber(at)
 "#;
 
 /// Key invalidation: one clock tick, then per key: drop entry and lease, leave a
@@ -169,40 +192,41 @@ return at
 /// KEYS: meta, then (entry, lease, tombstone) per key. ARGV: tombstone ms.
 /// Returns the tick.
 const DELETE_BODY: &str = r#"
-local at = redis.call('HINCRBY', KEYS[1], 'c', 1)
+local at = d(tick(KEYS[1]))
 for i = 2, #KEYS, 3 do
   redis.call('DEL', KEYS[i], KEYS[i + 1])
   redis.call('SET', KEYS[i + 2], at, 'PX', ARGV[1])
 end
-return at
+return tonumber(at)
 "#;
 
-/// Tag invalidation. KEYS: meta, tags. ARGV: tag. Returns the tick.
+/// Tag invalidation: a clock tick becomes the tag's epoch. KEYS: meta. ARGV: tag.
+/// Returns the tick.
 const INVALIDATE_TAG_BODY: &str = r#"
-local at = redis.call('HINCRBY', KEYS[1], 'c', 1)
-redis.call('HSET', KEYS[2], ARGV[1], at)
-return at
+local at = d(tick(KEYS[1]))
+redis.call('HSET', KEYS[1], 't:' .. ARGV[1], at)
+return tonumber(at)
 "#;
 
 /// Namespace invalidation: the epoch moves to a new tick, every lease granted so far is
 /// voided (lease floor), and the tag epochs are dropped (the namespace epoch now
 /// dominates them all). Entries are left to expire: lookups treat them as misses.
 ///
-/// KEYS: meta, tags. Returns the tick.
+/// KEYS: meta. Returns the tick.
 const INVALIDATE_NAMESPACE_BODY: &str = r#"
-local at = redis.call('HINCRBY', KEYS[1], 'c', 1)
+local at = d(tick(KEYS[1]))
 local l = redis.call('HGET', KEYS[1], 'l') or '0'
-redis.call('HSET', KEYS[1], 'n', at, 'f', l)
-redis.call('DEL', KEYS[2])
-return at
+redis.call('UNLINK', KEYS[1])
+redis.call('HSET', KEYS[1], 'c', at, 'n', at, 'l', l, 'f', l)
+return tonumber(at)
 "#;
 
 /// Sliding expiration of a valid entry.
 ///
-/// KEYS: entry, meta, tags. ARGV: soft expiry ns, hard expiry ns, ttl ms.
+/// KEYS: entry, meta. ARGV: soft expiry ns, hard expiry ns, ttl ms.
 /// Returns 1 (extended), 0 (no valid entry) or 2 (a corrupt entry, deleted).
 const TOUCH_BODY: &str = r#"
-local ek, meta, tagh = KEYS[1], KEYS[2], KEYS[3]
+local ek, meta = KEYS[1], KEYS[2]
 local r = redis.pcall('HMGET', ek, 'e', 's', 't')
 if type(r) == 'table' and r.err then
   redis.call('DEL', ek)
@@ -215,14 +239,26 @@ if (not s) or (not tg) then
   redis.call('DEL', ek)
   return 2
 end
-local ns_epoch = tonumber(redis.call('HGET', meta, 'n')) or 0
-if not valid(s, tg, ns_epoch, tagh) then
+clock_of(meta)
+if not valid(s, tg, meta) then
   redis.call('DEL', ek)
   return 0
 end
 redis.call('HSET', ek, 'f', ARGV[1], 'h', ARGV[2])
 redis.call('PEXPIRE', ek, ARGV[3])
 return 1
+"#;
+
+/// Deletes an entry if its envelope still holds the given (undecodable) bytes.
+///
+/// KEYS: entry. ARGV: bytes. Returns 1 if deleted.
+const DISCARD_BODY: &str = r#"
+local cur = redis.pcall('HGET', KEYS[1], 'e')
+if type(cur) == 'string' and cur == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
 "#;
 
 /// Stream backplane publish: number the entry, append it, cap the stream.
@@ -253,18 +289,6 @@ local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV
 return {redis.call('GET', KEYS[2]) or '0', entries}
 "#;
 
-/// Deletes an entry if its envelope still holds the given (undecodable) bytes.
-///
-/// KEYS: entry. ARGV: bytes. Returns 1 if deleted.
-const DISCARD_BODY: &str = r#"
-local cur = redis.pcall('HGET', KEYS[1], 'e')
-if type(cur) == 'string' and cur == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  return 1
-end
-return 0
-"#;
-
 fn with_prelude(body: &str) -> String {
     let mut s = String::with_capacity(PRELUDE.len() + body.len());
     s.push_str(PRELUDE);
@@ -289,10 +313,10 @@ impl TierScripts {
         TierScripts {
             lookup: redis::Script::new(&with_prelude(LOOKUP_BODY)),
             fill: redis::Script::new(&with_prelude(FILL_BODY)),
-            set: redis::Script::new(SET_BODY),
-            delete: redis::Script::new(DELETE_BODY),
-            invalidate_tag: redis::Script::new(INVALIDATE_TAG_BODY),
-            invalidate_namespace: redis::Script::new(INVALIDATE_NAMESPACE_BODY),
+            set: redis::Script::new(&with_prelude(SET_BODY)),
+            delete: redis::Script::new(&with_prelude(DELETE_BODY)),
+            invalidate_tag: redis::Script::new(&with_prelude(INVALIDATE_TAG_BODY)),
+            invalidate_namespace: redis::Script::new(&with_prelude(INVALIDATE_NAMESPACE_BODY)),
             touch: redis::Script::new(&with_prelude(TOUCH_BODY)),
             discard: redis::Script::new(DISCARD_BODY),
         }

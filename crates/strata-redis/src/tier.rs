@@ -9,8 +9,7 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `…:m` | hash | `c` invalidation clock, `n` namespace epoch, `l` lease counter, `f` lease floor |
-//! | `…:g` | hash | tag → clock value of the tag's last invalidation |
+//! | `…:m` | hash, no TTL | `c` invalidation clock, `n` namespace epoch, `l` lease counter, `f` lease floor, `t:<tag>` clock value of the tag's last invalidation |
 //! | `…:e:<key>` | hash, PX = entry ttl | `e` envelope (format byte `1` + postcard of [`Envelope`]), `s` stamp, `t` tags (`<byte len>:<tag>` repeated), `f` soft expiry, `h` hard expiry (ns since the epoch, decimal) |
 //! | `…:l:<key>` | string, PX = lease ttl | the id of the lease holder |
 //! | `…:x:<key>` | string, PX = tombstone ttl | the clock tick of the key's last invalidation |
@@ -20,19 +19,29 @@
 //! copies inside the envelope (a `set` learns its stamp only inside the script, a
 //! `touch` moves the expiries without rewriting the envelope).
 //!
+//! The clock and every epoch of a namespace live in one hash, so they are lost
+//! together or not at all. A clock is created at the server's time in microseconds,
+//! with the namespace epoch equal to it; clock values are therefore ~1.8e15 and only
+//! grow. If the meta hash is lost (a restart without persistence, an eviction, a
+//! flush), the new clock starts above every stamp handed out before: older entries
+//! are invalid and older fill tokens are rejected, so a loss makes the namespace
+//! cold, never stale.
+//!
 //! # Scripts
 //!
 //! Each operation is one Lua script, so Redis applies it atomically:
 //!
 //! - **lookup** (one or many keys): read the entry, check its stamp against the
 //!   namespace epoch and the epochs of its tags; an invalid entry is deleted and is a
-//!   miss. On a miss the script reads the clock (the token's stamp) and, when asked,
-//!   takes the lease with `SET PX` unless a live lease (id above the lease floor) is
-//!   held.
+//!   miss; a valid entry past its soft expiry is a miss that carries the entry as a
+//!   stale fallback. On a miss the script reads the clock (the token's stamp) and,
+//!   when asked, takes the lease with `SET PX` unless a live lease (id above the lease
+//!   floor) is held.
 //! - **fill**: release the caller's own lease, then refuse if a tombstone newer than the
 //!   token's stamp exists, or the namespace or one of the value's tags was invalidated
 //!   since the stamp; otherwise store the entry stamped with the token's stamp.
-//! - **set**: void the lease, store the entry stamped with the current clock.
+//! - **set**: counts as an invalidation of the key (clock tick, tombstone, lease
+//!   voided), then stores the entry stamped with the tick.
 //! - **delete**: one clock tick (`HINCRBY`), then per key: delete entry and lease,
 //!   leave a tombstone holding the tick.
 //! - **invalidate_tag**: a clock tick becomes the tag's epoch.
@@ -46,15 +55,17 @@
 //! An entry that is not a hash, lacks a field, or whose envelope fails to decode (bad
 //! format byte, bad postcard) is a miss: it is deleted, counted in
 //! `strata_l2_undecodable_total` and [`RedisTierStats::undecodable`], and never
-//! returned as an error. Decoding happens in Rust; the delete is a second lookup
-//! script run that removes the entry only if it still holds the same bytes.
+//! returned as an error. Decoding happens in Rust; the delete is a second script run
+//! that removes the entry only if it still holds the same bytes.
 //!
 //! # Eviction policy
 //!
-//! The clock, epochs and tag epochs have no TTL and must never be evicted (losing the
-//! namespace epoch would make invalidated entries valid again). Run Redis with
-//! `maxmemory-policy` set to a `volatile-*` policy or `noeviction`; the builder logs
-//! a warning when it sees an `allkeys-*` policy.
+//! Entries and leases may be evicted freely, and so may the meta hash (see above).
+//! A tombstone must outlive the fills it guards (the loaders' hard timeout): LRU and
+//! LFU policies evict such young keys last, but `volatile-ttl` evicts the keys closest
+//! to expiry first (tombstones) and the `*-random` policies pick any key. The builder
+//! logs a warning for those; `noeviction`, `volatile-lru/lfu` and `allkeys-lru/lfu`
+//! are fine.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -182,7 +193,7 @@ impl RedisTierBuilder {
     }
 
     /// After this many consecutive timeouts the connection is replaced by a new one
-    /// (default 8): a connection to a silently dead peer never reports an error.
+    /// (default 4): a connection to a silently dead peer never reports an error.
     pub fn reconnect_after_timeouts(mut self, n: u32) -> Self {
         self.reconnect_after_timeouts = n;
         self
@@ -316,9 +327,6 @@ impl NsKeys {
     fn meta(&self) -> String {
         format!("{}m", self.base)
     }
-    fn tags(&self) -> String {
-        format!("{}g", self.base)
-    }
     fn entry(&self, key: &str) -> String {
         format!("{}e:{key}", self.base)
     }
@@ -436,7 +444,7 @@ impl RedisTier {
             breaker: BreakerConfig::default(),
             clock: None,
             lazy: false,
-            reconnect_after_timeouts: 8,
+            reconnect_after_timeouts: 4,
         }
     }
 
@@ -533,14 +541,13 @@ impl RedisTier {
         .await;
         if let Ok(Ok(v)) = policy
             && let Some(p) = v.get(1)
-            && p.starts_with("allkeys-")
+            && (p == "volatile-ttl" || p.ends_with("-random"))
         {
             tracing::warn!(
                 url = %shown,
                 policy = %p,
-                "redis maxmemory-policy may evict strata's invalidation clocks and epochs, \
-                 which can make invalidated entries valid again; use a volatile-* policy \
-                 or noeviction"
+                "redis maxmemory-policy may evict young tombstones, which guard fills against \
+                 invalidations; prefer noeviction or an LRU/LFU policy"
             );
         }
         Ok(())
@@ -667,7 +674,7 @@ impl RedisTier {
         lease_ms: u64,
     ) -> Result<Vec<RawLookup>> {
         let mut inv = self.inner.scripts.lookup.prepare_invoke();
-        inv.key(ns.meta()).key(ns.tags());
+        inv.key(ns.meta());
         for &i in pending {
             inv.key(ns.entry(&keys[i])).key(ns.lease(&keys[i]));
         }
@@ -711,7 +718,6 @@ impl Tier for RedisTier {
         let mut inv = self.inner.scripts.fill.prepare_invoke();
         inv.key(ns.entry(key))
             .key(ns.meta())
-            .key(ns.tags())
             .key(ns.lease(key))
             .key(ns.tomb(key))
             .arg(token.stamp)
@@ -768,7 +774,7 @@ impl Tier for RedisTier {
     async fn invalidate_tag(&self, namespace: &str, tag: &str) -> Result<()> {
         let ns = NsKeys::new(&self.inner.prefix, namespace);
         let mut inv = self.inner.scripts.invalidate_tag.prepare_invoke();
-        inv.key(ns.meta()).key(ns.tags()).arg(tag);
+        inv.key(ns.meta()).arg(tag);
         let _: Value = self
             .run("redis tier invalidate_tag", |mut c| async move { inv.invoke_async(&mut c).await })
             .await?;
@@ -778,7 +784,7 @@ impl Tier for RedisTier {
     async fn invalidate_namespace(&self, namespace: &str) -> Result<()> {
         let ns = NsKeys::new(&self.inner.prefix, namespace);
         let mut inv = self.inner.scripts.invalidate_namespace.prepare_invoke();
-        inv.key(ns.meta()).key(ns.tags());
+        inv.key(ns.meta());
         let _: Value = self
             .run("redis tier invalidate_namespace", |mut c| async move { inv.invoke_async(&mut c).await })
             .await?;
@@ -789,12 +795,7 @@ impl Tier for RedisTier {
         let hard = self.inner.clock.now().add(ttl);
         let ns = NsKeys::new(&self.inner.prefix, namespace);
         let mut inv = self.inner.scripts.touch.prepare_invoke();
-        inv.key(ns.entry(key))
-            .key(ns.meta())
-            .key(ns.tags())
-            .arg(soft_expiry.0)
-            .arg(hard.0)
-            .arg(millis_at_least_one(ttl));
+        inv.key(ns.entry(key)).key(ns.meta()).arg(soft_expiry.0).arg(hard.0).arg(millis_at_least_one(ttl));
         let v: Value =
             self.run("redis tier touch", |mut c| async move { inv.invoke_async(&mut c).await }).await?;
         match value_u64(&v) {
@@ -820,7 +821,7 @@ mod tests {
         assert_eq!(a.meta(), "strata:{a%3Ae%3Ab}:m");
         assert_ne!(a.meta(), b.entry("b:m"));
         assert_eq!(b.entry("k"), "strata:{a}:e:k");
-        assert_eq!(NsKeys::new("p", "x{y}%").tags(), "p:{x%7By%7D%25}:g");
+        assert_eq!(NsKeys::new("p", "x{y}%").meta(), "p:{x%7By%7D%25}:m");
     }
 
     #[test]

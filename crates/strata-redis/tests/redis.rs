@@ -378,6 +378,8 @@ async fn tier_undecodable_entries_are_deleted_misses() {
     let tier = redis_tier(&server, "bad").await;
     let mut raw = raw_conn(&server).await;
     let far = now().add(Duration::from_secs(3600)).0.to_string();
+    // A current stamp, so that the garbage is valid as far as the clock goes.
+    let stamp = token(&tier.lookup("ns", "probe", None).await.unwrap()).stamp;
 
     // 1. a hash whose envelope has a bad format byte
     let k1 = tier.entry_key("ns", "fmt");
@@ -386,7 +388,7 @@ async fn tier_undecodable_entries_are_deleted_misses() {
         .arg("e")
         .arg(&b"\x09garbage"[..])
         .arg("s")
-        .arg(0)
+        .arg(stamp)
         .arg("t")
         .arg("")
         .arg("f")
@@ -403,7 +405,7 @@ async fn tier_undecodable_entries_are_deleted_misses() {
         .arg("e")
         .arg(&b"\x01\xff\xff\xff\xff\xff"[..])
         .arg("s")
-        .arg(0)
+        .arg(stamp)
         .arg("t")
         .arg("")
         .arg("f")
@@ -423,7 +425,7 @@ async fn tier_undecodable_entries_are_deleted_misses() {
         .arg("e")
         .arg("x")
         .arg("s")
-        .arg(0)
+        .arg(stamp)
         .arg("t")
         .arg("99:short")
         .arg("f")
@@ -551,6 +553,36 @@ async fn tier_survives_server_restart_and_reconnects() {
     };
     tokio::time::timeout(Duration::from_secs(10), back).await.expect("reconnects after restart");
     eprintln!("[restart] tier answered again {:?} after the restart", started.elapsed());
+
+    // The restarted server lost every clock. A fill whose lookup happened before the
+    // restart must still lose against an invalidation made after it.
+    let before = token(&tier.lookup("ns", "race", None).await.unwrap());
+    server.kill();
+    server.restart();
+    let wait = async {
+        loop {
+            if tier.delete("ns", &["race".to_owned()]).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), wait).await.expect("delete after restart");
+    assert_eq!(
+        tier.fill("ns", "race", fresh("loaded before the restart", &[]), TTL, &before).await.unwrap(),
+        FillOutcome::Rejected,
+        "a token from before the data loss must not beat a later delete"
+    );
+    // Same after FLUSHALL, without any invalidation: the namespace is cold, not stale.
+    let t = token(&tier.lookup("ns", "k2", None).await.unwrap());
+    tier.fill("ns", "k2", fresh("v", &[]), TTL, &t).await.unwrap();
+    let old = token(&tier.lookup("ns", "k3", None).await.unwrap());
+    server.command(&["FLUSHALL"]).unwrap();
+    let after = token(&tier.lookup("ns", "k3", None).await.unwrap());
+    assert!(after.stamp > old.stamp, "a new clock starts above old stamps: {} vs {}", after.stamp, old.stamp);
+    assert_eq!(tier.fill("ns", "k3", fresh("x", &[]), TTL, &old).await.unwrap(), FillOutcome::Rejected);
+    assert_eq!(tier.fill("ns", "k3", fresh("y", &[]), TTL, &after).await.unwrap(), FillOutcome::Stored);
+    eprintln!("[restart] clock before flush {} → after {} (µs-based)", old.stamp, after.stamp);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -746,6 +778,47 @@ async fn stream_trimmed_while_away_is_lost() {
     .await;
     assert_eq!(ev, BackplaneEvent::Resumed { complete: false });
     assert!(skipped.contains(&BackplaneEvent::Lost), "{skipped:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_server_restart_without_persistence_is_lost() {
+    let mut server = RedisServer::start();
+    let bp = RedisStreamBackplane::builder(server.url())
+        .block(Duration::from_millis(300))
+        .read_grace(Duration::from_millis(300))
+        .build()
+        .await
+        .unwrap();
+    let mut sub = bp.subscribe().await.unwrap();
+    bp.publish(&msg(1, 1, "a")).await.unwrap();
+    assert!(message_of(&next_event(&mut sub, Duration::from_secs(5)).await).is_some());
+    let killed_at = Instant::now();
+    server.kill();
+    server.restart();
+    let (_, _) =
+        wait_for(&mut sub, Duration::from_secs(10), "Disconnected", |e| *e == BackplaneEvent::Disconnected)
+            .await;
+    let (ev, skipped) = wait_for(&mut sub, Duration::from_secs(10), "Resumed", |e| {
+        matches!(e, BackplaneEvent::Resumed { .. })
+    })
+    .await;
+    assert_eq!(ev, BackplaneEvent::Resumed { complete: false }, "the restarted server lost the stream");
+    assert!(skipped.contains(&BackplaneEvent::Lost), "{skipped:?}");
+    eprintln!(
+        "[stream] restart without persistence: Lost + Resumed{{complete:false}} {:?} after the kill",
+        killed_at.elapsed()
+    );
+    let publish = async {
+        loop {
+            if bp.publish(&msg(1, 2, "b")).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), publish).await.expect("publish after restart");
+    let ev = next_event(&mut sub, Duration::from_secs(5)).await;
+    assert_eq!(message_of(&ev).map(|m| m.seq), Some(2), "no spurious Lost after the resync: {ev:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
