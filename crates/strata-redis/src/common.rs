@@ -11,6 +11,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Value};
 use strata::error::{Error, ErrorKind};
 
+use crate::tls::TlsConfig;
+
 /// The URL with any password replaced by `***`, safe for error messages and logs.
 pub(crate) fn redact_url(url: &str) -> String {
     // scheme://[user[:password]@]host...
@@ -34,45 +36,73 @@ pub(crate) fn redact_url(url: &str) -> String {
     }
 }
 
+fn bad_url(what: &str, shown: &str, e: RedisError) -> Error {
+    Error::new(
+        ErrorKind::InvalidInput,
+        format!(
+            "{what}: cannot use Redis URL `{shown}`; write it as \
+             redis://[user:password@]host[:port][/db] (rediss:// for TLS), \
+             with user and password percent-encoded"
+        ),
+    )
+    .with_source(e)
+}
+
 /// Opens a redis-rs client for `url`, with an error that says how to fix a bad URL.
-pub(crate) fn open_client(url: &str, what: &str) -> Result<redis::Client, Error> {
+pub(crate) fn open_client(url: &str, what: &str, tls: Option<&TlsConfig>) -> Result<redis::Client, Error> {
     let shown = redact_url(url);
     let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
     match scheme {
-        "redis" | "redis+unix" | "unix" => {}
-        "rediss" => {
-            #[cfg(not(feature = "tls"))]
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!(
-                    "{what}: `{shown}` asks for TLS but strata-redis was built without TLS; \
-                     enable the `tls` feature of strata-redis (on by default) or use redis://"
-                ),
-            ));
-            #[cfg(feature = "tls")]
-            crate::tls::install_crypto_provider();
+        "redis" | "redis+unix" | "unix" => {
+            if tls.is_some() {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!(
+                        "{what}: TLS settings were given but `{shown}` is not a rediss:// URL; use rediss://"
+                    ),
+                ));
+            }
+            redis::Client::open(url).map_err(|e| bad_url(what, &shown, e))
         }
-        _ => {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!(
-                    "{what}: `{shown}` is not a Redis URL; use \
-                     redis://[user:password@]host[:port][/db] (or rediss:// for TLS)"
-                ),
-            ));
-        }
-    }
-    redis::Client::open(url).map_err(|e| {
-        Error::new(
+        "rediss" => open_tls(url, what, &shown, tls),
+        _ => Err(Error::new(
             ErrorKind::InvalidInput,
             format!(
-                "{what}: cannot use Redis URL `{shown}`; write it as \
-                 redis://[user:password@]host[:port][/db] (rediss:// for TLS), \
-                 with user and password percent-encoded"
+                "{what}: `{shown}` is not a Redis URL; use \
+                 redis://[user:password@]host[:port][/db] (or rediss:// for TLS)"
             ),
-        )
-        .with_source(e)
-    })
+        )),
+    }
+}
+
+#[cfg(feature = "tls")]
+fn open_tls(url: &str, what: &str, shown: &str, tls: Option<&TlsConfig>) -> Result<redis::Client, Error> {
+    crate::tls::install_crypto_provider();
+    match tls {
+        None => redis::Client::open(url),
+        Some(t) => redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls: t.client_auth_pem.as_ref().map(|(cert, key)| redis::ClientTlsConfig {
+                    client_cert: cert.clone(),
+                    client_key: key.clone(),
+                }),
+                root_cert: t.root_cert_pem.clone(),
+            },
+        ),
+    }
+    .map_err(|e| bad_url(what, shown, e))
+}
+
+#[cfg(not(feature = "tls"))]
+fn open_tls(_url: &str, what: &str, shown: &str, _tls: Option<&TlsConfig>) -> Result<redis::Client, Error> {
+    Err(Error::new(
+        ErrorKind::InvalidInput,
+        format!(
+            "{what}: `{shown}` asks for TLS but strata-redis was built without TLS; \
+             enable the `tls` feature of strata-redis (on by default) or use redis://"
+        ),
+    ))
 }
 
 /// Maps a redis-rs error: timeouts become [`ErrorKind::Timeout`], everything else `kind`.

@@ -9,9 +9,10 @@
 //!
 //! All three are configured from a URL: `redis://[user:password@]host[:port][/db]`
 //! (user and password are ACL credentials, percent-encoded), or `rediss://…` for TLS
-//! (the `tls` feature, on by default: rustls with the ring provider and the system's
-//! root certificates; append `#insecure` to skip certificate checks for self-signed
-//! test servers). A bad setting is an error of kind
+//! (the `tls` feature, on by default: rustls with the ring provider; the server is
+//! verified against the system's root certificates, or against the CA given with a
+//! builder's `.tls(`[`TlsConfig`]`)`, which can also hold a client certificate).
+//! A bad setting is an error of kind
 //! [`InvalidInput`](strata::error::ErrorKind::InvalidInput) whose message says how to
 //! fix it; passwords are redacted from every message.
 //!
@@ -80,9 +81,9 @@ pub mod pubsub;
 mod scripts;
 pub mod stream;
 pub mod tier;
-#[cfg(feature = "tls")]
 mod tls;
 
 pub use pubsub::{RedisPubSubBackplane, RedisPubSubBackplaneBuilder};
 pub use stream::{BackplaneStats, RedisStreamBackplane, RedisStreamBackplaneBuilder};
 pub use tier::{RedisTier, RedisTierBuilder, RedisTierStats};
+pub use tls::TlsConfig;

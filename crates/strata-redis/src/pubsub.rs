@@ -32,6 +32,7 @@ use tokio::sync::mpsc::error::TrySendError;
 
 use crate::common::{Backoff, ManagedConn, map_redis_error, open_client, redact_url};
 use crate::stream::{BackplaneStats, StatCounters, check_prefix};
+use crate::tls::TlsConfig;
 
 /// Builds a [`RedisPubSubBackplane`]; see [`RedisPubSubBackplane::builder`].
 #[must_use = "a builder does nothing until .build().await"]
@@ -47,6 +48,7 @@ pub struct RedisPubSubBackplaneBuilder {
     reconnect_min: Duration,
     reconnect_max: Duration,
     lazy: bool,
+    tls: Option<TlsConfig>,
 }
 
 impl std::fmt::Debug for RedisPubSubBackplaneBuilder {
@@ -104,6 +106,12 @@ impl RedisPubSubBackplaneBuilder {
         self
     }
 
+    /// Certificates for a `rediss://` URL (a private CA, a client certificate).
+    pub fn tls(mut self, tls: TlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// Checks the settings, connects the publishing connection (unless lazy) and
     /// returns the backplane.
     pub async fn build(self) -> Result<RedisPubSubBackplane> {
@@ -132,7 +140,7 @@ impl RedisPubSubBackplaneBuilder {
                 "redis pub/sub backplane: reconnect_backoff needs 0 < min <= max (default 20ms..1s)".into(),
             );
         }
-        let client = open_client(&self.url, "redis pub/sub backplane")?;
+        let client = open_client(&self.url, "redis pub/sub backplane", self.tls.as_ref())?;
         let publisher = ManagedConn::new(
             client.clone(),
             self.connect_timeout,
@@ -217,6 +225,7 @@ impl RedisPubSubBackplane {
             reconnect_min: Duration::from_millis(20),
             reconnect_max: Duration::from_secs(1),
             lazy: false,
+            tls: None,
         }
     }
 

@@ -47,6 +47,7 @@ use crate::common::{
     value_u64,
 };
 use crate::scripts::{STREAM_CATCH_UP, STREAM_PUBLISH, STREAM_START};
+use crate::tls::TlsConfig;
 
 /// Default cap of the stream (entries, approximate).
 pub const DEFAULT_MAX_LEN: u64 = 100_000;
@@ -129,6 +130,7 @@ pub struct RedisStreamBackplaneBuilder {
     reconnect_min: Duration,
     reconnect_max: Duration,
     lazy: bool,
+    tls: Option<TlsConfig>,
 }
 
 impl std::fmt::Debug for RedisStreamBackplaneBuilder {
@@ -207,6 +209,12 @@ impl RedisStreamBackplaneBuilder {
         self
     }
 
+    /// Certificates for a `rediss://` URL (a private CA, a client certificate).
+    pub fn tls(mut self, tls: TlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// Checks the settings, connects the publishing connection (unless lazy) and
     /// returns the backplane.
     pub async fn build(self) -> Result<RedisStreamBackplane> {
@@ -242,7 +250,7 @@ impl RedisStreamBackplaneBuilder {
                     .into(),
             );
         }
-        let client = open_client(&self.url, "redis stream backplane")?;
+        let client = open_client(&self.url, "redis stream backplane", self.tls.as_ref())?;
         let shown = redact_url(&self.url);
         let publisher =
             ManagedConn::new(client.clone(), self.connect_timeout, shown, 8, "redis stream backplane")?;
@@ -412,6 +420,7 @@ impl RedisStreamBackplane {
             reconnect_min: Duration::from_millis(20),
             reconnect_max: Duration::from_secs(1),
             lazy: false,
+            tls: None,
         }
     }
 

@@ -84,6 +84,7 @@ use crate::common::{
     value_bytes, value_u64,
 };
 use crate::scripts::TierScripts;
+use crate::tls::TlsConfig;
 
 /// The first byte of every stored envelope, so the format can evolve.
 pub const ENVELOPE_FORMAT: u8 = 1;
@@ -130,6 +131,7 @@ pub struct RedisTierBuilder {
     breaker: BreakerConfig,
     clock: Option<Arc<dyn Clock>>,
     lazy: bool,
+    tls: Option<TlsConfig>,
     reconnect_after_timeouts: u32,
 }
 
@@ -199,6 +201,12 @@ impl RedisTierBuilder {
         self
     }
 
+    /// Certificates for a `rediss://` URL (a private CA, a client certificate).
+    pub fn tls(mut self, tls: TlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// Checks the settings, connects (unless lazy) and returns the tier.
     pub async fn build(self) -> Result<RedisTier> {
         let invalid = |what: String| Err(Error::new(ErrorKind::InvalidInput, what));
@@ -231,7 +239,7 @@ impl RedisTierBuilder {
         if let Err(e) = self.breaker.validate() {
             return invalid(format!("redis tier: {e}"));
         }
-        let client = open_client(&self.url, "redis tier")?;
+        let client = open_client(&self.url, "redis tier", self.tls.as_ref())?;
         let shown = redact_url(&self.url);
         let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock::default()));
         let conn = ManagedConn::new(
@@ -444,6 +452,7 @@ impl RedisTier {
             breaker: BreakerConfig::default(),
             clock: None,
             lazy: false,
+            tls: None,
             reconnect_after_timeouts: 4,
         }
     }
@@ -519,6 +528,9 @@ impl RedisTier {
                 {
                     "check the ACL user and password in the URL \
                      (redis://user:password@host:port, percent-encoded)"
+                } else if e.to_string().contains("certificate") {
+                    "the server's TLS certificate is not trusted: give its CA with \
+                     .tls(TlsConfig::with_root_cert(pem)), or check the host name in the URL"
                 } else if e.code() == Some("NOPERM") {
                     "the ACL user lacks permissions: it needs +@read +@write +@scripting \
                      and the keys under the prefix"
