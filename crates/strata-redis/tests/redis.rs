@@ -1100,3 +1100,286 @@ async fn tls_tier_and_backplanes_over_rediss() {
     assert_eq!(e.kind(), ErrorKind::InvalidInput);
     assert!(e.to_string().contains("rediss://"), "{e}");
 }
+
+// ---------------------------------------------------------------------------------
+// fleet-level faults: full `Cache`s on a real Redis
+
+mod fleet {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{Duration, Instant};
+
+    use futures::future::BoxFuture;
+    use parking_lot::Mutex;
+    use strata::backplane::Backplane;
+    use strata::{BreakerConfig, Cache};
+    use strata_redis::{RedisPubSubBackplane, RedisStreamBackplane, RedisTier};
+    use strata_testkit::RedisServer;
+
+    /// The "database": rows and a load counter.
+    #[derive(Clone, Default)]
+    struct Db {
+        rows: Arc<Mutex<HashMap<u64, String>>>,
+        loads: Arc<AtomicU64>,
+        delay: Duration,
+    }
+
+    type LoadResult = Result<Option<String>, std::io::Error>;
+
+    impl Db {
+        fn set(&self, k: u64, v: &str) {
+            self.rows.lock().insert(k, v.to_owned());
+        }
+        fn loads(&self) -> u64 {
+            self.loads.load(Ordering::SeqCst)
+        }
+        fn loader(&self, k: u64) -> impl FnOnce() -> BoxFuture<'static, LoadResult> + Send + 'static {
+            let db = self.clone();
+            move || {
+                Box::pin(async move {
+                    db.loads.fetch_add(1, Ordering::SeqCst);
+                    if !db.delay.is_zero() {
+                        tokio::time::sleep(db.delay).await;
+                    }
+                    Ok(db.rows.lock().get(&k).cloned())
+                })
+            }
+        }
+    }
+
+    async fn instance(server: &RedisServer, backplane: Arc<dyn Backplane>) -> Cache<u64, String> {
+        let tier = RedisTier::builder(server.url())
+            .prefix("fleet")
+            .op_timeout(Duration::from_millis(150))
+            .breaker(BreakerConfig { open_for: Duration::from_millis(300), ..BreakerConfig::default() })
+            .build()
+            .await
+            .expect("tier");
+        let cache = Cache::builder("payment")
+            .tier(Arc::new(tier))
+            .backplane(backplane)
+            .time_to_live(Duration::from_secs(60))
+            .max_stale(Duration::from_secs(2))
+            .l2_timeout(Duration::from_millis(200))
+            .heartbeat_interval(Duration::from_millis(200))
+            .early_refresh(0.0)
+            .build()
+            .expect("cache");
+        tokio::time::timeout(Duration::from_secs(5), cache.ready()).await.expect("cache ready");
+        cache
+    }
+
+    async fn stream(server: &RedisServer) -> RedisStreamBackplane {
+        RedisStreamBackplane::builder(server.url())
+            .block(Duration::from_millis(300))
+            .read_grace(Duration::from_millis(300))
+            .reconnect_backoff(Duration::from_millis(300), Duration::from_millis(600))
+            .build()
+            .await
+            .expect("stream backplane")
+    }
+
+    /// Polls until `key` is gone from `cache`'s L1; returns how long that took.
+    async fn until_dropped(cache: &Cache<u64, String>, key: u64, within: Duration, what: &str) -> Duration {
+        let started = Instant::now();
+        let poll = async {
+            while cache.get_local(&key).is_some() {
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+        };
+        tokio::time::timeout(within, poll)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: still cached after {within:?}"));
+        started.elapsed()
+    }
+
+    fn kill_clients(server: &RedisServer, prefix: &str) {
+        for (id, _) in super::clients_named(server, prefix) {
+            server.command(&["CLIENT", "KILL", "ID", &id]).expect("CLIENT KILL");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stream_fleet_invalidation_propagates() {
+        let server = RedisServer::start();
+        let db = Db::default();
+        db.set(1, "v1");
+        let a = instance(&server, Arc::new(stream(&server).await)).await;
+        let b = instance(&server, Arc::new(stream(&server).await)).await;
+        assert_eq!(a.get_or_load(&1, db.loader(1)).await.unwrap().as_deref(), Some("v1"));
+        assert_eq!(b.get_or_load(&1, db.loader(1)).await.unwrap().as_deref(), Some("v1"));
+        assert_eq!(db.loads(), 1, "B was served from L2");
+        assert_eq!(b.stats().l2_hits, 1);
+
+        let mut delays = Vec::new();
+        let mut calls = Vec::new();
+        for round in 2..=6 {
+            let v = format!("v{round}");
+            db.set(1, &v);
+            let started = Instant::now();
+            a.invalidate(&1).await.unwrap();
+            calls.push(started.elapsed());
+            until_dropped(&b, 1, Duration::from_secs(2), "B after A's invalidate").await;
+            delays.push(started.elapsed());
+            assert_eq!(b.get_or_load(&1, db.loader(1)).await.unwrap().as_deref(), Some(v.as_str()));
+            assert_eq!(a.get_or_load(&1, db.loader(1)).await.unwrap().as_deref(), Some(v.as_str()));
+        }
+        delays.sort();
+        calls.sort();
+        eprintln!(
+            "[fleet/stream] A.invalidate() (L2 delete + XADD) took median {:?}; from its start to B's L1 copy \
+             gone: min {:?} median {:?} max {:?}; loads {}",
+            calls[2],
+            delays[0],
+            delays[2],
+            delays[4],
+            db.loads()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stream_fleet_subscriber_killed_resumes_without_flush() {
+        let server = RedisServer::start();
+        let db = Db::default();
+        db.set(1, "v1");
+        db.set(2, "w1");
+        let a = instance(&server, Arc::new(stream(&server).await)).await;
+        let b_bp = stream(&server).await;
+        let b = instance(&server, Arc::new(b_bp.clone())).await;
+        for k in [1, 2] {
+            b.get_or_load(&k, db.loader(k)).await.unwrap();
+        }
+        let killed_at = Instant::now();
+        kill_clients(&server, &b_bp.client_name_prefix());
+        // In the gap (B reconnects after ≥150 ms): a committed change and its invalidation.
+        db.set(1, "v2");
+        a.invalidate(&1).await.unwrap();
+        let dropped = until_dropped(&b, 1, Duration::from_secs(5), "B after its subscriber was killed").await;
+        assert_eq!(b.get_or_load(&1, db.loader(1)).await.unwrap().as_deref(), Some("v2"));
+        let healthy = async {
+            while !b.is_backplane_healthy() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), healthy).await.expect("B healthy again");
+        let s = b.stats();
+        eprintln!(
+            "[fleet/stream] B's subscriber killed, invalidation sent in the gap: B dropped the key {:?} after \
+             the kill; gaps_detected {} repairs_flushed {} repairs_replayed {}; key 2 still cached: {}",
+            dropped,
+            s.gaps_detected,
+            s.repairs_flushed,
+            s.repairs_replayed,
+            b.get_local(&2).is_some()
+        );
+        assert!(killed_at.elapsed() < Duration::from_secs(10));
+        assert_eq!(b.get_local(&2).as_deref(), Some("w1"), "a complete resume needs no flush");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pubsub_fleet_subscriber_killed_flushes() {
+        let server = RedisServer::start();
+        let db = Db::default();
+        db.set(1, "v1");
+        db.set(2, "w1");
+        let pubsub = |server: &RedisServer| {
+            RedisPubSubBackplane::builder(server.url())
+                .reconnect_backoff(Duration::from_millis(300), Duration::from_millis(600))
+                .build()
+        };
+        let a = instance(&server, Arc::new(pubsub(&server).await.unwrap())).await;
+        let b = instance(&server, Arc::new(pubsub(&server).await.unwrap())).await;
+        for k in [1, 2] {
+            b.get_or_load(&k, db.loader(k)).await.unwrap();
+        }
+        let killed_at = Instant::now();
+        // Both instances' subscribers go; A's messages published in the gap are lost.
+        server.command(&["CLIENT", "KILL", "TYPE", "pubsub"]).unwrap();
+        db.set(1, "v2");
+        a.invalidate(&1).await.unwrap();
+        let dropped = until_dropped(&b, 1, Duration::from_secs(5), "B after a lost pub/sub message").await;
+        assert_eq!(b.get_or_load(&1, db.loader(1)).await.unwrap().as_deref(), Some("v2"));
+        let s = b.stats();
+        eprintln!(
+            "[fleet/pubsub] subscribers killed, invalidation lost: B's copy gone {dropped:?} after the kill; \
+             gaps_detected {} repairs_flushed {}",
+            s.gaps_detected, s.repairs_flushed
+        );
+        assert!(s.repairs_flushed >= 1, "repaired by a flush: {s:?}");
+        assert!(killed_at.elapsed() < Duration::from_secs(10));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn paused_redis_reads_fall_back_and_l1_honours_max_stale() {
+        let mut server = RedisServer::start();
+        let db = Db::default();
+        db.set(1, "v1");
+        db.set(2, "w1");
+        let a = instance(&server, Arc::new(stream(&server).await)).await;
+        a.get_or_load(&1, db.loader(1)).await.unwrap();
+        server.pause().unwrap();
+        let paused_at = Instant::now();
+        let outcome = async {
+            assert_eq!(a.get_local(&1).as_deref(), Some("v1"), "L1 serves while L2 is away");
+            let started = Instant::now();
+            let v = a.get_or_load(&2, db.loader(2)).await;
+            let load_latency = started.elapsed();
+            assert_eq!(v.unwrap().as_deref(), Some("w1"), "a miss goes to the database when L2 is down");
+            // With the backplane unhealthy for longer than max_stale (2 s), L1 stops
+            // serving entries older than max_stale.
+            let gone = async {
+                while a.get_local(&1).is_some() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            };
+            let bounded = tokio::time::timeout(Duration::from_secs(8), gone).await.is_ok();
+            (load_latency, bounded, paused_at.elapsed())
+        }
+        .await;
+        server.resume().unwrap();
+        let (load_latency, bounded, gone_after) = outcome;
+        assert!(bounded, "L1 kept serving an old entry past max_stale with Redis paused");
+        eprintln!(
+            "[fleet/pause] Redis SIGSTOPped: miss served by the database in {load_latency:?}; L1 stopped serving \
+             the old entry {gone_after:?} after the pause (max_stale 2 s)"
+        );
+        let back = async {
+            while !a.is_backplane_healthy() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        let resumed = Instant::now();
+        tokio::time::timeout(Duration::from_secs(10), back).await.expect("healthy after SIGCONT");
+        eprintln!("[fleet/pause] backplane healthy {:?} after SIGCONT", resumed.elapsed());
+        assert_eq!(a.get_or_load(&1, db.loader(1)).await.unwrap().as_deref(), Some("v1"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stampede_one_load_for_the_fleet() {
+        let server = RedisServer::start();
+        let db = Db { delay: Duration::from_millis(200), ..Db::default() };
+        db.set(7, "hot");
+        let a = instance(&server, Arc::new(stream(&server).await)).await;
+        let b = instance(&server, Arc::new(stream(&server).await)).await;
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for i in 0..40 {
+            let cache = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let loader = db.loader(7);
+            tasks.push(tokio::spawn(async move { cache.get_or_load(&7, loader).await }));
+        }
+        for t in tasks {
+            let v = tokio::time::timeout(Duration::from_secs(5), t).await.expect("bounded").expect("task");
+            assert_eq!(v.unwrap().as_deref(), Some("hot"));
+        }
+        let took = started.elapsed();
+        eprintln!(
+            "[fleet/stampede] 40 concurrent misses on 2 instances: {} load(s), lease waits A {} B {}, all answered in {took:?}",
+            db.loads(),
+            a.stats().lease_waits,
+            b.stats().lease_waits
+        );
+        assert_eq!(db.loads(), 1, "one loader for the fleet (lease + single-flight)");
+    }
+}
