@@ -1,0 +1,288 @@
+//! `strata bench`: the seed stories as scenarios, several caching strategies run one
+//! after another against the same database contents and the same seeded schedule.
+//!
+//! * [`schedule`] precomputes every request from the seed;
+//! * [`db`] is the table the app reads and writes (SQLite by default, or Postgres);
+//! * [`strategy`] holds the strategies, each a fleet of instances behind one trait;
+//! * [`runner`] offers the schedule open-loop and measures latency and staleness
+//!   (with [`freshness`]);
+//! * [`report`] turns the measurements into the table and the JSON, [`plot`] into an SVG.
+
+pub mod db;
+pub mod freshness;
+pub mod plot;
+pub mod report;
+pub mod runner;
+pub mod schedule;
+pub mod strategy;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use self::db::Db;
+use self::report::{BenchReport, StrategyReport};
+use self::runner::RunConfig;
+use self::schedule::{Schedule, ScheduleParams};
+use self::strategy::{FleetConfig, StrategyKind};
+
+/// A seed story.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// Read-heavy subscription settings: every request reads one settings row; a small
+    /// rate of plan changes, written through the app with invalidation.
+    Billsetting,
+    /// Payment status: PENDING → COMPLETED/FAILED committed through the app; UI-like
+    /// reads, plus a downstream consumer that reads the row on another instance as soon
+    /// as it receives the "status changed" event (emitted after the invalidation).
+    Payment,
+}
+
+impl Scenario {
+    /// The scenario's name (also its table and cache namespace).
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Billsetting => "billsetting",
+            Scenario::Payment => "payment",
+        }
+    }
+
+    /// The values a write sets, by the schedule's value index.
+    pub fn values(self) -> [&'static str; 4] {
+        match self {
+            Scenario::Billsetting => ["basic", "pro", "team", "enterprise"],
+            Scenario::Payment => ["COMPLETED", "COMPLETED", "COMPLETED", "FAILED"],
+        }
+    }
+
+    /// The default `--write-ratio`.
+    pub fn default_write_ratio(self) -> f64 {
+        match self {
+            Scenario::Billsetting => 0.002,
+            Scenario::Payment => 0.05,
+        }
+    }
+}
+
+const ABOUT: &str = "Run a seed scenario against several caching strategies, side by side";
+
+const LONG_ABOUT: &str = "\
+Run a seed scenario against several caching strategies, one after another, against the
+same database contents (reset between strategies) and the same seeded request schedule.
+
+Strategies (in run order):
+  none          every read goes to the database
+  local-ttl     per-instance moka cache, 5 s TTL, no invalidation
+  redis-global  cache-aside on one Redis: GET per read, SET on miss, DEL on write (--redis only)
+  near-pubsub   per-instance moka cache (24 h TTL) + invalidation broadcast (tokio broadcast;
+                Redis Pub/Sub with --redis), no fill guards, no gap repair
+  strata        strata::Cache per instance, InProcessTier + InProcessBackplane
+                (RedisTier + RedisStreamBackplane with --redis); 24 h TTL; payment uses
+                Consistency::Strong
+
+Every instance is a separate cache handle with its own local cache. A write runs
+UPDATE ... SET ..., version = version + 1 ... RETURNING version on the database, then the
+strategy's invalidation, on the instance the schedule names. The load is open-loop: Poisson
+arrivals at --rate over the whole fleet, Zipf-distributed keys (key 0 hottest, the same
+distribution for reads and writes), a uniformly random instance per request.";
+
+const AFTER_LONG_HELP: &str = "\
+Defaults: a run of the 4 embedded strategies (no --redis) takes about 70 s on 2 cores.
+
+Metrics (per strategy):
+  DB reads/s, DB writes/s   statements run on the database, divided by --duration
+  Redis ops/s               commands sent to Redis, counted client-side (GET/SET/DEL/PUBLISH,
+                            and strata's tier and backplane calls); for the embedded strata,
+                            InProcessTier::ops() + in-process backplane publishes (heartbeats
+                            included); for near-pubsub without --redis, its broadcasts
+  hit %, L1 %, L2 %         reads answered by the instance's own cache (L1) or by the shared
+                            tier (L2), as a share of all reads; reads that waited for another
+                            read's load count as neither
+  p50/p99/p99.9             read latency from the scheduled start (from the event, for the
+                            payment consumer), so lag of the runner is included
+  stale, max stale          reads that returned a version older than one whose write had
+                            completed (DB commit + invalidation returned) before the read
+                            started; the age is the time from the completion of the oldest
+                            newer version to the start of the read
+  consumer stale            payment: stale reads of the downstream consumer alone
+  hot loads/reload          DB reads of the hottest key (key 0) divided by the number of
+                            times a copy of it had to be (re)loaded by a perfect fleet-shared
+                            cache with the strategy's TTL: 1 (first read) + TTL expiries
+                            during the run (duration / TTL, rounded up, minus 1) + writes of
+                            the key (for strategies that invalidate). 1.0 is ideal; N
+                            instances reloading independently give about N; '-' for none
+  compulsory DB reads       what a perfect fleet-shared cache must load: first reads of each
+                            distinct key + writes followed by a later read of the same key
+  dropped                   requests not started because --max-in-flight were running
+
+CI smoke run:
+  strata bench --duration 2 --instances 3 --rate 300 --keys 200 --json out.json";
+
+/// Arguments of `strata bench`.
+#[derive(Debug, Clone, Args)]
+#[command(about = ABOUT, long_about = LONG_ABOUT, after_long_help = AFTER_LONG_HELP)]
+pub struct BenchArgs {
+    /// The seed story to run.
+    #[arg(long, value_enum, default_value = "billsetting")]
+    pub scenario: Scenario,
+    /// Seconds of load per strategy.
+    #[arg(long, default_value_t = 15.0, value_name = "SECS")]
+    pub duration: f64,
+    /// App instances in the fleet (each has its own local cache).
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    pub instances: u32,
+    /// Requests per second over the whole fleet (Poisson arrivals).
+    #[arg(long, default_value_t = 2000.0, value_name = "REQ_PER_S")]
+    pub rate: f64,
+    /// Rows in the table (= distinct keys).
+    #[arg(long, default_value_t = 10_000, value_name = "N")]
+    pub keys: u64,
+    /// Zipf exponent of key popularity (0 = uniform).
+    #[arg(long, default_value_t = 1.0, value_name = "S")]
+    pub zipf: f64,
+    /// Fraction of requests that are writes [default: 0.002 for billsetting, 0.05 for payment].
+    #[arg(long, value_name = "F")]
+    pub write_ratio: Option<f64>,
+    /// Seed of the request schedule (and of strata's random choices).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub seed: u64,
+    /// Redis URL: adds redis-global, runs near-pubsub on Redis Pub/Sub and strata on
+    /// RedisTier + RedisStreamBackplane.
+    #[arg(long, value_name = "URL")]
+    pub redis: Option<String>,
+    /// Database URL (postgres://… or sqlite:…) [default: a SQLite file in a temp dir].
+    #[arg(long, value_name = "URL")]
+    pub database: Option<String>,
+    /// Only these strategies (comma-separated) [default: all that can run].
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "LIST")]
+    pub strategies: Option<Vec<StrategyKind>>,
+    /// Requests allowed in flight at once; requests due beyond it are dropped and counted.
+    #[arg(long, default_value_t = 20_000, value_name = "N")]
+    pub max_in_flight: usize,
+    /// Writes the results as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Writes an SVG chart comparing the strategies to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<PathBuf>,
+}
+
+/// Runs `strata bench`.
+pub async fn run(args: BenchArgs) -> Result<()> {
+    if !(args.duration > 0.0 && args.duration.is_finite()) {
+        bail!("--duration must be a positive number of seconds, got {}", args.duration);
+    }
+    let write_ratio = args.write_ratio.unwrap_or_else(|| args.scenario.default_write_ratio());
+    let params = ScheduleParams {
+        scenario: args.scenario,
+        duration: Duration::from_secs_f64(args.duration),
+        rate: args.rate,
+        keys: args.keys,
+        zipf: args.zipf,
+        write_ratio,
+        instances: args.instances,
+        seed: args.seed,
+    };
+    let kinds = choose_strategies(&args)?;
+    let schedule = Schedule::generate(&params)?;
+    let db =
+        Arc::new(Db::open(args.database.as_deref(), args.scenario, args.keys, schedule.hottest_key()).await?);
+    let run_id = format!("strata-bench:{}:{:08x}", std::process::id(), rand::random::<u32>());
+    let fleet = FleetConfig {
+        db: db.clone(),
+        scenario: args.scenario,
+        instances: args.instances as usize,
+        capacity: args.keys,
+        redis: args.redis.clone(),
+        run_id,
+        seed: args.seed,
+    };
+    let run_config = RunConfig {
+        max_in_flight: args.max_in_flight,
+        drain_timeout: Duration::from_secs(60),
+        values: args.scenario.values(),
+    };
+    let mut report = BenchReport::new(&params, &schedule, db.description(), args.redis.as_deref());
+    eprintln!("{}", report.headline());
+
+    let result = run_strategies(&kinds, &fleet, &schedule, &run_config, &mut report).await;
+    drop(fleet);
+    if let Some(db) = Arc::into_inner(db) {
+        db.close().await?;
+    }
+    result?;
+
+    print!("{}", report.table());
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&report).context("cannot encode the JSON report")?;
+        std::fs::write(path, json + "\n").with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        plot::write_svg(&report, path)?;
+    }
+    Ok(())
+}
+
+fn choose_strategies(args: &BenchArgs) -> Result<Vec<StrategyKind>> {
+    let mut kinds: Vec<StrategyKind> = match &args.strategies {
+        Some(list) => list.clone(),
+        None => StrategyKind::ALL.into_iter().filter(|k| !k.needs_redis() || args.redis.is_some()).collect(),
+    };
+    kinds.sort();
+    kinds.dedup();
+    if let Some(k) = kinds.iter().find(|k| k.needs_redis() && args.redis.is_none()) {
+        bail!("strategy {k} needs --redis URL");
+    }
+    if kinds.is_empty() {
+        bail!("no strategy to run");
+    }
+    Ok(kinds)
+}
+
+async fn run_strategies(
+    kinds: &[StrategyKind],
+    fleet: &FleetConfig,
+    schedule: &Schedule,
+    run_config: &RunConfig,
+    report: &mut BenchReport,
+) -> Result<()> {
+    for &kind in kinds {
+        fleet.db.reset().await?;
+        let strategy = strategy::build(kind, fleet).await.with_context(|| format!("cannot start {kind}"))?;
+        let progress = progress_bar(kind, schedule.requests.len() as u64);
+        let outcome = runner::run(strategy.clone(), schedule, run_config, &progress).await;
+        progress.finish_and_clear();
+        let db_counts = fleet.db.counts();
+        let tiers = strategy.tier_counts();
+        let closed = strategy.close().await;
+        let outcome = outcome.with_context(|| format!("{kind} did not complete"))?;
+        closed.with_context(|| format!("cannot clean up after {kind}"))?;
+        if let Some(e) = &outcome.first_error {
+            eprintln!("warning: {kind}: {} requests failed; first error: {e}", outcome.errors);
+        }
+        let row = StrategyReport::new(strategy.as_ref(), &outcome, db_counts, tiers, report);
+        eprintln!("{}", row.summary_line());
+        report.strategies.push(row);
+    }
+    Ok(())
+}
+
+fn progress_bar(kind: StrategyKind, len: u64) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+    let style =
+        ProgressStyle::with_template("{prefix:>12} [{bar:40}] {pos}/{len} requests, {elapsed} / ~{eta} left")
+            .map(|s| s.progress_chars("=> "))
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_prefix(kind.name());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}

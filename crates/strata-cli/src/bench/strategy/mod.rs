@@ -1,0 +1,148 @@
+//! The caching strategies compared, each behind [`Strategy`]: a fleet of app instances
+//! (each with its own local cache, where the strategy has one) that reads and writes
+//! rows of the benchmark's table.
+
+mod local_ttl;
+mod near_pubsub;
+mod no_cache;
+mod redis_global;
+mod strata_cache;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use async_trait::async_trait;
+
+pub use local_ttl::LocalTtl;
+pub use near_pubsub::NearPubSub;
+pub use no_cache::NoCache;
+pub use redis_global::RedisGlobal;
+pub use strata_cache::StrataCache;
+
+use super::Scenario;
+use super::db::{Db, Row};
+
+/// Counters a strategy keeps about its tiers, since it was built.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TierCounts {
+    /// Reads answered by the instance's own local cache.
+    pub l1_hits: u64,
+    /// Reads answered by the shared tier (Redis, or strata's in-process tier).
+    pub l2_hits: u64,
+    /// Calls to the shared tier and the backplane (Redis commands, or their
+    /// in-process equivalents), counted client-side.
+    pub remote_ops: u64,
+}
+
+/// A fleet of app instances using one caching strategy.
+#[async_trait]
+pub trait Strategy: Send + Sync {
+    /// The strategy's name in reports.
+    fn name(&self) -> &'static str;
+
+    /// How long a cached copy lives without an invalidation (`None`: nothing is cached).
+    fn ttl(&self) -> Option<Duration>;
+
+    /// Whether writes invalidate cached copies (so each write of a key forces a reload).
+    fn invalidates(&self) -> bool;
+
+    /// Reads row `key` on instance `instance`.
+    async fn read(&self, instance: usize, key: u64) -> Result<Row>;
+
+    /// Writes row `key` on instance `instance` through the app: DB commit, then the
+    /// strategy's invalidation. Returns the new version once both have returned.
+    async fn write(&self, instance: usize, key: u64, value: &str) -> Result<u64>;
+
+    /// The tier counters so far.
+    fn tier_counts(&self) -> TierCounts;
+
+    /// Stops background work and removes what the strategy stored outside the process.
+    async fn close(&self) -> Result<()>;
+}
+
+/// The strategies, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum)]
+pub enum StrategyKind {
+    /// Every read goes to the database.
+    None,
+    /// A per-instance moka cache with a 5 s TTL and no invalidation.
+    LocalTtl,
+    /// Cache-aside on one Redis: GET per read, DEL on write (needs `--redis`).
+    RedisGlobal,
+    /// Per-instance moka cache (24 h TTL) + invalidation broadcast, no fill guards, no
+    /// gap repair: the seed story's hand-written fix.
+    NearPubsub,
+    /// The strata library.
+    Strata,
+}
+
+impl StrategyKind {
+    /// Every strategy, in run order.
+    pub const ALL: [StrategyKind; 5] = [
+        StrategyKind::None,
+        StrategyKind::LocalTtl,
+        StrategyKind::RedisGlobal,
+        StrategyKind::NearPubsub,
+        StrategyKind::Strata,
+    ];
+
+    /// The name used in reports and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            StrategyKind::None => "none",
+            StrategyKind::LocalTtl => "local-ttl",
+            StrategyKind::RedisGlobal => "redis-global",
+            StrategyKind::NearPubsub => "near-pubsub",
+            StrategyKind::Strata => "strata",
+        }
+    }
+
+    /// Whether it can only run against a real Redis.
+    pub fn needs_redis(self) -> bool {
+        self == StrategyKind::RedisGlobal
+    }
+}
+
+impl fmt::Display for StrategyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What every strategy is built from.
+#[derive(Clone)]
+pub struct FleetConfig {
+    /// The database.
+    pub db: Arc<Db>,
+    /// The scenario.
+    pub scenario: Scenario,
+    /// Number of app instances.
+    pub instances: usize,
+    /// Local cache capacity per instance (entries).
+    pub capacity: u64,
+    /// `--redis`: the Redis URL, when given.
+    pub redis: Option<String>,
+    /// A prefix unique to this run, for keys, channels and namespaces in Redis.
+    pub run_id: String,
+    /// The seed (strata's jitter and early-refresh draws are seeded from it).
+    pub seed: u64,
+}
+
+/// TTL of the per-instance cache of `local-ttl` (the "Caffeine 5 s" baseline).
+pub const LOCAL_TTL: Duration = Duration::from_secs(5);
+/// TTL of the invalidated caches (`near-pubsub`, `strata`, `redis-global`): the seed
+/// story's 24 h safety net.
+pub const INVALIDATED_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Builds the fleet for `kind`.
+pub async fn build(kind: StrategyKind, cfg: &FleetConfig) -> Result<Arc<dyn Strategy>> {
+    Ok(match kind {
+        StrategyKind::None => Arc::new(NoCache::new(cfg)),
+        StrategyKind::LocalTtl => Arc::new(LocalTtl::new(cfg)),
+        StrategyKind::RedisGlobal => Arc::new(RedisGlobal::connect(cfg).await?),
+        StrategyKind::NearPubsub => Arc::new(NearPubSub::start(cfg).await?),
+        StrategyKind::Strata => Arc::new(StrataCache::start(cfg).await?),
+    })
+}

@@ -1,0 +1,139 @@
+//! Runs the `strata` binary for very short benches and checks what it reports.
+
+// Helpers outside #[test] functions are test code too.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+const DEFAULT_STRATEGIES: [&str; 4] = ["none", "local-ttl", "near-pubsub", "strata"];
+
+fn strata(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_strata")).args(args).output().expect("the strata binary runs")
+}
+
+fn short_bench(scenario: &str, dir: &Path) -> (Value, String) {
+    let json = dir.join(format!("{scenario}.json"));
+    let svg = dir.join(format!("{scenario}.svg"));
+    let out = strata(&[
+        "bench",
+        "--scenario",
+        scenario,
+        "--duration",
+        "2",
+        "--instances",
+        "3",
+        "--rate",
+        "300",
+        "--keys",
+        "200",
+        "--json",
+        json.to_str().unwrap(),
+        "--plot",
+        svg.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "strata bench failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains(scenario), "the plot is an SVG naming the scenario");
+    (report, stdout)
+}
+
+fn strategy<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["strategies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("strategy {name} missing from {report:#}"))
+}
+
+fn check_common(report: &Value, stdout: &str, scenario: &str) {
+    assert_eq!(report["scenario"], scenario);
+    assert_eq!(report["instances"], 3);
+    assert_eq!(report["duration_s"], 2.0);
+    assert!(report["requests"].as_u64().unwrap() > 300, "{report:#}");
+    let compulsory = report["compulsory_db_reads"].as_u64().unwrap();
+    assert!(compulsory > 0);
+    let names: Vec<&str> =
+        report["strategies"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, DEFAULT_STRATEGIES, "the embedded run has every strategy but redis-global, in order");
+    for name in DEFAULT_STRATEGIES {
+        let s = strategy(report, name);
+        for field in [
+            "db_reads",
+            "db_reads_per_s",
+            "db_writes_per_s",
+            "redis_ops_per_s",
+            "hit_rate",
+            "l1_hit_rate",
+            "l2_hit_rate",
+            "p50_us",
+            "p99_us",
+            "p999_us",
+            "stale_reads",
+            "max_stale_ms",
+        ] {
+            assert!(s[field].is_number(), "{name}.{field} missing: {s:#}");
+        }
+        assert_eq!(s["errors"], 0, "{name} had errors: {s:#}");
+        assert!(s["p50_us"].as_f64().unwrap() > 0.0);
+        assert!(s["p50_us"].as_f64().unwrap() <= s["p99_us"].as_f64().unwrap());
+        assert!(stdout.lines().any(|l| l.starts_with(name)), "{name} has a row in the table:\n{stdout}");
+    }
+    let none = strategy(report, "none");
+    let strata = strategy(report, "strata");
+    assert_eq!(none["stale_reads"], 0, "reads straight from the DB are never stale");
+    assert_eq!(none["hit_rate"], 0.0);
+    let none_reads = none["db_reads"].as_u64().unwrap();
+    let strata_reads = strata["db_reads"].as_u64().unwrap();
+    assert!(none_reads >= strata_reads, "none {none_reads} < strata {strata_reads} DB reads");
+    assert!(
+        strata_reads >= compulsory.saturating_sub(2),
+        "strata {strata_reads} below the bound {compulsory}"
+    );
+    assert!(strata["hit_rate"].as_f64().unwrap() > 0.5);
+    assert!(strata["redis_ops_per_s"].as_f64().unwrap() > 0.0, "strata's in-process tier ops are counted");
+}
+
+#[test]
+fn billsetting_short_bench() {
+    let dir = tempfile::tempdir().unwrap();
+    let (report, stdout) = short_bench("billsetting", dir.path());
+    check_common(&report, &stdout, "billsetting");
+    assert_eq!(strategy(&report, "strata")["stale_reads"], 0, "{report:#}");
+}
+
+#[test]
+fn payment_short_bench() {
+    let dir = tempfile::tempdir().unwrap();
+    let (report, stdout) = short_bench("payment", dir.path());
+    check_common(&report, &stdout, "payment");
+    assert!(report["writes"].as_u64().unwrap() > 0);
+    for name in DEFAULT_STRATEGIES {
+        let s = strategy(&report, name);
+        assert!(s["consumer_reads"].as_u64().unwrap() > 0, "{name}: {s:#}");
+        assert!(s["consumer_stale_reads"].as_u64().unwrap() <= s["consumer_reads"].as_u64().unwrap());
+    }
+    assert!(stdout.contains("consumer stale"));
+}
+
+#[test]
+fn redis_only_strategy_needs_redis() {
+    let out = strata(&["bench", "--strategies", "redis-global", "--duration", "1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs --redis"));
+}
+
+#[test]
+fn help_states_defaults_and_metrics() {
+    let out = strata(&["bench", "--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for needle in ["[default: 15]", "[default: 20]", "[default: 2000]", "compulsory", "hot loads/reload"] {
+        assert!(help.contains(needle), "--help lacks {needle:?}:\n{help}");
+    }
+}
