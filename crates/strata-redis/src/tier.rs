@@ -155,7 +155,9 @@ impl RedisTierBuilder {
     }
 
     /// Per-operation timeout (default 50 ms): each call gives up after it with an
-    /// error of kind `Timeout`, which the breaker counts as a failure.
+    /// error of kind `Timeout`, which the breaker counts as a failure. Keep it at or
+    /// below the cache's `l2_timeout`, so that this tier's counters and breaker see the
+    /// timeouts rather than the cache cancelling the call first.
     pub fn op_timeout(mut self, timeout: Duration) -> Self {
         self.op_timeout = timeout;
         self
