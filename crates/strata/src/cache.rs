@@ -22,7 +22,7 @@ use crate::clock::{ClockSource, Timestamp, duration_nanos};
 use crate::error::{BuildError, Error, ErrorKind, Result};
 use crate::guard::Guards;
 use crate::key::CacheKey;
-use crate::l1::{Entry, EntryWeighter, L1, Meta};
+use crate::l1::{Entry, EntryWeighter, L1, Meta, Tags};
 use crate::stats::{CacheStats, Stats};
 use crate::tier::{Envelope, FillOutcome, FillToken, Lookup, Tier};
 
@@ -175,9 +175,11 @@ pub(crate) struct Inner<K, V> {
     pub(crate) shutdown: watch::Receiver<bool>,
 }
 
-/// Where a read found its value.
+/// Where a read found its value. `Fresh` carries only the value, so the hit path moves
+/// as little as possible.
 enum Probe<V> {
-    Fresh(Entry<V>, bool),
+    /// The value, and whether XFetch asks for a background refresh.
+    Fresh(Option<V>, bool),
     Stale(Entry<V>),
     Absent,
 }
@@ -305,9 +307,9 @@ where
     pub fn get_local(&self, key: &K) -> Option<V> {
         let now = self.inner.clock.now();
         match self.inner.probe(key, now) {
-            Probe::Fresh(e, _) => {
+            Probe::Fresh(value, _) => {
                 self.inner.stats.l1_hits.incr();
-                e.value
+                value
             }
             _ => None,
         }
@@ -322,9 +324,9 @@ where
             inner.stats.bypassed_reads.incr();
             return Ok(None);
         }
-        if let Probe::Fresh(e, _) = inner.probe(key, now) {
+        if let Probe::Fresh(value, _) = inner.probe(key, now) {
             inner.stats.l1_hits.incr();
-            return Ok(e.value);
+            return Ok(value);
         }
         let start = inner.guards.start();
         let started_at = now;
@@ -377,12 +379,12 @@ where
             return inner.load_direct(loader).await;
         }
         let stale = match inner.probe(key, now) {
-            Probe::Fresh(e, refresh) => {
+            Probe::Fresh(value, refresh) => {
                 inner.stats.l1_hits.incr();
                 if refresh {
                     Inner::spawn_refresh(inner, key, loader);
                 }
-                return Ok(e.value);
+                return Ok(value);
             }
             Probe::Stale(e) => Some(e),
             Probe::Absent => None,
@@ -420,7 +422,7 @@ where
             inner.flights.detach(&key);
         });
         let start = inner.guards.start();
-        let entry = inner.make_entry(Some(value), version, now, 0, start, tags.clone(), false);
+        let entry = inner.make_entry(Some(value), now, 0, start, tags.clone(), false);
         inner.fill_l1(&key, entry, start, now);
         let mut first_err = None;
         if let (Some(tier), Some(bytes)) = (&inner.tier, encoded) {
@@ -445,16 +447,24 @@ where
         let inner = &self.inner;
         let now = inner.clock.now();
         let mut found = false;
-        if let Probe::Fresh(mut e, _) = inner.probe(key, now) {
+        if let Some(mut e) = inner
+            .l1
+            .peek(key)
+            .filter(|e| now < e.meta.fresh_until && inner.guards.valid(e.meta.fill_seq, e.tag_slice()))
+        {
             let ttl = inner.cfg.l1_ttl;
-            e.meta.fresh_until = now.add(ttl);
-            e.meta.usable_until = e.meta.fresh_until.add(inner.cfg.fail_safe_max.unwrap_or_default());
-            e.meta.refresh_from = inner.refresh_from(e.meta.fresh_until, e.meta.load_nanos);
+            e.meta.set_fresh_until(now.add(ttl));
+            e.meta.set_usable_until(e.meta.fresh_until.add(inner.cfg.fail_safe_max.unwrap_or_default()));
             let start = e.meta.fill_seq;
             let tags = e.tags.clone();
-            found = inner.guards.fill_if_clean(key, start, now, now, tags.as_deref().unwrap_or(&[]), || {
-                inner.l1.insert(key.clone(), e)
-            });
+            found = inner.guards.fill_if_clean(
+                key,
+                start,
+                now,
+                now,
+                tags.as_deref().map_or(&[], Vec::as_slice),
+                || inner.l1.insert(key.clone(), e),
+            );
         }
         if let Some(tier) = &inner.tier {
             let ttl = inner.cfg.l2_ttl;
@@ -550,6 +560,13 @@ where
         first_err.map_or(Ok(()), Err)
     }
 
+    /// Drops this instance's L1 copy of `key` without telling anyone (as a capacity
+    /// eviction would). Loads in flight are unaffected; use [`Cache::invalidate`] after a
+    /// write.
+    pub fn evict_local(&self, key: &K) {
+        self.inner.l1.remove(key);
+    }
+
     /// Retries buffered invalidations now; returns how many remain.
     pub async fn flush_pending(&self) -> usize {
         self.inner.retry_pending().await;
@@ -577,19 +594,17 @@ where
     #[inline]
     fn probe(&self, key: &K, now: Timestamp) -> Probe<V> {
         let Some(e) = self.l1.get(key) else { return Probe::Absent };
-        if !self.guards.valid(e.meta.fill_seq, e.tags.as_deref().unwrap_or(&[]))
-            || !self.within_max_stale(&e, now)
-        {
+        if !self.guards.valid(e.meta.fill_seq, e.tag_slice()) || !self.within_max_stale(&e, now) {
             return Probe::Absent;
         }
         if now < e.meta.fresh_until {
-            if e.meta.stale_copy {
+            if e.meta.is_stale_copy() {
                 self.stats.stale_served.incr();
             }
-            let refresh = now >= e.meta.refresh_from && self.xfetch_fires(&e.meta, now);
-            return Probe::Fresh(e, refresh);
+            let refresh = self.in_xfetch_window(&e.meta, now) && self.xfetch_fires(&e.meta, now);
+            return Probe::Fresh(e.value, refresh);
         }
-        if now < e.meta.usable_until { Probe::Stale(e) } else { Probe::Absent }
+        if now < e.meta.usable_until() { Probe::Stale(e) } else { Probe::Absent }
     }
 
     /// While the backplane has been unhealthy longer than `max_stale`, entries older
@@ -601,7 +616,7 @@ where
             return true;
         }
         let max = self.cfg.max_stale;
-        now.since(Timestamp(since)) <= max || now.since(e.meta.created) <= max
+        now.since(Timestamp(since)) <= max || now.since(e.meta.created()) <= max
     }
 
     #[cold]
@@ -609,20 +624,22 @@ where
         let beta = self.cfg.early_refresh_beta;
         let u: f64 = 1.0 - self.rng.lock().random::<f64>(); // (0, 1]
         let gap = meta.fresh_until.as_nanos().saturating_sub(now.as_nanos()) as f64;
-        let fires = -(meta.load_nanos as f64) * beta * u.ln() >= gap;
+        let fires = -(meta.load_nanos() as f64) * beta * u.ln() >= gap;
         if fires {
             self.stats.early_refresh_decisions.incr();
         }
         fires
     }
 
-    fn refresh_from(&self, fresh_until: Timestamp, load_nanos: u64) -> Timestamp {
-        let beta = self.cfg.early_refresh_beta;
-        if beta <= 0.0 || load_nanos == 0 {
-            return Timestamp(u64::MAX);
+    /// Whether `now` is close enough to expiry for XFetch to possibly fire: it fires with
+    /// probability `exp(-(expiry - now) / (Δβ))`, negligible beyond `XFETCH_HORIZON`·Δβ.
+    #[inline]
+    fn in_xfetch_window(&self, meta: &Meta, now: Timestamp) -> bool {
+        if meta.load_nanos() == 0 {
+            return false;
         }
-        let window = (load_nanos as f64 * beta * XFETCH_HORIZON).min(u64::MAX as f64) as u64;
-        Timestamp(fresh_until.as_nanos().saturating_sub(window))
+        let window = (meta.load_nanos() as f64 * self.cfg.early_refresh_beta * XFETCH_HORIZON) as u64;
+        now.as_nanos() >= meta.fresh_until.as_nanos().saturating_sub(window)
     }
 
     fn jittered(&self, ttl: Duration) -> Duration {
@@ -637,19 +654,18 @@ where
         self.backplane.is_some() && self.health.unhealthy_since.load(Ordering::Relaxed) != 0
     }
 
-    fn tags_of(&self, key: &K, value: &V) -> Option<Arc<[String]>> {
-        self.cfg.tags.as_ref().map(|f| f(key, value)).filter(|t| !t.is_empty()).map(Arc::from)
+    fn tags_of(&self, key: &K, value: &V) -> Option<Tags> {
+        self.cfg.tags.as_ref().map(|f| f(key, value)).filter(|t| !t.is_empty()).map(Arc::new)
     }
 
     #[allow(clippy::too_many_arguments)]
     fn make_entry(
         &self,
         value: Option<V>,
-        version: Option<u64>,
         now: Timestamp,
         load_nanos: u64,
         fill_seq: u64,
-        tags: Option<Arc<[String]>>,
+        tags: Option<Tags>,
         stale_copy: bool,
     ) -> Entry<V> {
         let base =
@@ -662,15 +678,18 @@ where
         let fresh_until = now.add(ttl);
         Entry {
             value,
-            meta: Meta {
-                version: version.unwrap_or(0),
-                created: now,
-                fresh_until,
-                usable_until: fresh_until.add(self.cfg.fail_safe_max.unwrap_or_default()),
-                refresh_from: self.refresh_from(fresh_until, load_nanos),
-                fill_seq,
-                load_nanos,
-                stale_copy,
+            meta: {
+                let mut m = Meta::new(
+                    now,
+                    fresh_until,
+                    fresh_until.add(self.cfg.fail_safe_max.unwrap_or_default()),
+                    fill_seq,
+                    load_nanos,
+                );
+                if stale_copy {
+                    m.mark_stale_copy();
+                }
+                m
             },
             tags,
         }
@@ -682,7 +701,7 @@ where
         version: Option<u64>,
         now: Timestamp,
         load_nanos: u64,
-        tags: Option<Arc<[String]>>,
+        tags: Option<Tags>,
     ) -> Envelope {
         let base =
             if value.is_some() { self.cfg.l2_ttl } else { self.cfg.negative_ttl.unwrap_or(self.cfg.l2_ttl) };
@@ -698,7 +717,7 @@ where
             soft_expiry,
             hard_expiry: soft_expiry.add(self.cfg.fail_safe_max.unwrap_or_default()),
             stamp: 0,
-            tags: tags.map(|t| t.to_vec()).unwrap_or_default(),
+            tags: tags.map(|t| t.as_ref().clone()).unwrap_or_default(),
             load_nanos,
         }
     }
@@ -724,25 +743,23 @@ where
     }
 
     /// Stores `entry` in L1 unless an invalidation since `start` forbids it, or the
-    /// backplane subscription is not live yet. Never replaces a newer row version.
+    /// backplane subscription is not live yet, or the cache is bypassed.
     pub(crate) fn fill_l1(&self, key: &K, entry: Entry<V>, start: u64, started_at: Timestamp) -> bool {
-        if !self.health.subscribed.load(Ordering::SeqCst) {
+        if !self.health.subscribed.load(Ordering::SeqCst) || self.untrusted.load(Ordering::SeqCst) {
             return false;
         }
         let now = self.now();
         let tags = entry.tags.clone();
-        let stored =
-            self.guards.fill_if_clean(key, start, started_at, now, tags.as_deref().unwrap_or(&[]), || {
-                if entry.meta.version != 0
-                    && let Some(cur) = self.l1.peek(key)
-                    && cur.meta.version > entry.meta.version
-                    && now < cur.meta.fresh_until
-                    && self.guards.valid(cur.meta.fill_seq, cur.tags.as_deref().unwrap_or(&[]))
-                {
-                    return;
-                }
+        let stored = self.guards.fill_if_clean(
+            key,
+            start,
+            started_at,
+            now,
+            tags.as_deref().map_or(&[], Vec::as_slice),
+            || {
                 self.l1.insert(key.clone(), entry);
-            });
+            },
+        );
         if !stored {
             self.stats.fills_rejected.incr();
         }
@@ -791,21 +808,22 @@ where
             }
         };
         let now = self.now();
-        let l1_fresh = now.add(self.jittered(self.cfg.l1_ttl));
+        let mut l1_ttl = self.jittered(self.cfg.l1_ttl);
+        if self.backplane_unhealthy() {
+            l1_ttl = l1_ttl.min(self.cfg.max_stale);
+        }
+        let l1_fresh = now.add(l1_ttl);
         let fresh_until = env.soft_expiry.min(l1_fresh);
         Some(Entry {
             value,
-            meta: Meta {
-                version: env.version.unwrap_or(0),
-                created: env.created,
+            meta: Meta::new(
+                env.created,
                 fresh_until,
-                usable_until: env.hard_expiry.max(fresh_until),
-                refresh_from: self.refresh_from(fresh_until, env.load_nanos),
-                fill_seq: start,
-                load_nanos: env.load_nanos,
-                stale_copy: false,
-            },
-            tags: (!env.tags.is_empty()).then(|| Arc::from(env.tags)),
+                env.hard_expiry.max(fresh_until),
+                start,
+                env.load_nanos,
+            ),
+            tags: (!env.tags.is_empty()).then(|| Arc::new(env.tags)),
         })
     }
 
@@ -924,6 +942,7 @@ where
 
         // The loader, with soft and hard timeouts.
         self.stats.loads.incr();
+        let load_began = std::time::Instant::now();
         let hard = self.cfg.hard_timeout;
         let load = tokio::time::timeout(hard, loader());
         tokio::pin!(load);
@@ -958,7 +977,13 @@ where
         let now = self.now();
         let result = match loaded {
             Ok(value) => {
-                let load_nanos = duration_nanos(now.since(started_at)).max(1);
+                // Δ for XFetch: precise for the system clock (its hit-path reading is
+                // coarse), the injected clock's view otherwise.
+                let took = match &self.clock {
+                    ClockSource::System(_) => load_began.elapsed(),
+                    ClockSource::Custom(_) => now.since(started_at),
+                };
+                let load_nanos = duration_nanos(took).max(1);
                 self.store_loaded(
                     &key,
                     &key_str,
@@ -1052,9 +1077,10 @@ where
         started_at: Timestamp,
     ) -> Result<Option<V>> {
         self.stats.stale_served.incr();
-        copy.meta.fresh_until = now.add(self.cfg.fail_safe_throttle).min(copy.meta.usable_until.max(now));
-        copy.meta.stale_copy = true;
-        copy.meta.refresh_from = Timestamp(u64::MAX);
+        let usable_until = copy.meta.usable_until();
+        copy.meta.set_fresh_until(now.add(self.cfg.fail_safe_throttle).min(usable_until.max(now)));
+        copy.meta.mark_stale_copy();
+        copy.meta.disable_early_refresh();
         let fill_seq = copy.meta.fill_seq.min(start);
         let value = copy.value.clone();
         self.fill_l1(key, copy, fill_seq, started_at);
@@ -1078,7 +1104,9 @@ where
         let now = self.now();
         let tags = value.as_ref().and_then(|v| self.tags_of(key, v));
         let version = value.as_ref().and_then(|v| self.cfg.version.as_ref().and_then(|f| f(v)));
-        if let (Some(tier), Some(token)) = (&self.tier, token) {
+        if let (Some(tier), Some(token)) = (&self.tier, token)
+            && !self.l2_delete_pending(key_str, tags.as_deref().map_or(&[], Vec::as_slice))
+        {
             let encoded = match &value {
                 Some(v) => match self.encode_checked(v) {
                     Ok(b) => Some(Some(b)),
@@ -1103,8 +1131,15 @@ where
                 }
             }
         }
-        let entry = self.make_entry(value, version, now, load_nanos, start, tags, false);
+        let entry = self.make_entry(value, now, load_nanos, start, tags, false);
         self.fill_l1(key, entry, start, started_at);
+    }
+
+    /// Whether an L2 invalidation covering this key failed and awaits retry: L2 holds no
+    /// tombstone for it then, so a fill could store a stale value there.
+    fn l2_delete_pending(&self, key_str: &str, tags: &[String]) -> bool {
+        let p = self.pending.lock();
+        p.l2_all || p.l2_keys.contains(key_str) || tags.iter().any(|t| p.l2_tags.contains(t))
     }
 
     /// Removes `key` from L1 under its tombstone.

@@ -18,8 +18,15 @@ use parking_lot::{Mutex, RwLock};
 use crate::clock::Timestamp;
 
 const SHARDS: usize = 64;
-/// Sweep a shard's expired tombstones once it holds this many.
+/// Sweep a shard's expired tombstones once it holds this many (at least).
 const SWEEP_AT: usize = 1024;
+
+/// One shard of tombstones. Expired ones are swept when the map has doubled since the
+/// last sweep, so sweeping stays amortised O(1) per invalidation.
+struct Tombstones<K> {
+    map: HashMap<K, (u64, Timestamp)>,
+    sweep_at: usize,
+}
 
 pub(crate) struct Guards<K> {
     /// The local invalidation clock. SeqCst with the epochs below so that a load that
@@ -30,7 +37,7 @@ pub(crate) struct Guards<K> {
     tag_epochs: RwLock<HashMap<String, u64>>,
     /// Tombstones; the shard lock also serialises "check guards then insert into L1"
     /// against "tombstone then evict", which is what makes the L1 guard airtight.
-    shards: Box<[Mutex<HashMap<K, (u64, Timestamp)>>]>,
+    shards: Box<[Mutex<Tombstones<K>>]>,
     hasher: std::collections::hash_map::RandomState,
     tombstone_ttl: Duration,
 }
@@ -42,7 +49,9 @@ impl<K: Hash + Eq + Clone> Guards<K> {
             namespace_epoch: AtomicU64::new(0),
             has_tag_epochs: AtomicBool::new(false),
             tag_epochs: RwLock::new(HashMap::new()),
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(Tombstones { map: HashMap::new(), sweep_at: SWEEP_AT }))
+                .collect(),
             hasher: Default::default(),
             tombstone_ttl,
         }
@@ -57,7 +66,7 @@ impl<K: Hash + Eq + Clone> Guards<K> {
         self.seq.fetch_add(1, Ordering::SeqCst) + 1
     }
 
-    fn shard(&self, key: &K) -> &Mutex<HashMap<K, (u64, Timestamp)>> {
+    fn shard(&self, key: &K) -> &Mutex<Tombstones<K>> {
         let i = (self.hasher.hash_one(key) as usize) % SHARDS;
         &self.shards[i]
     }
@@ -66,10 +75,11 @@ impl<K: Hash + Eq + Clone> Guards<K> {
     pub(crate) fn invalidate_key(&self, key: &K, now: Timestamp, evict: impl FnOnce()) {
         let mut shard = self.shard(key).lock();
         let at = self.advance();
-        if shard.len() >= SWEEP_AT {
-            shard.retain(|_, (_, exp)| *exp > now);
+        if shard.map.len() >= shard.sweep_at {
+            shard.map.retain(|_, (_, exp)| *exp > now);
+            shard.sweep_at = (shard.map.len() * 2).max(SWEEP_AT);
         }
-        shard.insert(key.clone(), (at, now.add(self.tombstone_ttl)));
+        shard.map.insert(key.clone(), (at, now.add(self.tombstone_ttl)));
         evict();
     }
 
@@ -89,7 +99,7 @@ impl<K: Hash + Eq + Clone> Guards<K> {
             return false;
         }
         let shard = self.shard(key).lock();
-        if shard.get(key).is_some_and(|(at, exp)| *at > start && *exp > now) {
+        if shard.map.get(key).is_some_and(|(at, exp)| *at > start && *exp > now) {
             return false;
         }
         if !self.valid(start, tags) {
