@@ -20,6 +20,8 @@ use crate::key::CacheKey;
 const MISSED_HEARTBEATS: u32 = 3;
 /// Origins not heard from for this many heartbeat intervals are forgotten.
 const FORGET_AFTER_HEARTBEATS: u32 = 60;
+/// Gaps longer than this are repaired by a flush without asking for a replay.
+const MAX_REPLAY: u64 = 10_000;
 /// How often buffered invalidations are retried, at the most.
 const RETRY_EVERY: Duration = Duration::from_millis(100);
 /// How often counters are pushed to the `metrics` recorder.
@@ -138,7 +140,6 @@ struct Listener<K, V> {
     inner: Arc<Inner<K, V>>,
     bp: Arc<dyn Backplane>,
     origins: HashMap<OriginId, OriginState>,
-    subscribed_at: Timestamp,
     disconnected: bool,
 }
 
@@ -148,13 +149,7 @@ where
     V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
 {
     let mut stop = inner.shutdown.clone();
-    let mut l = Listener {
-        inner: inner.clone(),
-        bp,
-        origins: HashMap::new(),
-        subscribed_at: Timestamp(0),
-        disconnected: false,
-    };
+    let mut l = Listener { inner: inner.clone(), bp, origins: HashMap::new(), disconnected: false };
     let mut backoff = Duration::from_millis(10);
     loop {
         let sub = tokio::select! {
@@ -178,9 +173,8 @@ where
         // Whatever was published before this subscription could not reach us: start from
         // a clean L1, and refuse the fills of loads that began before it.
         l.inner.flush_l1();
-        l.subscribed_at = inner.now();
         l.disconnected = false;
-        inner.health.last_own_heartbeat.store(l.subscribed_at.as_nanos(), Ordering::SeqCst);
+        inner.health.last_own_heartbeat.store(inner.now().as_nanos(), Ordering::SeqCst);
         inner.health.unhealthy_since.store(0, Ordering::SeqCst);
         inner.health.subscribed.store(true, Ordering::SeqCst);
         loop {
@@ -263,7 +257,6 @@ where
     /// Sequence bookkeeping: a jump means missed messages, which are replayed or, if the
     /// backplane cannot, answered with a flush.
     async fn track(&mut self, origin: OriginId, seq: u64, heartbeat: bool, now: Timestamp) {
-        let grace = self.inner.cfg.heartbeat_interval * 2;
         let (from, to) = match self.origins.get_mut(&origin) {
             Some(o) => {
                 o.last_heard = now;
@@ -279,13 +272,15 @@ where
             }
             None => {
                 self.origins.insert(origin, OriginState { last_seq: seq, last_heard: now });
-                // First contact. Early after subscribing, earlier messages predate us
-                // (and L1 was flushed then). Later, an origin that publishes without our
-                // having heard its heartbeats means we missed something.
-                if heartbeat || seq <= 1 || now.since(self.subscribed_at) <= grace {
+                // First contact: we cannot tell which of this origin's earlier messages
+                // were published after we subscribed, so whatever came before this one
+                // is treated as missed (replayed, or flushed). An origin that has sent
+                // nothing yet (its first heartbeat carries 0) costs nothing.
+                let missing_to = if heartbeat { seq } else { seq.saturating_sub(1) };
+                if missing_to == 0 {
                     return;
                 }
-                (1, seq.saturating_sub(1))
+                (1, missing_to)
             }
         };
         self.repair(origin, from, to).await;
@@ -294,11 +289,15 @@ where
     async fn repair(&mut self, origin: OriginId, from: u64, to: u64) {
         let inner = self.inner.clone();
         inner.stats.gaps_detected.incr();
-        let replay = tokio::time::timeout(inner.backplane_timeout(), self.bp.replay(origin, from, to))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .flatten();
+        let replay = if to - from < MAX_REPLAY {
+            tokio::time::timeout(inner.backplane_timeout(), self.bp.replay(origin, from, to))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .flatten()
+        } else {
+            None
+        };
         match replay {
             Some(messages) => {
                 let now = inner.now();

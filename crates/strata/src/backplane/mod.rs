@@ -9,7 +9,7 @@
 
 mod in_process;
 
-pub use in_process::{FaultControl, InProcessBackplane};
+pub use in_process::{FaultControl, InProcessBackplane, Mode};
 
 use async_trait::async_trait;
 use bytes::Bytes;
