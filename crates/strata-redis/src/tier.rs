@@ -806,7 +806,7 @@ impl Tier for RedisTier {
     }
 
     async fn touch(&self, namespace: &str, key: &str, soft_expiry: Timestamp, ttl: Duration) -> Result<bool> {
-        let hard = self.inner.clock.now().add(ttl);
+        let hard = self.inner.clock.now().saturating_add(ttl);
         let ns = NsKeys::new(&self.inner.prefix, namespace);
         let mut inv = self.inner.scripts.touch.prepare_invoke();
         inv.key(ns.entry(key)).key(ns.meta()).arg(soft_expiry.0).arg(hard.0).arg(millis_at_least_one(ttl));

@@ -32,8 +32,8 @@ fn envelope(value: &str, tags: &[&str], soft_in: Duration, hard_in: Duration) ->
         value: Some(Bytes::copy_from_slice(value.as_bytes())),
         version: Some(7),
         created: t,
-        soft_expiry: t.add(soft_in),
-        hard_expiry: t.add(hard_in),
+        soft_expiry: t.saturating_add(soft_in),
+        hard_expiry: t.saturating_add(hard_in),
         stamp: 0,
         tags: tags.iter().map(|s| (*s).to_owned()).collect(),
         load_nanos: 1234,
@@ -239,14 +239,17 @@ async fn conformance(tier: &dyn Tier, label: &str) {
         tier.fill("touch", "s", envelope("s", &[], short, short), short, &t).await.unwrap(),
         FillOutcome::Stored
     );
-    let new_soft = now().add(Duration::from_secs(30));
+    let new_soft = now().saturating_add(Duration::from_secs(30));
     assert!(tier.touch("touch", "s", new_soft, Duration::from_secs(30)).await.unwrap(), "{label}: touch");
     assert!(!tier.touch("touch", "missing", new_soft, TTL).await.unwrap(), "{label}: touch missing");
     tokio::time::sleep(Duration::from_millis(600)).await;
     match tier.lookup("touch", "s", None).await.unwrap() {
         Lookup::Hit(e) => {
             assert_eq!(e.soft_expiry, new_soft, "{label}: touched soft expiry");
-            assert!(e.hard_expiry > now().add(Duration::from_secs(20)), "{label}: touched hard expiry");
+            assert!(
+                e.hard_expiry > now().saturating_add(Duration::from_secs(20)),
+                "{label}: touched hard expiry"
+            );
         }
         other => panic!("{label}: touched entry should live, got {other:?}"),
     }
@@ -377,7 +380,7 @@ async fn tier_undecodable_entries_are_deleted_misses() {
     let server = RedisServer::start();
     let tier = redis_tier(&server, "bad").await;
     let mut raw = raw_conn(&server).await;
-    let far = now().add(Duration::from_secs(3600)).0.to_string();
+    let far = now().saturating_add(Duration::from_secs(3600)).0.to_string();
     // A current stamp, so that the garbage is valid as far as the clock goes.
     let stamp = token(&tier.lookup("ns", "probe", None).await.unwrap()).stamp;
 

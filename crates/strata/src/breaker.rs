@@ -236,7 +236,7 @@ impl CircuitBreaker {
         let jitter =
             if self.config.jitter > 0.0 { rand::rng().random_range(0.0..=self.config.jitter) } else { 0.0 };
         let cool = self.config.open_for.mul_f64(1.0 + jitter);
-        w.reopen_at = self.clock.now().add(cool);
+        w.reopen_at = self.clock.now().saturating_add(cool);
         w.probe_in_flight = false;
         self.state.store(OPEN, Ordering::Release);
         metrics::counter!("strata_breaker_opened_total", "endpoint" => self.name.clone()).increment(1);

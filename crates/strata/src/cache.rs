@@ -96,8 +96,12 @@ struct Flight<V> {
 
 const FLIGHT_SHARDS: usize = 32;
 
+type FlightShard<K, V> = Mutex<HashMap<K, Flight<V>>>;
+/// Handed to the caller that starts a load: its id and the sender for the result.
+type Lead<V> = Option<(u64, watch::Sender<Shared<V>>)>;
+
 pub(crate) struct Flights<K, V> {
-    shards: Box<[Mutex<HashMap<K, Flight<V>>>]>,
+    shards: Box<[FlightShard<K, V>]>,
     hasher: std::collections::hash_map::RandomState,
     next_id: AtomicU64,
 }
@@ -111,12 +115,12 @@ impl<K: Hash + Eq + Clone, V> Flights<K, V> {
         }
     }
 
-    fn shard(&self, key: &K) -> &Mutex<HashMap<K, Flight<V>>> {
+    fn shard(&self, key: &K) -> &FlightShard<K, V> {
         &self.shards[(self.hasher.hash_one(key) as usize) % FLIGHT_SHARDS]
     }
 
     /// Joins the load of `key` in flight, or registers a new one and returns its sender.
-    fn join_or_lead(&self, key: &K) -> (watch::Receiver<Shared<V>>, Option<(u64, watch::Sender<Shared<V>>)>) {
+    fn join_or_lead(&self, key: &K) -> (watch::Receiver<Shared<V>>, Lead<V>) {
         let mut shard = self.shard(key).lock();
         if let Some(f) = shard.get(key) {
             return (f.rx.clone(), None);
@@ -331,13 +335,13 @@ where
         let start = inner.guards.start();
         let started_at = now;
         let key_str = key.to_key_string();
-        if let Some(Lookup::Hit(env)) = inner.l2_lookup(&key_str, None).await {
-            if let Some(entry) = inner.entry_from_envelope(&key_str, env, start).await {
-                inner.stats.l2_hits.incr();
-                let value = entry.value.clone();
-                inner.fill_l1(key, entry, start, started_at);
-                return Ok(value);
-            }
+        if let Some(Lookup::Hit(env)) = inner.l2_lookup(&key_str, None).await
+            && let Some(entry) = inner.entry_from_envelope(&key_str, env, start).await
+        {
+            inner.stats.l2_hits.incr();
+            let value = entry.value.clone();
+            inner.fill_l1(key, entry, start, started_at);
+            return Ok(value);
         }
         inner.stats.misses.incr();
         Ok(None)
@@ -453,8 +457,10 @@ where
             .filter(|e| now < e.meta.fresh_until && inner.guards.valid(e.meta.fill_seq, e.tag_slice()))
         {
             let ttl = inner.cfg.l1_ttl;
-            e.meta.set_fresh_until(now.add(ttl));
-            e.meta.set_usable_until(e.meta.fresh_until.add(inner.cfg.fail_safe_max.unwrap_or_default()));
+            e.meta.set_fresh_until(now.saturating_add(ttl));
+            e.meta.set_usable_until(
+                e.meta.fresh_until.saturating_add(inner.cfg.fail_safe_max.unwrap_or_default()),
+            );
             let start = e.meta.fill_seq;
             let tags = e.tags.clone();
             found = inner.guards.fill_if_clean(
@@ -468,7 +474,7 @@ where
         }
         if let Some(tier) = &inner.tier {
             let ttl = inner.cfg.l2_ttl;
-            let soft = now.add(ttl);
+            let soft = now.saturating_add(ttl);
             let hard_ttl = ttl + inner.cfg.fail_safe_max.unwrap_or_default();
             let key_str = key.to_key_string();
             match inner.l2_call("touch", tier.touch(&inner.cfg.namespace, &key_str, soft, hard_ttl)).await {
@@ -675,14 +681,14 @@ where
             // Invalidations may not reach us: keep what we load now only briefly.
             ttl = ttl.min(self.cfg.max_stale);
         }
-        let fresh_until = now.add(ttl);
+        let fresh_until = now.saturating_add(ttl);
         Entry {
             value,
             meta: {
                 let mut m = Meta::new(
                     now,
                     fresh_until,
-                    fresh_until.add(self.cfg.fail_safe_max.unwrap_or_default()),
+                    fresh_until.saturating_add(self.cfg.fail_safe_max.unwrap_or_default()),
                     fill_seq,
                     load_nanos,
                 );
@@ -709,13 +715,13 @@ where
         if self.backplane_unhealthy() {
             ttl = ttl.min(self.cfg.max_stale);
         }
-        let soft_expiry = now.add(ttl);
+        let soft_expiry = now.saturating_add(ttl);
         Envelope {
             value,
             version,
             created: now,
             soft_expiry,
-            hard_expiry: soft_expiry.add(self.cfg.fail_safe_max.unwrap_or_default()),
+            hard_expiry: soft_expiry.saturating_add(self.cfg.fail_safe_max.unwrap_or_default()),
             stamp: 0,
             tags: tags.map(|t| t.as_ref().clone()).unwrap_or_default(),
             load_nanos,
@@ -812,7 +818,7 @@ where
         if self.backplane_unhealthy() {
             l1_ttl = l1_ttl.min(self.cfg.max_stale);
         }
-        let l1_fresh = now.add(l1_ttl);
+        let l1_fresh = now.saturating_add(l1_ttl);
         let fresh_until = env.soft_expiry.min(l1_fresh);
         Some(Entry {
             value,
@@ -1078,7 +1084,7 @@ where
     ) -> Result<Option<V>> {
         self.stats.stale_served.incr();
         let usable_until = copy.meta.usable_until();
-        copy.meta.set_fresh_until(now.add(self.cfg.fail_safe_throttle).min(usable_until.max(now)));
+        copy.meta.set_fresh_until(now.saturating_add(self.cfg.fail_safe_throttle).min(usable_until.max(now)));
         copy.meta.mark_stale_copy();
         copy.meta.disable_early_refresh();
         let fill_seq = copy.meta.fill_seq.min(start);

@@ -33,13 +33,13 @@ impl Timestamp {
 
     /// `self + d`, saturating.
     #[must_use]
-    pub fn add(self, d: Duration) -> Self {
+    pub fn saturating_add(self, d: Duration) -> Self {
         Timestamp(self.0.saturating_add(duration_nanos(d)))
     }
 
     /// `self - d`, saturating at zero.
     #[must_use]
-    pub fn sub(self, d: Duration) -> Self {
+    pub fn saturating_sub(self, d: Duration) -> Self {
         Timestamp(self.0.saturating_sub(duration_nanos(d)))
     }
 

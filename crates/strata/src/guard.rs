@@ -79,7 +79,7 @@ impl<K: Hash + Eq + Clone> Guards<K> {
             shard.map.retain(|_, (_, exp)| *exp > now);
             shard.sweep_at = (shard.map.len() * 2).max(SWEEP_AT);
         }
-        shard.map.insert(key.clone(), (at, now.add(self.tombstone_ttl)));
+        shard.map.insert(key.clone(), (at, now.saturating_add(self.tombstone_ttl)));
         evict();
     }
 

@@ -47,6 +47,8 @@ impl Db {
     }
 }
 
+type BoxedLoad = std::pin::Pin<Box<dyn Future<Output = Result<Option<String>, io::Error>> + Send>>;
+
 /// A loader that reads the row when it starts, signals `started`, then waits for a
 /// permit on `gate` before returning what it read: a slow database read.
 fn slow_loader(
@@ -54,9 +56,7 @@ fn slow_loader(
     k: u64,
     started: Arc<Notify>,
     gate: Arc<Semaphore>,
-) -> impl FnOnce() -> std::pin::Pin<Box<dyn Future<Output = Result<Option<String>, io::Error>> + Send>>
-+ Send
-+ 'static {
+) -> impl FnOnce() -> BoxedLoad + Send + 'static {
     let db = db.clone();
     move || {
         Box::pin(async move {
@@ -420,10 +420,10 @@ async fn xfetch_rate(gap_in_deltas: f64, hits: usize) -> f64 {
         .await
         .expect("load");
     // The entry expires `ttl` after the load finished.
-    let expiry = clock.now().add(ttl);
-    clock.set(expiry.sub(delta.mul_f64(gap_in_deltas)));
+    let expiry = clock.now().saturating_add(ttl);
+    clock.set(expiry.saturating_sub(delta.mul_f64(gap_in_deltas)));
     for _ in 0..hits {
-        let v = cache.get_or_load(&1, || std::future::pending::<Result<Option<String>, io::Error>>()).await;
+        let v = cache.get_or_load(&1, std::future::pending::<Result<Option<String>, io::Error>>).await;
         assert_eq!(v.expect("hit").as_deref(), Some("v"));
     }
     let s = cache.stats();
@@ -434,8 +434,8 @@ async fn xfetch_rate(gap_in_deltas: f64, hits: usize) -> f64 {
 #[tokio::test]
 async fn early_refresh_fires_at_the_rate_the_xfetch_formula_gives() {
     let n = 20_000;
-    for gap in [0.5, 1.0, 3.0] {
-        let expected = (-gap as f64).exp();
+    for gap in [0.5_f64, 1.0, 3.0] {
+        let expected = (-gap).exp();
         let got = xfetch_rate(gap, n).await;
         let sigma = (expected * (1.0 - expected) / n as f64).sqrt();
         eprintln!("xfetch: gap = {gap}·Δβ: expected rate {expected:.4}, measured {got:.4} (σ {sigma:.4})");
@@ -803,8 +803,8 @@ async fn an_undecodable_l2_entry_is_a_counted_miss_and_is_evicted() {
         value: Some(bytes::Bytes::from_static(&[0xff, 0xff, 0xff, 0xff, 0xff])),
         version: None,
         created: strata::SystemClock::default().now(),
-        soft_expiry: strata::SystemClock::default().now().add(Duration::from_secs(60)),
-        hard_expiry: strata::SystemClock::default().now().add(Duration::from_secs(60)),
+        soft_expiry: strata::SystemClock::default().now().saturating_add(Duration::from_secs(60)),
+        hard_expiry: strata::SystemClock::default().now().saturating_add(Duration::from_secs(60)),
         stamp: 0,
         tags: vec![],
         load_nanos: 0,

@@ -179,7 +179,7 @@ impl Tier for InProcessTier {
                     Some((_, exp)) if *exp > now => FillToken { stamp, lease: None, leader: false },
                     _ => {
                         let id = next_lease.fetch_add(1, Ordering::Relaxed);
-                        ns.leases.insert(key.to_owned(), (id, now.add(lease_ttl)));
+                        ns.leases.insert(key.to_owned(), (id, now.saturating_add(lease_ttl)));
                         FillToken { stamp, lease: Some(id), leader: true }
                     }
                 },
@@ -208,20 +208,20 @@ impl Tier for InProcessTier {
             if tombstoned || !ns.valid(&envelope) {
                 return FillOutcome::Rejected;
             }
-            ns.entries.insert(key.to_owned(), (envelope, now.add(ttl)));
+            ns.entries.insert(key.to_owned(), (envelope, now.saturating_add(ttl)));
             FillOutcome::Stored
         }))
     }
 
     async fn set(&self, namespace: &str, key: &str, mut envelope: Envelope, ttl: Duration) -> Result<()> {
         let now = self.enter()?;
-        let tomb_exp = now.add(self.inner.config.tombstone_ttl);
+        let tomb_exp = now.saturating_add(self.inner.config.tombstone_ttl);
         self.with_ns(namespace, |ns| {
             let at = ns.tick();
             ns.leases.remove(key);
             ns.tombstones.insert(key.to_owned(), (at, tomb_exp));
             envelope.stamp = at;
-            ns.entries.insert(key.to_owned(), (envelope, now.add(ttl)));
+            ns.entries.insert(key.to_owned(), (envelope, now.saturating_add(ttl)));
             ns.prune(now);
         });
         Ok(())
@@ -229,7 +229,7 @@ impl Tier for InProcessTier {
 
     async fn delete(&self, namespace: &str, keys: &[String]) -> Result<()> {
         let now = self.enter()?;
-        let tomb_exp = now.add(self.inner.config.tombstone_ttl);
+        let tomb_exp = now.saturating_add(self.inner.config.tombstone_ttl);
         self.with_ns(namespace, |ns| {
             let at = ns.tick();
             for k in keys {
@@ -271,8 +271,8 @@ impl Tier for InProcessTier {
             }
             if let Some((env, exp)) = ns.entries.get_mut(key) {
                 env.soft_expiry = soft_expiry;
-                env.hard_expiry = now.add(ttl);
-                *exp = now.add(ttl);
+                env.hard_expiry = now.saturating_add(ttl);
+                *exp = now.saturating_add(ttl);
             }
             true
         }))
