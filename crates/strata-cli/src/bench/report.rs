@@ -37,8 +37,10 @@ pub struct BenchReport {
     pub redis: Option<String>,
     /// Requests in the schedule (consumer reads not included).
     pub requests: u64,
-    /// Reads in the schedule, consumer reads included.
+    /// UI-like reads in the schedule.
     pub reads: u64,
+    /// Reads of the downstream consumer (one per write, `payment` only).
+    pub consumer_reads: u64,
     /// Writes in the schedule.
     pub writes: u64,
     /// Minimum DB reads of a perfect fleet-shared cache (see `--help`).
@@ -116,6 +118,11 @@ pub struct StrategyReport {
     pub errors: u64,
     /// The first failure, if any.
     pub first_error: Option<String>,
+    /// Delay from the scheduled start to the start of the request's task (the runner's
+    /// share of every latency), 50th percentile, microseconds.
+    pub start_delay_p50_us: f64,
+    /// The same, 99th percentile.
+    pub start_delay_p99_us: f64,
     /// Worst lateness of the dispatcher, microseconds.
     pub max_dispatch_lag_us: f64,
     /// Seconds from the first scheduled request to the last completion.
@@ -152,6 +159,7 @@ impl BenchReport {
             redis: redis.map(str::to_owned),
             requests: schedule.requests.len() as u64,
             reads: schedule.reads(),
+            consumer_reads: schedule.consumer_reads(),
             writes: schedule.writes(),
             compulsory_db_reads: compulsory,
             compulsory_db_reads_per_s: compulsory as f64 / duration_s,
@@ -169,20 +177,31 @@ impl BenchReport {
         )
     }
 
+    /// The schedule's totals and the compulsory bound in one line.
+    pub fn workload(&self) -> String {
+        let consumer = if self.consumer_reads > 0 {
+            format!(
+                ", each write followed by a consumer read on another instance: {} more reads",
+                self.consumer_reads
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            "{} requests ({} reads, {} writes{consumer}); compulsory DB reads {} ({:.1}/s)",
+            self.requests, self.reads, self.writes, self.compulsory_db_reads, self.compulsory_db_reads_per_s,
+        )
+    }
+
     /// What is about to run, for stderr.
     pub fn headline(&self) -> String {
         format!(
-            "strata bench {}: {}\n  database: {}{}\n  schedule: {} requests ({} reads incl. consumer, {} writes); \
-             compulsory DB reads {} ({:.1}/s)",
+            "strata bench {}: {}\n  database: {}{}\n  schedule: {}",
             self.scenario,
             self.parameters(),
             self.database,
             self.redis.as_deref().map(|r| format!(", redis: {r}")).unwrap_or_default(),
-            self.requests,
-            self.reads,
-            self.writes,
-            self.compulsory_db_reads,
-            self.compulsory_db_reads_per_s,
+            self.workload(),
         )
     }
 
@@ -239,12 +258,8 @@ impl BenchReport {
         let _ = writeln!(out, "# strata bench {}: {}", self.scenario, self.parameters());
         let _ = writeln!(
             out,
-            "# {} requests ({} reads, {} writes); compulsory DB reads {} ({:.1}/s); database: {}{}",
-            self.requests,
-            self.reads,
-            self.writes,
-            self.compulsory_db_reads,
-            self.compulsory_db_reads_per_s,
+            "# {}; database: {}{}",
+            self.workload(),
             self.database,
             self.redis.as_deref().map(|r| format!("; redis: {r}")).unwrap_or_default(),
         );
@@ -266,6 +281,18 @@ impl BenchReport {
                 let total = widths.iter().sum::<usize>() + 2 * (widths.len() - 1);
                 let _ = writeln!(out, "{}", "-".repeat(total));
             }
+        }
+        if let (Some(p50), Some(p99)) = (
+            self.strategies.iter().map(|s| s.start_delay_p50_us).reduce(f64::max),
+            self.strategies.iter().map(|s| s.start_delay_p99_us).reduce(f64::max),
+        ) {
+            let _ = writeln!(
+                out,
+                "# latencies are from the scheduled start and include the runner's start delay \
+                 (scheduled time -> task running): p50 <= {} us, p99 <= {} us",
+                latency(p50),
+                latency(p99)
+            );
         }
         out
     }
@@ -334,6 +361,8 @@ impl StrategyReport {
             dropped_requests: outcome.dropped,
             errors: outcome.errors,
             first_error: outcome.first_error.clone(),
+            start_delay_p50_us: us(&outcome.start_delay, 0.5),
+            start_delay_p99_us: us(&outcome.start_delay, 0.99),
             max_dispatch_lag_us: outcome.max_dispatch_lag.as_secs_f64() * 1e6,
             elapsed_s: outcome.elapsed.as_secs_f64(),
         }

@@ -67,6 +67,9 @@ pub struct Outcome {
     pub read_latency: Histogram<u64>,
     /// Latency of writes (commit + invalidation), nanoseconds from the scheduled start.
     pub write_latency: Histogram<u64>,
+    /// Delay from the scheduled start to the moment the request's task began to run,
+    /// nanoseconds: the runner's own share of every latency (thread wake-ups, lag).
+    pub start_delay: Histogram<u64>,
     /// Writes that completed.
     pub writes: u64,
     /// Staleness of UI-like reads.
@@ -101,6 +104,7 @@ struct Shared {
     values: [&'static str; 4],
     read_latency: Mutex<Histogram<u64>>,
     write_latency: Mutex<Histogram<u64>>,
+    start_delay: Mutex<Histogram<u64>>,
     writes: AtomicU64,
     ui: Mutex<Staleness>,
     consumer: Mutex<Staleness>,
@@ -134,8 +138,14 @@ impl Shared {
     }
 
     /// One read of `key` on `instance`, measured from `due`.
+    fn started(&self, due: Instant) -> Instant {
+        let now = Instant::now();
+        self.start_delay.lock().saturating_record(nanos(now.saturating_duration_since(due)));
+        now
+    }
+
     async fn read(&self, instance: u32, key: u64, due: Instant, consumer: bool) {
-        let start = self.ledger.start(key, Instant::now());
+        let start = self.ledger.start(key, self.started(due));
         let result = self.strategy.read(instance as usize, key).await;
         let end = Instant::now();
         self.done(end);
@@ -162,6 +172,7 @@ impl Shared {
         due: Instant,
         permit: OwnedSemaphorePermit,
     ) {
+        self.started(due);
         let text = self.values.get(usize::from(value)).copied().unwrap_or("basic");
         let result = self.strategy.write(req.instance as usize, req.key, text).await;
         let end = Instant::now();
@@ -200,6 +211,7 @@ pub async fn run(
         values: config.values,
         read_latency: Mutex::new(histogram()?),
         write_latency: Mutex::new(histogram()?),
+        start_delay: Mutex::new(histogram()?),
         writes: AtomicU64::new(0),
         ui: Mutex::new(Staleness::default()),
         consumer: Mutex::new(Staleness::default()),
@@ -267,6 +279,7 @@ pub async fn run(
     let outcome = Outcome {
         read_latency: shared.read_latency.lock().clone(),
         write_latency: shared.write_latency.lock().clone(),
+        start_delay: shared.start_delay.lock().clone(),
         writes: shared.writes.load(Ordering::SeqCst),
         ui: *shared.ui.lock(),
         consumer: *shared.consumer.lock(),

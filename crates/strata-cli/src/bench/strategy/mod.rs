@@ -12,7 +12,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use async_trait::async_trait;
 
 pub use local_ttl::LocalTtl;
@@ -145,4 +145,34 @@ pub async fn build(kind: StrategyKind, cfg: &FleetConfig) -> Result<Arc<dyn Stra
         StrategyKind::NearPubsub => Arc::new(NearPubSub::start(cfg).await?),
         StrategyKind::Strata => Arc::new(StrataCache::start(cfg).await?),
     })
+}
+
+/// Removes every Redis key under `prefix` (the run's tier entries and stream).
+pub async fn delete_prefix(url: &str, prefix: &str) -> Result<()> {
+    let client = redis::Client::open(url).with_context(|| format!("bad Redis URL {url}"))?;
+    let mut conn = client.get_multiplexed_async_connection().await.context("cannot connect to Redis")?;
+    let pattern = format!("{prefix}*");
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+            .context("Redis SCAN failed during cleanup")?;
+        if !keys.is_empty() {
+            redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async::<i64>(&mut conn)
+                .await
+                .context("Redis UNLINK failed")?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
 }

@@ -9,13 +9,14 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use async_trait::async_trait;
 
-use super::{FleetConfig, INVALIDATED_TTL, Strategy, TierCounts};
+use super::{FleetConfig, INVALIDATED_TTL, Strategy, TierCounts, delete_prefix};
 use crate::bench::db::{Db, Row};
 
 /// Cache-aside on one Redis shared by the fleet (instances differ only by name).
 pub struct RedisGlobal {
     db: Arc<Db>,
     conn: redis::aio::ConnectionManager,
+    url: String,
     prefix: String,
     ops: AtomicU64,
     hits: AtomicU64,
@@ -33,6 +34,7 @@ impl RedisGlobal {
         Ok(RedisGlobal {
             db: cfg.db.clone(),
             conn,
+            url: url.to_owned(),
             prefix: format!("{}:redis-global:", cfg.run_id),
             ops: AtomicU64::new(0),
             hits: AtomicU64::new(0),
@@ -106,26 +108,6 @@ impl Strategy for RedisGlobal {
 
     async fn close(&self) -> Result<()> {
         // Remove this run's keys (not counted: cleanup is not part of the workload).
-        let mut conn = self.conn.clone();
-        let pattern = format!("{}*", self.prefix);
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .context("Redis SCAN failed during cleanup")?;
-            if !keys.is_empty() {
-                redis::cmd("UNLINK").arg(&keys).query_async::<i64>(&mut conn).await?;
-            }
-            if next == 0 {
-                return Ok(());
-            }
-            cursor = next;
-        }
+        delete_prefix(&self.url, &self.prefix).await
     }
 }

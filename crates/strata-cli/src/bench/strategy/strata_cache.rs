@@ -1,21 +1,25 @@
 //! `strata`: the library as designed. One `Cache` handle per instance, each with its own
 //! L1, sharing one L2 tier and one backplane: `InProcessTier` + `InProcessBackplane`
-//! (one connection per instance) by default.
+//! (one connection per instance) by default; with `--redis`, a `RedisTier` and a
+//! `RedisStreamBackplane` per instance (each with its own connections, as separate
+//! processes would have), all under a prefix unique to the run.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use async_trait::async_trait;
-use strata::{Cache, Consistency, InProcessBackplane, InProcessTier};
+use strata::{Backplane, Cache, Consistency, InProcessBackplane, InProcessTier, Tier};
+use strata_redis::{RedisStreamBackplane, RedisTier};
 
-use super::{FleetConfig, INVALIDATED_TTL, Strategy, TierCounts};
+use super::{FleetConfig, INVALIDATED_TTL, Strategy, TierCounts, delete_prefix};
 use crate::bench::Scenario;
 use crate::bench::db::{Db, Row};
 
 /// The shared tier and backplane of the fleet, for counting their operations.
 enum Remote {
     InProcess { tier: InProcessTier, hub: InProcessBackplane },
+    Redis { url: String, prefix: String, tiers: Vec<RedisTier>, backplanes: Vec<RedisStreamBackplane> },
 }
 
 /// A fleet of strata caches.
@@ -28,33 +32,42 @@ pub struct StrataCache {
 impl StrataCache {
     /// Builds one cache per instance and waits until every one is ready (subscribed).
     pub async fn start(cfg: &FleetConfig) -> Result<StrataCache> {
-        if cfg.redis.is_some() {
-            bail!(
-                "strata over Redis needs the strata-redis crate (RedisTier + RedisStreamBackplane), \
-                 which has not landed in this workspace yet; run without --redis"
-            );
-        }
-        let tier = InProcessTier::new();
-        let hub = InProcessBackplane::new();
         let mut caches = Vec::with_capacity(cfg.instances);
-        for i in 0..cfg.instances {
-            let mut builder = Cache::<u64, Row>::builder(cfg.scenario.name())
-                .tier(Arc::new(tier.clone()))
-                .backplane(Arc::new(hub.connect()))
-                .max_capacity(cfg.capacity)
-                .time_to_live(INVALIDATED_TTL)
-                .version(|row: &Row| Some(row.version))
-                .seed(cfg.seed.wrapping_add(i as u64));
-            if cfg.scenario == Scenario::Payment {
-                // The payment story asks for read-your-writes across the fleet.
-                builder = builder.consistency(Consistency::Strong);
+        let remote = match &cfg.redis {
+            None => {
+                let tier = InProcessTier::new();
+                let hub = InProcessBackplane::new();
+                for i in 0..cfg.instances {
+                    caches.push(build_cache(cfg, i, Arc::new(tier.clone()), Arc::new(hub.connect()))?);
+                }
+                Remote::InProcess { tier, hub }
             }
-            caches.push(builder.build().map_err(|e| anyhow!("cannot build strata cache: {e}"))?);
-        }
+            Some(url) => {
+                let prefix = cfg.run_id.clone();
+                let mut tiers = Vec::with_capacity(cfg.instances);
+                let mut backplanes = Vec::with_capacity(cfg.instances);
+                for i in 0..cfg.instances {
+                    let tier = RedisTier::builder(url.as_str())
+                        .prefix(prefix.as_str())
+                        .build()
+                        .await
+                        .with_context(|| format!("cannot connect strata's RedisTier to {url}"))?;
+                    let backplane = RedisStreamBackplane::builder(url.as_str())
+                        .prefix(prefix.as_str())
+                        .build()
+                        .await
+                        .with_context(|| format!("cannot connect strata's RedisStreamBackplane to {url}"))?;
+                    caches.push(build_cache(cfg, i, Arc::new(tier.clone()), Arc::new(backplane.clone()))?);
+                    tiers.push(tier);
+                    backplanes.push(backplane);
+                }
+                Remote::Redis { url: url.clone(), prefix, tiers, backplanes }
+            }
+        };
         for c in &caches {
             c.ready().await;
         }
-        Ok(StrataCache { db: cfg.db.clone(), caches, remote: Remote::InProcess { tier, hub } })
+        Ok(StrataCache { db: cfg.db.clone(), caches, remote })
     }
 
     fn cache(&self, instance: usize) -> Result<&Cache<u64, Row>> {
@@ -96,6 +109,13 @@ impl Strategy for StrataCache {
             self.caches.iter().map(Cache::stats).fold((0, 0), |(l1, l2), s| (l1 + s.l1_hits, l2 + s.l2_hits));
         let remote_ops = match &self.remote {
             Remote::InProcess { tier, hub } => tier.ops() + hub.published(),
+            // Tier round trips + XADDs + one XREAD per delivered message (an upper
+            // bound: a read may return several; idle XREADs, one per second and
+            // subscriber, are not counted).
+            Remote::Redis { tiers, backplanes, .. } => {
+                tiers.iter().map(RedisTier::ops).sum::<u64>()
+                    + backplanes.iter().map(|b| b.stats().published + b.stats().delivered).sum::<u64>()
+            }
         };
         TierCounts { l1_hits, l2_hits, remote_ops }
     }
@@ -104,6 +124,30 @@ impl Strategy for StrataCache {
         for c in &self.caches {
             c.shutdown().await;
         }
+        if let Remote::Redis { url, prefix, .. } = &self.remote {
+            delete_prefix(url, prefix).await?;
+        }
         Ok(())
     }
+}
+
+/// One instance's cache.
+fn build_cache(
+    cfg: &FleetConfig,
+    instance: usize,
+    tier: Arc<dyn Tier>,
+    backplane: Arc<dyn Backplane>,
+) -> Result<Cache<u64, Row>> {
+    let mut builder = Cache::<u64, Row>::builder(cfg.scenario.name())
+        .tier(tier)
+        .backplane(backplane)
+        .max_capacity(cfg.capacity)
+        .time_to_live(INVALIDATED_TTL)
+        .version(|row: &Row| Some(row.version))
+        .seed(cfg.seed.wrapping_add(instance as u64));
+    if cfg.scenario == Scenario::Payment {
+        // The payment story asks for read-your-writes across the fleet.
+        builder = builder.consistency(Consistency::Strong);
+    }
+    builder.build().map_err(|e| anyhow!("cannot build strata cache: {e}"))
 }
