@@ -28,8 +28,12 @@ pub enum Consistency {
     /// is healthy, `max_stale` while it is not. The default when a backplane is set.
     #[default]
     Invalidated,
-    /// Invalidated, plus: when an L2 delete fails, the L2 breaker is forced open and
-    /// reads bypass every cache tier until the namespace has been bumped in L2.
+    /// Read-your-writes across the fleet: `invalidate` returns only after every live
+    /// member acknowledged the invalidation or its membership lease lapsed, and an
+    /// instance whose own lease lapsed serves nothing from L1 until it has renewed it
+    /// and flushed. When an L2 delete fails, the L2 breaker is forced open and reads
+    /// bypass every cache tier until the namespace has been bumped in L2. Every instance
+    /// of a namespace must use this level (others do not acknowledge).
     Strong,
 }
 
@@ -72,6 +76,7 @@ pub(crate) struct Config<K, V> {
     pub(crate) lease_wait: Duration,
     pub(crate) max_value_bytes: usize,
     pub(crate) heartbeat_interval: Duration,
+    pub(crate) membership_lease: Duration,
     pub(crate) tombstone_ttl: Duration,
     pub(crate) tags: Option<TagFn<K, V>>,
     pub(crate) version: Option<VersionFn<V>>,
@@ -104,6 +109,7 @@ pub struct CacheBuilder<K, V> {
     lease_wait: Duration,
     max_value_bytes: usize,
     heartbeat_interval: Duration,
+    membership_lease: Duration,
     tags: Option<TagFn<K, V>>,
     version: Option<VersionFn<V>>,
     hooks: Vec<InvalidateHook>,
@@ -143,6 +149,7 @@ where
             lease_wait: Duration::from_millis(500),
             max_value_bytes: 1 << 20,
             heartbeat_interval: Duration::from_secs(1),
+            membership_lease: Duration::from_secs(5),
             tags: None,
             version: None,
             hooks: Vec::new(),
@@ -288,6 +295,15 @@ where
         self
     }
 
+    /// Strong level: how long a member counts as live after it was last heard on the
+    /// backplane. `invalidate` waits at most this long for a silent member; a member that
+    /// has not received its own heartbeat back for half of it stops serving L1. Must be
+    /// at least four heartbeat intervals. Default 5 s.
+    pub fn membership_lease(mut self, lease: Duration) -> Self {
+        self.membership_lease = lease;
+        self
+    }
+
     /// The tags of a value, for [`Cache::invalidate_tag`]. Default: no tags.
     pub fn tags(mut self, tags: impl Fn(&K, &V) -> Vec<String> + Send + Sync + 'static) -> Self {
         self.tags = Some(Arc::new(tags));
@@ -363,6 +379,7 @@ where
             lease_wait: self.lease_wait,
             max_value_bytes: self.max_value_bytes,
             heartbeat_interval: self.heartbeat_interval,
+            membership_lease: self.membership_lease,
             tombstone_ttl,
             tags: self.tags,
             version: self.version,
@@ -468,6 +485,16 @@ where
                 ));
             }
             _ => {}
+        }
+        if consistency == Consistency::Strong && self.membership_lease < self.heartbeat_interval * 4 {
+            return Err(BuildError::new(
+                "membership_lease",
+                format!(
+                    "{:?} is shorter than four heartbeat intervals ({:?} each)",
+                    self.membership_lease, self.heartbeat_interval
+                ),
+                "raise membership_lease or shorten heartbeat_interval",
+            ));
         }
         if consistency == Consistency::Strong && self.tier.is_none() {
             return Err(BuildError::new(

@@ -89,6 +89,14 @@ impl Pending {
     }
 }
 
+/// Another member of the fleet, as this instance hears it (Strong level).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Member {
+    pub(crate) last_heard: Timestamp,
+    /// The highest of our sequence numbers it acknowledged.
+    pub(crate) acked: u64,
+}
+
 struct Flight<V> {
     id: u64,
     rx: watch::Receiver<Shared<V>>,
@@ -175,6 +183,11 @@ pub(crate) struct Inner<K, V> {
     pub(crate) pending: Mutex<Pending>,
     /// Strong level: set when L2 may hold a value that should have been deleted.
     pub(crate) untrusted: AtomicBool,
+    /// Strong level: the other members and what they acknowledged.
+    pub(crate) members: Mutex<HashMap<OriginId, Member>>,
+    /// Woken when an acknowledgement arrives.
+    pub(crate) acks: tokio::sync::Notify,
+    pub(crate) strong: bool,
     pub(crate) rng: Mutex<SmallRng>,
     pub(crate) shutdown: watch::Receiver<bool>,
 }
@@ -223,6 +236,7 @@ where
         let origin = rand::rng().random::<u64>() | 1;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let has_backplane = backplane.is_some();
+        let cfg_strong = cfg.consistency == Consistency::Strong;
         let inner = Arc::new(Inner {
             guards: Guards::new(cfg.tombstone_ttl),
             cfg,
@@ -238,6 +252,9 @@ where
             stats: Stats::default(),
             pending: Mutex::new(Pending::default()),
             untrusted: AtomicBool::new(false),
+            members: Mutex::new(HashMap::new()),
+            acks: tokio::sync::Notify::new(),
+            strong: cfg_strong,
             rng: Mutex::new(rng),
             shutdown: shutdown_rx,
         });
@@ -293,11 +310,15 @@ where
         p.l2_keys.len() + p.l2_tags.len() + usize::from(p.l2_all) + p.messages.len()
     }
 
-    /// Resolves once the backplane subscription is live (at once without a backplane):
-    /// a readiness probe should wait for it, because until then L1 is not filled.
+    /// Resolves once the backplane subscription is live (at once without a backplane),
+    /// and at the Strong level once this instance holds its membership lease: a readiness
+    /// probe should wait for it, because until then L1 is neither filled nor served.
     pub async fn ready(&self) {
         let mut rx = self.inner.shutdown.clone();
-        while !self.inner.health.subscribed.load(Ordering::SeqCst) {
+        let inner = &self.inner;
+        while !inner.health.subscribed.load(Ordering::SeqCst)
+            || (inner.strong && !inner.own_lease_held(inner.now()))
+        {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(2)) => {}
                 _ = rx.changed() => return,
@@ -617,12 +638,23 @@ where
     /// than `max_stale` are not served.
     #[inline]
     fn within_max_stale(&self, e: &Entry<V>, now: Timestamp) -> bool {
+        if self.strong && !self.own_lease_held(now) {
+            return false;
+        }
         let since = self.health.unhealthy_since.load(Ordering::Relaxed);
         if since == 0 {
             return true;
         }
         let max = self.cfg.max_stale;
         now.since(Timestamp(since)) <= max || now.since(e.meta.created()) <= max
+    }
+
+    /// Strong level: whether this instance's membership lease is held, i.e. its own
+    /// heartbeat came back through the backplane less than half a lease ago. Half, so
+    /// that it stops serving L1 before any other member gives up waiting for it.
+    pub(crate) fn own_lease_held(&self, now: Timestamp) -> bool {
+        let last = Timestamp(self.health.last_own_heartbeat.load(Ordering::Acquire));
+        now.since(last) <= self.cfg.membership_lease / 2
     }
 
     #[cold]
@@ -751,10 +783,13 @@ where
     /// Stores `entry` in L1 unless an invalidation since `start` forbids it, or the
     /// backplane subscription is not live yet, or the cache is bypassed.
     pub(crate) fn fill_l1(&self, key: &K, entry: Entry<V>, start: u64, started_at: Timestamp) -> bool {
-        if !self.health.subscribed.load(Ordering::SeqCst) || self.untrusted.load(Ordering::SeqCst) {
+        let now = self.now();
+        if !self.health.subscribed.load(Ordering::SeqCst)
+            || self.untrusted.load(Ordering::SeqCst)
+            || (self.strong && !self.own_lease_held(now))
+        {
             return false;
         }
-        let now = self.now();
         let tags = entry.tags.clone();
         let stored = self.guards.fill_if_clean(
             key,
@@ -1191,8 +1226,56 @@ where
     }
 
     /// Publishes one invalidation message with the next sequence number.
+    /// Publishes one invalidation message with the next sequence number; at the Strong
+    /// level, then waits for the fleet's acknowledgements.
     pub(crate) async fn publish(&self, body: MessageBody) -> Result<()> {
-        let Some(bp) = &self.backplane else { return Ok(()) };
+        let seq = self.publish_only(body).await?;
+        if self.strong && seq != 0 {
+            self.wait_for_acks(seq).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every member heard within its lease acknowledged `seq`, or until its
+    /// lease lapsed (then it has stopped serving L1 by its own clock, see
+    /// [`Inner::own_lease_held`]).
+    async fn wait_for_acks(&self, seq: u64) -> Result<()> {
+        let lease = self.cfg.membership_lease;
+        // Bounded in tokio time too, in case the clock is a manual one that never moves.
+        let give_up = tokio::time::Instant::now() + lease * 2;
+        loop {
+            let notified = self.acks.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let now = self.now();
+            let waiting: Vec<OriginId> = self
+                .members
+                .lock()
+                .iter()
+                .filter(|(_, m)| m.acked < seq && now.since(m.last_heard) <= lease)
+                .map(|(o, _)| *o)
+                .collect();
+            if waiting.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= give_up {
+                return Err(Error::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "{} member(s) neither acknowledged invalidation {seq} nor let their lease lapse",
+                        waiting.len()
+                    ),
+                ));
+            }
+            // Wake on an ack, or poll for lapsed leases.
+            let _ = tokio::time::timeout(Duration::from_millis(5), notified).await;
+        }
+    }
+
+    /// Publishes one message with the next sequence number; returns it (0 without a
+    /// backplane).
+    async fn publish_only(&self, body: MessageBody) -> Result<u64> {
+        let Some(bp) = &self.backplane else { return Ok(0) };
         let mut seq = self.publisher.lock().await;
         *seq += 1;
         let msg = Message { origin: self.origin, seq: *seq, namespace: self.cfg.namespace.clone(), body };
@@ -1202,11 +1285,12 @@ where
             Ok(r) => r,
             Err(_) => Err(Error::timeout("backplane publish", self.backplane_timeout())),
         };
+        let used = *seq;
         drop(seq);
         match res {
             Ok(()) => {
                 self.stats.invalidations_sent.incr();
-                Ok(())
+                Ok(used)
             }
             Err(e) => {
                 self.stats.invalidations_buffered.incr();

@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
 use crate::backplane::{Backplane, BackplaneEvent, Message, MessageBody, OriginId};
-use crate::cache::Inner;
+use crate::cache::{Inner, Member};
 use crate::clock::Timestamp;
 use crate::key::CacheKey;
 
@@ -174,7 +174,10 @@ where
         // a clean L1, and refuse the fills of loads that began before it.
         l.inner.flush_l1();
         l.disconnected = false;
-        inner.health.last_own_heartbeat.store(inner.now().as_nanos(), Ordering::SeqCst);
+        if !inner.strong {
+            // At the Strong level the lease starts only with our first heartbeat heard back.
+            inner.health.last_own_heartbeat.store(inner.now().as_nanos(), Ordering::SeqCst);
+        }
         inner.health.unhealthy_since.store(0, Ordering::SeqCst);
         inner.health.subscribed.store(true, Ordering::SeqCst);
         loop {
@@ -213,7 +216,9 @@ where
                     inner.stats.repairs_flushed.incr();
                     inner.flush_l1();
                 }
-                inner.health.last_own_heartbeat.store(inner.now().as_nanos(), Ordering::SeqCst);
+                if !inner.strong {
+                    inner.health.last_own_heartbeat.store(inner.now().as_nanos(), Ordering::SeqCst);
+                }
                 inner.health.unhealthy_since.store(0, Ordering::SeqCst);
             }
             BackplaneEvent::Lost => {
@@ -233,6 +238,15 @@ where
         let now = inner.now();
         if m.origin == inner.origin {
             if m.is_heartbeat() {
+                if inner.strong
+                    && inner.health.last_own_heartbeat.load(Ordering::SeqCst) != 0
+                    && !inner.own_lease_held(now)
+                {
+                    // Our lease lapsed while we could not hear ourselves: invalidations
+                    // may have gone by unacknowledged. Renewed now; repair before serving.
+                    inner.stats.repairs_flushed.incr();
+                    inner.flush_l1();
+                }
                 inner.health.last_own_heartbeat.store(now.as_nanos(), Ordering::SeqCst);
                 if !self.disconnected {
                     inner.health.unhealthy_since.store(0, Ordering::SeqCst);
@@ -240,29 +254,68 @@ where
             }
             return;
         }
-        if m.is_heartbeat() {
-            inner.stats.heartbeats_received.incr();
-        } else {
-            inner.stats.invalidations_received.incr();
-            // Applying an invalidation twice is harmless, so apply before any repair.
-            self.apply(&m.body, now);
+        if inner.strong {
+            let mut members = inner.members.lock();
+            let member = members.entry(m.origin).or_insert(Member { last_heard: now, acked: 0 });
+            member.last_heard = now;
+            if let MessageBody::Ack { to, seq } = m.body
+                && to == inner.origin
+            {
+                member.acked = member.acked.max(seq);
+                drop(members);
+                inner.acks.notify_waiters();
+            }
         }
-        self.track(m.origin, m.seq, m.is_heartbeat(), now).await;
+        match &m.body {
+            MessageBody::Heartbeat => inner.stats.heartbeats_received.incr(),
+            MessageBody::Ack { .. } => {}
+            body => {
+                inner.stats.invalidations_received.incr();
+                // Applying an invalidation twice is harmless, so apply before any repair.
+                self.apply(body, now);
+            }
+        }
+        self.track(m.origin, m.seq, m.is_control(), now).await;
+        if inner.strong && !m.is_control() {
+            self.acknowledge(m.origin, m.seq).await;
+        }
         let forget_after = inner.cfg.heartbeat_interval * FORGET_AFTER_HEARTBEATS;
         if self.origins.len() > 64 {
             self.origins.retain(|_, o| now.since(o.last_heard) < forget_after);
         }
     }
 
+    /// Strong level: tells `origin` that everything it sent up to `seq` is applied here
+    /// (repairs included, since they ran before this).
+    async fn acknowledge(&self, origin: OriginId, seq: u64) {
+        let inner = &self.inner;
+        // Under the publisher lock, so the ack carries a sequence number already published
+        // (a larger one would look like a gap to the receivers).
+        let last = inner.publisher.lock().await;
+        let ack = Message {
+            origin: inner.origin,
+            seq: *last,
+            namespace: inner.cfg.namespace.clone(),
+            body: MessageBody::Ack { to: origin, seq },
+        };
+        if let Err(e) = tokio::time::timeout(inner.backplane_timeout(), self.bp.publish(&ack))
+            .await
+            .unwrap_or_else(|_| Err(crate::Error::timeout("backplane ack", inner.backplane_timeout())))
+        {
+            // The origin waits until our lease lapses instead; by then we serve no L1.
+            tracing::warn!(error = %e, origin, seq, "acknowledgement not sent");
+        }
+    }
+
     /// Sequence bookkeeping: a jump means missed messages, which are replayed or, if the
     /// backplane cannot, answered with a flush.
-    async fn track(&mut self, origin: OriginId, seq: u64, heartbeat: bool, now: Timestamp) {
+    async fn track(&mut self, origin: OriginId, seq: u64, control: bool, now: Timestamp) {
         let (from, to) = match self.origins.get_mut(&origin) {
             Some(o) => {
                 o.last_heard = now;
                 let expected = o.last_seq + 1;
-                // A heartbeat repeats the last seq; a message should be exactly the next.
-                let missing_to = if heartbeat { seq } else { seq.saturating_sub(1) };
+                // A heartbeat or ack repeats the last seq; a message should be the next.
+                let missing_to = if control { seq } else { seq.saturating_sub(1) };
                 let range = (missing_to >= expected).then_some((expected, missing_to));
                 o.last_seq = o.last_seq.max(seq);
                 match range {
@@ -276,7 +329,7 @@ where
                 // were published after we subscribed, so whatever came before this one
                 // is treated as missed (replayed, or flushed). An origin that has sent
                 // nothing yet (its first heartbeat carries 0) costs nothing.
-                let missing_to = if heartbeat { seq } else { seq.saturating_sub(1) };
+                let missing_to = if control { seq } else { seq.saturating_sub(1) };
                 if missing_to == 0 {
                     return;
                 }
@@ -340,7 +393,7 @@ where
                 inner.flush_l1();
                 inner.stats.invalidations_applied.incr();
             }
-            MessageBody::Heartbeat => {}
+            MessageBody::Heartbeat | MessageBody::Ack { .. } => {}
         }
     }
 }

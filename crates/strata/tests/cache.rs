@@ -904,3 +904,90 @@ async fn fleet_lease_lets_one_instance_load_while_the_others_wait_for_its_fill()
     eprintln!("fleet stampede: 4 caches x 16 tasks, loader calls = {}", calls.load(Ordering::SeqCst));
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
+
+// ---------------------------------------------------------------------------------
+// Strong level: acknowledgements and membership leases
+
+async fn strong_fleet(n: usize) -> (InProcessTier, Vec<InProcessBackplane>, Vec<Cache<u64, String>>) {
+    let tier = InProcessTier::new();
+    let hub = InProcessBackplane::new();
+    let mut conns = Vec::new();
+    let mut caches = Vec::new();
+    for _ in 0..n {
+        let conn = hub.connect();
+        let cache = Cache::builder(NS)
+            .tier(Arc::new(tier.clone()))
+            .backplane(Arc::new(conn.clone()))
+            .consistency(Consistency::Strong)
+            .heartbeat_interval(Duration::from_millis(20))
+            .membership_lease(Duration::from_millis(300))
+            .build()
+            .expect("valid");
+        conns.push(conn);
+        caches.push(cache);
+    }
+    for c in &caches {
+        tokio::time::timeout(Duration::from_secs(5), c.ready()).await.expect("ready");
+    }
+    // Every member has heard every other one.
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    (tier, conns, caches)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strong_invalidate_returns_only_after_every_member_applied_it() {
+    let (_tier, conns, caches) = strong_fleet(3).await;
+    let db = Db::with(&[(1, "v1")]);
+    for c in &caches {
+        c.get_or_load(&1, db.loader(1)).await.expect("load");
+        assert_eq!(c.get_local(&1).as_deref(), Some("v1"));
+    }
+    // The third member hears everything 50 ms late.
+    conns[2].faults().set_delay(Duration::from_millis(50));
+    db.set(1, "v2");
+    let began = std::time::Instant::now();
+    caches[0].invalidate(&1).await.expect("invalidate");
+    let took = began.elapsed();
+    // No waiting here: read-your-writes holds the moment invalidate returned.
+    for c in &caches {
+        assert_eq!(c.get_local(&1), None);
+        assert_eq!(c.get_or_load(&1, db.loader(1)).await.expect("read").as_deref(), Some("v2"));
+    }
+    eprintln!("strong: invalidate with a member 50 ms behind took {took:?}");
+    assert!(took >= Duration::from_millis(50), "it waited for the slow member's ack");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strong_member_cut_off_stops_serving_l1_and_is_not_waited_for_past_its_lease() {
+    let (_tier, conns, caches) = strong_fleet(3).await;
+    let db = Db::with(&[(1, "v1")]);
+    for c in &caches {
+        c.get_or_load(&1, db.loader(1)).await.expect("load");
+    }
+    conns[2].faults().set_disconnected(true);
+    db.set(1, "v2");
+    let began = std::time::Instant::now();
+    caches[0].invalidate(&1).await.expect("invalidate");
+    let took = began.elapsed();
+    eprintln!("strong: invalidate with a member cut off took {took:?} (lease 300 ms)");
+    assert!(took <= Duration::from_millis(1000), "bounded by the lease");
+    // The cut-off member never heard the invalidation, but serves nothing from L1.
+    assert_eq!(caches[2].get_local(&1), None, "its own lease lapsed");
+    conns[2].faults().set_disconnected(false);
+    eventually("re-registered", || caches[2].stats().repairs_flushed >= 1).await;
+    tokio::time::timeout(Duration::from_secs(5), caches[2].ready()).await.expect("ready again");
+    assert_eq!(caches[2].get_or_load(&1, db.loader(1)).await.expect("read").as_deref(), Some("v2"));
+    assert_eq!(caches[2].get_local(&1).as_deref(), Some("v2"), "serving L1 again");
+}
+
+#[tokio::test]
+async fn strong_needs_a_lease_of_at_least_four_heartbeats() {
+    let err = Cache::<u64, String>::builder(NS)
+        .tier(Arc::new(InProcessTier::new()))
+        .backplane(Arc::new(InProcessBackplane::new()))
+        .consistency(Consistency::Strong)
+        .membership_lease(Duration::from_secs(1))
+        .build()
+        .err();
+    assert!(err.is_some_and(|e| e.setting == "membership_lease"));
+}

@@ -161,7 +161,7 @@ impl Backplane for InProcessBackplane {
             ));
         }
         self.hub.published.fetch_add(1, Ordering::Relaxed);
-        if self.hub.mode == Mode::Stream && !message.is_heartbeat() {
+        if self.hub.mode == Mode::Stream && !message.is_control() {
             let mut log = self.hub.log.lock();
             if log.len() == LOG_CAPACITY {
                 log.pop_front();

@@ -46,6 +46,14 @@ pub enum MessageBody {
     All,
     /// Liveness: the origin is alive and its last sequence number is `seq`.
     Heartbeat,
+    /// Strong level: the sender applied every message of origin `to` up to `seq`.
+    /// Like a heartbeat, it carries the sender's last sequence number without using a new one.
+    Ack {
+        /// The origin whose messages are acknowledged.
+        to: OriginId,
+        /// Its sequence number acknowledged.
+        seq: u64,
+    },
 }
 
 /// The first byte of every encoded message, so the format can evolve.
@@ -75,6 +83,12 @@ impl Message {
     /// True for heartbeats.
     pub fn is_heartbeat(&self) -> bool {
         matches!(self.body, MessageBody::Heartbeat)
+    }
+
+    /// True for messages that invalidate nothing and use no sequence number of their
+    /// own (heartbeats and acknowledgements).
+    pub fn is_control(&self) -> bool {
+        matches!(self.body, MessageBody::Heartbeat | MessageBody::Ack { .. })
     }
 }
 
