@@ -1025,6 +1025,8 @@ where
                     ClockSource::Custom(_) => now.since(started_at),
                 };
                 let load_nanos = duration_nanos(took).max(1);
+                metrics::histogram!("strata_load_duration_seconds", "namespace" => self.cfg.namespace.clone())
+                    .record(took.as_secs_f64());
                 self.store_loaded(
                     &key,
                     &key_str,
