@@ -991,3 +991,19 @@ async fn strong_needs_a_lease_of_at_least_four_heartbeats() {
         .err();
     assert!(err.is_some_and(|e| e.setting == "membership_lease"));
 }
+
+#[tokio::test]
+async fn a_weigher_bounds_l1_by_total_weight() {
+    let cache: Cache<u64, String> = Cache::builder(NS)
+        .weigher(100, |_k, v: &String| v.len() as u64)
+        .max_capacity(1_000)
+        .build()
+        .expect("valid");
+    for k in 0..200 {
+        cache.insert(k, "x".repeat(100)).await.expect("insert");
+    }
+    let resident: usize = (0..200).filter(|k| cache.get_local(k).is_some()).count();
+    eprintln!("weigher: 200 values of 100 bytes, capacity 1000 bytes → {resident} resident");
+    assert!(resident <= 10, "at most 1000 bytes resident, got {resident} entries");
+    assert!(resident >= 1);
+}
