@@ -127,6 +127,9 @@ pub struct StrategyReport {
     pub max_dispatch_lag_us: f64,
     /// Seconds from the first scheduled request to the last completion.
     pub elapsed_s: f64,
+    /// Strategy-specific counters (strata: `CacheStats` summed over the fleet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
 }
 
 fn us(h: &Histogram<u64>, q: f64) -> f64 {
@@ -365,6 +368,7 @@ impl StrategyReport {
             start_delay_p99_us: us(&outcome.start_delay, 0.99),
             max_dispatch_lag_us: outcome.max_dispatch_lag.as_secs_f64() * 1e6,
             elapsed_s: outcome.elapsed.as_secs_f64(),
+            details: strategy.details(),
         }
     }
 
@@ -392,7 +396,7 @@ mod tests {
 
     #[test]
     fn number_formats() {
-        assert_eq!(latency(3.14159), "3.1");
+        assert_eq!(latency(3.25), "3.2");
         assert_eq!(latency(1234.5), "1234");
         assert_eq!(stale_ms(0.0, 0), "-");
         assert_eq!(stale_ms(0.0421, 2), "0.042");

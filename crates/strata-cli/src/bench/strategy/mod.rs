@@ -58,6 +58,12 @@ pub trait Strategy: Send + Sync {
     /// The tier counters so far.
     fn tier_counts(&self) -> TierCounts;
 
+    /// Strategy-specific counters for the JSON report (strata: its `CacheStats`, summed
+    /// over the fleet).
+    fn details(&self) -> Option<serde_json::Value> {
+        None
+    }
+
     /// Stops background work and removes what the strategy stored outside the process.
     async fn close(&self) -> Result<()>;
 }

@@ -120,6 +120,19 @@ impl Strategy for StrataCache {
         TierCounts { l1_hits, l2_hits, remote_ops }
     }
 
+    fn details(&self) -> Option<serde_json::Value> {
+        let mut sum = serde_json::Map::new();
+        for stats in self.caches.iter().map(Cache::stats) {
+            let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(stats) else { continue };
+            for (name, value) in fields {
+                let add = value.as_u64().unwrap_or(0);
+                let total = sum.get(&name).and_then(serde_json::Value::as_u64).unwrap_or(0);
+                sum.insert(name, (total + add).into());
+            }
+        }
+        Some(serde_json::Value::Object(sum))
+    }
+
     async fn close(&self) -> Result<()> {
         for c in &self.caches {
             c.shutdown().await;
