@@ -17,6 +17,10 @@
 //!   runs the server as the `postgres` OS user.
 //! - [`FaultProxy`]: a Tokio TCP proxy in front of either, injecting latency,
 //!   blackholes, one-way cuts, refused connections and connection resets.
+//! - [`history`]: JSON-lines histories of a torture run (a thread-safe
+//!   [`Recorder`], a tolerant reader, [`monotonic_ns`] timestamps comparable
+//!   across processes), and [`checker`]: the pure function that judges a history
+//!   against a consistency level ([`check`] → [`Report`]).
 //!
 //! Servers never use the default ports (6379, 5432): a machine may run its own
 //! servers there. Every server is killed when its handle is dropped; if a test
@@ -56,12 +60,16 @@
 //! redis.restart(); // same port, empty data set
 //! ```
 
+pub mod checker;
+pub mod history;
 mod postgres;
 mod process;
 mod proxy;
 mod redis;
 mod sys;
 
+pub use checker::{CacheSnapshot, CheckConfig, Quiescence, Report, check};
+pub use history::{Event, History, Op, Recorder, Tier, monotonic_ns};
 pub use postgres::{PG_BIN_ENV, PG_NO_TEMPLATE_ENV, PostgresServer, PostgresServerBuilder};
 pub use proxy::{Direction, FaultProxy, Faults, ProxyStats};
 pub use redis::{REDIS_SERVER_ENV, RedisServer, RedisServerBuilder};

@@ -282,3 +282,312 @@ async fn proxy_to_dead_server_resets_client() {
     let mut conn = connect(proxy.addr()).await;
     ping_via(&mut conn, Duration::from_secs(5)).await.unwrap();
 }
+
+// ---------------------------------------------------------------- history and checker
+
+mod checker {
+    use std::time::Duration;
+
+    use strata_testkit::{
+        CacheSnapshot, CheckConfig, Event, History, Op, Quiescence, Recorder, Report, Tier, check,
+        monotonic_ns,
+    };
+
+    const MS: u64 = 1_000_000;
+    /// Histories start here (a monotonic clock is rarely near zero).
+    const T0: u64 = 1_000_000 * MS;
+
+    fn at(ms: u64) -> u64 {
+        T0 + ms * MS
+    }
+
+    fn read(process: &str, key: u64, from_ms: u64, to_ms: u64, version: u64, tier: Tier) -> Event {
+        Event::read(process, key, at(from_ms), at(to_ms), version, tier)
+    }
+
+    fn write(key: u64, from_ms: u64, to_ms: u64, version: Option<u64>, ok: bool) -> Event {
+        Event::write("writer", key, at(from_ms), at(to_ms), version, ok)
+    }
+
+    fn history(events: Vec<Event>) -> History {
+        History { events, malformed: 0 }
+    }
+
+    fn config(bound_ms: u64, linearizable: bool) -> CheckConfig {
+        CheckConfig {
+            level: if linearizable { "strong" } else { "invalidated" }.into(),
+            bound: Duration::from_millis(bound_ms),
+            linearizable,
+        }
+    }
+
+    /// The database at `versions`, with `l1` and `l2` holding the same.
+    fn settled(versions: &[(u64, u64)]) -> Quiescence {
+        let entries: Vec<(u64, Option<u64>)> = versions.iter().map(|&(k, v)| (k, Some(v))).collect();
+        Quiescence {
+            database: versions.iter().copied().collect(),
+            caches: vec![
+                CacheSnapshot { source: "reader-1 l1".into(), entries: entries.clone() },
+                CacheSnapshot { source: "l2".into(), entries },
+            ],
+        }
+    }
+
+    fn run(events: Vec<Event>, end: &Quiescence, bound_ms: u64, linearizable: bool) -> Report {
+        check(&config(bound_ms, linearizable), &history(events), end)
+    }
+
+    /// Seeds v1 of key 1 and 2, then writes v2 of key 1 (completed at 100 ms).
+    fn base() -> Vec<Event> {
+        vec![write(1, 0, 1, Some(1), true), write(2, 0, 1, Some(1), true), write(1, 90, 100, Some(2), true)]
+    }
+
+    #[test]
+    fn clean_history_passes() {
+        let mut events = base();
+        events.extend([
+            read("reader-1", 1, 10, 11, 1, Tier::Db),
+            read("reader-2", 1, 20, 21, 1, Tier::L2),
+            // Concurrent with the write: either version is fine.
+            read("reader-1", 1, 95, 96, 1, Tier::L1),
+            read("reader-2", 1, 97, 98, 2, Tier::Db),
+            read("reader-1", 1, 150, 151, 2, Tier::L2),
+            read("reader-2", 2, 150, 151, 1, Tier::L1),
+            Event::fault("nemesis", at(30), at(60), "redis-pause"),
+        ]);
+        let r = run(events, &settled(&[(1, 2), (2, 1)]), 0, true);
+        assert!(r.passed, "{r:#?}");
+        assert_eq!((r.reads, r.writes, r.indeterminate_writes), (6, 3, 0));
+        assert_eq!(
+            (r.stale_any, r.stale_beyond_bound, r.permanent_inconsistencies, r.lost_writes),
+            (0, 0, 0, 0)
+        );
+        assert_eq!(r.linearizability_violations, Some(0));
+        assert_eq!(r.reads_by_tier.get("l1"), Some(&2));
+        assert_eq!(r.reads_by_tier.get("db"), Some(&2));
+        assert_eq!(r.faults.len(), 1);
+        assert!(r.faults[0].starts_with("redis-pause"), "{:?}", r.faults);
+        assert_eq!((r.staleness_max_ms, r.consistent_within_1ms), (0.0, 1.0));
+        assert!(r.examples.is_empty(), "{:?}", r.examples);
+        // The report serialises with the documented field names.
+        let json = serde_json::to_value(&r).unwrap();
+        for field in [
+            "level",
+            "faults",
+            "reads",
+            "writes",
+            "stale_beyond_bound",
+            "stale_any",
+            "staleness_p50_ms",
+            "staleness_p99_ms",
+            "staleness_max_ms",
+            "consistent_within_1ms",
+            "consistent_within_1s",
+            "permanent_inconsistencies",
+            "linearizability_violations",
+        ] {
+            assert!(json.get(field).is_some(), "{field} missing from {json}");
+        }
+        // Not asked for: not reported.
+        let r = run(base(), &settled(&[(1, 2), (2, 1)]), 0, false);
+        assert_eq!(r.linearizability_violations, None);
+        assert_eq!(serde_json::to_value(&r).unwrap()["linearizability_violations"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn stale_read_within_the_bound_counts_only_at_zero_slack() {
+        let mut events = base();
+        // 5 ms after v2 completed, v1 is still read: stale, but within a 1 s bound.
+        events.push(read("reader-1", 1, 105, 106, 1, Tier::L1));
+        let r = run(events, &settled(&[(1, 2), (2, 1)]), 1000, false);
+        assert_eq!((r.stale_any, r.stale_beyond_bound), (1, 0), "{r:#?}");
+        assert!(r.passed);
+        // Its window: 5 ms after the write returned.
+        assert_eq!((r.staleness_max_ms, r.staleness_p99_ms), (5.0, 5.0));
+        assert_eq!(r.staleness_p50_ms, 0.0, "two of three writes were never read stale");
+        assert!((r.consistent_within_1ms - 2.0 / 3.0).abs() < 1e-9, "{r:#?}");
+        assert_eq!((r.consistent_within_10ms, r.consistent_within_1s), (1.0, 1.0));
+        assert!(r.examples.iter().any(|e| e.starts_with("stale read:")), "{:?}", r.examples);
+    }
+
+    #[test]
+    fn stale_read_beyond_the_bound_fails() {
+        let mut events = base();
+        // 1.5 s after v2 completed, v1 is still read: beyond a 1 s bound.
+        events.push(read("reader-2", 1, 1600, 1601, 1, Tier::L1));
+        let r = run(events.clone(), &settled(&[(1, 2), (2, 1)]), 1000, false);
+        assert_eq!((r.stale_any, r.stale_beyond_bound), (1, 1), "{r:#?}");
+        assert!(!r.passed);
+        assert_eq!(r.staleness_max_ms, 1500.0);
+        assert!(r.consistent_within_1s < 1.0);
+        assert!(
+            r.examples.iter().any(|e| e.starts_with("stale beyond bound:") && e.contains("reader-2")),
+            "{:?}",
+            r.examples
+        );
+        // With a 2 s bound the same read is within it.
+        let r = run(events, &settled(&[(1, 2), (2, 1)]), 2000, false);
+        assert_eq!((r.stale_any, r.stale_beyond_bound), (1, 0));
+    }
+
+    #[test]
+    fn lost_invalidation_is_a_permanent_inconsistency() {
+        let mut end = settled(&[(1, 2), (2, 1)]);
+        // reader-2 never heard of v2: its L1 still holds v1 at quiescence.
+        end.caches
+            .push(CacheSnapshot { source: "reader-2 l1".into(), entries: vec![(1, Some(1)), (2, Some(1))] });
+        let r = run(base(), &end, 1000, false);
+        assert_eq!(r.permanent_inconsistencies, 1, "{r:#?}");
+        assert!(!r.passed);
+        assert!(r.examples.iter().any(|e| e.contains("reader-2 l1 holds key 1 at v1")), "{:?}", r.examples);
+        // A cached "not found" for a row that exists is one too; an uncached key is not.
+        let mut end = settled(&[(1, 2), (2, 1)]);
+        end.caches.push(CacheSnapshot { source: "l2".into(), entries: vec![(2, None)] });
+        assert_eq!(run(base(), &end, 1000, false).permanent_inconsistencies, 1);
+        // A completed write the database does not have is a lost write.
+        let r = run(base(), &settled(&[(1, 1), (2, 1)]), 1000, false);
+        assert_eq!((r.lost_writes, r.permanent_inconsistencies), (1, 0));
+        assert!(!r.passed);
+    }
+
+    #[test]
+    fn new_old_inversion_is_not_linearizable() {
+        // v2 is being written from 100 ms to 300 ms. reader-1 sees it at 150 ms; reader-2,
+        // invoked after reader-1 returned, still sees v1.
+        let events = vec![
+            write(1, 0, 1, Some(1), true),
+            write(1, 100, 300, Some(2), true),
+            read("reader-1", 1, 150, 160, 2, Tier::Db),
+            read("reader-2", 1, 200, 210, 1, Tier::L1),
+        ];
+        let r = run(events.clone(), &settled(&[(1, 2)]), 0, true);
+        assert_eq!(r.linearizability_violations, Some(1), "{r:#?}");
+        assert_eq!((r.stale_any, r.stale_beyond_bound), (0, 0), "no write had completed");
+        assert!(!r.passed);
+        assert!(
+            r.examples.iter().any(|e| e.starts_with("not linearizable:")
+                && e.contains("reader-2")
+                && e.contains("saw v2")),
+            "{:?}",
+            r.examples
+        );
+        // Overlapping reads may be in either order.
+        let mut overlapping = events.clone();
+        overlapping[3] = read("reader-2", 1, 155, 210, 1, Tier::L1);
+        assert_eq!(run(overlapping, &settled(&[(1, 2)]), 0, true).linearizability_violations, Some(0));
+        // A read of a version nobody had started to write yet is from the future.
+        let mut future = events;
+        future.truncate(2);
+        future.push(read("reader-1", 1, 50, 60, 2, Tier::L2));
+        let r = run(future, &settled(&[(1, 2)]), 0, true);
+        assert_eq!(r.linearizability_violations, Some(1), "{r:#?}");
+        assert!(r.examples.iter().any(|e| e.contains("no write newer than v1")), "{:?}", r.examples);
+        // Stale reads violate it too.
+        let mut stale = base();
+        stale.push(read("reader-1", 1, 105, 106, 1, Tier::L1));
+        assert_eq!(run(stale, &settled(&[(1, 2), (2, 1)]), 0, true).linearizability_violations, Some(1));
+    }
+
+    #[test]
+    fn indeterminate_write_may_be_seen_or_not() {
+        let events = vec![
+            write(1, 0, 1, Some(1), true),
+            write(2, 0, 1, Some(1), true),
+            // Both fail: v2 may or may not have committed.
+            write(1, 100, 200, Some(2), false),
+            write(2, 100, 200, None, false),
+            // Key 1: one reader sees it, a later one (on key 1 too) as well; key 2: never seen.
+            read("reader-1", 1, 300, 301, 2, Tier::Db),
+            read("reader-2", 1, 400, 401, 2, Tier::L2),
+            read("reader-1", 2, 300, 301, 1, Tier::L1),
+            read("reader-2", 2, 2500, 2501, 1, Tier::L1),
+        ];
+        let r = run(events.clone(), &settled(&[(1, 2), (2, 1)]), 0, true);
+        assert!(r.passed, "{r:#?}");
+        assert_eq!((r.writes, r.indeterminate_writes), (2, 2));
+        assert_eq!((r.stale_any, r.stale_beyond_bound, r.lost_writes), (0, 0, 0));
+        assert_eq!(r.linearizability_violations, Some(0));
+        // Key 2's write of unknown version did commit after all (the database says v2):
+        // reading it is fine too.
+        let mut seen = events;
+        seen.push(read("reader-1", 2, 2600, 2601, 2, Tier::Db));
+        let r = run(seen, &settled(&[(1, 2), (2, 2)]), 0, true);
+        assert!(r.passed, "{r:#?}");
+        // But not an unknown-version write's version beyond the next known write's.
+        let events = vec![
+            write(1, 0, 1, Some(1), true),
+            write(1, 100, 200, None, false),
+            read("reader-1", 1, 250, 260, 5, Tier::Db),
+            write(1, 300, 400, Some(3), true),
+        ];
+        assert_eq!(run(events, &settled(&[(1, 3)]), 0, true).linearizability_violations, Some(1));
+    }
+
+    #[test]
+    fn malformed_history_lines_are_counted_and_skipped() {
+        let good = serde_json::to_string(&Event::read("reader-1", 7, 10, 20, 3, Tier::L1)).unwrap();
+        let mut input = Vec::new();
+        input.extend_from_slice(good.as_bytes());
+        input.extend_from_slice(b"\n\n   \nnot json\n{\"process\":\"x\",\"key\":1}\n");
+        input.extend_from_slice(b"{\"process\":\"x\",\"key\":1,\"op\":\"teleport\",\"invoke_ns\":1,\"return_ns\":2,\"ok\":true}\n");
+        input.extend_from_slice(&[0xff, 0xfe, b'\n']);
+        // Optional fields may be missing; the last line need not end with a newline.
+        input.extend_from_slice(b"{\"process\":\"w\",\"key\":7,\"op\":\"write\",\"invoke_ns\":1,\"return_ns\":5,\"ok\":true,\"version\":3}");
+        let h = History::parse(input.as_slice()).unwrap();
+        assert_eq!(h.malformed, 4, "{h:#?}");
+        assert_eq!(h.events.len(), 2);
+        assert_eq!(h.events[0].tier, Some(Tier::L1));
+        assert_eq!((h.events[1].op, h.events[1].tier, h.events[1].detail.as_str()), (Op::Write, None, ""));
+        let r =
+            check(&config(0, true), &h, &Quiescence { database: [(7, 3)].into(), ..Quiescence::default() });
+        assert_eq!((r.malformed_lines, r.reads, r.writes), (4, 1, 1));
+        assert!(r.passed, "{r:#?}");
+        // A truncated line (a process killed mid-write) in a file.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.jsonl");
+        std::fs::write(&path, format!("{good}\n{}", &good[..good.len() / 2])).unwrap();
+        let h = History::read(&path).unwrap();
+        assert_eq!((h.events.len(), h.malformed), (1, 1));
+        assert!(History::read(dir.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn recorder_writes_lines_from_many_threads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.jsonl");
+        let recorder = std::sync::Arc::new(Recorder::create(&path).unwrap());
+        let start = monotonic_ns();
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let recorder = recorder.clone();
+                std::thread::spawn(move || {
+                    for i in 0..500 {
+                        let t0 = monotonic_ns();
+                        let t1 = monotonic_ns();
+                        assert!(t1 >= t0);
+                        let ev = Event::read(&format!("reader-{t}"), i, t0, t1, i, Tier::L2)
+                            .with_detail("a \"quoted\"\nline");
+                        recorder.record(&ev).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        recorder.flush().unwrap();
+        let mut h = History::read(&path).unwrap();
+        assert_eq!((h.events.len(), h.malformed), (2000, 0));
+        assert!(h.events.iter().all(|e| e.invoke_ns >= start && e.detail == "a \"quoted\"\nline"));
+        // Merge, sort and write back out.
+        let other =
+            History { events: vec![Event::fault("nemesis", start, start + 1, "db-down")], malformed: 2 };
+        h.merge(other);
+        h.sort();
+        assert_eq!((h.events[0].op, h.malformed), (Op::Fault, 2));
+        let mut out = Vec::new();
+        h.write_to(&mut out).unwrap();
+        let again = History::parse(out.as_slice()).unwrap();
+        assert_eq!(again.events, h.events);
+    }
+}
