@@ -1,0 +1,138 @@
+//! # strata-sql
+//!
+//! [sqlx] integration for [strata]: invalidate cache entries **after** a transaction
+//! commits, run after-commit actions (domain events) **after** the invalidation, and
+//! capture changes made behind the application's back with Postgres
+//! `LISTEN`/`NOTIFY`. Works with Postgres and SQLite.
+//!
+//! ## Invalidate after commit
+//!
+//! ```no_run
+//! # use std::sync::Arc;
+//! # async fn publish_to_kafka(_id: i64, _status: &str) -> Result<(), std::io::Error> { Ok(()) }
+//! # async fn example(pool: sqlx::PgPool, payments: strata::Cache<i64, String>) -> Result<(), Box<dyn std::error::Error>> {
+//! let id = 42_i64;
+//! let mut tx = strata_sql::begin(&pool).await?;
+//! sqlx::query("UPDATE payment SET status = $1, version = version + 1 WHERE id = $2")
+//!     .bind("settled")
+//!     .bind(id)
+//!     .execute(&mut *tx)
+//!     .await?;
+//! tx.invalidate(&payments, &id);
+//! tx.invalidate_tag(&payments, "merchant:7");
+//! tx.after_commit_named("kafka:payment-status", move || async move {
+//!     publish_to_kafka(id, "settled").await
+//! });
+//! let report = tx.commit().await?; // COMMIT, then invalidations, then actions
+//! if !report.is_clean() {
+//!     // Committed all the same; the report says which invalidation was buffered or
+//!     // bypassed and which action failed (both are also logged and counted).
+//!     for action in report.failed_actions() {
+//!         eprintln!("{} failed: {:?}", action.name, action.error);
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! ### What is promised
+//!
+//! * **Invalidate strictly after commit.** No cache is touched before `COMMIT` has
+//!   returned success. (Evicting before the commit would let a concurrent reader
+//!   re-cache the old row between the eviction and the commit.)
+//! * **Actions strictly after invalidation.** After-commit actions start only once
+//!   every cache's invalidation has returned, so a consumer of the event who reads
+//!   through the cache sees the new row. They run one at a time, in registration
+//!   order, each one even if an earlier one failed; an error or a panic is logged
+//!   (`error`), counted (`strata_sql_after_commit_failures_total`) and listed in the
+//!   [`CommitReport`].
+//! * **Rollback invalidates nothing and runs nothing**: an explicit
+//!   [`Transaction::rollback`], a drop without commit, or a commit the database
+//!   rejected ([`CommitOutcome::RolledBack`]). On Postgres this includes a
+//!   transaction aborted by an earlier failed statement, whose `COMMIT` Postgres turns
+//!   into a silent `ROLLBACK` (checked with one extra round trip before `COMMIT`).
+//! * **Commit outcome unknown** (the connection broke during `COMMIT`,
+//!   [`CommitOutcome::Unknown`]): the caches are invalidated anyway (an extra
+//!   invalidation costs a miss; a missing one would serve the old row for up to a
+//!   TTL) and the actions are not run; the error says so.
+//! * **One `invalidate_many` per cache.** Keys are grouped per cache (several caches
+//!   with different key and value types may be named in one transaction); the caches
+//!   are invalidated concurrently.
+//!
+//! ### When a post-commit invalidation fails
+//!
+//! The transaction is committed, so [`Transaction::commit`] returns `Ok` and the
+//! report carries the failure; the cache has already made itself safe (strata's
+//! `invalidate` contract):
+//!
+//! | cache level | report | state of the cache | after-commit actions |
+//! |---|---|---|---|
+//! | Invalidated (or Local) | [`InvalidationState::Buffered`] | the local copy is gone; the L2 delete and/or the backplane message are retried in the background (`Cache::flush_pending` retries now); meanwhile other instances may serve the old value, bounded by `max_stale` | run |
+//! | Strong, L2 delete failed | [`InvalidationState::Bypassed`] | every read goes to the database until a namespace bump has cleaned L2 | run |
+//! | Strong, only the message failed | [`InvalidationState::Buffered`] | as Invalidated: other instances drop their copy when they detect the gap | run |
+//!
+//! Actions run in every case because withholding them would lose the events of a
+//! committed change for good, while the cache is already as safe as it can be made;
+//! the report (and a `warn` log, and `strata_sql_invalidation_failures_total`) tells
+//! the caller to look.
+//!
+//! ## Change capture (Postgres)
+//!
+//! Writes that bypass the application (psql, a batch job, another service) are made
+//! visible by triggers that `pg_notify` each committed row change, and a
+//! [`ChangeListener`] that invalidates the mapped caches:
+//!
+//! ```no_run
+//! # async fn example(pool: sqlx::PgPool, payments: strata::Cache<i64, String>) -> Result<(), strata_sql::Error> {
+//! strata_sql::install_change_capture(&pool, "payment", "id", Some("version")).await?;
+//! let listener = strata_sql::ChangeListener::builder(&pool)
+//!     .table("payment", &payments)
+//!     .start()
+//!     .await?;
+//! // ... serve traffic; listener.stats() counts what it did.
+//! listener.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
+//! * **Staleness bound for out-of-band writes**: while the listener is connected,
+//!   the notification delay (commit → notification → `invalidate` → backplane) plus
+//!   the caches' own propagation delay; a few milliseconds on one host (the
+//!   integration test prints its measurement).
+//! * **Listener reconnect**: a lost connection (closed, killed, or silent past the
+//!   heartbeat timeout) is replaced with backoff; once `LISTEN` is active again, the
+//!   listener assumes it missed notifications and calls `invalidate_all` on every
+//!   mapped cache (counted in [`ChangeListenerStats::resyncs`]). While it is
+//!   disconnected, out-of-band writes are not seen: the bound is then the time to
+//!   detect the loss (immediate for a closed connection, the heartbeat interval plus
+//!   timeout for a silent one) plus the time to reconnect.
+//! * **Malformed notifications** (anything on the channel that is not a change
+//!   payload) and keys the cache cannot parse are counted and ignored.
+//! * Only committed changes are notified (Postgres delivers notifications at commit).
+//!   A change notified to a cache whose invalidation fails is handled as above
+//!   (buffered or bypassed, counted in `invalidation_errors`).
+//!
+//! The trigger SQL is in [`CHANGE_CAPTURE_FUNCTION_SQL`] and
+//! [`change_capture_trigger_sql`] for teams that apply their own migrations.
+//!
+//! ## Errors
+//!
+//! Commits fail with [`CommitError`], which says whether the database committed and
+//! converts into `sqlx::Error`; setup calls fail with [`Error`] (a kind and the sqlx
+//! error), which converts into `strata::Error`. See the `error` module source for why.
+
+mod capture;
+mod db;
+mod error;
+mod listener;
+mod tx;
+
+pub use capture::{
+    CHANGE_CAPTURE_FUNCTION_SQL, CHANNEL, TRIGGER_NAME, TRUNCATE_TRIGGER_NAME, change_capture_trigger_sql,
+    install_change_capture, uninstall_change_capture,
+};
+pub use db::SqlDatabase;
+pub use error::{BoxError, CommitError, CommitOutcome, Error, ErrorKind};
+pub use listener::{ChangeListener, ChangeListenerBuilder, ChangeListenerStats};
+pub use tx::{
+    ActionOutcome, ActionOutput, ActionPanicked, CacheInvalidation, CommitReport, InvalidationState,
+    Transaction, begin,
+};
