@@ -1361,6 +1361,24 @@ where
                 }
                 return;
             }
+            // L2 is clean only now. Until now this instance could read the old value
+            // back from L2 (e.g. a fill that predates the invalidation but reached L2
+            // before the delete did) into its L1, and it ignores its own message, which
+            // is what drops such copies everywhere else: drop them here.
+            if all {
+                self.flush_l1();
+            } else {
+                let now = self.now();
+                for key in keys.iter().filter_map(|k| K::parse_key(k)) {
+                    self.evict_key(&key, now);
+                }
+                for tag in &tags {
+                    self.guards.invalidate_tag(tag);
+                }
+                if !tags.is_empty() {
+                    self.flights.detach_all();
+                }
+            }
         }
         let messages = std::mem::take(&mut self.pending.lock().messages);
         let mut iter = messages.into_iter();
