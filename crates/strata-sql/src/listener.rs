@@ -83,8 +83,8 @@ counters! {
     connection_losses,
     /// Listening connections re-established after a loss.
     reconnects,
-    /// Rounds of `invalidate_all` on every mapped cache after a reconnect (changes
-    /// made while disconnected were not notified).
+    /// Completed rounds of `invalidate_all` on every mapped cache after a reconnect
+    /// (changes made while disconnected were not notified).
     resyncs,
     /// Caches flushed with `invalidate_all` by those rounds.
     resync_flushes,
@@ -149,7 +149,7 @@ struct Mapping {
 /// [`ChangeListener::builder`].
 #[must_use = "a builder does nothing until start() is called"]
 pub struct ChangeListenerBuilder {
-    pool: PgPool,
+    options: PgConnectOptions,
     targets: Vec<Arc<dyn Target>>,
     mappings: Vec<Mapping>,
     heartbeat: Option<Duration>,
@@ -187,11 +187,11 @@ impl ChangeListenerBuilder {
         self
     }
 
-    /// Every `interval`, the listener sends itself a notification (through the pool)
-    /// and expects it back on the listening connection within the heartbeat timeout;
-    /// if it does not come, the connection is presumed dead (a silent network
-    /// partition does not close a socket) and is replaced, with a resync. `None`
-    /// disables it. Default 5 s.
+    /// Every `interval`, the listener sends itself a notification (on its second
+    /// connection) and expects it back on the listening connection within the
+    /// heartbeat timeout; if it does not come, the connection is presumed dead (a
+    /// silent network partition does not close a socket) and is replaced, with a
+    /// resync. `None` disables it. Default 5 s.
     pub fn heartbeat(mut self, interval: Option<Duration>) -> Self {
         self.heartbeat = interval.filter(|d| !d.is_zero());
         self
@@ -242,7 +242,7 @@ impl ChangeListenerBuilder {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(Error::invalid("ChangeListener::start must run inside a tokio runtime"));
         }
-        let options = (*self.pool.connect_options()).clone().application_name("strata-change-listener");
+        let options = self.options;
         let shared = Arc::new(Shared {
             counters: Counters::default(),
             connected: AtomicBool::new(false),
@@ -250,7 +250,6 @@ impl ChangeListenerBuilder {
             id: listener_id(),
         });
         let cfg = Arc::new(Config {
-            pool: self.pool,
             options,
             targets: self.targets,
             mappings: self.mappings,
@@ -266,13 +265,12 @@ impl ChangeListenerBuilder {
             .map_err(|e| Error::database("ChangeListener: cannot connect and LISTEN", e))?;
         shared.mark_connected(first.1);
         let (stop_tx, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(run(cfg.clone(), shared.clone(), first.0, stop_rx));
+        let task = tokio::spawn(run(cfg.clone(), shared.clone(), first, stop_rx));
         Ok(ChangeListener { shared, cfg, stop: stop_tx, task: Some(task) })
     }
 }
 
 struct Config {
-    pool: PgPool,
     options: PgConnectOptions,
     targets: Vec<Arc<dyn Target>>,
     mappings: Vec<Mapping>,
@@ -322,8 +320,8 @@ impl Shared {
 /// Every instance running one is correct but multiplies L2 deletes and backplane
 /// messages by the fleet size.
 ///
-/// The listening connection is a dedicated one (not taken from the pool) opened with
-/// the pool's connect options; heartbeats are sent through the pool.
+/// It holds two dedicated connections (not taken from the application's pool, opened
+/// with its connect options): the listening one and one that sends heartbeats.
 pub struct ChangeListener {
     shared: Arc<Shared>,
     cfg: Arc<Config>,
@@ -334,8 +332,13 @@ pub struct ChangeListener {
 impl ChangeListener {
     /// Starts configuring a listener whose connections use `pool`'s connect options.
     pub fn builder(pool: &PgPool) -> ChangeListenerBuilder {
+        Self::builder_with((*pool.connect_options()).clone())
+    }
+
+    /// Starts configuring a listener that connects with `options`.
+    pub fn builder_with(options: PgConnectOptions) -> ChangeListenerBuilder {
         ChangeListenerBuilder {
-            pool: pool.clone(),
+            options: options.application_name("strata-change-listener"),
             targets: Vec::new(),
             mappings: Vec::new(),
             heartbeat: Some(Duration::from_secs(5)),
@@ -403,13 +406,17 @@ fn listener_id() -> String {
     format!("{}-{nanos:x}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
-/// Opens a dedicated connection (its own one-connection pool, so that a dead
-/// connection never goes back into the application's pool), `LISTEN`s and reads the
-/// backend pid.
-async fn connect(cfg: &Config) -> Result<(PgListener, i32), sqlx::Error> {
+/// A listening connection, its backend pid, and the pool heartbeats are sent through.
+type Connected = (PgListener, i32, PgPool);
+
+/// Opens the listening connection and the heartbeat connection, in a private pool of
+/// two (so that a dead connection never goes back into the application's pool, and a
+/// busy application pool never delays a heartbeat), `LISTEN`s and reads the backend
+/// pid.
+async fn connect(cfg: &Config) -> Result<Connected, sqlx::Error> {
     let attempt = async {
         let pool = PgPoolOptions::new()
-            .max_connections(1)
+            .max_connections(2)
             .min_connections(0)
             .max_lifetime(None)
             .idle_timeout(None)
@@ -423,7 +430,7 @@ async fn connect(cfg: &Config) -> Result<(PgListener, i32), sqlx::Error> {
         listener.eager_reconnect(false);
         listener.listen(CHANNEL).await?;
         let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut listener).await?;
-        Ok((listener, pid))
+        Ok((listener, pid, pool))
     };
     match tokio::time::timeout(cfg.connect_timeout, attempt).await {
         Ok(r) => r,
@@ -436,7 +443,7 @@ enum End {
     Lost(String),
 }
 
-async fn run(cfg: Arc<Config>, shared: Arc<Shared>, first: PgListener, mut stop: watch::Receiver<bool>) {
+async fn run(cfg: Arc<Config>, shared: Arc<Shared>, first: Connected, mut stop: watch::Receiver<bool>) {
     let c = &shared.counters;
     let mut listener = Some(first);
     let mut backoff = cfg.backoff.0;
@@ -444,21 +451,17 @@ async fn run(cfg: Arc<Config>, shared: Arc<Shared>, first: PgListener, mut stop:
         let conn = match listener.take() {
             Some(l) => l,
             None => match connect(&cfg).await {
-                Ok((l, pid)) => {
+                Ok((l, pid, pinger)) => {
                     shared.mark_connected(pid);
                     c.add(Counter::reconnects, 1);
                     backoff = cfg.backoff.0;
                     // LISTEN is active again; what changed while it was not is unknown.
                     resync(&cfg, c).await;
-                    l
+                    (l, pid, pinger)
                 }
                 Err(e) => {
                     c.add(Counter::connect_errors, 1);
                     tracing::warn!(error = %e, retry_in = ?backoff, "change listener cannot reconnect");
-                    if cfg.pool.is_closed() {
-                        tracing::warn!("change listener stops: its pool was closed");
-                        return;
-                    }
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = stopped(&mut stop) => return,
@@ -482,9 +485,9 @@ async fn run(cfg: Arc<Config>, shared: Arc<Shared>, first: PgListener, mut stop:
 
 /// Invalidates every mapped cache: notifications may have been missed.
 async fn resync(cfg: &Config, c: &Counters) {
-    c.add(Counter::resyncs, 1);
     let results = join_all(cfg.targets.iter().map(|t| t.invalidate_all())).await;
     c.add(Counter::resync_flushes, cfg.targets.len() as u64);
+    c.add(Counter::resyncs, 1);
     let failed = results.iter().filter(|r| r.is_err()).count() as u64;
     c.add(Counter::invalidation_errors, failed);
     tracing::warn!(
@@ -525,7 +528,8 @@ struct Outstanding {
 }
 
 /// Serves one connection until it is lost or the listener stops.
-async fn serve(cfg: &Config, shared: &Shared, conn: PgListener, stop: &mut watch::Receiver<bool>) -> End {
+async fn serve(cfg: &Config, shared: &Shared, conn: Connected, stop: &mut watch::Receiver<bool>) -> End {
+    let (conn, _pid, pinger) = conn;
     let (tx, mut rx) = mpsc::channel(EVENT_CAPACITY);
     let mut reader = AbortOnDrop(tokio::spawn(read(conn, tx)));
     let period = cfg.heartbeat.unwrap_or(Duration::from_secs(3600));
@@ -566,7 +570,7 @@ async fn serve(cfg: &Config, shared: &Shared, conn: PgListener, stop: &mut watch
                 nonce += 1;
                 outstanding = Some(Outstanding { nonce, deadline: Instant::now() + cfg.heartbeat_timeout });
                 let payload = serde_json::json!({ "op": "PING", "listener": shared.id, "nonce": nonce }).to_string();
-                let pool = cfg.pool.clone();
+                let pool = pinger.clone();
                 // Sent from its own task so that a slow pool never delays notifications;
                 // if it fails, the heartbeat times out and the connection is replaced,
                 // which is the safe reading of "cannot prove the connection works".

@@ -160,6 +160,8 @@ async fn fleet(
             .consistency(level)
             .time_to_live(Duration::from_secs(3600))
             .heartbeat_interval(Duration::from_millis(100))
+            // The observing tier queries the database inside its delete.
+            .l2_timeout(Duration::from_secs(2))
             .tags(|_k: &i64, _v: &String| vec!["merchant:7".to_owned()]);
         if let (0, Some(log)) = (i, &log) {
             let log = log.clone();
@@ -334,6 +336,7 @@ macro_rules! transaction_tests {
                     let log = log.clone();
                     Cache::builder("by_name")
                         .tier(Arc::new(tier.clone()))
+                        .l2_timeout(Duration::from_secs(2))
                         .after_invalidate(move |what| push(&log, format!("hook by_name {what:?}")))
                         .build()
                         .unwrap()
@@ -769,4 +772,129 @@ async fn change_capture_listener_reconnects_and_resyncs() {
         .unwrap();
     time_until_clean(&caches, 1, Instant::now()).await;
     listener.shutdown().await;
+}
+
+/// A silent partition (the proxy holds every byte; no socket closes): the heartbeat
+/// notices, the listener reconnects once the network heals, and its resync removes
+/// what was changed meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn change_capture_heartbeat_detects_a_silent_partition() {
+    let db = postgres().await;
+    let pg = db.pg.clone().unwrap();
+    strata_sql::install_change_capture(&db.pool, "payment", "id", None).await.expect("install");
+    let proxy = strata_testkit::FaultProxy::start(pg.addr()).await.unwrap();
+    let via_proxy: sqlx::postgres::PgConnectOptions =
+        format!("postgres://postgres@127.0.0.1:{}/strata", proxy.port()).parse().unwrap();
+    let caches = fleet(2, Consistency::Invalidated, Arc::new(InProcessTier::new()), None).await;
+    let listener = strata_sql::ChangeListener::builder_with(via_proxy)
+        .table("public.payment", &caches[0])
+        .heartbeat(Some(Duration::from_millis(100)))
+        .heartbeat_timeout(Duration::from_millis(300))
+        .connect_timeout(Duration::from_millis(300))
+        .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(100))
+        .start()
+        .await
+        .expect("listener");
+    wait_until("a heartbeat comes back", Duration::from_secs(3), || listener.stats().heartbeats >= 1).await;
+    fill(&caches, &db.pool, &[1, 2]).await;
+
+    proxy.blackhole(true);
+    let cut = Instant::now();
+    sqlx::query("UPDATE payment SET status = 'during-partition' WHERE id = 1")
+        .execute(&db.observer)
+        .await
+        .unwrap();
+    let detected = wait_until("heartbeat timeout", Duration::from_secs(3), || {
+        listener.stats().heartbeat_timeouts >= 1 && !listener.is_connected()
+    })
+    .await;
+    // The change is not seen while partitioned: the documented window.
+    assert_eq!(caches[1].get_local(&1).as_deref(), Some("pending"));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        listener.stats().connect_errors >= 1,
+        "reconnects fail while partitioned: {:?}",
+        listener.stats()
+    );
+
+    proxy.clear();
+    let healed = Instant::now();
+    wait_until("reconnected and resynced", Duration::from_secs(5), || {
+        let s = listener.stats();
+        s.reconnects >= 1 && s.resyncs >= 1
+    })
+    .await;
+    let clean = time_until_clean(&caches, 1, healed).await;
+    eprintln!(
+        "change listener, silent partition: detected {detected:?} after the cut; every L1 clean {clean:?} after \
+         the network healed ({:?} after the cut)",
+        cut.elapsed()
+    );
+    for c in &caches {
+        assert!(c.get_local(&2).is_none(), "resync flushed everything");
+    }
+    let pool = db.pool.clone();
+    let v = caches[1]
+        .get_or_load(&1, move || async move {
+            sqlx::query_scalar::<_, String>(SELECT).bind(1_i64).fetch_optional(&pool).await
+        })
+        .await
+        .unwrap();
+    assert_eq!(v.as_deref(), Some("during-partition"));
+    // And capture works again.
+    sqlx::query("UPDATE payment SET status = 'healed' WHERE id = 1").execute(&db.observer).await.unwrap();
+    time_until_clean(&caches, 1, Instant::now()).await;
+    listener.shutdown().await;
+}
+
+/// The connection dies after the server committed but before the client heard so:
+/// the outcome is unknown to the client, the caches are invalidated anyway, and the
+/// after-commit actions do not run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_commit_with_unknown_outcome_invalidates_and_skips_actions() {
+    let db = postgres().await;
+    let pg = db.pg.clone().unwrap();
+    let proxy = strata_testkit::FaultProxy::start(pg.addr()).await.unwrap();
+    let via_proxy = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&format!("postgres://postgres@127.0.0.1:{}/strata", proxy.port()))
+        .await
+        .unwrap();
+    let caches = fleet(2, Consistency::Invalidated, Arc::new(InProcessTier::new()), None).await;
+    fill(&caches, &db.pool, &[1]).await;
+    let ran = Arc::new(AtomicUsize::new(0));
+
+    let mut tx = strata_sql::begin(&via_proxy).await.unwrap();
+    sqlx::query(UPDATE).bind("settled").bind(1_i64).execute(&mut *tx).await.unwrap();
+    tx.invalidate(&caches[0], &1);
+    {
+        let ran = ran.clone();
+        tx.after_commit(move || async move {
+            ran.fetch_add(1, Ordering::SeqCst);
+        });
+    }
+    // Replies now take 400 ms: time to see the commit land and cut the connection
+    // before the client hears of it.
+    proxy.set_latency(Duration::from_millis(200), Duration::ZERO);
+    let commit = tokio::spawn(tx.commit());
+    let start = Instant::now();
+    loop {
+        let s: String = sqlx::query_scalar(SELECT).bind(1_i64).fetch_one(&db.observer).await.unwrap();
+        if s == "settled" {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "the commit never reached the server");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    proxy.reset_all();
+    let err = commit.await.unwrap().expect_err("the client cannot know the commit succeeded");
+    assert_eq!(err.outcome(), CommitOutcome::Unknown, "{err}");
+    assert!(!matches!(err.sqlx_error(), sqlx::Error::Database(_)), "{err}");
+    assert_eq!(err.invalidations().len(), 1);
+    assert!(err.invalidations()[0].is_done());
+    assert_eq!(ran.load(Ordering::SeqCst), 0, "actions are not run on an unknown outcome");
+    wait_until("every instance drops key 1", Duration::from_secs(2), || {
+        caches.iter().all(|c| c.get_local(&1).is_none())
+    })
+    .await;
 }
