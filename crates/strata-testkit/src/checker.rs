@@ -4,7 +4,8 @@
 //! # Definitions
 //!
 //! Versions are per row and strictly increasing (a version column the database bumps
-//! on every change). For a key:
+//! on every change). The rows' versions before the history began are given in
+//! [`CheckConfig::initial`]. For a key:
 //!
 //! * A write is **completed** when it returned `ok` (committed, and its invalidation
 //!   returned). A write that returned an error is **indeterminate**: it may or may not
@@ -29,8 +30,8 @@
 //!   - a version older than a write completed before it was invoked (a stale read),
 //!   - a version newer than every write invoked before it returned (a read from the
 //!     future; a write whose version is unknown may have any version below the next
-//!     known one; a key with no write invoked before the read returned is not judged,
-//!     since its version predates the history), or
+//!     known one; before the first write, the initial version is the bound, and
+//!     without a known initial version such a read is not judged), or
 //!   - a version older than what a read that returned before it was invoked saw (a
 //!     new-old inversion).
 //!
@@ -58,6 +59,9 @@ pub struct CheckConfig {
     pub bound: Duration,
     /// Whether to check linearizability (the Strong level's promise).
     pub linearizable: bool,
+    /// The rows' versions before the history began (the database as seeded): they
+    /// count as written before every event of the history, but not as writes.
+    pub initial: BTreeMap<u64, u64>,
 }
 
 /// The contents of one cache at quiescence.
@@ -200,10 +204,13 @@ struct Completed {
 }
 
 impl Completed {
-    fn new(writes: &[&Event]) -> Self {
+    fn new(initial: Option<u64>, writes: &[&Event]) -> Self {
         let mut done: Vec<(u64, u64)> =
             writes.iter().filter(|w| w.ok).filter_map(|w| w.version.map(|v| (w.return_ns, v))).collect();
         done.sort_unstable();
+        if let Some(v) = initial {
+            done.insert(0, (0, v));
+        }
         let mut max = 0;
         let max_version = done
             .iter()
@@ -215,7 +222,8 @@ impl Completed {
         Completed { returns: done.iter().map(|&(t, _)| t).collect(), max_version }
     }
 
-    /// The newest version among writes that returned strictly before `t`.
+    /// The newest version among writes that returned strictly before `t` (the initial
+    /// version counts as returned at 0).
     fn newest_before(&self, t: u64) -> Option<u64> {
         let n = self.returns.partition_point(|&r| r < t);
         n.checked_sub(1).map(|i| self.max_version[i])
@@ -280,7 +288,8 @@ pub fn check(config: &CheckConfig, history: &History, end: &Quiescence) -> Repor
     let mut linearizability = 0u64;
     for (&key, kh) in &mut keys {
         kh.writes.sort_by_key(|w| (w.invoke_ns, w.return_ns));
-        let completed = Completed::new(&kh.writes);
+        let initial = config.initial.get(&key).copied();
+        let completed = Completed::new(initial, &kh.writes);
 
         // Stale reads, at zero slack and beyond the bound.
         for r in &kh.reads {
@@ -339,7 +348,7 @@ pub fn check(config: &CheckConfig, history: &History, end: &Quiescence) -> Repor
         }
 
         if config.linearizable {
-            linearizability += linearizability_violations(key, kh, &completed, &mut ex);
+            linearizability += linearizability_violations(key, initial, kh, &completed, &mut ex);
         }
     }
 
@@ -396,6 +405,7 @@ pub fn check(config: &CheckConfig, history: &History, end: &Quiescence) -> Repor
 /// Counts the reads of one key that violate linearizability (each once).
 fn linearizability_violations(
     key: u64,
+    initial: Option<u64>,
     kh: &KeyHistory<'_>,
     completed: &Completed,
     ex: &mut Examples,
@@ -405,7 +415,7 @@ fn linearizability_violations(
     // the largest known version, or, if the last write of the prefix has an unknown
     // version, the next known version minus one (unbounded if there is none).
     let mut prefix_max = Vec::with_capacity(writes.len());
-    let mut max = 0u64;
+    let mut max = initial.unwrap_or(0);
     for w in writes {
         if let Some(v) = w.version {
             max = max.max(v);
@@ -413,8 +423,11 @@ fn linearizability_violations(
         prefix_max.push(max);
     }
     let upper = |n: usize| -> Option<u64> {
-        // n = number of writes invoked before the read returned (n ≥ 1).
-        let last = writes[n - 1];
+        // n = number of writes invoked before the read returned.
+        let Some(last) = n.checked_sub(1).map(|i| writes[i]) else {
+            // None yet: the initial version, if known (else the read is not judged).
+            return initial.or(Some(u64::MAX));
+        };
         if last.version.is_some() {
             return Some(prefix_max[n - 1]);
         }
@@ -438,7 +451,7 @@ fn linearizability_violations(
         let inv = r.ev.invoke_ns;
         let stale = completed.newest_before(inv).filter(|&newest| r.version < newest);
         let invoked_before = writes.partition_point(|w| w.invoke_ns < r.ev.return_ns);
-        let future = (invoked_before > 0).then(|| upper(invoked_before)).flatten().filter(|&u| r.version > u);
+        let future = upper(invoked_before).filter(|&u| r.version > u);
         let returned_before = by_return.partition_point(|&(t, _)| t < inv);
         let inversion =
             returned_before.checked_sub(1).map(|i| max_seen[i]).filter(|&earlier| r.version < earlier);

@@ -286,6 +286,7 @@ async fn proxy_to_dead_server_resets_client() {
 // ---------------------------------------------------------------- history and checker
 
 mod checker {
+    use std::collections::BTreeMap;
     use std::time::Duration;
 
     use strata_testkit::{
@@ -318,6 +319,7 @@ mod checker {
             level: if linearizable { "strong" } else { "invalidated" }.into(),
             bound: Duration::from_millis(bound_ms),
             linearizable,
+            initial: BTreeMap::new(),
         }
     }
 
@@ -521,6 +523,26 @@ mod checker {
             write(1, 300, 400, Some(3), true),
         ];
         assert_eq!(run(events, &settled(&[(1, 3)]), 0, true).linearizability_violations, Some(1));
+    }
+
+    #[test]
+    fn initial_versions_count_as_written_but_not_as_writes() {
+        let mut cfg = config(1000, true);
+        cfg.initial = [(1, 5), (2, 5)].into();
+        let events = vec![
+            read("reader-1", 1, 10, 11, 5, Tier::Db),
+            write(1, 100, 110, Some(6), true),
+            read("reader-1", 1, 120, 121, 6, Tier::L2),
+            // Older than the initial version: stale (beyond any bound: it was there first).
+            read("reader-2", 2, 3000, 3001, 4, Tier::L1),
+            // Newer than anything written: from the future.
+            read("reader-1", 2, 3100, 3101, 7, Tier::L1),
+        ];
+        let r = check(&cfg, &history(events), &settled(&[(1, 6), (2, 5)]));
+        assert_eq!((r.reads, r.writes), (4, 1), "{r:#?}");
+        assert_eq!((r.stale_any, r.stale_beyond_bound), (1, 1));
+        assert_eq!(r.linearizability_violations, Some(2));
+        assert_eq!(r.lost_writes, 0);
     }
 
     #[test]
