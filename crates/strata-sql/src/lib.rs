@@ -66,9 +66,10 @@
 //!
 //! | cache level | report | state of the cache | after-commit actions |
 //! |---|---|---|---|
-//! | Invalidated (or Local) | [`InvalidationState::Buffered`] | the local copy is gone; the L2 delete and/or the backplane message are retried in the background (`Cache::flush_pending` retries now); meanwhile other instances may serve the old value, bounded by `max_stale` | run |
+//! | Invalidated (or Local) | [`InvalidationState::Buffered`] | the local copy is gone; the L2 delete and/or the backplane message are retried in the background (`Cache::flush_pending` retries now); until the retry succeeds other instances may serve the old value | run |
 //! | Strong, L2 delete failed | [`InvalidationState::Bypassed`] | every read goes to the database until a namespace bump has cleaned L2 | run |
-//! | Strong, only the message failed | [`InvalidationState::Buffered`] | as Invalidated: other instances drop their copy when they detect the gap | run |
+//! | Strong, message failed | [`InvalidationState::Buffered`] | the message is retried; the other instances detect the gap and repair | run |
+//! | Strong, acknowledgements timed out | [`InvalidationState::Unconfirmed`] | L2 is clean and the message out; a member that neither acknowledged nor let its lease lapse may serve the old value until it does | run |
 //!
 //! Actions run in every case because withholding them would lose the events of a
 //! committed change for good, while the cache is already as safe as it can be made;

@@ -176,12 +176,14 @@ impl<'c, DB: SqlDatabase> Transaction<'c, DB> {
     /// * `Ok(report)`: the transaction **committed**. Do not retry it. The
     ///   [`CommitReport`] says per cache whether the invalidation succeeded
     ///   ([`InvalidationState::Done`]) or failed, in which case the cache has already
-    ///   made itself safe: [`InvalidationState::Buffered`] (the L2 delete or the
-    ///   backplane message is retried in the background; until then other instances
-    ///   may read the old value from L2 or keep it in L1 for at most the cache's
-    ///   `max_stale`) or [`InvalidationState::Bypassed`] (Strong level: every read of
-    ///   that cache goes to the database until L2 is clean again). It also lists the
-    ///   actions that failed.
+    ///   made itself safe as strata's `Cache::invalidate` documents:
+    ///   [`InvalidationState::Buffered`] (the L2 delete or the backplane message is
+    ///   retried in the background; until the retry succeeds other instances may read
+    ///   the old value), [`InvalidationState::Bypassed`] (Strong level: every read of
+    ///   that cache goes to the database until L2 is clean again) or
+    ///   [`InvalidationState::Unconfirmed`] (Strong level: L2 deleted and message
+    ///   published, but some member neither acknowledged nor let its lease lapse in
+    ///   time). It also lists the actions that failed.
     /// * `Err(e)` with [`CommitOutcome::RolledBack`]: nothing was committed, nothing
     ///   invalidated, no action run.
     /// * `Err(e)` with [`CommitOutcome::Unknown`]: the connection failed during
@@ -193,10 +195,11 @@ impl<'c, DB: SqlDatabase> Transaction<'c, DB> {
     ///
     /// # Actions after a failed invalidation
     ///
-    /// They run. A failed invalidation has already been made safe by the cache
-    /// (buffered and retried at Invalidated, cache bypassed at Strong), and the
-    /// transaction is committed, so withholding the events would lose them for good.
-    /// The report records the failed invalidation, and a `warn` log is written.
+    /// They run, whatever the [`InvalidationState`]. A failed invalidation has already
+    /// been made as safe as it can be by the cache (buffered and retried at
+    /// Invalidated, cache bypassed at Strong), and the transaction is committed, so
+    /// withholding the events would lose them for good. The report records the failed
+    /// invalidation, and a `warn` log is written.
     ///
     /// On Postgres, `commit` first runs `SELECT 1` in the transaction: Postgres
     /// answers `COMMIT` in a transaction aborted by an earlier failed statement with
@@ -340,12 +343,18 @@ pub enum InvalidationState {
     /// Local copy dropped, L2 deleted, message on the backplane: done.
     Done,
     /// The L2 delete or the backplane message failed and is buffered; the cache
-    /// retries it in the background ([`Cache::flush_pending`] retries now). Until then
-    /// other instances may serve the old value for at most the cache's `max_stale`.
+    /// retries it in the background ([`Cache::flush_pending`] retries now). Until the
+    /// retry succeeds, other instances may serve the old value (read back from L2, or
+    /// kept in L1 until they detect the missed message).
     Buffered,
     /// Strong level: the L2 delete failed, so the cache is bypassed (every read goes
     /// to the database) until a namespace bump has made L2 clean.
     Bypassed,
+    /// The call failed although nothing was buffered and the cache is not bypassed:
+    /// at the Strong level, L2 was deleted and the message published, but some member
+    /// neither acknowledged it nor let its membership lease lapse in time; that member
+    /// may serve the old value until it does.
+    Unconfirmed,
 }
 
 /// The invalidation of one cache after a commit.
@@ -503,7 +512,8 @@ where
             let state = match &first_err {
                 None => InvalidationState::Done,
                 Some(_) if cache.is_bypassed() => InvalidationState::Bypassed,
-                Some(_) => InvalidationState::Buffered,
+                Some(_) if cache.pending_invalidations() > 0 => InvalidationState::Buffered,
+                Some(_) => InvalidationState::Unconfirmed,
             };
             CacheInvalidation {
                 namespace: cache.namespace().to_owned(),
@@ -525,6 +535,7 @@ async fn run_invalidations(batches: Vec<Box<dyn Batch>>) -> Vec<CacheInvalidatio
     for inv in done.iter().filter(|i| !i.is_done()) {
         let state = match inv.state {
             InvalidationState::Bypassed => "bypassed",
+            InvalidationState::Unconfirmed => "unconfirmed",
             _ => "buffered",
         };
         metrics::counter!("strata_sql_invalidation_failures_total",
