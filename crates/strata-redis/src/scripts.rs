@@ -297,6 +297,15 @@ fn with_prelude(body: &str) -> String {
 }
 
 /// The tier's compiled scripts (hashed once).
+/// Deletes the lease key only if it still holds the caller's lease id.
+/// KEYS[1] lease key; ARGV[1] lease id.
+const RELEASE_LEASE_BODY: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
 pub(crate) struct TierScripts {
     pub(crate) lookup: redis::Script,
     pub(crate) fill: redis::Script,
@@ -306,6 +315,7 @@ pub(crate) struct TierScripts {
     pub(crate) invalidate_namespace: redis::Script,
     pub(crate) touch: redis::Script,
     pub(crate) discard: redis::Script,
+    pub(crate) release_lease: redis::Script,
 }
 
 impl TierScripts {
@@ -319,6 +329,7 @@ impl TierScripts {
             invalidate_namespace: redis::Script::new(&with_prelude(INVALIDATE_NAMESPACE_BODY)),
             touch: redis::Script::new(&with_prelude(TOUCH_BODY)),
             discard: redis::Script::new(DISCARD_BODY),
+            release_lease: redis::Script::new(RELEASE_LEASE_BODY),
         }
     }
 }

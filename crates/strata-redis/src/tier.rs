@@ -785,6 +785,17 @@ impl Tier for RedisTier {
         Ok(())
     }
 
+    async fn release_lease(&self, namespace: &str, key: &str, token: &FillToken) -> Result<()> {
+        let Some(lease) = token.lease else { return Ok(()) };
+        let ns = NsKeys::new(&self.inner.prefix, namespace);
+        let mut inv = self.inner.scripts.release_lease.prepare_invoke();
+        inv.key(ns.lease(key)).arg(lease);
+        let _: Value = self
+            .run("redis tier release_lease", |mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        Ok(())
+    }
+
     async fn invalidate_tag(&self, namespace: &str, tag: &str) -> Result<()> {
         let ns = NsKeys::new(&self.inner.prefix, namespace);
         let mut inv = self.inner.scripts.invalidate_tag.prepare_invoke();

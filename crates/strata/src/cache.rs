@@ -532,9 +532,19 @@ where
         let mut first_err = None;
         if let Some(tier) = &inner.tier {
             let res = inner.l2_call("delete", tier.delete(&inner.cfg.namespace, &key_strs)).await;
-            if let Err(e) = res {
-                inner.l2_invalidation_failed(Some(key_strs.clone()), None, &e);
-                first_err = Some(e);
+            match res {
+                // A read here that reached L2 just before the delete may have put the old
+                // value back in our L1 (we skip our own message): evict once more.
+                Ok(()) => {
+                    let now = inner.clock.now();
+                    for key in keys {
+                        inner.evict_key(key, now);
+                    }
+                }
+                Err(e) => {
+                    inner.l2_invalidation_failed(Some(key_strs.clone()), None, &e);
+                    first_err = Some(e);
+                }
             }
         }
         if let Err(e) = inner.publish(MessageBody::Keys(key_strs.clone())).await {
@@ -555,9 +565,13 @@ where
         let mut first_err = None;
         if let Some(tier) = &inner.tier {
             let res = inner.l2_call("invalidate_tag", tier.invalidate_tag(&inner.cfg.namespace, tag)).await;
-            if let Err(e) = res {
-                inner.l2_invalidation_failed(None, Some(tag.to_owned()), &e);
-                first_err = Some(e);
+            match res {
+                // As for keys: whatever a read brought back from L2 meanwhile goes too.
+                Ok(()) => inner.guards.invalidate_tag(tag),
+                Err(e) => {
+                    inner.l2_invalidation_failed(None, Some(tag.to_owned()), &e);
+                    first_err = Some(e);
+                }
             }
         }
         if let Err(e) = inner.publish(MessageBody::Tag(tag.to_owned())).await {
@@ -575,9 +589,12 @@ where
         if let Some(tier) = &inner.tier {
             let res =
                 inner.l2_call("invalidate_namespace", tier.invalidate_namespace(&inner.cfg.namespace)).await;
-            if let Err(e) = res {
-                inner.l2_invalidation_failed(None, None, &e);
-                first_err = Some(e);
+            match res {
+                Ok(()) => inner.flush_l1(),
+                Err(e) => {
+                    inner.l2_invalidation_failed(None, None, &e);
+                    first_err = Some(e);
+                }
             }
         }
         if let Err(e) = inner.publish(MessageBody::All).await {
@@ -1039,7 +1056,10 @@ where
                 .await;
                 Ok(value)
             }
-            Err(e) => Err(e),
+            Err(e) => {
+                self.release_lease(&key_str, token.as_ref()).await;
+                Err(e)
+            }
         };
         let result = match (result, fallback) {
             (Err(e), Some(copy)) => {
@@ -1142,11 +1162,13 @@ where
         load_nanos: u64,
     ) {
         if value.is_none() && self.cfg.negative_ttl.is_none() {
+            self.release_lease(key_str, token).await;
             return;
         }
         let now = self.now();
         let tags = value.as_ref().and_then(|v| self.tags_of(key, v));
         let version = value.as_ref().and_then(|v| self.cfg.version.as_ref().and_then(|f| f(v)));
+        let mut filled = false;
         if let (Some(tier), Some(token)) = (&self.tier, token)
             && !self.l2_delete_pending(key_str, tags.as_deref().map_or(&[], Vec::as_slice))
         {
@@ -1161,6 +1183,7 @@ where
                 None => Some(None),
             };
             if let Some(bytes) = encoded {
+                filled = true;
                 let env = self.make_envelope(bytes, version, now, load_nanos, tags.clone());
                 let ttl = self.l2_store_ttl(&env, now);
                 match self.l2_call("fill", tier.fill(&self.cfg.namespace, key_str, env, ttl, token)).await {
@@ -1174,8 +1197,21 @@ where
                 }
             }
         }
+        if !filled {
+            self.release_lease(key_str, token).await;
+        }
         let entry = self.make_entry(value, now, load_nanos, start, tags, false);
         self.fill_l1(key, entry, start, started_at);
+    }
+
+    /// Lets the instances waiting for our fill stop waiting when there will be none.
+    async fn release_lease(&self, key_str: &str, token: Option<&FillToken>) {
+        if let (Some(tier), Some(token)) = (&self.tier, token)
+            && token.lease.is_some()
+        {
+            let _ =
+                self.l2_call("release_lease", tier.release_lease(&self.cfg.namespace, key_str, token)).await;
+        }
     }
 
     /// Whether an L2 invalidation covering this key failed and awaits retry: L2 holds no
@@ -1361,12 +1397,14 @@ where
                 }
                 return;
             }
-            // L2 is clean only now. Until now this instance could read the old value
-            // back from L2 (e.g. a fill that predates the invalidation but reached L2
-            // before the delete did) into its L1, and it ignores its own message, which
-            // is what drops such copies everywhere else: drop them here.
+            // L2 is clean only now. Until now any instance, this one included, could read
+            // the old value back from L2 into its L1 after the first message evicted it
+            // (or a fill that predates the invalidation could reach L2 before the delete
+            // did). So drop such copies here, and tell the fleet again.
+            let mut again = Vec::new();
             if all {
                 self.flush_l1();
+                again.push(MessageBody::All);
             } else {
                 let now = self.now();
                 for key in keys.iter().filter_map(|k| K::parse_key(k)) {
@@ -1374,11 +1412,16 @@ where
                 }
                 for tag in &tags {
                     self.guards.invalidate_tag(tag);
+                    again.push(MessageBody::Tag(tag.clone()));
                 }
                 if !tags.is_empty() {
                     self.flights.detach_all();
                 }
+                if !keys.is_empty() {
+                    again.push(MessageBody::Keys(keys.into_iter().collect()));
+                }
             }
+            self.pending.lock().messages.extend(again);
         }
         let messages = std::mem::take(&mut self.pending.lock().messages);
         let mut iter = messages.into_iter();

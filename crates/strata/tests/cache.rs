@@ -1007,3 +1007,21 @@ async fn a_weigher_bounds_l1_by_total_weight() {
     assert!(resident <= 10, "at most 1000 bytes resident, got {resident} entries");
     assert!(resident >= 1);
 }
+
+#[tokio::test]
+async fn a_copy_reread_from_l2_before_a_buffered_delete_lands_is_evicted_fleet_wide() {
+    let f = fleet(2, Mode::Stream, None).await;
+    let (a, b) = (&f.caches[0], &f.caches[1]);
+    let db = Db::with(&[(1, "v1")]);
+    b.get_or_load(&1, db.loader(1)).await.expect("load");
+    db.set(1, "v2");
+    f.tier.set_available(false);
+    assert!(a.invalidate(&1).await.is_err(), "L2 delete failed, message published");
+    eventually("b evicted", || b.get_local(&1).is_none()).await;
+    f.tier.set_available(true);
+    // B reads the old value back from L2 (the delete is still buffered) and caches it.
+    assert_eq!(b.get_or_load(&1, db.loader(1)).await.expect("read").as_deref(), Some("v1"));
+    assert_eq!(a.flush_pending().await, 0, "delete and second message delivered");
+    eventually("b evicted the re-read copy", || b.get_local(&1).is_none()).await;
+    assert_eq!(b.get_or_load(&1, db.loader(1)).await.expect("read").as_deref(), Some("v2"));
+}

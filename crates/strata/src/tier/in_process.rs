@@ -262,6 +262,17 @@ impl Tier for InProcessTier {
         Ok(())
     }
 
+    async fn release_lease(&self, namespace: &str, key: &str, token: &FillToken) -> Result<()> {
+        self.enter()?;
+        let Some(lease) = token.lease else { return Ok(()) };
+        self.with_ns(namespace, |ns| {
+            if ns.leases.get(key).is_some_and(|(id, _)| *id == lease) {
+                ns.leases.remove(key);
+            }
+        });
+        Ok(())
+    }
+
     async fn touch(&self, namespace: &str, key: &str, soft_expiry: Timestamp, ttl: Duration) -> Result<bool> {
         let now = self.enter()?;
         Ok(self.with_ns(namespace, |ns| {

@@ -140,6 +140,15 @@ pub trait Tier: Send + Sync + 'static {
     /// Invalidates the whole namespace, in O(1).
     async fn invalidate_namespace(&self, namespace: &str) -> Result<()>;
 
+    /// Gives up the load lease `token` holds without filling (the load failed, or its
+    /// result is not to be stored), so the instances waiting for the fill stop waiting.
+    /// A lease that is no longer `token`'s is left alone. The default does nothing: the
+    /// lease then simply expires.
+    async fn release_lease(&self, namespace: &str, key: &str, token: &FillToken) -> Result<()> {
+        let _ = (namespace, key, token);
+        Ok(())
+    }
+
     /// Extends a live entry's life (sliding expiration). Returns false if there was
     /// no live entry.
     async fn touch(&self, namespace: &str, key: &str, soft_expiry: Timestamp, ttl: Duration) -> Result<bool>;
