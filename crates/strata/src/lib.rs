@@ -62,8 +62,20 @@
 //! * **Single-flight and leases.** Concurrent misses on a key run one load per instance,
 //!   and with a leasing tier one per fleet.
 //!
-//! Not promised: writes that bypass both strata and change capture are only bounded by
-//! the TTL; L1 time checks use this process's clock, L2 expiry the tier's.
+//! * **Strong acknowledgements.** At [`Consistency::Strong`], `invalidate` waits until
+//!   every member heard within its membership lease has acknowledged the message, or its
+//!   lease has lapsed; a member that has not heard its own heartbeat back for half a lease
+//!   serves nothing from L1. This assumes the skew between members' clocks' rates and
+//!   between their backplane deliveries stays under half a lease.
+//!
+//! Not promised, or bounded differently:
+//!
+//! * Writes that bypass both strata and change capture are only bounded by the TTL.
+//! * When an L2 delete fails at the Invalidated level, other instances may read the old
+//!   value back from L2 until the buffered delete is retried (every 100 ms, backing off
+//!   to 2 s while L2 stays down); the retry then republishes the invalidation. At the
+//!   Strong level the cache is bypassed instead.
+//! * L1 time checks use this process's clock (1 ms resolution), L2 expiry the tier's.
 //!
 //! ## Costs
 //!
