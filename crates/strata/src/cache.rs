@@ -441,6 +441,7 @@ where
             Some(_) => Some(inner.encode_checked(&value)?),
             None => None,
         };
+        inner.clean_l2_if_untrusted().await;
         let now = inner.clock.now();
         inner.guards.invalidate_key(&key, now, || {
             inner.l1.remove(&key);
@@ -524,6 +525,7 @@ where
             return Ok(());
         }
         let inner = &self.inner;
+        inner.clean_l2_if_untrusted().await;
         let now = inner.clock.now();
         for key in keys {
             inner.evict_key(key, now);
@@ -558,6 +560,7 @@ where
     /// read, in L1 and L2.
     pub async fn invalidate_tag(&self, tag: &str) -> Result<()> {
         let inner = &self.inner;
+        inner.clean_l2_if_untrusted().await;
         inner.guards.invalidate_tag(tag);
         // Loads in flight may carry the tag; their fills are refused by the epoch check,
         // but new readers must not join them.
@@ -584,6 +587,7 @@ where
     /// Invalidates the whole namespace, in O(1) (a namespace epoch).
     pub async fn invalidate_all(&self) -> Result<()> {
         let inner = &self.inner;
+        inner.clean_l2_if_untrusted().await;
         inner.flush_l1();
         let mut first_err = None;
         if let Some(tier) = &inner.tier {
@@ -1263,7 +1267,18 @@ where
         tracing::warn!(error = %err, namespace = %self.cfg.namespace, "l2 invalidation failed; buffered for retry");
     }
 
-    /// Publishes one invalidation message with the next sequence number.
+    /// Strong level: before an invalidation goes out while L2 is untrusted, tries to make
+    /// L2 clean first (the namespace bump of [`Inner::retry_pending`], straight to the
+    /// tier). Otherwise the forced-open breaker skips this invalidation's L2 delete while
+    /// its message still reaches the fleet, whose instances then refill their L1s from
+    /// the entries the failed deletes left in L2, until the retry task's next attempt
+    /// (up to 2 s later) even though L2 is reachable again.
+    async fn clean_l2_if_untrusted(&self) {
+        if self.strong && self.untrusted.load(Ordering::SeqCst) {
+            self.retry_pending().await;
+        }
+    }
+
     /// Publishes one invalidation message with the next sequence number; at the Strong
     /// level, then waits for the fleet's acknowledgements.
     pub(crate) async fn publish(&self, body: MessageBody) -> Result<()> {

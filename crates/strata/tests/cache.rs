@@ -1025,3 +1025,41 @@ async fn a_copy_reread_from_l2_before_a_buffered_delete_lands_is_evicted_fleet_w
     eventually("b evicted the re-read copy", || b.get_local(&1).is_none()).await;
     assert_eq!(b.get_or_load(&1, db.loader(1)).await.expect("read").as_deref(), Some("v2"));
 }
+
+#[tokio::test]
+async fn strong_level_cleans_l2_before_the_next_invalidation_goes_out() {
+    // The writer's L2 delete fails (L2 unreachable); once L2 is back, its next
+    // invalidation must clean L2 before the fleet hears of it, rather than fail against
+    // the forced-open breaker while the message still wakes the readers, who would then
+    // refill from the entry the failed delete left in L2.
+    let tier = InProcessTier::new();
+    let hub = InProcessBackplane::new();
+    let mut caches: Vec<Cache<u64, String>> = Vec::new();
+    for _ in 0..2 {
+        let cache = Cache::builder(NS)
+            .tier(Arc::new(tier.clone()))
+            .backplane(Arc::new(hub.connect()))
+            .consistency(Consistency::Strong)
+            .heartbeat_interval(Duration::from_millis(20))
+            .membership_lease(Duration::from_millis(400))
+            .build()
+            .expect("valid");
+        cache.ready().await;
+        caches.push(cache);
+    }
+    let (writer, reader) = (&caches[0], &caches[1]);
+    let db = Db::with(&[(1, "v1"), (2, "two")]);
+    assert_eq!(reader.get_or_load(&1, db.loader(1)).await.expect("load").as_deref(), Some("v1"));
+    assert_eq!(l2_value(&tier, 1).as_deref(), Some("v1"));
+    db.set(1, "v2");
+    tier.set_available(false);
+    assert!(writer.invalidate(&1).await.is_err(), "the L2 delete failed");
+    assert!(writer.is_bypassed());
+    tier.set_available(true);
+    // The next write, with L2 reachable again, succeeds and leaves no stale entry behind.
+    db.set(2, "deux");
+    writer.invalidate(&2).await.expect("L2 is reachable: the invalidation succeeds");
+    assert!(!writer.is_bypassed(), "the namespace bump made L2 trusted again");
+    assert_eq!(reader.get_or_load(&1, db.loader(1)).await.expect("read").as_deref(), Some("v2"));
+    assert_eq!(reader.get_or_load(&2, db.loader(2)).await.expect("read").as_deref(), Some("deux"));
+}
