@@ -1,10 +1,12 @@
 //! `strata`: the command-line tool of the strata cache.
 //!
 //! `strata bench` runs the seed stories (see `strata bench --help`) against several
-//! caching strategies side by side. Planned: `check` (a consistency torture run with
-//! faults and a history checker), `invalidate` (ops command for manual DML) and `stats`.
+//! caching strategies side by side. `strata check` is a consistency torture run: a
+//! fleet of processes under faults, a recorded history and a checker (see
+//! `strata check --help`). Planned: `invalidate` (ops command for manual DML) and `stats`.
 
 mod bench;
+mod check;
 
 use clap::{Parser, Subcommand};
 
@@ -21,6 +23,11 @@ struct Cli {
 enum Command {
     /// Run a seed scenario against several caching strategies, side by side.
     Bench(bench::BenchArgs),
+    /// Consistency torture run: a fleet under faults, a recorded history, a checker.
+    Check(check::CheckArgs),
+    /// One instance of a `strata check` fleet (started by `strata check`).
+    #[command(hide = true)]
+    CheckWorker(check::worker::WorkerArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -31,5 +38,7 @@ fn main() -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot start the tokio runtime: {e}"))?;
     match cli.command {
         Command::Bench(args) => runtime.block_on(bench::run(args)),
+        Command::Check(args) => runtime.block_on(check::run(args)),
+        Command::CheckWorker(args) => runtime.block_on(check::worker::run(args)),
     }
 }

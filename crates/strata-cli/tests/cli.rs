@@ -137,3 +137,45 @@ fn help_states_defaults_and_metrics() {
         assert!(help.contains(needle), "--help lacks {needle:?}:\n{help}");
     }
 }
+
+/// A very short torture run: the fleet (four processes) over real Redis and Postgres,
+/// the backplane subscribers killed once, and the checker's verdict.
+#[test]
+fn check_invalidated_with_a_subscriber_kill_keeps_its_promises() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("check.json");
+    let history = dir.path().join("history.jsonl");
+    let out = strata(&[
+        "check",
+        "--level",
+        "invalidated",
+        "--fault",
+        "subscriber-kill",
+        "--duration",
+        "5",
+        "--json",
+        json.to_str().unwrap(),
+        "--history",
+        history.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "strata check failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["stale_beyond_bound"], 0, "{report:#}");
+    assert_eq!(report["permanent_inconsistencies"], 0, "{report:#}");
+    assert_eq!(report["lost_writes"], 0, "{report:#}");
+    assert_eq!(report["level"], "invalidated");
+    assert_eq!(report["passed"], true);
+    assert!(report["reads"].as_u64().unwrap() > 500, "{report:#}");
+    assert!(report["writes"].as_u64().unwrap() > 20, "{report:#}");
+    assert_eq!(report["linearizability_violations"], Value::Null, "not checked at this level");
+    let faults = report["faults"].as_array().unwrap();
+    assert_eq!(faults.len(), 1, "{report:#}");
+    assert!(faults[0].as_str().unwrap().starts_with("subscriber-kill ("), "{report:#}");
+    assert!(stdout.contains("stale reads beyond bound") && stdout.contains("result: PASS"), "{stdout}");
+    // The merged history holds every process's lines and the fault.
+    let lines = std::fs::read_to_string(&history).unwrap();
+    for process in ["\"writer\"", "\"reader-1\"", "\"reader-3\"", "\"nemesis\""] {
+        assert!(lines.contains(process), "{process} missing from the history");
+    }
+}

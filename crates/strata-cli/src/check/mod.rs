@@ -1,0 +1,403 @@
+//! `strata check`: a consistency torture run. A fleet of instances, each its own OS
+//! process ([`worker`]), reads and writes one table through strata over real Redis
+//! and Postgres while the [`nemesis`] injects faults; every operation is recorded in a
+//! history, and the history, the database and the caches at quiescence are judged by
+//! the checker of `strata-testkit` ([`strata_testkit::checker`]).
+
+pub mod nemesis;
+pub mod setup;
+pub mod table;
+pub mod worker;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use strata_testkit::{
+    CacheSnapshot, CheckConfig, FaultProxy, History, PostgresServer, Quiescence, Recorder, RedisServer,
+    check, monotonic_ns,
+};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+
+use self::nemesis::{FaultArg, Nemesis};
+use self::setup::{Level, Timing};
+use self::worker::Role;
+
+const ABOUT: &str = "Consistency torture run: a fleet under faults, a recorded history, a checker";
+
+const LONG_ABOUT: &str = "\
+Consistency torture run. Starts Redis and Postgres (through strata-testkit, unless --redis /
+--database are given), seeds a table of versioned rows, and runs --instances processes of
+this binary: one writer, which commits `version = version + 1` at --write-rate per second
+and invalidates the key after the commit, and readers, which read random keys with
+`get_or_load` (loader: SELECT from Postgres) at --read-rate per second each. Every
+instance has its own Cache<u64, Row> on RedisTier + RedisStreamBackplane at --level, with
+the row version declared. Half of all picks go to the hottest tenth of the keys.
+
+Faults (one at a time, evenly spread over --duration, each bounded):
+  redis-kill       kill -9 Redis, restart it empty on the same port after 3 s
+  redis-pause      SIGSTOP Redis for 2 s, then SIGCONT
+  subscriber-kill  CLIENT KILL the backplane subscriber connections (named strata-bp-*)
+  db-down          the database unreachable through a TCP fault proxy for 2 s
+  all              each of the above once, in that order
+With --redis, redis-kill is skipped and redis-pause uses CLIENT PAUSE.
+
+Then the load stops, the fleet settles for max_stale + 2 s, every instance dumps what its
+L1 serves, L2 and the database are read, and the checker reports:
+  stale reads beyond the bound  reads older than a write completed more than the bound
+                                before the read was invoked (must be 0)
+  stale reads (zero slack)      the same with no slack (informative)
+  staleness window              per completed write: the latest invocation of a read that
+                                still returned an older version, minus the write's return
+                                (p50 / p99 / max, and the fraction of writes within
+                                1 ms / 10 ms / 100 ms / 1 s)
+  permanent inconsistencies     cached versions (any L1, or L2) that differ from the
+                                database at quiescence (must be 0)
+  lost writes                   completed writes the database does not have (must be 0)
+  linearizability violations    Strong only (must be 0): a read older than a completed
+                                write, newer than any write begun, or older than what an
+                                earlier read returned
+A write is completed when its commit and its invalidation both returned ok; a write
+that failed is indeterminate (may be seen or not).
+
+The bound:
+  invalidated  max_stale + 3 × heartbeat_interval (the unhealthy-detection time)
+               + 250 ms margin; with the defaults 1000 + 750 + 250 = 2000 ms
+  strong       0 (read-your-writes once invalidate returned) + 1 ms measurement margin
+
+Exits with status 1 when a promise was broken. Times are CLOCK_MONOTONIC, shared by all
+processes of the machine.";
+
+/// Arguments of `strata check`.
+#[derive(Debug, Clone, Args)]
+#[command(about = ABOUT, long_about = LONG_ABOUT)]
+pub struct CheckArgs {
+    /// The consistency level under test.
+    #[arg(long, value_enum)]
+    pub level: Level,
+    /// Fault(s) to inject.
+    #[arg(long, value_enum, default_value = "none")]
+    pub fault: FaultArg,
+    /// Seconds of load.
+    #[arg(long, default_value_t = 30)]
+    pub duration: u64,
+    /// Instances (processes): one writer and N-1 readers.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(2..=64))]
+    pub instances: u32,
+    /// Rows in the table (keys 1..=N).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
+    pub keys: u64,
+    /// Reads per second of each reader.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub read_rate: u32,
+    /// Writes per second of the writer.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub write_rate: u32,
+    /// `max_stale` of every instance, in milliseconds.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_stale_ms: u64,
+    /// `heartbeat_interval` of every instance, in milliseconds (the Strong level's
+    /// membership lease is four of them).
+    #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(1..))]
+    pub heartbeat_ms: u64,
+    /// Use this Redis instead of starting one (`redis://…`).
+    #[arg(long)]
+    pub redis: Option<String>,
+    /// Use this Postgres database instead of starting a server (`postgres://…`); the
+    /// table `strata_check` in it is dropped and recreated.
+    #[arg(long)]
+    pub database: Option<String>,
+    /// Keep the merged history (JSON lines) here.
+    #[arg(long)]
+    pub history: Option<PathBuf>,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Seed of the key choices.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+/// A worker process and its line protocol.
+struct WorkerProc {
+    name: String,
+    child: Child,
+    stdin: ChildStdin,
+    lines: Lines<BufReader<ChildStdout>>,
+    stderr: PathBuf,
+    history: PathBuf,
+}
+
+impl WorkerProc {
+    async fn send(&mut self, command: &str) -> Result<()> {
+        self.stdin
+            .write_all(format!("{command}\n").as_bytes())
+            .await
+            .with_context(|| format!("{} does not listen: {}", self.name, self.stderr_tail()))?;
+        self.stdin.flush().await.with_context(|| format!("{} does not listen", self.name))
+    }
+
+    /// Waits for a line starting with `word`; returns the rest.
+    async fn expect(&mut self, word: &str, within: Duration) -> Result<String> {
+        let line = tokio::time::timeout(within, self.lines.next_line())
+            .await
+            .map_err(|_| {
+                anyhow!("{} did not say {word} within {within:?}: {}", self.name, self.stderr_tail())
+            })?
+            .with_context(|| format!("reading from {}", self.name))?
+            .ok_or_else(|| anyhow!("{} exited before saying {word}: {}", self.name, self.stderr_tail()))?;
+        match line.strip_prefix(word) {
+            Some(rest) => Ok(rest.trim().to_owned()),
+            None => bail!("{} said {line:?}, expected {word}", self.name),
+        }
+    }
+
+    fn stderr_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+        let start = text.len().saturating_sub(2000);
+        let start = (start..text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
+        format!("its stderr ends with:\n{}", &text[start..])
+    }
+}
+
+/// Everything a worker needs to be started.
+struct Launch<'a> {
+    args: &'a CheckArgs,
+    redis: &'a str,
+    prefix: &'a str,
+    database: &'a str,
+    db_via: String,
+    dir: &'a Path,
+}
+
+impl Launch<'_> {
+    fn spawn(&self, role: Role, index: u32) -> Result<WorkerProc> {
+        let name = match role {
+            Role::Writer => "writer".to_owned(),
+            Role::Reader => format!("reader-{index}"),
+        };
+        let history = self.dir.join(format!("{name}.jsonl"));
+        let stderr = self.dir.join(format!("{name}.stderr"));
+        let exe = std::env::current_exe().context("cannot find this executable to start workers")?;
+        let rate = match role {
+            Role::Writer => self.args.write_rate,
+            Role::Reader => self.args.read_rate,
+        };
+        let mut cmd = Command::new(exe);
+        cmd.arg("check-worker")
+            .args(["--role", if role == Role::Writer { "writer" } else { "reader" }])
+            .args(["--name", &name])
+            .args(["--level", self.args.level.name()])
+            .args(["--redis", self.redis])
+            .args(["--prefix", self.prefix])
+            .args(["--database", self.database])
+            .args(["--db-via", &self.db_via])
+            .args(["--keys", &self.args.keys.to_string()])
+            .args(["--rate", &rate.to_string()])
+            .arg("--history")
+            .arg(&history)
+            .args(["--max-stale-ms", &self.args.max_stale_ms.to_string()])
+            .args(["--heartbeat-ms", &self.args.heartbeat_ms.to_string()])
+            .args(["--seed", &(self.args.seed.wrapping_mul(1000) + u64::from(index)).to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).context("cannot create a worker's stderr file")?)
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().with_context(|| format!("cannot start {name}"))?;
+        let stdin = child.stdin.take().ok_or_else(|| anyhow!("no stdin for {name}"))?;
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout for {name}"))?;
+        Ok(WorkerProc { name, child, stdin, lines: BufReader::new(stdout).lines(), stderr, history })
+    }
+}
+
+/// Servers started for the run (dropped, and so killed, at the end).
+struct Servers {
+    redis: Option<RedisServer>,
+    postgres: Option<PostgresServer>,
+    redis_url: String,
+    database_url: String,
+}
+
+async fn start_servers(args: &CheckArgs) -> Result<Servers> {
+    let (redis, redis_url) = match &args.redis {
+        Some(url) => (None, url.clone()),
+        None => {
+            eprintln!("strata check: starting redis-server ...");
+            let server = tokio::task::spawn_blocking(|| RedisServer::builder().try_start())
+                .await
+                .context("redis start task")?
+                .context("cannot start redis-server (apt-get install redis-server?)")?;
+            let url = server.url();
+            (Some(server), url)
+        }
+    };
+    let (postgres, database_url) = match &args.database {
+        Some(url) => (None, url.clone()),
+        None => {
+            eprintln!("strata check: starting postgres ...");
+            let (server, url) = tokio::task::spawn_blocking(|| -> std::io::Result<_> {
+                let server = PostgresServer::builder().try_start()?;
+                let url = server.create_database("strata_check")?;
+                Ok((server, url))
+            })
+            .await
+            .context("postgres start task")?
+            .context("cannot start postgres (apt-get install postgresql?)")?;
+            (Some(server), url)
+        }
+    };
+    Ok(Servers { redis, postgres, redis_url, database_url })
+}
+
+/// Runs `strata check`.
+pub async fn run(args: CheckArgs) -> Result<()> {
+    let timing = Timing {
+        max_stale: Duration::from_millis(args.max_stale_ms),
+        heartbeat: Duration::from_millis(args.heartbeat_ms),
+    };
+    let (bound, bound_how) = timing.bound(args.level);
+    let duration = Duration::from_secs(args.duration);
+    let settle = timing.max_stale + Duration::from_secs(2);
+    let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
+
+    let mut servers = start_servers(&args).await?;
+    let db = setup::connect(&servers.database_url, None, 2).await?;
+    setup::create_table(&db, args.keys).await?;
+    let target = setup::server_address(&servers.database_url)?;
+    let target = tokio::net::lookup_host(&target)
+        .await
+        .with_context(|| format!("cannot resolve {target}"))?
+        .next()
+        .ok_or_else(|| anyhow!("{target} resolves to nothing"))?;
+    let proxy = FaultProxy::start(target).await.context("cannot start the fault proxy")?;
+    let prefix = format!("strata-check-{}-{:x}", std::process::id(), monotonic_ns());
+
+    let recorder = Arc::new(Recorder::create(dir.path().join("coordinator.jsonl"))?);
+    let initial = setup::versions(&db).await?.into_iter().collect();
+
+    let launch = Launch {
+        args: &args,
+        redis: &servers.redis_url,
+        prefix: &prefix,
+        database: &servers.database_url,
+        db_via: proxy.addr().to_string(),
+        dir: dir.path(),
+    };
+    eprintln!("strata check: starting {} instances ...", args.instances);
+    let mut workers = vec![launch.spawn(Role::Writer, 0)?];
+    for i in 1..args.instances {
+        workers.push(launch.spawn(Role::Reader, i)?);
+    }
+    for w in &mut workers {
+        w.expect("ready", Duration::from_secs(60)).await?;
+    }
+
+    eprintln!("strata check: load for {} s, fault {} ...", args.duration, args.fault.name());
+    for w in &mut workers {
+        w.send("start").await?;
+    }
+    let start = tokio::time::Instant::now();
+    let faults = args.fault.faults();
+    let mut nemesis = Nemesis {
+        redis: servers.redis.as_mut(),
+        redis_url: &servers.redis_url,
+        proxy: &proxy,
+        recorder: recorder.clone(),
+    };
+    let (injected, ()) =
+        tokio::join!(nemesis.run(&faults, start, duration), tokio::time::sleep_until(start + duration));
+    injected?;
+
+    let mut skipped = BTreeMap::new();
+    for w in &mut workers {
+        w.send("stop").await?;
+    }
+    for w in &mut workers {
+        let n = w.expect("stopped", Duration::from_secs(60)).await?;
+        skipped.insert(w.name.clone(), n.parse::<u64>().unwrap_or(0));
+    }
+    eprintln!("strata check: load stopped; settling for {} ms ...", settle.as_millis());
+    tokio::time::sleep(settle).await;
+
+    let mut end = Quiescence::default();
+    for w in &mut workers {
+        w.send("dump").await?;
+        let json = w.expect("snapshot", Duration::from_secs(60)).await?;
+        end.caches
+            .push(serde_json::from_str(&json).with_context(|| format!("bad snapshot from {}", w.name))?);
+    }
+    for w in &mut workers {
+        let status = tokio::time::timeout(Duration::from_secs(30), w.child.wait())
+            .await
+            .map_err(|_| anyhow!("{} did not exit", w.name))??;
+        if !status.success() {
+            bail!("{} failed ({status}): {}", w.name, w.stderr_tail());
+        }
+    }
+    let l2 = setup::l2_reader(&servers.redis_url, &prefix).await?;
+    let mut l2_entries = Vec::new();
+    for key in 1..=args.keys {
+        if let Some(row) = l2.get(&key).await.with_context(|| format!("reading key {key} from L2"))? {
+            l2_entries.push((key, Some(row.version)));
+        }
+    }
+    end.caches.push(CacheSnapshot { source: "l2".into(), entries: l2_entries });
+    end.database = setup::versions(&db).await?.into_iter().collect();
+
+    recorder.flush()?;
+    let mut history = History::read(dir.path().join("coordinator.jsonl"))?;
+    for w in &workers {
+        history.merge(
+            History::read(&w.history).with_context(|| format!("cannot read {}", w.history.display()))?,
+        );
+    }
+    history.sort();
+    if let Some(path) = &args.history {
+        let file =
+            std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+        history.write_to(file).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+
+    let config = CheckConfig {
+        level: args.level.name().to_owned(),
+        bound,
+        linearizable: args.level == Level::Strong,
+        initial,
+    };
+    let report = check(&config, &history, &end);
+    let run = table::RunInfo {
+        args: &args,
+        bound_how: &bound_how,
+        l2_cached: end.caches.last().map_or(0, |c| c.entries.len()),
+        l1_cached: end.caches.iter().rev().skip(1).map(|c| c.entries.len()).sum(),
+        skipped: &skipped,
+    };
+    print!("{}", table::render(&report, &run));
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, json).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    cleanup(&servers, &prefix, &db).await;
+    drop(servers.redis.take());
+    if !report.passed {
+        bail!("consistency check failed at the {} level", report.level);
+    }
+    Ok(())
+}
+
+/// Leaves an external Redis and database as they were (best effort).
+async fn cleanup(servers: &Servers, prefix: &str, db: &sqlx::PgPool) {
+    if servers.redis.is_none() {
+        let _ = setup::delete_prefix(&servers.redis_url, prefix).await;
+    }
+    if servers.postgres.is_none() {
+        let _ = sqlx::query("DROP TABLE IF EXISTS strata_check").execute(db).await;
+        eprintln!("strata check: dropped table {} from the --database", setup::TABLE);
+    }
+    db.close().await;
+}

@@ -1,0 +1,205 @@
+//! The nemesis: injects one fault at a time, each bounded and self-stopping, and
+//! records each in the history as a `fault` event spanning the time it was in force.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use strata_testkit::{Event, FaultProxy, Recorder, RedisServer, monotonic_ns};
+use tokio::time::Instant;
+
+/// How long Redis stays dead before it is restarted (empty) on the same port.
+pub const REDIS_DOWN: Duration = Duration::from_secs(3);
+/// How long Redis stays frozen (SIGSTOP) before SIGCONT.
+pub const REDIS_PAUSE: Duration = Duration::from_secs(2);
+/// How long the database is unreachable through the proxy.
+pub const DB_DOWN: Duration = Duration::from_secs(2);
+
+/// The `--fault` choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FaultArg {
+    /// No fault.
+    None,
+    /// `kill -9` Redis, restart it empty on the same port after 3 s.
+    RedisKill,
+    /// SIGSTOP Redis for 2 s, then SIGCONT.
+    RedisPause,
+    /// `CLIENT KILL` every backplane subscriber connection (`strata-bp-*`).
+    SubscriberKill,
+    /// The database unreachable through the fault proxy for 2 s.
+    DbDown,
+    /// Each of the above once, in that order.
+    All,
+}
+
+/// One fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// See [`FaultArg::RedisKill`].
+    RedisKill,
+    /// See [`FaultArg::RedisPause`].
+    RedisPause,
+    /// See [`FaultArg::SubscriberKill`].
+    SubscriberKill,
+    /// See [`FaultArg::DbDown`].
+    DbDown,
+}
+
+impl FaultArg {
+    /// The faults to inject, in order.
+    pub fn faults(self) -> Vec<Fault> {
+        match self {
+            FaultArg::None => vec![],
+            FaultArg::RedisKill => vec![Fault::RedisKill],
+            FaultArg::RedisPause => vec![Fault::RedisPause],
+            FaultArg::SubscriberKill => vec![Fault::SubscriberKill],
+            FaultArg::DbDown => vec![Fault::DbDown],
+            FaultArg::All => vec![Fault::RedisKill, Fault::RedisPause, Fault::SubscriberKill, Fault::DbDown],
+        }
+    }
+
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultArg::None => "none",
+            FaultArg::RedisKill => "redis-kill",
+            FaultArg::RedisPause => "redis-pause",
+            FaultArg::SubscriberKill => "subscriber-kill",
+            FaultArg::DbDown => "db-down",
+            FaultArg::All => "all",
+        }
+    }
+}
+
+impl Fault {
+    /// The name used in the history.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::RedisKill => "redis-kill",
+            Fault::RedisPause => "redis-pause",
+            Fault::SubscriberKill => "subscriber-kill",
+            Fault::DbDown => "db-down",
+        }
+    }
+}
+
+/// What the nemesis acts on.
+pub struct Nemesis<'a> {
+    /// The Redis server, when `strata check` started it (kill and SIGSTOP need it).
+    pub redis: Option<&'a mut RedisServer>,
+    /// The Redis URL (for `CLIENT` commands).
+    pub redis_url: &'a str,
+    /// The proxy between the instances and the database.
+    pub proxy: &'a FaultProxy,
+    /// Where faults are recorded.
+    pub recorder: Arc<Recorder>,
+}
+
+impl Nemesis<'_> {
+    /// Injects `faults` one after another, fault `i` at `start + gap·(i+1)` with
+    /// `gap = duration / (n+1)` (or as soon as the previous one ended).
+    pub async fn run(&mut self, faults: &[Fault], start: Instant, duration: Duration) -> Result<()> {
+        let gap = duration / (faults.len() as u32 + 1);
+        for (i, &fault) in faults.iter().enumerate() {
+            tokio::time::sleep_until(start + gap * (i as u32 + 1)).await;
+            let invoke = monotonic_ns();
+            eprintln!("strata check: fault {} ...", fault.name());
+            let detail = self.inject(fault).await.with_context(|| format!("fault {}", fault.name()))?;
+            let event = Event::fault("nemesis", invoke, monotonic_ns(), detail);
+            eprintln!("strata check: fault {} over", fault.name());
+            self.recorder.record(&event).context("cannot record a fault")?;
+        }
+        Ok(())
+    }
+
+    /// Injects one fault and lifts it; returns its description.
+    async fn inject(&mut self, fault: Fault) -> Result<String> {
+        match fault {
+            Fault::RedisKill => {
+                let Some(redis) = self.redis.as_deref_mut() else {
+                    return Ok("redis-kill skipped (--redis given: the server is not ours to kill)".into());
+                };
+                redis.kill();
+                tokio::time::sleep(REDIS_DOWN).await;
+                tokio::task::block_in_place(|| redis.try_restart()).context("cannot restart Redis")?;
+                Ok(format!("redis-kill (SIGKILL, restarted empty after {} s)", REDIS_DOWN.as_secs()))
+            }
+            Fault::RedisPause => match self.redis.as_deref_mut() {
+                Some(redis) => {
+                    redis.pause().context("SIGSTOP")?;
+                    tokio::time::sleep(REDIS_PAUSE).await;
+                    redis.resume().context("SIGCONT")?;
+                    Ok(format!("redis-pause (SIGSTOP for {} s)", REDIS_PAUSE.as_secs()))
+                }
+                None => {
+                    let ms = REDIS_PAUSE.as_millis().to_string();
+                    self.redis_command(&["CLIENT", "PAUSE", &ms, "ALL"]).await?;
+                    tokio::time::sleep(REDIS_PAUSE).await;
+                    Ok(format!("redis-pause (CLIENT PAUSE {ms} ALL)"))
+                }
+            },
+            Fault::SubscriberKill => {
+                let list = self.redis_command(&["CLIENT", "LIST"]).await?;
+                let ids = subscriber_ids(&list);
+                for id in &ids {
+                    self.redis_command(&["CLIENT", "KILL", "ID", id]).await?;
+                }
+                Ok(format!("subscriber-kill ({} strata-bp connections)", ids.len()))
+            }
+            Fault::DbDown => {
+                self.proxy.blackhole(true);
+                tokio::time::sleep(DB_DOWN).await;
+                // Connections that saw the partition die, so held bytes (say a COMMIT)
+                // are never delivered late.
+                self.proxy.reset_all();
+                self.proxy.blackhole(false);
+                Ok(format!("db-down (blackholed for {} s, then connections reset)", DB_DOWN.as_secs()))
+            }
+        }
+    }
+
+    async fn redis_command(&self, args: &[&str]) -> Result<String> {
+        let timeout = Duration::from_secs(2);
+        let client = redis::Client::open(self.redis_url).context("bad Redis URL")?;
+        let mut conn = tokio::time::timeout(timeout, client.get_multiplexed_async_connection())
+            .await
+            .map_err(|_| anyhow!("connecting to Redis timed out"))?
+            .context("cannot connect to Redis")?;
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        let value: redis::Value = tokio::time::timeout(timeout, cmd.query_async(&mut conn))
+            .await
+            .map_err(|_| anyhow!("{} timed out", args.join(" ")))?
+            .with_context(|| args.join(" "))?;
+        Ok(match value {
+            redis::Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+            redis::Value::VerbatimString { text, .. } => text,
+            redis::Value::SimpleString(s) => s,
+            other => format!("{other:?}"),
+        })
+    }
+}
+
+/// The ids of the backplane subscriber connections in a `CLIENT LIST` reply.
+fn subscriber_ids(list: &str) -> Vec<String> {
+    list.lines()
+        .filter(|line| line.split(' ').any(|f| f.starts_with("name=strata-bp")))
+        .filter_map(|line| line.split(' ').find_map(|f| f.strip_prefix("id=")).map(str::to_owned))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_subscriber_connections() {
+        let list = "id=3 addr=127.0.0.1:5 name= cmd=client\n\
+                    id=7 addr=127.0.0.1:6 name=strata-bp-0000abcd-1 cmd=xread\n\
+                    id=9 addr=127.0.0.1:7 name=strata-bp-0000abcd-2 cmd=xread\n";
+        assert_eq!(subscriber_ids(list), vec!["7", "9"]);
+        assert_eq!(FaultArg::All.faults().len(), 4);
+    }
+}

@@ -1,0 +1,267 @@
+//! What the coordinator and its workers share: the row type, the table, the cache
+//! configuration of every instance and the staleness bound derived from it.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use strata::{Cache, Consistency};
+use strata_redis::{RedisStreamBackplane, RedisTier};
+
+/// The table every instance reads and the writer changes (written out in the SQL
+/// literals, which sqlx wants static).
+pub const TABLE: &str = "strata_check";
+/// The cache namespace of the run.
+pub const NAMESPACE: &str = "check";
+/// Extra time allowed, on top of `max_stale` and the unhealthy-detection time, for a
+/// stale read at the Invalidated level: scheduling on a loaded machine, the
+/// subscriber's reconnect and replay.
+pub const INVALIDATED_MARGIN: Duration = Duration::from_millis(250);
+/// Measurement margin at the Strong level (the promise itself is 0): the recorded
+/// interval of a read starts before the read and that of a write ends after it, so
+/// recording only ever makes a read look *less* stale; 1 ms covers the rest.
+pub const STRONG_MARGIN: Duration = Duration::from_millis(1);
+/// Each database statement of a worker gives up after this (the loader, the writer's
+/// transaction), so that a blackholed database makes operations fail, not hang.
+pub const DB_TIMEOUT: Duration = Duration::from_secs(1);
+/// The cache's hard timeout for loads (above [`DB_TIMEOUT`]).
+pub const HARD_TIMEOUT: Duration = Duration::from_secs(2);
+/// The L2 timeout of every instance.
+pub const L2_TIMEOUT: Duration = Duration::from_millis(50);
+/// Entries live long enough never to expire during a run: only invalidation removes them.
+pub const TTL: Duration = Duration::from_secs(600);
+
+/// The consistency level under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Level {
+    /// `Consistency::Invalidated`: bounded staleness (propagation delay while the
+    /// backplane is healthy, `max_stale` while it is not).
+    Invalidated,
+    /// `Consistency::Strong`: read-your-writes across the fleet.
+    Strong,
+}
+
+impl Level {
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Invalidated => "invalidated",
+            Level::Strong => "strong",
+        }
+    }
+
+    /// The library's level.
+    pub fn consistency(self) -> Consistency {
+        match self {
+            Level::Invalidated => Consistency::Invalidated,
+            Level::Strong => Consistency::Strong,
+        }
+    }
+}
+
+/// The timing settings every instance of a run uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// `max_stale`.
+    pub max_stale: Duration,
+    /// `heartbeat_interval`.
+    pub heartbeat: Duration,
+}
+
+impl Timing {
+    /// The Strong level's membership lease: four heartbeat intervals, the least the
+    /// builder accepts (so that a silent member is given up on quickly).
+    pub fn membership_lease(self) -> Duration {
+        self.heartbeat * 4
+    }
+
+    /// The bound on stale reads the level documents, with its margin, and how it was
+    /// derived.
+    pub fn bound(self, level: Level) -> (Duration, String) {
+        match level {
+            Level::Invalidated => {
+                let detect = self.heartbeat * 3;
+                let bound = self.max_stale + detect + INVALIDATED_MARGIN;
+                let how = format!(
+                    "max_stale {} ms + unhealthy detection 3 × heartbeat {} ms + margin {} ms",
+                    self.max_stale.as_millis(),
+                    self.heartbeat.as_millis(),
+                    INVALIDATED_MARGIN.as_millis()
+                );
+                (bound, how)
+            }
+            Level::Strong => {
+                (STRONG_MARGIN, format!("0 (read-your-writes) + margin {} ms", STRONG_MARGIN.as_millis()))
+            }
+        }
+    }
+}
+
+/// A row of the table; the cached value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Row {
+    /// The key.
+    pub id: u64,
+    /// Bumped by the database on every write.
+    pub version: u64,
+    /// Something to carry.
+    pub payload: String,
+}
+
+/// Builds one instance's cache on its own Redis connections (as a separate process
+/// would have), at `level`, with the row version declared.
+pub async fn build_cache(redis: &str, prefix: &str, level: Level, timing: Timing) -> Result<Cache<u64, Row>> {
+    let tier = RedisTier::builder(redis)
+        .prefix(prefix)
+        .op_timeout(L2_TIMEOUT)
+        .build()
+        .await
+        .with_context(|| format!("cannot connect the RedisTier to {redis}"))?;
+    let backplane = RedisStreamBackplane::builder(redis)
+        .prefix(prefix)
+        .build()
+        .await
+        .with_context(|| format!("cannot connect the RedisStreamBackplane to {redis}"))?;
+    Cache::builder(NAMESPACE)
+        .tier(Arc::new(tier))
+        .backplane(Arc::new(backplane))
+        .consistency(level.consistency())
+        .max_stale(timing.max_stale)
+        .heartbeat_interval(timing.heartbeat)
+        .membership_lease(timing.membership_lease())
+        .l2_timeout(L2_TIMEOUT)
+        .hard_timeout(HARD_TIMEOUT)
+        .time_to_live(TTL)
+        .version(|row: &Row| Some(row.version))
+        .build()
+        .context("cannot build the cache")
+}
+
+/// A cache on L2 only (no backplane, empty L1): `get` on it reads what L2 holds.
+pub async fn l2_reader(redis: &str, prefix: &str) -> Result<Cache<u64, Row>> {
+    let tier = RedisTier::builder(redis)
+        .prefix(prefix)
+        .op_timeout(Duration::from_secs(1))
+        .build()
+        .await
+        .with_context(|| format!("cannot connect a RedisTier to {redis}"))?;
+    Cache::builder(NAMESPACE)
+        .tier(Arc::new(tier))
+        .l2_timeout(Duration::from_secs(1))
+        .hard_timeout(HARD_TIMEOUT)
+        .time_to_live(TTL)
+        .version(|row: &Row| Some(row.version))
+        .build()
+        .context("cannot build the L2 reader")
+}
+
+/// Connects to Postgres at `url`, or through `via` (`host:port`, the fault proxy) with
+/// the URL's other settings.
+pub async fn connect(url: &str, via: Option<&str>, size: u32) -> Result<PgPool> {
+    let mut options =
+        PgConnectOptions::from_str(url).with_context(|| format!("bad Postgres URL {}", redact(url)))?;
+    if let Some(via) = via {
+        let (host, port) =
+            via.rsplit_once(':').with_context(|| format!("--db-via {via} is not host:port"))?;
+        let port: u16 = port.parse().with_context(|| format!("bad port in --db-via {via}"))?;
+        options = options.host(host).port(port);
+    }
+    PgPoolOptions::new()
+        .max_connections(size)
+        .acquire_timeout(DB_TIMEOUT)
+        .connect_with(options)
+        .await
+        .with_context(|| format!("cannot connect to Postgres at {}", redact(url)))
+}
+
+/// The Postgres server's address as `host:port` (for the fault proxy's target).
+pub fn server_address(url: &str) -> Result<String> {
+    let options =
+        PgConnectOptions::from_str(url).with_context(|| format!("bad Postgres URL {}", redact(url)))?;
+    Ok(format!("{}:{}", options.get_host(), options.get_port()))
+}
+
+/// Hides the password of a URL.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.find(':') {
+                Some(colon) => format!("{}{}:***{}", &url[..s + 3], &creds[..colon], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Reads one row straight from the database (the loader).
+pub async fn select(pool: &PgPool, key: u64) -> Result<Option<Row>, sqlx::Error> {
+    let row: Option<(i64, i64, String)> =
+        sqlx::query_as("SELECT id, version, payload FROM strata_check WHERE id = $1")
+            .bind(key as i64)
+            .fetch_optional(pool)
+            .await?;
+    Ok(row.map(|(id, version, payload)| Row { id: id as u64, version: version as u64, payload }))
+}
+
+/// (Re)creates the table with `keys` rows (ids 1..=keys) at version 1.
+pub async fn create_table(pool: &PgPool, keys: u64) -> Result<()> {
+    sqlx::query("DROP TABLE IF EXISTS strata_check").execute(pool).await.context("DROP TABLE")?;
+    sqlx::query(
+        "CREATE TABLE strata_check (id BIGINT PRIMARY KEY, version BIGINT NOT NULL, payload TEXT NOT NULL)",
+    )
+    .execute(pool)
+    .await
+    .context("CREATE TABLE")?;
+    sqlx::query("INSERT INTO strata_check (id, version, payload) SELECT g, 1, 'row ' || g || ' v1' FROM generate_series(1, $1) g")
+    .bind(keys as i64)
+    .execute(pool)
+    .await
+    .context("seeding the table")?;
+    Ok(())
+}
+
+/// Every row's version.
+pub async fn versions(pool: &PgPool) -> Result<Vec<(u64, u64)>> {
+    let rows: Vec<(i64, i64)> = sqlx::query_as("SELECT id, version FROM strata_check ORDER BY id")
+        .fetch_all(pool)
+        .await
+        .context("reading the final versions")?;
+    Ok(rows.into_iter().map(|(id, v)| (id as u64, v as u64)).collect())
+}
+
+/// Picks keys: half of the picks go to the hottest tenth of the keys (so that reads
+/// often follow writes of the same key closely), the rest uniformly.
+pub fn pick_key(rng: &mut impl rand::Rng, keys: u64) -> u64 {
+    let hot = (keys / 10).max(1);
+    if rng.random_bool(0.5) { rng.random_range(1..=hot) } else { rng.random_range(1..=keys) }
+}
+
+/// Deletes every Redis key under `prefix` (the run's L2 entries and stream).
+pub async fn delete_prefix(url: &str, prefix: &str) -> Result<()> {
+    let client = redis::Client::open(url).context("bad Redis URL")?;
+    let mut conn = client.get_multiplexed_async_connection().await.context("cannot connect to Redis")?;
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+            .context("SCAN")?;
+        if !keys.is_empty() {
+            redis::cmd("UNLINK").arg(&keys).query_async::<i64>(&mut conn).await.context("UNLINK")?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}

@@ -1,0 +1,316 @@
+//! One instance of the fleet under test, run as its own OS process by the coordinator
+//! (`strata check-worker`, hidden): a reader or the writer, with its own
+//! `Cache<u64, Row>` on Redis, recording every operation to its own history file.
+//!
+//! It talks to the coordinator with lines: it prints `ready` once its cache is ready,
+//! starts the load on `start`, stops it on `stop` (printing `stopped`), and on `dump`
+//! prints `snapshot <json>` (what its L1 serves for every key) and exits. End of input
+//! means stop and exit.
+//!
+//! # Where a read came from
+//!
+//! A read first tries `get_local` (L1 only): a hit is recorded as `l1`, exactly. On a
+//! miss it calls `get_or_load` with a loader that raises a flag when it runs: if it ran,
+//! the read is recorded as `db`; otherwise as `l2` (an L2 hit, or a value filled by
+//! another instance while this one waited on the fleet lease, or the result of a load
+//! of the same key already in flight in this process). Counter deltas of
+//! `Cache::stats()` would attribute concurrent reads wrongly, so they are not used.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+use sqlx::postgres::PgPool;
+use strata::Cache;
+use strata_testkit::{CacheSnapshot, Event, Op, Recorder, Tier, monotonic_ns};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines, Stdin};
+use tokio::sync::{Semaphore, watch};
+
+use super::setup::{self, DB_TIMEOUT, Level, Row, Timing};
+
+/// Reads in flight per reader at most; ticks beyond are skipped (counted).
+const MAX_IN_FLIGHT: u32 = 64;
+
+/// What a worker does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// Reads random keys through `get_or_load`.
+    Reader,
+    /// Commits versioned rows and invalidates them.
+    Writer,
+}
+
+/// The hidden `strata check-worker` subcommand (started by `strata check`).
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    /// Reader or writer.
+    #[arg(long, value_enum)]
+    pub role: Role,
+    /// The process name in the history.
+    #[arg(long)]
+    pub name: String,
+    /// The consistency level.
+    #[arg(long, value_enum)]
+    pub level: Level,
+    /// Redis URL.
+    #[arg(long)]
+    pub redis: String,
+    /// Key prefix of the run in Redis.
+    #[arg(long)]
+    pub prefix: String,
+    /// Postgres URL.
+    #[arg(long)]
+    pub database: String,
+    /// Reach Postgres through this `host:port` (the fault proxy).
+    #[arg(long)]
+    pub db_via: Option<String>,
+    /// Keys 1..=N.
+    #[arg(long)]
+    pub keys: u64,
+    /// Operations per second.
+    #[arg(long)]
+    pub rate: u32,
+    /// Where to write this process's history.
+    #[arg(long)]
+    pub history: PathBuf,
+    /// `max_stale` in milliseconds.
+    #[arg(long)]
+    pub max_stale_ms: u64,
+    /// `heartbeat_interval` in milliseconds.
+    #[arg(long)]
+    pub heartbeat_ms: u64,
+    /// Seed of the key choice.
+    #[arg(long)]
+    pub seed: u64,
+}
+
+/// Prints one protocol line to the coordinator.
+fn say(line: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").and_then(|()| out.flush()).context("cannot write to the coordinator")
+}
+
+/// The coordinator's next command; empty at end of input.
+async fn next_line(input: &mut Lines<BufReader<Stdin>>) -> String {
+    input.next_line().await.ok().flatten().unwrap_or_default().trim().to_owned()
+}
+
+/// Runs the worker until the coordinator says `dump` (or goes away).
+pub async fn run(args: WorkerArgs) -> Result<()> {
+    let timing = Timing {
+        max_stale: Duration::from_millis(args.max_stale_ms),
+        heartbeat: Duration::from_millis(args.heartbeat_ms),
+    };
+    let recorder = Arc::new(
+        Recorder::create(&args.history)
+            .with_context(|| format!("cannot create the history {}", args.history.display()))?,
+    );
+    let pool_size = match args.role {
+        Role::Reader => 8,
+        Role::Writer => 2,
+    };
+    let pool = setup::connect(&args.database, args.db_via.as_deref(), pool_size).await?;
+    let cache = setup::build_cache(&args.redis, &args.prefix, args.level, timing).await?;
+    tokio::time::timeout(Duration::from_secs(30), cache.ready())
+        .await
+        .map_err(|_| anyhow!("the cache was not ready within 30 s"))?;
+    say("ready")?;
+
+    let mut input = BufReader::new(tokio::io::stdin()).lines();
+    let first = next_line(&mut input).await;
+    if first != "start" {
+        bail!("expected start, got {first:?}");
+    }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let load = {
+        let (args, cache, pool, recorder) = (args.clone(), cache.clone(), pool.clone(), recorder.clone());
+        tokio::spawn(async move {
+            match args.role {
+                Role::Reader => read_load(&args, cache, pool, recorder, stop_rx).await,
+                Role::Writer => write_load(&args, cache, pool, recorder, stop_rx).await,
+            }
+        })
+    };
+    let command = next_line(&mut input).await;
+    let _ = stop_tx.send(true);
+    let skipped = load.await.context("the load task failed")?;
+    recorder.flush().context("cannot write the history")?;
+    say(&format!("stopped {skipped}"))?;
+    if command != "stop" {
+        return Ok(());
+    }
+
+    if next_line(&mut input).await != "dump" {
+        return Ok(());
+    }
+    let entries =
+        (1..=args.keys).filter_map(|k| cache.get_local(&k).map(|row| (k, Some(row.version)))).collect();
+    let snapshot = CacheSnapshot { source: format!("{} l1", args.name), entries };
+    say(&format!("snapshot {}", serde_json::to_string(&snapshot)?))?;
+    cache.shutdown().await;
+    pool.close().await;
+    Ok(())
+}
+
+/// Reads at `rate` per second until stopped; returns the ticks skipped because too
+/// many reads were in flight.
+async fn read_load(
+    args: &WorkerArgs,
+    cache: Cache<u64, Row>,
+    pool: PgPool,
+    recorder: Arc<Recorder>,
+    mut stop: watch::Receiver<bool>,
+) -> u64 {
+    let mut rng = SmallRng::seed_from_u64(args.seed);
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / args.rate.max(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize));
+    let name: Arc<str> = Arc::from(args.name.as_str());
+    let mut skipped = 0;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+        let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+            skipped += 1;
+            continue;
+        };
+        let key = setup::pick_key(&mut rng, args.keys);
+        let (cache, pool, recorder, name) = (cache.clone(), pool.clone(), recorder.clone(), name.clone());
+        tokio::spawn(async move {
+            let event = read_one(&name, key, &cache, pool).await;
+            // A history line that cannot be written is a lost read; the checker only
+            // sees fewer reads.
+            let _ = recorder.record(&event);
+            drop(permit);
+        });
+    }
+    // Let the reads in flight finish.
+    let _ = in_flight.acquire_many(MAX_IN_FLIGHT).await;
+    skipped
+}
+
+/// One read, recorded with the tier it came from.
+async fn read_one(name: &str, key: u64, cache: &Cache<u64, Row>, pool: PgPool) -> Event {
+    let invoke = monotonic_ns();
+    if let Some(row) = cache.get_local(&key) {
+        return Event::read(name, key, invoke, monotonic_ns(), row.version, Tier::L1);
+    }
+    let loaded = Arc::new(AtomicBool::new(false));
+    let ran = loaded.clone();
+    let result = cache
+        .get_or_load(&key, move || async move {
+            ran.store(true, Ordering::SeqCst);
+            match tokio::time::timeout(DB_TIMEOUT, setup::select(&pool, key)).await {
+                Ok(r) => r.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>),
+                Err(_) => Err(format!("SELECT took more than {DB_TIMEOUT:?}").into()),
+            }
+        })
+        .await;
+    let done = monotonic_ns();
+    let tier = if loaded.load(Ordering::SeqCst) { Tier::Db } else { Tier::L2 };
+    match result {
+        Ok(Some(row)) => Event::read(name, key, invoke, done, row.version, tier),
+        Ok(None) => failed_read(name, key, invoke, done, "row not found".into()),
+        Err(e) => failed_read(name, key, invoke, done, e.to_string()),
+    }
+}
+
+fn failed_read(name: &str, key: u64, invoke: u64, done: u64, detail: String) -> Event {
+    Event {
+        process: name.to_owned(),
+        key,
+        op: Op::Read,
+        invoke_ns: invoke,
+        return_ns: done,
+        version: None,
+        tier: None,
+        ok: false,
+        detail,
+    }
+}
+
+/// Writes at `rate` per second, one at a time, until stopped; returns the ticks
+/// skipped because a write was still running.
+async fn write_load(
+    args: &WorkerArgs,
+    cache: Cache<u64, Row>,
+    pool: PgPool,
+    recorder: Arc<Recorder>,
+    mut stop: watch::Receiver<bool>,
+) -> u64 {
+    let mut rng = SmallRng::seed_from_u64(args.seed);
+    let period = Duration::from_secs(1) / args.rate.max(1);
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut skipped = 0;
+    let mut last = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+        let now = tokio::time::Instant::now();
+        skipped += (now.duration_since(last).as_nanos() / period.as_nanos().max(1)).saturating_sub(1) as u64;
+        last = now;
+        let key = setup::pick_key(&mut rng, args.keys);
+        for event in write_one(&args.name, key, &cache, &pool).await {
+            let _ = recorder.record(&event);
+        }
+    }
+    skipped
+}
+
+/// One write: commit `version = version + 1` (bounded by [`DB_TIMEOUT`]), then
+/// invalidate, and the events recording it. The invalidation runs even when the
+/// commit failed, since a commit whose answer was lost may still have happened.
+async fn write_one(name: &str, key: u64, cache: &Cache<u64, Row>, pool: &PgPool) -> Vec<Event> {
+    let invoke = monotonic_ns();
+    let mut version: Option<u64> = None;
+    let commit = tokio::time::timeout(DB_TIMEOUT, async {
+        let mut tx = pool.begin().await?;
+        let v: i64 = sqlx::query_scalar(
+            "UPDATE strata_check SET version = version + 1, payload = $2 WHERE id = $1 RETURNING version",
+        )
+        .bind(key as i64)
+        .bind(format!("row {key} written by {name}"))
+        .fetch_one(&mut *tx)
+        .await?;
+        version = Some(v as u64);
+        tx.commit().await?;
+        Ok::<_, sqlx::Error>(())
+    })
+    .await;
+    let committed = monotonic_ns();
+    let commit_error = match commit {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(format!("commit failed: {e}")),
+        Err(_) => Some(format!("commit took more than {DB_TIMEOUT:?}")),
+    };
+    let invalidated = cache.invalidate(&key).await;
+    let done = monotonic_ns();
+    let invalidation_error = invalidated.err().map(|e| format!("invalidate failed: {e}"));
+    let ok = commit_error.is_none() && invalidation_error.is_none();
+    let detail =
+        [commit_error, invalidation_error.clone()].into_iter().flatten().collect::<Vec<_>>().join("; ");
+    let write = Event::write(name, key, invoke, done, version, ok).with_detail(detail);
+    let invalidation = Event {
+        process: name.to_owned(),
+        key,
+        op: Op::InvalidationApplied,
+        invoke_ns: committed,
+        return_ns: done,
+        version,
+        tier: None,
+        ok: invalidation_error.is_none(),
+        detail: invalidation_error.unwrap_or_default(),
+    };
+    vec![write, invalidation]
+}
