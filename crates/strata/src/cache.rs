@@ -1241,7 +1241,7 @@ where
     }
 
     /// An L2 invalidation failed: make the cache safe, then remember to retry.
-    fn l2_invalidation_failed(&self, keys: Option<Vec<String>>, tag: Option<String>, err: &Error) {
+    pub(crate) fn l2_invalidation_failed(&self, keys: Option<Vec<String>>, tag: Option<String>, err: &Error) {
         self.stats.invalidations_buffered.incr();
         let mut p = self.pending.lock();
         match (keys, tag) {
@@ -1282,6 +1282,12 @@ where
     /// Publishes one invalidation message with the next sequence number; at the Strong
     /// level, then waits for the fleet's acknowledgements.
     pub(crate) async fn publish(&self, body: MessageBody) -> Result<()> {
+        if self.strong && self.untrusted.load(Ordering::SeqCst) {
+            // Our L2 delete failed, so L2 may still hold what this message invalidates:
+            // every member must stop trusting L2 before it drops its L1 copy, or it would
+            // read the old value straight back. Sent first; acknowledged with the message.
+            self.publish_only(MessageBody::DistrustL2).await?;
+        }
         let seq = self.publish_only(body).await?;
         if self.strong && seq != 0 {
             self.wait_for_acks(seq).await?;

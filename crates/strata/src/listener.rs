@@ -393,6 +393,12 @@ where
                 inner.flush_l1();
                 inner.stats.invalidations_applied.incr();
             }
+            MessageBody::DistrustL2 => {
+                if inner.strong && !inner.untrusted.load(Ordering::SeqCst) {
+                    let why = crate::Error::new(crate::ErrorKind::Tier, "another member's l2 delete failed");
+                    inner.l2_invalidation_failed(None, None, &why);
+                }
+            }
             MessageBody::Heartbeat | MessageBody::Ack { .. } => {}
         }
     }

@@ -1063,3 +1063,107 @@ async fn strong_level_cleans_l2_before_the_next_invalidation_goes_out() {
     assert_eq!(reader.get_or_load(&1, db.loader(1)).await.expect("read").as_deref(), Some("v2"));
     assert_eq!(reader.get_or_load(&2, db.loader(2)).await.expect("read").as_deref(), Some("deux"));
 }
+
+/// A real in-process tier seen through one instance's own (breakable) connection.
+struct OwnConnection {
+    tier: InProcessTier,
+    down: std::sync::atomic::AtomicBool,
+}
+
+impl OwnConnection {
+    fn check(&self) -> strata::Result<()> {
+        if self.down.load(Ordering::SeqCst) {
+            Err(strata::Error::new(ErrorKind::Tier, "this instance's l2 connection is down (injected)"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Tier for OwnConnection {
+    fn name(&self) -> &str {
+        "own-connection"
+    }
+    fn tombstone_ttl(&self) -> Duration {
+        self.tier.tombstone_ttl()
+    }
+    async fn lookup(&self, ns: &str, key: &str, lease: Option<Duration>) -> strata::Result<strata::Lookup> {
+        self.check()?;
+        self.tier.lookup(ns, key, lease).await
+    }
+    async fn fill(
+        &self,
+        ns: &str,
+        key: &str,
+        env: strata::Envelope,
+        ttl: Duration,
+        token: &strata::FillToken,
+    ) -> strata::Result<strata::FillOutcome> {
+        self.check()?;
+        self.tier.fill(ns, key, env, ttl, token).await
+    }
+    async fn set(&self, ns: &str, key: &str, env: strata::Envelope, ttl: Duration) -> strata::Result<()> {
+        self.check()?;
+        self.tier.set(ns, key, env, ttl).await
+    }
+    async fn delete(&self, ns: &str, keys: &[String]) -> strata::Result<()> {
+        self.check()?;
+        self.tier.delete(ns, keys).await
+    }
+    async fn invalidate_tag(&self, ns: &str, tag: &str) -> strata::Result<()> {
+        self.check()?;
+        self.tier.invalidate_tag(ns, tag).await
+    }
+    async fn invalidate_namespace(&self, ns: &str) -> strata::Result<()> {
+        self.check()?;
+        self.tier.invalidate_namespace(ns).await
+    }
+    async fn touch(
+        &self,
+        ns: &str,
+        key: &str,
+        soft: strata::Timestamp,
+        ttl: Duration,
+    ) -> strata::Result<bool> {
+        self.check()?;
+        self.tier.touch(ns, key, soft, ttl).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strong_failed_l2_delete_makes_every_member_bypass_until_l2_is_clean() {
+    let tier = InProcessTier::new();
+    let hub = InProcessBackplane::new();
+    let own = Arc::new(OwnConnection { tier: tier.clone(), down: false.into() });
+    let build = |t: Arc<dyn Tier>| {
+        Cache::<u64, String>::builder(NS)
+            .tier(t)
+            .backplane(Arc::new(hub.connect()))
+            .consistency(Consistency::Strong)
+            .heartbeat_interval(Duration::from_millis(20))
+            .membership_lease(Duration::from_millis(300))
+            .build()
+            .expect("valid")
+    };
+    let a = build(own.clone());
+    let b = build(Arc::new(tier.clone()));
+    for c in [&a, &b] {
+        tokio::time::timeout(Duration::from_secs(5), c.ready()).await.expect("ready");
+    }
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let db = Db::with(&[(1, "v1")]);
+    a.get_or_load(&1, db.loader(1)).await.expect("load");
+    b.get_or_load(&1, db.loader(1)).await.expect("load");
+    db.set(1, "v2");
+    own.down.store(true, Ordering::SeqCst);
+    assert!(a.invalidate(&1).await.is_err(), "a's L2 delete failed");
+    assert_eq!(l2_value(&tier, 1).as_deref(), Some("v1"), "L2 still holds the old row");
+    // b can reach L2, but must not read v1 back from it.
+    assert!(b.is_bypassed(), "b distrusts L2 as soon as the invalidation returned");
+    assert_eq!(b.get_or_load(&1, db.loader(1)).await.expect("read").as_deref(), Some("v2"));
+    own.down.store(false, Ordering::SeqCst);
+    assert_eq!(a.flush_pending().await, 0);
+    eventually("b trusts L2 again", || !b.is_bypassed()).await;
+    assert_eq!(b.get_or_load(&1, db.loader(1)).await.expect("read").as_deref(), Some("v2"));
+}

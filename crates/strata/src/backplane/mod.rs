@@ -46,6 +46,9 @@ pub enum MessageBody {
     All,
     /// Liveness: the origin is alive and its last sequence number is `seq`.
     Heartbeat,
+    /// Strong level: an L2 delete failed, so L2 may hold stale entries. Receivers bypass
+    /// the cache until they have cleaned L2 themselves (a namespace bump).
+    DistrustL2,
     /// Strong level: the sender applied every message of origin `to` up to `seq`.
     /// Like a heartbeat, it carries the sender's last sequence number without using a new one.
     Ack {
