@@ -92,6 +92,11 @@ pub struct StrategyReport {
     pub p999_us: f64,
     /// Largest read latency.
     pub max_us: f64,
+    /// Read service time (task start to answer, without the runner's start delay),
+    /// 50th percentile, microseconds.
+    pub service_p50_us: f64,
+    /// Read service time, 99th percentile.
+    pub service_p99_us: f64,
     /// Write latency (commit + invalidation), 50th percentile.
     pub write_p50_us: f64,
     /// Write latency, 99th percentile.
@@ -351,6 +356,8 @@ impl StrategyReport {
             p99_us: us(&outcome.read_latency, 0.99),
             p999_us: us(&outcome.read_latency, 0.999),
             max_us: outcome.read_latency.max() as f64 / 1000.0,
+            service_p50_us: us(&outcome.read_service, 0.5),
+            service_p99_us: us(&outcome.read_service, 0.99),
             write_p50_us: us(&outcome.write_latency, 0.5),
             write_p99_us: us(&outcome.write_latency, 0.99),
             stale_reads: all.stale,

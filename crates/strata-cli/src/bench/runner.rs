@@ -70,6 +70,9 @@ pub struct Outcome {
     /// Delay from the scheduled start to the moment the request's task began to run,
     /// nanoseconds: the runner's own share of every latency (thread wake-ups, lag).
     pub start_delay: Histogram<u64>,
+    /// Service time of reads: from the task's start to the answer, nanoseconds (no
+    /// runner delay in it, but still any CPU contention of the machine).
+    pub read_service: Histogram<u64>,
     /// Writes that completed.
     pub writes: u64,
     /// Staleness of UI-like reads.
@@ -105,6 +108,7 @@ struct Shared {
     read_latency: Mutex<Histogram<u64>>,
     write_latency: Mutex<Histogram<u64>>,
     start_delay: Mutex<Histogram<u64>>,
+    read_service: Mutex<Histogram<u64>>,
     writes: AtomicU64,
     ui: Mutex<Staleness>,
     consumer: Mutex<Staleness>,
@@ -145,13 +149,15 @@ impl Shared {
     }
 
     async fn read(&self, instance: u32, key: u64, due: Instant, consumer: bool) {
-        let start = self.ledger.start(key, self.started(due));
+        let started = self.started(due);
+        let start = self.ledger.start(key, started);
         let result = self.strategy.read(instance as usize, key).await;
         let end = Instant::now();
         self.done(end);
         match result {
             Ok(row) => {
                 self.read_latency.lock().saturating_record(nanos(end.saturating_duration_since(due)));
+                self.read_service.lock().saturating_record(nanos(end.saturating_duration_since(started)));
                 let stale = self.ledger.check(start, row.version);
                 let mut s = if consumer { self.consumer.lock() } else { self.ui.lock() };
                 s.reads += 1;
@@ -212,6 +218,7 @@ pub async fn run(
         read_latency: Mutex::new(histogram()?),
         write_latency: Mutex::new(histogram()?),
         start_delay: Mutex::new(histogram()?),
+        read_service: Mutex::new(histogram()?),
         writes: AtomicU64::new(0),
         ui: Mutex::new(Staleness::default()),
         consumer: Mutex::new(Staleness::default()),
@@ -280,6 +287,7 @@ pub async fn run(
         read_latency: shared.read_latency.lock().clone(),
         write_latency: shared.write_latency.lock().clone(),
         start_delay: shared.start_delay.lock().clone(),
+        read_service: shared.read_service.lock().clone(),
         writes: shared.writes.load(Ordering::SeqCst),
         ui: *shared.ui.lock(),
         consumer: *shared.consumer.lock(),

@@ -130,6 +130,19 @@ impl Strategy for StrataCache {
                 sum.insert(name, (total + add).into());
             }
         }
+        match &self.remote {
+            Remote::InProcess { tier, hub } => {
+                sum.insert("tier_ops".into(), tier.ops().into());
+                sum.insert("backplane_published".into(), hub.published().into());
+            }
+            Remote::Redis { tiers, backplanes, .. } => {
+                sum.insert("tier_ops".into(), tiers.iter().map(RedisTier::ops).sum::<u64>().into());
+                let bp = backplanes.iter().map(RedisStreamBackplane::stats);
+                let (published, delivered) = bp.fold((0, 0), |(p, d), s| (p + s.published, d + s.delivered));
+                sum.insert("backplane_published".into(), published.into());
+                sum.insert("backplane_delivered".into(), delivered.into());
+            }
+        }
         Some(serde_json::Value::Object(sum))
     }
 
