@@ -434,15 +434,20 @@ fn linearizability_violations(
         writes[n..].iter().find_map(|w| w.version).map(|v| v.saturating_sub(1).max(prefix_max[n - 1]))
     };
 
-    // Reads by return time with the running maximum version, for inversions.
-    let mut by_return: Vec<(u64, u64)> = kh.reads.iter().map(|r| (r.ev.return_ns, r.version)).collect();
-    by_return.sort_unstable();
-    let mut seen = 0;
-    let max_seen: Vec<u64> = by_return
+    // Reads by return time with the running maximum version (and the read that saw
+    // it), for inversions.
+    let mut by_return: Vec<&Read<'_>> = kh.reads.iter().collect();
+    by_return.sort_unstable_by_key(|r| (r.ev.return_ns, r.version));
+    let mut newest: Option<&Read<'_>> = None;
+    let max_seen: Vec<&Read<'_>> = by_return
         .iter()
-        .map(|&(_, v)| {
-            seen = seen.max(v);
-            seen
+        .map(|&r| {
+            let n = match newest {
+                Some(n) if n.version >= r.version => n,
+                _ => r,
+            };
+            newest = Some(n);
+            n
         })
         .collect();
 
@@ -452,9 +457,9 @@ fn linearizability_violations(
         let stale = completed.newest_before(inv).filter(|&newest| r.version < newest);
         let invoked_before = writes.partition_point(|w| w.invoke_ns < r.ev.return_ns);
         let future = upper(invoked_before).filter(|&u| r.version > u);
-        let returned_before = by_return.partition_point(|&(t, _)| t < inv);
+        let returned_before = by_return.partition_point(|p| p.ev.return_ns < inv);
         let inversion =
-            returned_before.checked_sub(1).map(|i| max_seen[i]).filter(|&earlier| r.version < earlier);
+            returned_before.checked_sub(1).map(|i| max_seen[i]).filter(|earlier| r.version < earlier.version);
         if stale.is_none() && future.is_none() && inversion.is_none() {
             continue;
         }
@@ -463,8 +468,24 @@ fn linearizability_violations(
             format!("v{newest} was completed before it was invoked")
         } else if let Some(u) = future {
             format!("no write newer than v{u} was invoked before it returned")
+        } else if let Some(earlier) = inversion {
+            // Whether the newer version's write had returned ok says whether the fleet
+            // flip-flopped on a completed or on an indeterminate write.
+            let write = writes
+                .iter()
+                .find(|w| w.version == Some(earlier.version))
+                .map_or("written outside the history", |w| {
+                    if w.ok { "a completed write" } else { "an indeterminate write" }
+                });
+            format!(
+                "{} read v{} (from {}, {write}) at {} and returned before this read was invoked",
+                earlier.ev.process,
+                earlier.version,
+                earlier.ev.tier.map_or("?", |t| t.as_str()),
+                rel(ex.origin, earlier.ev.invoke_ns),
+            )
         } else {
-            format!("a read that returned before it was invoked saw v{}", inversion.unwrap_or_default())
+            String::new()
         };
         let at = rel(ex.origin, inv);
         ex.add("not linearizable", || {

@@ -468,8 +468,8 @@ mod checker {
         assert!(!r.passed);
         assert!(
             r.examples.iter().any(|e| e.starts_with("not linearizable:")
-                && e.contains("reader-2")
-                && e.contains("saw v2")),
+                && e.contains("reader-2 read key 1 v1")
+                && e.contains("reader-1 read v2 (from db, a completed write)")),
             "{:?}",
             r.examples
         );
