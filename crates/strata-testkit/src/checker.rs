@@ -471,12 +471,12 @@ fn linearizability_violations(
         } else if let Some(earlier) = inversion {
             // Whether the newer version's write had returned ok says whether the fleet
             // flip-flopped on a completed or on an indeterminate write.
-            let write = writes
-                .iter()
-                .find(|w| w.version == Some(earlier.version))
-                .map_or("written outside the history", |w| {
+            let write = writes.iter().find(|w| w.version == Some(earlier.version)).map_or(
+                "written outside the history",
+                |w| {
                     if w.ok { "a completed write" } else { "an indeterminate write" }
-                });
+                },
+            );
             format!(
                 "{} read v{} (from {}, {write}) at {} and returned before this read was invoked",
                 earlier.ev.process,
