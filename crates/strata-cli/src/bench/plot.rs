@@ -106,7 +106,7 @@ fn panels(report: &BenchReport) -> Vec<Panel> {
         },
         Panel {
             title: if report.redis.is_some() {
-                "Redis commands/s".to_owned()
+                "Redis commands/s (counted client-side)".to_owned()
             } else {
                 "shared tier + backplane ops/s".to_owned()
             },
@@ -123,7 +123,7 @@ fn panels(report: &BenchReport) -> Vec<Panel> {
             scale: Scale::StackedPercent { upper: l2 },
         },
         Panel {
-            title: "read latency p99".to_owned(),
+            title: "read latency p99 (from the schedule)".to_owned(),
             unit: "microseconds, log",
             labels: labels(&p99),
             values: p99,
