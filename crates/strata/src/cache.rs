@@ -188,6 +188,8 @@ pub(crate) struct Inner<K, V> {
     /// Woken when an acknowledgement arrives.
     pub(crate) acks: tokio::sync::Notify,
     pub(crate) strong: bool,
+    /// XFetch's window per µs of load time: β · `XFETCH_HORIZON` · 1000 ns.
+    xfetch_lead_per_micro: u64,
     pub(crate) rng: Mutex<SmallRng>,
     pub(crate) shutdown: watch::Receiver<bool>,
 }
@@ -237,6 +239,7 @@ where
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let has_backplane = backplane.is_some();
         let cfg_strong = cfg.consistency == Consistency::Strong;
+        let cfg_beta = cfg.early_refresh_beta;
         let inner = Arc::new(Inner {
             guards: Guards::new(cfg.tombstone_ttl),
             cfg,
@@ -255,6 +258,7 @@ where
             members: Mutex::new(HashMap::new()),
             acks: tokio::sync::Notify::new(),
             strong: cfg_strong,
+            xfetch_lead_per_micro: (cfg_beta * XFETCH_HORIZON * 1000.0).min(1e12) as u64,
             rng: Mutex::new(rng),
             shutdown: shutdown_rx,
         });
@@ -642,6 +646,25 @@ where
     #[inline]
     fn probe(&self, key: &K, now: Timestamp) -> Probe<V> {
         let Some(e) = self.l1.get(key) else { return Probe::Absent };
+        // The common case in one expression: fresh and outside the XFetch window (the
+        // window's lead is 0 without a load time), untagged, not a stale copy, not
+        // invalidated by a namespace epoch, and no degraded mode in force.
+        let lead = u64::from(e.meta.load_micros()).saturating_mul(self.xfetch_lead_per_micro);
+        if now.as_nanos().saturating_add(lead) < e.meta.fresh_until.as_nanos()
+            && !e.meta.is_stale_copy()
+            && e.tags.is_none()
+            && self.guards.namespace_valid(e.meta.fill_seq)
+            && !self.strong
+            && self.health.unhealthy_since.load(Ordering::Relaxed) == 0
+        {
+            return Probe::Fresh(e.value, false);
+        }
+        self.probe_slow(e, now)
+    }
+
+    /// Everything the fast path of [`Inner::probe`] does not decide.
+    #[inline(never)]
+    fn probe_slow(&self, e: Entry<V>, now: Timestamp) -> Probe<V> {
         if !self.guards.valid(e.meta.fill_seq, e.tag_slice()) || !self.within_max_stale(&e, now) {
             return Probe::Absent;
         }

@@ -112,6 +112,12 @@ impl<K: Hash + Eq + Clone> Guards<K> {
 
     /// Whether an entry filled at `fill_seq` with `tags` survived the namespace and tag
     /// invalidations so far. The common untagged case is one atomic load.
+    /// Whether an entry filled at `fill_seq` survived the namespace invalidations.
+    #[inline]
+    pub(crate) fn namespace_valid(&self, fill_seq: u64) -> bool {
+        fill_seq >= self.namespace_epoch.load(Ordering::SeqCst)
+    }
+
     #[inline]
     pub(crate) fn valid(&self, fill_seq: u64, tags: &[String]) -> bool {
         if fill_seq < self.namespace_epoch.load(Ordering::SeqCst) {

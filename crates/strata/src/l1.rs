@@ -92,12 +92,20 @@ impl Meta {
         self.set_usable_until(usable);
     }
 
+    #[inline]
     pub(crate) fn is_stale_copy(&self) -> bool {
         self.bits & STALE_BIT != 0
     }
 
     pub(crate) fn mark_stale_copy(&mut self) {
         self.bits |= STALE_BIT;
+    }
+
+    /// Δ for XFetch in µs; 0 disables early refresh.
+    #[inline]
+    pub(crate) fn load_micros(&self) -> u32 {
+        // The mask keeps 20 bits, so the cast is lossless.
+        (self.bits & mask(LOAD_BITS)) as u32
     }
 
     /// Δ for XFetch; 0 disables early refresh.
