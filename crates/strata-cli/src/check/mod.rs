@@ -34,7 +34,8 @@ const LONG_ABOUT: &str = "\
 What it does: starts Redis and Postgres (through strata-testkit, unless --redis /
 --database are given), seeds a table of versioned rows, and runs --instances processes of
 this binary: one writer, which commits `version = version + 1` at --write-rate per second
-and invalidates the key after the commit, and readers, which read random keys with
+through strata-sql's transaction helper (tx.invalidate, then tx.commit: the key is
+invalidated after the commit, and also when the COMMIT's outcome is unknown), and readers, which read random keys with
 `get_or_load` (loader: SELECT from Postgres) at --read-rate per second each. Every
 instance has its own Cache<u64, Row> on RedisTier + RedisStreamBackplane at --level, with
 the row version declared. Half of all picks go to the hottest tenth of the keys.

@@ -28,6 +28,7 @@ use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use sqlx::postgres::PgPool;
 use strata::Cache;
+use strata_sql::CommitOutcome;
 use strata_testkit::{CacheSnapshot, Event, Op, Recorder, Tier, monotonic_ns};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines, Stdin};
 use tokio::sync::{Semaphore, watch};
@@ -247,6 +248,11 @@ async fn write_load(
     mut stop: watch::Receiver<bool>,
 ) -> u64 {
     let mut rng = SmallRng::seed_from_u64(args.seed);
+    let lease = Timing {
+        max_stale: Duration::from_millis(args.max_stale_ms),
+        heartbeat: Duration::from_millis(args.heartbeat_ms),
+    }
+    .membership_lease();
     let period = Duration::from_secs(1) / args.rate.max(1);
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -261,21 +267,38 @@ async fn write_load(
         skipped += (now.duration_since(last).as_nanos() / period.as_nanos().max(1)).saturating_sub(1) as u64;
         last = now;
         let key = setup::pick_key(&mut rng, args.keys);
-        for event in write_one(&args.name, key, &cache, &pool).await {
+        for event in write_one(&args.name, key, &cache, &pool, lease).await {
             let _ = recorder.record(&event);
         }
     }
     skipped
 }
 
-/// One write: commit `version = version + 1` (bounded by [`DB_TIMEOUT`]), then
-/// invalidate, and the events recording it. The invalidation runs even when the
-/// commit failed, since a commit whose answer was lost may still have happened.
-async fn write_one(name: &str, key: u64, cache: &Cache<u64, Row>, pool: &PgPool) -> Vec<Event> {
+/// How long the writer waits for `commit()` (the COMMIT plus the invalidation, which at
+/// the Strong level may wait up to two membership leases for acknowledgements).
+fn commit_budget(lease: Duration) -> Duration {
+    DB_TIMEOUT + lease * 2 + Duration::from_secs(1)
+}
+
+/// One write through strata-sql's transaction helper: `UPDATE … SET version = version
+/// + 1 … RETURNING version` (bounded by [`DB_TIMEOUT`]), `tx.invalidate(cache, key)`,
+/// `tx.commit()` (which commits, then invalidates; and invalidates too when the
+/// outcome of the COMMIT is unknown). Returns the events recording it: the write, and
+/// an `invalidation_applied` event spanning the `commit()` call.
+///
+/// A write is `ok` only when it committed and its invalidation is done. One that
+/// certainly rolled back is recorded without a version. If `commit()` does not return
+/// within its budget, the key is invalidated by hand, since the COMMIT may have landed.
+async fn write_one(
+    name: &str,
+    key: u64,
+    cache: &Cache<u64, Row>,
+    pool: &PgPool,
+    lease: Duration,
+) -> Vec<Event> {
     let invoke = monotonic_ns();
-    let mut version: Option<u64> = None;
-    let commit = tokio::time::timeout(DB_TIMEOUT, async {
-        let mut tx = pool.begin().await?;
+    let begun = tokio::time::timeout(DB_TIMEOUT, async {
+        let mut tx = strata_sql::begin(pool).await?;
         let v: i64 = sqlx::query_scalar(
             "UPDATE strata_check SET version = version + 1, payload = $2 WHERE id = $1 RETURNING version",
         )
@@ -283,34 +306,67 @@ async fn write_one(name: &str, key: u64, cache: &Cache<u64, Row>, pool: &PgPool)
         .bind(format!("row {key} written by {name}"))
         .fetch_one(&mut *tx)
         .await?;
-        version = Some(v as u64);
-        tx.commit().await?;
-        Ok::<_, sqlx::Error>(())
+        Ok::<_, sqlx::Error>((tx, v as u64))
     })
     .await;
-    let committed = monotonic_ns();
-    let commit_error = match commit {
-        Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(format!("commit failed: {e}")),
-        Err(_) => Some(format!("commit took more than {DB_TIMEOUT:?}")),
+    let (mut tx, version) = match begun {
+        Ok(Ok(started)) => started,
+        // Nothing was committed (no COMMIT was sent): a failed write without a version.
+        Ok(Err(e)) => {
+            return vec![
+                Event::write(name, key, invoke, monotonic_ns(), None, false)
+                    .with_detail(format!("update failed: {e}")),
+            ];
+        }
+        Err(_) => {
+            return vec![
+                Event::write(name, key, invoke, monotonic_ns(), None, false)
+                    .with_detail(format!("update took more than {DB_TIMEOUT:?}")),
+            ];
+        }
     };
-    let invalidated = cache.invalidate(&key).await;
+    tx.invalidate(cache, &key);
+    let committing = monotonic_ns();
+    let outcome = tokio::time::timeout(commit_budget(lease), tx.commit()).await;
+    let (version, ok, invalidated, detail) = match outcome {
+        Ok(Ok(report)) => {
+            let problems: Vec<String> = report
+                .failed_invalidations()
+                .map(|i| {
+                    let error = i.error.as_ref().map_or(String::new(), |e| format!(": {e}"));
+                    format!("invalidation {:?}{error}", i.state)
+                })
+                .collect();
+            let done = problems.is_empty();
+            (Some(version), done, done, problems.join("; "))
+        }
+        Err(_) => {
+            let by_hand = cache.invalidate(&key).await;
+            let detail = match &by_hand {
+                Ok(()) => "commit() did not return in time; invalidated by hand".to_owned(),
+                Err(e) => format!("commit() did not return in time; invalidation by hand failed: {e}"),
+            };
+            (Some(version), false, by_hand.is_ok(), detail)
+        }
+        Ok(Err(e)) => match e.outcome() {
+            CommitOutcome::RolledBack => (None, false, true, e.to_string()),
+            CommitOutcome::Unknown => {
+                (Some(version), false, e.invalidations().iter().all(|i| i.is_done()), e.to_string())
+            }
+        },
+    };
     let done = monotonic_ns();
-    let invalidation_error = invalidated.err().map(|e| format!("invalidate failed: {e}"));
-    let ok = commit_error.is_none() && invalidation_error.is_none();
-    let detail =
-        [commit_error, invalidation_error.clone()].into_iter().flatten().collect::<Vec<_>>().join("; ");
-    let write = Event::write(name, key, invoke, done, version, ok).with_detail(detail);
+    let write = Event::write(name, key, invoke, done, version, ok).with_detail(detail.clone());
     let invalidation = Event {
         process: name.to_owned(),
         key,
         op: Op::InvalidationApplied,
-        invoke_ns: committed,
+        invoke_ns: committing,
         return_ns: done,
         version,
         tier: None,
-        ok: invalidation_error.is_none(),
-        detail: invalidation_error.unwrap_or_default(),
+        ok: invalidated,
+        detail: if invalidated { String::new() } else { detail },
     };
     vec![write, invalidation]
 }
