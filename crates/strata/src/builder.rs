@@ -34,6 +34,12 @@ pub enum Consistency {
     /// and flushed. When an L2 delete fails, the L2 breaker is forced open and reads
     /// bypass every cache tier until the namespace has been bumped in L2. Every instance
     /// of a namespace must use this level (others do not acknowledge).
+    ///
+    /// What it does not give: while a write is in progress (committed, its invalidation
+    /// not yet acknowledged) or failed to invalidate, a read that loads from the database
+    /// can see the new version and a later read on another instance the old one from its
+    /// L1, for at most the acknowledgement wait or half a membership lease. Writes are
+    /// invalidated after their commit, so only completed writes are ordered with reads.
     Strong,
 }
 
