@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use crate::process::{self, Proc};
+use crate::process::{self, Proc, StartError};
 use crate::sys;
 
 /// Environment variable naming the directory holding `postgres`, `initdb`,
@@ -113,22 +113,12 @@ impl PostgresServerBuilder {
             proc: None,
             dir,
         };
-        let mut last_err = None;
-        for _ in 0..PORT_ATTEMPTS {
-            server.port = process::free_port()?;
-            match server.spawn_and_wait() {
-                Ok(()) => return Ok(server),
-                Err(StartError::PortInUse(e)) => last_err = Some(e),
-                Err(StartError::Other(e)) => return Err(e),
-            }
-        }
-        Err(last_err.unwrap_or_else(|| io::Error::other("postgres did not start")))
+        process::start_on_free_port("postgres", PORT_ATTEMPTS, |port| {
+            server.port = port;
+            server.spawn_and_wait()
+        })?;
+        Ok(server)
     }
-}
-
-enum StartError {
-    PortInUse(io::Error),
-    Other(io::Error),
 }
 
 /// A real `postgres` server listening on a random port of 127.0.0.1 with a
@@ -207,9 +197,7 @@ impl PostgresServer {
     /// No-op when not running. A [`restart`](Self::restart) then goes through
     /// crash recovery.
     pub fn kill(&mut self) {
-        if let Some(mut proc) = self.proc.take() {
-            proc.kill();
-        }
+        process::kill(&mut self.proc);
     }
 
     /// Freezes the postmaster and all backends with SIGSTOP: connections stay
@@ -232,10 +220,7 @@ impl PostgresServer {
     }
 
     fn signal(&mut self, sig: libc::c_int) -> io::Result<()> {
-        match self.proc.as_mut() {
-            Some(proc) => proc.signal(sig),
-            None => Err(io::Error::new(io::ErrorKind::NotFound, "postgres is not running")),
-        }
+        process::signal(self.proc.as_mut(), "postgres", sig)
     }
 
     /// Starts the server again on the same port and data directory (killing
@@ -257,20 +242,9 @@ impl PostgresServer {
     /// When the server does not come back; the message includes the log.
     pub fn try_restart(&mut self) -> io::Result<()> {
         self.kill();
-        let deadline = Instant::now() + RESTART_RETRY;
-        loop {
-            // Killed backends may hold the port or the old shared memory for
-            // a moment: retry any early exit until the deadline.
-            match self.spawn_and_wait() {
-                Ok(()) => return Ok(()),
-                Err(StartError::PortInUse(e) | StartError::Other(e)) => {
-                    if Instant::now() >= deadline || e.kind() == io::ErrorKind::TimedOut {
-                        return Err(e);
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            }
-        }
+        // Killed backends may hold the port or the old shared memory for
+        // a moment: retry any early exit until the deadline.
+        process::retry_start(RESTART_RETRY, process::not_timed_out, || self.spawn_and_wait())
     }
 
     /// The server log (its stderr).

@@ -4,6 +4,7 @@ use std::io;
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Child;
+use std::time::{Duration, Instant};
 
 use crate::sys;
 
@@ -71,6 +72,96 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Why one attempt to start a server failed.
+pub(crate) enum StartError {
+    /// The port was taken (worth retrying, on another port or later).
+    PortInUse(io::Error),
+    Other(io::Error),
+}
+
+impl StartError {
+    fn error(&self) -> &io::Error {
+        match self {
+            Self::PortInUse(e) | Self::Other(e) => e,
+        }
+    }
+
+    fn into_error(self) -> io::Error {
+        match self {
+            Self::PortInUse(e) | Self::Other(e) => e,
+        }
+    }
+}
+
+/// Kills and reaps the process in `proc`, if any, leaving `None`.
+pub(crate) fn kill(proc: &mut Option<Proc>) {
+    if let Some(mut proc) = proc.take() {
+        proc.kill();
+    }
+}
+
+/// Sends `sig` to the process in `proc`; `NotFound` ("`what` is not running")
+/// if there is none.
+pub(crate) fn signal(proc: Option<&mut Proc>, what: &str, sig: libc::c_int) -> io::Result<()> {
+    match proc {
+        Some(proc) => proc.signal(sig),
+        None => Err(io::Error::new(io::ErrorKind::NotFound, format!("{what} is not running"))),
+    }
+}
+
+/// Calls `attempt` with a fresh free port, up to `attempts` times while it
+/// fails with [`StartError::PortInUse`]; `what` names the server in the error
+/// if no attempt was made.
+pub(crate) fn start_on_free_port(
+    what: &str,
+    attempts: usize,
+    mut attempt: impl FnMut(u16) -> Result<(), StartError>,
+) -> io::Result<()> {
+    let mut last_err = None;
+    for _ in 0..attempts {
+        match attempt(free_port()?) {
+            Ok(()) => return Ok(()),
+            Err(StartError::PortInUse(e)) => last_err = Some(e),
+            Err(StartError::Other(e)) => return Err(e),
+        }
+    }
+    Err(last_err.unwrap_or_else(|| io::Error::other(format!("{what} did not start"))))
+}
+
+/// Calls `attempt` until it succeeds, retrying every 100 ms for up to
+/// `window` the failures that `retry` accepts; other failures, and the
+/// last one after the window, are returned.
+pub(crate) fn retry_start(
+    window: Duration,
+    retry: impl Fn(&StartError) -> bool,
+    mut attempt: impl FnMut() -> Result<(), StartError>,
+) -> io::Result<()> {
+    let deadline = Instant::now() + window;
+    loop {
+        match attempt() {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                if !retry(&e) || Instant::now() >= deadline {
+                    return Err(e.into_error());
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// Whether a restart attempt that failed with `e` is worth retrying: any
+/// early exit is, a startup timeout is not.
+pub(crate) fn not_timed_out(e: &StartError) -> bool {
+    e.error().kind() != io::ErrorKind::TimedOut
+}
+
+/// Whether a restart attempt that failed with `e` is worth retrying: only
+/// when the port was still in use.
+pub(crate) fn port_in_use(e: &StartError) -> bool {
+    matches!(e, StartError::PortInUse(_))
 }
 
 /// A port that was free a moment ago on 127.0.0.1 (bind to port 0, read, drop).

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use crate::process::{self, Proc};
+use crate::process::{self, Proc, StartError};
 
 /// Environment variable naming the `redis-server` binary to use instead of the
 /// one found in `PATH`.
@@ -102,22 +102,12 @@ impl RedisServerBuilder {
             proc: None,
             dir,
         };
-        let mut last_err = None;
-        for _ in 0..PORT_ATTEMPTS {
-            server.port = process::free_port()?;
-            match server.spawn_and_wait() {
-                Ok(()) => return Ok(server),
-                Err(StartError::PortInUse(e)) => last_err = Some(e),
-                Err(StartError::Other(e)) => return Err(e),
-            }
-        }
-        Err(last_err.unwrap_or_else(|| io::Error::other("redis-server did not start")))
+        process::start_on_free_port("redis-server", PORT_ATTEMPTS, |port| {
+            server.port = port;
+            server.spawn_and_wait()
+        })?;
+        Ok(server)
     }
-}
-
-enum StartError {
-    PortInUse(io::Error),
-    Other(io::Error),
 }
 
 /// A real `redis-server` process listening on a random port of 127.0.0.1, with
@@ -191,9 +181,7 @@ impl RedisServer {
     /// Kills the server with SIGKILL and waits for it to exit. No-op when it
     /// is not running.
     pub fn kill(&mut self) {
-        if let Some(mut proc) = self.proc.take() {
-            proc.kill();
-        }
+        process::kill(&mut self.proc);
     }
 
     /// Freezes the server with SIGSTOP: connections stay open and new ones
@@ -216,10 +204,7 @@ impl RedisServer {
     }
 
     fn signal(&mut self, sig: libc::c_int) -> io::Result<()> {
-        match self.proc.as_mut() {
-            Some(proc) => proc.signal(sig),
-            None => Err(io::Error::new(io::ErrorKind::NotFound, "redis-server is not running")),
-        }
+        process::signal(self.proc.as_mut(), "redis-server", sig)
     }
 
     /// Starts the server again on the same port (killing it first if it is
@@ -242,19 +227,7 @@ impl RedisServer {
     /// When the server does not come up; the message includes the log.
     pub fn try_restart(&mut self) -> io::Result<()> {
         self.kill();
-        let deadline = Instant::now() + RESTART_RETRY;
-        loop {
-            match self.spawn_and_wait() {
-                Ok(()) => return Ok(()),
-                Err(StartError::PortInUse(e)) => {
-                    if Instant::now() >= deadline {
-                        return Err(e);
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                Err(StartError::Other(e)) => return Err(e),
-            }
-        }
+        process::retry_start(RESTART_RETRY, process::port_in_use, || self.spawn_and_wait())
     }
 
     /// The server log (its `logfile`, followed by anything it printed to
