@@ -3,7 +3,9 @@
 //!
 //! 100k resident entries, seeded Zipf(1.0) keys, 1 and 2 threads. Every lookup is a hit.
 //! Each thread walks its own pre-generated key sequence; the time reported is per get
-//! on each thread.
+//! on each thread. Two value types: `u64` (the harshest case: the engine's own clone is
+//! nearly free, so every byte and instruction strata adds shows) and `Arc<Row>` (what
+//! applications usually store: a shared row, whose reference count every cache pays).
 
 use std::hint::black_box;
 use std::sync::{Arc, Barrier};
@@ -52,64 +54,83 @@ fn run<G: Fn(u64) -> Option<u64> + Send + Sync + 'static>(
     handles.into_iter().map(|h| h.join().expect("bench thread")).max().unwrap_or_default()
 }
 
-fn l1_hit(c: &mut Criterion) {
-    let key_sets: Vec<_> = (0..2).map(|t| keys(42 + t)).collect();
+/// A settings row as an application would cache it.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Row {
+    id: u64,
+    plan: String,
+    version: u64,
+}
 
-    let strata: strata::Cache<u64, u64> = strata::Cache::builder("bench")
+fn bench_value_type<V, F>(c: &mut Criterion, label: &str, key_sets: &[Arc<Vec<u64>>], make: F)
+where
+    V: Clone + Send + Sync + serde::Serialize + serde::de::DeserializeOwned + 'static,
+    F: Fn(u64) -> V,
+{
+    let strata: strata::Cache<u64, V> = strata::Cache::builder("bench")
         .max_capacity(2 * ENTRIES)
         .time_to_live(Duration::from_secs(3600))
         .build()
         .expect("valid config");
     for k in 0..ENTRIES {
-        futures::executor::block_on(strata.insert(k, k)).expect("insert");
+        futures::executor::block_on(strata.insert(k, make(k))).expect("insert");
     }
-    let strata = Arc::new(move |k: u64| strata.get_local(&k));
+    let strata = Arc::new(move |k: u64| strata.get_local(&k).map(|_| k));
 
-    let raw: quick_cache::sync::Cache<u64, u64> = quick_cache::sync::Cache::new(2 * ENTRIES as usize);
+    let raw: quick_cache::sync::Cache<u64, V> = quick_cache::sync::Cache::new(2 * ENTRIES as usize);
     for k in 0..ENTRIES {
-        raw.insert(k, k);
+        raw.insert(k, make(k));
     }
-    let raw = Arc::new(move |k: u64| raw.get(&k));
+    let raw = Arc::new(move |k: u64| raw.get(&k).map(|_| k));
 
-    let moka_sync: moka::sync::Cache<u64, u64> = moka::sync::Cache::builder()
+    let moka_sync: moka::sync::Cache<u64, V> = moka::sync::Cache::builder()
         .max_capacity(2 * ENTRIES)
         .time_to_live(Duration::from_secs(3600))
         .build();
     for k in 0..ENTRIES {
-        moka_sync.insert(k, k);
+        moka_sync.insert(k, make(k));
     }
     moka_sync.run_pending_tasks();
-    let moka_sync = Arc::new(move |k: u64| moka_sync.get(&k));
+    let moka_sync = Arc::new(move |k: u64| moka_sync.get(&k).map(|_| k));
 
-    let moka_future: moka::future::Cache<u64, u64> = moka::future::Cache::builder()
+    let moka_future: moka::future::Cache<u64, V> = moka::future::Cache::builder()
         .max_capacity(2 * ENTRIES)
         .time_to_live(Duration::from_secs(3600))
         .build();
     futures::executor::block_on(async {
         for k in 0..ENTRIES {
-            moka_future.insert(k, k).await;
+            moka_future.insert(k, make(k)).await;
         }
         moka_future.run_pending_tasks().await;
     });
-    let moka_future = Arc::new(move |k: u64| futures::executor::block_on(moka_future.get(&k)));
+    let moka_future = Arc::new(move |k: u64| futures::executor::block_on(moka_future.get(&k)).map(|_| k));
 
     for threads in [1usize, 2] {
-        let mut g = c.benchmark_group(format!("l1_hit/entries=100k/zipf=1.0/threads={threads}"));
+        let mut g =
+            c.benchmark_group(format!("l1_hit/entries=100k/zipf=1.0/values={label}/threads={threads}"));
         g.throughput(criterion::Throughput::Elements(1));
         g.bench_function(BenchmarkId::from_parameter("strata"), |b| {
-            b.iter_custom(|iters| run(threads, iters, &key_sets, strata.clone()))
+            b.iter_custom(|iters| run(threads, iters, key_sets, strata.clone()))
         });
         g.bench_function(BenchmarkId::from_parameter("quick_cache"), |b| {
-            b.iter_custom(|iters| run(threads, iters, &key_sets, raw.clone()))
+            b.iter_custom(|iters| run(threads, iters, key_sets, raw.clone()))
         });
         g.bench_function(BenchmarkId::from_parameter("moka_sync"), |b| {
-            b.iter_custom(|iters| run(threads, iters, &key_sets, moka_sync.clone()))
+            b.iter_custom(|iters| run(threads, iters, key_sets, moka_sync.clone()))
         });
         g.bench_function(BenchmarkId::from_parameter("moka_future"), |b| {
-            b.iter_custom(|iters| run(threads, iters, &key_sets, moka_future.clone()))
+            b.iter_custom(|iters| run(threads, iters, key_sets, moka_future.clone()))
         });
         g.finish();
     }
+}
+
+fn l1_hit(c: &mut Criterion) {
+    let key_sets: Vec<_> = (0..2).map(|t| keys(42 + t)).collect();
+    bench_value_type(c, "u64", &key_sets, |k| k);
+    bench_value_type(c, "arc_row", &key_sets, |k| {
+        Arc::new(Row { id: k, plan: format!("plan-{}", k % 7), version: 1 })
+    });
 }
 
 criterion_group! {
