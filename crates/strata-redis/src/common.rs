@@ -178,6 +178,56 @@ pub(crate) fn bad_reply(kind: ErrorKind, what: &str) -> Error {
     Error::new(kind, format!("{what}: unexpected reply shape from redis (script version mismatch?)"))
 }
 
+/// Checks a backplane builder's reconnect backoff bounds (`0 < min <= max`).
+pub(crate) fn check_backoff(what: &str, min: Duration, max: Duration) -> Result<(), Error> {
+    if min.is_zero() || max < min {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("{what}: reconnect_backoff needs 0 < min <= max (default 20ms..1s)"),
+        ));
+    }
+    Ok(())
+}
+
+/// Opens the client for `url` and a backplane's publishing connection on it.
+pub(crate) fn connect_publisher(
+    url: &str,
+    tls: Option<&TlsConfig>,
+    connect_timeout: Duration,
+    what: &str,
+) -> Result<(redis::Client, ManagedConn), Error> {
+    let client = open_client(url, what, tls)?;
+    let publisher = ManagedConn::new(client.clone(), connect_timeout, redact_url(url), 8, what)?;
+    Ok((client, publisher))
+}
+
+/// Sends a `PING` on a backplane's publishing connection within `timeout`; `ping_what`
+/// names the call, `what` the backplane in the error that says what to check.
+pub(crate) async fn ping_publisher(
+    publisher: &ManagedConn,
+    timeout: Duration,
+    what: &str,
+    ping_what: &'static str,
+) -> Result<(), Error> {
+    publisher
+        .call(timeout, ErrorKind::Backplane, ping_what, |mut c| async move {
+            redis::cmd("PING").query_async::<Value>(&mut c).await
+        })
+        .await
+        .map_err(|e| {
+            let e = e.into_error();
+            Error::new(
+                e.kind(),
+                format!(
+                    "{what}: cannot reach `{}`: {e}; check that the server runs, the URL's \
+                     host/port and the ACL credentials",
+                    publisher.shown_url()
+                ),
+            )
+        })?;
+    Ok(())
+}
+
 /// A [`ConnectionManager`] that is replaced by a fresh one after repeated timeouts:
 /// a connection to a peer that vanished without a reset (a paused server, a dropped
 /// network path) never reports an error by itself.

@@ -30,9 +30,14 @@ use strata::error::{Error, ErrorKind, Result};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
-use crate::common::{Backoff, ManagedConn, map_redis_error, open_client, redact_url};
+use crate::common::{
+    Backoff, ManagedConn, check_backoff, connect_publisher, map_redis_error, ping_publisher, redact_url,
+};
 use crate::stream::{BackplaneStats, StatCounters, check_prefix};
 use crate::tls::TlsConfig;
+
+/// Names the backplane in errors.
+const WHAT: &str = "redis pub/sub backplane";
 
 /// Builds a [`RedisPubSubBackplane`]; see [`RedisPubSubBackplane::builder`].
 #[must_use = "a builder does nothing until .build().await"]
@@ -135,19 +140,9 @@ impl RedisPubSubBackplaneBuilder {
                 "redis pub/sub backplane: channel_capacity must be at least 1 (default 4096)".into(),
             );
         }
-        if self.reconnect_min.is_zero() || self.reconnect_max < self.reconnect_min {
-            return invalid(
-                "redis pub/sub backplane: reconnect_backoff needs 0 < min <= max (default 20ms..1s)".into(),
-            );
-        }
-        let client = open_client(&self.url, "redis pub/sub backplane", self.tls.as_ref())?;
-        let publisher = ManagedConn::new(
-            client.clone(),
-            self.connect_timeout,
-            redact_url(&self.url),
-            8,
-            "redis pub/sub backplane",
-        )?;
+        check_backoff(WHAT, self.reconnect_min, self.reconnect_max)?;
+        let (client, publisher) =
+            connect_publisher(&self.url, self.tls.as_ref(), self.connect_timeout, WHAT)?;
         let bp = RedisPubSubBackplane {
             inner: Arc::new(PubSubInner {
                 channel: format!("{}:bp", self.prefix),
@@ -160,23 +155,7 @@ impl RedisPubSubBackplaneBuilder {
         };
         if !bp.inner.cfg.lazy {
             let t = bp.inner.cfg.connect_timeout + bp.inner.cfg.op_timeout;
-            bp.inner
-                .publisher
-                .call(t, ErrorKind::Backplane, "redis pub/sub backplane ping", |mut c| async move {
-                    redis::cmd("PING").query_async::<Value>(&mut c).await
-                })
-                .await
-                .map_err(|e| {
-                    let e = e.into_error();
-                    Error::new(
-                        e.kind(),
-                        format!(
-                            "redis pub/sub backplane: cannot reach `{}`: {e}; check that the \
-                             server runs, the URL's host/port and the ACL credentials",
-                            bp.inner.publisher.shown_url()
-                        ),
-                    )
-                })?;
+            ping_publisher(&bp.inner.publisher, t, WHAT, "redis pub/sub backplane ping").await?;
         }
         Ok(bp)
     }

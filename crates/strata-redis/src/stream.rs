@@ -43,11 +43,14 @@ use strata::error::{Error, ErrorKind, Result};
 use tokio::sync::mpsc;
 
 use crate::common::{
-    Backoff, ManagedConn, bad_reply, map_redis_error, open_client, redact_url, value_array, value_bytes,
-    value_u64,
+    Backoff, ManagedConn, bad_reply, check_backoff, connect_publisher, map_redis_error, ping_publisher,
+    redact_url, value_array, value_bytes, value_u64,
 };
 use crate::scripts::{STREAM_CATCH_UP, STREAM_PUBLISH, STREAM_START};
 use crate::tls::TlsConfig;
+
+/// Names the backplane in errors.
+const WHAT: &str = "redis stream backplane";
 
 /// Default cap of the stream (entries, approximate).
 pub const DEFAULT_MAX_LEN: u64 = 100_000;
@@ -243,17 +246,9 @@ impl RedisStreamBackplaneBuilder {
                     .into(),
             );
         }
-        if self.reconnect_min.is_zero() || self.reconnect_max < self.reconnect_min {
-            return invalid(
-                "redis stream backplane: reconnect_backoff needs 0 < min <= max (default \
-                 20ms..1s)"
-                    .into(),
-            );
-        }
-        let client = open_client(&self.url, "redis stream backplane", self.tls.as_ref())?;
-        let shown = redact_url(&self.url);
-        let publisher =
-            ManagedConn::new(client.clone(), self.connect_timeout, shown, 8, "redis stream backplane")?;
+        check_backoff(WHAT, self.reconnect_min, self.reconnect_max)?;
+        let (client, publisher) =
+            connect_publisher(&self.url, self.tls.as_ref(), self.connect_timeout, WHAT)?;
         let bp = RedisStreamBackplane {
             inner: Arc::new(StreamInner {
                 stream_key: format!("{}:{{bp}}", self.prefix),
@@ -271,23 +266,7 @@ impl RedisStreamBackplaneBuilder {
         };
         if !bp.inner.cfg.lazy {
             let t = bp.inner.cfg.connect_timeout + bp.inner.cfg.op_timeout;
-            bp.inner
-                .publisher
-                .call(t, ErrorKind::Backplane, "redis stream backplane ping", |mut c| async move {
-                    redis::cmd("PING").query_async::<Value>(&mut c).await
-                })
-                .await
-                .map_err(|e| {
-                    let e = e.into_error();
-                    Error::new(
-                        e.kind(),
-                        format!(
-                            "redis stream backplane: cannot reach `{}`: {e}; check that the \
-                             server runs, the URL's host/port and the ACL credentials",
-                            bp.inner.publisher.shown_url()
-                        ),
-                    )
-                })?;
+            ping_publisher(&bp.inner.publisher, t, WHAT, "redis stream backplane ping").await?;
         }
         Ok(bp)
     }
