@@ -1357,29 +1357,37 @@ where
     /// Publishes one message with the next sequence number; returns it (0 without a
     /// backplane).
     async fn publish_only(&self, body: MessageBody) -> Result<u64> {
-        let Some(bp) = &self.backplane else { return Ok(0) };
-        let mut seq = self.publisher.lock().await;
-        *seq += 1;
-        let msg = Message { origin: self.origin, seq: *seq, namespace: self.cfg.namespace.clone(), body };
-        // The sequence number is used even if this fails: receivers then see a gap at
-        // the next message or heartbeat and repair, which is what makes a lost publish safe.
-        let res = match tokio::time::timeout(self.backplane_timeout(), bp.publish(&msg)).await {
-            Ok(r) => r,
-            Err(_) => Err(Error::timeout("backplane publish", self.backplane_timeout())),
-        };
-        let used = *seq;
-        drop(seq);
-        match res {
-            Ok(()) => {
-                self.stats.invalidations_sent.incr();
-                Ok(used)
-            }
+        match self.send(&body).await {
+            Ok(seq) => Ok(seq),
             Err(e) => {
                 self.stats.invalidations_buffered.incr();
-                self.pending.lock().messages.push(msg.body);
+                self.pending.lock().messages.push(body);
                 tracing::warn!(error = %e, namespace = %self.cfg.namespace, "publish failed; buffered for retry");
                 Err(e)
             }
+        }
+    }
+
+    /// Sends one message with the next sequence number (0 without a backplane).
+    async fn send(&self, body: &MessageBody) -> Result<u64> {
+        let Some(bp) = &self.backplane else { return Ok(0) };
+        let mut seq = self.publisher.lock().await;
+        *seq += 1;
+        let msg = Message {
+            origin: self.origin,
+            seq: *seq,
+            namespace: self.cfg.namespace.clone(),
+            body: body.clone(),
+        };
+        // The sequence number is used even if this fails: receivers then see a gap at
+        // the next message or heartbeat and repair, which is what makes a lost publish safe.
+        match tokio::time::timeout(self.backplane_timeout(), bp.publish(&msg)).await {
+            Ok(Ok(())) => {
+                self.stats.invalidations_sent.incr();
+                Ok(msg.seq)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(Error::timeout("backplane publish", self.backplane_timeout())),
         }
     }
 
@@ -1470,27 +1478,12 @@ where
         let messages = std::mem::take(&mut self.pending.lock().messages);
         let mut iter = messages.into_iter();
         while let Some(body) = iter.next() {
-            if self.publish_retry(body.clone()).await.is_err() {
+            if self.send(&body).await.is_err() {
                 let mut p = self.pending.lock();
                 p.messages.push(body);
                 p.messages.extend(iter);
                 return;
             }
-        }
-    }
-
-    async fn publish_retry(&self, body: MessageBody) -> Result<()> {
-        let Some(bp) = &self.backplane else { return Ok(()) };
-        let mut seq = self.publisher.lock().await;
-        *seq += 1;
-        let msg = Message { origin: self.origin, seq: *seq, namespace: self.cfg.namespace.clone(), body };
-        match tokio::time::timeout(self.backplane_timeout(), bp.publish(&msg)).await {
-            Ok(Ok(())) => {
-                self.stats.invalidations_sent.incr();
-                Ok(())
-            }
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(Error::timeout("backplane publish", self.backplane_timeout())),
         }
     }
 }
