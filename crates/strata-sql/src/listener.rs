@@ -149,15 +149,8 @@ struct Mapping {
 /// [`ChangeListener::builder`].
 #[must_use = "a builder does nothing until start() is called"]
 pub struct ChangeListenerBuilder {
-    options: PgConnectOptions,
-    targets: Vec<Arc<dyn Target>>,
-    mappings: Vec<Mapping>,
-    heartbeat: Option<Duration>,
-    heartbeat_timeout: Duration,
-    connect_timeout: Duration,
-    backoff: (Duration, Duration),
-    bulk_threshold: usize,
-    max_batch: usize,
+    /// What the listener will run with; the setters fill it in.
+    cfg: Config,
 }
 
 impl ChangeListenerBuilder {
@@ -172,18 +165,18 @@ impl ChangeListenerBuilder {
     {
         let target: Arc<dyn Target> = Arc::new(cache.clone());
         let id = target.id();
-        let idx = match self.targets.iter().position(|t| t.id() == id) {
+        let idx = match self.cfg.targets.iter().position(|t| t.id() == id) {
             Some(i) => i,
             None => {
-                self.targets.push(target);
-                self.targets.len() - 1
+                self.cfg.targets.push(target);
+                self.cfg.targets.len() - 1
             }
         };
         let (schema, table) = match table.split_once('.') {
             Some((s, t)) => (Some(s.to_owned()), t.to_owned()),
             None => (None, table.to_owned()),
         };
-        self.mappings.push(Mapping { schema, table, target: idx });
+        self.cfg.mappings.push(Mapping { schema, table, target: idx });
         self
     }
 
@@ -193,26 +186,26 @@ impl ChangeListenerBuilder {
     /// silent network partition does not close a socket) and is replaced, with a
     /// resync. `None` disables it. Default 5 s.
     pub fn heartbeat(mut self, interval: Option<Duration>) -> Self {
-        self.heartbeat = interval.filter(|d| !d.is_zero());
+        self.cfg.heartbeat = interval.filter(|d| !d.is_zero());
         self
     }
 
     /// How long a heartbeat may take to come back. Default 2 s.
     pub fn heartbeat_timeout(mut self, timeout: Duration) -> Self {
-        self.heartbeat_timeout = timeout;
+        self.cfg.heartbeat_timeout = timeout;
         self
     }
 
     /// Bound on establishing the listening connection (connect, `LISTEN`). Default 5 s.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
+        self.cfg.connect_timeout = timeout;
         self
     }
 
     /// Waits between reconnection attempts: doubling from `min` up to `max`.
     /// Default 50 ms to 5 s.
     pub fn reconnect_backoff(mut self, min: Duration, max: Duration) -> Self {
-        self.backoff = (min, max.max(min));
+        self.cfg.backoff = (min, max.max(min));
         self
     }
 
@@ -221,7 +214,7 @@ impl ChangeListenerBuilder {
     /// one cache is applied as one `invalidate_all` of that cache instead (a bulk
     /// `UPDATE`). Default 10 000.
     pub fn bulk_threshold(mut self, keys: usize) -> Self {
-        self.bulk_threshold = keys.max(1);
+        self.cfg.bulk_threshold = keys.max(1);
         self
     }
 
@@ -236,30 +229,19 @@ impl ChangeListenerBuilder {
     /// mapped; [`ErrorKind::Database`](crate::ErrorKind::Database) when the first
     /// connection fails (later failures are retried in the background).
     pub async fn start(self) -> Result<ChangeListener, Error> {
-        if self.mappings.is_empty() {
+        if self.cfg.mappings.is_empty() {
             return Err(Error::invalid("ChangeListener: no table mapped; call .table(name, &cache)"));
         }
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(Error::invalid("ChangeListener::start must run inside a tokio runtime"));
         }
-        let options = self.options;
         let shared = Arc::new(Shared {
             counters: Counters::default(),
             connected: AtomicBool::new(false),
             backend_pid: AtomicI32::new(0),
             id: listener_id(),
         });
-        let cfg = Arc::new(Config {
-            options,
-            targets: self.targets,
-            mappings: self.mappings,
-            heartbeat: self.heartbeat,
-            heartbeat_timeout: self.heartbeat_timeout,
-            connect_timeout: self.connect_timeout,
-            backoff: self.backoff,
-            bulk_threshold: self.bulk_threshold,
-            max_batch: self.max_batch,
-        });
+        let cfg = Arc::new(self.cfg);
         let first = connect(&cfg)
             .await
             .map_err(|e| Error::database("ChangeListener: cannot connect and LISTEN", e))?;
@@ -338,15 +320,17 @@ impl ChangeListener {
     /// Starts configuring a listener that connects with `options`.
     pub fn builder_with(options: PgConnectOptions) -> ChangeListenerBuilder {
         ChangeListenerBuilder {
-            options: options.application_name("strata-change-listener"),
-            targets: Vec::new(),
-            mappings: Vec::new(),
-            heartbeat: Some(Duration::from_secs(5)),
-            heartbeat_timeout: Duration::from_secs(2),
-            connect_timeout: Duration::from_secs(5),
-            backoff: (Duration::from_millis(50), Duration::from_secs(5)),
-            bulk_threshold: 10_000,
-            max_batch: 10_000,
+            cfg: Config {
+                options: options.application_name("strata-change-listener"),
+                targets: Vec::new(),
+                mappings: Vec::new(),
+                heartbeat: Some(Duration::from_secs(5)),
+                heartbeat_timeout: Duration::from_secs(2),
+                connect_timeout: Duration::from_secs(5),
+                backoff: (Duration::from_millis(50), Duration::from_secs(5)),
+                bulk_threshold: 10_000,
+                max_batch: 10_000,
+            },
         }
     }
 

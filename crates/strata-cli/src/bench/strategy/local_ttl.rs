@@ -4,11 +4,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use anyhow::{Result, anyhow};
+use anyhow::Result;
 use async_trait::async_trait;
 use moka::future::Cache;
 
-use super::{FleetConfig, LOCAL_TTL, Strategy, TierCounts};
+use super::{FleetConfig, LOCAL_TTL, Strategy, TierCounts, read_through_local};
 use crate::bench::db::{Db, Row};
 
 /// The "Caffeine 5 s" baseline, with moka: writes reach the DB only, each instance's
@@ -45,13 +45,7 @@ impl Strategy for LocalTtl {
     }
 
     async fn read(&self, instance: usize, key: u64) -> Result<Row> {
-        let cache = self.caches.get(instance).ok_or_else(|| anyhow!("no instance {instance}"))?;
-        if let Some(row) = cache.get(&key).await {
-            self.l1_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(row);
-        }
-        let db = &self.db;
-        cache.try_get_with(key, db.read(key)).await.map_err(|e| anyhow!("load of row {key} failed: {e:#}"))
+        read_through_local(&self.caches, &self.l1_hits, &self.db, instance, key).await
     }
 
     async fn write(&self, _instance: usize, key: u64, value: &str) -> Result<u64> {

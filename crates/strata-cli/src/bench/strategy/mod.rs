@@ -182,3 +182,23 @@ pub async fn delete_prefix(url: &str, prefix: &str) -> Result<()> {
         cursor = next;
     }
 }
+
+/// The read path of the local-cache peers (local-ttl, near-pubsub): the instance's moka
+/// cache, then the database through moka's own single-flight.
+pub(crate) async fn read_through_local(
+    caches: &[moka::future::Cache<u64, Row>],
+    l1_hits: &std::sync::atomic::AtomicU64,
+    db: &Db,
+    instance: usize,
+    key: u64,
+) -> Result<Row> {
+    let cache = caches.get(instance).ok_or_else(|| anyhow::anyhow!("no instance {instance}"))?;
+    if let Some(row) = cache.get(&key).await {
+        l1_hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return Ok(row);
+    }
+    cache
+        .try_get_with(key, db.read(key))
+        .await
+        .map_err(|e| anyhow::anyhow!("load of row {key} failed: {e:#}"))
+}

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result};
 use async_trait::async_trait;
 use futures::StreamExt;
 use moka::future::Cache;
@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
-use super::{FleetConfig, INVALIDATED_TTL, Strategy, TierCounts};
+use super::{FleetConfig, INVALIDATED_TTL, Strategy, TierCounts, read_through_local};
 use crate::bench::db::{Db, Row};
 
 /// Capacity of the in-process broadcast channel; a slower receiver loses messages.
@@ -123,13 +123,7 @@ impl Strategy for NearPubSub {
     }
 
     async fn read(&self, instance: usize, key: u64) -> Result<Row> {
-        let cache = self.caches.get(instance).ok_or_else(|| anyhow!("no instance {instance}"))?;
-        if let Some(row) = cache.get(&key).await {
-            self.l1_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(row);
-        }
-        let db = &self.db;
-        cache.try_get_with(key, db.read(key)).await.map_err(|e| anyhow!("load of row {key} failed: {e:#}"))
+        read_through_local(&self.caches, &self.l1_hits, &self.db, instance, key).await
     }
 
     async fn write(&self, instance: usize, key: u64, value: &str) -> Result<u64> {
