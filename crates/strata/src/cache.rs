@@ -649,7 +649,7 @@ where
         // The common case in one expression: fresh and outside the XFetch window (the
         // window's lead is 0 without a load time), untagged, not a stale copy, not
         // invalidated by a namespace epoch, and no degraded mode in force.
-        let lead = u64::from(e.meta.load_micros()).saturating_mul(self.xfetch_lead_per_micro);
+        let lead = self.xfetch_lead(&e.meta);
         if now.as_nanos().saturating_add(lead) < e.meta.fresh_until.as_nanos()
             && !e.meta.is_stale_copy()
             && e.tags.is_none()
@@ -717,11 +717,14 @@ where
     /// probability `exp(-(expiry - now) / (Δβ))`, negligible beyond `XFETCH_HORIZON`·Δβ.
     #[inline]
     fn in_xfetch_window(&self, meta: &Meta, now: Timestamp) -> bool {
-        if meta.load_nanos() == 0 {
-            return false;
-        }
-        let window = (meta.load_nanos() as f64 * self.cfg.early_refresh_beta * XFETCH_HORIZON) as u64;
-        now.as_nanos() >= meta.fresh_until.as_nanos().saturating_sub(window)
+        let lead = self.xfetch_lead(meta);
+        lead != 0 && now.as_nanos().saturating_add(lead) >= meta.fresh_until.as_nanos()
+    }
+
+    /// How long before expiry XFetch may start firing for this entry (0: never).
+    #[inline]
+    fn xfetch_lead(&self, meta: &Meta) -> u64 {
+        u64::from(meta.load_micros()).saturating_mul(self.xfetch_lead_per_micro)
     }
 
     fn jittered(&self, ttl: Duration) -> Duration {
