@@ -60,6 +60,18 @@ local function dec_lt(a, b)
   return a < b
 end
 
+-- The server's time in milliseconds (write-lock expiries).
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- True when the write-lock set `k` (members: lock ids, scores: expiry ms) holds a live
+-- lock.
+local function locked(k, now)
+  return redis.call('ZCOUNT', k, '(' .. d(now), '+inf') > 0
+end
+
 -- True when an entry stamped `s` with tags `tg` survived every namespace and tag
 -- invalidation since its stamp. The clock must exist (clock_of) before.
 local function valid(s, tg, meta)
@@ -76,21 +88,27 @@ end
 
 /// Lookup over one or more keys of a namespace.
 ///
-/// KEYS: meta, then (entry, lease) per key.
+/// KEYS: meta, the namespace's wide write-lock set, then (entry, lease, key write-lock
+/// set) per key.
 /// ARGV: lease ms (0 = no lease), now (ns, decimal), then one "discard" value per key:
 /// '' or the exact envelope bytes the client could not decode (deleted if still there).
-/// Returns per key either {1, e, s, f, h} (fresh hit) or {0, clock, lease id (0 =
+/// Returns per key either {1, e, s, f, h} (fresh hit) or {0, stamp, lease id (0 =
 /// none), leader (0/1), corrupt (0/1)[, e, s, f, h]} (miss, with the valid but
-/// soft-expired entry when there is one).
+/// soft-expired entry when there is one). The stamp is the clock, or 0 (a poisoned
+/// token: no fill with it is stored) while a write lock covers the key.
 const LOOKUP_BODY: &str = r#"
 local meta = KEYS[1]
 local lease_ms = tonumber(ARGV[1]) or 0
 local now = ARGV[2]
 local clock = clock_of(meta)
+local wall = now_ms()
+local wide = locked(KEYS[2], wall)
 local floor = nil
 local out = {}
-for i = 1, (#KEYS - 1) / 2 do
-  local ek, lk = KEYS[2 * i], KEYS[2 * i + 1]
+for i = 1, (#KEYS - 2) / 3 do
+  local ek, lk, wk = KEYS[3 * i], KEYS[3 * i + 1], KEYS[3 * i + 2]
+  local stamp = clock
+  if wide or locked(wk, wall) then stamp = 0 end
   local discard = ARGV[2 + i] or ''
   local corrupt = 0
   local hit = nil
@@ -126,16 +144,16 @@ for i = 1, (#KEYS - 1) / 2 do
   else
     local miss
     if lease_ms <= 0 then
-      miss = {0, clock, 0, 1, corrupt}
+      miss = {0, stamp, 0, 1, corrupt}
     else
       if not floor then floor = tonumber(redis.call('HGET', meta, 'f')) or 0 end
       local held = tonumber(redis.call('GET', lk))
       if held and held > floor then
-        miss = {0, clock, 0, 0, corrupt}
+        miss = {0, stamp, 0, 0, corrupt}
       else
         local id = redis.call('HINCRBY', meta, 'l', 1)
         redis.call('SET', lk, d(id), 'PX', lease_ms)
-        miss = {0, clock, id, 1, corrupt}
+        miss = {0, stamp, id, 1, corrupt}
       end
     end
     if stale then
@@ -219,6 +237,81 @@ local l = redis.call('HGET', KEYS[1], 'l') or '0'
 redis.call('UNLINK', KEYS[1])
 redis.call('HSET', KEYS[1], 'c', at, 'n', at, 'l', l, 'f', l)
 return tonumber(at)
+"#;
+
+/// Write lock: invalidates the scope (as delete, invalidate_tag or invalidate_namespace
+/// do) and adds the lock id to the scope's lock set with its expiry. Key tombstones live
+/// the lock's ttl plus the tombstone ttl, so tokens issued before the lock stay refused
+/// for as long as the lock's own poisoned ones.
+///
+/// KEYS: meta, then either (entry, lease, tombstone, key lock set) per key ('k' scope)
+/// or the wide lock set ('t' and 'n' scopes).
+/// ARGV: scope ('k', 't' or 'n'), lock id, lock ms, tombstone ms, tag (scope 't').
+const LOCK_BODY: &str = r#"
+local meta = KEYS[1]
+local scope, id, lock_ms, tomb_ms = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local wall = now_ms()
+local until_ms = d(wall + lock_ms)
+local function add(set)
+  redis.call('ZREMRANGEBYSCORE', set, '-inf', d(wall))
+  redis.call('ZADD', set, until_ms, id)
+  if redis.call('PTTL', set) < lock_ms then redis.call('PEXPIRE', set, lock_ms) end
+end
+if scope == 'n' then
+  local at = d(tick(meta))
+  local l = redis.call('HGET', meta, 'l') or '0'
+  redis.call('UNLINK', meta)
+  redis.call('HSET', meta, 'c', at, 'n', at, 'l', l, 'f', l)
+  add(KEYS[2])
+elseif scope == 't' then
+  local at = d(tick(meta))
+  redis.call('HSET', meta, 't:' .. ARGV[5], at)
+  add(KEYS[2])
+else
+  local at = d(tick(meta))
+  for i = 2, #KEYS, 4 do
+    redis.call('DEL', KEYS[i], KEYS[i + 1])
+    if redis.call('PTTL', KEYS[i + 2]) < lock_ms + tomb_ms then
+      redis.call('SET', KEYS[i + 2], at, 'PX', lock_ms + tomb_ms)
+    else
+      redis.call('SET', KEYS[i + 2], at, 'KEEPTTL')
+    end
+    add(KEYS[i + 3])
+  end
+end
+return 1
+"#;
+
+/// Write unlock: invalidates the scope once more (a fresh tick: tokens issued under the
+/// lock may carry values read before the write committed), then removes the lock id.
+///
+/// KEYS and ARGV as for the lock (lock ms unused).
+const UNLOCK_BODY: &str = r#"
+local meta = KEYS[1]
+local scope, id, tomb_ms = ARGV[1], ARGV[2], tonumber(ARGV[4])
+if scope == 'n' then
+  local at = d(tick(meta))
+  local l = redis.call('HGET', meta, 'l') or '0'
+  redis.call('UNLINK', meta)
+  redis.call('HSET', meta, 'c', at, 'n', at, 'l', l, 'f', l)
+  redis.call('ZREM', KEYS[2], id)
+elseif scope == 't' then
+  local at = d(tick(meta))
+  redis.call('HSET', meta, 't:' .. ARGV[5], at)
+  redis.call('ZREM', KEYS[2], id)
+else
+  local at = d(tick(meta))
+  for i = 2, #KEYS, 4 do
+    redis.call('DEL', KEYS[i], KEYS[i + 1])
+    if redis.call('PTTL', KEYS[i + 2]) < tomb_ms then
+      redis.call('SET', KEYS[i + 2], at, 'PX', tomb_ms)
+    else
+      redis.call('SET', KEYS[i + 2], at, 'KEEPTTL')
+    end
+    redis.call('ZREM', KEYS[i + 3], id)
+  end
+end
+return 1
 "#;
 
 /// Sliding expiration of a valid entry.
@@ -316,6 +409,8 @@ pub(crate) struct TierScripts {
     pub(crate) touch: redis::Script,
     pub(crate) discard: redis::Script,
     pub(crate) release_lease: redis::Script,
+    pub(crate) lock: redis::Script,
+    pub(crate) unlock: redis::Script,
 }
 
 impl TierScripts {
@@ -330,6 +425,8 @@ impl TierScripts {
             touch: redis::Script::new(&with_prelude(TOUCH_BODY)),
             discard: redis::Script::new(DISCARD_BODY),
             release_lease: redis::Script::new(RELEASE_LEASE_BODY),
+            lock: redis::Script::new(&with_prelude(LOCK_BODY)),
+            unlock: redis::Script::new(&with_prelude(UNLOCK_BODY)),
         }
     }
 }

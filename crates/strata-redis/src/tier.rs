@@ -77,7 +77,7 @@ use redis::aio::ConnectionManager;
 use strata::breaker::{BreakerConfig, CircuitBreaker};
 use strata::clock::{Clock, SystemClock, Timestamp};
 use strata::error::{Error, ErrorKind, Result};
-use strata::tier::{Envelope, FillOutcome, FillToken, Lookup, Tier};
+use strata::tier::{Envelope, FillOutcome, FillToken, LockScope, Lookup, Tier};
 
 use crate::common::{
     CallError, ManagedConn, bad_reply, millis_at_least_one, open_client, redact_url, value_array,
@@ -345,6 +345,12 @@ impl NsKeys {
     }
     fn tomb(&self, key: &str) -> String {
         format!("{}x:{key}", self.base)
+    }
+    fn key_locks(&self, key: &str) -> String {
+        format!("{}w:{key}", self.base)
+    }
+    fn wide_locks(&self) -> String {
+        format!("{}w", self.base)
     }
 }
 
@@ -668,6 +674,42 @@ impl RedisTier {
         ))
     }
 
+    /// The keys and arguments of the lock and unlock scripts (see `scripts.rs`).
+    fn lock_invocation<'a>(
+        &self,
+        script: &'a redis::Script,
+        namespace: &str,
+        scope: LockScope<'_>,
+        id: u64,
+        ttl: Duration,
+    ) -> redis::ScriptInvocation<'a> {
+        let ns = NsKeys::new(&self.inner.prefix, namespace);
+        let mut inv = script.prepare_invoke();
+        inv.key(ns.meta());
+        let (kind, tag) = match scope {
+            LockScope::Keys(keys) => {
+                for k in keys {
+                    inv.key(ns.entry(k)).key(ns.lease(k)).key(ns.tomb(k)).key(ns.key_locks(k));
+                }
+                ("k", "")
+            }
+            LockScope::Tag(tag) => {
+                inv.key(ns.wide_locks());
+                ("t", tag)
+            }
+            LockScope::Namespace => {
+                inv.key(ns.wide_locks());
+                ("n", "")
+            }
+        };
+        inv.arg(kind)
+            .arg(id)
+            .arg(millis_at_least_one(ttl))
+            .arg(millis_at_least_one(self.inner.tombstone_ttl))
+            .arg(tag);
+        inv
+    }
+
     /// Deletes an entry the client could not decode, if it still holds `bytes`.
     async fn discard_entry(&self, ns: &NsKeys, key: &str, bytes: Vec<u8>) {
         let mut inv = self.inner.scripts.discard.prepare_invoke();
@@ -688,9 +730,9 @@ impl RedisTier {
         lease_ms: u64,
     ) -> Result<Vec<RawLookup>> {
         let mut inv = self.inner.scripts.lookup.prepare_invoke();
-        inv.key(ns.meta());
+        inv.key(ns.meta()).key(ns.wide_locks());
         for &i in pending {
-            inv.key(ns.entry(&keys[i])).key(ns.lease(&keys[i]));
+            inv.key(ns.entry(&keys[i])).key(ns.lease(&keys[i])).key(ns.key_locks(&keys[i]));
         }
         inv.arg(lease_ms).arg(self.inner.clock.now().0);
         for &i in pending {
@@ -813,6 +855,20 @@ impl Tier for RedisTier {
         let _: Value = self
             .run("redis tier invalidate_namespace", |mut c| async move { inv.invoke_async(&mut c).await })
             .await?;
+        Ok(())
+    }
+
+    async fn lock(&self, namespace: &str, scope: LockScope<'_>, id: u64, ttl: Duration) -> Result<()> {
+        let inv = self.lock_invocation(&self.inner.scripts.lock, namespace, scope, id, ttl);
+        let _: Value =
+            self.run("redis tier lock", |mut c| async move { inv.invoke_async(&mut c).await }).await?;
+        Ok(())
+    }
+
+    async fn unlock(&self, namespace: &str, scope: LockScope<'_>, id: u64) -> Result<()> {
+        let inv = self.lock_invocation(&self.inner.scripts.unlock, namespace, scope, id, Duration::ZERO);
+        let _: Value =
+            self.run("redis tier unlock", |mut c| async move { inv.invoke_async(&mut c).await }).await?;
         Ok(())
     }
 

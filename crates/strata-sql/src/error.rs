@@ -35,8 +35,29 @@ pub enum CommitOutcome {
 pub struct CommitError {
     outcome: CommitOutcome,
     #[source]
-    source: sqlx::Error,
+    source: CommitCause,
     invalidations: Vec<CacheInvalidation>,
+}
+
+/// Why a commit failed: the database, or (Strong level) a cache that could not take
+/// its write lock, in which case `COMMIT` was never sent.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CommitCause {
+    /// The database's error.
+    #[error(transparent)]
+    Database(sqlx::Error),
+    /// A Strong cache's write lock failed (L2 or the backplane unreachable, or a member
+    /// silent): the transaction was rolled back rather than commit a write the fleet
+    /// could not be told about in time.
+    #[error("cache {namespace}: {error}")]
+    Cache {
+        /// The cache's namespace.
+        namespace: String,
+        /// What failed.
+        #[source]
+        error: strata::Error,
+    },
 }
 
 impl CommitError {
@@ -45,7 +66,15 @@ impl CommitError {
         source: sqlx::Error,
         invalidations: Vec<CacheInvalidation>,
     ) -> Self {
-        CommitError { outcome, source, invalidations }
+        CommitError { outcome, source: CommitCause::Database(source), invalidations }
+    }
+
+    pub(crate) fn lock_failed(namespace: String, error: strata::Error) -> Self {
+        CommitError {
+            outcome: CommitOutcome::RolledBack,
+            source: CommitCause::Cache { namespace, error },
+            invalidations: Vec::new(),
+        }
     }
 
     /// Whether the database committed.
@@ -58,14 +87,27 @@ impl CommitError {
         self.outcome == CommitOutcome::RolledBack
     }
 
-    /// sqlx's error (e.g. to read the SQLSTATE of a serialization failure).
-    pub fn sqlx_error(&self) -> &sqlx::Error {
+    /// Why the commit failed.
+    pub fn cause(&self) -> &CommitCause {
         &self.source
     }
 
-    /// sqlx's error, by value.
-    pub fn into_sqlx_error(self) -> sqlx::Error {
-        self.source
+    /// sqlx's error (e.g. to read the SQLSTATE of a serialization failure); `None` when
+    /// a cache's write lock failed and `COMMIT` was never sent.
+    pub fn sqlx_error(&self) -> Option<&sqlx::Error> {
+        match &self.source {
+            CommitCause::Database(e) => Some(e),
+            CommitCause::Cache { .. } => None,
+        }
+    }
+
+    /// The write-lock error when a Strong cache refused the write (then the error is
+    /// transient: retry the transaction later).
+    pub fn cache_error(&self) -> Option<&strata::Error> {
+        match &self.source {
+            CommitCause::Cache { error, .. } => Some(error),
+            CommitCause::Database(_) => None,
+        }
     }
 
     /// The invalidations applied although the commit failed: empty for
@@ -76,9 +118,16 @@ impl CommitError {
     }
 }
 
+/// For `?` in sqlx code. A write-lock failure becomes `sqlx::Error::Io` carrying the
+/// strata error (with `ErrorKind::Other`).
 impl From<CommitError> for sqlx::Error {
     fn from(e: CommitError) -> Self {
-        e.source
+        match e.source {
+            CommitCause::Database(e) => e,
+            CommitCause::Cache { namespace, error } => {
+                sqlx::Error::Io(std::io::Error::other(CommitCause::Cache { namespace, error }))
+            }
+        }
     }
 }
 

@@ -131,7 +131,7 @@ pub use capture::{
     install_change_capture, uninstall_change_capture,
 };
 pub use db::SqlDatabase;
-pub use error::{BoxError, CommitError, CommitOutcome, Error, ErrorKind};
+pub use error::{BoxError, CommitCause, CommitError, CommitOutcome, Error, ErrorKind};
 pub use listener::{ChangeListener, ChangeListenerBuilder, ChangeListenerStats};
 pub use tx::{
     ActionOutcome, ActionOutput, ActionPanicked, CacheInvalidation, CommitReport, InvalidationState,

@@ -12,7 +12,7 @@ use futures::FutureExt;
 use futures::future::{BoxFuture, join_all};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use strata::{Cache, CacheKey, Consistency, OriginId};
+use strata::{Cache, CacheKey, Consistency, OriginId, WriteLock};
 
 use crate::db::{SqlDatabase, definitely_rolled_back};
 use crate::error::{BoxError, CommitError, CommitOutcome};
@@ -210,7 +210,7 @@ impl<'c, DB: SqlDatabase> Transaction<'c, DB> {
     ///
     /// A [`CommitError`] when the commit failed or its outcome is unknown, as above.
     pub async fn commit(self) -> Result<CommitReport, CommitError> {
-        let Transaction { mut tx, batches, actions } = self;
+        let Transaction { mut tx, mut batches, actions } = self;
         if let Err(e) = DB::check_before_commit(&mut tx).await {
             // The transaction cannot commit; roll back now rather than on the next use
             // of the connection. Its own failure changes nothing: dropping rolls back.
@@ -218,8 +218,32 @@ impl<'c, DB: SqlDatabase> Transaction<'c, DB> {
             metrics::counter!("strata_sql_commits_total", "outcome" => "rolled_back").increment(1);
             return Err(CommitError::new(CommitOutcome::RolledBack, e, Vec::new()));
         }
+        // Strong caches: invalidate and lock before COMMIT (see strata's `WriteLock`),
+        // so that no instance serves the old value once any can read the new one.
+        for i in 0..batches.len() {
+            if let Err(e) = batches[i].lock().await {
+                let namespace = batches[i].namespace().to_owned();
+                abort_locks(batches).await;
+                let _ = tx.rollback().await;
+                metrics::counter!("strata_sql_commits_total", "outcome" => "rolled_back").increment(1);
+                tracing::warn!(namespace, error = %e, "write lock failed; transaction rolled back");
+                return Err(CommitError::lock_failed(namespace, e));
+            }
+        }
+        let held_too_long = batches.iter().find(|b| !b.lock_valid()).map(|b| b.namespace().to_owned());
+        if let Some(namespace) = held_too_long {
+            let e = strata::Error::new(
+                strata::ErrorKind::Timeout,
+                "write lock held past half its time to live before COMMIT; raise write_lock_ttl",
+            );
+            abort_locks(batches).await;
+            let _ = tx.rollback().await;
+            metrics::counter!("strata_sql_commits_total", "outcome" => "rolled_back").increment(1);
+            return Err(CommitError::lock_failed(namespace, e));
+        }
         if let Err(e) = tx.commit().await {
             if definitely_rolled_back(&e) {
+                abort_locks(batches).await;
                 metrics::counter!("strata_sql_commits_total", "outcome" => "rolled_back").increment(1);
                 return Err(CommitError::new(CommitOutcome::RolledBack, e, Vec::new()));
             }
@@ -270,6 +294,7 @@ impl<'c, DB: SqlDatabase> Transaction<'c, DB> {
             seen: HashSet::new(),
             tags: Vec::new(),
             all: false,
+            lock: None,
         };
         f(&mut batch);
         self.batches.push(Box::new(batch));
@@ -455,18 +480,33 @@ trait Batch: Send {
     fn id(&self) -> CacheId;
     fn namespace(&self) -> &str;
     fn as_any_mut(&mut self) -> &mut dyn Any;
+    /// Strong caches: takes the write lock (before COMMIT). Others: nothing.
+    fn lock(&mut self) -> BoxFuture<'_, Result<(), strata::Error>>;
+    /// False when a write lock is held too long for COMMIT to start safely.
+    fn lock_valid(&self) -> bool;
+    /// The transaction did not commit: releases the write lock, if any.
+    fn abort(self: Box<Self>) -> BoxFuture<'static, ()>;
     fn run(self: Box<Self>) -> BoxFuture<'static, CacheInvalidation>;
 }
 
-struct TypedBatch<K, V> {
+struct TypedBatch<K, V>
+where
+    K: CacheKey,
+    V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
+{
     cache: Cache<K, V>,
     keys: Vec<K>,
     seen: HashSet<K>,
     tags: Vec<String>,
     all: bool,
+    lock: Option<WriteLock<K, V>>,
 }
 
-impl<K: CacheKey, V> TypedBatch<K, V> {
+impl<K, V> TypedBatch<K, V>
+where
+    K: CacheKey,
+    V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
+{
     fn add_key(&mut self, key: &K) {
         if self.seen.insert(key.clone()) {
             self.keys.push(key.clone());
@@ -491,11 +531,38 @@ where
         self
     }
 
+    fn lock(&mut self) -> BoxFuture<'_, Result<(), strata::Error>> {
+        Box::pin(async move {
+            if self.cache.consistency() == Consistency::Strong && self.lock.is_none() {
+                self.lock = Some(self.cache.lock_for_write(&self.keys, &self.tags, self.all).await?);
+            }
+            Ok(())
+        })
+    }
+
+    fn lock_valid(&self) -> bool {
+        self.lock.as_ref().is_none_or(WriteLock::is_valid)
+    }
+
+    fn abort(self: Box<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            if let Some(lock) = self.lock {
+                let _ = lock.release().await;
+            }
+        })
+    }
+
     fn run(self: Box<Self>) -> BoxFuture<'static, CacheInvalidation> {
         Box::pin(async move {
-            let TypedBatch { cache, keys, tags, all, .. } = *self;
+            let TypedBatch { cache, keys, tags, all, lock, .. } = *self;
             let mut first_err = None;
-            if all {
+            if let Some(lock) = lock {
+                // Invalidated before COMMIT; releasing invalidates L2 once more (and on
+                // failure the cache makes itself safe as an invalidation would).
+                if let Err(e) = lock.release().await {
+                    first_err = Some(e);
+                }
+            } else if all {
                 if let Err(e) = cache.invalidate_all().await {
                     first_err = Some(e);
                 }
@@ -526,6 +593,11 @@ where
             }
         })
     }
+}
+
+/// Releases the write locks of a transaction that did not commit.
+async fn abort_locks(batches: Vec<Box<dyn Batch>>) {
+    join_all(batches.into_iter().map(Batch::abort)).await;
 }
 
 /// Runs every cache's invalidation concurrently (they are independent) and returns

@@ -83,6 +83,7 @@ pub(crate) struct Config<K, V> {
     pub(crate) max_value_bytes: usize,
     pub(crate) heartbeat_interval: Duration,
     pub(crate) membership_lease: Duration,
+    pub(crate) write_lock_ttl: Duration,
     pub(crate) tombstone_ttl: Duration,
     pub(crate) tags: Option<TagFn<K, V>>,
     pub(crate) version: Option<VersionFn<V>>,
@@ -116,6 +117,7 @@ pub struct CacheBuilder<K, V> {
     max_value_bytes: usize,
     heartbeat_interval: Duration,
     membership_lease: Duration,
+    write_lock_ttl: Duration,
     tags: Option<TagFn<K, V>>,
     version: Option<VersionFn<V>>,
     hooks: Vec<InvalidateHook>,
@@ -156,6 +158,7 @@ where
             max_value_bytes: 1 << 20,
             heartbeat_interval: Duration::from_secs(1),
             membership_lease: Duration::from_secs(5),
+            write_lock_ttl: Duration::from_secs(30),
             tags: None,
             version: None,
             hooks: Vec::new(),
@@ -310,6 +313,17 @@ where
         self
     }
 
+    /// How long a write lock ([`Cache::lock_for_write`]) holds at most if it is never
+    /// released (its writer crashed or lost L2). A write must commit within the first
+    /// half of it ([`WriteLock::is_valid`](crate::WriteLock::is_valid)); while a lock
+    /// holds, its keys are not cached in L2 (every read of them loads). At the Strong
+    /// level it must be at least six membership leases (the acknowledgement wait may
+    /// take two). Default 30 s.
+    pub fn write_lock_ttl(mut self, ttl: Duration) -> Self {
+        self.write_lock_ttl = ttl;
+        self
+    }
+
     /// The tags of a value, for [`Cache::invalidate_tag`]. Default: no tags.
     pub fn tags(mut self, tags: impl Fn(&K, &V) -> Vec<String> + Send + Sync + 'static) -> Self {
         self.tags = Some(Arc::new(tags));
@@ -386,6 +400,7 @@ where
             max_value_bytes: self.max_value_bytes,
             heartbeat_interval: self.heartbeat_interval,
             membership_lease: self.membership_lease,
+            write_lock_ttl: self.write_lock_ttl,
             tombstone_ttl,
             tags: self.tags,
             version: self.version,
@@ -500,6 +515,24 @@ where
                     self.membership_lease, self.heartbeat_interval
                 ),
                 "raise membership_lease or shorten heartbeat_interval",
+            ));
+        }
+        if consistency == Consistency::Strong && self.write_lock_ttl < self.membership_lease * 6 {
+            return Err(BuildError::new(
+                "write_lock_ttl",
+                format!(
+                    "{:?} is shorter than six membership leases ({:?} each): a write could wait two \
+                     leases for acknowledgements and still needs time to commit",
+                    self.write_lock_ttl, self.membership_lease
+                ),
+                "raise write_lock_ttl or shorten membership_lease",
+            ));
+        }
+        if self.write_lock_ttl.is_zero() {
+            return Err(BuildError::new(
+                "write_lock_ttl",
+                "is zero",
+                "use a positive duration (default 30 s)",
             ));
         }
         if consistency == Consistency::Strong && self.tier.is_none() {

@@ -81,11 +81,18 @@ pub(crate) struct Pending {
     pub(crate) l2_tags: HashSet<String>,
     pub(crate) l2_all: bool,
     pub(crate) messages: Vec<MessageBody>,
+    /// Write locks whose release failed: (scope, lock id). They would expire anyway;
+    /// releasing them lets their keys be cached again sooner.
+    pub(crate) unlocks: Vec<(crate::write_lock::Scope, u64)>,
 }
 
 impl Pending {
     pub(crate) fn is_empty(&self) -> bool {
-        self.l2_keys.is_empty() && self.l2_tags.is_empty() && !self.l2_all && self.messages.is_empty()
+        self.l2_keys.is_empty()
+            && self.l2_tags.is_empty()
+            && !self.l2_all
+            && self.messages.is_empty()
+            && self.unlocks.is_empty()
     }
 }
 
@@ -1199,6 +1206,7 @@ where
         let tags = value.as_ref().and_then(|v| self.tags_of(key, v));
         let version = value.as_ref().and_then(|v| self.cfg.version.as_ref().and_then(|f| f(v)));
         let mut filled = false;
+        let mut stored_in_l2 = false;
         if let (Some(tier), Some(token)) = (&self.tier, token)
             && !self.l2_delete_pending(key_str, tags.as_deref().map_or(&[], Vec::as_slice))
         {
@@ -1223,12 +1231,20 @@ where
                         self.stats.fills_rejected.incr();
                         return;
                     }
-                    Ok(FillOutcome::Stored) | Err(_) => {}
+                    Ok(FillOutcome::Stored) => stored_in_l2 = true,
+                    Err(_) => {}
                 }
             }
         }
         if !filled {
             self.release_lease(key_str, token).await;
+        }
+        if self.strong && !stored_in_l2 {
+            // Strong: L1 holds only what L2 returned or accepted. A value L2 did not
+            // take may have been read before a write that holds a write lock here
+            // committed, and L1 would then serve it after the commit.
+            self.stats.l1_fills_skipped.incr();
+            return;
         }
         let entry = self.make_entry(value, now, load_nanos, start, tags, false);
         self.fill_l1(key, entry, start, started_at);
@@ -1299,7 +1315,7 @@ where
     /// its message still reaches the fleet, whose instances then refill their L1s from
     /// the entries the failed deletes left in L2, until the retry task's next attempt
     /// (up to 2 s later) even though L2 is reachable again.
-    async fn clean_l2_if_untrusted(&self) {
+    pub(crate) async fn clean_l2_if_untrusted(&self) {
         if self.strong && self.untrusted.load(Ordering::SeqCst) {
             self.retry_pending().await;
         }
@@ -1398,7 +1414,7 @@ where
         self.cfg.l2_timeout.max(Duration::from_millis(500))
     }
 
-    fn run_hooks(&self, what: &Invalidation) {
+    pub(crate) fn run_hooks(&self, what: &Invalidation) {
         for hook in &self.cfg.hooks {
             hook(what);
         }
@@ -1451,6 +1467,16 @@ where
                     p.l2_tags.extend(tags);
                 }
                 return;
+            }
+            let unlocks = std::mem::take(&mut self.pending.lock().unlocks);
+            for (i, (scope, id)) in unlocks.iter().enumerate() {
+                // Straight to the tier, like the namespace bump above.
+                let res =
+                    tokio::time::timeout(self.cfg.l2_timeout, tier.unlock(ns, scope.borrow(), *id)).await;
+                if !matches!(res, Ok(Ok(()))) {
+                    self.pending.lock().unlocks.extend(unlocks[i..].iter().cloned());
+                    break;
+                }
             }
             // L2 is clean only now. Until now any instance, this one included, could read
             // the old value back from L2 into its L1 after the first message evicted it

@@ -96,6 +96,7 @@ mod l1;
 mod listener;
 mod stats;
 pub mod tier;
+mod write_lock;
 
 pub use backplane::{Backplane, BackplaneEvent, InProcessBackplane, Message, MessageBody, OriginId};
 pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker};
@@ -106,4 +107,5 @@ pub use codec::{Codec, PostcardCodec};
 pub use error::{BuildError, Error, ErrorKind, Result};
 pub use key::CacheKey;
 pub use stats::CacheStats;
-pub use tier::{Envelope, FillOutcome, FillToken, InProcessTier, Lookup, Tier, TierConfig};
+pub use tier::{Envelope, FillOutcome, FillToken, InProcessTier, LockScope, Lookup, Tier, TierConfig};
+pub use write_lock::WriteLock;

@@ -185,4 +185,12 @@ stats! {
     invalidations_buffered: Counter,
     /// Reads that bypassed the cache because it could not be trusted (Strong level).
     bypassed_reads: Counter,
+    /// Write locks taken ([`Cache::lock_for_write`](crate::Cache::lock_for_write)).
+    write_locks: Counter,
+    /// Write locks refused (L2 or the backplane failed): those writes must not commit.
+    write_locks_failed: Counter,
+    /// Write locks not released (L2 unreachable after the commit): they expire by themselves.
+    write_locks_expired: Counter,
+    /// Loaded values kept out of L1 at the Strong level because L2 did not accept them.
+    l1_fills_skipped: Counter,
 }

@@ -10,11 +10,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use parking_lot::Mutex;
 
-use super::{Envelope, FillOutcome, FillToken, Lookup, Tier, TierConfig};
+use super::{Envelope, FillOutcome, FillToken, LockScope, Lookup, Tier, TierConfig};
 use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::error::{Error, ErrorKind, Result};
 
-#[derive(Default)]
+/// The stamp of a poisoned fill token: below every namespace epoch (which starts at 1),
+/// so no fill with it is ever stored.
+const POISONED: u64 = 0;
+
 struct Namespace {
     /// The invalidation clock.
     clock: u64,
@@ -23,9 +26,33 @@ struct Namespace {
     tombstones: HashMap<String, (u64, Timestamp)>,
     entries: HashMap<String, (Envelope, Timestamp)>,
     leases: HashMap<String, (u64, Timestamp)>,
+    /// Write locks on keys: (id, expiry) per key.
+    key_locks: HashMap<String, Vec<(u64, Timestamp)>>,
+    /// Write locks on tags or the whole namespace: (id, expiry); they poison every key.
+    wide_locks: Vec<(u64, Timestamp)>,
+}
+
+impl Default for Namespace {
+    fn default() -> Self {
+        Namespace {
+            clock: 1,
+            namespace_epoch: 1,
+            tag_epochs: HashMap::new(),
+            tombstones: HashMap::new(),
+            entries: HashMap::new(),
+            leases: HashMap::new(),
+            key_locks: HashMap::new(),
+            wide_locks: Vec::new(),
+        }
+    }
 }
 
 impl Namespace {
+    fn locked(&self, key: &str, now: Timestamp) -> bool {
+        self.wide_locks.iter().any(|(_, exp)| *exp > now)
+            || self.key_locks.get(key).is_some_and(|l| l.iter().any(|(_, exp)| *exp > now))
+    }
+
     fn tick(&mut self) -> u64 {
         self.clock += 1;
         self.clock
@@ -44,6 +71,38 @@ impl Namespace {
         if self.leases.len() > 4096 {
             self.leases.retain(|_, (_, exp)| *exp > now);
         }
+        self.wide_locks.retain(|(_, exp)| *exp > now);
+        if self.key_locks.len() > 4096 {
+            self.key_locks.retain(|_, l| {
+                l.retain(|(_, exp)| *exp > now);
+                !l.is_empty()
+            });
+        }
+    }
+
+    /// Invalidates `scope` (one clock tick), with key tombstones living `tomb_for`.
+    fn invalidate(&mut self, scope: LockScope<'_>, now: Timestamp, tomb_for: Duration) {
+        let at = self.tick();
+        match scope {
+            LockScope::Keys(keys) => {
+                let exp = now.saturating_add(tomb_for);
+                for k in keys {
+                    self.entries.remove(k);
+                    self.leases.remove(k);
+                    let t = self.tombstones.entry(k.clone()).or_insert((at, exp));
+                    *t = (at, t.1.max(exp));
+                }
+            }
+            LockScope::Tag(tag) => {
+                self.tag_epochs.insert(tag.to_owned(), at);
+            }
+            LockScope::Namespace => {
+                self.namespace_epoch = at;
+                self.entries.clear();
+                self.leases.clear();
+            }
+        }
+        self.prune(now);
     }
 }
 
@@ -172,7 +231,7 @@ impl Tier for InProcessTier {
                     ns.entries.remove(key);
                 }
             }
-            let stamp = ns.clock;
+            let stamp = if ns.locked(key, now) { POISONED } else { ns.clock };
             let token = match lease {
                 None => FillToken { stamp, lease: None, leader: true },
                 Some(lease_ttl) => match ns.leases.get(key) {
@@ -287,5 +346,45 @@ impl Tier for InProcessTier {
             }
             true
         }))
+    }
+
+    async fn lock(&self, namespace: &str, scope: LockScope<'_>, id: u64, ttl: Duration) -> Result<()> {
+        let now = self.enter()?;
+        let tomb_for = self.inner.config.tombstone_ttl + ttl;
+        let exp = now.saturating_add(ttl);
+        self.with_ns(namespace, |ns| {
+            ns.invalidate(scope, now, tomb_for);
+            match scope {
+                LockScope::Keys(keys) => {
+                    for k in keys {
+                        ns.key_locks.entry(k.clone()).or_default().push((id, exp));
+                    }
+                }
+                LockScope::Tag(_) | LockScope::Namespace => ns.wide_locks.push((id, exp)),
+            }
+        });
+        Ok(())
+    }
+
+    async fn unlock(&self, namespace: &str, scope: LockScope<'_>, id: u64) -> Result<()> {
+        let now = self.enter()?;
+        let tomb_for = self.inner.config.tombstone_ttl;
+        self.with_ns(namespace, |ns| {
+            ns.invalidate(scope, now, tomb_for);
+            match scope {
+                LockScope::Keys(keys) => {
+                    for k in keys {
+                        if let Some(l) = ns.key_locks.get_mut(k) {
+                            l.retain(|(i, _)| *i != id);
+                            if l.is_empty() {
+                                ns.key_locks.remove(k);
+                            }
+                        }
+                    }
+                }
+                LockScope::Tag(_) | LockScope::Namespace => ns.wide_locks.retain(|(i, _)| *i != id),
+            }
+        });
+        Ok(())
     }
 }

@@ -15,6 +15,19 @@
 //! Entries are stamped with the token's stamp, and [`Tier::lookup`] must treat as a
 //! miss any entry whose stamp is older than its namespace's or one of its tags' last
 //! invalidation: that is what makes `invalidate_tag` and `invalidate_all` O(1).
+//!
+//! # Write locks
+//!
+//! [`Tier::lock`] marks a scope (keys, a tag, or the namespace) as being written: it
+//! invalidates the scope as [`Tier::delete`], [`Tier::invalidate_tag`] or
+//! [`Tier::invalidate_namespace`] would, and until the lock is released or expires,
+//! every [`FillToken`] a lookup hands out for a covered key is *poisoned*: no fill with
+//! it is ever stored, even after the lock is gone. Key tombstones written by a lock
+//! live at least the lock's time to live plus [`TierConfig::tombstone_ttl`], so tokens
+//! issued before the lock stay refused as long as a load could still be using them.
+//! Several locks may cover one key (two writers); each is released by its id.
+//! [`Tier::unlock`] invalidates the scope once more (tokens issued while the lock was
+//! held may carry values read before the write committed) and drops the lock.
 
 mod in_process;
 
@@ -86,6 +99,18 @@ pub enum FillOutcome {
     Rejected,
 }
 
+/// What a write lock ([`Tier::lock`]) covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockScope<'a> {
+    /// These keys.
+    Keys(&'a [String]),
+    /// Every entry carrying this tag (lookups of any key of the namespace get poisoned
+    /// tokens while it is held: the tier cannot tell which values a load will tag).
+    Tag(&'a str),
+    /// The whole namespace.
+    Namespace,
+}
+
 /// Settings every tier implementation honours.
 #[derive(Debug, Clone)]
 pub struct TierConfig {
@@ -152,4 +177,13 @@ pub trait Tier: Send + Sync + 'static {
     /// Extends a live entry's life (sliding expiration). Returns false if there was
     /// no live entry.
     async fn touch(&self, namespace: &str, key: &str, soft_expiry: Timestamp, ttl: Duration) -> Result<bool>;
+
+    /// Takes write lock `id` on `scope` for at most `ttl` (see "Write locks" in the
+    /// module docs): invalidates the scope, and poisons the fill tokens handed out for
+    /// it until [`Tier::unlock`] or the expiry. Returns once the tier applied it.
+    async fn lock(&self, namespace: &str, scope: LockScope<'_>, id: u64, ttl: Duration) -> Result<()>;
+
+    /// Invalidates `scope` once more and drops write lock `id` (other locks on the
+    /// scope stay). Dropping a lock that expired or never existed is not an error.
+    async fn unlock(&self, namespace: &str, scope: LockScope<'_>, id: u64) -> Result<()>;
 }
