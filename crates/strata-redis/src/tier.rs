@@ -13,6 +13,8 @@
 //! | `…:e:<key>` | hash, PX = entry ttl | `e` envelope (format byte `1` + postcard of [`Envelope`]), `s` stamp, `t` tags (`<byte len>:<tag>` repeated), `f` soft expiry, `h` hard expiry (ns since the epoch, decimal) |
 //! | `…:l:<key>` | string, PX = lease ttl | the id of the lease holder |
 //! | `…:x:<key>` | string, PX = tombstone ttl | the clock tick of the key's last invalidation |
+//! | `…:w:<key>` | sorted set, PX = lock ttl | write locks on the key: lock id → expiry (server ms) |
+//! | `…:w` | sorted set, PX = lock ttl | write locks on a tag or the whole namespace |
 //!
 //! The stamp, tags and expiries sit in their own fields so that the Lua scripts
 //! validate and touch entries without decoding postcard; on a hit they override the
@@ -49,6 +51,10 @@
 //!   so far are voided (lease floor); the tag epochs are dropped, since the namespace
 //!   epoch dominates them. Old entries stay until they expire but are never served.
 //! - **touch**: validate as lookup does, then move the expiries and `PEXPIRE`.
+//! - **lock** / **unlock** (write locks, see [`Tier::lock`]): invalidate the scope as
+//!   delete / invalidate_tag / invalidate_namespace do and add / remove the lock id.
+//!   While a live lock covers a key, lookup hands out tokens with stamp 0, which every
+//!   fill refuses (0 is below every namespace epoch), even after the lock expired.
 //!
 //! # Undecodable entries
 //!

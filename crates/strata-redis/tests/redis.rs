@@ -15,7 +15,7 @@ use strata::backplane::{Backplane, BackplaneEvent, Message, MessageBody, Subscri
 use strata::breaker::{BreakerConfig, BreakerState};
 use strata::clock::{Clock, SystemClock, Timestamp};
 use strata::error::ErrorKind;
-use strata::tier::{Envelope, FillOutcome, FillToken, InProcessTier, Lookup, Tier};
+use strata::tier::{Envelope, FillOutcome, FillToken, InProcessTier, LockScope, Lookup, Tier};
 use strata_redis::{RedisPubSubBackplane, RedisStreamBackplane, RedisTier};
 use strata_testkit::{Direction, FaultProxy, RedisServer};
 
@@ -326,7 +326,68 @@ async fn conformance(tier: &dyn Tier, label: &str) {
         other => panic!("{label}: negative entry {other:?}"),
     }
 
+    write_locks(tier, label).await;
+
     eprintln!("[conformance] {label}: scenario passed in {:?}", started.elapsed());
+}
+
+/// Write locks: poisoned tokens while a lock holds (and after it expired), several
+/// writers per key, tag and namespace scopes, and the re-invalidation on unlock.
+async fn write_locks(tier: &dyn Tier, label: &str) {
+    let keys = ["k".to_owned()];
+    let fill = |key: &'static str, t: FillToken| async move {
+        tier.fill("wl", key, fresh("v", &[]), TTL, &t).await.unwrap()
+    };
+    // An entry present before the lock is dropped by it.
+    let t = token(&tier.lookup("wl", "k", None).await.unwrap());
+    assert_eq!(fill("k", t).await, FillOutcome::Stored, "{label}");
+    let before = token(&tier.lookup("wl", "other", None).await.unwrap());
+    let before_k = FillToken { stamp: before.stamp, lease: None, leader: true };
+    tier.lock("wl", LockScope::Keys(&keys), 1, Duration::from_millis(400)).await.unwrap();
+    tier.lock("wl", LockScope::Keys(&keys), 2, Duration::from_millis(400)).await.unwrap();
+    assert!(is_miss(&tier.lookup("wl", "k", None).await.unwrap()), "{label}: the lock deletes the entry");
+    assert_eq!(fill("k", before_k).await, FillOutcome::Rejected, "{label}: token from before the lock");
+    let under = token(&tier.lookup("wl", "k", LEASE).await.unwrap());
+    assert_eq!(fill("k", under.clone()).await, FillOutcome::Rejected, "{label}: token from under the lock");
+    // Other keys are not affected.
+    let t = token(&tier.lookup("wl", "other", None).await.unwrap());
+    assert_eq!(fill("other", t).await, FillOutcome::Stored, "{label}");
+    // One writer releases: the other one's lock still holds.
+    tier.unlock("wl", LockScope::Keys(&keys), 1).await.unwrap();
+    let still = token(&tier.lookup("wl", "k", None).await.unwrap());
+    assert_eq!(fill("k", still.clone()).await, FillOutcome::Rejected, "{label}: second lock still held");
+    // The second is never released: it expires, and its poisoned tokens stay refused.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(fill("k", under).await, FillOutcome::Rejected, "{label}: poisoned token after expiry");
+    assert_eq!(fill("k", still).await, FillOutcome::Rejected, "{label}: poisoned token after expiry");
+    let after = token(&tier.lookup("wl", "k", None).await.unwrap());
+    assert_eq!(fill("k", after).await, FillOutcome::Stored, "{label}: free after the expiry");
+    // Unlock invalidates again: a token from before the unlock cannot fill.
+    tier.lock("wl", LockScope::Keys(&keys), 3, Duration::from_secs(5)).await.unwrap();
+    tier.unlock("wl", LockScope::Keys(&keys), 3).await.unwrap();
+    assert!(is_miss(&tier.lookup("wl", "k", None).await.unwrap()), "{label}");
+    // Unlocking an unknown lock is fine.
+    tier.unlock("wl", LockScope::Keys(&keys), 99).await.unwrap();
+
+    // Tag scope: entries with the tag are invalidated, every key's tokens poisoned.
+    let t = token(&tier.lookup("wl", "tagged", None).await.unwrap());
+    tier.fill("wl", "tagged", fresh("v", &["red"]), TTL, &t).await.unwrap();
+    tier.lock("wl", LockScope::Tag("red"), 4, Duration::from_secs(5)).await.unwrap();
+    assert!(is_miss(&tier.lookup("wl", "tagged", None).await.unwrap()), "{label}: tagged entry invalidated");
+    let t = token(&tier.lookup("wl", "plain", None).await.unwrap());
+    assert_eq!(fill("plain", t).await, FillOutcome::Rejected, "{label}: tag lock poisons every key");
+    tier.unlock("wl", LockScope::Tag("red"), 4).await.unwrap();
+    let t = token(&tier.lookup("wl", "plain", None).await.unwrap());
+    assert_eq!(fill("plain", t).await, FillOutcome::Stored, "{label}");
+
+    // Namespace scope.
+    tier.lock("wl", LockScope::Namespace, 5, Duration::from_secs(5)).await.unwrap();
+    assert!(is_miss(&tier.lookup("wl", "plain", None).await.unwrap()), "{label}: namespace invalidated");
+    let t = token(&tier.lookup("wl", "plain", None).await.unwrap());
+    assert_eq!(fill("plain", t).await, FillOutcome::Rejected, "{label}");
+    tier.unlock("wl", LockScope::Namespace, 5).await.unwrap();
+    let t = token(&tier.lookup("wl", "plain", None).await.unwrap());
+    assert_eq!(fill("plain", t).await, FillOutcome::Stored, "{label}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

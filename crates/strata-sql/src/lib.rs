@@ -23,7 +23,7 @@
 //! tx.after_commit_named("kafka:payment-status", move || async move {
 //!     publish_to_kafka(id, "settled").await
 //! });
-//! let report = tx.commit().await?; // COMMIT, then invalidations, then actions
+//! let report = tx.commit().await?; // (Strong: lock) COMMIT, invalidations, actions
 //! if !report.is_clean() {
 //!     // Committed all the same; the report says which invalidation was buffered or
 //!     // bypassed and which action failed (both are also logged and counted).
@@ -36,9 +36,21 @@
 //!
 //! ### What is promised
 //!
-//! * **Invalidate strictly after commit.** No cache is touched before `COMMIT` has
-//!   returned success. (Evicting before the commit would let a concurrent reader
-//!   re-cache the old row between the eviction and the commit.)
+//! * **Invalidate strictly after commit** (Local and Invalidated caches). No such
+//!   cache is touched before `COMMIT` has returned success. (Evicting before the
+//!   commit would let a concurrent reader re-cache the old row between the eviction
+//!   and the commit.)
+//! * **Strong caches are locked before the commit.** For every Strong cache named, the
+//!   helper takes a write lock ([`strata::Cache::lock_for_write`]) after the
+//!   transaction's statements and before `COMMIT`: the keys are invalidated
+//!   everywhere (every live member acknowledges) and kept out of every tier, so a
+//!   concurrent reader cannot re-cache the old row, and once any read returns the new
+//!   row no read returns the old one. If the lock cannot be taken (L2 or the
+//!   backplane down, a member silent), the transaction is **rolled back**
+//!   ([`CommitOutcome::RolledBack`] with [`CommitCause::Cache`]; the error is
+//!   transient, retry later): the Strong level prefers refusing a write to letting
+//!   the fleet serve it out of order. After `COMMIT` the lock is released (L2
+//!   invalidated once more).
 //! * **Actions strictly after invalidation.** After-commit actions start only once
 //!   every cache's invalidation has returned, so a consumer of the event who reads
 //!   through the cache sees the new row. They run one at a time, in registration
@@ -67,9 +79,10 @@
 //! | cache level | report | state of the cache | after-commit actions |
 //! |---|---|---|---|
 //! | Invalidated (or Local) | [`InvalidationState::Buffered`] | the local copy is gone; the L2 delete and/or the backplane message are retried in the background (`Cache::flush_pending` retries now); until the retry succeeds other instances may serve the old value | run |
-//! | Strong, L2 delete failed | [`InvalidationState::Bypassed`] | every read goes to the database until a namespace bump has cleaned L2 | run |
-//! | Strong, message failed | [`InvalidationState::Buffered`] | the message is retried; the other instances detect the gap and repair | run |
-//! | Strong, acknowledgements timed out | [`InvalidationState::Unconfirmed`] | L2 is clean and the message out; a member that neither acknowledged nor let its lease lapse may serve the old value until it does | run |
+//! | Strong, release of the write lock failed (L2 down after `COMMIT`) | [`InvalidationState::Bypassed`] | nothing stale can be read (the lock kept the old row out of every tier); every read goes to the database until a namespace bump has cleaned L2 and the lock is released (retried in the background; it also expires after `write_lock_ttl`) | run |
+//!
+//! (At the Strong level, failures before `COMMIT` roll the transaction back instead,
+//! see above.)
 //!
 //! Actions run in every case because withholding them would lose the events of a
 //! committed change for good, while the cache is already as safe as it can be made;

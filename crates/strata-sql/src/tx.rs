@@ -168,8 +168,12 @@ impl<'c, DB: SqlDatabase> Transaction<'c, DB> {
     }
 
     /// Commits; then invalidates what was registered; then runs the after-commit
-    /// actions. The order is strict: no invalidation starts before `COMMIT` returned
-    /// success, and no action starts before every invalidation has returned.
+    /// actions. The order is strict: no invalidation of a Local or Invalidated cache
+    /// starts before `COMMIT` returned success, and no action starts before every
+    /// invalidation has returned. Strong caches are invalidated and write-locked
+    /// *before* `COMMIT` ([`Cache::lock_for_write`]) and released after it; if a lock
+    /// cannot be taken, or is held past half its time to live, the transaction is
+    /// rolled back ([`CommitOutcome::RolledBack`], [`crate::CommitCause::Cache`]).
     ///
     /// # What the result means
     ///

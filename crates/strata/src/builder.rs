@@ -35,11 +35,14 @@ pub enum Consistency {
     /// bypass every cache tier until the namespace has been bumped in L2. Every instance
     /// of a namespace must use this level (others do not acknowledge).
     ///
-    /// What it does not give: while a write is in progress (committed, its invalidation
-    /// not yet acknowledged) or failed to invalidate, a read that loads from the database
-    /// can see the new version and a later read on another instance the old one from its
-    /// L1, for at most the acknowledgement wait or half a membership lease. Writes are
-    /// invalidated after their commit, so only completed writes are ordered with reads.
+    /// Linearizable reads need the invalidation *before* the commit: write through
+    /// [`Cache::lock_for_write`](crate::Cache::lock_for_write) (strata-sql's transaction
+    /// helper does, for every Strong cache): the write is invalidated everywhere and its
+    /// keys kept out of every tier before `COMMIT`, and a write whose lock cannot be
+    /// taken (L2 or the backplane down) is refused. L1 is filled only with what L2
+    /// returned or accepted. With plain [`Cache::invalidate`](crate::Cache::invalidate)
+    /// after a commit, a read that loads the new row may precede a read on another
+    /// instance that still serves the old one from L1, until the invalidation returned.
     Strong,
 }
 

@@ -42,7 +42,7 @@
 //! |---|---|
 //! | [`Consistency::Local`] | the L1 time to live (no invalidation reaches other instances) |
 //! | [`Consistency::Invalidated`] | the backplane's propagation delay while it is healthy; `max_stale` while it is not |
-//! | [`Consistency::Strong`] | as Invalidated, and a failed L2 delete makes every read bypass the cache until L2 is clean |
+//! | [`Consistency::Strong`] | none for writes made under a [`WriteLock`] (linearizable per key); for a plain `invalidate` after a commit, until it returns; a failed L2 delete makes every read bypass the cache until L2 is clean |
 //!
 //! What makes these bounds hold:
 //!
@@ -62,6 +62,13 @@
 //! * **Single-flight and leases.** Concurrent misses on a key run one load per instance,
 //!   and with a leasing tier one per fleet.
 //!
+//! * **Write locks.** [`Cache::lock_for_write`] invalidates *before* a commit: it takes
+//!   a lock in L2 (which poisons every fill token handed out while it holds, so nothing
+//!   read before the commit can be stored there, even after the lock expired) and, at
+//!   the Strong level, waits for the fleet's acknowledgements; [`WriteLock::release`]
+//!   invalidates L2 again after the commit. With L1 filled only from L2 at the Strong
+//!   level, no read can return the old row once any read returned the new one: reads
+//!   and writes are linearizable per key (checked by `strata check --level strong`).
 //! * **Strong acknowledgements.** At [`Consistency::Strong`], `invalidate` waits until
 //!   every member heard within its membership lease has acknowledged the message, or its
 //!   lease has lapsed; a member that has not heard its own heartbeat back for half a lease

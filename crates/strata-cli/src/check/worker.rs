@@ -282,8 +282,9 @@ fn commit_budget(lease: Duration) -> Duration {
 
 /// One write through strata-sql's transaction helper: `UPDATE … SET version = version
 /// + 1 … RETURNING version` (bounded by [`DB_TIMEOUT`]), `tx.invalidate(cache, key)`,
-/// `tx.commit()` (which commits, then invalidates; and invalidates too when the
-/// outcome of the COMMIT is unknown). Returns the events recording it: the write, and
+/// `tx.commit()` (which commits, then invalidates, and invalidates too when the
+/// outcome of the COMMIT is unknown; at the Strong level it takes the write lock
+/// before COMMIT and rolls back when it cannot). Returns the events recording it: the write, and
 /// an `invalidation_applied` event spanning the `commit()` call.
 ///
 /// A write is `ok` only when it committed and its invalidation is done. One that
