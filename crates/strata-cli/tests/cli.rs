@@ -179,3 +179,33 @@ fn check_invalidated_with_a_subscriber_kill_keeps_its_promises() {
         assert!(lines.contains(process), "{process} missing from the history");
     }
 }
+
+/// The Strong level through a Redis pause (writes refused while their write lock cannot
+/// be taken): no stale read, and the history linearizable per key.
+#[test]
+fn check_strong_with_a_redis_pause_is_linearizable() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("check.json");
+    let out = strata(&[
+        "check",
+        "--level",
+        "strong",
+        "--fault",
+        "redis-pause",
+        "--duration",
+        "6",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "strata check failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["level"], "strong");
+    assert_eq!(report["stale_beyond_bound"], 0, "{report:#}");
+    assert_eq!(report["permanent_inconsistencies"], 0, "{report:#}");
+    assert_eq!(report["linearizability_violations"], 0, "{report:#}");
+    assert_eq!(report["passed"], true);
+    assert!(report["writes"].as_u64().unwrap() > 20, "{report:#}");
+    let faults = report["faults"].as_array().unwrap();
+    assert!(faults[0].as_str().unwrap().starts_with("redis-pause ("), "{report:#}");
+}

@@ -269,8 +269,35 @@ impl CircuitBreaker {
         F: std::future::Future<Output = Result<T>>,
     {
         self.try_acquire()?;
+        let mut guard = Abandoned { breaker: self, armed: true };
         let out = call.await;
+        guard.armed = false;
         self.record(out.as_ref().map_or_else(|e| !e.is_transient(), |_| true));
         out
+    }
+
+    /// A call let through by [`CircuitBreaker::try_acquire`] was dropped before it
+    /// finished (its caller was cancelled): it says nothing about the endpoint, but if
+    /// it was the half-open probe, the next call must be allowed to probe instead.
+    fn abandon(&self) {
+        let mut w = self.window.lock();
+        if self.state.load(Ordering::Acquire) == HALF_OPEN {
+            w.probe_in_flight = false;
+        }
+    }
+}
+
+/// Clears the probe slot when a call's future is dropped mid-flight: without it, a
+/// cancelled probe would keep the breaker open for good.
+struct Abandoned<'a> {
+    breaker: &'a CircuitBreaker,
+    armed: bool,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.breaker.abandon();
+        }
     }
 }

@@ -1315,3 +1315,20 @@ async fn strong_needs_a_write_lock_ttl_of_six_leases() {
         .err();
     assert!(err.is_some_and(|e| e.setting == "write_lock_ttl" && e.fix.contains("write_lock_ttl")));
 }
+
+#[tokio::test]
+async fn a_cancelled_probe_does_not_keep_the_breaker_open() {
+    let clock = ManualClock::new();
+    let cfg = BreakerConfig { consecutive_failures: 1, jitter: 0.0, ..BreakerConfig::default() };
+    let breaker = strata::CircuitBreaker::with_clock("test", cfg, Arc::new(clock.clone()));
+    let fail = || async { Err::<(), _>(strata::Error::new(ErrorKind::Tier, "down")) };
+    assert!(breaker.call(fail()).await.is_err());
+    assert_eq!(breaker.state(), BreakerState::Open);
+    clock.advance(Duration::from_secs(2));
+    // The probe's caller gives up (a timeout around it, a dropped request).
+    let hung = breaker.call(std::future::pending::<strata::Result<()>>());
+    assert!(tokio::time::timeout(Duration::from_millis(10), hung).await.is_err());
+    // The next call probes, and its success closes the breaker.
+    breaker.call(async { Ok::<_, strata::Error>(()) }).await.expect("probe allowed");
+    assert_eq!(breaker.state(), BreakerState::Closed);
+}
