@@ -22,7 +22,7 @@ use crate::clock::{ClockSource, Timestamp, duration_nanos};
 use crate::error::{BuildError, Error, ErrorKind, Result};
 use crate::guard::Guards;
 use crate::key::CacheKey;
-use crate::l1::{Entry, EntryWeighter, L1, Meta, Tags};
+use crate::l1::{Entry, EntryWeighter, L1, Meta, Slot, Tags};
 use crate::stats::{CacheStats, Stats};
 use crate::tier::{Envelope, FillOutcome, FillToken, Lookup, Tier};
 
@@ -334,14 +334,20 @@ where
     /// invalidated. The cheapest read; use it where an await is unwelcome.
     #[inline]
     pub fn get_local(&self, key: &K) -> Option<V> {
-        let now = self.inner.clock.now();
-        match self.inner.probe(key, now) {
-            Probe::Fresh(value, _) => {
-                self.inner.stats.l1_hits.incr();
-                value
+        let inner = &*self.inner;
+        let now = inner.clock.now();
+        // `probe` spelled out, so that a fast hit returns without building a `Probe`.
+        let slot = inner.l1.get(key)?;
+        let value = if inner.is_fast_hit(&slot, now) {
+            slot.into_value()
+        } else {
+            match inner.probe_slow(slot, now) {
+                Probe::Fresh(value, _) => value,
+                _ => return None,
             }
-            _ => None,
-        }
+        };
+        inner.stats.l1_hits.incr();
+        value
     }
 
     /// Reads `key` from L1, then L2. Never calls a loader; `Ok(None)` when neither tier
@@ -480,7 +486,11 @@ where
         if let Some(mut e) = inner
             .l1
             .peek(key)
-            .filter(|e| now < e.meta.fresh_until && inner.guards.valid(e.meta.fill_seq, e.tag_slice()))
+            .filter(|s| {
+                let meta = s.meta();
+                now < meta.fresh_until && inner.guards.valid(meta.fill_seq, s.tag_slice())
+            })
+            .map(Slot::into_entry)
         {
             let ttl = inner.cfg.l1_ttl;
             e.meta.set_fresh_until(now.saturating_add(ttl));
@@ -495,7 +505,7 @@ where
                 now,
                 now,
                 tags.as_deref().map_or(&[], Vec::as_slice),
-                || inner.l1.insert(key.clone(), e),
+                || inner.l1.insert(key.clone(), Slot::new(e)),
             );
         }
         if let Some(tier) = &inner.tier {
@@ -645,43 +655,52 @@ where
     /// The L1 lookup of every read. Kept small: it is the hit path.
     #[inline]
     fn probe(&self, key: &K, now: Timestamp) -> Probe<V> {
-        let Some(e) = self.l1.get(key) else { return Probe::Absent };
-        // The common case in one expression: fresh and outside the XFetch window (the
-        // window's lead is 0 without a load time), untagged, not a stale copy, not
-        // invalidated by a namespace epoch, and no degraded mode in force.
-        let lead = self.xfetch_lead(&e.meta);
-        if now.as_nanos().saturating_add(lead) < e.meta.fresh_until.as_nanos()
-            && !e.meta.is_stale_copy()
-            && e.tags.is_none()
-            && self.guards.namespace_valid(e.meta.fill_seq)
-            && !self.strong
-            && self.health.unhealthy_since.load(Ordering::Relaxed) == 0
-        {
-            return Probe::Fresh(e.value, false);
+        let Some(slot) = self.l1.get(key) else { return Probe::Absent };
+        if self.is_fast_hit(&slot, now) {
+            return Probe::Fresh(slot.into_value(), false);
         }
-        self.probe_slow(e, now)
+        self.probe_slow(slot, now)
+    }
+
+    /// The common case, decided by the slot alone: inline (untagged, not a stale copy),
+    /// fresh and outside the XFetch window, and not invalidated by a namespace epoch;
+    /// with no degraded mode in force, which the floor rules out by being unreachable.
+    #[inline(always)]
+    fn is_fast_hit(&self, slot: &Slot<V>, now: Timestamp) -> bool {
+        slot.is_fast_hit(now, |load_micros| self.xfetch_lead(load_micros), self.fast_path_floor())
+    }
+
+    /// The lowest `fill_seq` the fast path serves: the namespace epoch, or `u64::MAX`
+    /// (nothing) when the Strong level's lease or `max_stale` needs checking.
+    #[inline]
+    fn fast_path_floor(&self) -> u64 {
+        if self.strong || self.health.unhealthy_since.load(Ordering::Relaxed) != 0 {
+            return u64::MAX;
+        }
+        self.guards.namespace_epoch()
     }
 
     /// Everything the fast path of [`Inner::probe`] does not decide.
     #[inline(never)]
-    fn probe_slow(&self, e: Entry<V>, now: Timestamp) -> Probe<V> {
-        if !self.guards.valid(e.meta.fill_seq, e.tag_slice()) || !self.within_max_stale(&e, now) {
+    fn probe_slow(&self, slot: Slot<V>, now: Timestamp) -> Probe<V> {
+        let meta = slot.meta();
+        if !self.guards.valid(meta.fill_seq, slot.tag_slice()) || !self.within_max_stale(&meta, now) {
             return Probe::Absent;
         }
-        if now < e.meta.fresh_until {
-            if e.meta.is_stale_copy() {
+        if now < meta.fresh_until {
+            if meta.is_stale_copy() {
                 self.stats.stale_served.incr();
             }
-            let refresh = self.in_xfetch_window(&e.meta, now) && self.xfetch_fires(&e.meta, now);
-            return Probe::Fresh(e.value, refresh);
+            let refresh = self.in_xfetch_window(&meta, now) && self.xfetch_fires(&meta, now);
+            return Probe::Fresh(slot.into_value(), refresh);
         }
-        if now < e.meta.usable_until() { Probe::Stale(e) } else { Probe::Absent }
+        if now < meta.usable_until() { Probe::Stale(slot.into_entry()) } else { Probe::Absent }
     }
 
     /// While the backplane has been unhealthy longer than `max_stale`, entries older
     /// than `max_stale` are not served.
     #[inline]
-    fn within_max_stale(&self, e: &Entry<V>, now: Timestamp) -> bool {
+    fn within_max_stale(&self, meta: &Meta, now: Timestamp) -> bool {
         if self.strong && !self.own_lease_held(now) {
             return false;
         }
@@ -690,7 +709,7 @@ where
             return true;
         }
         let max = self.cfg.max_stale;
-        now.since(Timestamp(since)) <= max || now.since(e.meta.created()) <= max
+        now.since(Timestamp(since)) <= max || now.since(meta.created()) <= max
     }
 
     /// Strong level: whether this instance's membership lease is held, i.e. its own
@@ -717,14 +736,15 @@ where
     /// probability `exp(-(expiry - now) / (Δβ))`, negligible beyond `XFETCH_HORIZON`·Δβ.
     #[inline]
     fn in_xfetch_window(&self, meta: &Meta, now: Timestamp) -> bool {
-        let lead = self.xfetch_lead(meta);
+        let lead = self.xfetch_lead(meta.load_micros());
         lead != 0 && now.as_nanos().saturating_add(lead) >= meta.fresh_until.as_nanos()
     }
 
     /// How long before expiry XFetch may start firing for this entry (0: never).
     #[inline]
-    fn xfetch_lead(&self, meta: &Meta) -> u64 {
-        u64::from(meta.load_micros()).saturating_mul(self.xfetch_lead_per_micro)
+    fn xfetch_lead(&self, load_micros: u32) -> u64 {
+        // At most 2^20 µs times 10^12 ns (the cap on the factor): no overflow.
+        u64::from(load_micros) * self.xfetch_lead_per_micro
     }
 
     fn jittered(&self, ttl: Duration) -> Duration {
@@ -845,7 +865,7 @@ where
             now,
             tags.as_deref().map_or(&[], Vec::as_slice),
             || {
-                self.l1.insert(key.clone(), entry);
+                self.l1.insert(key.clone(), Slot::new(entry));
             },
         );
         if !stored {
