@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use crate::backplane::{Backplane, Message, MessageBody, OriginId};
 use crate::breaker::{BreakerState, CircuitBreaker};
 use crate::builder::{CacheBuilder, Config, Consistency, Invalidation};
-use crate::clock::{ClockSource, Timestamp, duration_nanos};
+use crate::clock::{ClockKind, ClockSource, Timestamp, duration_nanos};
 use crate::error::{BuildError, Error, ErrorKind, Result};
 use crate::guard::Guards;
 use crate::key::CacheKey;
@@ -222,9 +222,9 @@ where
     ) -> std::result::Result<Self, BuildError> {
         let l1 =
             L1::with_weighter(cfg.estimated_entries, cfg.max_capacity, EntryWeighter(cfg.weigher.clone()));
-        let breaker_clock: Arc<dyn crate::clock::Clock> = match &clock {
-            ClockSource::System(c) => Arc::new(c.clone()),
-            ClockSource::Custom(c) => c.clone(),
+        let breaker_clock: Arc<dyn crate::clock::Clock> = match clock.kind() {
+            ClockKind::System(c) => Arc::new(c.clone()),
+            ClockKind::Custom(c) => c.clone(),
         };
         let breaker = CircuitBreaker::with_clock(
             format!("l2:{}:{}", tier.as_ref().map_or("none", |t| t.name()), cfg.namespace),
@@ -1087,9 +1087,9 @@ where
             Ok(value) => {
                 // Δ for XFetch: precise for the system clock (its hit-path reading is
                 // coarse), the injected clock's view otherwise.
-                let took = match &self.clock {
-                    ClockSource::System(_) => load_began.elapsed(),
-                    ClockSource::Custom(_) => now.since(started_at),
+                let took = match self.clock.kind() {
+                    ClockKind::System(_) => load_began.elapsed(),
+                    ClockKind::Custom(_) => now.since(started_at),
                 };
                 let load_nanos = duration_nanos(took).max(1);
                 metrics::histogram!("strata_load_duration_seconds", "namespace" => self.cfg.namespace.clone())
