@@ -22,7 +22,7 @@ use crate::clock::{ClockKind, ClockSource, Timestamp, duration_nanos};
 use crate::error::{BuildError, Error, ErrorKind, Result};
 use crate::guard::Guards;
 use crate::key::CacheKey;
-use crate::l1::{Entry, EntryWeighter, L1, Meta, Slot, Tags};
+use crate::l1::{Entry, EntryWeighter, L1, Meta, Slot, Tags, XFetchLead};
 use crate::stats::{CacheStats, Stats};
 use crate::tier::{Envelope, FillOutcome, FillToken, Lookup, Tier};
 
@@ -189,7 +189,7 @@ pub(crate) struct Inner<K, V> {
     pub(crate) acks: tokio::sync::Notify,
     pub(crate) strong: bool,
     /// XFetch's window per µs of load time: β · `XFETCH_HORIZON` · 1000 ns.
-    xfetch_lead_per_micro: u64,
+    xfetch_lead: XFetchLead,
     pub(crate) rng: Mutex<SmallRng>,
     pub(crate) shutdown: watch::Receiver<bool>,
 }
@@ -258,7 +258,7 @@ where
             members: Mutex::new(HashMap::new()),
             acks: tokio::sync::Notify::new(),
             strong: cfg_strong,
-            xfetch_lead_per_micro: (cfg_beta * XFETCH_HORIZON * 1000.0).min(1e12) as u64,
+            xfetch_lead: XFetchLead::new((cfg_beta * XFETCH_HORIZON * 1000.0).min(1e12) as u64),
             rng: Mutex::new(rng),
             shutdown: shutdown_rx,
         });
@@ -338,16 +338,11 @@ where
         let now = inner.clock.now();
         // `probe` spelled out, so that a fast hit returns without building a `Probe`.
         let slot = inner.l1.get(key)?;
-        let value = if inner.is_fast_hit(&slot, now) {
-            slot.into_value()
-        } else {
-            match inner.probe_slow(slot, now) {
-                Probe::Fresh(value, _) => value,
-                _ => return None,
-            }
-        };
-        inner.stats.l1_hits.incr();
-        value
+        if inner.is_fast_hit(&slot, now) {
+            inner.stats.l1_hits.incr();
+            return slot.into_value();
+        }
+        inner.get_local_slow(&slot, now)
     }
 
     /// Reads `key` from L1, then L2. Never calls a loader; `Ok(None)` when neither tier
@@ -487,10 +482,10 @@ where
             .l1
             .peek(key)
             .filter(|s| {
-                let meta = s.meta();
+                let meta = s.meta(inner.xfetch_lead);
                 now < meta.fresh_until && inner.guards.valid(meta.fill_seq, s.tag_slice())
             })
-            .map(Slot::into_entry)
+            .map(|s| s.to_entry(inner.xfetch_lead))
         {
             let ttl = inner.cfg.l1_ttl;
             e.meta.set_fresh_until(now.saturating_add(ttl));
@@ -505,7 +500,7 @@ where
                 now,
                 now,
                 tags.as_deref().map_or(&[], Vec::as_slice),
-                || inner.l1.insert(key.clone(), Slot::new(e)),
+                || inner.l1.insert(key.clone(), Slot::new(e, inner.xfetch_lead)),
             );
         }
         if let Some(tier) = &inner.tier {
@@ -659,7 +654,7 @@ where
         if self.is_fast_hit(&slot, now) {
             return Probe::Fresh(slot.into_value(), false);
         }
-        self.probe_slow(slot, now)
+        self.probe_slow(&slot, now)
     }
 
     /// The common case, decided by the slot alone: inline (untagged, not a stale copy),
@@ -667,7 +662,7 @@ where
     /// with no degraded mode in force, which the floor rules out by being unreachable.
     #[inline(always)]
     fn is_fast_hit(&self, slot: &Slot<V>, now: Timestamp) -> bool {
-        slot.is_fast_hit(now, |load_micros| self.xfetch_lead(load_micros), self.fast_path_floor())
+        slot.is_fast_hit(now, self.fast_path_floor())
     }
 
     /// The lowest `fill_seq` the fast path serves: the namespace epoch, or `u64::MAX`
@@ -680,10 +675,22 @@ where
         self.guards.namespace_epoch()
     }
 
+    /// [`Cache::get_local`] past the fast path.
+    #[inline(never)]
+    fn get_local_slow(&self, slot: &Slot<V>, now: Timestamp) -> Option<V> {
+        match self.probe_slow(slot, now) {
+            Probe::Fresh(value, _) => {
+                self.stats.l1_hits.incr();
+                value
+            }
+            _ => None,
+        }
+    }
+
     /// Everything the fast path of [`Inner::probe`] does not decide.
     #[inline(never)]
-    fn probe_slow(&self, slot: Slot<V>, now: Timestamp) -> Probe<V> {
-        let meta = slot.meta();
+    fn probe_slow(&self, slot: &Slot<V>, now: Timestamp) -> Probe<V> {
+        let meta = slot.meta(self.xfetch_lead);
         if !self.guards.valid(meta.fill_seq, slot.tag_slice()) || !self.within_max_stale(&meta, now) {
             return Probe::Absent;
         }
@@ -692,9 +699,9 @@ where
                 self.stats.stale_served.incr();
             }
             let refresh = self.in_xfetch_window(&meta, now) && self.xfetch_fires(&meta, now);
-            return Probe::Fresh(slot.into_value(), refresh);
+            return Probe::Fresh(slot.value().cloned(), refresh);
         }
-        if now < meta.usable_until() { Probe::Stale(slot.into_entry()) } else { Probe::Absent }
+        if now < meta.usable_until() { Probe::Stale(slot.to_entry(self.xfetch_lead)) } else { Probe::Absent }
     }
 
     /// While the backplane has been unhealthy longer than `max_stale`, entries older
@@ -736,15 +743,8 @@ where
     /// probability `exp(-(expiry - now) / (Δβ))`, negligible beyond `XFETCH_HORIZON`·Δβ.
     #[inline]
     fn in_xfetch_window(&self, meta: &Meta, now: Timestamp) -> bool {
-        let lead = self.xfetch_lead(meta.load_micros());
+        let lead = self.xfetch_lead.of(meta.load_micros());
         lead != 0 && now.as_nanos().saturating_add(lead) >= meta.fresh_until.as_nanos()
-    }
-
-    /// How long before expiry XFetch may start firing for this entry (0: never).
-    #[inline]
-    fn xfetch_lead(&self, load_micros: u32) -> u64 {
-        // At most 2^20 µs times 10^12 ns (the cap on the factor): no overflow.
-        u64::from(load_micros) * self.xfetch_lead_per_micro
     }
 
     fn jittered(&self, ttl: Duration) -> Duration {
@@ -865,7 +865,7 @@ where
             now,
             tags.as_deref().map_or(&[], Vec::as_slice),
             || {
-                self.l1.insert(key.clone(), Slot::new(entry));
+                self.l1.insert(key.clone(), Slot::new(entry, self.xfetch_lead));
             },
         );
         if !stored {

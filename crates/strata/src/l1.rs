@@ -145,19 +145,46 @@ const SEQ_SHIFT: u32 = 63 - PACKED_LOW_BITS;
 /// Entries whose `fill_seq` reaches this (2^57 invalidations) are stored cold.
 const MAX_INLINE_SEQ: u64 = 1 << (64 - SEQ_SHIFT);
 
+/// How long before expiry XFetch may start firing for an entry, from its load time:
+/// the same factor for every entry of a cache.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct XFetchLead {
+    /// Nanoseconds of lead per µs of load time, at most 10^12.
+    per_micro: u64,
+}
+
+impl XFetchLead {
+    /// `per_micro` is capped at 10^12 ns, so that no lead overflows.
+    pub(crate) fn new(per_micro: u64) -> Self {
+        XFetchLead { per_micro: per_micro.min(1_000_000_000_000) }
+    }
+
+    /// The lead in ns (0: never); below 2^20 · 10^12, so it cannot overflow.
+    #[inline]
+    pub(crate) fn of(self, load_micros: u32) -> u64 {
+        u64::from(load_micros) * self.per_micro
+    }
+}
+
 /// An [`Entry`] as L1 stores it: 32 bytes for an 8-byte value, against 48 unpacked.
 ///
 /// A hit clones the stored entry under quick_cache's shard read lock, and the bytes of
 /// every slot cost cache footprint: in our runs a raw quick_cache holding 48-byte values
 /// costs ~1.4× one holding 8-byte values, 32-byte values ~1.2×. So the common entry
-/// (untagged, not a fail-safe stale copy, `fill_seq` below 2^57) is stored inline,
-/// with the 56 bits of [`Meta::bits`] that the fast path does not need packed into the
-/// padding after the enum tag; any other entry is stored whole behind an `Arc`
-/// ([`Body::Cold`]), whose clone costs one reference-count increment per hit.
+/// (untagged, not a fail-safe stale copy, `fill_seq` below 2^57, XFetch lead not past
+/// the epoch) is stored inline, with the 56 bits of [`Meta::bits`] that the fast path
+/// does not need packed into the padding after the enum tag; any other entry is stored
+/// whole behind an `Arc` ([`Body::Cold`]), whose clone costs one reference-count
+/// increment per hit.
+///
+/// Instead of the expiry, an inline slot holds the time the fast path may serve it
+/// until, `fresh_until −` the XFetch lead, so that a hit checks one comparison where
+/// it would compute the lead; the expiry is that plus the lead again.
 #[derive(Clone)]
 pub(crate) struct Slot<V> {
-    /// [`Meta::fresh_until`] in nanoseconds (unused for cold bodies).
-    fresh_until: u64,
+    /// `fresh_until − ` the XFetch lead, in nanoseconds; 0 for cold bodies, which the
+    /// fast path thus never serves.
+    fast_until: u64,
     /// `fill_seq << 7 | ` the high 7 of the 63 packed meta bits (unused for cold bodies).
     seq: u64,
     body: Body<V>,
@@ -174,11 +201,13 @@ enum Body<V> {
 }
 
 impl<V: Clone> Slot<V> {
-    pub(crate) fn new(e: Entry<V>) -> Self {
+    pub(crate) fn new(e: Entry<V>, lead: XFetchLead) -> Self {
         let m = e.meta;
-        if e.tags.is_some() || m.is_stale_copy() || m.fill_seq >= MAX_INLINE_SEQ {
-            return Slot { fresh_until: 0, seq: 0, body: Body::Cold(Arc::new(e)) };
-        }
+        let fast_until = m.fresh_until.as_nanos().checked_sub(lead.of(m.load_micros()));
+        let fast_until = match fast_until {
+            Some(t) if e.tags.is_none() && !m.is_stale_copy() && m.fill_seq < MAX_INLINE_SEQ => t,
+            _ => return Slot { fast_until: 0, seq: 0, body: Body::Cold(Arc::new(e)) },
+        };
         // Drop the (clear) stale bit: load time below it, the rest above it.
         let packed = (m.bits & mask(LOAD_BITS)) | ((m.bits >> EXTRA_SHIFT) << LOAD_BITS);
         // The casts keep the bits each field is meant to hold.
@@ -187,33 +216,18 @@ impl<V: Clone> Slot<V> {
             Some(value) => Body::Value { lo, mid, hi, value },
             None => Body::Negative { lo, mid, hi },
         };
-        Slot {
-            fresh_until: m.fresh_until.as_nanos(),
-            seq: (m.fill_seq << SEQ_SHIFT) | (packed >> PACKED_LOW_BITS),
-            body,
-        }
+        Slot { fast_until, seq: (m.fill_seq << SEQ_SHIFT) | (packed >> PACKED_LOW_BITS), body }
     }
 
     /// Whether the fast path may serve this slot: an inline entry, fresh and outside
-    /// the XFetch window (whose lead `xfetch_lead` computes from the load time in µs),
-    /// filled at or after `min_seq`.
+    /// the XFetch window at `now`, filled at or after `min_seq`.
     #[inline(always)]
-    pub(crate) fn is_fast_hit(
-        &self,
-        now: Timestamp,
-        xfetch_lead: impl FnOnce(u32) -> u64,
-        min_seq: u64,
-    ) -> bool {
-        let load = match &self.body {
-            // The mask keeps 20 bits.
-            Body::Value { lo, .. } | Body::Negative { lo, .. } => *lo & (mask(LOAD_BITS) as u32),
-            Body::Cold(_) => return false,
-        };
-        now.as_nanos().saturating_add(xfetch_lead(load)) < self.fresh_until
-            && self.seq >> SEQ_SHIFT >= min_seq
+    pub(crate) fn is_fast_hit(&self, now: Timestamp, min_seq: u64) -> bool {
+        now.as_nanos() < self.fast_until && self.seq >> SEQ_SHIFT >= min_seq
     }
 
-    pub(crate) fn meta(&self) -> Meta {
+    /// `lead` must be the one the slot was made with.
+    pub(crate) fn meta(&self, lead: XFetchLead) -> Meta {
         let (lo, mid, hi) = match &self.body {
             Body::Value { lo, mid, hi, .. } | Body::Negative { lo, mid, hi } => (*lo, *mid, *hi),
             Body::Cold(e) => return e.meta,
@@ -222,10 +236,12 @@ impl<V: Clone> Slot<V> {
             | (u64::from(mid) << 32)
             | (u64::from(hi) << 48)
             | ((self.seq & mask(SEQ_SHIFT)) << PACKED_LOW_BITS);
+        let bits = (packed & mask(LOAD_BITS)) | ((packed >> LOAD_BITS) << EXTRA_SHIFT);
+        let load_micros = (bits & mask(LOAD_BITS)) as u32;
         Meta {
-            fresh_until: Timestamp(self.fresh_until),
+            fresh_until: Timestamp(self.fast_until + lead.of(load_micros)),
             fill_seq: self.seq >> SEQ_SHIFT,
-            bits: (packed & mask(LOAD_BITS)) | ((packed >> LOAD_BITS) << EXTRA_SHIFT),
+            bits,
         }
     }
 
@@ -253,12 +269,10 @@ impl<V: Clone> Slot<V> {
         }
     }
 
-    pub(crate) fn into_entry(self) -> Entry<V> {
-        let meta = self.meta();
-        match self.body {
-            Body::Value { value, .. } => Entry { value: Some(value), meta, tags: None },
-            Body::Negative { .. } => Entry { value: None, meta, tags: None },
-            Body::Cold(e) => Arc::unwrap_or_clone(e),
+    pub(crate) fn to_entry(&self, lead: XFetchLead) -> Entry<V> {
+        match &self.body {
+            Body::Cold(e) => Entry::clone(e),
+            _ => Entry { value: self.value().cloned(), meta: self.meta(lead), tags: None },
         }
     }
 }
@@ -290,22 +304,17 @@ pub(crate) type L1<K, V> = quick_cache::sync::Cache<K, Slot<V>, EntryWeighter<K,
 mod tests {
     use super::*;
 
+    const LOAD_NANOS: u64 = 123_456_789;
+
     fn entry(value: Option<u64>, fill_seq: u64, tags: Option<Tags>) -> Entry<u64> {
         let created = Timestamp(1_700_000_000_123_456_789);
         let fresh = Timestamp(created.0 + 3_600_000_000_123);
-        Entry {
-            value,
-            meta: Meta::new(created, fresh, Timestamp(fresh.0 + 86_400_000_000_000), fill_seq, 123_456_789),
-            tags,
-        }
+        let usable = Timestamp(fresh.0 + 86_400_000_000_000);
+        Entry { value, meta: Meta::new(created, fresh, usable, fill_seq, LOAD_NANOS), tags }
     }
 
-    fn same(a: &Entry<u64>, b: &Entry<u64>) {
-        assert_eq!(a.value, b.value);
-        assert_eq!(a.meta.fresh_until, b.meta.fresh_until);
-        assert_eq!(a.meta.fill_seq, b.meta.fill_seq);
-        assert_eq!(a.meta.bits, b.meta.bits);
-        assert_eq!(a.tag_slice(), b.tag_slice());
+    fn tags() -> Option<Tags> {
+        Some(Arc::new(vec!["t".to_owned()]))
     }
 
     #[test]
@@ -316,52 +325,60 @@ mod tests {
 
     #[test]
     fn slots_round_trip_every_field() {
-        let tags = Some(Arc::new(vec!["t".to_owned()]));
         let mut stale = entry(Some(7), 9, None);
         stale.meta.mark_stale_copy();
         let mut all_ones = entry(Some(u64::MAX), MAX_INLINE_SEQ - 1, None);
         all_ones.meta.bits = !STALE_BIT;
-        for e in [
-            entry(Some(7), 1, None),
-            entry(None, 1, None),
-            entry(Some(7), 5, tags),
-            stale,
-            all_ones,
-            entry(Some(7), MAX_INLINE_SEQ, None),
-            entry(Some(7), u64::MAX, None),
-        ] {
-            let slot = Slot::new(e.clone());
-            same(&e, &slot.clone().into_entry());
-            let m = slot.meta();
-            assert_eq!(
-                (m.fresh_until, m.fill_seq, m.bits),
-                (e.meta.fresh_until, e.meta.fill_seq, e.meta.bits)
-            );
-            assert_eq!(slot.value(), e.value.as_ref());
-            assert_eq!(slot.tag_slice(), e.tag_slice());
-            assert_eq!(slot.into_value(), e.value);
+        let mut lead_past_epoch = entry(Some(7), 1, None);
+        lead_past_epoch.meta.fresh_until = Timestamp(1);
+        for lead in [XFetchLead::new(0), XFetchLead::new(28_000), XFetchLead::new(u64::MAX)] {
+            for e in [
+                entry(Some(7), 1, None),
+                entry(None, 1, None),
+                entry(Some(7), 5, tags()),
+                stale.clone(),
+                all_ones.clone(),
+                lead_past_epoch.clone(),
+                entry(Some(7), MAX_INLINE_SEQ, None),
+                entry(Some(7), u64::MAX, None),
+            ] {
+                let slot = Slot::new(e.clone(), lead);
+                let m = slot.meta(lead);
+                assert_eq!(
+                    (m.fresh_until, m.fill_seq, m.bits),
+                    (e.meta.fresh_until, e.meta.fill_seq, e.meta.bits)
+                );
+                let back = slot.to_entry(lead);
+                assert_eq!(
+                    (back.value, back.meta.bits, back.tag_slice()),
+                    (e.value, e.meta.bits, e.tag_slice())
+                );
+                assert_eq!(slot.value(), e.value.as_ref());
+                assert_eq!(slot.tag_slice(), e.tag_slice());
+                assert_eq!(slot.into_value(), e.value);
+            }
         }
     }
 
     #[test]
     fn fast_path_declines_what_it_cannot_decide() {
+        let none = XFetchLead::new(0);
         let fresh = entry(Some(7), 5, None);
         let until = fresh.meta.fresh_until;
         let before = Timestamp(until.0 - 1);
-        assert!(Slot::new(fresh.clone()).is_fast_hit(before, |_| 0, 5));
-        assert!(Slot::new(entry(None, 5, None)).is_fast_hit(before, |_| 0, 5));
-        // Expired, filled before the namespace epoch, or inside the XFetch window.
-        assert!(!Slot::new(fresh.clone()).is_fast_hit(until, |_| 0, 5));
-        assert!(!Slot::new(fresh.clone()).is_fast_hit(before, |_| 0, 6));
-        assert!(!Slot::new(fresh.clone()).is_fast_hit(before, |l| u64::from(l) * 1_000_000, 5));
+        assert!(Slot::new(fresh.clone(), none).is_fast_hit(before, 5));
+        assert!(Slot::new(entry(None, 5, None), none).is_fast_hit(before, 5));
+        // Expired, or filled before the namespace epoch.
+        assert!(!Slot::new(fresh.clone(), none).is_fast_hit(until, 5));
+        assert!(!Slot::new(fresh.clone(), none).is_fast_hit(before, 6));
+        // Inside the XFetch window: its lead is the load time (123 457 µs) times 1000 ns.
+        let lead = XFetchLead::new(1000);
+        assert!(Slot::new(fresh.clone(), lead).is_fast_hit(Timestamp(until.0 - 123_457_001), 5));
+        assert!(!Slot::new(fresh.clone(), lead).is_fast_hit(Timestamp(until.0 - 123_457_000), 5));
         // Cold bodies: tagged, stale copies.
-        assert!(!Slot::new(entry(Some(7), 5, Some(Arc::new(vec!["t".into()])))).is_fast_hit(
-            before,
-            |_| 0,
-            0
-        ));
+        assert!(!Slot::new(entry(Some(7), 5, tags()), none).is_fast_hit(before, 0));
         let mut stale = fresh;
         stale.meta.mark_stale_copy();
-        assert!(!Slot::new(stale).is_fast_hit(before, |_| 0, 0));
+        assert!(!Slot::new(stale, none).is_fast_hit(before, 0));
     }
 }
