@@ -183,6 +183,15 @@ pub(crate) struct Inner<K, V> {
     pub(crate) pending: Mutex<Pending>,
     /// Strong level: set when L2 may hold a value that should have been deleted.
     pub(crate) untrusted: AtomicBool,
+    /// What the L1 fast path requires of a slot's fill sequence, so that a hit reads one
+    /// word for three conditions: the namespace epoch as a [`Slot::floor`], or
+    /// `u64::MAX` (no slot) at the Strong level (its lease is checked on every read) and
+    /// while the backplane is unhealthy (`max_stale` is). Kept by
+    /// [`Inner::publish_fast_floor`].
+    fast_floor: AtomicU64,
+    /// Serialises [`Inner::publish_fast_floor`], so that the last to run stores the floor
+    /// of the last state.
+    floor_lock: Mutex<()>,
     /// Strong level: the other members and what they acknowledged.
     pub(crate) members: Mutex<HashMap<OriginId, Member>>,
     /// Woken when an acknowledgement arrives.
@@ -255,6 +264,9 @@ where
             stats: Stats::default(),
             pending: Mutex::new(Pending::default()),
             untrusted: AtomicBool::new(false),
+            // What publish_fast_floor would store: epoch 0, healthy.
+            fast_floor: AtomicU64::new(if cfg_strong { u64::MAX } else { Slot::<V>::floor(0) }),
+            floor_lock: Mutex::new(()),
             members: Mutex::new(HashMap::new()),
             acks: tokio::sync::Notify::new(),
             strong: cfg_strong,
@@ -662,17 +674,42 @@ where
     /// with no degraded mode in force, which the floor rules out by being unreachable.
     #[inline(always)]
     fn is_fast_hit(&self, slot: &Slot<V>, now: Timestamp) -> bool {
-        slot.is_fast_hit(now, self.fast_path_floor())
+        slot.is_fast_hit(now, self.fast_floor.load(Ordering::SeqCst))
     }
 
-    /// The lowest `fill_seq` the fast path serves: the namespace epoch, or `u64::MAX`
-    /// (nothing) when the Strong level's lease or `max_stale` needs checking.
-    #[inline]
-    fn fast_path_floor(&self) -> u64 {
-        if self.strong || self.health.unhealthy_since.load(Ordering::Relaxed) != 0 {
-            return u64::MAX;
+    /// Recomputes the fast path's floor; called after every change of the namespace
+    /// epoch or of the backplane's health. A reader that finds an entry filled after a
+    /// namespace invalidation's `l1.clear()` reads the floor after it, so it sees that
+    /// invalidation's floor, as it would have seen its epoch.
+    pub(crate) fn publish_fast_floor(&self) {
+        let _serial = self.floor_lock.lock();
+        let floor = if self.strong || self.health.unhealthy_since.load(Ordering::SeqCst) != 0 {
+            u64::MAX
+        } else {
+            Slot::<V>::floor(self.guards.namespace_epoch())
+        };
+        self.fast_floor.store(floor, Ordering::SeqCst);
+    }
+
+    /// The backplane is healthy (again).
+    pub(crate) fn mark_healthy(&self) {
+        if self.health.unhealthy_since.swap(0, Ordering::SeqCst) != 0 {
+            self.publish_fast_floor();
         }
-        self.guards.namespace_epoch()
+    }
+
+    /// The backplane is unhealthy, since `since` unless it already was.
+    pub(crate) fn mark_unhealthy(&self, since: Timestamp) {
+        // Keep the earliest time: the bound on staleness counts from then.
+        let marked = self.health.unhealthy_since.compare_exchange(
+            0,
+            since.as_nanos().max(1),
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+        if marked.is_ok() {
+            self.publish_fast_floor();
+        }
     }
 
     /// [`Cache::get_local`] past the fast path.
@@ -1282,6 +1319,7 @@ where
     /// Drops everything local and refuses every fill in flight.
     pub(crate) fn flush_l1(&self) {
         self.guards.invalidate_all();
+        self.publish_fast_floor();
         self.flights.detach_all();
         self.l1.clear();
     }

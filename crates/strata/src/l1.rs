@@ -142,8 +142,9 @@ impl<V> Entry<V> {
 /// `fill_seq` in [`Slot::seq`].
 const PACKED_LOW_BITS: u32 = 56;
 const SEQ_SHIFT: u32 = 63 - PACKED_LOW_BITS;
-/// Entries whose `fill_seq` reaches this (2^57 invalidations) are stored cold.
-const MAX_INLINE_SEQ: u64 = 1 << (64 - SEQ_SHIFT);
+/// Entries whose `fill_seq` reaches this (2^57 − 1 invalidations) are stored cold, so
+/// that no inline `seq` reaches `u64::MAX`, the floor that rules out every slot.
+const MAX_INLINE_SEQ: u64 = (1 << (64 - SEQ_SHIFT)) - 1;
 
 /// How long before expiry XFetch may start firing for an entry, from its load time:
 /// the same factor for every entry of a cache.
@@ -219,11 +220,19 @@ impl<V: Clone> Slot<V> {
         Slot { fast_until, seq: (m.fill_seq << SEQ_SHIFT) | (packed >> PACKED_LOW_BITS), body }
     }
 
+    /// The [`Slot::is_fast_hit`] floor that admits inline slots filled at or after
+    /// `fill_seq`; `u64::MAX` admits none.
+    pub(crate) fn floor(fill_seq: u64) -> u64 {
+        if fill_seq >= MAX_INLINE_SEQ { u64::MAX } else { fill_seq << SEQ_SHIFT }
+    }
+
     /// Whether the fast path may serve this slot: an inline entry, fresh and outside
-    /// the XFetch window at `now`, filled at or after `min_seq`.
+    /// the XFetch window at `now`, at or above `floor` (from [`Slot::floor`]).
     #[inline(always)]
-    pub(crate) fn is_fast_hit(&self, now: Timestamp, min_seq: u64) -> bool {
-        now.as_nanos() < self.fast_until && self.seq >> SEQ_SHIFT >= min_seq
+    pub(crate) fn is_fast_hit(&self, now: Timestamp, floor: u64) -> bool {
+        // `seq` compares with a floor as its fill sequence would with the floor's
+        // unshifted value: the bits below are less than one step.
+        now.as_nanos() < self.fast_until && self.seq >= floor
     }
 
     /// `lead` must be the one the slot was made with.
@@ -366,15 +375,22 @@ mod tests {
         let fresh = entry(Some(7), 5, None);
         let until = fresh.meta.fresh_until;
         let before = Timestamp(until.0 - 1);
-        assert!(Slot::new(fresh.clone(), none).is_fast_hit(before, 5));
-        assert!(Slot::new(entry(None, 5, None), none).is_fast_hit(before, 5));
+        let floor5 = Slot::<u64>::floor(5);
+        assert!(Slot::new(fresh.clone(), none).is_fast_hit(before, floor5));
+        assert!(Slot::new(entry(None, 5, None), none).is_fast_hit(before, floor5));
+        assert!(!Slot::new(fresh.clone(), none).is_fast_hit(before, u64::MAX));
+        let mut highest = entry(Some(7), MAX_INLINE_SEQ - 1, None);
+        highest.meta.bits = !STALE_BIT & !mask(LOAD_BITS);
+        assert!(Slot::new(highest.clone(), none).is_fast_hit(before, Slot::<u64>::floor(MAX_INLINE_SEQ - 1)));
+        assert!(!Slot::new(highest, none).is_fast_hit(before, u64::MAX));
+        assert_eq!(Slot::<u64>::floor(MAX_INLINE_SEQ), u64::MAX);
         // Expired, or filled before the namespace epoch.
-        assert!(!Slot::new(fresh.clone(), none).is_fast_hit(until, 5));
-        assert!(!Slot::new(fresh.clone(), none).is_fast_hit(before, 6));
+        assert!(!Slot::new(fresh.clone(), none).is_fast_hit(until, floor5));
+        assert!(!Slot::new(fresh.clone(), none).is_fast_hit(before, Slot::<u64>::floor(6)));
         // Inside the XFetch window: its lead is the load time (123 457 µs) times 1000 ns.
         let lead = XFetchLead::new(1000);
-        assert!(Slot::new(fresh.clone(), lead).is_fast_hit(Timestamp(until.0 - 123_457_001), 5));
-        assert!(!Slot::new(fresh.clone(), lead).is_fast_hit(Timestamp(until.0 - 123_457_000), 5));
+        assert!(Slot::new(fresh.clone(), lead).is_fast_hit(Timestamp(until.0 - 123_457_001), floor5));
+        assert!(!Slot::new(fresh.clone(), lead).is_fast_hit(Timestamp(until.0 - 123_457_000), floor5));
         // Cold bodies: tagged, stale copies.
         assert!(!Slot::new(entry(Some(7), 5, tags()), none).is_fast_hit(before, 0));
         let mut stale = fresh;
