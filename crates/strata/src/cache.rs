@@ -506,13 +506,14 @@ where
             );
             let start = e.meta.fill_seq;
             let tags = e.tags.clone();
+            let slot = Slot::new(e, inner.xfetch_lead);
             found = inner.guards.fill_if_clean(
                 key,
                 start,
                 now,
                 now,
                 tags.as_deref().map_or(&[], Vec::as_slice),
-                || inner.l1.insert(key.clone(), Slot::new(e, inner.xfetch_lead)),
+                || inner.l1.insert(key.clone(), slot),
             );
         }
         if let Some(tier) = &inner.tier {
@@ -895,6 +896,8 @@ where
             return false;
         }
         let tags = entry.tags.clone();
+        // Packed before the guard's lock is taken: a cold slot allocates.
+        let slot = Slot::new(entry, self.xfetch_lead);
         let stored = self.guards.fill_if_clean(
             key,
             start,
@@ -902,7 +905,7 @@ where
             now,
             tags.as_deref().map_or(&[], Vec::as_slice),
             || {
-                self.l1.insert(key.clone(), Slot::new(entry, self.xfetch_lead));
+                self.l1.insert(key.clone(), slot);
             },
         );
         if !stored {
