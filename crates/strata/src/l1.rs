@@ -171,12 +171,12 @@ impl XFetchLead {
 ///
 /// A hit clones the stored entry under quick_cache's shard read lock, and the bytes of
 /// every slot cost cache footprint: in our runs a raw quick_cache holding 48-byte values
-/// costs ~1.4× one holding 8-byte values, 32-byte values ~1.2×. So the common entry
-/// (untagged, not a fail-safe stale copy, `fill_seq` below 2^57, XFetch lead not past
-/// the epoch) is stored inline, with the 56 bits of [`Meta::bits`] that the fast path
-/// does not need packed into the padding after the enum tag; any other entry is stored
-/// whole behind an `Arc` ([`Body::Cold`]), whose clone costs one reference-count
-/// increment per hit.
+/// costs 1.2–1.4× one holding 8-byte values, 32-byte values 1.1–1.2×. So the common
+/// entry (untagged, not a fail-safe stale copy, `fill_seq` below 2^57 − 1, XFetch lead
+/// not past the epoch) is stored inline, [`Meta::bits`] but the stale bit packed into
+/// the 56 bits of padding after the enum tag and the 7 below the fill sequence; any
+/// other entry is stored whole behind an `Arc` ([`Body::Cold`]), whose clone costs one
+/// reference-count increment per hit.
 ///
 /// Instead of the expiry, an inline slot holds the time the fast path may serve it
 /// until, `fresh_until −` the XFetch lead, so that a hit checks one comparison where
@@ -192,8 +192,8 @@ pub(crate) struct Slot<V> {
 }
 
 /// The low 56 packed meta bits, split so that the compiler places them in the padding
-/// after the enum tag: `lo` is bits 0..32 (the load time is its low 20 bits, all the
-/// fast path reads), `mid` bits 32..48, `hi` bits 48..56.
+/// after the enum tag: `lo` is bits 0..32, `mid` bits 32..48, `hi` bits 48..56. The fast
+/// path reads none of them.
 #[derive(Clone)]
 enum Body<V> {
     Value { lo: u32, mid: u16, hi: u8, value: V },
@@ -246,12 +246,10 @@ impl<V: Clone> Slot<V> {
             | (u64::from(hi) << 48)
             | ((self.seq & mask(SEQ_SHIFT)) << PACKED_LOW_BITS);
         let bits = (packed & mask(LOAD_BITS)) | ((packed >> LOAD_BITS) << EXTRA_SHIFT);
-        let load_micros = (bits & mask(LOAD_BITS)) as u32;
-        Meta {
-            fresh_until: Timestamp(self.fast_until + lead.of(load_micros)),
-            fill_seq: self.seq >> SEQ_SHIFT,
-            bits,
-        }
+        let mut meta = Meta { fresh_until: Timestamp(0), fill_seq: self.seq >> SEQ_SHIFT, bits };
+        // No overflow: this sum was `fresh_until` when the slot was made.
+        meta.fresh_until = Timestamp(self.fast_until + lead.of(meta.load_micros()));
+        meta
     }
 
     pub(crate) fn value(&self) -> Option<&V> {
