@@ -171,7 +171,7 @@ impl XFetchLead {
 ///
 /// A hit clones the stored entry under quick_cache's shard read lock, and the bytes of
 /// every slot cost cache footprint: in our runs a raw quick_cache holding 48-byte values
-/// costs 1.2–1.4× one holding 8-byte values, 32-byte values 1.1–1.2×. So the common
+/// costs 1.1–1.4× one holding 8-byte values, 32-byte values 1.05–1.25×. So the common
 /// entry (untagged, not a fail-safe stale copy, `fill_seq` below 2^57 − 1, XFetch lead
 /// not past the epoch) is stored inline, [`Meta::bits`] but the stale bit packed into
 /// the 56 bits of padding after the enum tag and the 7 below the fill sequence; any
