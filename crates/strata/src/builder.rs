@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use crate::backplane::Backplane;
 use crate::breaker::BreakerConfig;
 use crate::cache::Cache;
-use crate::clock::{Clock, ClockSource, SystemClock};
+use crate::clock::{Clock, ClockSource};
 use crate::codec::{Codec, PostcardCodec};
 use crate::error::BuildError;
 use crate::key::CacheKey;
@@ -169,7 +169,7 @@ where
             breaker: BreakerConfig::default(),
             tier: None,
             backplane: None,
-            clock: ClockSource::System(SystemClock::default()),
+            clock: ClockSource::system(),
             seed: None,
             _types: PhantomData,
         }
@@ -361,7 +361,7 @@ where
 
     /// The clock (tests use [`crate::ManualClock`]). Default: the system clock.
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
-        self.clock = ClockSource::Custom(clock);
+        self.clock = ClockSource::custom(clock);
         self
     }
 

@@ -18,11 +18,11 @@ use tokio::sync::watch;
 use crate::backplane::{Backplane, Message, MessageBody, OriginId};
 use crate::breaker::{BreakerState, CircuitBreaker};
 use crate::builder::{CacheBuilder, Config, Consistency, Invalidation};
-use crate::clock::{ClockSource, Timestamp, duration_nanos};
+use crate::clock::{ClockKind, ClockSource, Timestamp, duration_nanos};
 use crate::error::{BuildError, Error, ErrorKind, Result};
 use crate::guard::Guards;
 use crate::key::CacheKey;
-use crate::l1::{Entry, EntryWeighter, L1, Meta, Tags};
+use crate::l1::{Entry, EntryWeighter, L1, Meta, Slot, Tags, XFetchLead};
 use crate::stats::{CacheStats, Stats};
 use crate::tier::{Envelope, FillOutcome, FillToken, Lookup, Tier};
 
@@ -190,13 +190,22 @@ pub(crate) struct Inner<K, V> {
     pub(crate) pending: Mutex<Pending>,
     /// Strong level: set when L2 may hold a value that should have been deleted.
     pub(crate) untrusted: AtomicBool,
+    /// What the L1 fast path requires of a slot's fill sequence, so that a hit reads one
+    /// word for three conditions: the namespace epoch as a [`Slot::floor`], or
+    /// `u64::MAX` (no slot) at the Strong level (its lease is checked on every read) and
+    /// while the backplane is unhealthy (`max_stale` is). Kept by
+    /// [`Inner::publish_fast_floor`].
+    fast_floor: AtomicU64,
+    /// Serialises [`Inner::publish_fast_floor`], so that the last to run stores the floor
+    /// of the last state.
+    floor_lock: Mutex<()>,
     /// Strong level: the other members and what they acknowledged.
     pub(crate) members: Mutex<HashMap<OriginId, Member>>,
     /// Woken when an acknowledgement arrives.
     pub(crate) acks: tokio::sync::Notify,
     pub(crate) strong: bool,
     /// XFetch's window per µs of load time: β · `XFETCH_HORIZON` · 1000 ns.
-    xfetch_lead_per_micro: u64,
+    xfetch_lead: XFetchLead,
     pub(crate) rng: Mutex<SmallRng>,
     pub(crate) shutdown: watch::Receiver<bool>,
 }
@@ -229,9 +238,9 @@ where
     ) -> std::result::Result<Self, BuildError> {
         let l1 =
             L1::with_weighter(cfg.estimated_entries, cfg.max_capacity, EntryWeighter(cfg.weigher.clone()));
-        let breaker_clock: Arc<dyn crate::clock::Clock> = match &clock {
-            ClockSource::System(c) => Arc::new(c.clone()),
-            ClockSource::Custom(c) => c.clone(),
+        let breaker_clock: Arc<dyn crate::clock::Clock> = match clock.kind() {
+            ClockKind::System(c) => Arc::new(c.clone()),
+            ClockKind::Custom(c) => c.clone(),
         };
         let breaker = CircuitBreaker::with_clock(
             format!("l2:{}:{}", tier.as_ref().map_or("none", |t| t.name()), cfg.namespace),
@@ -262,10 +271,13 @@ where
             stats: Stats::default(),
             pending: Mutex::new(Pending::default()),
             untrusted: AtomicBool::new(false),
+            // What publish_fast_floor would store: epoch 0, healthy.
+            fast_floor: AtomicU64::new(if cfg_strong { u64::MAX } else { Slot::<V>::floor(0) }),
+            floor_lock: Mutex::new(()),
             members: Mutex::new(HashMap::new()),
             acks: tokio::sync::Notify::new(),
             strong: cfg_strong,
-            xfetch_lead_per_micro: (cfg_beta * XFETCH_HORIZON * 1000.0).min(1e12) as u64,
+            xfetch_lead: XFetchLead::new((cfg_beta * XFETCH_HORIZON * 1000.0).min(1e12) as u64),
             rng: Mutex::new(rng),
             shutdown: shutdown_rx,
         });
@@ -341,14 +353,15 @@ where
     /// invalidated. The cheapest read; use it where an await is unwelcome.
     #[inline]
     pub fn get_local(&self, key: &K) -> Option<V> {
-        let now = self.inner.clock.now();
-        match self.inner.probe(key, now) {
-            Probe::Fresh(value, _) => {
-                self.inner.stats.l1_hits.incr();
-                value
-            }
-            _ => None,
+        let inner = &*self.inner;
+        let now = inner.clock.now();
+        // `probe` spelled out, so that a fast hit returns without building a `Probe`.
+        let slot = inner.l1.get(key)?;
+        if inner.is_fast_hit(&slot, now) {
+            inner.stats.l1_hits.incr();
+            return slot.into_value();
         }
+        inner.get_local_slow(&slot, now)
     }
 
     /// Reads `key` from L1, then L2. Never calls a loader; `Ok(None)` when neither tier
@@ -487,7 +500,11 @@ where
         if let Some(mut e) = inner
             .l1
             .peek(key)
-            .filter(|e| now < e.meta.fresh_until && inner.guards.valid(e.meta.fill_seq, e.tag_slice()))
+            .filter(|s| {
+                let meta = s.meta(inner.xfetch_lead);
+                now < meta.fresh_until && inner.guards.valid(meta.fill_seq, s.tag_slice())
+            })
+            .map(|s| s.to_entry(inner.xfetch_lead))
         {
             let ttl = inner.cfg.l1_ttl;
             e.meta.set_fresh_until(now.saturating_add(ttl));
@@ -496,13 +513,14 @@ where
             );
             let start = e.meta.fill_seq;
             let tags = e.tags.clone();
+            let slot = Slot::new(e, inner.xfetch_lead);
             found = inner.guards.fill_if_clean(
                 key,
                 start,
                 now,
                 now,
                 tags.as_deref().map_or(&[], Vec::as_slice),
-                || inner.l1.insert(key.clone(), e),
+                || inner.l1.insert(key.clone(), slot),
             );
         }
         if let Some(tier) = &inner.tier {
@@ -652,43 +670,89 @@ where
     /// The L1 lookup of every read. Kept small: it is the hit path.
     #[inline]
     fn probe(&self, key: &K, now: Timestamp) -> Probe<V> {
-        let Some(e) = self.l1.get(key) else { return Probe::Absent };
-        // The common case in one expression: fresh and outside the XFetch window (the
-        // window's lead is 0 without a load time), untagged, not a stale copy, not
-        // invalidated by a namespace epoch, and no degraded mode in force.
-        let lead = self.xfetch_lead(&e.meta);
-        if now.as_nanos().saturating_add(lead) < e.meta.fresh_until.as_nanos()
-            && !e.meta.is_stale_copy()
-            && e.tags.is_none()
-            && self.guards.namespace_valid(e.meta.fill_seq)
-            && !self.strong
-            && self.health.unhealthy_since.load(Ordering::Relaxed) == 0
-        {
-            return Probe::Fresh(e.value, false);
+        let Some(slot) = self.l1.get(key) else { return Probe::Absent };
+        if self.is_fast_hit(&slot, now) {
+            return Probe::Fresh(slot.into_value(), false);
         }
-        self.probe_slow(e, now)
+        self.probe_slow(&slot, now)
+    }
+
+    /// The common case, decided by the slot alone: inline (untagged, not a stale copy),
+    /// fresh and outside the XFetch window, and not invalidated by a namespace epoch;
+    /// with no degraded mode in force, which the floor rules out by being unreachable.
+    #[inline(always)]
+    fn is_fast_hit(&self, slot: &Slot<V>, now: Timestamp) -> bool {
+        slot.is_fast_hit(now, self.fast_floor.load(Ordering::SeqCst))
+    }
+
+    /// Recomputes the fast path's floor; called after every change of the namespace
+    /// epoch or of the backplane's health. A reader that finds an entry filled after a
+    /// namespace invalidation's `l1.clear()` reads the floor after it, so it sees that
+    /// invalidation's floor, as it would have seen its epoch.
+    pub(crate) fn publish_fast_floor(&self) {
+        let _serial = self.floor_lock.lock();
+        let floor = if self.strong || self.health.unhealthy_since.load(Ordering::SeqCst) != 0 {
+            u64::MAX
+        } else {
+            Slot::<V>::floor(self.guards.namespace_epoch())
+        };
+        self.fast_floor.store(floor, Ordering::SeqCst);
+    }
+
+    /// The backplane is healthy (again).
+    pub(crate) fn mark_healthy(&self) {
+        if self.health.unhealthy_since.swap(0, Ordering::SeqCst) != 0 {
+            self.publish_fast_floor();
+        }
+    }
+
+    /// The backplane is unhealthy, since `since` unless it already was.
+    pub(crate) fn mark_unhealthy(&self, since: Timestamp) {
+        // Keep the earliest time: the bound on staleness counts from then.
+        let marked = self.health.unhealthy_since.compare_exchange(
+            0,
+            since.as_nanos().max(1),
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+        if marked.is_ok() {
+            self.publish_fast_floor();
+        }
+    }
+
+    /// [`Cache::get_local`] past the fast path.
+    #[inline(never)]
+    fn get_local_slow(&self, slot: &Slot<V>, now: Timestamp) -> Option<V> {
+        match self.probe_slow(slot, now) {
+            Probe::Fresh(value, _) => {
+                self.stats.l1_hits.incr();
+                value
+            }
+            _ => None,
+        }
     }
 
     /// Everything the fast path of [`Inner::probe`] does not decide.
     #[inline(never)]
-    fn probe_slow(&self, e: Entry<V>, now: Timestamp) -> Probe<V> {
-        if !self.guards.valid(e.meta.fill_seq, e.tag_slice()) || !self.within_max_stale(&e, now) {
+    fn probe_slow(&self, slot: &Slot<V>, now: Timestamp) -> Probe<V> {
+        let meta = slot.meta(self.xfetch_lead);
+        if !self.guards.valid(meta.fill_seq, slot.tag_slice()) || !self.within_max_stale(&meta, now) {
             return Probe::Absent;
         }
-        if now < e.meta.fresh_until {
-            if e.meta.is_stale_copy() {
+        if now < meta.fresh_until {
+            if meta.is_stale_copy() {
                 self.stats.stale_served.incr();
             }
-            let refresh = self.in_xfetch_window(&e.meta, now) && self.xfetch_fires(&e.meta, now);
-            return Probe::Fresh(e.value, refresh);
+            let refresh = self.in_xfetch_window(&meta, now) && self.xfetch_fires(&meta, now);
+            return Probe::Fresh(slot.value().cloned(), refresh);
         }
-        if now < e.meta.usable_until() { Probe::Stale(e) } else { Probe::Absent }
+        if now < meta.usable_until() { Probe::Stale(slot.to_entry(self.xfetch_lead)) } else { Probe::Absent }
     }
 
     /// While the backplane has been unhealthy longer than `max_stale`, entries older
     /// than `max_stale` are not served.
     #[inline]
-    fn within_max_stale(&self, e: &Entry<V>, now: Timestamp) -> bool {
+    fn within_max_stale(&self, meta: &Meta, now: Timestamp) -> bool {
         if self.strong && !self.own_lease_held(now) {
             return false;
         }
@@ -697,7 +761,7 @@ where
             return true;
         }
         let max = self.cfg.max_stale;
-        now.since(Timestamp(since)) <= max || now.since(e.meta.created()) <= max
+        now.since(Timestamp(since)) <= max || now.since(meta.created()) <= max
     }
 
     /// Strong level: whether this instance's membership lease is held, i.e. its own
@@ -724,14 +788,8 @@ where
     /// probability `exp(-(expiry - now) / (Δβ))`, negligible beyond `XFETCH_HORIZON`·Δβ.
     #[inline]
     fn in_xfetch_window(&self, meta: &Meta, now: Timestamp) -> bool {
-        let lead = self.xfetch_lead(meta);
+        let lead = self.xfetch_lead.of(meta.load_micros());
         lead != 0 && now.as_nanos().saturating_add(lead) >= meta.fresh_until.as_nanos()
-    }
-
-    /// How long before expiry XFetch may start firing for this entry (0: never).
-    #[inline]
-    fn xfetch_lead(&self, meta: &Meta) -> u64 {
-        u64::from(meta.load_micros()).saturating_mul(self.xfetch_lead_per_micro)
     }
 
     fn jittered(&self, ttl: Duration) -> Duration {
@@ -845,6 +903,8 @@ where
             return false;
         }
         let tags = entry.tags.clone();
+        // Packed before the guard's lock is taken: a cold slot allocates.
+        let slot = Slot::new(entry, self.xfetch_lead);
         let stored = self.guards.fill_if_clean(
             key,
             start,
@@ -852,7 +912,7 @@ where
             now,
             tags.as_deref().map_or(&[], Vec::as_slice),
             || {
-                self.l1.insert(key.clone(), entry);
+                self.l1.insert(key.clone(), slot);
             },
         );
         if !stored {
@@ -1074,9 +1134,9 @@ where
             Ok(value) => {
                 // Δ for XFetch: precise for the system clock (its hit-path reading is
                 // coarse), the injected clock's view otherwise.
-                let took = match &self.clock {
-                    ClockSource::System(_) => load_began.elapsed(),
-                    ClockSource::Custom(_) => now.since(started_at),
+                let took = match self.clock.kind() {
+                    ClockKind::System(_) => load_began.elapsed(),
+                    ClockKind::Custom(_) => now.since(started_at),
                 };
                 let load_nanos = duration_nanos(took).max(1);
                 metrics::histogram!("strata_load_duration_seconds", "namespace" => self.cfg.namespace.clone())
@@ -1278,6 +1338,7 @@ where
     /// Drops everything local and refuses every fill in flight.
     pub(crate) fn flush_l1(&self) {
         self.guards.invalidate_all();
+        self.publish_fast_floor();
         self.flights.detach_all();
         self.l1.clear();
     }

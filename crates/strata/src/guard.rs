@@ -110,14 +110,14 @@ impl<K: Hash + Eq + Clone> Guards<K> {
         true
     }
 
-    /// Whether an entry filled at `fill_seq` with `tags` survived the namespace and tag
-    /// invalidations so far. The common untagged case is one atomic load.
-    /// Whether an entry filled at `fill_seq` survived the namespace invalidations.
+    /// The lowest `fill_seq` that survived the namespace invalidations so far.
     #[inline]
-    pub(crate) fn namespace_valid(&self, fill_seq: u64) -> bool {
-        fill_seq >= self.namespace_epoch.load(Ordering::SeqCst)
+    pub(crate) fn namespace_epoch(&self) -> u64 {
+        self.namespace_epoch.load(Ordering::SeqCst)
     }
 
+    /// Whether an entry filled at `fill_seq` with `tags` survived the namespace and tag
+    /// invalidations so far. The common untagged case is one atomic load.
     #[inline]
     pub(crate) fn valid(&self, fill_seq: u64, tags: &[String]) -> bool {
         if fill_seq < self.namespace_epoch.load(Ordering::SeqCst) {

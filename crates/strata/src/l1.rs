@@ -9,12 +9,11 @@ use quick_cache::Weighter;
 
 use crate::clock::Timestamp;
 
-/// Bookkeeping stored beside each value: 24 bytes, `Copy`.
+/// Bookkeeping of an entry, `Copy`.
 ///
-/// Size matters here. A hit clones the entry under quick_cache's shard read lock, and
-/// the `l1_hit` benchmark shows the engine's hit cost growing with the entry (a 96-byte
-/// value costs ~1.5× an 8-byte one with two threads), so the fields only the slow paths
-/// need are packed into one word, rounded in the safe direction.
+/// Size matters here: L1 stores it inside a [`Slot`], whose size the hit cost grows
+/// with (see there), so the fields only the slow paths need are packed into one word,
+/// rounded in the safe direction, and the slot packs that word further.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Meta {
     /// Fresh until then.
@@ -119,10 +118,11 @@ impl Meta {
     }
 }
 
-/// Tags, behind a thin pointer to keep entries small.
+/// Tags, behind a thin pointer.
 pub(crate) type Tags = Arc<Vec<String>>;
 
-/// One L1 entry.
+/// One L1 entry, unpacked: what the read and write paths work with. L1 stores it as a
+/// [`Slot`].
 #[derive(Debug, Clone)]
 pub(crate) struct Entry<V> {
     /// `None` is a cached negative result.
@@ -137,6 +137,153 @@ impl<V> Entry<V> {
     }
 }
 
+/// Bits of [`Meta::bits`] without the stale-copy bit: load time, then usable extra,
+/// then age (63 bits). The low 56 ride in [`Body`]'s tag padding, the high 7 under
+/// `fill_seq` in [`Slot::seq`].
+const PACKED_LOW_BITS: u32 = 56;
+const SEQ_SHIFT: u32 = 63 - PACKED_LOW_BITS;
+/// Entries whose `fill_seq` reaches this (2^57 − 1 invalidations) are stored cold, so
+/// that no inline `seq` reaches `u64::MAX`, the floor that rules out every slot.
+const MAX_INLINE_SEQ: u64 = (1 << (64 - SEQ_SHIFT)) - 1;
+
+/// How long before expiry XFetch may start firing for an entry, from its load time:
+/// the same factor for every entry of a cache.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct XFetchLead {
+    /// Nanoseconds of lead per µs of load time, at most 10^12.
+    per_micro: u64,
+}
+
+impl XFetchLead {
+    /// `per_micro` is capped at 10^12 ns, so that no lead overflows.
+    pub(crate) fn new(per_micro: u64) -> Self {
+        XFetchLead { per_micro: per_micro.min(1_000_000_000_000) }
+    }
+
+    /// The lead in ns (0: never); below 2^20 · 10^12, so it cannot overflow.
+    #[inline]
+    pub(crate) fn of(self, load_micros: u32) -> u64 {
+        u64::from(load_micros) * self.per_micro
+    }
+}
+
+/// An [`Entry`] as L1 stores it: 32 bytes for an 8-byte value, against 48 unpacked.
+///
+/// A hit clones the stored entry under quick_cache's shard read lock, and the bytes of
+/// every slot cost cache footprint: in our runs a raw quick_cache holding 48-byte values
+/// costs 1.1–1.4× one holding 8-byte values, 32-byte values 1.05–1.25×. So the common
+/// entry (untagged, not a fail-safe stale copy, `fill_seq` below 2^57 − 1, XFetch lead
+/// not past the epoch) is stored inline, [`Meta::bits`] but the stale bit packed into
+/// the 56 bits of padding after the enum tag and the 7 below the fill sequence; any
+/// other entry is stored whole behind an `Arc` ([`Body::Cold`]), whose clone costs one
+/// reference-count increment per hit.
+///
+/// Instead of the expiry, an inline slot holds the time the fast path may serve it
+/// until, `fresh_until −` the XFetch lead, so that a hit checks one comparison where
+/// it would compute the lead; the expiry is that plus the lead again.
+#[derive(Clone)]
+pub(crate) struct Slot<V> {
+    /// `fresh_until − ` the XFetch lead, in nanoseconds; 0 for cold bodies, which the
+    /// fast path thus never serves.
+    fast_until: u64,
+    /// `fill_seq << 7 | ` the high 7 of the 63 packed meta bits (unused for cold bodies).
+    seq: u64,
+    body: Body<V>,
+}
+
+/// The low 56 packed meta bits, split so that the compiler places them in the padding
+/// after the enum tag: `lo` is bits 0..32, `mid` bits 32..48, `hi` bits 48..56. The fast
+/// path reads none of them.
+#[derive(Clone)]
+enum Body<V> {
+    Value { lo: u32, mid: u16, hi: u8, value: V },
+    Negative { lo: u32, mid: u16, hi: u8 },
+    Cold(Arc<Entry<V>>),
+}
+
+impl<V: Clone> Slot<V> {
+    pub(crate) fn new(e: Entry<V>, lead: XFetchLead) -> Self {
+        let m = e.meta;
+        let fast_until = m.fresh_until.as_nanos().checked_sub(lead.of(m.load_micros()));
+        let fast_until = match fast_until {
+            Some(t) if e.tags.is_none() && !m.is_stale_copy() && m.fill_seq < MAX_INLINE_SEQ => t,
+            _ => return Slot { fast_until: 0, seq: 0, body: Body::Cold(Arc::new(e)) },
+        };
+        // Drop the (clear) stale bit: load time below it, the rest above it.
+        let packed = (m.bits & mask(LOAD_BITS)) | ((m.bits >> EXTRA_SHIFT) << LOAD_BITS);
+        // The casts keep the bits each field is meant to hold.
+        let (lo, mid, hi) = (packed as u32, (packed >> 32) as u16, (packed >> 48) as u8);
+        let body = match e.value {
+            Some(value) => Body::Value { lo, mid, hi, value },
+            None => Body::Negative { lo, mid, hi },
+        };
+        Slot { fast_until, seq: (m.fill_seq << SEQ_SHIFT) | (packed >> PACKED_LOW_BITS), body }
+    }
+
+    /// The [`Slot::is_fast_hit`] floor that admits inline slots filled at or after
+    /// `fill_seq`; `u64::MAX` admits none.
+    pub(crate) fn floor(fill_seq: u64) -> u64 {
+        if fill_seq >= MAX_INLINE_SEQ { u64::MAX } else { fill_seq << SEQ_SHIFT }
+    }
+
+    /// Whether the fast path may serve this slot: an inline entry, fresh and outside
+    /// the XFetch window at `now`, at or above `floor` (from [`Slot::floor`]).
+    #[inline(always)]
+    pub(crate) fn is_fast_hit(&self, now: Timestamp, floor: u64) -> bool {
+        // `seq` compares with a floor as its fill sequence would with the floor's
+        // unshifted value: the bits below are less than one step.
+        now.as_nanos() < self.fast_until && self.seq >= floor
+    }
+
+    /// `lead` must be the one the slot was made with.
+    pub(crate) fn meta(&self, lead: XFetchLead) -> Meta {
+        let (lo, mid, hi) = match &self.body {
+            Body::Value { lo, mid, hi, .. } | Body::Negative { lo, mid, hi } => (*lo, *mid, *hi),
+            Body::Cold(e) => return e.meta,
+        };
+        let packed = u64::from(lo)
+            | (u64::from(mid) << 32)
+            | (u64::from(hi) << 48)
+            | ((self.seq & mask(SEQ_SHIFT)) << PACKED_LOW_BITS);
+        let bits = (packed & mask(LOAD_BITS)) | ((packed >> LOAD_BITS) << EXTRA_SHIFT);
+        let mut meta = Meta { fresh_until: Timestamp(0), fill_seq: self.seq >> SEQ_SHIFT, bits };
+        // No overflow: this sum was `fresh_until` when the slot was made.
+        meta.fresh_until = Timestamp(self.fast_until + lead.of(meta.load_micros()));
+        meta
+    }
+
+    pub(crate) fn value(&self) -> Option<&V> {
+        match &self.body {
+            Body::Value { value, .. } => Some(value),
+            Body::Negative { .. } => None,
+            Body::Cold(e) => e.value.as_ref(),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn into_value(self) -> Option<V> {
+        match self.body {
+            Body::Value { value, .. } => Some(value),
+            Body::Negative { .. } => None,
+            Body::Cold(e) => e.value.clone(),
+        }
+    }
+
+    pub(crate) fn tag_slice(&self) -> &[String] {
+        match &self.body {
+            Body::Cold(e) => e.tag_slice(),
+            _ => &[],
+        }
+    }
+
+    pub(crate) fn to_entry(&self, lead: XFetchLead) -> Entry<V> {
+        match &self.body {
+            Body::Cold(e) => Entry::clone(e),
+            _ => Entry { value: self.value().cloned(), meta: self.meta(lead), tags: None },
+        }
+    }
+}
+
 /// The user's weigher, if any.
 pub(crate) type WeighFn<K, V> = Arc<dyn Fn(&K, &V) -> u64 + Send + Sync>;
 
@@ -148,9 +295,9 @@ impl<K, V> Clone for EntryWeighter<K, V> {
     }
 }
 
-impl<K, V> Weighter<K, Entry<V>> for EntryWeighter<K, V> {
-    fn weight(&self, key: &K, entry: &Entry<V>) -> u64 {
-        match (&self.0, &entry.value) {
+impl<K, V: Clone> Weighter<K, Slot<V>> for EntryWeighter<K, V> {
+    fn weight(&self, key: &K, slot: &Slot<V>) -> u64 {
+        match (&self.0, slot.value()) {
             // Weight 0 would make an entry unevictable in quick_cache.
             (Some(f), Some(v)) => f(key, v).max(1),
             _ => 1,
@@ -158,4 +305,94 @@ impl<K, V> Weighter<K, Entry<V>> for EntryWeighter<K, V> {
     }
 }
 
-pub(crate) type L1<K, V> = quick_cache::sync::Cache<K, Entry<V>, EntryWeighter<K, V>>;
+pub(crate) type L1<K, V> = quick_cache::sync::Cache<K, Slot<V>, EntryWeighter<K, V>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LOAD_NANOS: u64 = 123_456_789;
+
+    fn entry(value: Option<u64>, fill_seq: u64, tags: Option<Tags>) -> Entry<u64> {
+        let created = Timestamp(1_700_000_000_123_456_789);
+        let fresh = Timestamp(created.0 + 3_600_000_000_123);
+        let usable = Timestamp(fresh.0 + 86_400_000_000_000);
+        Entry { value, meta: Meta::new(created, fresh, usable, fill_seq, LOAD_NANOS), tags }
+    }
+
+    fn tags() -> Option<Tags> {
+        Some(Arc::new(vec!["t".to_owned()]))
+    }
+
+    #[test]
+    fn inline_slot_is_32_bytes_for_8_byte_values() {
+        assert_eq!(std::mem::size_of::<Slot<u64>>(), 32);
+        assert_eq!(std::mem::size_of::<Slot<Arc<String>>>(), 32);
+    }
+
+    #[test]
+    fn slots_round_trip_every_field() {
+        let mut stale = entry(Some(7), 9, None);
+        stale.meta.mark_stale_copy();
+        let mut all_ones = entry(Some(u64::MAX), MAX_INLINE_SEQ - 1, None);
+        all_ones.meta.bits = !STALE_BIT;
+        let mut lead_past_epoch = entry(Some(7), 1, None);
+        lead_past_epoch.meta.fresh_until = Timestamp(1);
+        for lead in [XFetchLead::new(0), XFetchLead::new(28_000), XFetchLead::new(u64::MAX)] {
+            for e in [
+                entry(Some(7), 1, None),
+                entry(None, 1, None),
+                entry(Some(7), 5, tags()),
+                stale.clone(),
+                all_ones.clone(),
+                lead_past_epoch.clone(),
+                entry(Some(7), MAX_INLINE_SEQ, None),
+                entry(Some(7), u64::MAX, None),
+            ] {
+                let slot = Slot::new(e.clone(), lead);
+                let m = slot.meta(lead);
+                assert_eq!(
+                    (m.fresh_until, m.fill_seq, m.bits),
+                    (e.meta.fresh_until, e.meta.fill_seq, e.meta.bits)
+                );
+                let back = slot.to_entry(lead);
+                assert_eq!(
+                    (back.value, back.meta.bits, back.tag_slice()),
+                    (e.value, e.meta.bits, e.tag_slice())
+                );
+                assert_eq!(slot.value(), e.value.as_ref());
+                assert_eq!(slot.tag_slice(), e.tag_slice());
+                assert_eq!(slot.into_value(), e.value);
+            }
+        }
+    }
+
+    #[test]
+    fn fast_path_declines_what_it_cannot_decide() {
+        let none = XFetchLead::new(0);
+        let fresh = entry(Some(7), 5, None);
+        let until = fresh.meta.fresh_until;
+        let before = Timestamp(until.0 - 1);
+        let floor5 = Slot::<u64>::floor(5);
+        assert!(Slot::new(fresh.clone(), none).is_fast_hit(before, floor5));
+        assert!(Slot::new(entry(None, 5, None), none).is_fast_hit(before, floor5));
+        assert!(!Slot::new(fresh.clone(), none).is_fast_hit(before, u64::MAX));
+        let mut highest = entry(Some(7), MAX_INLINE_SEQ - 1, None);
+        highest.meta.bits = !STALE_BIT & !mask(LOAD_BITS);
+        assert!(Slot::new(highest.clone(), none).is_fast_hit(before, Slot::<u64>::floor(MAX_INLINE_SEQ - 1)));
+        assert!(!Slot::new(highest, none).is_fast_hit(before, u64::MAX));
+        assert_eq!(Slot::<u64>::floor(MAX_INLINE_SEQ), u64::MAX);
+        // Expired, or filled before the namespace epoch.
+        assert!(!Slot::new(fresh.clone(), none).is_fast_hit(until, floor5));
+        assert!(!Slot::new(fresh.clone(), none).is_fast_hit(before, Slot::<u64>::floor(6)));
+        // Inside the XFetch window: its lead is the load time (123 457 µs) times 1000 ns.
+        let lead = XFetchLead::new(1000);
+        assert!(Slot::new(fresh.clone(), lead).is_fast_hit(Timestamp(until.0 - 123_457_001), floor5));
+        assert!(!Slot::new(fresh.clone(), lead).is_fast_hit(Timestamp(until.0 - 123_457_000), floor5));
+        // Cold bodies: tagged, stale copies.
+        assert!(!Slot::new(entry(Some(7), 5, tags()), none).is_fast_hit(before, 0));
+        let mut stale = fresh;
+        stale.meta.mark_stale_copy();
+        assert!(!Slot::new(stale, none).is_fast_hit(before, 0));
+    }
+}

@@ -86,8 +86,9 @@
 //!
 //! ## Costs
 //!
-//! An L1 hit is a quick_cache lookup plus a clock read and a few comparisons, with no
-//! shared reference count touched (see the `l1_hit` benchmark). Misses cost one L2
+//! An L1 hit is a quick_cache lookup plus a clock read and two comparisons; beyond the
+//! value's own clone it touches no shared reference count, unless the entry is tagged or
+//! a fail-safe stale copy (those are stored behind an `Arc`; see the `l1_hit` benchmark). Misses cost one L2
 //! round trip; invalidations one L2 round trip and one publish.
 
 pub mod backplane;

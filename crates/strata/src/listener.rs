@@ -115,19 +115,9 @@ where
         let last = inner.health.last_own_heartbeat.load(Ordering::SeqCst);
         let missed = now.since(Timestamp(last)) > every * MISSED_HEARTBEATS;
         if inner.health.subscribed.load(Ordering::SeqCst) && missed {
-            mark_unhealthy(&inner, Timestamp(last));
+            inner.mark_unhealthy(Timestamp(last));
         }
     }
-}
-
-fn mark_unhealthy<K, V>(inner: &Inner<K, V>, since: Timestamp) {
-    // Keep the earliest time: the bound on staleness counts from then.
-    let _ = inner.health.unhealthy_since.compare_exchange(
-        0,
-        since.as_nanos().max(1),
-        Ordering::SeqCst,
-        Ordering::SeqCst,
-    );
 }
 
 /// Per-origin sequence tracking.
@@ -160,7 +150,7 @@ where
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, namespace = %inner.cfg.namespace, "backplane subscribe failed; retrying");
-                mark_unhealthy(&inner, inner.now());
+                inner.mark_unhealthy(inner.now());
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = stopped(&mut stop) => return,
@@ -178,7 +168,7 @@ where
             // At the Strong level the lease starts only with our first heartbeat heard back.
             inner.health.last_own_heartbeat.store(inner.now().as_nanos(), Ordering::SeqCst);
         }
-        inner.health.unhealthy_since.store(0, Ordering::SeqCst);
+        inner.mark_healthy();
         inner.health.subscribed.store(true, Ordering::SeqCst);
         loop {
             let ev = tokio::select! {
@@ -192,7 +182,7 @@ where
         }
         // The subscription ended: we are deaf until the next one.
         inner.stats.gaps_detected.incr();
-        mark_unhealthy(&inner, inner.now());
+        inner.mark_unhealthy(inner.now());
     }
 }
 
@@ -208,7 +198,7 @@ where
             BackplaneEvent::Disconnected => {
                 inner.stats.gaps_detected.incr();
                 self.disconnected = true;
-                mark_unhealthy(inner, inner.now());
+                inner.mark_unhealthy(inner.now());
             }
             BackplaneEvent::Resumed { complete } => {
                 self.disconnected = false;
@@ -219,7 +209,7 @@ where
                 if !inner.strong {
                     inner.health.last_own_heartbeat.store(inner.now().as_nanos(), Ordering::SeqCst);
                 }
-                inner.health.unhealthy_since.store(0, Ordering::SeqCst);
+                inner.mark_healthy();
             }
             BackplaneEvent::Lost => {
                 inner.stats.gaps_detected.incr();
@@ -249,7 +239,7 @@ where
                 }
                 inner.health.last_own_heartbeat.store(now.as_nanos(), Ordering::SeqCst);
                 if !self.disconnected {
-                    inner.health.unhealthy_since.store(0, Ordering::SeqCst);
+                    inner.mark_healthy();
                 }
             }
             return;

@@ -74,13 +74,23 @@ fn claim_stripe() -> usize {
 impl StripedCounter {
     #[inline]
     pub(crate) fn incr(&self) {
-        let mut i = STRIPE.with(Cell::get);
+        let i = STRIPE.with(Cell::get);
+        match self.stripes.get(i) {
+            // This thread alone writes stripes below SHARED.
+            Some(c) if i < SHARED => c.0.store(c.0.load(Ordering::Relaxed) + 1, Ordering::Relaxed),
+            _ => self.incr_slow(i),
+        }
+    }
+
+    /// A thread without a stripe of its own yet, or sharing one.
+    #[cold]
+    #[inline(never)]
+    fn incr_slow(&self, mut i: usize) {
         if i == UNASSIGNED {
             i = claim_stripe();
         }
         let c = &self.stripes[i.min(SHARED)].0;
-        if i < STRIPES {
-            // This thread alone writes this stripe.
+        if i < SHARED {
             c.store(c.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
         } else {
             c.fetch_add(1, Ordering::Relaxed);
