@@ -72,6 +72,24 @@ local function locked(k, now)
   return redis.call('ZCOUNT', k, '(' .. d(now), '+inf') > 0
 end
 
+-- Tag invalidation: a clock tick becomes the tag's epoch. Returns the tick.
+local function bump_tag(meta, tag)
+  local at = d(tick(meta))
+  redis.call('HSET', meta, 't:' .. tag, at)
+  return at
+end
+
+-- Namespace invalidation: the epoch moves to a new tick, every lease granted so far is
+-- voided (lease floor), and the tag epochs are dropped (the namespace epoch now
+-- dominates them all). Returns the tick.
+local function bump_namespace(meta)
+  local at = d(tick(meta))
+  local l = redis.call('HGET', meta, 'l') or '0'
+  redis.call('UNLINK', meta)
+  redis.call('HSET', meta, 'c', at, 'n', at, 'l', l, 'f', l)
+  return at
+end
+
 -- True when an entry stamped `s` with tags `tg` survived every namespace and tag
 -- invalidation since its stamp. The clock must exist (clock_of) before.
 local function valid(s, tg, meta)
@@ -221,9 +239,7 @@ return tonumber(at)
 /// Tag invalidation: a clock tick becomes the tag's epoch. KEYS: meta. ARGV: tag.
 /// Returns the tick.
 const INVALIDATE_TAG_BODY: &str = r#"
-local at = d(tick(KEYS[1]))
-redis.call('HSET', KEYS[1], 't:' .. ARGV[1], at)
-return tonumber(at)
+return tonumber(bump_tag(KEYS[1], ARGV[1]))
 "#;
 
 /// Namespace invalidation: the epoch moves to a new tick, every lease granted so far is
@@ -232,11 +248,7 @@ return tonumber(at)
 ///
 /// KEYS: meta. Returns the tick.
 const INVALIDATE_NAMESPACE_BODY: &str = r#"
-local at = d(tick(KEYS[1]))
-local l = redis.call('HGET', KEYS[1], 'l') or '0'
-redis.call('UNLINK', KEYS[1])
-redis.call('HSET', KEYS[1], 'c', at, 'n', at, 'l', l, 'f', l)
-return tonumber(at)
+return tonumber(bump_namespace(KEYS[1]))
 "#;
 
 /// Write lock: invalidates the scope (as delete, invalidate_tag or invalidate_namespace
@@ -248,37 +260,14 @@ return tonumber(at)
 /// or the wide lock set ('t' and 'n' scopes).
 /// ARGV: scope ('k', 't' or 'n'), lock id, lock ms, tombstone ms, tag (scope 't').
 const LOCK_BODY: &str = r#"
-local meta = KEYS[1]
 local scope, id, lock_ms, tomb_ms = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local wall = now_ms()
 local until_ms = d(wall + lock_ms)
-local function add(set)
+invalidate_scope(scope, lock_ms + tomb_ms, function(set)
   redis.call('ZREMRANGEBYSCORE', set, '-inf', d(wall))
   redis.call('ZADD', set, until_ms, id)
   if redis.call('PTTL', set) < lock_ms then redis.call('PEXPIRE', set, lock_ms) end
-end
-if scope == 'n' then
-  local at = d(tick(meta))
-  local l = redis.call('HGET', meta, 'l') or '0'
-  redis.call('UNLINK', meta)
-  redis.call('HSET', meta, 'c', at, 'n', at, 'l', l, 'f', l)
-  add(KEYS[2])
-elseif scope == 't' then
-  local at = d(tick(meta))
-  redis.call('HSET', meta, 't:' .. ARGV[5], at)
-  add(KEYS[2])
-else
-  local at = d(tick(meta))
-  for i = 2, #KEYS, 4 do
-    redis.call('DEL', KEYS[i], KEYS[i + 1])
-    if redis.call('PTTL', KEYS[i + 2]) < lock_ms + tomb_ms then
-      redis.call('SET', KEYS[i + 2], at, 'PX', lock_ms + tomb_ms)
-    else
-      redis.call('SET', KEYS[i + 2], at, 'KEEPTTL')
-    end
-    add(KEYS[i + 3])
-  end
-end
+end)
 return 1
 "#;
 
@@ -287,31 +276,36 @@ return 1
 ///
 /// KEYS and ARGV as for the lock (lock ms unused).
 const UNLOCK_BODY: &str = r#"
-local meta = KEYS[1]
 local scope, id, tomb_ms = ARGV[1], ARGV[2], tonumber(ARGV[4])
-if scope == 'n' then
-  local at = d(tick(meta))
-  local l = redis.call('HGET', meta, 'l') or '0'
-  redis.call('UNLINK', meta)
-  redis.call('HSET', meta, 'c', at, 'n', at, 'l', l, 'f', l)
-  redis.call('ZREM', KEYS[2], id)
-elseif scope == 't' then
-  local at = d(tick(meta))
-  redis.call('HSET', meta, 't:' .. ARGV[5], at)
-  redis.call('ZREM', KEYS[2], id)
-else
-  local at = d(tick(meta))
-  for i = 2, #KEYS, 4 do
-    redis.call('DEL', KEYS[i], KEYS[i + 1])
-    if redis.call('PTTL', KEYS[i + 2]) < tomb_ms then
-      redis.call('SET', KEYS[i + 2], at, 'PX', tomb_ms)
-    else
-      redis.call('SET', KEYS[i + 2], at, 'KEEPTTL')
+invalidate_scope(scope, tomb_ms, function(set) redis.call('ZREM', set, id) end)
+return 1
+"#;
+
+/// Shared by the lock and unlock scripts: invalidates the scope ('k': per key, drop
+/// entry and lease and leave a tombstone living at least `tomb_for` ms; 't': tag bump
+/// with ARGV[5]; 'n': namespace bump), calling `on_set` on each lock set it covers.
+const LOCK_PRELUDE: &str = r#"
+local function invalidate_scope(scope, tomb_for, on_set)
+  local meta = KEYS[1]
+  if scope == 'n' then
+    bump_namespace(meta)
+    on_set(KEYS[2])
+  elseif scope == 't' then
+    bump_tag(meta, ARGV[5])
+    on_set(KEYS[2])
+  else
+    local at = d(tick(meta))
+    for i = 2, #KEYS, 4 do
+      redis.call('DEL', KEYS[i], KEYS[i + 1])
+      if redis.call('PTTL', KEYS[i + 2]) < tomb_for then
+        redis.call('SET', KEYS[i + 2], at, 'PX', tomb_for)
+      else
+        redis.call('SET', KEYS[i + 2], at, 'KEEPTTL')
+      end
+      on_set(KEYS[i + 3])
     end
-    redis.call('ZREM', KEYS[i + 3], id)
   end
 end
-return 1
 "#;
 
 /// Sliding expiration of a valid entry.
@@ -425,8 +419,8 @@ impl TierScripts {
             touch: redis::Script::new(&with_prelude(TOUCH_BODY)),
             discard: redis::Script::new(DISCARD_BODY),
             release_lease: redis::Script::new(RELEASE_LEASE_BODY),
-            lock: redis::Script::new(&with_prelude(LOCK_BODY)),
-            unlock: redis::Script::new(&with_prelude(UNLOCK_BODY)),
+            lock: redis::Script::new(&with_prelude(&format!("{LOCK_PRELUDE}{LOCK_BODY}"))),
+            unlock: redis::Script::new(&with_prelude(&format!("{LOCK_PRELUDE}{UNLOCK_BODY}"))),
         }
     }
 }

@@ -196,6 +196,15 @@ impl InProcessTier {
         }
     }
 
+    /// Invalidates `scope` (delete, tag bump or namespace bump), with key tombstones
+    /// living the configured tombstone ttl.
+    fn invalidate(&self, namespace: &str, scope: LockScope<'_>) -> Result<()> {
+        let now = self.enter()?;
+        let tomb_for = self.inner.config.tombstone_ttl;
+        self.with_ns(namespace, |ns| ns.invalidate(scope, now, tomb_for));
+        Ok(())
+    }
+
     fn with_ns<R>(&self, namespace: &str, f: impl FnOnce(&mut Namespace) -> R) -> R {
         let mut map = self.inner.namespaces.lock();
         let ns = match map.get_mut(namespace) {
@@ -287,38 +296,15 @@ impl Tier for InProcessTier {
     }
 
     async fn delete(&self, namespace: &str, keys: &[String]) -> Result<()> {
-        let now = self.enter()?;
-        let tomb_exp = now.saturating_add(self.inner.config.tombstone_ttl);
-        self.with_ns(namespace, |ns| {
-            let at = ns.tick();
-            for k in keys {
-                ns.entries.remove(k);
-                ns.leases.remove(k);
-                ns.tombstones.insert(k.clone(), (at, tomb_exp));
-            }
-            ns.prune(now);
-        });
-        Ok(())
+        self.invalidate(namespace, LockScope::Keys(keys))
     }
 
     async fn invalidate_tag(&self, namespace: &str, tag: &str) -> Result<()> {
-        self.enter()?;
-        self.with_ns(namespace, |ns| {
-            let at = ns.tick();
-            ns.tag_epochs.insert(tag.to_owned(), at);
-        });
-        Ok(())
+        self.invalidate(namespace, LockScope::Tag(tag))
     }
 
     async fn invalidate_namespace(&self, namespace: &str) -> Result<()> {
-        self.enter()?;
-        self.with_ns(namespace, |ns| {
-            let at = ns.tick();
-            ns.namespace_epoch = at;
-            ns.entries.clear();
-            ns.leases.clear();
-        });
-        Ok(())
+        self.invalidate(namespace, LockScope::Namespace)
     }
 
     async fn release_lease(&self, namespace: &str, key: &str, token: &FillToken) -> Result<()> {
@@ -367,23 +353,19 @@ impl Tier for InProcessTier {
     }
 
     async fn unlock(&self, namespace: &str, scope: LockScope<'_>, id: u64) -> Result<()> {
-        let now = self.enter()?;
-        let tomb_for = self.inner.config.tombstone_ttl;
-        self.with_ns(namespace, |ns| {
-            ns.invalidate(scope, now, tomb_for);
-            match scope {
-                LockScope::Keys(keys) => {
-                    for k in keys {
-                        if let Some(l) = ns.key_locks.get_mut(k) {
-                            l.retain(|(i, _)| *i != id);
-                            if l.is_empty() {
-                                ns.key_locks.remove(k);
-                            }
+        self.invalidate(namespace, scope)?;
+        self.with_ns(namespace, |ns| match scope {
+            LockScope::Keys(keys) => {
+                for k in keys {
+                    if let Some(l) = ns.key_locks.get_mut(k) {
+                        l.retain(|(i, _)| *i != id);
+                        if l.is_empty() {
+                            ns.key_locks.remove(k);
                         }
                     }
                 }
-                LockScope::Tag(_) | LockScope::Namespace => ns.wide_locks.retain(|(i, _)| *i != id),
             }
+            LockScope::Tag(_) | LockScope::Namespace => ns.wide_locks.retain(|(i, _)| *i != id),
         });
         Ok(())
     }
