@@ -219,6 +219,14 @@ enum Probe<V> {
     Absent,
 }
 
+/// What [`Inner::look`] took out of L1 under the shard lock.
+enum Look<V> {
+    /// A fresh hit's value, decided by the slot alone.
+    Fast(Option<V>),
+    /// A copy of the slot, for the slow path.
+    Slow(Slot<V>),
+}
+
 impl<K, V> Cache<K, V>
 where
     K: CacheKey,
@@ -356,12 +364,13 @@ where
         let inner = &*self.inner;
         let now = inner.clock.now();
         // `probe` spelled out, so that a fast hit returns without building a `Probe`.
-        let slot = inner.l1.get(key)?;
-        if inner.is_fast_hit(&slot, now) {
-            inner.stats.l1_hits.incr();
-            return slot.into_value();
+        match inner.l1.read(key, |slot| inner.look(slot, now))? {
+            Look::Fast(value) => {
+                inner.stats.l1_hits.incr();
+                value
+            }
+            Look::Slow(slot) => inner.get_local_slow(&slot, now),
         }
-        inner.get_local_slow(&slot, now)
     }
 
     /// Reads `key` from L1, then L2. Never calls a loader; `Ok(None)` when neither tier
@@ -670,19 +679,28 @@ where
     /// The L1 lookup of every read. Kept small: it is the hit path.
     #[inline]
     fn probe(&self, key: &K, now: Timestamp) -> Probe<V> {
-        let Some(slot) = self.l1.get(key) else { return Probe::Absent };
-        if self.is_fast_hit(&slot, now) {
-            return Probe::Fresh(slot.into_value(), false);
+        match self.l1.read(key, |slot| self.look(slot, now)) {
+            None => Probe::Absent,
+            Some(Look::Fast(value)) => Probe::Fresh(value, false),
+            Some(Look::Slow(slot)) => self.probe_slow(&slot, now),
         }
-        self.probe_slow(&slot, now)
     }
 
-    /// The common case, decided by the slot alone: inline (untagged, not a stale copy),
-    /// fresh and outside the XFetch window, and not invalidated by a namespace epoch;
-    /// with no degraded mode in force, which the floor rules out by being unreachable.
+    /// Runs under L1's shard lock: copies out the value when the slot decides the
+    /// common case alone (inline: untagged, not a stale copy; fresh and outside the
+    /// XFetch window; not invalidated by a namespace epoch; no degraded mode in force,
+    /// which the floor rules out by being unreachable), else the whole slot for the
+    /// slow path to decide outside the lock.
+    ///
+    /// The floor is read under the lock: a reader that finds an entry filled after a
+    /// namespace invalidation's `l1.clear()` thus sees that invalidation's floor.
     #[inline(always)]
-    fn is_fast_hit(&self, slot: &Slot<V>, now: Timestamp) -> bool {
-        slot.is_fast_hit(now, self.fast_floor.load(Ordering::SeqCst))
+    fn look(&self, slot: &Slot<V>, now: Timestamp) -> Look<V> {
+        if slot.is_fast_hit(now, self.fast_floor.load(Ordering::SeqCst)) {
+            Look::Fast(slot.fast_value())
+        } else {
+            Look::Slow(slot.clone())
+        }
     }
 
     /// Recomputes the fast path's floor; called after every change of the namespace

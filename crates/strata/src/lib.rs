@@ -86,10 +86,11 @@
 //!
 //! ## Costs
 //!
-//! An L1 hit is a quick_cache lookup plus a clock read and two comparisons; beyond the
-//! value's own clone it touches no shared reference count, unless the entry is tagged or
-//! a fail-safe stale copy (those are stored behind an `Arc`; see the `l1_hit` benchmark). Misses cost one L2
-//! round trip; invalidations one L2 round trip and one publish.
+//! An L1 hit is a lookup in a quick_cache shard under its read lock plus a clock read and
+//! two comparisons, and copies out the value alone; beyond the value's own clone it
+//! touches no shared reference count, unless the entry is tagged or a fail-safe stale
+//! copy (those are stored behind an `Arc`; see the `l1_hit` benchmark). Misses cost one
+//! L2 round trip; invalidations one L2 round trip and one publish.
 
 pub mod backplane;
 pub mod breaker;
