@@ -9,7 +9,10 @@
 //!
 //! * A write is **completed** when it returned `ok` (committed, and its invalidation
 //!   returned). A write that returned an error is **indeterminate**: it may or may not
-//!   be visible, so reads may or may not see it, and it never makes a read stale.
+//!   be visible, so reads may or may not see it, and it never makes a read stale. A
+//!   write recorded as **rolled back** ([`Op::WriteRolledBack`]) certainly changed
+//!   nothing: it is counted and otherwise ignored, so (unlike an indeterminate write
+//!   of unknown version) it excuses no read of a version nobody wrote.
 //! * A read is **stale** (`stale_any`) when it returned a version older than the newest
 //!   write of its key completed before the read was invoked.
 //! * It is **stale beyond the bound** (`stale_beyond_bound`) when it returned a version
@@ -102,6 +105,9 @@ pub struct Report {
     pub writes: u64,
     /// Writes that returned an error (they may or may not be visible).
     pub indeterminate_writes: u64,
+    /// Writes that certainly changed nothing (rolled back, or refused before COMMIT).
+    #[serde(default)]
+    pub rolled_back_writes: u64,
     /// Invalidation events recorded on their own.
     pub invalidations: u64,
     /// History lines that could not be parsed (skipped).
@@ -267,6 +273,7 @@ pub fn check(config: &CheckConfig, history: &History, end: &Quiescence) -> Repor
                 }
                 keys.entry(ev.key).or_default().writes.push(ev);
             }
+            Op::WriteRolledBack => report.rolled_back_writes += 1,
             Op::InvalidationApplied => report.invalidations += 1,
             Op::Fault => faults.push(ev),
         }

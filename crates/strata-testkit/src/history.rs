@@ -10,7 +10,7 @@
 //! |---|---|
 //! | `process` | who did it (`writer`, `reader-1`, `nemesis`…) |
 //! | `key` | the row (0 for events about no row, such as faults) |
-//! | `op` | `read`, `write`, `invalidation_applied` or `fault` |
+//! | `op` | `read`, `write`, `write_rolled_back`, `invalidation_applied` or `fault` |
 //! | `invoke_ns`, `return_ns` | when the operation was invoked and when it returned, in nanoseconds of the system-wide monotonic clock ([`monotonic_ns`]) |
 //! | `version` | the row version read or written; `null` when unknown (failed read, write whose outcome is unknown) |
 //! | `tier` | for reads: where the value came from (`l1`, `l2`, `db`); else `null` |
@@ -47,6 +47,10 @@ pub enum Op {
     Read,
     /// A committed change of one row followed by its invalidation.
     Write,
+    /// A write that certainly changed nothing: rolled back, or its COMMIT never sent
+    /// (e.g. refused at the Strong level because its write lock could not be taken). It
+    /// cannot be seen, so the checker only counts it.
+    WriteRolledBack,
     /// An invalidation applied (e.g. the invalidation step of a write, on its own).
     InvalidationApplied,
     /// A fault injected by the nemesis (its interval is the time it was in force).
@@ -136,6 +140,21 @@ impl Event {
             version,
             tier: None,
             ok,
+            detail: String::new(),
+        }
+    }
+
+    /// A write of `key` that certainly changed nothing (see [`Op::WriteRolledBack`]).
+    pub fn write_rolled_back(process: &str, key: u64, invoke_ns: u64, return_ns: u64) -> Self {
+        Event {
+            process: process.to_owned(),
+            key,
+            op: Op::WriteRolledBack,
+            invoke_ns,
+            return_ns,
+            version: None,
+            tier: None,
+            ok: false,
             detail: String::new(),
         }
     }

@@ -526,6 +526,34 @@ mod checker {
     }
 
     #[test]
+    fn rolled_back_writes_are_counted_and_excuse_nothing() {
+        let rolled_back = |key, invoke, ret| Event::write_rolled_back("writer", key, invoke, ret);
+        let events = vec![
+            write(1, 0, 1, Some(1), true),
+            rolled_back(1, 100, 200),
+            read("reader-1", 1, 250, 260, 1, Tier::L1),
+            write(1, 300, 400, Some(2), true),
+            read("reader-1", 1, 450, 460, 2, Tier::Db),
+        ];
+        let r = run(events, &settled(&[(1, 2)]), 0, true);
+        assert!(r.passed, "{r:#?}");
+        assert_eq!((r.writes, r.indeterminate_writes, r.rolled_back_writes), (2, 0, 1));
+        // A read of v2 while only v1 and a failed write had begun, then v3 written: an
+        // indeterminate write of unknown version may have been v2, a rolled-back write
+        // was nothing, so the read is from the future.
+        let mut early = vec![
+            write(1, 0, 1, Some(1), true),
+            rolled_back(1, 100, 200),
+            read("reader-1", 1, 250, 260, 2, Tier::Db),
+            write(1, 300, 400, Some(3), true),
+        ];
+        let r = run(early.clone(), &settled(&[(1, 3)]), 0, true);
+        assert_eq!(r.linearizability_violations, Some(1), "{r:#?}");
+        early[1] = write(1, 100, 200, None, false);
+        assert_eq!(run(early, &settled(&[(1, 3)]), 0, true).linearizability_violations, Some(0));
+    }
+
+    #[test]
     fn initial_versions_count_as_written_but_not_as_writes() {
         let mut cfg = config(1000, true);
         cfg.initial = [(1, 5), (2, 5)].into();

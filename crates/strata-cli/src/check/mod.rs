@@ -65,7 +65,9 @@ L1 serves, L2 and the database are read, and the checker reports:
                                 earlier read returned
 A write is completed when its commit and its invalidation both returned ok; a write
 that failed is indeterminate: it may be seen or not, but (Strong) once a read returned
-it, a read invoked later must not return an older version.
+it, a read invoked later must not return an older version. A write that certainly
+changed nothing (rolled back, e.g. refused at Strong because its write lock could not
+be taken, or failed before COMMIT) is counted as rolled back and excuses no read.
 
 The bound:
   invalidated  max_stale + 3 × heartbeat_interval (the unhealthy-detection time)

@@ -62,6 +62,7 @@ pub fn render(r: &Report, run: &RunInfo<'_>) -> String {
         ("failed reads".into(), r.failed_reads.to_string(), ""),
         ("writes completed".into(), r.writes.to_string(), ""),
         ("writes indeterminate".into(), r.indeterminate_writes.to_string(), ""),
+        ("writes rolled back (never visible)".into(), r.rolled_back_writes.to_string(), ""),
         ("ticks skipped (overload)".into(), skipped.to_string(), ""),
         ("stale reads beyond bound".into(), r.stale_beyond_bound.to_string(), verdict(r.stale_beyond_bound)),
         ("stale reads (zero slack)".into(), r.stale_any.to_string(), ""),

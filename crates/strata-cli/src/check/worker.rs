@@ -288,7 +288,7 @@ fn commit_budget(lease: Duration) -> Duration {
 /// an `invalidation_applied` event spanning the `commit()` call.
 ///
 /// A write is `ok` only when it committed and its invalidation is done. One that
-/// certainly rolled back is recorded without a version. If `commit()` does not return
+/// certainly rolled back is recorded as `write_rolled_back`. If `commit()` does not return
 /// within its budget, the key is invalidated by hand, since the COMMIT may have landed.
 async fn write_one(
     name: &str,
@@ -312,16 +312,17 @@ async fn write_one(
     .await;
     let (mut tx, version) = match begun {
         Ok(Ok(started)) => started,
-        // Nothing was committed (no COMMIT was sent): a failed write without a version.
+        // Nothing was committed (no COMMIT was sent; dropping the transaction rolls it
+        // back).
         Ok(Err(e)) => {
             return vec![
-                Event::write(name, key, invoke, monotonic_ns(), None, false)
+                Event::write_rolled_back(name, key, invoke, monotonic_ns())
                     .with_detail(format!("update failed: {e}")),
             ];
         }
         Err(_) => {
             return vec![
-                Event::write(name, key, invoke, monotonic_ns(), None, false)
+                Event::write_rolled_back(name, key, invoke, monotonic_ns())
                     .with_detail(format!("update took more than {DB_TIMEOUT:?}")),
             ];
         }
@@ -357,7 +358,12 @@ async fn write_one(
         },
     };
     let done = monotonic_ns();
-    let write = Event::write(name, key, invoke, done, version, ok).with_detail(detail.clone());
+    // Only a certain rollback leaves the write without a version.
+    let write = match version {
+        None => Event::write_rolled_back(name, key, invoke, done),
+        Some(_) => Event::write(name, key, invoke, done, version, ok),
+    }
+    .with_detail(detail.clone());
     let invalidation = Event {
         process: name.to_owned(),
         key,
