@@ -220,6 +220,27 @@ macro_rules! transaction_tests {
                     .expect("load")
             }
 
+            /// Begins a transaction that settles row 1 and invalidates it in `cache`.
+            async fn settle_row_1(
+                pool: &sqlx::Pool<Db>,
+                cache: &Cache<i64, String>,
+            ) -> strata_sql::Transaction<'static, Db> {
+                let mut tx = strata_sql::begin(pool).await.unwrap();
+                sqlx::query(UPDATE).bind("settled").bind(1_i64).execute(&mut *tx).await.unwrap();
+                tx.invalidate(cache, &1);
+                tx
+            }
+
+            /// Adds an after-commit action to `tx` that counts its runs.
+            fn count_runs(tx: &mut strata_sql::Transaction<'_, Db>) -> Arc<AtomicUsize> {
+                let ran = Arc::new(AtomicUsize::new(0));
+                let counter = ran.clone();
+                tx.after_commit(move || async move {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                });
+                ran
+            }
+
             fn observing_tier(db: &TestDb<Db>, log: &Log) -> ObservingTier {
                 let observer = db.observer.clone();
                 ObservingTier {
@@ -484,16 +505,8 @@ macro_rules! transaction_tests {
                 }
 
                 tier.set_available(false);
-                let mut tx = strata_sql::begin(&db.pool).await.unwrap();
-                sqlx::query(UPDATE).bind("settled").bind(1_i64).execute(&mut *tx).await.unwrap();
-                tx.invalidate(&caches[0], &1);
-                let ran = Arc::new(AtomicUsize::new(0));
-                {
-                    let ran = ran.clone();
-                    tx.after_commit(move || async move {
-                        ran.fetch_add(1, Ordering::SeqCst);
-                    });
-                }
+                let mut tx = settle_row_1(&db.pool, &caches[0]).await;
+                let ran = count_runs(&mut tx);
                 let err = tx.commit().await.expect_err("no lock, no commit");
                 assert!(err.is_rolled_back(), "{err}");
                 assert!(err.sqlx_error().is_none());
@@ -510,10 +523,7 @@ macro_rules! transaction_tests {
                 let start = Instant::now();
                 let report = loop {
                     // The breaker may still be open from the outage for a moment.
-                    let mut retry = strata_sql::begin(&db.pool).await.unwrap();
-                    sqlx::query(UPDATE).bind("settled").bind(1_i64).execute(&mut *retry).await.unwrap();
-                    retry.invalidate(&caches[0], &1);
-                    match retry.commit().await {
+                    match settle_row_1(&db.pool, &caches[0]).await.commit().await {
                         Ok(r) => break r,
                         Err(e) if e.is_rolled_back() && e.cache_error().is_some() => {
                             assert!(start.elapsed() < Duration::from_secs(10), "still refused: {e}");
@@ -555,16 +565,8 @@ macro_rules! transaction_tests {
                     load(c, &db.pool, 1).await;
                 }
 
-                let mut tx = strata_sql::begin(&db.pool).await.unwrap();
-                sqlx::query(UPDATE).bind("settled").bind(1_i64).execute(&mut *tx).await.unwrap();
-                tx.invalidate(&caches[0], &1);
-                let ran = Arc::new(AtomicUsize::new(0));
-                {
-                    let ran = ran.clone();
-                    tx.after_commit(move || async move {
-                        ran.fetch_add(1, Ordering::SeqCst);
-                    });
-                }
+                let mut tx = settle_row_1(&db.pool, &caches[0]).await;
+                let ran = count_runs(&mut tx);
                 let report = tx.commit().await.unwrap();
                 assert_eq!(report.invalidations[0].state, InvalidationState::Bypassed, "{report:?}");
                 assert_eq!(report.invalidations[0].consistency, Consistency::Strong);
