@@ -1520,21 +1520,10 @@ mod fleet {
         }
     }
 
-    /// A tier handle of its own for observing what L2 holds. Its timeout is generous
-    /// because it observes rather than being under test: right after SIGCONT Redis
-    /// first works through the commands queued during the pause, which can take longer
-    /// than the fleet's 50 ms.
-    async fn probe_tier(server: &RedisServer) -> RedisTier {
-        RedisTier::builder(server.url())
-            .prefix("fleet")
-            .op_timeout(Duration::from_secs(5))
-            .build()
-            .await
-            .expect("probe tier")
-    }
-
     /// What L2 holds for `key` (fresh or soft-expired), as a row version; `None` when
-    /// it holds nothing. Read with a tier handle of its own.
+    /// it holds nothing. Read with a tier handle of its own (`super::redis_tier`, whose
+    /// 2 s timeout matters right after SIGCONT, when Redis first works through the
+    /// commands queued during the pause).
     async fn l2_version(probe: &RedisTier, key: u64) -> Option<u64> {
         let env = match probe.lookup("payment", &key.to_string(), None).await.expect("probe lookup") {
             Lookup::Hit(env) => env,
@@ -1959,7 +1948,7 @@ mod fleet {
         assert_eq!(db.loads(), 1);
         tokio::time::sleep(ttl + Duration::from_millis(100)).await;
         assert!(fleet.iter().all(|c| c.get_local(&7).is_none()), "{TAG} expired in every L1");
-        let probe = probe_tier(&server).await;
+        let probe = super::redis_tier(&server, "fleet").await;
         assert_eq!(l2_version(&probe, 7).await, None, "{TAG} expired in L2");
         db.bump(7);
 
@@ -2141,7 +2130,7 @@ mod fleet {
         .await;
 
         // The truth after the restart: every instance, and L2 itself, has the new rows.
-        let probe = probe_tier(&server).await;
+        let probe = super::redis_tier(&server, "fleet").await;
         let mut in_l2 = 0;
         for k in &updated {
             let truth = db.version(*k);
@@ -2360,7 +2349,7 @@ mod fleet {
         // What L2 holds for S2 right after SIGCONT: A's fill was sent during the pause
         // and Redis runs it now; B's delete was never sent (B's breaker was open).
         let mut l2_after_sigcont = Vec::new();
-        let probe = probe_tier(&server).await;
+        let probe = super::redis_tier(&server, "fleet").await;
         for _ in 0..10 {
             l2_after_sigcont.push(l2_version(&probe, s2).await.unwrap_or(0));
             tokio::time::sleep(Duration::from_millis(10)).await;
