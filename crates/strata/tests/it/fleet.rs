@@ -1,0 +1,225 @@
+//! The fleet: backplane delivery, gaps and their repair, `max_stale`, L2 outages and
+//! the circuit breaker, buffered invalidations.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use strata::backplane::Mode;
+use strata::{BreakerConfig, BreakerState, Cache, ErrorKind, ManualClock};
+
+use crate::support::{Db, eventually, fleet};
+
+// ---------------------------------------------------------------------------------
+// Backplane: own messages, gaps, repair, max_stale
+
+#[tokio::test]
+async fn invalidation_reaches_every_other_instance_and_own_messages_are_ignored() {
+    let f = fleet(3, Mode::Stream, None).await;
+    let db = Db::with(&[(1, "v1")]);
+    for c in &f.caches {
+        c.get_or_load(&1, db.loader(1)).await.expect("load");
+    }
+    db.set(1, "v2");
+    f.caches[0].invalidate(&1).await.expect("invalidate");
+    for c in &f.caches[1..] {
+        eventually("applied", || c.stats().invalidations_applied == 1).await;
+        assert_eq!(c.get_local(&1), None);
+        assert_eq!(c.get_or_load(&1, db.loader(1)).await.expect("reload").as_deref(), Some("v2"));
+    }
+    assert_eq!(f.caches[0].stats().invalidations_received, 0, "own message skipped");
+    assert_eq!(f.caches[0].stats().invalidations_sent, 1);
+}
+
+#[tokio::test]
+async fn insert_makes_the_new_value_visible_fleet_wide() {
+    let f = fleet(2, Mode::Stream, None).await;
+    let (a, b) = (&f.caches[0], &f.caches[1]);
+    let db = Db::with(&[(1, "v1")]);
+    b.get_or_load(&1, db.loader(1)).await.expect("load");
+    db.set(1, "v2");
+    a.insert(1, "v2".into()).await.expect("insert");
+    eventually("applied", || b.stats().invalidations_applied == 1).await;
+    assert_eq!(b.get_or_load(&1, db.loader(1)).await.expect("read").as_deref(), Some("v2"));
+    assert_eq!(b.stats().loads, 1, "v2 came from L2, not the database");
+}
+
+#[tokio::test]
+async fn a_dropped_message_is_detected_and_replayed_from_a_stream() {
+    let f = fleet(2, Mode::Stream, None).await;
+    let (a, b) = (&f.caches[0], &f.caches[1]);
+    let db = Db::with(&[(1, "one"), (2, "two")]);
+    for k in [1, 2] {
+        b.get_or_load(&k, db.loader(k)).await.expect("load");
+    }
+    f.conns[1].faults().drop_next(1);
+    a.invalidate(&1).await.expect("invalidate");
+    a.invalidate(&2).await.expect("invalidate");
+    eventually("repaired", || b.stats().repairs_replayed == 1).await;
+    assert_eq!(b.get_local(&1), None, "the dropped invalidation was replayed");
+    assert_eq!(b.get_local(&2), None);
+    let s = b.stats();
+    assert_eq!((s.gaps_detected, s.repairs_flushed), (1, 0));
+}
+
+#[tokio::test]
+async fn a_dropped_message_on_pubsub_is_repaired_by_a_flush() {
+    let f = fleet(2, Mode::PubSub, None).await;
+    let (a, b) = (&f.caches[0], &f.caches[1]);
+    let db = Db::with(&[(1, "one"), (2, "two"), (3, "three")]);
+    for k in [1, 2, 3] {
+        b.get_or_load(&k, db.loader(k)).await.expect("load");
+    }
+    f.conns[1].faults().drop_next(1);
+    a.invalidate(&1).await.expect("invalidate");
+    a.invalidate(&2).await.expect("invalidate");
+    eventually("repaired", || b.stats().repairs_flushed == 1).await;
+    assert_eq!(b.get_local(&1), None);
+    assert_eq!(b.get_local(&3), None, "a flush drops everything");
+}
+
+#[tokio::test]
+async fn a_lost_last_message_is_detected_by_the_next_heartbeat() {
+    let f = fleet(2, Mode::PubSub, None).await;
+    let (a, b) = (&f.caches[0], &f.caches[1]);
+    let db = Db::with(&[(1, "one")]);
+    b.get_or_load(&1, db.loader(1)).await.expect("load");
+    // Let b hear a's heartbeats first, so a's origin is known.
+    eventually("heartbeat heard", || b.stats().heartbeats_received >= 1).await;
+    f.conns[1].faults().drop_next(1);
+    a.invalidate(&1).await.expect("invalidate");
+    eventually("heartbeat repaired the gap", || b.stats().repairs_flushed >= 1).await;
+    assert_eq!(b.get_local(&1), None);
+}
+
+#[tokio::test]
+async fn reordered_and_delayed_messages_still_evict_everything() {
+    let f = fleet(2, Mode::Stream, None).await;
+    let (a, b) = (&f.caches[0], &f.caches[1]);
+    let db = Db::with(&[(1, "1"), (2, "2"), (3, "3"), (4, "4")]);
+    for k in 1..=4 {
+        b.get_or_load(&k, db.loader(k)).await.expect("load");
+    }
+    f.conns[1].faults().set_reorder(true);
+    f.conns[1].faults().set_delay(Duration::from_millis(5));
+    for k in 1..=4 {
+        a.invalidate(&k).await.expect("invalidate");
+    }
+    eventually("all applied", || (1..=4).all(|k| b.get_local(&k).is_none())).await;
+    f.conns[1].faults().clear();
+}
+
+#[tokio::test]
+async fn disconnect_then_resume_flushes_on_pubsub_and_counts_the_gap() {
+    let f = fleet(2, Mode::PubSub, None).await;
+    let (a, b) = (&f.caches[0], &f.caches[1]);
+    let db = Db::with(&[(1, "one"), (2, "two")]);
+    b.get_or_load(&2, db.loader(2)).await.expect("load");
+    f.conns[1].faults().set_disconnected(true);
+    eventually("unhealthy", || !b.is_backplane_healthy()).await;
+    a.invalidate(&1).await.expect("invalidate");
+    f.conns[1].faults().set_disconnected(false);
+    eventually("resumed", || b.is_backplane_healthy()).await;
+    let s = b.stats();
+    assert!(s.gaps_detected >= 1 && s.repairs_flushed >= 1, "{s:?}");
+    assert_eq!(b.get_local(&2), None);
+}
+
+#[tokio::test]
+async fn while_the_backplane_is_down_longer_than_max_stale_old_entries_are_not_served() {
+    let clock = ManualClock::new();
+    let f = fleet(2, Mode::Stream, Some(clock.clone())).await;
+    let b = &f.caches[1];
+    let db = Db::with(&[(1, "old"), (2, "young")]);
+    b.get_or_load(&1, db.loader(1)).await.expect("load");
+    clock.advance(Duration::from_secs(3));
+    f.conns[1].faults().set_disconnected(true);
+    eventually("unhealthy", || !b.is_backplane_healthy()).await;
+    // Within max_stale (2 s) of the outage, everything is still served.
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(b.get_local(&1).as_deref(), Some("old"));
+    b.get_or_load(&2, db.loader(2)).await.expect("load");
+    // Past it, only entries younger than max_stale are.
+    clock.advance(Duration::from_millis(1500));
+    assert_eq!(b.get_local(&1), None, "older than max_stale");
+    assert_eq!(b.get_local(&2).as_deref(), Some("young"));
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(b.get_local(&2), None, "loaded during the outage: lives at most max_stale");
+    f.conns[1].faults().set_disconnected(false);
+    eventually("healthy again", || b.is_backplane_healthy()).await;
+}
+
+// ---------------------------------------------------------------------------------
+// L2 failures, the circuit breaker, buffered invalidations
+
+#[tokio::test]
+async fn with_l2_down_reads_go_to_the_loader_and_the_breaker_opens() {
+    let f = fleet(1, Mode::Stream, None).await;
+    let tier = f.tier.clone();
+    let cache: Cache<u64, String> = Cache::builder("outage")
+        .tier(Arc::new(tier.clone()))
+        .backplane(Arc::new(f.conns[0].connect()))
+        .breaker(BreakerConfig { consecutive_failures: 3, ..BreakerConfig::default() })
+        .build()
+        .expect("valid");
+    cache.ready().await;
+    tier.set_available(false);
+    let db = Db::with(&[(1, "one"), (2, "two"), (3, "three"), (4, "four")]);
+    for k in 1..=4 {
+        assert!(cache.get_or_load(&k, db.loader(k)).await.expect("served by the loader").is_some());
+    }
+    assert_eq!(cache.l2_breaker_state(), BreakerState::Open);
+    let ops = tier.ops();
+    cache.evict_local(&1);
+    cache.get_or_load(&1, db.loader(1)).await.expect("load");
+    assert_eq!(tier.ops(), ops, "an open breaker spares the tier");
+    tier.set_available(true);
+}
+
+#[tokio::test]
+async fn a_failed_publish_is_buffered_and_retried() {
+    let f = fleet(2, Mode::Stream, None).await;
+    let (a, b) = (&f.caches[0], &f.caches[1]);
+    let db = Db::with(&[(1, "v1")]);
+    b.get_or_load(&1, db.loader(1)).await.expect("load");
+    f.conns[0].faults().set_disconnected(true);
+    let err = a.invalidate(&1).await.expect_err("publish failed");
+    assert_eq!(err.kind(), ErrorKind::Backplane);
+    f.conns[0].faults().set_disconnected(false);
+    eventually("retried", || a.pending_invalidations() == 0).await;
+    eventually("b evicted", || b.get_local(&1).is_none()).await;
+}
+
+#[tokio::test]
+async fn a_copy_reread_from_l2_before_a_buffered_delete_lands_is_evicted_fleet_wide() {
+    let f = fleet(2, Mode::Stream, None).await;
+    let (a, b) = (&f.caches[0], &f.caches[1]);
+    let db = Db::with(&[(1, "v1")]);
+    b.get_or_load(&1, db.loader(1)).await.expect("load");
+    db.set(1, "v2");
+    f.tier.set_available(false);
+    assert!(a.invalidate(&1).await.is_err(), "L2 delete failed, message published");
+    eventually("b evicted", || b.get_local(&1).is_none()).await;
+    f.tier.set_available(true);
+    // B reads the old value back from L2 (the delete is still buffered) and caches it.
+    assert_eq!(b.get_or_load(&1, db.loader(1)).await.expect("read").as_deref(), Some("v1"));
+    assert_eq!(a.flush_pending().await, 0, "delete and second message delivered");
+    eventually("b evicted the re-read copy", || b.get_local(&1).is_none()).await;
+    assert_eq!(b.get_or_load(&1, db.loader(1)).await.expect("read").as_deref(), Some("v2"));
+}
+
+#[tokio::test]
+async fn a_cancelled_probe_does_not_keep_the_breaker_open() {
+    let clock = ManualClock::new();
+    let cfg = BreakerConfig { consecutive_failures: 1, jitter: 0.0, ..BreakerConfig::default() };
+    let breaker = strata::CircuitBreaker::with_clock("test", cfg, Arc::new(clock.clone()));
+    let fail = || async { Err::<(), _>(strata::Error::new(ErrorKind::Tier, "down")) };
+    assert!(breaker.call(fail()).await.is_err());
+    assert_eq!(breaker.state(), BreakerState::Open);
+    clock.advance(Duration::from_secs(2));
+    // The probe's caller gives up (a timeout around it, a dropped request).
+    let hung = breaker.call(std::future::pending::<strata::Result<()>>());
+    assert!(tokio::time::timeout(Duration::from_millis(10), hung).await.is_err());
+    // The next call probes, and its success closes the breaker.
+    breaker.call(async { Ok::<_, strata::Error>(()) }).await.expect("probe allowed");
+    assert_eq!(breaker.state(), BreakerState::Closed);
+}

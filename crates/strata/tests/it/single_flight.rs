@@ -1,0 +1,104 @@
+//! Single-flight: concurrent callers share one L2 read and one loader call, within an
+//! instance and (through the fill lease) across a fleet.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use strata::Cache;
+use strata::backplane::Mode;
+use tokio::sync::Semaphore;
+
+use crate::support::{NS, eventually, fleet};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_concurrent_callers_share_one_l2_read_and_one_loader_call() {
+    let f = fleet(1, Mode::Stream, None).await;
+    let cache = f.caches[0].clone();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let entered = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Semaphore::new(0));
+    let ops_before = f.tier.ops();
+    let mut tasks = Vec::new();
+    for _ in 0..1000 {
+        let (cache, calls, entered, gate) = (cache.clone(), calls.clone(), entered.clone(), gate.clone());
+        tasks.push(tokio::spawn(async move {
+            entered.fetch_add(1, Ordering::SeqCst);
+            cache
+                .get_or_load(&7, move || async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    gate.acquire().await.expect("gate").forget();
+                    Ok::<_, io::Error>(Some("loaded".to_string()))
+                })
+                .await
+        }));
+    }
+    eventually("all callers entered", || entered.load(Ordering::SeqCst) == 1000).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    gate.add_permits(1);
+    for t in tasks {
+        assert_eq!(t.await.expect("task").expect("value").as_deref(), Some("loaded"));
+    }
+    eprintln!("single-flight: 1000 callers, loader calls = {}", calls.load(Ordering::SeqCst));
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the loader ran once");
+    // One lookup (with the lease) and one fill.
+    assert_eq!(f.tier.ops() - ops_before, 2, "one L2 read and one L2 fill");
+    let s = cache.stats();
+    assert_eq!(s.loads, 1);
+    assert_eq!(s.misses, 1);
+}
+
+#[tokio::test]
+async fn coalesced_callers_share_the_loaders_error() {
+    let cache: Cache<u64, String> = Cache::builder(NS).build().expect("valid");
+    let gate = Arc::new(Semaphore::new(0));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let (cache, gate, calls) = (cache.clone(), gate.clone(), calls.clone());
+        tasks.push(tokio::spawn(async move {
+            cache
+                .get_or_load(&1, move || async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    gate.acquire().await.expect("gate").forget();
+                    Err::<Option<String>, _>(io::Error::other("db down"))
+                })
+                .await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    gate.add_permits(1);
+    for t in tasks {
+        let err = t.await.expect("task").expect_err("loader failed");
+        assert!(err.is_loader());
+        assert!(err.to_string().contains("db down"), "{err}");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(cache.stats().load_errors, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_lease_lets_one_instance_load_while_the_others_wait_for_its_fill() {
+    let f = fleet(4, Mode::Stream, None).await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for c in &f.caches {
+        for _ in 0..16 {
+            let (c, calls) = (c.clone(), calls.clone());
+            tasks.push(tokio::spawn(async move {
+                c.get_or_load(&9, move || async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Ok::<_, io::Error>(Some("nine".to_string()))
+                })
+                .await
+            }));
+        }
+    }
+    for t in tasks {
+        assert_eq!(t.await.expect("task").expect("value").as_deref(), Some("nine"));
+    }
+    eprintln!("fleet stampede: 4 caches x 16 tasks, loader calls = {}", calls.load(Ordering::SeqCst));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
