@@ -80,10 +80,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::Value;
 use redis::aio::ConnectionManager;
+use strata::Scope;
 use strata::breaker::{BreakerConfig, CircuitBreaker};
 use strata::clock::{Clock, SystemClock, Timestamp};
 use strata::error::{Error, ErrorKind, Result};
-use strata::tier::{Envelope, FillOutcome, FillToken, LockScope, Lookup, Tier};
+use strata::tier::{Envelope, FillOutcome, FillToken, Lookup, Tier};
 
 use crate::common::{
     CallError, ManagedConn, bad_reply, millis_at_least_one, open_client, redact_url, value_array,
@@ -685,7 +686,7 @@ impl RedisTier {
         &self,
         script: &'a redis::Script,
         namespace: &str,
-        scope: LockScope<'_>,
+        scope: &Scope,
         id: u64,
         ttl: Duration,
     ) -> redis::ScriptInvocation<'a> {
@@ -693,17 +694,17 @@ impl RedisTier {
         let mut inv = script.prepare_invoke();
         inv.key(ns.meta());
         let (kind, tag) = match scope {
-            LockScope::Keys(keys) => {
+            Scope::Keys(keys) => {
                 for k in keys {
                     inv.key(ns.entry(k)).key(ns.lease(k)).key(ns.tomb(k)).key(ns.key_locks(k));
                 }
                 ("k", "")
             }
-            LockScope::Tag(tag) => {
+            Scope::Tag(tag) => {
                 inv.key(ns.wide_locks());
-                ("t", tag)
+                ("t", tag.as_str())
             }
-            LockScope::Namespace => {
+            Scope::All => {
                 inv.key(ns.wide_locks());
                 ("n", "")
             }
@@ -764,6 +765,15 @@ impl Tier for RedisTier {
         let keys = [key.to_owned()];
         let mut out = self.lookup_many(namespace, &keys, lease).await?;
         out.pop().ok_or_else(|| bad_reply(ErrorKind::Tier, "redis tier lookup"))
+    }
+
+    async fn lookup_many(
+        &self,
+        namespace: &str,
+        keys: &[String],
+        lease: Option<Duration>,
+    ) -> Result<Vec<Lookup>> {
+        RedisTier::lookup_many(self, namespace, keys, lease).await
     }
 
     async fn fill(
@@ -864,14 +874,14 @@ impl Tier for RedisTier {
         Ok(())
     }
 
-    async fn lock(&self, namespace: &str, scope: LockScope<'_>, id: u64, ttl: Duration) -> Result<()> {
+    async fn lock(&self, namespace: &str, scope: &Scope, id: u64, ttl: Duration) -> Result<()> {
         let inv = self.lock_invocation(&self.inner.scripts.lock, namespace, scope, id, ttl);
         let _: Value =
             self.run("redis tier lock", |mut c| async move { inv.invoke_async(&mut c).await }).await?;
         Ok(())
     }
 
-    async fn unlock(&self, namespace: &str, scope: LockScope<'_>, id: u64) -> Result<()> {
+    async fn unlock(&self, namespace: &str, scope: &Scope, id: u64) -> Result<()> {
         let inv = self.lock_invocation(&self.inner.scripts.unlock, namespace, scope, id, Duration::ZERO);
         let _: Value =
             self.run("redis tier unlock", |mut c| async move { inv.invoke_async(&mut c).await }).await?;

@@ -1,18 +1,16 @@
 //! Change capture, the application side: a `LISTEN`ing task that invalidates the
 //! mapped caches for every change notification.
 
-use std::any::TypeId;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures::future::{BoxFuture, join_all};
+use futures::future::join_all;
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
-use strata::{Cache, CacheKey, OriginId};
+use strata::{Cache, CacheHandle, CacheKey, CacheValue, Scope};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -102,40 +100,13 @@ counters! {
     connect_errors,
 }
 
-/// A cache with its key and value types erased, fed with keys in text form.
-trait Target: Send + Sync {
-    fn id(&self) -> (OriginId, TypeId);
-    fn namespace(&self) -> &str;
-    /// Parses and invalidates `keys`: (keys invalidated, keys unparsable, result).
-    fn invalidate_text<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, (u64, u64, strata::Result<()>)>;
-    fn invalidate_all(&self) -> BoxFuture<'_, strata::Result<()>>;
-}
-
-impl<K, V> Target for Cache<K, V>
-where
-    K: CacheKey,
-    V: Clone + Send + Sync + serde::Serialize + DeserializeOwned + 'static,
-{
-    fn id(&self) -> (OriginId, TypeId) {
-        (self.origin(), TypeId::of::<(K, V)>())
-    }
-
-    fn namespace(&self) -> &str {
-        Cache::namespace(self)
-    }
-
-    fn invalidate_text<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, (u64, u64, strata::Result<()>)> {
-        Box::pin(async move {
-            let parsed: Vec<K> = keys.iter().filter_map(|k| K::parse_key(k)).collect();
-            let bad = (keys.len() - parsed.len()) as u64;
-            let res = self.invalidate_many(&parsed).await;
-            (parsed.len() as u64, bad, res)
-        })
-    }
-
-    fn invalidate_all(&self) -> BoxFuture<'_, strata::Result<()>> {
-        Box::pin(Cache::invalidate_all(self))
-    }
+/// Invalidates `keys` (text form) in `cache`: (keys invalidated, keys unparsable,
+/// result). Keys are parsed as the cache's key type and sent on in canonical form.
+async fn invalidate_text(cache: &CacheHandle, keys: &[String]) -> (u64, u64, strata::Result<()>) {
+    let (parsed, bad) = cache.canonical_keys(keys);
+    let done = parsed.len() as u64;
+    let res = if parsed.is_empty() { Ok(()) } else { cache.invalidate(Scope::Keys(parsed)).await };
+    (done, bad as u64, res)
 }
 
 /// A table mapped to a target.
@@ -158,14 +129,15 @@ impl ChangeListenerBuilder {
     /// or `"billing.payment"`; case-sensitive) to `cache`: each notification's key is
     /// parsed with `K::parse_key` and invalidated with [`Cache::invalidate_many`].
     /// A table may be mapped to several caches and a cache to several tables.
-    pub fn table<K, V>(mut self, table: &str, cache: &Cache<K, V>) -> Self
-    where
-        K: CacheKey,
-        V: Clone + Send + Sync + serde::Serialize + DeserializeOwned + 'static,
-    {
-        let target: Arc<dyn Target> = Arc::new(cache.clone());
-        let id = target.id();
-        let idx = match self.cfg.targets.iter().position(|t| t.id() == id) {
+    pub fn table<K: CacheKey, V: CacheValue>(self, table: &str, cache: &Cache<K, V>) -> Self {
+        self.table_handle(table, &cache.handle())
+    }
+
+    /// [`table`](Self::table) for a type-erased cache handle.
+    pub fn table_handle(mut self, table: &str, cache: &CacheHandle) -> Self {
+        let target = cache.clone();
+        // The origin is one per built cache (shared by its clones): it identifies it.
+        let idx = match self.cfg.targets.iter().position(|t| t.origin() == target.origin()) {
             Some(i) => i,
             None => {
                 self.cfg.targets.push(target);
@@ -254,7 +226,7 @@ impl ChangeListenerBuilder {
 
 struct Config {
     options: PgConnectOptions,
-    targets: Vec<Arc<dyn Target>>,
+    targets: Vec<CacheHandle>,
     mappings: Vec<Mapping>,
     heartbeat: Option<Duration>,
     heartbeat_timeout: Duration,
@@ -469,7 +441,7 @@ async fn run(cfg: Arc<Config>, shared: Arc<Shared>, first: Connected, mut stop: 
 
 /// Invalidates every mapped cache: notifications may have been missed.
 async fn resync(cfg: &Config, c: &Counters) {
-    let results = join_all(cfg.targets.iter().map(|t| t.invalidate_all())).await;
+    let results = join_all(cfg.targets.iter().map(|t| t.invalidate(Scope::All))).await;
     c.add(Counter::resync_flushes, cfg.targets.len() as u64);
     c.add(Counter::resyncs, 1);
     let failed = results.iter().filter(|r| r.is_err()).count() as u64;
@@ -681,7 +653,11 @@ async fn apply(cfg: &Config, shared: &Shared, batch: Vec<String>, outstanding: &
             c.add(Counter::bulk_flushes, 1);
         }
         async move {
-            if flush { (0, 0, target.invalidate_all().await) } else { target.invalidate_text(keys).await }
+            if flush {
+                (0, 0, target.invalidate(Scope::All).await)
+            } else {
+                invalidate_text(target, keys).await
+            }
         }
     });
     for (done, bad, res) in join_all(work).await {

@@ -1,6 +1,6 @@
 //! The transaction helper: invalidate after commit, then run after-commit actions.
 
-use std::any::{Any, TypeId};
+use std::any::Any;
 use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fmt;
@@ -10,9 +10,7 @@ use std::panic::AssertUnwindSafe;
 
 use futures::FutureExt;
 use futures::future::{BoxFuture, join_all};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
-use strata::{Cache, CacheKey, Consistency, OriginId, WriteLock};
+use strata::{Cache, CacheHandle, CacheKey, CacheValue, Consistency, Scope, WriteLock};
 
 use crate::db::{SqlDatabase, definitely_rolled_back};
 use crate::error::{BoxError, CommitError, CommitOutcome};
@@ -52,7 +50,7 @@ where
 pub struct Transaction<'c, DB: SqlDatabase> {
     tx: sqlx::Transaction<'c, DB>,
     /// Per cache, in the order each cache was first named.
-    batches: Vec<Box<dyn Batch>>,
+    batches: Vec<Batch>,
     actions: Vec<Action>,
 }
 
@@ -76,9 +74,9 @@ impl<'c, DB: SqlDatabase> Transaction<'c, DB> {
     pub fn invalidate<K, V>(&mut self, cache: &Cache<K, V>, key: &K) -> &mut Self
     where
         K: CacheKey,
-        V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
+        V: CacheValue,
     {
-        self.with_batch(cache, |b| b.add_key(key));
+        self.with_batch(cache, |b| b.add_key(key.to_key_string()));
         self
     }
 
@@ -86,11 +84,11 @@ impl<'c, DB: SqlDatabase> Transaction<'c, DB> {
     pub fn invalidate_many<K, V>(&mut self, cache: &Cache<K, V>, keys: &[K]) -> &mut Self
     where
         K: CacheKey,
-        V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
+        V: CacheValue,
     {
         self.with_batch(cache, |b| {
             for key in keys {
-                b.add_key(key);
+                b.add_key(key.to_key_string());
             }
         });
         self
@@ -101,7 +99,7 @@ impl<'c, DB: SqlDatabase> Transaction<'c, DB> {
     pub fn invalidate_tag<K, V>(&mut self, cache: &Cache<K, V>, tag: impl Into<String>) -> &mut Self
     where
         K: CacheKey,
-        V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
+        V: CacheValue,
     {
         let tag = tag.into();
         self.with_batch(cache, |b| {
@@ -117,7 +115,7 @@ impl<'c, DB: SqlDatabase> Transaction<'c, DB> {
     pub fn invalidate_all<K, V>(&mut self, cache: &Cache<K, V>) -> &mut Self
     where
         K: CacheKey,
-        V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
+        V: CacheValue,
     {
         self.with_batch(cache, |b| b.all = true);
         self
@@ -276,24 +274,15 @@ impl<'c, DB: SqlDatabase> Transaction<'c, DB> {
     }
 
     /// Applies `f` to `cache`'s batch, creating it on first use.
-    fn with_batch<K, V>(&mut self, cache: &Cache<K, V>, f: impl FnOnce(&mut TypedBatch<K, V>))
-    where
-        K: CacheKey,
-        V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
-    {
-        let id = cache_id(cache);
-        // The id includes the TypeId of (K, V), so the downcast of a match succeeds.
-        if let Some(batch) = self
-            .batches
-            .iter_mut()
-            .find(|b| b.id() == id)
-            .and_then(|b| b.as_any_mut().downcast_mut::<TypedBatch<K, V>>())
-        {
+    fn with_batch<K: CacheKey, V: CacheValue>(&mut self, cache: &Cache<K, V>, f: impl FnOnce(&mut Batch)) {
+        // The origin is one per built cache (shared by its clones): it identifies it.
+        let origin = cache.origin();
+        if let Some(batch) = self.batches.iter_mut().find(|b| b.cache.origin() == origin) {
             f(batch);
             return;
         }
-        let mut batch = TypedBatch {
-            cache: cache.clone(),
+        let mut batch = Batch {
+            cache: cache.handle(),
             keys: Vec::new(),
             seen: HashSet::new(),
             tags: Vec::new(),
@@ -301,7 +290,7 @@ impl<'c, DB: SqlDatabase> Transaction<'c, DB> {
             lock: None,
         };
         f(&mut batch);
-        self.batches.push(Box::new(batch));
+        self.batches.push(batch);
     }
 }
 
@@ -467,146 +456,105 @@ impl CommitReport {
     }
 }
 
-/// A cache's identity: its backplane origin (random per built cache, shared by
-/// clones) and its key and value types.
-type CacheId = (OriginId, TypeId);
-
-fn cache_id<K, V>(cache: &Cache<K, V>) -> CacheId
-where
-    K: CacheKey,
-    V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
-{
-    (cache.origin(), TypeId::of::<(K, V)>())
-}
-
-/// The invalidations registered for one cache, with its types erased.
-trait Batch: Send {
-    fn id(&self) -> CacheId;
-    fn namespace(&self) -> &str;
-    fn as_any_mut(&mut self) -> &mut dyn Any;
-    /// Strong caches: takes the write lock (before COMMIT). Others: nothing.
-    fn lock(&mut self) -> BoxFuture<'_, Result<(), strata::Error>>;
-    /// False when a write lock is held too long for COMMIT to start safely.
-    fn lock_valid(&self) -> bool;
-    /// The transaction did not commit: releases the write lock, if any.
-    fn abort(self: Box<Self>) -> BoxFuture<'static, ()>;
-    fn run(self: Box<Self>) -> BoxFuture<'static, CacheInvalidation>;
-}
-
-struct TypedBatch<K, V>
-where
-    K: CacheKey,
-    V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
-{
-    cache: Cache<K, V>,
-    keys: Vec<K>,
-    seen: HashSet<K>,
+/// The invalidations registered for one cache.
+struct Batch {
+    cache: CacheHandle,
+    /// Keys in text form, in registration order, without duplicates.
+    keys: Vec<String>,
+    seen: HashSet<String>,
     tags: Vec<String>,
     all: bool,
-    lock: Option<WriteLock<K, V>>,
+    lock: Option<WriteLock>,
 }
 
-impl<K, V> TypedBatch<K, V>
-where
-    K: CacheKey,
-    V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
-{
-    fn add_key(&mut self, key: &K) {
+impl Batch {
+    fn add_key(&mut self, key: String) {
         if self.seen.insert(key.clone()) {
-            self.keys.push(key.clone());
+            self.keys.push(key);
         }
-    }
-}
-
-impl<K, V> Batch for TypedBatch<K, V>
-where
-    K: CacheKey,
-    V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
-{
-    fn id(&self) -> CacheId {
-        cache_id(&self.cache)
     }
 
     fn namespace(&self) -> &str {
         self.cache.namespace()
     }
 
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
+    /// What the transaction invalidates in this cache.
+    fn scopes(&self) -> Vec<Scope> {
+        if self.all {
+            return vec![Scope::All];
+        }
+        let mut scopes = Vec::with_capacity(1 + self.tags.len());
+        if !self.keys.is_empty() {
+            scopes.push(Scope::Keys(self.keys.clone()));
+        }
+        scopes.extend(self.tags.iter().cloned().map(Scope::Tag));
+        scopes
     }
 
-    fn lock(&mut self) -> BoxFuture<'_, Result<(), strata::Error>> {
-        Box::pin(async move {
-            if self.cache.consistency() == Consistency::Strong && self.lock.is_none() {
-                self.lock = Some(self.cache.lock_for_write(&self.keys, &self.tags, self.all).await?);
-            }
-            Ok(())
-        })
+    /// Strong caches: takes the write lock (before COMMIT). Others: nothing.
+    async fn lock(&mut self) -> Result<(), strata::Error> {
+        if self.cache.consistency() == Consistency::Strong && self.lock.is_none() {
+            self.lock = Some(self.cache.lock_for_write(self.scopes()).await?);
+        }
+        Ok(())
     }
 
+    /// False when a write lock is held too long for COMMIT to start safely.
     fn lock_valid(&self) -> bool {
         self.lock.as_ref().is_none_or(WriteLock::is_valid)
     }
 
-    fn abort(self: Box<Self>) -> BoxFuture<'static, ()> {
-        Box::pin(async move {
-            if let Some(lock) = self.lock {
-                let _ = lock.release().await;
-            }
-        })
+    /// The transaction did not commit: releases the write lock, if any.
+    async fn abort(self) {
+        if let Some(lock) = self.lock {
+            lock.abort().await;
+        }
     }
 
-    fn run(self: Box<Self>) -> BoxFuture<'static, CacheInvalidation> {
-        Box::pin(async move {
-            let TypedBatch { cache, keys, tags, all, lock, .. } = *self;
-            let mut first_err = None;
-            if let Some(lock) = lock {
-                // Invalidated before COMMIT; releasing invalidates L2 once more (and on
-                // failure the cache makes itself safe as an invalidation would).
-                if let Err(e) = lock.release().await {
-                    first_err = Some(e);
-                }
-            } else if all {
-                if let Err(e) = cache.invalidate_all().await {
-                    first_err = Some(e);
-                }
-            } else {
-                if let Err(e) = cache.invalidate_many(&keys).await {
-                    first_err = Some(e);
-                }
-                for tag in &tags {
-                    if let Err(e) = cache.invalidate_tag(tag).await {
-                        first_err.get_or_insert(e);
-                    }
+    async fn run(self) -> CacheInvalidation {
+        let scopes = self.scopes();
+        let Batch { cache, keys, tags, all, lock, .. } = self;
+        let mut first_err = None;
+        if let Some(lock) = lock {
+            // Invalidated before COMMIT; releasing invalidates L2 once more (and on
+            // failure the cache makes itself safe as an invalidation would).
+            if let Err(e) = lock.release().await {
+                first_err = Some(e);
+            }
+        } else {
+            for scope in scopes {
+                if let Err(e) = cache.invalidate(scope).await {
+                    first_err.get_or_insert(e);
                 }
             }
-            let state = match &first_err {
-                None => InvalidationState::Done,
-                Some(_) if cache.is_bypassed() => InvalidationState::Bypassed,
-                Some(_) if cache.pending_invalidations() > 0 => InvalidationState::Buffered,
-                Some(_) => InvalidationState::Unconfirmed,
-            };
-            CacheInvalidation {
-                namespace: cache.namespace().to_owned(),
-                consistency: cache.consistency(),
-                keys: if all { 0 } else { keys.len() },
-                tags: if all { 0 } else { tags.len() },
-                all,
-                state,
-                error: first_err,
-            }
-        })
+        }
+        let health = cache.health();
+        let state = match &first_err {
+            None => InvalidationState::Done,
+            Some(_) if health.bypassed => InvalidationState::Bypassed,
+            Some(_) if health.pending_invalidations > 0 => InvalidationState::Buffered,
+            Some(_) => InvalidationState::Unconfirmed,
+        };
+        CacheInvalidation {
+            namespace: cache.namespace().to_owned(),
+            consistency: cache.consistency(),
+            keys: if all { 0 } else { keys.len() },
+            tags: if all { 0 } else { tags.len() },
+            all,
+            state,
+            error: first_err,
+        }
     }
 }
 
 /// Releases the write locks of a transaction that did not commit.
-async fn abort_locks(batches: Vec<Box<dyn Batch>>) {
+async fn abort_locks(batches: Vec<Batch>) {
     join_all(batches.into_iter().map(Batch::abort)).await;
 }
 
 /// Runs every cache's invalidation concurrently (they are independent) and returns
 /// once all have returned, in the order the caches were first named.
-async fn run_invalidations(batches: Vec<Box<dyn Batch>>) -> Vec<CacheInvalidation> {
+async fn run_invalidations(batches: Vec<Batch>) -> Vec<CacheInvalidation> {
     let done = join_all(batches.into_iter().map(Batch::run)).await;
     for inv in done.iter().filter(|i| !i.is_done()) {
         let state = match inv.state {

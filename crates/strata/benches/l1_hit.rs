@@ -105,7 +105,7 @@ where
 {
     let strata: strata::Cache<u64, V> = strata::Cache::builder("bench")
         .max_capacity(2 * ENTRIES)
-        .time_to_live(Duration::from_secs(3600))
+        .ttl(Duration::from_secs(3600))
         .build()
         .expect("valid config");
     for k in 0..ENTRIES {

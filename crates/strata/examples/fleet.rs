@@ -24,7 +24,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let cache: Cache<u64, String> = Cache::builder("billsetting")
             .tier(Arc::new(tier.clone()))
             .backplane(Arc::new(hub.connect()))
-            .time_to_live(Duration::from_secs(24 * 3600))
+            .ttl(Duration::from_secs(24 * 3600))
             .build()?;
         cache.ready().await;
         fleet.push(cache);

@@ -22,8 +22,12 @@ pub enum ErrorKind {
     CircuitOpen,
     /// The input was rejected (oversized value, bad key…): nothing was changed.
     InvalidInput,
-    /// The cache is shutting down.
+    /// The cache was shut down.
     Shutdown,
+    /// The cache is bypassed: L2 may hold what should have been deleted (Strong level),
+    /// so it answers nothing until a namespace bump has cleaned L2. Read from the
+    /// source instead (`get_or_load` does).
+    Bypassed,
     /// The write-behind queue or another durable structure refused the write.
     Rejected,
 }
@@ -38,7 +42,8 @@ impl ErrorKind {
             ErrorKind::Codec => "codec error",
             ErrorKind::CircuitOpen => "circuit open",
             ErrorKind::InvalidInput => "invalid input",
-            ErrorKind::Shutdown => "shutting down",
+            ErrorKind::Shutdown => "shut down",
+            ErrorKind::Bypassed => "cache bypassed",
             ErrorKind::Rejected => "rejected",
         }
     }
@@ -107,7 +112,11 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         matches!(
             self.kind,
-            ErrorKind::Timeout | ErrorKind::Tier | ErrorKind::Backplane | ErrorKind::CircuitOpen
+            ErrorKind::Timeout
+                | ErrorKind::Tier
+                | ErrorKind::Backplane
+                | ErrorKind::CircuitOpen
+                | ErrorKind::Bypassed
         )
     }
 
@@ -124,6 +133,16 @@ impl Error {
     /// True when a circuit breaker refused the call.
     pub fn is_circuit_open(&self) -> bool {
         self.kind == ErrorKind::CircuitOpen
+    }
+
+    /// True when the cache is bypassed (see [`ErrorKind::Bypassed`]).
+    pub fn is_bypassed(&self) -> bool {
+        self.kind == ErrorKind::Bypassed
+    }
+
+    /// True after `shutdown`.
+    pub fn is_shutdown(&self) -> bool {
+        self.kind == ErrorKind::Shutdown
     }
 
     /// True when the input was rejected and nothing was changed.

@@ -1,4 +1,5 @@
-//! Keys: how a cache key is written into L2 key names and backplane messages.
+//! Keys and values: how a cache key is written into L2 key names and backplane
+//! messages, and the one bound every cached value meets.
 
 use std::hash::Hash;
 use std::sync::Arc;
@@ -58,3 +59,15 @@ macro_rules! int_key {
     )*};
 }
 int_key!(u8, u16, u32, u64, u128, i8, i16, i32, i64, i128, usize, isize);
+
+/// A cached value: what L1 holds (cloned out on every hit) and L2 stores encoded.
+///
+/// Implemented for every type that is `Clone + Send + Sync + Serialize +
+/// DeserializeOwned + 'static`; it only names that bound once. Cheap clones pay off:
+/// store large rows as `Arc<Row>`.
+pub trait CacheValue: Clone + Send + Sync + serde::Serialize + serde::de::DeserializeOwned + 'static {}
+
+impl<T> CacheValue for T where
+    T: Clone + Send + Sync + serde::Serialize + serde::de::DeserializeOwned + 'static
+{
+}

@@ -19,7 +19,7 @@
 //! let cache: Cache<u64, String> = Cache::builder("billsetting")
 //!     .tier(Arc::new(tier))
 //!     .backplane(Arc::new(hub.connect()))
-//!     .time_to_live(std::time::Duration::from_secs(24 * 3600))
+//!     .ttl(std::time::Duration::from_secs(24 * 3600))
 //!     .build()?;
 //! cache.ready().await;
 //! let plan = cache
@@ -42,7 +42,7 @@
 //! |---|---|
 //! | [`Consistency::Local`] | the L1 time to live (no invalidation reaches other instances) |
 //! | [`Consistency::Invalidated`] | the backplane's propagation delay while it is healthy; `max_stale` while it is not |
-//! | [`Consistency::Strong`] | none for writes made under a [`WriteLock`] (linearizable per key); for a plain `invalidate` after a commit, until it returns; a failed L2 delete makes every read bypass the cache until L2 is clean |
+//! | [`Consistency::Strong`] | none for writes made under a [`WriteLock`] (linearizable per key); for a plain `invalidate` after a commit, until it returns; a failed L2 delete makes the cache *bypassed* (every read goes to the loader, `get` answers [`ErrorKind::Bypassed`]) until L2 is clean |
 //!
 //! What makes these bounds hold:
 //!
@@ -61,7 +61,9 @@
 //!   buffered and retried.
 //! * **Single-flight and leases.** Concurrent misses on a key run one load per instance,
 //!   and with a leasing tier one per fleet.
-//!
+//! * **Versions.** With [`CacheBuilder::version`], a fill never replaces a live entry of
+//!   a newer version, in L1 or L2: a load that read a lagging replica cannot overwrite
+//!   what a newer load stored.
 //! * **Write locks.** [`Cache::lock_for_write`] invalidates *before* a commit: it takes
 //!   a lock in L2 (which poisons every fill token handed out while it holds, so nothing
 //!   read before the commit can be stored there, even after the lock expired) and, at
@@ -83,6 +85,8 @@
 //!   to 2 s while L2 stays down); the retry then republishes the invalidation. At the
 //!   Strong level the cache is bypassed instead.
 //! * L1 time checks use this process's clock (1 ms resolution), L2 expiry the tier's.
+//! * After [`Cache::shutdown`] nothing is served by any handle; invalidations still
+//!   reach L2 and the backplane but are not acknowledged (`Shutdown` at the Strong level).
 //!
 //! ## Costs
 //!
@@ -92,29 +96,59 @@
 //! copy (those are stored behind an `Arc`; see the `l1_hit` benchmark). Misses cost one
 //! L2 round trip; invalidations one L2 round trip and one publish.
 
+//! ## Layout
+//!
+//! | module | job |
+//! |---|---|
+//! | `cache` | the [`Cache`] handle, its [`CacheBuilder`], the read path (probe, single-flight, loads, batch reads, fail-safe), the write path (one invalidation algorithm for every [`Scope`], its retry buffer, [`WriteLock`]s), the L2 call wrapper (the one owner of the L2 breaker and timeout), the type-erased [`CacheHandle`], and the only place that spawns tasks |
+//! | `fleet` | the fleet protocol: publishing with sequence numbers, Strong membership and acknowledgements, the listener (apply, gap detection, repair, health), the heartbeat; it reaches the cache through a small trait |
+//! | `l1` | the in-process table (sharded quick_cache), slot packing, the fast path's floor, the fill guards (tombstones, tag and namespace epochs) |
+//! | [`tier`] | the L2 port ([`Tier`]) with its fill-guard contract, the in-process tier, and the conformance suite every tier must pass (feature `testing`) |
+//! | [`backplane`] | the backplane port ([`Backplane`], [`Message`]) and the in-process backplane |
+//! | [`scope`] | [`Scope`]: these keys, one tag, or the namespace, used everywhere an invalidation travels |
+//! | [`consistency`] | the [`Consistency`] levels |
+//! | [`key`] | [`CacheKey`] and [`CacheValue`] |
+//! | [`loader`] | the [`Loader`] port for read-through |
+//! | [`breaker`], [`clock`], [`codec`], [`error`] | circuit breaker, injectable time, value codecs, the one error type |
+//! | `stats` | the counters behind [`CacheStats`] |
+
+mod cache;
+mod fleet;
+mod l1;
+mod shutdown;
+mod stats;
+
 pub mod backplane;
 pub mod breaker;
-mod builder;
-mod cache;
 pub mod clock;
 pub mod codec;
+pub mod consistency;
 pub mod error;
-mod guard;
 pub mod key;
-mod l1;
-mod listener;
-mod stats;
+pub mod loader;
+pub mod scope;
 pub mod tier;
-mod write_lock;
 
-pub use backplane::{Backplane, BackplaneEvent, InProcessBackplane, Message, MessageBody, OriginId};
-pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker};
-pub use builder::{CacheBuilder, Consistency, Invalidation};
+/// Test fixtures: a manual clock, and the conformance suite every [`Tier`]
+/// implementation must pass. Behind the `testing` feature.
+#[cfg(feature = "testing")]
+pub mod testing {
+    pub use crate::clock::ManualClock;
+}
+
+pub use backplane::InProcessBackplane;
+pub use breaker::{BreakerConfig, BreakerState};
 pub use cache::Cache;
-pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
+pub use cache::builder::CacheBuilder;
+pub use cache::erased::CacheHealth;
+pub use cache::handle::CacheHandle;
+pub use cache::write_lock::WriteLock;
+pub use clock::{Clock, SystemClock, Timestamp};
 pub use codec::{Codec, PostcardCodec};
+pub use consistency::Consistency;
 pub use error::{BuildError, Error, ErrorKind, Result};
-pub use key::CacheKey;
+pub use key::{CacheKey, CacheValue};
+pub use loader::{BoxError, Loader, loader_fn};
+pub use scope::Scope;
 pub use stats::CacheStats;
-pub use tier::{Envelope, FillOutcome, FillToken, InProcessTier, LockScope, Lookup, Tier, TierConfig};
-pub use write_lock::WriteLock;
+pub use tier::InProcessTier;

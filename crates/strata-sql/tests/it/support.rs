@@ -7,10 +7,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
-use strata::{
-    Cache, Consistency, Envelope, FillOutcome, FillToken, InProcessBackplane, InProcessTier, LockScope,
-    Lookup, Tier, Timestamp,
-};
+use strata::tier::{Envelope, FillOutcome, FillToken, Lookup, Tier};
+use strata::{Cache, Consistency, InProcessBackplane, InProcessTier, Scope, Timestamp};
 use strata_testkit::PostgresServer;
 
 const SCHEMA: &str = "
@@ -136,12 +134,12 @@ impl Tier for ObservingTier {
     async fn touch(&self, ns: &str, key: &str, soft: Timestamp, ttl: Duration) -> strata::Result<bool> {
         self.inner.touch(ns, key, soft, ttl).await
     }
-    async fn lock(&self, ns: &str, scope: LockScope<'_>, id: u64, ttl: Duration) -> strata::Result<()> {
+    async fn lock(&self, ns: &str, scope: &Scope, id: u64, ttl: Duration) -> strata::Result<()> {
         let seen = (self.observe)().await;
         push(&self.log, format!("l2 lock {ns} {scope:?}: database says {seen}"));
         self.inner.lock(ns, scope, id, ttl).await
     }
-    async fn unlock(&self, ns: &str, scope: LockScope<'_>, id: u64) -> strata::Result<()> {
+    async fn unlock(&self, ns: &str, scope: &Scope, id: u64) -> strata::Result<()> {
         let seen = (self.observe)().await;
         push(&self.log, format!("l2 unlock {ns} {scope:?}: database says {seen}"));
         self.inner.unlock(ns, scope, id).await
@@ -162,7 +160,7 @@ pub(crate) async fn fleet(
             .tier(tier.clone())
             .backplane(Arc::new(hub.connect()))
             .consistency(level)
-            .time_to_live(Duration::from_secs(3600))
+            .ttl(Duration::from_secs(3600))
             .heartbeat_interval(Duration::from_millis(100))
             // The observing tier queries the database inside its delete.
             .l2_timeout(Duration::from_secs(2))

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::scope::Scope;
 
 /// Identifies one publishing `Cache` handle.
 pub type OriginId = u64;
@@ -38,17 +39,13 @@ pub struct Message {
 /// What a message asks receivers to do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MessageBody {
-    /// Drop these keys (text form, see `CacheKey`).
-    Keys(Vec<String>),
-    /// Drop every entry carrying this tag.
-    Tag(String),
-    /// Drop the whole namespace.
-    All,
+    /// Drop what `Scope` covers.
+    Invalidate(Scope),
     /// Liveness: the origin is alive and its last sequence number is `seq`.
     Heartbeat,
-    /// Strong level: an L2 delete failed, so L2 may hold stale entries. Receivers bypass
-    /// the cache until they have cleaned L2 themselves (a namespace bump).
-    DistrustL2,
+    /// Strong level: an L2 delete failed, so L2 may hold stale entries. Receivers
+    /// bypass the cache until they have cleaned L2 themselves (a namespace bump).
+    Bypass,
     /// Strong level: the sender applied every message of origin `to` up to `seq`.
     /// Like a heartbeat, it carries the sender's last sequence number without using a new one.
     Ack {
@@ -60,7 +57,9 @@ pub enum MessageBody {
 }
 
 /// The first byte of every encoded message, so the format can evolve.
-const WIRE_FORMAT: u8 = 1;
+///
+/// 2: the body of an invalidation is one [`Scope`] (1 had a variant per kind).
+const WIRE_FORMAT: u8 = 2;
 
 impl Message {
     /// Encodes the message for a wire (format byte + postcard).

@@ -10,9 +10,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use parking_lot::Mutex;
 
-use super::{Envelope, FillOutcome, FillToken, LockScope, Lookup, Tier, TierConfig};
+use super::{Envelope, FillOutcome, FillToken, Lookup, Tier, TierConfig};
 use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::error::{Error, ErrorKind, Result};
+use crate::scope::Scope;
 
 /// The stamp of a poisoned fill token: below every namespace epoch (which starts at 1),
 /// so no fill with it is ever stored.
@@ -81,10 +82,10 @@ impl Namespace {
     }
 
     /// Invalidates `scope` (one clock tick), with key tombstones living `tomb_for`.
-    fn invalidate(&mut self, scope: LockScope<'_>, now: Timestamp, tomb_for: Duration) {
+    fn invalidate(&mut self, scope: &Scope, now: Timestamp, tomb_for: Duration) {
         let at = self.tick();
         match scope {
-            LockScope::Keys(keys) => {
+            Scope::Keys(keys) => {
                 let exp = now.saturating_add(tomb_for);
                 for k in keys {
                     self.entries.remove(k);
@@ -93,10 +94,10 @@ impl Namespace {
                     *t = (at, t.1.max(exp));
                 }
             }
-            LockScope::Tag(tag) => {
-                self.tag_epochs.insert(tag.to_owned(), at);
+            Scope::Tag(tag) => {
+                self.tag_epochs.insert(tag.clone(), at);
             }
-            LockScope::Namespace => {
+            Scope::All => {
                 self.namespace_epoch = at;
                 self.entries.clear();
                 self.leases.clear();
@@ -198,11 +199,39 @@ impl InProcessTier {
 
     /// Invalidates `scope` (delete, tag bump or namespace bump), with key tombstones
     /// living the configured tombstone ttl.
-    fn invalidate(&self, namespace: &str, scope: LockScope<'_>) -> Result<()> {
+    fn invalidate_scope(&self, namespace: &str, scope: &Scope) -> Result<()> {
         let now = self.enter()?;
         let tomb_for = self.inner.config.tombstone_ttl;
         self.with_ns(namespace, |ns| ns.invalidate(scope, now, tomb_for));
         Ok(())
+    }
+
+    fn lookup_in(&self, ns: &mut Namespace, key: &str, lease: Option<Duration>, now: Timestamp) -> Lookup {
+        let next_lease = &self.inner.next_lease;
+        let mut stale = None;
+        if let Some((env, exp)) = ns.entries.get(key) {
+            if *exp > now && ns.valid(env) {
+                if env.soft_expiry > now {
+                    return Lookup::Hit(env.clone());
+                }
+                stale = Some(env.clone());
+            } else {
+                ns.entries.remove(key);
+            }
+        }
+        let stamp = if ns.locked(key, now) { POISONED } else { ns.clock };
+        let token = match lease {
+            None => FillToken { stamp, lease: None, leader: true },
+            Some(lease_ttl) => match ns.leases.get(key) {
+                Some((_, exp)) if *exp > now => FillToken { stamp, lease: None, leader: false },
+                _ => {
+                    let id = next_lease.fetch_add(1, Ordering::Relaxed);
+                    ns.leases.insert(key.to_owned(), (id, now.saturating_add(lease_ttl)));
+                    FillToken { stamp, lease: Some(id), leader: true }
+                }
+            },
+        };
+        Lookup::Miss { token, stale }
     }
 
     fn with_ns<R>(&self, namespace: &str, f: impl FnOnce(&mut Namespace) -> R) -> R {
@@ -227,33 +256,18 @@ impl Tier for InProcessTier {
 
     async fn lookup(&self, namespace: &str, key: &str, lease: Option<Duration>) -> Result<Lookup> {
         let now = self.enter()?;
-        let next_lease = &self.inner.next_lease;
-        Ok(self.with_ns(namespace, |ns| {
-            let mut stale = None;
-            if let Some((env, exp)) = ns.entries.get(key) {
-                if *exp > now && ns.valid(env) {
-                    if env.soft_expiry > now {
-                        return Lookup::Hit(env.clone());
-                    }
-                    stale = Some(env.clone());
-                } else {
-                    ns.entries.remove(key);
-                }
-            }
-            let stamp = if ns.locked(key, now) { POISONED } else { ns.clock };
-            let token = match lease {
-                None => FillToken { stamp, lease: None, leader: true },
-                Some(lease_ttl) => match ns.leases.get(key) {
-                    Some((_, exp)) if *exp > now => FillToken { stamp, lease: None, leader: false },
-                    _ => {
-                        let id = next_lease.fetch_add(1, Ordering::Relaxed);
-                        ns.leases.insert(key.to_owned(), (id, now.saturating_add(lease_ttl)));
-                        FillToken { stamp, lease: Some(id), leader: true }
-                    }
-                },
-            };
-            Lookup::Miss { token, stale }
-        }))
+        Ok(self.with_ns(namespace, |ns| self.lookup_in(ns, key, lease, now)))
+    }
+
+    /// One call (one op) for the whole batch, as a Redis pipeline would be.
+    async fn lookup_many(
+        &self,
+        namespace: &str,
+        keys: &[String],
+        lease: Option<Duration>,
+    ) -> Result<Vec<Lookup>> {
+        let now = self.enter()?;
+        Ok(self.with_ns(namespace, |ns| keys.iter().map(|k| self.lookup_in(ns, k, lease, now)).collect()))
     }
 
     async fn fill(
@@ -276,6 +290,15 @@ impl Tier for InProcessTier {
             if tombstoned || !ns.valid(&envelope) {
                 return FillOutcome::Rejected;
             }
+            // The version guard: a valid stored entry of a newer version stays.
+            let newer_stored = ns.entries.get(key).is_some_and(|(held, exp)| {
+                *exp > now
+                    && ns.valid(held)
+                    && matches!((held.version, envelope.version), (Some(h), Some(v)) if h > v)
+            });
+            if newer_stored {
+                return FillOutcome::Rejected;
+            }
             ns.entries.insert(key.to_owned(), (envelope, now.saturating_add(ttl)));
             FillOutcome::Stored
         }))
@@ -296,15 +319,19 @@ impl Tier for InProcessTier {
     }
 
     async fn delete(&self, namespace: &str, keys: &[String]) -> Result<()> {
-        self.invalidate(namespace, LockScope::Keys(keys))
+        self.invalidate_scope(namespace, &Scope::Keys(keys.to_vec()))
     }
 
     async fn invalidate_tag(&self, namespace: &str, tag: &str) -> Result<()> {
-        self.invalidate(namespace, LockScope::Tag(tag))
+        self.invalidate_scope(namespace, &Scope::Tag(tag.to_owned()))
     }
 
     async fn invalidate_namespace(&self, namespace: &str) -> Result<()> {
-        self.invalidate(namespace, LockScope::Namespace)
+        self.invalidate_scope(namespace, &Scope::All)
+    }
+
+    async fn invalidate(&self, namespace: &str, scope: &Scope) -> Result<()> {
+        self.invalidate_scope(namespace, scope)
     }
 
     async fn release_lease(&self, namespace: &str, key: &str, token: &FillToken) -> Result<()> {
@@ -334,28 +361,28 @@ impl Tier for InProcessTier {
         }))
     }
 
-    async fn lock(&self, namespace: &str, scope: LockScope<'_>, id: u64, ttl: Duration) -> Result<()> {
+    async fn lock(&self, namespace: &str, scope: &Scope, id: u64, ttl: Duration) -> Result<()> {
         let now = self.enter()?;
         let tomb_for = self.inner.config.tombstone_ttl + ttl;
         let exp = now.saturating_add(ttl);
         self.with_ns(namespace, |ns| {
             ns.invalidate(scope, now, tomb_for);
             match scope {
-                LockScope::Keys(keys) => {
+                Scope::Keys(keys) => {
                     for k in keys {
                         ns.key_locks.entry(k.clone()).or_default().push((id, exp));
                     }
                 }
-                LockScope::Tag(_) | LockScope::Namespace => ns.wide_locks.push((id, exp)),
+                Scope::Tag(_) | Scope::All => ns.wide_locks.push((id, exp)),
             }
         });
         Ok(())
     }
 
-    async fn unlock(&self, namespace: &str, scope: LockScope<'_>, id: u64) -> Result<()> {
-        self.invalidate(namespace, scope)?;
+    async fn unlock(&self, namespace: &str, scope: &Scope, id: u64) -> Result<()> {
+        self.invalidate_scope(namespace, scope)?;
         self.with_ns(namespace, |ns| match scope {
-            LockScope::Keys(keys) => {
+            Scope::Keys(keys) => {
                 for k in keys {
                     if let Some(l) = ns.key_locks.get_mut(k) {
                         l.retain(|(i, _)| *i != id);
@@ -365,7 +392,7 @@ impl Tier for InProcessTier {
                     }
                 }
             }
-            LockScope::Tag(_) | LockScope::Namespace => ns.wide_locks.retain(|(i, _)| *i != id),
+            Scope::Tag(_) | Scope::All => ns.wide_locks.retain(|(i, _)| *i != id),
         });
         Ok(())
     }

@@ -41,6 +41,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::Timestamp;
 use crate::error::Result;
+use crate::scope::Scope;
 
 /// One L2 entry as the tier stores it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,18 +100,6 @@ pub enum FillOutcome {
     Rejected,
 }
 
-/// What a write lock ([`Tier::lock`]) covers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LockScope<'a> {
-    /// These keys.
-    Keys(&'a [String]),
-    /// Every entry carrying this tag (lookups of any key of the namespace get poisoned
-    /// tokens while it is held: the tier cannot tell which values a load will tag).
-    Tag(&'a str),
-    /// The whole namespace.
-    Namespace,
-}
-
 /// Settings every tier implementation honours.
 #[derive(Debug, Clone)]
 pub struct TierConfig {
@@ -139,7 +128,25 @@ pub trait Tier: Send + Sync + 'static {
     /// load lease for that long; the token says whether this caller won it.
     async fn lookup(&self, namespace: &str, key: &str, lease: Option<Duration>) -> Result<Lookup>;
 
-    /// Stores a loaded value if no invalidation happened since `token` was issued.
+    /// [`Tier::lookup`] of several keys, answered in the order of `keys`. Tiers that
+    /// can should answer in one round trip (the core's batch reads rely on it); the
+    /// default looks the keys up one by one.
+    async fn lookup_many(
+        &self,
+        namespace: &str,
+        keys: &[String],
+        lease: Option<Duration>,
+    ) -> Result<Vec<Lookup>> {
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            out.push(self.lookup(namespace, key, lease).await?);
+        }
+        Ok(out)
+    }
+
+    /// Stores a loaded value if no invalidation happened since `token` was issued, and
+    /// (when both carry a [`Envelope::version`]) the tier does not hold a valid entry
+    /// of a newer version; either refusal is [`FillOutcome::Rejected`].
     async fn fill(
         &self,
         namespace: &str,
@@ -165,6 +172,16 @@ pub trait Tier: Send + Sync + 'static {
     /// Invalidates the whole namespace, in O(1).
     async fn invalidate_namespace(&self, namespace: &str) -> Result<()>;
 
+    /// Invalidates `scope`: [`Tier::delete`], [`Tier::invalidate_tag`] or
+    /// [`Tier::invalidate_namespace`].
+    async fn invalidate(&self, namespace: &str, scope: &Scope) -> Result<()> {
+        match scope {
+            Scope::Keys(keys) => self.delete(namespace, keys).await,
+            Scope::Tag(tag) => self.invalidate_tag(namespace, tag).await,
+            Scope::All => self.invalidate_namespace(namespace).await,
+        }
+    }
+
     /// Gives up the load lease `token` holds without filling (the load failed, or its
     /// result is not to be stored), so the instances waiting for the fill stop waiting.
     /// A lease that is no longer `token`'s is left alone. The default does nothing: the
@@ -180,10 +197,12 @@ pub trait Tier: Send + Sync + 'static {
 
     /// Takes write lock `id` on `scope` for at most `ttl` (see "Write locks" in the
     /// module docs): invalidates the scope, and poisons the fill tokens handed out for
-    /// it until [`Tier::unlock`] or the expiry. Returns once the tier applied it.
-    async fn lock(&self, namespace: &str, scope: LockScope<'_>, id: u64, ttl: Duration) -> Result<()>;
+    /// it until [`Tier::unlock`] or the expiry. Returns once the tier applied it. A tag
+    /// lock poisons the tokens of every key of the namespace while it is held: the
+    /// tier cannot tell which values a load will tag.
+    async fn lock(&self, namespace: &str, scope: &Scope, id: u64, ttl: Duration) -> Result<()>;
 
     /// Invalidates `scope` once more and drops write lock `id` (other locks on the
     /// scope stay). Dropping a lock that expired or never existed is not an error.
-    async fn unlock(&self, namespace: &str, scope: LockScope<'_>, id: u64) -> Result<()>;
+    async fn unlock(&self, namespace: &str, scope: &Scope, id: u64) -> Result<()>;
 }

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use strata::{Backplane, BreakerConfig, Cache, Clock, Consistency, InProcessBackplane, InProcessTier, Tier};
+use strata::backplane::Backplane;
+use strata::tier::Tier;
+use strata::{BreakerConfig, Cache, Clock, Consistency, InProcessBackplane, InProcessTier};
 
 use crate::support::{Db, NS, l2_value};
 
@@ -26,7 +28,7 @@ async fn oversized_values_are_refused_and_nothing_changes() {
 async fn an_undecodable_l2_entry_is_a_counted_miss_and_is_evicted() {
     let tier = InProcessTier::new();
     let cache: Cache<u64, String> = Cache::builder(NS).tier(Arc::new(tier.clone())).build().expect("valid");
-    let garbage = strata::Envelope {
+    let garbage = strata::tier::Envelope {
         value: Some(bytes::Bytes::from_static(&[0xff, 0xff, 0xff, 0xff, 0xff])),
         version: None,
         created: strata::SystemClock::default().now(),
@@ -49,19 +51,21 @@ async fn bad_configuration_fails_at_build_time_with_a_fix() {
         ("namespace", Cache::builder("has space")),
         ("max_capacity", Cache::builder(NS).max_capacity(0)),
         ("ttl_jitter", Cache::builder(NS).ttl_jitter(2.0)),
-        ("time_to_live", Cache::builder(NS).time_to_live(Duration::ZERO)),
-        ("soft_timeout", Cache::builder(NS).soft_timeout(Duration::from_secs(1))),
+        ("ttl", Cache::builder(NS).ttl(Duration::ZERO)),
+        ("loader_soft_timeout", Cache::builder(NS).loader_soft_timeout(Duration::from_secs(1))),
         (
-            "soft_timeout",
+            "loader_soft_timeout",
             Cache::builder(NS)
                 .fail_safe(Duration::from_secs(1), Duration::from_secs(1))
-                .soft_timeout(Duration::from_secs(20)),
+                .loader_soft_timeout(Duration::from_secs(20)),
         ),
         ("consistency", Cache::builder(NS).consistency(Consistency::Invalidated)),
         ("early_refresh", Cache::builder(NS).early_refresh(f64::NAN)),
         (
-            "hard_timeout",
-            Cache::builder(NS).tier(Arc::new(InProcessTier::new())).hard_timeout(Duration::from_secs(120)),
+            "loader_hard_timeout",
+            Cache::builder(NS)
+                .tier(Arc::new(InProcessTier::new()))
+                .loader_hard_timeout(Duration::from_secs(120)),
         ),
         ("breaker.window", Cache::builder(NS).breaker(BreakerConfig { window: 0, ..Default::default() })),
     ];

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use strata::{Cache, Clock, ErrorKind, InProcessTier, ManualClock, TierConfig};
+use strata::testing::ManualClock;
+use strata::tier::TierConfig;
+use strata::{Cache, Clock, ErrorKind, InProcessTier};
 
 use crate::support::{Db, NS, manual_cache};
 
@@ -66,8 +68,8 @@ async fn soft_timeout_returns_the_stale_copy_and_the_load_refreshes_in_the_backg
     let clock = ManualClock::new();
     let cache = manual_cache(&clock)
         .fail_safe(Duration::from_secs(60), Duration::from_secs(1))
-        .soft_timeout(Duration::from_millis(100))
-        .hard_timeout(Duration::from_secs(5))
+        .loader_soft_timeout(Duration::from_millis(100))
+        .loader_hard_timeout(Duration::from_secs(5))
         .build()
         .expect("valid");
     let db = Db::with(&[(1, "v1")]);
@@ -92,7 +94,7 @@ async fn soft_timeout_returns_the_stale_copy_and_the_load_refreshes_in_the_backg
 #[tokio::test(start_paused = true)]
 async fn hard_timeout_fails_the_load_or_falls_back_to_the_stale_copy() {
     let clock = ManualClock::new();
-    let cache = manual_cache(&clock).hard_timeout(Duration::from_millis(300)).build().expect("valid");
+    let cache = manual_cache(&clock).loader_hard_timeout(Duration::from_millis(300)).build().expect("valid");
     let hang = || async {
         tokio::time::sleep(Duration::from_secs(60)).await;
         Ok::<_, io::Error>(Some("never".to_string()))
@@ -103,7 +105,7 @@ async fn hard_timeout_fails_the_load_or_falls_back_to_the_stale_copy() {
 
     let safe = manual_cache(&clock)
         .fail_safe(Duration::from_secs(60), Duration::from_secs(1))
-        .hard_timeout(Duration::from_millis(300))
+        .loader_hard_timeout(Duration::from_millis(300))
         .build()
         .expect("valid");
     safe.insert(1, "v1".into()).await.expect("insert");
@@ -120,7 +122,7 @@ async fn xfetch_rate(gap_in_deltas: f64, hits: usize) -> f64 {
     let clock = ManualClock::new();
     let ttl = Duration::from_secs(60);
     let delta = Duration::from_millis(100);
-    let cache = manual_cache(&clock).time_to_live(ttl).early_refresh(1.0).seed(7).build().expect("valid");
+    let cache = manual_cache(&clock).ttl(ttl).early_refresh(1.0).seed(7).build().expect("valid");
     let c = clock.clone();
     cache
         .get_or_load(&1, move || async move {

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use strata::backplane::Mode;
-use strata::{BreakerConfig, BreakerState, Cache, ErrorKind, ManualClock};
+use strata::testing::ManualClock;
+use strata::{BreakerConfig, BreakerState, Cache, ErrorKind};
 
 use crate::support::{Db, eventually, fleet};
 
@@ -211,7 +212,7 @@ async fn a_copy_reread_from_l2_before_a_buffered_delete_lands_is_evicted_fleet_w
 async fn a_cancelled_probe_does_not_keep_the_breaker_open() {
     let clock = ManualClock::new();
     let cfg = BreakerConfig { consecutive_failures: 1, jitter: 0.0, ..BreakerConfig::default() };
-    let breaker = strata::CircuitBreaker::with_clock("test", cfg, Arc::new(clock.clone()));
+    let breaker = strata::breaker::CircuitBreaker::with_clock("test", cfg, Arc::new(clock.clone()));
     let fail = || async { Err::<(), _>(strata::Error::new(ErrorKind::Tier, "down")) };
     assert!(breaker.call(fail()).await.is_err());
     assert_eq!(breaker.state(), BreakerState::Open);

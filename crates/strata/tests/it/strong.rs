@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use strata::{BreakerState, Cache, Consistency, ErrorKind, InProcessBackplane, InProcessTier, Tier};
+use strata::tier::Tier;
+use strata::{BreakerState, Cache, Consistency, ErrorKind, InProcessBackplane, InProcessTier};
 
 use crate::support::{Db, NS, eventually, l2_value, strong_fleet};
 
@@ -146,7 +147,12 @@ impl Tier for OwnConnection {
     fn tombstone_ttl(&self) -> Duration {
         self.tier.tombstone_ttl()
     }
-    async fn lookup(&self, ns: &str, key: &str, lease: Option<Duration>) -> strata::Result<strata::Lookup> {
+    async fn lookup(
+        &self,
+        ns: &str,
+        key: &str,
+        lease: Option<Duration>,
+    ) -> strata::Result<strata::tier::Lookup> {
         self.check()?;
         self.tier.lookup(ns, key, lease).await
     }
@@ -154,14 +160,20 @@ impl Tier for OwnConnection {
         &self,
         ns: &str,
         key: &str,
-        env: strata::Envelope,
+        env: strata::tier::Envelope,
         ttl: Duration,
-        token: &strata::FillToken,
-    ) -> strata::Result<strata::FillOutcome> {
+        token: &strata::tier::FillToken,
+    ) -> strata::Result<strata::tier::FillOutcome> {
         self.check()?;
         self.tier.fill(ns, key, env, ttl, token).await
     }
-    async fn set(&self, ns: &str, key: &str, env: strata::Envelope, ttl: Duration) -> strata::Result<()> {
+    async fn set(
+        &self,
+        ns: &str,
+        key: &str,
+        env: strata::tier::Envelope,
+        ttl: Duration,
+    ) -> strata::Result<()> {
         self.check()?;
         self.tier.set(ns, key, env, ttl).await
     }
@@ -187,17 +199,11 @@ impl Tier for OwnConnection {
         self.check()?;
         self.tier.touch(ns, key, soft, ttl).await
     }
-    async fn lock(
-        &self,
-        ns: &str,
-        scope: strata::LockScope<'_>,
-        id: u64,
-        ttl: Duration,
-    ) -> strata::Result<()> {
+    async fn lock(&self, ns: &str, scope: &strata::Scope, id: u64, ttl: Duration) -> strata::Result<()> {
         self.check()?;
         self.tier.lock(ns, scope, id, ttl).await
     }
-    async fn unlock(&self, ns: &str, scope: strata::LockScope<'_>, id: u64) -> strata::Result<()> {
+    async fn unlock(&self, ns: &str, scope: &strata::Scope, id: u64) -> strata::Result<()> {
         self.check()?;
         self.tier.unlock(ns, scope, id).await
     }

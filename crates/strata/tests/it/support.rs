@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use strata::backplane::Mode;
-use strata::{
-    Cache, CacheKey, Clock, Consistency, InProcessBackplane, InProcessTier, ManualClock, TierConfig,
-};
+use strata::testing::ManualClock;
+use strata::tier::TierConfig;
+use strata::{Cache, CacheKey, Clock, Consistency, InProcessBackplane, InProcessTier};
 use tokio::sync::{Notify, Semaphore};
 
 pub(crate) const NS: &str = "settings";
@@ -114,7 +114,7 @@ pub(crate) fn l2_value(tier: &InProcessTier, key: u64) -> Option<String> {
 }
 
 pub(crate) fn manual_cache(clock: &ManualClock) -> strata::CacheBuilder<u64, String> {
-    Cache::builder(NS).clock(Arc::new(clock.clone())).ttl_jitter(0.0).time_to_live(Duration::from_secs(10))
+    Cache::builder(NS).clock(Arc::new(clock.clone())).ttl_jitter(0.0).ttl(Duration::from_secs(10))
 }
 
 pub(crate) async fn strong_fleet(

@@ -4,7 +4,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use strata::{Clock, InProcessTier, ManualClock, Tier, TierConfig};
+use strata::testing::ManualClock;
+use strata::tier::Tier;
+use strata::tier::TierConfig;
+use strata::{Clock, InProcessTier};
 
 use crate::support::{BoxedLoad, Db, NS, eventually, l2_value, strong_fleet};
 
@@ -29,7 +32,7 @@ async fn a_write_lock_keeps_every_member_from_caching_the_old_row_until_released
         assert_eq!(c.get_local(&1).as_deref(), Some("v1"));
     }
 
-    let lock = caches[0].lock_for_write(&[1], &[], false).await.expect("lock");
+    let lock = caches[0].lock_for_write([strata::Scope::key(&1u64)]).await.expect("lock");
     assert!(lock.is_valid());
     // Acknowledged by every member: nobody holds the old row any more.
     for c in &caches {
@@ -66,7 +69,10 @@ async fn a_write_lock_that_cannot_be_taken_fails_and_leaves_nothing_behind() {
     let (tier, _conns, caches) = strong_fleet(2).await;
     let db = Db::with(&[(1, "v1")]);
     tier.set_available(false);
-    let err = caches[0].lock_for_write(&[1], &["t".to_owned()], false).await.expect_err("L2 down");
+    let err = caches[0]
+        .lock_for_write([strata::Scope::key(&1u64), strata::Scope::tag("t")])
+        .await
+        .expect_err("L2 down");
     assert!(err.is_transient(), "{err}");
     assert!(err.to_string().contains("write lock"), "{err}");
     assert_eq!(caches[0].stats().write_locks_failed, 1);
@@ -84,12 +90,12 @@ async fn a_write_lock_that_cannot_be_taken_fails_and_leaves_nothing_behind() {
 async fn tokens_handed_out_under_a_write_lock_never_fill_even_after_it_expired() {
     let clock = ManualClock::new();
     let tier = InProcessTier::with_config(TierConfig::default(), Arc::new(clock.clone()));
-    let key = ["1".to_owned()];
-    let miss_token = |l: strata::Lookup| match l {
-        strata::Lookup::Miss { token, .. } => token,
-        strata::Lookup::Hit(_) => panic!("expected a miss"),
+    let key = vec!["1".to_owned()];
+    let miss_token = |l: strata::tier::Lookup| match l {
+        strata::tier::Lookup::Miss { token, .. } => token,
+        strata::tier::Lookup::Hit(_) => panic!("expected a miss"),
     };
-    let envelope = || strata::Envelope {
+    let envelope = || strata::tier::Envelope {
         value: Some(bytes::Bytes::from_static(b"x")),
         version: None,
         created: clock.now(),
@@ -100,28 +106,46 @@ async fn tokens_handed_out_under_a_write_lock_never_fill_even_after_it_expired()
         load_nanos: 0,
     };
     let before = miss_token(tier.lookup(NS, "1", None).await.unwrap());
-    tier.lock(NS, strata::LockScope::Keys(&key), 7, Duration::from_secs(1)).await.unwrap();
-    tier.lock(NS, strata::LockScope::Keys(&key), 8, Duration::from_secs(1)).await.unwrap();
+    tier.lock(NS, &strata::Scope::Keys(key.clone()), 7, Duration::from_secs(1)).await.unwrap();
+    tier.lock(NS, &strata::Scope::Keys(key.clone()), 8, Duration::from_secs(1)).await.unwrap();
     let under = miss_token(tier.lookup(NS, "1", None).await.unwrap());
     let ttl = Duration::from_secs(60);
-    assert_eq!(tier.fill(NS, "1", envelope(), ttl, &before).await.unwrap(), strata::FillOutcome::Rejected);
-    assert_eq!(tier.fill(NS, "1", envelope(), ttl, &under).await.unwrap(), strata::FillOutcome::Rejected);
+    assert_eq!(
+        tier.fill(NS, "1", envelope(), ttl, &before).await.unwrap(),
+        strata::tier::FillOutcome::Rejected
+    );
+    assert_eq!(
+        tier.fill(NS, "1", envelope(), ttl, &under).await.unwrap(),
+        strata::tier::FillOutcome::Rejected
+    );
     // One writer releases; the other's lock still poisons.
-    tier.unlock(NS, strata::LockScope::Keys(&key), 7).await.unwrap();
+    tier.unlock(NS, &strata::Scope::Keys(key.clone()), 7).await.unwrap();
     let still = miss_token(tier.lookup(NS, "1", None).await.unwrap());
-    assert_eq!(tier.fill(NS, "1", envelope(), ttl, &still).await.unwrap(), strata::FillOutcome::Rejected);
+    assert_eq!(
+        tier.fill(NS, "1", envelope(), ttl, &still).await.unwrap(),
+        strata::tier::FillOutcome::Rejected
+    );
     // The second lock is never released: it expires, and its tokens stay refused.
     clock.advance(Duration::from_secs(2));
-    assert_eq!(tier.fill(NS, "1", envelope(), ttl, &under).await.unwrap(), strata::FillOutcome::Rejected);
-    assert_eq!(tier.fill(NS, "1", envelope(), ttl, &still).await.unwrap(), strata::FillOutcome::Rejected);
+    assert_eq!(
+        tier.fill(NS, "1", envelope(), ttl, &under).await.unwrap(),
+        strata::tier::FillOutcome::Rejected
+    );
+    assert_eq!(
+        tier.fill(NS, "1", envelope(), ttl, &still).await.unwrap(),
+        strata::tier::FillOutcome::Rejected
+    );
     let after = miss_token(tier.lookup(NS, "1", None).await.unwrap());
-    assert_eq!(tier.fill(NS, "1", envelope(), ttl, &after).await.unwrap(), strata::FillOutcome::Stored);
+    assert_eq!(tier.fill(NS, "1", envelope(), ttl, &after).await.unwrap(), strata::tier::FillOutcome::Stored);
 
     // A tag lock poisons every key of the namespace.
-    tier.lock(NS, strata::LockScope::Tag("t"), 9, Duration::from_secs(1)).await.unwrap();
+    tier.lock(NS, &strata::Scope::tag("t"), 9, Duration::from_secs(1)).await.unwrap();
     let under_tag = miss_token(tier.lookup(NS, "2", None).await.unwrap());
-    assert_eq!(tier.fill(NS, "2", envelope(), ttl, &under_tag).await.unwrap(), strata::FillOutcome::Rejected);
-    tier.unlock(NS, strata::LockScope::Tag("t"), 9).await.unwrap();
+    assert_eq!(
+        tier.fill(NS, "2", envelope(), ttl, &under_tag).await.unwrap(),
+        strata::tier::FillOutcome::Rejected
+    );
+    tier.unlock(NS, &strata::Scope::tag("t"), 9).await.unwrap();
     let free = miss_token(tier.lookup(NS, "2", None).await.unwrap());
-    assert_eq!(tier.fill(NS, "2", envelope(), ttl, &free).await.unwrap(), strata::FillOutcome::Stored);
+    assert_eq!(tier.fill(NS, "2", envelope(), ttl, &free).await.unwrap(), strata::tier::FillOutcome::Stored);
 }

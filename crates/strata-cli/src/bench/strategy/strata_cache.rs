@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use async_trait::async_trait;
-use strata::{Backplane, Cache, Consistency, InProcessBackplane, InProcessTier, Tier};
+use strata::backplane::Backplane;
+use strata::tier::Tier;
+use strata::{Cache, Consistency, InProcessBackplane, InProcessTier};
 use strata_redis::{RedisStreamBackplane, RedisTier};
 
 use super::{FleetConfig, INVALIDATED_TTL, Strategy, TierCounts, delete_prefix};
@@ -168,7 +170,7 @@ fn build_cache(
         .tier(tier)
         .backplane(backplane)
         .max_capacity(cfg.capacity)
-        .time_to_live(INVALIDATED_TTL)
+        .ttl(INVALIDATED_TTL)
         .version(|row: &Row| Some(row.version))
         .seed(cfg.seed.wrapping_add(instance as u64));
     if cfg.scenario == Scenario::Payment {

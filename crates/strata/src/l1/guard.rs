@@ -28,6 +28,16 @@ struct Tombstones<K> {
     sweep_at: usize,
 }
 
+/// When a load began: the local invalidation clock and the time. Every fill carries
+/// the start of the load that produced it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LoadStart {
+    /// The invalidation clock when the load began.
+    pub(crate) seq: u64,
+    /// The time when the load began.
+    pub(crate) at: Timestamp,
+}
+
 pub(crate) struct Guards<K> {
     /// The local invalidation clock. SeqCst with the epochs below so that a load that
     /// reads the clock after an invalidation also sees that invalidation's epoch.
@@ -57,9 +67,9 @@ impl<K: Hash + Eq + Clone> Guards<K> {
         }
     }
 
-    /// The clock value a load starting now records.
-    pub(crate) fn start(&self) -> u64 {
-        self.seq.load(Ordering::SeqCst)
+    /// What a load starting now (at `now`) records.
+    pub(crate) fn start(&self, now: Timestamp) -> LoadStart {
+        LoadStart { seq: self.seq.load(Ordering::SeqCst), at: now }
     }
 
     fn advance(&self) -> u64 {
@@ -84,30 +94,31 @@ impl<K: Hash + Eq + Clone> Guards<K> {
     }
 
     /// Runs `store` if no invalidation of `key`, of the namespace, or of one of `tags`
-    /// happened since `start`; returns whether it ran.
+    /// happened since `start`; returns what `store` returned (false when it did not run).
+    /// `store` runs under the lock that invalidations of `key` take, so it may look at
+    /// what L1 holds for `key` and decide not to store after all.
     pub(crate) fn fill_if_clean(
         &self,
         key: &K,
-        start: u64,
-        started_at: Timestamp,
+        start: LoadStart,
         now: Timestamp,
         tags: &[String],
-        store: impl FnOnce(),
+        store: impl FnOnce() -> bool,
     ) -> bool {
-        if now.since(started_at) >= self.tombstone_ttl {
+        if now.since(start.at) >= self.tombstone_ttl {
             // The tombstones that could prove this fill stale may be gone already.
             return false;
         }
         let shard = self.shard(key).lock();
-        if shard.map.get(key).is_some_and(|(at, exp)| *at > start && *exp > now) {
+        if shard.map.get(key).is_some_and(|(at, exp)| *at > start.seq && *exp > now) {
             return false;
         }
-        if !self.valid(start, tags) {
+        if !self.valid(start.seq, tags) {
             return false;
         }
-        store();
+        let stored = store();
         drop(shard);
-        true
+        stored
     }
 
     /// The lowest `fill_seq` that survived the namespace invalidations so far.

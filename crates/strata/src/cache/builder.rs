@@ -5,96 +5,21 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Serialize;
-use serde::de::DeserializeOwned;
-
+use super::Cache;
+use super::config::{Config, InvalidateHook, TagFn, VersionFn};
+use super::state::Inner;
+use super::tasks;
 use crate::backplane::Backplane;
 use crate::breaker::BreakerConfig;
-use crate::cache::Cache;
 use crate::clock::{Clock, ClockSource};
 use crate::codec::{Codec, PostcardCodec};
+use crate::consistency::Consistency;
 use crate::error::BuildError;
-use crate::key::CacheKey;
+use crate::key::{CacheKey, CacheValue};
 use crate::l1::WeighFn;
+use crate::loader::Loader;
+use crate::scope::Scope;
 use crate::tier::Tier;
-
-/// How much staleness a cache promises. See the crate docs for the exact bounds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Consistency {
-    /// No backplane: L1's TTL bounds staleness (the "local 5 s cache" baseline).
-    Local,
-    /// Writes through strata delete the L2 entry and broadcast the invalidation; lost
-    /// messages are detected and repaired. Bound: propagation delay while the backplane
-    /// is healthy, `max_stale` while it is not. The default when a backplane is set.
-    #[default]
-    Invalidated,
-    /// Read-your-writes across the fleet: `invalidate` returns only after every live
-    /// member acknowledged the invalidation or its membership lease lapsed, and an
-    /// instance whose own lease lapsed serves nothing from L1 until it has renewed it
-    /// and flushed. When an L2 delete fails, the L2 breaker is forced open and reads
-    /// bypass every cache tier until the namespace has been bumped in L2. Every instance
-    /// of a namespace must use this level (others do not acknowledge).
-    ///
-    /// Linearizable reads need the invalidation *before* the commit: write through
-    /// [`Cache::lock_for_write`](crate::Cache::lock_for_write) (strata-sql's transaction
-    /// helper does, for every Strong cache): the write is invalidated everywhere and its
-    /// keys kept out of every tier before `COMMIT`, and a write whose lock cannot be
-    /// taken (L2 or the backplane down) is refused. L1 is filled only with what L2
-    /// returned or accepted. With plain [`Cache::invalidate`](crate::Cache::invalidate)
-    /// after a commit, a read that loads the new row may precede a read on another
-    /// instance that still serves the old one from L1, until the invalidation returned.
-    Strong,
-}
-
-/// A value-to-tags function.
-pub(crate) type TagFn<K, V> = Arc<dyn Fn(&K, &V) -> Vec<String> + Send + Sync>;
-/// A value-to-version function.
-pub(crate) type VersionFn<V> = Arc<dyn Fn(&V) -> Option<u64> + Send + Sync>;
-/// An after-invalidate hook.
-pub(crate) type InvalidateHook = Arc<dyn Fn(&Invalidation) + Send + Sync>;
-
-/// What was invalidated, as passed to after-invalidate hooks.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Invalidation {
-    /// These keys (text form).
-    Keys(Vec<String>),
-    /// Every entry with this tag.
-    Tag(String),
-    /// The whole namespace.
-    All,
-}
-
-/// The validated configuration a cache runs with.
-pub(crate) struct Config<K, V> {
-    pub(crate) namespace: String,
-    pub(crate) max_capacity: u64,
-    pub(crate) estimated_entries: usize,
-    pub(crate) weigher: Option<WeighFn<K, V>>,
-    pub(crate) l1_ttl: Duration,
-    pub(crate) l2_ttl: Duration,
-    pub(crate) jitter: f64,
-    pub(crate) negative_ttl: Option<Duration>,
-    pub(crate) max_stale: Duration,
-    pub(crate) fail_safe_max: Option<Duration>,
-    pub(crate) fail_safe_throttle: Duration,
-    pub(crate) soft_timeout: Option<Duration>,
-    pub(crate) hard_timeout: Duration,
-    pub(crate) early_refresh_beta: f64,
-    pub(crate) consistency: Consistency,
-    pub(crate) l2_timeout: Duration,
-    pub(crate) lease_wait: Duration,
-    pub(crate) max_value_bytes: usize,
-    pub(crate) heartbeat_interval: Duration,
-    pub(crate) membership_lease: Duration,
-    pub(crate) write_lock_ttl: Duration,
-    pub(crate) tombstone_ttl: Duration,
-    pub(crate) tags: Option<TagFn<K, V>>,
-    pub(crate) version: Option<VersionFn<V>>,
-    pub(crate) hooks: Vec<InvalidateHook>,
-    pub(crate) codec: Arc<dyn Codec<V>>,
-    pub(crate) breaker: BreakerConfig,
-    pub(crate) seed: Option<u64>,
-}
 
 /// Builds a [`Cache`]. Create it with [`Cache::builder`].
 #[must_use = "a builder does nothing until build() is called"]
@@ -124,6 +49,7 @@ pub struct CacheBuilder<K, V> {
     tags: Option<TagFn<K, V>>,
     version: Option<VersionFn<V>>,
     hooks: Vec<InvalidateHook>,
+    loader: Option<Arc<dyn Loader<K, V>>>,
     codec: Option<Arc<dyn Codec<V>>>,
     breaker: BreakerConfig,
     tier: Option<Arc<dyn Tier>>,
@@ -133,12 +59,16 @@ pub struct CacheBuilder<K, V> {
     _types: PhantomData<fn() -> (K, V)>,
 }
 
-impl<K, V> CacheBuilder<K, V>
-where
-    K: CacheKey,
-    V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
-{
-    pub(crate) fn new(namespace: impl Into<String>) -> Self {
+impl<K: CacheKey, V: CacheValue> Cache<K, V> {
+    /// Starts building a cache for `namespace` (a short name such as `"billsetting"`,
+    /// used in L2 key names, backplane messages and metrics labels).
+    pub fn builder(namespace: impl Into<String>) -> CacheBuilder<K, V> {
+        CacheBuilder::new(namespace)
+    }
+}
+
+impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
+    fn new(namespace: impl Into<String>) -> Self {
         CacheBuilder {
             namespace: namespace.into(),
             max_capacity: 10_000,
@@ -165,6 +95,7 @@ where
             tags: None,
             version: None,
             hooks: Vec::new(),
+            loader: None,
             codec: None,
             breaker: BreakerConfig::default(),
             tier: None,
@@ -195,19 +126,19 @@ where
     }
 
     /// Time to live of entries in both tiers unless set separately. Default 5 minutes.
-    pub fn time_to_live(mut self, ttl: Duration) -> Self {
+    pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
         self
     }
 
-    /// Time to live in L1. Default: `time_to_live`.
-    pub fn l1_time_to_live(mut self, ttl: Duration) -> Self {
+    /// Time to live in L1. Default: [`ttl`](Self::ttl).
+    pub fn l1_ttl(mut self, ttl: Duration) -> Self {
         self.l1_ttl = Some(ttl);
         self
     }
 
-    /// Time to live in L2. Default: `time_to_live`.
-    pub fn l2_time_to_live(mut self, ttl: Duration) -> Self {
+    /// Time to live in L2. Default: [`ttl`](Self::ttl).
+    pub fn l2_ttl(mut self, ttl: Duration) -> Self {
         self.l2_ttl = Some(ttl);
         self
     }
@@ -244,13 +175,13 @@ where
 
     /// Past this, a load with a fail-safe copy at hand returns the copy at once and
     /// finishes in the background. Default: off.
-    pub fn soft_timeout(mut self, timeout: Duration) -> Self {
+    pub fn loader_soft_timeout(mut self, timeout: Duration) -> Self {
         self.soft_timeout = Some(timeout);
         self
     }
 
     /// Past this, a load is abandoned (fail-safe copy or a timeout error). Default 10 s.
-    pub fn hard_timeout(mut self, timeout: Duration) -> Self {
+    pub fn loader_hard_timeout(mut self, timeout: Duration) -> Self {
         self.hard_timeout = timeout;
         self
     }
@@ -334,7 +265,9 @@ where
     }
 
     /// The row version of a value (`updated_at`, a version column): a fill never
-    /// replaces an L1 entry with an older version. Default: none.
+    /// replaces a live entry of a newer version, in L1 or in L2 (a load that read a
+    /// lagging replica cannot overwrite what a newer load stored). [`Cache::insert`]
+    /// is not checked: it states what the database now holds. Default: none.
     pub fn version(mut self, version: impl Fn(&V) -> Option<u64> + Send + Sync + 'static) -> Self {
         self.version = Some(Arc::new(version));
         self
@@ -342,8 +275,16 @@ where
 
     /// Runs after each invalidation has been applied (L2 deleted, message published),
     /// in registration order: publish your domain events here. Default: none.
-    pub fn after_invalidate(mut self, hook: impl Fn(&Invalidation) + Send + Sync + 'static) -> Self {
+    pub fn after_invalidate(mut self, hook: impl Fn(&Scope) + Send + Sync + 'static) -> Self {
         self.hooks.push(Arc::new(hook));
+        self
+    }
+
+    /// The loader [`Cache::fetch`], [`Cache::get_or_load_many`] and early refreshes of
+    /// their entries read through. [`Cache::get_or_load`] takes its own per call.
+    /// Default: none.
+    pub fn loader(mut self, loader: impl Loader<K, V>) -> Self {
+        self.loader = Some(Arc::new(loader));
         self
     }
 
@@ -408,11 +349,16 @@ where
             tags: self.tags,
             version: self.version,
             hooks: self.hooks,
+            loader: self.loader,
             codec: self.codec.unwrap_or_else(|| Arc::new(PostcardCodec::<V>::default())),
             breaker: self.breaker,
             seed: self.seed,
         };
-        Cache::start(config, self.clock, self.tier, self.backplane)
+        let (inner, lifetime) = Inner::new(config, self.clock, self.tier, self.backplane);
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tasks::spawn(&inner);
+        }
+        Ok(Cache::new(inner, lifetime))
     }
 
     fn check(&self, consistency: Consistency) -> Result<(), BuildError> {
@@ -433,12 +379,12 @@ where
             return Err(BuildError::new("max_capacity", "is 0", "use at least 1 (default 10 000)"));
         }
         for (name, d) in [
-            ("time_to_live", Some(self.ttl)),
-            ("l1_time_to_live", self.l1_ttl),
-            ("l2_time_to_live", self.l2_ttl),
+            ("ttl", Some(self.ttl)),
+            ("l1_ttl", self.l1_ttl),
+            ("l2_ttl", self.l2_ttl),
             ("negative_ttl", self.negative_ttl),
             ("max_stale", Some(self.max_stale)),
-            ("hard_timeout", Some(self.hard_timeout)),
+            ("loader_hard_timeout", Some(self.hard_timeout)),
             ("l2_timeout", Some(self.l2_timeout)),
             ("heartbeat_interval", Some(self.heartbeat_interval)),
         ] {
@@ -464,16 +410,16 @@ where
             && soft >= self.hard_timeout
         {
             return Err(BuildError::new(
-                "soft_timeout",
-                format!("{soft:?} is not below hard_timeout {:?}", self.hard_timeout),
-                "make soft_timeout shorter than hard_timeout",
+                "loader_soft_timeout",
+                format!("{soft:?} is not below loader_hard_timeout {:?}", self.hard_timeout),
+                "make loader_soft_timeout shorter than loader_hard_timeout",
             ));
         }
         if self.soft_timeout.is_some() && self.fail_safe_max.is_none() {
             return Err(BuildError::new(
-                "soft_timeout",
+                "loader_soft_timeout",
                 "is set but fail-safe is off, so there is never a stale copy to return",
-                "call .fail_safe(max_duration, throttle) too, or drop soft_timeout",
+                "call .fail_safe(max_duration, throttle) too, or drop loader_soft_timeout",
             ));
         }
         if self.fail_safe_max.is_some_and(|d| d.is_zero()) || self.fail_safe_throttle.is_zero() {
@@ -483,14 +429,14 @@ where
             && tier.tombstone_ttl() <= self.hard_timeout
         {
             return Err(BuildError::new(
-                "hard_timeout",
+                "loader_hard_timeout",
                 format!(
                     "{:?} is not below the tier's tombstone lifetime {:?}, so a slow fill could outlive the \
                      evidence that it is stale",
                     self.hard_timeout,
                     tier.tombstone_ttl()
                 ),
-                "lower hard_timeout or raise the tier's tombstone_ttl",
+                "lower loader_hard_timeout or raise the tier's tombstone_ttl",
             ));
         }
         match (consistency, &self.backplane) {
@@ -554,5 +500,21 @@ where
             ));
         }
         self.breaker.validate()
+    }
+}
+
+impl<K, V> std::fmt::Debug for CacheBuilder<K, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheBuilder")
+            .field("namespace", &self.namespace)
+            .field("consistency", &self.consistency)
+            .field("max_capacity", &self.max_capacity)
+            .field("ttl", &self.ttl)
+            .field("l1_ttl", &self.l1_ttl)
+            .field("l2_ttl", &self.l2_ttl)
+            .field("tier", &self.tier.as_ref().map(|t| t.name().to_owned()))
+            .field("backplane", &self.backplane.as_ref().map(|b| b.name().to_owned()))
+            .field("loader", &self.loader.is_some())
+            .finish_non_exhaustive()
     }
 }

@@ -1,0 +1,266 @@
+//! The invalidation algorithm, written once for every [`Scope`]: drop the local
+//! copies, invalidate L2, tell the fleet, run the hooks; and what happens when L2 or
+//! the backplane fails (buffer and retry; at the Strong level, bypass the cache until
+//! L2 is clean).
+
+use std::sync::atomic::Ordering;
+
+use super::state::Inner;
+use crate::backplane::MessageBody;
+use crate::clock::Timestamp;
+use crate::error::{Error, ErrorKind, Result};
+use crate::key::{CacheKey, CacheValue};
+use crate::scope::Scope;
+
+/// What a [`Scope`]'s L2 invalidation is called in logs and errors.
+fn l2_call_name(scope: &Scope) -> &'static str {
+    match scope {
+        Scope::Keys(_) => "delete",
+        Scope::Tag(_) => "invalidate_tag",
+        Scope::All => "invalidate_namespace",
+    }
+}
+
+impl<K: CacheKey, V: CacheValue> Inner<K, V> {
+    /// Invalidates `scope` everywhere: the local copies (and the loads in flight), L2,
+    /// the other instances (acknowledged at the Strong level), then the hooks. `typed`
+    /// are the keys of a key scope when the caller has them (no parsing then).
+    ///
+    /// On an L2 or backplane failure the cache has already made itself safe when the
+    /// error returns: the delete or message is buffered and retried, and at the Strong
+    /// level the cache is bypassed until a namespace bump has cleaned L2.
+    pub(crate) async fn invalidate(&self, scope: &Scope, typed: Option<&[K]>) -> Result<()> {
+        if scope.is_empty() {
+            return Ok(());
+        }
+        self.clean_l2_if_bypassed().await;
+        self.drop_local(scope, typed);
+        let mut first_err = None;
+        if let Some(l2) = &self.l2 {
+            match l2.call(l2_call_name(scope), &self.stats, l2.tier().invalidate(l2.ns(), scope)).await {
+                // A read here that reached L2 just before the delete may have put the old
+                // value back in our L1 (we skip our own message): drop it once more.
+                Ok(()) => {
+                    self.drop_local(scope, typed);
+                }
+                Err(e) => {
+                    self.l2_invalidation_failed(scope, &e);
+                    first_err = Some(e);
+                }
+            }
+        }
+        if let Err(e) = self.publish(MessageBody::Invalidate(scope.clone())).await {
+            first_err.get_or_insert(e);
+        }
+        self.run_hooks(scope);
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Drops this instance's copies `scope` covers and keeps the loads in flight from
+    /// storing what they read before: keys are tombstoned, tags and the namespace get a
+    /// new epoch. Returns how many keys of a key scope could not be parsed.
+    pub(crate) fn drop_local(&self, scope: &Scope, typed: Option<&[K]>) -> u64 {
+        match (scope, typed) {
+            (Scope::Keys(_), Some(keys)) => {
+                let now = self.now();
+                for key in keys {
+                    self.evict_key(key, now);
+                }
+                0
+            }
+            (Scope::Keys(keys), None) => {
+                let now = self.now();
+                let mut bad = 0;
+                for k in keys {
+                    match K::parse_key(k) {
+                        Some(key) => self.evict_key(&key, now),
+                        None => bad += 1,
+                    }
+                }
+                bad
+            }
+            (Scope::Tag(tag), _) => {
+                self.guards.invalidate_tag(tag);
+                // Loads in flight may carry the tag; their fills are refused by the epoch
+                // check, but new readers must not join them.
+                self.flights.detach_all();
+                0
+            }
+            (Scope::All, _) => {
+                self.flush_l1();
+                0
+            }
+        }
+    }
+
+    /// Removes `key` from L1 under its tombstone.
+    pub(crate) fn evict_key(&self, key: &K, now: Timestamp) {
+        self.guards.invalidate_key(key, now, || {
+            self.l1.remove(key);
+            self.flights.detach(key);
+        });
+    }
+
+    /// Drops everything local and refuses every fill in flight.
+    pub(crate) fn flush_l1(&self) {
+        self.guards.invalidate_all();
+        self.publish_fast_floor();
+        self.flights.detach_all();
+        self.l1.clear();
+    }
+
+    /// An L2 invalidation failed: make the cache safe, then remember to retry.
+    pub(crate) fn l2_invalidation_failed(&self, scope: &Scope, err: &Error) {
+        self.stats.invalidations_buffered.incr();
+        self.pending.lock().add_l2(scope);
+        if self.cfg.is_strong() {
+            self.start_bypass();
+        }
+        tracing::warn!(error = %err, namespace = %self.cfg.namespace, scope = %scope.describe(), "l2 invalidation failed; buffered for retry");
+    }
+
+    /// Strong level: L2 may still hold what should be gone. Trust no tier until the
+    /// namespace bump that cleans it succeeds: every read goes to the loader meanwhile.
+    pub(crate) fn start_bypass(&self) {
+        self.pending.lock().add_l2(&Scope::All);
+        self.bypassed.store(true, Ordering::SeqCst);
+        if let Some(l2) = &self.l2 {
+            l2.breaker().force_open();
+        }
+        self.flush_l1();
+    }
+
+    /// Strong level: before an invalidation goes out while the cache is bypassed, tries
+    /// to make L2 clean first (the namespace bump of [`Inner::retry_pending`], past the
+    /// breaker). Otherwise the forced-open breaker skips this invalidation's L2 delete
+    /// while its message still reaches the fleet, whose instances then refill their
+    /// L1s from the entries the failed deletes left in L2, until the retry task's next
+    /// attempt (up to 2 s later) even though L2 is reachable again.
+    pub(crate) async fn clean_l2_if_bypassed(&self) {
+        if self.cfg.is_strong() && self.is_bypassed() {
+            self.retry_pending().await;
+        }
+    }
+
+    /// Publishes one invalidation message with the next sequence number; at the Strong
+    /// level, then waits for the fleet's acknowledgements.
+    pub(crate) async fn publish(&self, body: MessageBody) -> Result<()> {
+        let Some(fleet) = &self.fleet else { return Ok(()) };
+        let strong = self.cfg.is_strong();
+        if strong && self.is_bypassed() {
+            // Our L2 delete failed, so L2 may still hold what this message invalidates:
+            // every member must bypass the cache before it drops its L1 copy, or it would
+            // read the old value straight back. Sent first; acknowledged with the message.
+            self.publish_or_buffer(MessageBody::Bypass).await?;
+        }
+        let seq = self.publish_or_buffer(body).await?;
+        if strong {
+            if self.is_closed() {
+                return Err(Error::new(
+                    ErrorKind::Shutdown,
+                    "invalidation published, but a closed cache cannot wait for the fleet's acknowledgements",
+                ));
+            }
+            fleet.wait_for_acks(seq, || self.now()).await?;
+        }
+        Ok(())
+    }
+
+    /// Publishes one message; a failed publish is buffered for the retry task.
+    async fn publish_or_buffer(&self, body: MessageBody) -> Result<u64> {
+        let Some(fleet) = &self.fleet else { return Ok(0) };
+        match fleet.send(&body, &self.stats).await {
+            Ok(seq) => Ok(seq),
+            Err(e) => {
+                self.stats.invalidations_buffered.incr();
+                self.pending.lock().messages.push(body);
+                tracing::warn!(error = %e, namespace = %self.cfg.namespace, "publish failed; buffered for retry");
+                Err(e)
+            }
+        }
+    }
+
+    pub(crate) fn run_hooks(&self, scope: &Scope) {
+        for hook in &self.cfg.hooks {
+            hook(scope);
+        }
+    }
+
+    /// Retries buffered invalidations: L2 first (so a reader woken by the message cannot
+    /// refill from a stale L2 entry), then messages.
+    pub(crate) async fn retry_pending(&self) {
+        let scopes = {
+            let mut p = self.pending.lock();
+            if p.is_empty() {
+                return;
+            }
+            p.take_l2()
+        };
+        if let Some(l2) = &self.l2 {
+            for (i, scope) in scopes.iter().enumerate() {
+                let call = l2.tier().invalidate(l2.ns(), scope);
+                let res = if *scope == Scope::All {
+                    // Past the breaker: a forced-open breaker must not block the very
+                    // call that makes L2 clean again.
+                    l2.call_past_breaker(l2_call_name(scope), call).await
+                } else {
+                    l2.call(l2_call_name(scope), &self.stats, call).await
+                };
+                if res.is_err() {
+                    let mut p = self.pending.lock();
+                    for s in &scopes[i..] {
+                        p.add_l2(s);
+                    }
+                    return;
+                }
+                if *scope == Scope::All {
+                    l2.reset_if_forced_open();
+                    if self.bypassed.swap(false, Ordering::SeqCst) {
+                        // L2 is clean now; what L1 held was flushed when we began to bypass.
+                        self.flush_l1();
+                        tracing::info!(namespace = %self.cfg.namespace, "l2 cleaned by a namespace bump; cache no longer bypassed");
+                    }
+                }
+            }
+            self.retry_unlocks().await;
+            // L2 is clean only now. Until now any instance, this one included, could read
+            // the old value back from L2 into its L1 after the first message evicted it
+            // (or a fill that predates the invalidation could reach L2 before the delete
+            // did). So drop such copies here, and tell the fleet again.
+            let mut p = Vec::with_capacity(scopes.len());
+            for scope in scopes {
+                self.drop_local(&scope, None);
+                p.push(MessageBody::Invalidate(scope));
+            }
+            self.pending.lock().messages.extend(p);
+        }
+        let Some(fleet) = &self.fleet else {
+            self.pending.lock().messages.clear();
+            return;
+        };
+        let messages = std::mem::take(&mut self.pending.lock().messages);
+        let mut iter = messages.into_iter();
+        while let Some(body) = iter.next() {
+            if fleet.send(&body, &self.stats).await.is_err() {
+                let mut p = self.pending.lock();
+                p.messages.push(body);
+                p.messages.extend(iter);
+                return;
+            }
+        }
+    }
+
+    /// Releases the write locks whose release failed (past the breaker, like the
+    /// namespace bump).
+    async fn retry_unlocks(&self) {
+        let Some(l2) = &self.l2 else { return };
+        let unlocks = std::mem::take(&mut self.pending.lock().unlocks);
+        for (i, (scope, id)) in unlocks.iter().enumerate() {
+            let res = l2.call_past_breaker("unlock", l2.tier().unlock(l2.ns(), scope, *id)).await;
+            if res.is_err() {
+                self.pending.lock().unlocks.extend(unlocks[i..].iter().cloned());
+                break;
+            }
+        }
+    }
+}

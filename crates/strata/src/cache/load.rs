@@ -1,0 +1,381 @@
+//! Loads: one flight per key (L2 with the fleet's load lease, then the loader with
+//! soft and hard timeouts, then guarded fills of both tiers), fail-safe, early refresh,
+//! and the batch load of `get_or_load_many`.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::flight::{FinishOnDrop, FlightKind, Lead};
+use super::state::Inner;
+use crate::clock::{ClockKind, duration_nanos};
+use crate::error::{Error, Result};
+use crate::key::{CacheKey, CacheValue};
+use crate::l1::{Entry, LoadStart};
+use crate::loader::BoxError;
+use crate::tier::{Envelope, FillOutcome, FillToken, Lookup};
+
+/// One key being loaded: what every step of a flight needs to know about it.
+pub(crate) struct Loading<K> {
+    pub(crate) key: K,
+    pub(crate) key_str: String,
+    pub(crate) start: LoadStart,
+}
+
+impl<K: CacheKey> Loading<K> {
+    pub(crate) fn new(key: K, start: LoadStart) -> Self {
+        Loading { key_str: key.to_key_string(), key, start }
+    }
+}
+
+impl<K: CacheKey, V: CacheValue> Inner<K, V> {
+    /// Starts a flight for `key` on its own task (so that a caller that gives up does
+    /// not cancel it for the others).
+    pub(crate) fn spawn_flight<F, Fut, E>(
+        self: &Arc<Self>,
+        key: &K,
+        lead: Lead<V>,
+        loader: F,
+        stale: Option<Entry<V>>,
+        kind: FlightKind,
+    ) where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<Option<V>, E>> + Send + 'static,
+        E: Into<BoxError> + Send + 'static,
+    {
+        if kind == FlightKind::Refresh {
+            self.stats.early_refreshes.incr();
+        }
+        let inner = self.clone();
+        let key = key.clone();
+        tokio::spawn(async move { inner.run_flight(key, lead, loader, stale, kind).await });
+    }
+
+    /// XFetch decided on a refresh: starts one unless a load of `key` is running.
+    pub(crate) fn spawn_refresh<F, Fut, E>(self: &Arc<Self>, key: &K, loader: F)
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<Option<V>, E>> + Send + 'static,
+        E: Into<BoxError> + Send + 'static,
+    {
+        if self.flights.is_running(key) {
+            return;
+        }
+        if let (_, Some(lead)) = self.flights.join_or_lead(key) {
+            self.spawn_flight(key, lead, loader, None, FlightKind::Refresh);
+        }
+    }
+
+    /// One load: L2 (with the fleet lease), then the loader, then guarded fills.
+    async fn run_flight<F, Fut, E>(
+        self: Arc<Self>,
+        key: K,
+        lead: Lead<V>,
+        loader: F,
+        stale_l1: Option<Entry<V>>,
+        kind: FlightKind,
+    ) where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<Option<V>, E>> + Send + 'static,
+        E: Into<BoxError> + Send + 'static,
+    {
+        let _finish = FinishOnDrop { flights: &self.flights, key: &key, id: lead.id };
+        let tx = lead.tx;
+        let loading = Loading::new(key.clone(), self.guards.start(self.now()));
+        if kind == FlightKind::Read {
+            self.stats.misses.incr();
+        }
+
+        // L2, and the fleet-wide lease.
+        let (token, stale_l2) = match self.read_l2_for_load(&loading, kind).await {
+            Ok(value) => {
+                let _ = tx.send(Some(Ok(value)));
+                return;
+            }
+            Err(t) => t,
+        };
+
+        let fallback = self.fail_safe_copy(stale_l1, stale_l2, &loading).await;
+        let soft = match (self.cfg.soft_timeout, &fallback) {
+            (Some(soft), Some(copy)) if kind == FlightKind::Read => {
+                let (copy, tx, stats) = (copy.value.clone(), &tx, &self.stats);
+                let answer: Box<dyn FnOnce() + Send + '_> = Box::new(move || {
+                    // Answer now with the copy; the load finishes for the next readers.
+                    stats.stale_served.incr();
+                    let _ = tx.send(Some(Ok(copy)));
+                });
+                Some((soft, answer))
+            }
+            _ => None,
+        };
+        let result = match self.call_loader(loader(), soft).await {
+            Ok((value, load_nanos)) => {
+                self.store_loaded(&loading, value.clone(), token.as_ref(), load_nanos).await;
+                Ok(value)
+            }
+            Err(e) => {
+                self.release_lease(&loading.key_str, token.as_ref()).await;
+                Err(e)
+            }
+        };
+        let result = match (result, fallback) {
+            (Err(e), Some(copy)) => {
+                tracing::debug!(error = %e, key = %loading.key_str, "load failed; serving the fail-safe copy");
+                self.rearm(&loading, copy)
+            }
+            (r, _) => r,
+        };
+        if kind == FlightKind::Refresh {
+            return;
+        }
+        // If the soft timeout already answered, this only updates late subscribers.
+        tx.send_if_modified(|cur| {
+            if cur.is_none() {
+                *cur = Some(result);
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// The L2 part of a load: `Ok` with the value when L2 (or the lease holder's fill)
+    /// answered; else the token to fill with and the fail-safe copy L2 offered.
+    async fn read_l2_for_load(
+        &self,
+        loading: &Loading<K>,
+        kind: FlightKind,
+    ) -> std::result::Result<Option<V>, (Option<FillToken>, Option<Envelope>)> {
+        let Some(l2) = &self.l2 else { return Err((None, None)) };
+        let key_str = &loading.key_str;
+        if kind == FlightKind::Refresh {
+            let lookup = l2.call("lookup", &self.stats, l2.tier().lookup(l2.ns(), key_str, None)).await;
+            let token = match lookup {
+                Ok(Lookup::Miss { token, .. }) => Some(token),
+                _ => None,
+            };
+            return Err((token, None));
+        }
+        let lease = Some(self.cfg.hard_timeout);
+        match l2.call("lookup", &self.stats, l2.tier().lookup(l2.ns(), key_str, lease)).await {
+            Ok(Lookup::Hit(env)) => {
+                if let Some(value) = self.fill_from_l2(loading, env).await {
+                    return Ok(value);
+                }
+                // Undecodable and deleted: ask again for a token to fill with.
+                match l2.call("lookup", &self.stats, l2.tier().lookup(l2.ns(), key_str, lease)).await {
+                    Ok(Lookup::Miss { token, .. }) => Err((Some(token), None)),
+                    _ => Err((None, None)),
+                }
+            }
+            Ok(Lookup::Miss { token, stale }) if !token.leader => {
+                match self.wait_for_fleet_fill(loading).await {
+                    Ok(value) => Ok(value),
+                    Err(token) => Err((token, stale)),
+                }
+            }
+            Ok(Lookup::Miss { token, stale }) => Err((Some(token), stale)),
+            Err(_) => Err((None, None)),
+        }
+    }
+
+    /// An L2 hit: decoded into L1; `None` when undecodable (deleted and counted).
+    pub(crate) async fn fill_from_l2(&self, loading: &Loading<K>, env: Envelope) -> Option<Option<V>> {
+        let entry = self.entry_from_envelope(&loading.key_str, env, loading.start).await?;
+        self.stats.l2_hits.incr();
+        let value = entry.value.clone();
+        self.fill_l1(&loading.key, entry, loading.start);
+        Some(value)
+    }
+
+    /// Runs a load under the hard timeout and returns its output with the time it
+    /// took; past the soft timeout (when given) `on_soft_timeout` runs once and the load
+    /// goes on.
+    pub(crate) async fn call_loader<T, Fut, E>(
+        &self,
+        load: Fut,
+        soft: Option<(Duration, Box<dyn FnOnce() + Send + '_>)>,
+    ) -> Result<(T, u64)>
+    where
+        Fut: Future<Output = std::result::Result<T, E>>,
+        E: Into<BoxError>,
+    {
+        self.stats.loads.incr();
+        let began = std::time::Instant::now();
+        let began_at = self.now();
+        let hard = self.cfg.hard_timeout;
+        let load = tokio::time::timeout(hard, load);
+        tokio::pin!(load);
+        let outcome = match soft {
+            Some((soft, on_soft_timeout)) => {
+                tokio::select! {
+                    r = &mut load => r,
+                    _ = tokio::time::sleep(soft) => {
+                        on_soft_timeout();
+                        load.await
+                    }
+                }
+            }
+            None => load.await,
+        };
+        // Converted here: the loader's error type need not be Send.
+        let value = match outcome {
+            Ok(Ok(value)) => value,
+            Ok(Err(e)) => {
+                self.stats.load_errors.incr();
+                return Err(Error::loader(e));
+            }
+            Err(_) => {
+                self.stats.load_timeouts.incr();
+                return Err(Error::timeout("loader", hard));
+            }
+        };
+        // Δ for XFetch: precise for the system clock (its hit-path reading is coarse),
+        // the injected clock's view otherwise.
+        let took = match self.clock.kind() {
+            ClockKind::System(_) => began.elapsed(),
+            ClockKind::Custom(_) => self.now().since(began_at),
+        };
+        metrics::histogram!("strata_load_duration_seconds", "namespace" => self.cfg.namespace.clone())
+            .record(took.as_secs_f64());
+        Ok((value, duration_nanos(took).max(1)))
+    }
+
+    /// Reads through to the loader without caching (the bypassed cache's reads).
+    pub(crate) async fn load_direct<F, Fut, E>(&self, loader: F) -> Result<Option<V>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::result::Result<Option<V>, E>>,
+        E: Into<BoxError>,
+    {
+        self.call_loader(loader(), None).await.map(|(value, _)| value)
+    }
+
+    /// Serves a fail-safe copy and re-arms it for the throttle period so that the next
+    /// reads do not hammer a failing loader.
+    pub(crate) fn rearm(&self, loading: &Loading<K>, mut copy: Entry<V>) -> Result<Option<V>> {
+        let now = self.now();
+        self.stats.stale_served.incr();
+        let usable_until = copy.meta.usable_until();
+        copy.meta.set_fresh_until(now.saturating_add(self.cfg.fail_safe_throttle).min(usable_until.max(now)));
+        copy.meta.mark_stale_copy();
+        copy.meta.disable_early_refresh();
+        let start = LoadStart { seq: copy.meta.fill_seq.min(loading.start.seq), at: loading.start.at };
+        let value = copy.value.clone();
+        self.fill_l1(&loading.key, copy, start);
+        Ok(value)
+    }
+
+    /// Stores a loaded value: in L2 through the token's guarded fill, then in L1.
+    pub(crate) async fn store_loaded(
+        &self,
+        loading: &Loading<K>,
+        value: Option<V>,
+        token: Option<&FillToken>,
+        load_nanos: u64,
+    ) {
+        let key_str = &loading.key_str;
+        if value.is_none() && self.cfg.negative_ttl.is_none() {
+            self.release_lease(key_str, token).await;
+            return;
+        }
+        let now = self.now();
+        let tags = value.as_ref().and_then(|v| self.tags_of(&loading.key, v));
+        let mut filled = false;
+        let mut stored_in_l2 = false;
+        if let (Some(l2), Some(token)) = (&self.l2, token)
+            && !self.pending.lock().covers(key_str, tags.as_deref().map_or(&[], Vec::as_slice))
+        {
+            let encoded = match &value {
+                Some(v) => match self.encode_checked(v) {
+                    Ok(b) => Some(Some(b)),
+                    Err(e) => {
+                        tracing::debug!(error = %e, key = key_str, "value kept out of l2");
+                        None
+                    }
+                },
+                None => Some(None),
+            };
+            if let Some(bytes) = encoded {
+                filled = true;
+                let env =
+                    self.make_envelope(bytes, self.version_of(value.as_ref()), now, load_nanos, tags.clone());
+                let ttl = self.l2_store_ttl(&env, now);
+                match l2.call("fill", &self.stats, l2.tier().fill(l2.ns(), key_str, env, ttl, token)).await {
+                    Ok(FillOutcome::Rejected) => {
+                        // An invalidation (maybe from another instance, not yet heard of
+                        // here) overtook this load, or L2 holds a newer version: it must
+                        // not reach L1 either.
+                        self.stats.fills_rejected.incr();
+                        return;
+                    }
+                    Ok(FillOutcome::Stored) => stored_in_l2 = true,
+                    Err(_) => {}
+                }
+            }
+        }
+        if !filled {
+            self.release_lease(key_str, token).await;
+        }
+        if self.cfg.is_strong() && !stored_in_l2 {
+            // Strong: L1 holds only what L2 returned or accepted. A value L2 did not
+            // take may have been read before a write that holds a write lock here
+            // committed, and L1 would then serve it after the commit.
+            self.stats.l1_fills_skipped.incr();
+            return;
+        }
+        let entry = self.make_entry(value, now, load_nanos, loading.start, tags);
+        self.fill_l1(&loading.key, entry, loading.start);
+    }
+
+    /// Lets the instances waiting for our fill stop waiting when there will be none.
+    async fn release_lease(&self, key_str: &str, token: Option<&FillToken>) {
+        if let (Some(l2), Some(token)) = (&self.l2, token)
+            && token.lease.is_some()
+        {
+            let _ =
+                l2.call("release_lease", &self.stats, l2.tier().release_lease(l2.ns(), key_str, token)).await;
+        }
+    }
+
+    /// Waits for the lease holder's fill; on success the value, else the token to fill
+    /// with ourselves (from the last lookup, so it predates our load).
+    async fn wait_for_fleet_fill(
+        &self,
+        loading: &Loading<K>,
+    ) -> std::result::Result<Option<V>, Option<FillToken>> {
+        let Some(l2) = &self.l2 else { return Err(None) };
+        self.stats.lease_waits.incr();
+        let deadline = tokio::time::Instant::now() + self.cfg.lease_wait;
+        let mut pause = Duration::from_millis(1);
+        let mut last = None;
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
+            match l2.call("lookup", &self.stats, l2.tier().lookup(l2.ns(), &loading.key_str, None)).await {
+                Ok(Lookup::Hit(env)) => {
+                    if let Some(value) = self.fill_from_l2(loading, env).await {
+                        return Ok(value);
+                    }
+                }
+                Ok(Lookup::Miss { token, .. }) => last = Some(token),
+                Err(_) => return Err(last),
+            }
+        }
+        Err(last)
+    }
+
+    /// The copy fail-safe may serve if the load fails: L1's, else L2's stale entry.
+    pub(crate) async fn fail_safe_copy(
+        &self,
+        stale_l1: Option<Entry<V>>,
+        stale_l2: Option<Envelope>,
+        loading: &Loading<K>,
+    ) -> Option<Entry<V>> {
+        self.cfg.fail_safe_max?;
+        if let Some(e) = stale_l1 {
+            return Some(e);
+        }
+        self.entry_from_envelope(&loading.key_str, stale_l2?, loading.start).await
+    }
+}

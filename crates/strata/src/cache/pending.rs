@@ -1,0 +1,77 @@
+//! Invalidations that could not reach L2 or the backplane, kept for the retry task.
+
+use std::collections::HashSet;
+
+use crate::backplane::MessageBody;
+use crate::scope::Scope;
+
+/// Buffered L2 deletes beyond this are replaced by one namespace bump.
+const MAX_PENDING_KEYS: usize = 10_000;
+
+/// What is waiting to be retried.
+#[derive(Default)]
+pub(crate) struct Pending {
+    /// L2 invalidations: keys and tags, or the whole namespace (which covers them).
+    l2_keys: HashSet<String>,
+    l2_tags: HashSet<String>,
+    l2_all: bool,
+    /// Messages whose publish failed, in order.
+    pub(crate) messages: Vec<MessageBody>,
+    /// Write locks whose release failed: (scope, lock id). They would expire anyway;
+    /// releasing them lets their keys be cached again sooner.
+    pub(crate) unlocks: Vec<(Scope, u64)>,
+}
+
+impl Pending {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.l2_is_empty() && self.messages.is_empty() && self.unlocks.is_empty()
+    }
+
+    pub(crate) fn l2_is_empty(&self) -> bool {
+        self.l2_keys.is_empty() && self.l2_tags.is_empty() && !self.l2_all
+    }
+
+    /// How many invalidations wait (L2 keys, tags and namespace, and messages).
+    pub(crate) fn len(&self) -> usize {
+        self.l2_keys.len() + self.l2_tags.len() + usize::from(self.l2_all) + self.messages.len()
+    }
+
+    /// Remembers an L2 invalidation of `scope` to retry.
+    pub(crate) fn add_l2(&mut self, scope: &Scope) {
+        match scope {
+            Scope::Keys(keys) => self.l2_keys.extend(keys.iter().cloned()),
+            Scope::Tag(tag) => {
+                self.l2_tags.insert(tag.clone());
+            }
+            Scope::All => self.l2_all = true,
+        }
+        if self.l2_keys.len() > MAX_PENDING_KEYS {
+            self.l2_keys.clear();
+            self.l2_tags.clear();
+            self.l2_all = true;
+        }
+    }
+
+    /// Whether an L2 invalidation covering this key (or one of `tags`) awaits retry.
+    pub(crate) fn covers(&self, key: &str, tags: &[String]) -> bool {
+        self.l2_all || self.l2_keys.contains(key) || tags.iter().any(|t| self.l2_tags.contains(t))
+    }
+
+    /// Takes the L2 invalidations to retry, as scopes (the namespace alone when it is
+    /// among them).
+    pub(crate) fn take_l2(&mut self) -> Vec<Scope> {
+        if std::mem::take(&mut self.l2_all) {
+            self.l2_keys.clear();
+            self.l2_tags.clear();
+            return vec![Scope::All];
+        }
+        let mut out = Vec::with_capacity(1 + self.l2_tags.len());
+        if !self.l2_keys.is_empty() {
+            let mut keys: Vec<String> = self.l2_keys.drain().collect();
+            keys.sort_unstable();
+            out.push(Scope::Keys(keys));
+        }
+        out.extend(self.l2_tags.drain().map(Scope::Tag));
+        out
+    }
+}

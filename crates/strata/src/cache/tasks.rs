@@ -1,0 +1,111 @@
+//! A cache's background tasks (the only place a cache spawns them): the fleet's
+//! listener and heartbeat, the retry of buffered invalidations, the metrics export;
+//! and the cache's side of the fleet protocol ([`Host`]). Every task ends on
+//! `shutdown` or when the last handle is dropped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::state::Inner;
+use crate::clock::Timestamp;
+use crate::error::{Error, ErrorKind};
+use crate::fleet::{self, Fleet, Health, Host};
+use crate::key::{CacheKey, CacheValue};
+use crate::scope::Scope;
+use crate::stats::Stats;
+
+/// How often buffered invalidations are retried, at the most.
+const RETRY_EVERY: Duration = Duration::from_millis(100);
+/// The longest pause between retries while the remote stays down.
+const RETRY_AT_MOST_EVERY: Duration = Duration::from_secs(2);
+/// How often counters are pushed to the `metrics` recorder.
+const EXPORT_EVERY: Duration = Duration::from_secs(1);
+
+/// Starts the tasks a cache needs (none but the export without a tier or backplane).
+pub(crate) fn spawn<K: CacheKey, V: CacheValue>(inner: &Arc<Inner<K, V>>) {
+    if inner.fleet.is_some() {
+        tokio::spawn(fleet::listener::run(inner.clone(), inner.stop.clone()));
+        tokio::spawn(fleet::heartbeat::run(inner.clone(), inner.stop.clone()));
+    }
+    if inner.l2.is_some() || inner.fleet.is_some() {
+        tokio::spawn(retry(inner.clone()));
+    }
+    tokio::spawn(export(inner.clone()));
+}
+
+async fn export<K: CacheKey, V: CacheValue>(inner: Arc<Inner<K, V>>) {
+    let mut stop = inner.stop.clone();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(EXPORT_EVERY) => inner.stats.export(&inner.cfg.namespace),
+            _ = stop.stopped() => return,
+        }
+    }
+}
+
+async fn retry<K: CacheKey, V: CacheValue>(inner: Arc<Inner<K, V>>) {
+    let mut stop = inner.stop.clone();
+    let mut pause = RETRY_EVERY;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.stopped() => return,
+        }
+        if inner.pending.lock().is_empty() {
+            pause = RETRY_EVERY;
+            continue;
+        }
+        inner.retry_pending().await;
+        // Back off while the remote stays down, up to a few seconds.
+        pause =
+            if inner.pending.lock().is_empty() { RETRY_EVERY } else { (pause * 2).min(RETRY_AT_MOST_EVERY) };
+    }
+}
+
+impl<K: CacheKey, V: CacheValue> Host for Inner<K, V> {
+    fn fleet(&self) -> Option<&Fleet> {
+        self.fleet.as_ref()
+    }
+
+    fn health(&self) -> &Health {
+        &self.health
+    }
+
+    fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    fn now(&self) -> Timestamp {
+        Inner::now(self)
+    }
+
+    fn apply_remote(&self, scope: &Scope) {
+        let malformed = self.drop_local(scope, None);
+        let applied = match scope {
+            Scope::Keys(keys) => keys.len() as u64 - malformed,
+            Scope::Tag(_) | Scope::All => 1,
+        };
+        for _ in 0..applied {
+            self.stats.invalidations_applied.incr();
+        }
+        // Keys not of this cache's type: counted, and the rest applied.
+        for _ in 0..malformed {
+            self.stats.malformed_messages.incr();
+        }
+    }
+
+    fn flush_local(&self) {
+        self.flush_l1();
+    }
+
+    fn bypass(&self) {
+        if !self.is_bypassed() {
+            let why = Error::new(ErrorKind::Tier, "another member's l2 delete failed");
+            self.l2_invalidation_failed(&Scope::All, &why);
+        }
+    }
+
+    fn health_changed(&self) {
+        self.publish_fast_floor();
+    }
+}
