@@ -5,6 +5,7 @@
 //!
 //! One module per area; `support` holds the helpers they share.
 
+mod api;
 mod config;
 mod fail_safe;
 mod fill_guard;
