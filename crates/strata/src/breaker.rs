@@ -301,3 +301,117 @@ impl Drop for Abandoned<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+
+    fn breaker(config: BreakerConfig) -> (CircuitBreaker, ManualClock) {
+        let clock = ManualClock::new();
+        (
+            CircuitBreaker::with_clock(
+                "test",
+                BreakerConfig { jitter: 0.0, ..config },
+                Arc::new(clock.clone()),
+            ),
+            clock,
+        )
+    }
+
+    fn fail(b: &CircuitBreaker, n: usize) {
+        for _ in 0..n {
+            b.try_acquire().expect("allowed");
+            b.record(false);
+        }
+    }
+
+    #[test]
+    fn consecutive_failures_open_it_and_the_cool_down_leads_to_one_probe() {
+        let (b, clock) = breaker(BreakerConfig::default());
+        fail(&b, 4);
+        assert_eq!(b.state(), BreakerState::Closed);
+        fail(&b, 1);
+        assert_eq!(b.state(), BreakerState::Open);
+        assert!(b.try_acquire().expect_err("open").is_circuit_open());
+        clock.advance(Duration::from_millis(999));
+        assert_eq!(b.state(), BreakerState::Open);
+        clock.advance(Duration::from_millis(1));
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        b.try_acquire().expect("the probe");
+        assert!(b.try_acquire().is_err(), "one probe at a time");
+        b.record(true);
+        assert_eq!(b.state(), BreakerState::Closed);
+        b.try_acquire().expect("closed again");
+    }
+
+    #[test]
+    fn a_failed_probe_reopens_for_a_whole_cool_down() {
+        let (b, clock) = breaker(BreakerConfig::default());
+        fail(&b, 5);
+        clock.advance(Duration::from_secs(1));
+        b.try_acquire().expect("the probe");
+        b.record(false);
+        assert_eq!(b.state(), BreakerState::Open);
+        clock.advance(Duration::from_millis(999));
+        assert!(b.try_acquire().is_err());
+        clock.advance(Duration::from_millis(1));
+        b.try_acquire().expect("the next probe");
+    }
+
+    #[test]
+    fn the_failure_ratio_counts_only_once_the_window_has_min_calls() {
+        let config = BreakerConfig { consecutive_failures: 100, ..Default::default() };
+        let (b, _clock) = breaker(config);
+        // Alternating: a 50 % failure ratio, never 5 in a row.
+        for i in 0..9 {
+            b.try_acquire().expect("allowed");
+            b.record(i % 2 == 0);
+        }
+        assert_eq!(b.state(), BreakerState::Closed, "9 calls: below min_calls");
+        b.try_acquire().expect("allowed");
+        b.record(false);
+        assert_eq!(b.state(), BreakerState::Open, "10 calls, 5 failures: the ratio trips");
+    }
+
+    #[test]
+    fn old_failures_leave_the_window() {
+        let config =
+            BreakerConfig { window: 4, min_calls: 4, consecutive_failures: 100, ..Default::default() };
+        let (b, _clock) = breaker(config);
+        fail(&b, 1);
+        for _ in 0..3 {
+            b.try_acquire().expect("allowed");
+            b.record(true);
+        }
+        // The window is [fail, ok, ok, ok]: 25 %. One more success pushes the failure out.
+        b.try_acquire().expect("allowed");
+        b.record(true);
+        fail(&b, 1);
+        assert_eq!(b.state(), BreakerState::Closed, "[ok, ok, ok, fail]: 25 %");
+    }
+
+    #[test]
+    fn forced_open_ignores_outcomes_and_cool_downs_until_reset() {
+        let (b, clock) = breaker(BreakerConfig::default());
+        b.force_open();
+        assert_eq!(b.state(), BreakerState::ForcedOpen);
+        b.record(true);
+        clock.advance(Duration::from_secs(3600));
+        assert!(b.try_acquire().is_err());
+        b.reset();
+        assert_eq!(b.state(), BreakerState::Closed);
+        b.try_acquire().expect("closed");
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_probe_frees_the_probe_slot() {
+        let (b, clock) = breaker(BreakerConfig::default());
+        fail(&b, 5);
+        clock.advance(Duration::from_secs(1));
+        let probe = b.call(std::future::pending::<Result<()>>());
+        // Polled once (the probe is let through), then dropped: the caller gave up.
+        assert!(futures::poll!(Box::pin(probe)).is_pending());
+        b.try_acquire().expect("the next call may probe");
+    }
+}

@@ -4,8 +4,8 @@
 //! application instances, that does not serve wrong data.
 //!
 //! Each [`Cache`] handle (one per namespace: `"billsetting"`, `"payment"`…) has an
-//! in-process L1 ([quick_cache]), an optional shared L2 ([`Tier`]: Redis/Valkey in
-//! `strata-redis`, or [`InProcessTier`]) and an optional invalidation [`Backplane`]
+//! in-process L1 ([quick_cache]), an optional shared L2 ([`Tier`](tier::Tier): Redis/Valkey in
+//! `strata-redis`, or [`InProcessTier`]) and an optional invalidation [`Backplane`](backplane::Backplane)
 //! ([`InProcessBackplane`] here, Redis Streams / Pub/Sub in `strata-redis`).
 //!
 //! ```
@@ -49,7 +49,7 @@
 //! * **Fill guards.** A load that began before an invalidation of its key, one of its
 //!   tags or its namespace is never stored, in L1 (per-key tombstones that outlive the
 //!   loader's hard timeout, and lazily compared tag and namespace epochs) or in L2 (the
-//!   [`Tier`] refuses fills whose token predates an invalidation). This holds even when
+//!   [`Tier`](tier::Tier) refuses fills whose token predates an invalidation). This holds even when
 //!   the newer entry was evicted in between: tombstones, not entries, carry the proof.
 //! * **No silent loss.** Every message carries its origin and a per-origin sequence
 //!   number; heartbeats carry the last one. A gap, a lost subscription or a missed
@@ -103,8 +103,8 @@
 //! | `cache` | the [`Cache`] handle, its [`CacheBuilder`], the read path (probe, single-flight, loads, batch reads, fail-safe), the write path (one invalidation algorithm for every [`Scope`], its retry buffer, [`WriteLock`]s), the L2 call wrapper (the one owner of the L2 breaker and timeout), the type-erased [`CacheHandle`], and the only place that spawns tasks |
 //! | `fleet` | the fleet protocol: publishing with sequence numbers, Strong membership and acknowledgements, the listener (apply, gap detection, repair, health), the heartbeat; it reaches the cache through a small trait |
 //! | `l1` | the in-process table (sharded quick_cache), slot packing, the fast path's floor, the fill guards (tombstones, tag and namespace epochs) |
-//! | [`tier`] | the L2 port ([`Tier`]) with its fill-guard contract, the in-process tier, and the conformance suite every tier must pass (feature `testing`) |
-//! | [`backplane`] | the backplane port ([`Backplane`], [`Message`]) and the in-process backplane |
+//! | [`tier`] | the L2 port ([`Tier`](tier::Tier)) with its fill-guard contract, the in-process tier, and the conformance suite every tier must pass (feature `testing`) |
+//! | [`backplane`] | the backplane port ([`Backplane`](backplane::Backplane), [`Message`](backplane::Message)) and the in-process backplane |
 //! | [`scope`] | [`Scope`]: these keys, one tag, or the namespace, used everywhere an invalidation travels |
 //! | [`consistency`] | the [`Consistency`] levels |
 //! | [`key`] | [`CacheKey`] and [`CacheValue`] |

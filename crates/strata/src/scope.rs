@@ -1,7 +1,7 @@
 //! What an invalidation covers: these keys, one tag, or the whole namespace.
 //!
-//! One type for every place that concept travels: [`Cache::invalidate_scope`]
-//! (crate::Cache::invalidate_scope), the after-invalidate hooks, backplane messages,
+//! One type for every place that concept travels:
+//! [`Cache::invalidate_scope`](crate::Cache::invalidate_scope), the after-invalidate hooks, backplane messages,
 //! write locks (in the core and in [`Tier::lock`](crate::tier::Tier::lock)), and the
 //! buffer of invalidations waiting for a retry.
 

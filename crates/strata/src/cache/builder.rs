@@ -300,7 +300,8 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
         self
     }
 
-    /// The clock (tests use [`crate::ManualClock`]). Default: the system clock.
+    /// The clock (tests use `strata::testing::ManualClock`, feature `testing`). Default:
+    /// the system clock.
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = ClockSource::custom(clock);
         self

@@ -157,3 +157,79 @@ impl<K: Hash + Eq + Clone> Guards<K> {
         self.tag_epochs.write().retain(|_, e| *e > at);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{Clock, ManualClock};
+
+    const TTL: Duration = Duration::from_secs(10);
+
+    fn fill(g: &Guards<u64>, key: u64, start: LoadStart, now: Timestamp, tags: &[String]) -> bool {
+        g.fill_if_clean(&key, start, now, tags, || true)
+    }
+
+    #[test]
+    fn a_fill_that_began_before_its_key_was_invalidated_is_refused() {
+        let (g, clock) = (Guards::<u64>::new(TTL), ManualClock::new());
+        let before = g.start(clock.now());
+        g.invalidate_key(&1, clock.now(), || {});
+        let after = g.start(clock.now());
+        assert!(!fill(&g, 1, before, clock.now(), &[]));
+        assert!(fill(&g, 2, before, clock.now(), &[]), "other keys are not affected");
+        assert!(fill(&g, 1, after, clock.now(), &[]));
+    }
+
+    #[test]
+    fn the_tombstone_outlives_the_slowest_allowed_fill() {
+        let (g, clock) = (Guards::<u64>::new(TTL), ManualClock::new());
+        let before = g.start(clock.now());
+        g.invalidate_key(&1, clock.now(), || {});
+        clock.advance(TTL - Duration::from_millis(1));
+        assert!(!fill(&g, 1, before, clock.now(), &[]), "the tombstone still holds");
+        clock.advance(Duration::from_millis(1));
+        // The tombstone has expired, and so has the fill's right to be stored at all.
+        assert!(!fill(&g, 1, before, clock.now(), &[]));
+        let fresh = g.start(clock.now());
+        assert!(fill(&g, 1, fresh, clock.now(), &[]));
+    }
+
+    #[test]
+    fn tag_and_namespace_epochs_refuse_older_fills_lazily() {
+        let (g, clock) = (Guards::<u64>::new(TTL), ManualClock::new());
+        let tags = vec!["plan:gold".to_owned()];
+        let before = g.start(clock.now());
+        g.invalidate_tag("plan:gold");
+        assert!(!fill(&g, 1, before, clock.now(), &tags));
+        assert!(fill(&g, 1, before, clock.now(), &[]), "untagged fills are not affected");
+        assert!(!g.valid(before.seq, &tags));
+        let mid = g.start(clock.now());
+        assert!(g.valid(mid.seq, &tags));
+        g.invalidate_all();
+        assert!(!g.valid(mid.seq, &[]));
+        assert!(!fill(&g, 1, mid, clock.now(), &[]));
+        assert_eq!(g.namespace_epoch(), g.start(clock.now()).seq);
+        assert!(fill(&g, 1, g.start(clock.now()), clock.now(), &tags));
+    }
+
+    #[test]
+    fn store_may_decline_under_the_lock() {
+        let (g, clock) = (Guards::<u64>::new(TTL), ManualClock::new());
+        let start = g.start(clock.now());
+        assert!(!g.fill_if_clean(&1, start, clock.now(), &[], || false));
+    }
+
+    #[test]
+    fn expired_tombstones_are_swept() {
+        let (g, clock) = (Guards::<u64>::new(TTL), ManualClock::new());
+        for k in 0..(SWEEP_AT as u64 * SHARDS as u64 * 2) {
+            g.invalidate_key(&k, clock.now(), || {});
+        }
+        clock.advance(TTL * 2);
+        for k in 0..(SWEEP_AT as u64 * SHARDS as u64 * 2) {
+            g.invalidate_key(&(k + 1_000_000_000), clock.now(), || {});
+        }
+        let held: usize = g.shards.iter().map(|s| s.lock().map.len()).sum();
+        assert!(held < SWEEP_AT * SHARDS * 3, "{held} tombstones held");
+    }
+}
