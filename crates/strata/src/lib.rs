@@ -134,6 +134,7 @@ pub mod tier;
 #[cfg(feature = "testing")]
 pub mod testing {
     pub use crate::clock::ManualClock;
+    pub use crate::tier::conformance;
 }
 
 pub use backplane::InProcessBackplane;

@@ -29,6 +29,8 @@
 //! [`Tier::unlock`] invalidates the scope once more (tokens issued while the lock was
 //! held may carry values read before the write committed) and drops the lock.
 
+#[cfg(feature = "testing")]
+pub mod conformance;
 mod in_process;
 
 pub use in_process::InProcessTier;

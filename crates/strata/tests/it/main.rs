@@ -7,6 +7,7 @@
 
 mod api;
 mod config;
+mod conformance;
 mod fail_safe;
 mod fill_guard;
 mod fleet;
