@@ -14,7 +14,9 @@
 //! builder's `.tls(`[`TlsConfig`]`)`, which can also hold a client certificate).
 //! A bad setting is an error of kind
 //! [`InvalidInput`](strata::error::ErrorKind::InvalidInput) whose message says how to
-//! fix it; passwords are redacted from every message.
+//! fix it; passwords are redacted from every message. The settings the three builders
+//! share (URL, key prefix, connect timeout, TLS, lazy start) form one
+//! [`ConnectionOptions`], which each builder's `connection` setter takes whole.
 //!
 //! # The tier
 //!
@@ -75,15 +77,32 @@
 //! `allkeys-*`). The ACL user needs `+@read +@write +@scripting +@stream +@pubsub`
 //! (and `+client|setname` for the stream subscriber) on the keys and channels under
 //! the prefix.
+//!
+//! # Layout
+//!
+//! Each source module has one job, and dependencies point one way: the tier and the
+//! backplanes build on `connection` and `reply`, never on each other.
+//!
+//! | module | job |
+//! |---|---|
+//! | [`tier`] | [`RedisTier`]: the [`Tier`](strata::tier::Tier) implementation and its builder; inside, `tier::format` (key names, the stored envelope, the lookup reply) and `tier::scripts` (the Lua scripts) |
+//! | `backplane` | what both backplanes share: [`BackplaneStats`], the publishing connection, reconnect defaults |
+//! | [`stream`] | [`RedisStreamBackplane`] (in `backplane/`, with its builder and its Lua scripts) |
+//! | [`pubsub`] | [`RedisPubSubBackplane`] (in `backplane/`) |
+//! | `connection` | [`ConnectionOptions`], the settings every builder shares; opening clients from URLs, password redaction, error mapping, reconnect backoff, and the connection that replaces itself after repeated timeouts |
+//! | `reply` | reading values out of Redis replies |
+//! | `tls` | [`TlsConfig`] |
 
-mod common;
-pub mod pubsub;
-mod scripts;
-pub mod stream;
+mod backplane;
+mod connection;
+mod reply;
 pub mod tier;
 mod tls;
 
-pub use pubsub::{RedisPubSubBackplane, RedisPubSubBackplaneBuilder};
-pub use stream::{BackplaneStats, RedisStreamBackplane, RedisStreamBackplaneBuilder};
+pub use backplane::BackplaneStats;
+pub use backplane::pubsub::{RedisPubSubBackplane, RedisPubSubBackplaneBuilder};
+pub use backplane::stream::{RedisStreamBackplane, RedisStreamBackplaneBuilder};
+pub use backplane::{pubsub, stream};
+pub use connection::ConnectionOptions;
 pub use tier::{RedisTier, RedisTierBuilder, RedisTierStats};
 pub use tls::TlsConfig;

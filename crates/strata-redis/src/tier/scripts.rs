@@ -1,12 +1,12 @@
-//! The Lua scripts of the tier and of the stream backplane. Every multi-step operation
-//! is one script, so Redis runs it atomically.
+//! The Lua scripts of the tier. Every multi-step operation is one script, so Redis runs
+//! it atomically.
 //!
-//! Conventions shared with `tier.rs` (see its module docs for the full layout): the
-//! namespace meta hash holds `c` (invalidation clock), `n` (namespace epoch), `l`
-//! (lease counter), `f` (lease floor: leases with an id at or below it were voided by
-//! a namespace invalidation) and `t:<tag>` (the clock value of the tag's last
-//! invalidation). Entry hash fields: `e` (envelope), `s` (stamp), `t` (tags), `f`
-//! (soft expiry, ns), `h` (hard expiry, ns).
+//! Conventions shared with the [`tier`](super) module (see its docs for the full
+//! layout): the namespace meta hash holds `c` (invalidation clock), `n` (namespace
+//! epoch), `l` (lease counter), `f` (lease floor: leases with an id at or below it were
+//! voided by a namespace invalidation) and `t:<tag>` (the clock value of the tag's last
+//! invalidation). Entry hash fields: `e` (envelope), `s` (stamp), `t` (tags), `f` (soft
+//! expiry, ns), `h` (hard expiry, ns).
 //!
 //! Numbers written by the scripts go through `d()`: Lua turns a number into text with
 //! `%.14g`, which would write clock values (about 1.8e15) in exponent notation.
@@ -348,34 +348,6 @@ end
 return 0
 "#;
 
-/// Stream backplane publish: number the entry, append it, cap the stream.
-///
-/// KEYS: stream, counter. ARGV: max len, message bytes. Returns the entry's number.
-pub(crate) const STREAM_PUBLISH: &str = r#"
-local n = redis.call('INCR', KEYS[2])
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'm', ARGV[2], 'n', n)
-return n
-"#;
-
-/// Where a new subscriber starts: the last entry's id and the counter, atomically.
-///
-/// KEYS: stream, counter. Returns {last id or '0-0', counter}.
-pub(crate) const STREAM_START: &str = r#"
-local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-local id = '0-0'
-if #last > 0 then id = last[1][1] end
-return {id, redis.call('GET', KEYS[2]) or '0'}
-"#;
-
-/// Catch-up read after a reconnect: entries after the last id seen, and the counter,
-/// atomically (so a trailing loss is told apart from a publish racing the read).
-///
-/// KEYS: stream, counter. ARGV: last id, count. Returns {counter, entries}.
-pub(crate) const STREAM_CATCH_UP: &str = r#"
-local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
-return {redis.call('GET', KEYS[2]) or '0', entries}
-"#;
-
 fn with_prelude(body: &str) -> String {
     let mut s = String::with_capacity(PRELUDE.len() + body.len());
     s.push_str(PRELUDE);
@@ -383,7 +355,6 @@ fn with_prelude(body: &str) -> String {
     s
 }
 
-/// The tier's compiled scripts (hashed once).
 /// Deletes the lease key only if it still holds the caller's lease id.
 /// KEYS[1] lease key; ARGV[1] lease id.
 const RELEASE_LEASE_BODY: &str = r#"
@@ -393,6 +364,7 @@ end
 return 0
 "#;
 
+/// The tier's compiled scripts (hashed once).
 pub(crate) struct TierScripts {
     pub(crate) lookup: redis::Script,
     pub(crate) fill: redis::Script,
