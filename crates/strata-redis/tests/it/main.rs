@@ -1,0 +1,20 @@
+//! Integration tests of strata-redis against real `redis-server` processes started by
+//! strata-testkit (never the machine's own Redis on 6379). A missing `redis-server`
+//! fails the tests loudly (testkit panics with instructions).
+//!
+//! Every wait is bounded with `tokio::time::timeout`; measured figures are printed with
+//! `eprintln!` (run with `--nocapture` to see them).
+//!
+//! One test binary, one module per area; `support` holds the shared helpers, and
+//! `conformance` is the tier conformance suite, which depends on strata alone.
+
+// Helpers shared by the tests (not `#[test]` fns themselves) unwrap too.
+#![allow(clippy::unwrap_used)]
+
+mod conformance;
+mod fleet;
+mod pubsub;
+mod stream;
+mod support;
+mod tier;
+mod tls;
