@@ -253,6 +253,11 @@ impl Backoff {
 /// A [`ConnectionManager`] that is replaced by a fresh one after repeated timeouts:
 /// a connection to a peer that vanished without a reset (a paused server, a dropped
 /// network path) never reports an error by itself.
+///
+/// A call its caller abandons before Redis answered (its future dropped, as the cache
+/// does at its `l2_timeout`) counts like a timeout: the cache gives up long before the
+/// tier's response timeout, so without this a connection that stopped answering would
+/// never be replaced while a cache uses the tier.
 pub(crate) struct ManagedConn {
     client: redis::Client,
     config: ConnectionManagerConfig,
@@ -261,6 +266,7 @@ pub(crate) struct ManagedConn {
     consecutive_timeouts: AtomicU32,
     reconnect_after: u32,
     reconnects: AtomicU64,
+    abandoned: AtomicU64,
 }
 
 /// How a [`ManagedConn::call`] ended, for the caller's counters.
@@ -275,6 +281,28 @@ impl CallError {
     pub(crate) fn into_error(self) -> Error {
         match self {
             CallError::Timeout(e) | CallError::Failed(e) => e,
+        }
+    }
+}
+
+/// Notes a call as abandoned when dropped before [`InFlight::finish`].
+struct InFlight<'a> {
+    conn: &'a ManagedConn,
+    what: &'a str,
+    finished: bool,
+}
+
+impl InFlight<'_> {
+    fn finish(mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.conn.abandoned.fetch_add(1, Ordering::Relaxed);
+            self.conn.note_timeout(self.what);
         }
     }
 }
@@ -304,6 +332,7 @@ impl ManagedConn {
             consecutive_timeouts: AtomicU32::new(0),
             reconnect_after: reconnect_after.max(1),
             reconnects: AtomicU64::new(0),
+            abandoned: AtomicU64::new(0),
         })
     }
 
@@ -334,6 +363,11 @@ impl ManagedConn {
         self.reconnects.load(Ordering::Relaxed)
     }
 
+    /// How many calls were abandoned by their caller before Redis answered.
+    pub(crate) fn abandoned(&self) -> u64 {
+        self.abandoned.load(Ordering::Relaxed)
+    }
+
     /// Runs `f` on the connection with `timeout`; errors are mapped to `kind`.
     pub(crate) async fn call<T, F, Fut>(
         &self,
@@ -346,7 +380,10 @@ impl ManagedConn {
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        match tokio::time::timeout(timeout, f(self.get())).await {
+        let in_flight = InFlight { conn: self, what, finished: false };
+        let out = tokio::time::timeout(timeout, f(self.get())).await;
+        in_flight.finish();
+        match out {
             Ok(Ok(v)) => {
                 self.consecutive_timeouts.store(0, Ordering::Relaxed);
                 Ok(v)
@@ -361,7 +398,9 @@ impl ManagedConn {
 
     fn note_timeout(&self, what: &str) {
         let n = self.consecutive_timeouts.fetch_add(1, Ordering::Relaxed) + 1;
-        if n >= self.reconnect_after {
+        // A new manager spawns a task, which needs a runtime; a call dropped outside one
+        // (a runtime shutting down) leaves the replacement to the next timeout.
+        if n >= self.reconnect_after && tokio::runtime::Handle::try_current().is_ok() {
             self.consecutive_timeouts.store(0, Ordering::Relaxed);
             if let Ok(m) = Self::manager(&self.client, &self.config, &self.shown_url, what) {
                 *self.conn.write() = m;

@@ -22,10 +22,19 @@
 //!
 //! [`RedisTier`] behaves exactly like strata's in-process reference tier (the tests
 //! run one conformance scenario against both). The storage layout and the scripts
-//! are described in the [`tier`] module. Every call has a per-operation timeout
-//! (default 50 ms) and goes through a [`CircuitBreaker`](strata::breaker::CircuitBreaker)
-//! for the endpoint, exposed by [`RedisTier::breaker`] so the core can force it open
-//! when L2 may hold wrong data. Timeouts map to
+//! are described in the [`tier`] module.
+//!
+//! The core's L2 call wrapper owns resilience: [`Cache`](strata::Cache) bounds every L2
+//! call with its `l2_timeout` (default 50 ms) and runs it through its own
+//! [`CircuitBreaker`](strata::breaker::CircuitBreaker), which it also forces open when
+//! L2 may hold wrong data (both set on [`CacheBuilder`](strata::CacheBuilder)). The tier
+//! adds neither a breaker nor an operation timeout, so a call meets one of each. What
+//! it keeps is connection-level: a response timeout,
+//! [`op_timeout`](RedisTierBuilder::op_timeout) (default 1 s, a backstop well above
+//! `l2_timeout` that bounds calls made outside a cache; the name is kept for existing
+//! callers), and the replacement of a connection after
+//! [`reconnect_after_timeouts`](RedisTierBuilder::reconnect_after_timeouts) consecutive
+//! calls that timed out or that the cache abandoned. Timeouts map to
 //! [`ErrorKind::Timeout`](strata::error::ErrorKind::Timeout), connection and server
 //! errors to [`ErrorKind::Tier`](strata::error::ErrorKind::Tier). An entry that cannot
 //! be decoded is a miss: deleted, counted (`strata_l2_undecodable_total`,

@@ -4,15 +4,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use strata::breaker::BreakerConfig;
 use strata::clock::Clock;
 use strata::error::{Error, ErrorKind, Result};
 
 use crate::connection::ConnectionOptions;
 use crate::tls::TlsConfig;
 
-/// Default per-operation timeout.
-pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_millis(50);
+/// Default response timeout of the tier's connection (see
+/// [`RedisTierBuilder::op_timeout`]).
+pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Names the tier in errors.
 pub(crate) const WHAT: &str = "redis tier";
@@ -23,7 +23,6 @@ pub struct RedisTierBuilder {
     pub(crate) connection: ConnectionOptions,
     pub(crate) op_timeout: Duration,
     pub(crate) tombstone_ttl: Duration,
-    pub(crate) breaker: BreakerConfig,
     pub(crate) clock: Option<Arc<dyn Clock>>,
     pub(crate) reconnect_after_timeouts: u32,
 }
@@ -44,7 +43,6 @@ impl RedisTierBuilder {
             connection: ConnectionOptions::new(url),
             op_timeout: DEFAULT_OP_TIMEOUT,
             tombstone_ttl: strata::tier::TierConfig::default().tombstone_ttl,
-            breaker: BreakerConfig::default(),
             clock: None,
             reconnect_after_timeouts: 4,
         }
@@ -64,10 +62,17 @@ impl RedisTierBuilder {
         self
     }
 
-    /// Per-operation timeout (default 50 ms): each call gives up after it with an
-    /// error of kind `Timeout`, which the breaker counts as a failure. Keep it at or
-    /// below the cache's `l2_timeout`, so that this tier's counters and breaker see the
-    /// timeouts rather than the cache cancelling the call first.
+    /// The response timeout of the tier's connection (default 1 s): a call that Redis
+    /// has not answered by then fails with an error of kind `Timeout`.
+    ///
+    /// A safety net, not the operation timeout: the cache's L2 call wrapper owns that
+    /// (its `l2_timeout`, 50 ms by default) and the circuit breaker. Keep this well
+    /// above `l2_timeout` so that the cache decides; it bounds the calls made outside a
+    /// cache (tools, health checks, [`RedisTier::ping`](crate::RedisTier::ping)). The
+    /// name is kept from when the tier had an operation timeout of its own.
+    ///
+    /// Calls that time out here, and calls the cache abandons at its `l2_timeout`, count
+    /// towards [`reconnect_after_timeouts`](Self::reconnect_after_timeouts).
     pub fn op_timeout(mut self, timeout: Duration) -> Self {
         self.op_timeout = timeout;
         self
@@ -86,13 +91,8 @@ impl RedisTierBuilder {
         self
     }
 
-    /// Circuit breaker settings for this endpoint.
-    pub fn breaker(mut self, config: BreakerConfig) -> Self {
-        self.breaker = config;
-        self
-    }
-
-    /// The clock used for `touch` expiries and by the breaker (use the caches' clock).
+    /// The clock the tier reads the time from, for soft expiries at lookup and the hard
+    /// expiry set by `touch` (use the caches' clock).
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = Some(clock);
         self
@@ -100,14 +100,17 @@ impl RedisTierBuilder {
 
     /// Do not contact the server in `build` (default: `build` sends a `PING` and
     /// fails if the server is unreachable or refuses the credentials). A lazy tier
-    /// connects on first use; until then calls fail and the breaker opens.
+    /// connects on first use; until then its calls fail (and the cache's L2 breaker
+    /// opens).
     pub fn lazy(mut self, lazy: bool) -> Self {
         self.connection.lazy = lazy;
         self
     }
 
     /// After this many consecutive timeouts the connection is replaced by a new one
-    /// (default 4): a connection to a silently dead peer never reports an error.
+    /// (default 4): a connection to a silently dead peer never reports an error. Calls
+    /// abandoned by their caller before Redis answered (the cache's `l2_timeout`) count
+    /// as timeouts, since the cache gives up long before [`op_timeout`](Self::op_timeout).
     pub fn reconnect_after_timeouts(mut self, n: u32) -> Self {
         self.reconnect_after_timeouts = n;
         self
@@ -125,8 +128,8 @@ impl RedisTierBuilder {
         self.connection.check(WHAT)?;
         if self.op_timeout.is_zero() {
             return invalid(
-                "redis tier: op_timeout is zero; use a timeout near the server's p99.9 \
-                 latency, such as 50ms"
+                "redis tier: op_timeout is zero; it is the connection's response timeout, \
+                 a backstop well above the cache's l2_timeout, such as 1s"
                     .into(),
             );
         }
@@ -136,9 +139,6 @@ impl RedisTierBuilder {
                  hard timeout (default 60s)"
                     .into(),
             );
-        }
-        if let Err(e) = self.breaker.validate() {
-            return invalid(format!("redis tier: {e}"));
         }
         Ok(())
     }

@@ -80,7 +80,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::Value;
 use redis::aio::ConnectionManager;
-use strata::breaker::CircuitBreaker;
 use strata::clock::{Clock, SystemClock, Timestamp};
 use strata::error::{Error, ErrorKind, Result};
 use strata::tier::{Envelope, FillOutcome, FillToken, LockScope, Lookup, Tier};
@@ -108,12 +107,12 @@ pub struct RedisTierStats {
     pub ops: u64,
     /// Entries found undecodable, deleted and served as misses.
     pub undecodable: u64,
-    /// Operations that hit the per-operation timeout.
+    /// Operations that timed out: Redis did not answer within the response timeout
+    /// ([`RedisTierBuilder::op_timeout`]), or the caller gave up first (the cache's
+    /// `l2_timeout`).
     pub timeouts: u64,
     /// Operations that failed otherwise (connection, server errors).
     pub errors: u64,
-    /// Operations refused by the open circuit breaker.
-    pub rejected: u64,
     /// Times the connection was replaced after repeated timeouts.
     pub reconnects: u64,
 }
@@ -124,7 +123,6 @@ struct Counters {
     undecodable: AtomicU64,
     timeouts: AtomicU64,
     errors: AtomicU64,
-    rejected: AtomicU64,
 }
 
 impl RedisTierBuilder {
@@ -132,21 +130,14 @@ impl RedisTierBuilder {
     pub async fn build(self) -> Result<RedisTier> {
         self.check()?;
         let client = self.connection.open_client(WHAT)?;
-        let shown = self.connection.redacted_url();
         let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock::default()));
         let conn = ManagedConn::new(client, &self.connection, self.reconnect_after_timeouts, WHAT)?;
-        let breaker = Arc::new(CircuitBreaker::with_clock(
-            format!("redis-l2 {}", endpoint_of(&shown)),
-            self.breaker,
-            clock.clone(),
-        ));
         let tier = RedisTier {
             inner: Arc::new(Inner {
                 conn,
                 prefix: self.connection.prefix,
                 op_timeout: self.op_timeout,
                 tombstone_ttl: self.tombstone_ttl,
-                breaker,
                 clock,
                 scripts: TierScripts::new(),
                 counters: Counters::default(),
@@ -159,19 +150,11 @@ impl RedisTierBuilder {
     }
 }
 
-/// `host:port` part of a redacted URL, for the breaker's name.
-fn endpoint_of(shown: &str) -> &str {
-    let rest = shown.split_once("://").map_or(shown, |(_, r)| r);
-    let rest = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
-    rest.split('/').next().unwrap_or(rest)
-}
-
 struct Inner {
     conn: ManagedConn,
     prefix: String,
     op_timeout: Duration,
     tombstone_ttl: Duration,
-    breaker: Arc<CircuitBreaker>,
     clock: Arc<dyn Clock>,
     scripts: TierScripts,
     counters: Counters,
@@ -180,7 +163,10 @@ struct Inner {
 /// The L2 tier on Redis/Valkey: implements the full fill-guard contract of [`Tier`]
 /// with one Lua script per operation (see the module docs for the layout).
 ///
-/// Cloning gives another handle to the same connection, breaker and counters.
+/// It has no circuit breaker and no operation timeout of its own: the cache's L2 call
+/// wrapper owns both (see the crate docs).
+///
+/// Cloning gives another handle to the same connection and counters.
 #[derive(Clone)]
 pub struct RedisTier {
     inner: Arc<Inner>,
@@ -191,7 +177,7 @@ impl std::fmt::Debug for RedisTier {
         f.debug_struct("RedisTier")
             .field("url", &self.inner.conn.shown_url())
             .field("prefix", &self.inner.prefix)
-            .field("breaker", &self.inner.breaker)
+            .field("op_timeout", &self.inner.op_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -202,12 +188,6 @@ impl RedisTier {
     /// ACL credentials, percent-encoded.
     pub fn builder(url: impl Into<String>) -> RedisTierBuilder {
         RedisTierBuilder::new(url)
-    }
-
-    /// The circuit breaker guarding this endpoint; the core forces it open when L2 can
-    /// no longer be trusted and resets it once L2 is known clean.
-    pub fn breaker(&self) -> &Arc<CircuitBreaker> {
-        &self.inner.breaker
     }
 
     /// Redis round trips made so far.
@@ -221,9 +201,8 @@ impl RedisTier {
         RedisTierStats {
             ops: c.ops.load(Ordering::Relaxed),
             undecodable: c.undecodable.load(Ordering::Relaxed),
-            timeouts: c.timeouts.load(Ordering::Relaxed),
+            timeouts: c.timeouts.load(Ordering::Relaxed) + self.inner.conn.abandoned(),
             errors: c.errors.load(Ordering::Relaxed),
-            rejected: c.rejected.load(Ordering::Relaxed),
             reconnects: self.inner.conn.reconnects(),
         }
     }
@@ -233,7 +212,7 @@ impl RedisTier {
         &self.inner.prefix
     }
 
-    /// The per-operation timeout.
+    /// The connection's response timeout (see [`RedisTierBuilder::op_timeout`]).
     pub fn op_timeout(&self) -> Duration {
         self.inner.op_timeout
     }
@@ -243,7 +222,7 @@ impl RedisTier {
         NsKeys::new(&self.inner.prefix, namespace).entry(key)
     }
 
-    /// Sends `PING` (through the breaker and timeout): a health check.
+    /// Sends `PING` (with the response timeout): a health check.
     pub async fn ping(&self) -> Result<()> {
         let _: Value = self
             .run("redis tier ping", |mut c| async move { redis::cmd("PING").query_async(&mut c).await })
@@ -312,28 +291,22 @@ impl RedisTier {
         Ok(())
     }
 
-    /// Runs one Redis call with the timeout and through the breaker, counting it.
+    /// Runs one Redis call with the response timeout, counting it.
     async fn run<T, F, Fut>(&self, what: &'static str, f: F) -> Result<T>
     where
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         let inner = &self.inner;
-        if let Err(e) = inner.breaker.try_acquire() {
-            inner.counters.rejected.fetch_add(1, Ordering::Relaxed);
-            return Err(e);
-        }
         inner.counters.ops.fetch_add(1, Ordering::Relaxed);
-        let out = inner.conn.call(inner.op_timeout, ErrorKind::Tier, what, f).await.map_err(|e| {
+        inner.conn.call(inner.op_timeout, ErrorKind::Tier, what, f).await.map_err(|e| {
             match &e {
                 CallError::Timeout(_) => &inner.counters.timeouts,
                 CallError::Failed(_) => &inner.counters.errors,
             }
             .fetch_add(1, Ordering::Relaxed);
             e.into_error()
-        });
-        inner.breaker.record(out.as_ref().map_or_else(|e| !e.is_transient(), |_| true));
-        out
+        })
     }
 
     fn count_undecodable(&self, namespace: &str) {

@@ -1,8 +1,10 @@
 //! The Redis tier on its own: conformance with the in-process tier, batched lookups,
 //! undecodable entries, timeouts, restarts and configuration errors.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use strata::Cache;
 use strata::breaker::{BreakerConfig, BreakerState};
 use strata::error::ErrorKind;
 use strata::tier::{FillOutcome, InProcessTier, Tier};
@@ -144,13 +146,19 @@ async fn tier_undecodable_entries_are_deleted_misses() {
     eprintln!("[undecodable] stats after 6 garbage entries: {:?}", tier.stats());
 }
 
+/// The tier has no breaker of its own: against a SIGSTOPped server its calls end with
+/// `Timeout` after its response timeout, and a cache over it opens its L2 breaker (the
+/// core's), having abandoned each call at its shorter `l2_timeout`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tier_timeout_on_paused_server_opens_breaker() {
+async fn tier_timeout_on_paused_server_opens_core_breaker() {
     let mut server = RedisServer::start();
-    let op_timeout = Duration::from_millis(50);
-    let tier = RedisTier::builder(server.url())
-        .prefix("pause")
-        .op_timeout(op_timeout)
+    let op_timeout = Duration::from_millis(100);
+    let l2_timeout = Duration::from_millis(50);
+    let tier = RedisTier::builder(server.url()).prefix("pause").op_timeout(op_timeout).build().await.unwrap();
+    tier.lookup("ns", "warm", None).await.unwrap();
+    let cache: Cache<u64, String> = Cache::builder("ns")
+        .tier(Arc::new(tier.clone()))
+        .l2_timeout(l2_timeout)
         .breaker(BreakerConfig {
             consecutive_failures: 3,
             open_for: Duration::from_millis(300),
@@ -158,12 +166,13 @@ async fn tier_timeout_on_paused_server_opens_breaker() {
             ..BreakerConfig::default()
         })
         .build()
-        .await
         .unwrap();
-    tier.lookup("ns", "warm", None).await.unwrap();
+    assert_eq!(cache.get(&1).await.unwrap(), None);
+    assert_eq!(cache.l2_breaker_state(), BreakerState::Closed);
 
     server.pause().unwrap();
     let mut timings = Vec::new();
+    let mut through_cache = Vec::new();
     let result = async {
         for _ in 0..3 {
             let started = Instant::now();
@@ -173,40 +182,48 @@ async fn tier_timeout_on_paused_server_opens_breaker() {
             assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
             assert!(took < op_timeout + Duration::from_millis(150), "timeout took {took:?}");
         }
-        assert_eq!(tier.breaker().state(), BreakerState::Open);
+        // Through the cache an L2 failure is a miss, answered at the l2_timeout.
+        for k in 0..3 {
+            let started = Instant::now();
+            assert_eq!(cache.get(&k).await.unwrap(), None);
+            let took = started.elapsed();
+            through_cache.push(took);
+            assert!(took < l2_timeout + Duration::from_millis(150), "cache read took {took:?}");
+        }
+        assert_eq!(cache.l2_breaker_state(), BreakerState::Open);
         let started = Instant::now();
-        let err = tier.lookup("ns", "k", None).await.expect_err("breaker open");
-        let refused_in = started.elapsed();
-        assert!(err.is_circuit_open(), "{err}");
-        refused_in
+        assert_eq!(cache.get(&9).await.unwrap(), None);
+        started.elapsed()
     }
     .await;
+    let paused_stats = tier.stats();
     server.resume().unwrap();
     eprintln!(
-        "[timeout] op_timeout {op_timeout:?}: calls to the paused server failed after {timings:?}; \
-         open breaker refused in {result:?}"
+        "[timeout] response timeout {op_timeout:?}: tier calls to the paused server failed after {timings:?}; \
+         through a cache (l2_timeout {l2_timeout:?}) {through_cache:?}; the cache's open breaker answered \
+         in {result:?}; tier stats {paused_stats:?}"
     );
+    assert!(paused_stats.timeouts >= 6, "calls the cache abandoned count as timeouts: {paused_stats:?}");
+    assert!(paused_stats.reconnects >= 1, "and towards replacing the connection: {paused_stats:?}");
 
-    // After the cool-down a probe closes the breaker again.
+    // After the cool-down a probe closes the cache's breaker again.
     tokio::time::sleep(Duration::from_millis(350)).await;
     let recovered = async {
         loop {
             if tier.lookup("ns", "k", None).await.is_ok() {
-                return;
+                let _ = cache.get(&1).await;
+                if cache.l2_breaker_state() == BreakerState::Closed {
+                    return;
+                }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     };
     let started = Instant::now();
-    tokio::time::timeout(Duration::from_secs(5), recovered).await.expect("tier recovers after resume");
-    assert_eq!(tier.breaker().state(), BreakerState::Closed);
+    tokio::time::timeout(Duration::from_secs(5), recovered)
+        .await
+        .expect("tier and cache recover after resume");
     eprintln!("[timeout] recovered {:?} after the cool-down; stats {:?}", started.elapsed(), tier.stats());
-
-    // force_open is honoured until reset.
-    tier.breaker().force_open();
-    assert!(tier.lookup("ns", "k", None).await.unwrap_err().is_circuit_open());
-    tier.breaker().reset();
-    tier.lookup("ns", "k", None).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,11 +232,6 @@ async fn tier_survives_server_restart_and_reconnects() {
     let tier = RedisTier::builder(server.url())
         .prefix("restart")
         .op_timeout(Duration::from_millis(500))
-        .breaker(BreakerConfig {
-            open_for: Duration::from_millis(100),
-            jitter: 0.0,
-            ..BreakerConfig::default()
-        })
         .build()
         .await
         .unwrap();
@@ -281,12 +293,6 @@ async fn tier_builder_rejects_bad_config_with_fixes() {
     assert!(e.to_string().contains("prefix"), "{e}");
     let e = RedisTier::builder(server.url()).op_timeout(Duration::ZERO).build().await.unwrap_err();
     assert!(e.to_string().contains("op_timeout"), "{e}");
-    let e = RedisTier::builder(server.url())
-        .breaker(BreakerConfig { window: 0, ..BreakerConfig::default() })
-        .build()
-        .await
-        .unwrap_err();
-    assert!(e.to_string().contains("window"), "{e}");
     // Nothing listens on this port (a server we start and stop).
     let mut gone = RedisServer::start();
     let url = gone.url();

@@ -105,13 +105,12 @@ impl Db {
     }
 }
 
-/// Settings of one fleet instance; the default is what `instance` uses.
+/// Settings of one fleet instance; the default is what `instance` uses. Timeout and
+/// breaker are the cache's: the tier keeps its default response timeout (1 s), as in
+/// production.
 #[derive(Clone)]
 struct Opts {
-    /// The tier's per-operation timeout; kept ≤ `l2_timeout`.
-    op_timeout: Duration,
     l2_timeout: Duration,
-    tier_breaker: BreakerConfig,
     cache_breaker: BreakerConfig,
     ttl: Duration,
     l1_ttl: Option<Duration>,
@@ -125,9 +124,7 @@ struct Opts {
 impl Default for Opts {
     fn default() -> Self {
         Opts {
-            op_timeout: Duration::from_millis(150),
             l2_timeout: Duration::from_millis(200),
-            tier_breaker: BreakerConfig { open_for: Duration::from_millis(300), ..BreakerConfig::default() },
             cache_breaker: BreakerConfig::default(),
             ttl: Duration::from_secs(60),
             l1_ttl: None,
@@ -143,15 +140,7 @@ impl Default for Opts {
 /// A full cache instance: its own `RedisTier` on `tier_url` (prefix `fleet`),
 /// namespace `payment`, the given backplane; waits until it is ready.
 async fn instance_with(tier_url: &str, backplane: Arc<dyn Backplane>, o: &Opts) -> Cache<u64, String> {
-    assert!(o.op_timeout <= o.l2_timeout, "keep the tier's op_timeout at or below the cache's l2_timeout");
-    let tier = RedisTier::builder(tier_url)
-        .prefix("fleet")
-        .op_timeout(o.op_timeout)
-        .breaker(o.tier_breaker.clone())
-        .lazy(o.lazy)
-        .build()
-        .await
-        .expect("tier");
+    let tier = RedisTier::builder(tier_url).prefix("fleet").lazy(o.lazy).build().await.expect("tier");
     let mut builder = Cache::builder("payment")
         .tier(Arc::new(tier))
         .backplane(backplane)

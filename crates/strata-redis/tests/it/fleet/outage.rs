@@ -113,7 +113,6 @@ async fn fault_redis_kill9_restart_after_5s() {
     // L1 keeps entries 1 s, L2 60 s: before the outage most reads that miss L1 are
     // L2 hits. Lazy tiers: building needs no server, the connection comes and goes.
     let opts = Opts {
-        op_timeout: Duration::from_millis(100),
         l2_timeout: Duration::from_millis(150),
         l1_ttl: Some(Duration::from_secs(1)),
         max_stale: Duration::from_secs(2),
@@ -236,7 +235,7 @@ async fn fault_redis_kill9_restart_after_5s() {
 
     eprintln!(
         "{TAG} 3 instances, 500 reads/s over {} keys (L1 TTL 1 s, L2 TTL 60 s, max_stale 2 s, l2_timeout 150 ms, \
-         tier op_timeout 100 ms); redis-server SIGKILLed, restarted empty 5 s later",
+         tier response timeout 1 s); redis-server SIGKILLed, restarted empty 5 s later",
         keys.len()
     );
     eprintln!(
@@ -347,7 +346,6 @@ async fn fault_redis_sigstop_2s_bounded_latency_no_stale_fill() {
     let l2_timeout = Duration::from_millis(50);
     let loader_time = db.delay;
     let opts = Opts {
-        op_timeout: Duration::from_millis(40),
         l2_timeout,
         // Fast half-open, so that L2 is in use again soon after SIGCONT.
         cache_breaker: BreakerConfig { open_for: Duration::from_millis(200), ..BreakerConfig::default() },
@@ -468,7 +466,7 @@ async fn fault_redis_sigstop_2s_bounded_latency_no_stale_fill() {
     let p99 = pct(&during.latencies, 0.99);
     eprintln!(
         "{TAG} redis-server SIGSTOPped for 2 s; B and C read 1000 keys at 300 reads/s (loader 5 ms, l2_timeout \
-         {}, tier op_timeout 40 ms); A runs two slow loads (400 / 900 ms) of rows S1, S2 that change meanwhile",
+         {}, tier response timeout 1 s); A runs two slow loads (400 / 900 ms) of rows S1, S2 that change meanwhile",
         ms(l2_timeout)
     );
     eprintln!(
