@@ -19,7 +19,7 @@ use crate::tls::TlsConfig;
 pub const DEFAULT_PREFIX: &str = "strata";
 
 /// Default timeout of each connection attempt.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The connection settings shared by [`RedisTier`](crate::RedisTier),
 /// [`RedisStreamBackplane`](crate::RedisStreamBackplane) and

@@ -94,10 +94,10 @@
 //!
 //! | module | job |
 //! |---|---|
-//! | [`tier`] | [`RedisTier`]: the [`Tier`](strata::tier::Tier) implementation and its builder; inside, `tier::format` (key names, the stored envelope, the lookup reply) and `tier::scripts` (the Lua scripts) |
+//! | [`tier`] | [`RedisTier`]: the [`Tier`](strata::tier::Tier) implementation, its counters and `build`; inside, `tier::builder` ([`RedisTierBuilder`]'s settings and checks), `tier::format` (key names, the stored envelope, the lookup reply) and `tier::scripts` (the Lua scripts) |
 //! | `backplane` | what both backplanes share: [`BackplaneStats`], the publishing connection, reconnect defaults |
-//! | [`stream`] | [`RedisStreamBackplane`] (in `backplane/`, with its builder and its Lua scripts) |
-//! | [`pubsub`] | [`RedisPubSubBackplane`] (in `backplane/`) |
+//! | [`stream`] | [`RedisStreamBackplane`] (`backplane/stream.rs`, with `stream_builder.rs` and `stream_scripts.rs` beside it) |
+//! | [`pubsub`] | [`RedisPubSubBackplane`] and its builder (`backplane/pubsub.rs`) |
 //! | `connection` | [`ConnectionOptions`], the settings every builder shares; opening clients from URLs, password redaction, error mapping, reconnect backoff, and the connection that replaces itself after repeated timeouts |
 //! | `reply` | reading values out of Redis replies |
 //! | `tls` | [`TlsConfig`] |
