@@ -14,16 +14,27 @@
 //! builder's `.tls(`[`TlsConfig`]`)`, which can also hold a client certificate).
 //! A bad setting is an error of kind
 //! [`InvalidInput`](strata::error::ErrorKind::InvalidInput) whose message says how to
-//! fix it; passwords are redacted from every message.
+//! fix it; passwords are redacted from every message. The settings the three builders
+//! share (URL, key prefix, connect timeout, TLS, lazy start) form one
+//! [`ConnectionOptions`], which each builder's `connection` setter takes whole.
 //!
 //! # The tier
 //!
 //! [`RedisTier`] behaves exactly like strata's in-process reference tier (the tests
 //! run one conformance scenario against both). The storage layout and the scripts
-//! are described in the [`tier`] module. Every call has a per-operation timeout
-//! (default 50 ms) and goes through a [`CircuitBreaker`](strata::breaker::CircuitBreaker)
-//! for the endpoint, exposed by [`RedisTier::breaker`] so the core can force it open
-//! when L2 may hold wrong data. Timeouts map to
+//! are described in the [`tier`] module.
+//!
+//! The core's L2 call wrapper owns resilience: [`Cache`](strata::Cache) bounds every L2
+//! call with its `l2_timeout` (default 50 ms) and runs it through its own
+//! [`CircuitBreaker`](strata::breaker::CircuitBreaker), which it also forces open when
+//! L2 may hold wrong data (both set on [`CacheBuilder`](strata::CacheBuilder)). The tier
+//! adds neither a breaker nor an operation timeout, so a call meets one of each. What
+//! it keeps is connection-level: a response timeout,
+//! [`op_timeout`](RedisTierBuilder::op_timeout) (default 1 s, a backstop well above
+//! `l2_timeout` that bounds calls made outside a cache; the name is kept for existing
+//! callers), and the replacement of a connection after
+//! [`reconnect_after_timeouts`](RedisTierBuilder::reconnect_after_timeouts) consecutive
+//! calls that timed out or that the cache abandoned. Timeouts map to
 //! [`ErrorKind::Timeout`](strata::error::ErrorKind::Timeout), connection and server
 //! errors to [`ErrorKind::Tier`](strata::error::ErrorKind::Tier). An entry that cannot
 //! be decoded is a miss: deleted, counted (`strata_l2_undecodable_total`,
@@ -75,15 +86,32 @@
 //! `allkeys-*`). The ACL user needs `+@read +@write +@scripting +@stream +@pubsub`
 //! (and `+client|setname` for the stream subscriber) on the keys and channels under
 //! the prefix.
+//!
+//! # Layout
+//!
+//! Each source module has one job, and dependencies point one way: the tier and the
+//! backplanes build on `connection` and `reply`, never on each other.
+//!
+//! | module | job |
+//! |---|---|
+//! | [`tier`] | [`RedisTier`]: the [`Tier`](strata::tier::Tier) implementation, its counters and `build`; inside, `tier::builder` ([`RedisTierBuilder`]'s settings and checks), `tier::format` (key names, the stored envelope, the lookup reply) and `tier::scripts` (the Lua scripts) |
+//! | `backplane` | what both backplanes share: [`BackplaneStats`], the publishing connection, reconnect defaults |
+//! | [`stream`] | [`RedisStreamBackplane`] (`backplane/stream.rs`, with `stream_builder.rs` and `stream_scripts.rs` beside it) |
+//! | [`pubsub`] | [`RedisPubSubBackplane`] and its builder (`backplane/pubsub.rs`) |
+//! | `connection` | [`ConnectionOptions`], the settings every builder shares; opening clients from URLs, password redaction, error mapping, reconnect backoff, and the connection that replaces itself after repeated timeouts |
+//! | `reply` | reading values out of Redis replies |
+//! | `tls` | [`TlsConfig`] |
 
-mod common;
-pub mod pubsub;
-mod scripts;
-pub mod stream;
+mod backplane;
+mod connection;
+mod reply;
 pub mod tier;
 mod tls;
 
-pub use pubsub::{RedisPubSubBackplane, RedisPubSubBackplaneBuilder};
-pub use stream::{BackplaneStats, RedisStreamBackplane, RedisStreamBackplaneBuilder};
+pub use backplane::BackplaneStats;
+pub use backplane::pubsub::{RedisPubSubBackplane, RedisPubSubBackplaneBuilder};
+pub use backplane::stream::{RedisStreamBackplane, RedisStreamBackplaneBuilder};
+pub use backplane::{pubsub, stream};
+pub use connection::ConnectionOptions;
 pub use tier::{RedisTier, RedisTierBuilder, RedisTierStats};
 pub use tls::TlsConfig;

@@ -30,10 +30,11 @@ use strata::error::{Error, ErrorKind, Result};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
-use crate::common::{
-    Backoff, ManagedConn, check_backoff, connect_publisher, map_redis_error, ping_publisher, redact_url,
+use crate::backplane::{
+    BackplaneStats, DEFAULT_CHANNEL_CAPACITY, DEFAULT_PUBLISH_TIMEOUT, DEFAULT_RECONNECT_BACKOFF,
+    StatCounters, connect_publisher, ping_publisher,
 };
-use crate::stream::{BackplaneStats, StatCounters, check_prefix};
+use crate::connection::{Backoff, ConnectionOptions, ManagedConn, map_redis_error};
 use crate::tls::TlsConfig;
 
 /// Names the backplane in errors.
@@ -43,32 +44,34 @@ const WHAT: &str = "redis pub/sub backplane";
 #[must_use = "a builder does nothing until .build().await"]
 #[derive(Clone)]
 pub struct RedisPubSubBackplaneBuilder {
-    url: String,
-    prefix: String,
+    connection: ConnectionOptions,
     op_timeout: Duration,
-    connect_timeout: Duration,
     ping_interval: Duration,
     ping_timeout: Duration,
     channel_capacity: usize,
     reconnect_min: Duration,
     reconnect_max: Duration,
-    lazy: bool,
-    tls: Option<TlsConfig>,
 }
 
 impl std::fmt::Debug for RedisPubSubBackplaneBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisPubSubBackplaneBuilder")
-            .field("url", &redact_url(&self.url))
-            .field("prefix", &self.prefix)
+            .field("connection", &self.connection)
             .finish_non_exhaustive()
     }
 }
 
 impl RedisPubSubBackplaneBuilder {
+    /// Replaces the connection settings (URL included) with `options`, for example the
+    /// ones given to the tier.
+    pub fn connection(mut self, options: ConnectionOptions) -> Self {
+        self.connection = options;
+        self
+    }
+
     /// Prefix (default `strata`): the channel is `{prefix}:bp`.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
+        self.connection.prefix = prefix.into();
         self
     }
 
@@ -80,7 +83,7 @@ impl RedisPubSubBackplaneBuilder {
 
     /// Timeout of each connection attempt (default 1 s).
     pub fn connect_timeout(mut self, d: Duration) -> Self {
-        self.connect_timeout = d;
+        self.connection.connect_timeout = d;
         self
     }
 
@@ -107,13 +110,13 @@ impl RedisPubSubBackplaneBuilder {
 
     /// Do not contact the server in `build` (default: `build` sends a `PING`).
     pub fn lazy(mut self, lazy: bool) -> Self {
-        self.lazy = lazy;
+        self.connection.lazy = lazy;
         self
     }
 
     /// Certificates for a `rediss://` URL (a private CA, a client certificate).
     pub fn tls(mut self, tls: TlsConfig) -> Self {
-        self.tls = Some(tls);
+        self.connection.tls = Some(tls);
         self
     }
 
@@ -121,17 +124,11 @@ impl RedisPubSubBackplaneBuilder {
     /// returns the backplane.
     pub async fn build(self) -> Result<RedisPubSubBackplane> {
         let invalid = |what: String| Err(Error::new(ErrorKind::InvalidInput, what));
-        if let Some(msg) = check_prefix(&self.prefix) {
-            return invalid(format!("redis pub/sub backplane: {msg}"));
-        }
-        if self.op_timeout.is_zero()
-            || self.connect_timeout.is_zero()
-            || self.ping_interval.is_zero()
-            || self.ping_timeout.is_zero()
-        {
+        self.connection.check(WHAT)?;
+        if self.op_timeout.is_zero() || self.ping_interval.is_zero() || self.ping_timeout.is_zero() {
             return invalid(
-                "redis pub/sub backplane: op_timeout, connect_timeout and the ping \
-                 interval/timeout must be non-zero (defaults 100ms, 1s, 1s/1s)"
+                "redis pub/sub backplane: op_timeout and the ping interval/timeout must be \
+                 non-zero (defaults 100ms, 1s/1s)"
                     .into(),
             );
         }
@@ -140,12 +137,11 @@ impl RedisPubSubBackplaneBuilder {
                 "redis pub/sub backplane: channel_capacity must be at least 1 (default 4096)".into(),
             );
         }
-        check_backoff(WHAT, self.reconnect_min, self.reconnect_max)?;
-        let (client, publisher) =
-            connect_publisher(&self.url, self.tls.as_ref(), self.connect_timeout, WHAT)?;
+        Backoff::check(WHAT, self.reconnect_min, self.reconnect_max)?;
+        let (client, publisher) = connect_publisher(&self.connection, WHAT)?;
         let bp = RedisPubSubBackplane {
             inner: Arc::new(PubSubInner {
-                channel: format!("{}:bp", self.prefix),
+                channel: format!("{}:bp", self.connection.prefix),
                 client,
                 publisher,
                 stats: StatCounters::default(),
@@ -153,8 +149,8 @@ impl RedisPubSubBackplaneBuilder {
                 cfg: self,
             }),
         };
-        if !bp.inner.cfg.lazy {
-            let t = bp.inner.cfg.connect_timeout + bp.inner.cfg.op_timeout;
+        if !bp.inner.cfg.connection.lazy {
+            let t = bp.inner.cfg.connection.connect_timeout + bp.inner.cfg.op_timeout;
             ping_publisher(&bp.inner.publisher, t, WHAT, "redis pub/sub backplane ping").await?;
         }
         Ok(bp)
@@ -194,17 +190,13 @@ impl RedisPubSubBackplane {
     /// or `rediss://` with the `tls` feature).
     pub fn builder(url: impl Into<String>) -> RedisPubSubBackplaneBuilder {
         RedisPubSubBackplaneBuilder {
-            url: url.into(),
-            prefix: crate::tier::DEFAULT_PREFIX.to_owned(),
-            op_timeout: Duration::from_millis(100),
-            connect_timeout: Duration::from_secs(1),
+            connection: ConnectionOptions::new(url),
+            op_timeout: DEFAULT_PUBLISH_TIMEOUT,
             ping_interval: Duration::from_secs(1),
             ping_timeout: Duration::from_secs(1),
-            channel_capacity: 4096,
-            reconnect_min: Duration::from_millis(20),
-            reconnect_max: Duration::from_secs(1),
-            lazy: false,
-            tls: None,
+            channel_capacity: DEFAULT_CHANNEL_CAPACITY,
+            reconnect_min: DEFAULT_RECONNECT_BACKOFF.0,
+            reconnect_max: DEFAULT_RECONNECT_BACKOFF.1,
         }
     }
 
@@ -226,7 +218,7 @@ impl RedisPubSubBackplane {
 
     async fn connect(&self) -> Result<redis::aio::PubSub> {
         let cfg = &self.inner.cfg;
-        let limit = cfg.connect_timeout + cfg.op_timeout;
+        let limit = cfg.connection.connect_timeout + cfg.op_timeout;
         let mut ps = match tokio::time::timeout(limit, self.inner.client.get_async_pubsub()).await {
             Ok(Ok(ps)) => ps,
             Ok(Err(e)) => return Err(map_redis_error(ErrorKind::Backplane, "redis pub/sub connect", e)),

@@ -81,25 +81,25 @@ use async_trait::async_trait;
 use redis::Value;
 use redis::aio::ConnectionManager;
 use strata::Scope;
-use strata::breaker::{BreakerConfig, CircuitBreaker};
 use strata::clock::{Clock, SystemClock, Timestamp};
 use strata::error::{Error, ErrorKind, Result};
 use strata::tier::{Envelope, FillOutcome, FillToken, Lookup, Tier};
 
-use crate::common::{
-    CallError, ManagedConn, bad_reply, millis_at_least_one, open_client, redact_url, value_array,
-    value_bytes, value_u64,
+pub use crate::connection::DEFAULT_PREFIX;
+use crate::connection::{CallError, ManagedConn};
+use crate::reply::{bad_reply, value_u64};
+use crate::tier::builder::WHAT;
+pub use crate::tier::builder::{DEFAULT_OP_TIMEOUT, RedisTierBuilder};
+pub use crate::tier::format::ENVELOPE_FORMAT;
+use crate::tier::format::{
+    NsKeys, RawLookup, decode_envelope, encode_envelope, encode_tags, millis_at_least_one,
+    parse_lookup_reply, with_fields,
 };
-use crate::scripts::TierScripts;
-use crate::tls::TlsConfig;
+use crate::tier::scripts::TierScripts;
 
-/// The first byte of every stored envelope, so the format can evolve.
-pub const ENVELOPE_FORMAT: u8 = 1;
-
-/// Default per-operation timeout.
-pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_millis(50);
-/// Default key prefix.
-pub const DEFAULT_PREFIX: &str = "strata";
+mod builder;
+mod format;
+mod scripts;
 
 /// Counters of a [`RedisTier`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -108,12 +108,12 @@ pub struct RedisTierStats {
     pub ops: u64,
     /// Entries found undecodable, deleted and served as misses.
     pub undecodable: u64,
-    /// Operations that hit the per-operation timeout.
+    /// Operations that timed out: Redis did not answer within the response timeout
+    /// ([`RedisTierBuilder::op_timeout`]), or the caller gave up first (the cache's
+    /// `l2_timeout`).
     pub timeouts: u64,
     /// Operations that failed otherwise (connection, server errors).
     pub errors: u64,
-    /// Operations refused by the open circuit breaker.
-    pub rejected: u64,
     /// Times the connection was replaced after repeated timeouts.
     pub reconnects: u64,
 }
@@ -124,169 +124,31 @@ struct Counters {
     undecodable: AtomicU64,
     timeouts: AtomicU64,
     errors: AtomicU64,
-    rejected: AtomicU64,
-}
-
-/// Builds a [`RedisTier`]; see [`RedisTier::builder`].
-#[must_use = "a builder does nothing until .build().await"]
-pub struct RedisTierBuilder {
-    url: String,
-    prefix: String,
-    op_timeout: Duration,
-    connect_timeout: Duration,
-    tombstone_ttl: Duration,
-    breaker: BreakerConfig,
-    clock: Option<Arc<dyn Clock>>,
-    lazy: bool,
-    tls: Option<TlsConfig>,
-    reconnect_after_timeouts: u32,
-}
-
-impl std::fmt::Debug for RedisTierBuilder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisTierBuilder")
-            .field("url", &redact_url(&self.url))
-            .field("prefix", &self.prefix)
-            .field("op_timeout", &self.op_timeout)
-            .field("tombstone_ttl", &self.tombstone_ttl)
-            .finish_non_exhaustive()
-    }
 }
 
 impl RedisTierBuilder {
-    /// Prefix of every key (default `strata`). Tiers with different prefixes on one
-    /// server never see each other's data.
-    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
-        self
-    }
-
-    /// Per-operation timeout (default 50 ms): each call gives up after it with an
-    /// error of kind `Timeout`, which the breaker counts as a failure. Keep it at or
-    /// below the cache's `l2_timeout`, so that this tier's counters and breaker see the
-    /// timeouts rather than the cache cancelling the call first.
-    pub fn op_timeout(mut self, timeout: Duration) -> Self {
-        self.op_timeout = timeout;
-        self
-    }
-
-    /// Timeout of each TCP connection attempt (default 1 s).
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
-        self
-    }
-
-    /// How long key tombstones live (default 60 s); must exceed the longest loader
-    /// hard timeout of the caches using this tier.
-    pub fn tombstone_ttl(mut self, ttl: Duration) -> Self {
-        self.tombstone_ttl = ttl;
-        self
-    }
-
-    /// Circuit breaker settings for this endpoint.
-    pub fn breaker(mut self, config: BreakerConfig) -> Self {
-        self.breaker = config;
-        self
-    }
-
-    /// The clock used for `touch` expiries and by the breaker (use the caches' clock).
-    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
-        self.clock = Some(clock);
-        self
-    }
-
-    /// Do not contact the server in `build` (default: `build` sends a `PING` and
-    /// fails if the server is unreachable or refuses the credentials). A lazy tier
-    /// connects on first use; until then calls fail and the breaker opens.
-    pub fn lazy(mut self, lazy: bool) -> Self {
-        self.lazy = lazy;
-        self
-    }
-
-    /// After this many consecutive timeouts the connection is replaced by a new one
-    /// (default 4): a connection to a silently dead peer never reports an error.
-    pub fn reconnect_after_timeouts(mut self, n: u32) -> Self {
-        self.reconnect_after_timeouts = n;
-        self
-    }
-
-    /// Certificates for a `rediss://` URL (a private CA, a client certificate).
-    pub fn tls(mut self, tls: TlsConfig) -> Self {
-        self.tls = Some(tls);
-        self
-    }
-
     /// Checks the settings, connects (unless lazy) and returns the tier.
     pub async fn build(self) -> Result<RedisTier> {
-        let invalid = |what: String| Err(Error::new(ErrorKind::InvalidInput, what));
-        if self.prefix.is_empty()
-            || self.prefix.chars().any(|c| c == '{' || c == '}' || c.is_whitespace() || c.is_control())
-        {
-            return invalid(format!(
-                "redis tier: prefix `{}` is invalid; use a non-empty name without \
-                 braces or whitespace, such as `strata` or `myapp-cache`",
-                self.prefix
-            ));
-        }
-        if self.op_timeout.is_zero() {
-            return invalid(
-                "redis tier: op_timeout is zero; use a timeout near the server's p99.9 \
-                 latency, such as 50ms"
-                    .into(),
-            );
-        }
-        if self.connect_timeout.is_zero() {
-            return invalid("redis tier: connect_timeout is zero; use for example 1s".into());
-        }
-        if self.tombstone_ttl < Duration::from_millis(1) {
-            return invalid(
-                "redis tier: tombstone_ttl is under 1ms; it must exceed the loaders' \
-                 hard timeout (default 60s)"
-                    .into(),
-            );
-        }
-        if let Err(e) = self.breaker.validate() {
-            return invalid(format!("redis tier: {e}"));
-        }
-        let client = open_client(&self.url, "redis tier", self.tls.as_ref())?;
-        let shown = redact_url(&self.url);
+        self.check()?;
+        let client = self.connection.open_client(WHAT)?;
         let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock::default()));
-        let conn = ManagedConn::new(
-            client,
-            self.connect_timeout,
-            shown.clone(),
-            self.reconnect_after_timeouts,
-            "redis tier",
-        )?;
-        let breaker = Arc::new(CircuitBreaker::with_clock(
-            format!("redis-l2 {}", endpoint_of(&shown)),
-            self.breaker,
-            clock.clone(),
-        ));
+        let conn = ManagedConn::new(client, &self.connection, self.reconnect_after_timeouts, WHAT)?;
         let tier = RedisTier {
             inner: Arc::new(Inner {
                 conn,
-                prefix: self.prefix,
+                prefix: self.connection.prefix,
                 op_timeout: self.op_timeout,
                 tombstone_ttl: self.tombstone_ttl,
-                breaker,
                 clock,
                 scripts: TierScripts::new(),
                 counters: Counters::default(),
             }),
         };
-        if !self.lazy {
-            tier.check_server(self.connect_timeout + self.op_timeout).await?;
+        if !self.connection.lazy {
+            tier.check_server(self.connection.connect_timeout + self.op_timeout).await?;
         }
         Ok(tier)
     }
-}
-
-/// `host:port` part of a redacted URL, for the breaker's name.
-fn endpoint_of(shown: &str) -> &str {
-    let rest = shown.split_once("://").map_or(shown, |(_, r)| r);
-    let rest = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
-    rest.split('/').next().unwrap_or(rest)
 }
 
 struct Inner {
@@ -294,7 +156,6 @@ struct Inner {
     prefix: String,
     op_timeout: Duration,
     tombstone_ttl: Duration,
-    breaker: Arc<CircuitBreaker>,
     clock: Arc<dyn Clock>,
     scripts: TierScripts,
     counters: Counters,
@@ -303,7 +164,10 @@ struct Inner {
 /// The L2 tier on Redis/Valkey: implements the full fill-guard contract of [`Tier`]
 /// with one Lua script per operation (see the module docs for the layout).
 ///
-/// Cloning gives another handle to the same connection, breaker and counters.
+/// It has no circuit breaker and no operation timeout of its own: the cache's L2 call
+/// wrapper owns both (see the crate docs).
+///
+/// Cloning gives another handle to the same connection and counters.
 #[derive(Clone)]
 pub struct RedisTier {
     inner: Arc<Inner>,
@@ -314,143 +178,9 @@ impl std::fmt::Debug for RedisTier {
         f.debug_struct("RedisTier")
             .field("url", &self.inner.conn.shown_url())
             .field("prefix", &self.inner.prefix)
-            .field("breaker", &self.inner.breaker)
+            .field("op_timeout", &self.inner.op_timeout)
             .finish_non_exhaustive()
     }
-}
-
-/// The key names of one namespace.
-struct NsKeys {
-    base: String,
-}
-
-impl NsKeys {
-    fn new(prefix: &str, namespace: &str) -> Self {
-        let mut base = String::with_capacity(prefix.len() + namespace.len() + 4);
-        base.push_str(prefix);
-        base.push_str(":{");
-        for c in namespace.chars() {
-            match c {
-                ':' => base.push_str("%3A"),
-                '%' => base.push_str("%25"),
-                '{' => base.push_str("%7B"),
-                '}' => base.push_str("%7D"),
-                c => base.push(c),
-            }
-        }
-        base.push_str("}:");
-        NsKeys { base }
-    }
-    fn meta(&self) -> String {
-        format!("{}m", self.base)
-    }
-    fn entry(&self, key: &str) -> String {
-        format!("{}e:{key}", self.base)
-    }
-    fn lease(&self, key: &str) -> String {
-        format!("{}l:{key}", self.base)
-    }
-    fn tomb(&self, key: &str) -> String {
-        format!("{}x:{key}", self.base)
-    }
-    fn key_locks(&self, key: &str) -> String {
-        format!("{}w:{key}", self.base)
-    }
-    fn wide_locks(&self) -> String {
-        format!("{}w", self.base)
-    }
-}
-
-/// Encodes tags for the `t` field: `<byte len>:<tag>` per tag.
-fn encode_tags(tags: &[String]) -> String {
-    let mut out = String::new();
-    for t in tags {
-        out.push_str(&t.len().to_string());
-        out.push(':');
-        out.push_str(t);
-    }
-    out
-}
-
-fn encode_envelope(env: &Envelope) -> Result<Vec<u8>> {
-    let mut out = vec![ENVELOPE_FORMAT];
-    postcard::to_io(env, &mut out).map_err(|e| {
-        Error::new(ErrorKind::Codec, "cannot encode l2 envelope with postcard").with_source(e)
-    })?;
-    Ok(out)
-}
-
-/// Puts the fields the scripts own (stamp, expiries) into a decoded envelope.
-fn with_fields(mut env: Envelope, stamp: u64, soft: u64, hard: u64) -> Envelope {
-    env.stamp = stamp;
-    env.soft_expiry = Timestamp(soft);
-    env.hard_expiry = Timestamp(hard);
-    env
-}
-
-fn decode_envelope(bytes: &[u8]) -> Option<Envelope> {
-    match bytes.split_first() {
-        Some((&ENVELOPE_FORMAT, rest)) => postcard::from_bytes(rest).ok(),
-        _ => None,
-    }
-}
-
-/// One key's answer from the lookup script.
-enum RawLookup {
-    Hit {
-        bytes: Vec<u8>,
-        stamp: u64,
-        soft: u64,
-        hard: u64,
-    },
-    Miss {
-        token: FillToken,
-        corrupt: bool,
-        /// A valid but soft-expired entry: (bytes, stamp, soft, hard).
-        stale: Option<(Vec<u8>, u64, u64, u64)>,
-    },
-}
-
-fn parse_lookup_reply(v: &Value, expected: usize) -> Option<Vec<RawLookup>> {
-    let items = value_array(v)?;
-    if items.len() != expected {
-        return None;
-    }
-    items
-        .iter()
-        .map(|item| {
-            let a = value_array(item)?;
-            match value_u64(a.first()?)? {
-                1 => Some(RawLookup::Hit {
-                    bytes: value_bytes(a.get(1)?)?.to_vec(),
-                    stamp: value_u64(a.get(2)?)?,
-                    soft: value_u64(a.get(3)?)?,
-                    hard: value_u64(a.get(4)?)?,
-                }),
-                0 => {
-                    let lease = value_u64(a.get(2)?)?;
-                    Some(RawLookup::Miss {
-                        token: FillToken {
-                            stamp: value_u64(a.get(1)?)?,
-                            lease: (lease != 0).then_some(lease),
-                            leader: value_u64(a.get(3)?)? == 1,
-                        },
-                        corrupt: value_u64(a.get(4)?)? == 1,
-                        stale: match a.get(5) {
-                            None => None,
-                            Some(e) => Some((
-                                value_bytes(e)?.to_vec(),
-                                value_u64(a.get(6)?)?,
-                                value_u64(a.get(7)?)?,
-                                value_u64(a.get(8)?)?,
-                            )),
-                        },
-                    })
-                }
-                _ => None,
-            }
-        })
-        .collect()
 }
 
 impl RedisTier {
@@ -458,24 +188,7 @@ impl RedisTier {
     /// or `rediss://…` for TLS (with the `tls` feature). User and password are the
     /// ACL credentials, percent-encoded.
     pub fn builder(url: impl Into<String>) -> RedisTierBuilder {
-        RedisTierBuilder {
-            url: url.into(),
-            prefix: DEFAULT_PREFIX.to_owned(),
-            op_timeout: DEFAULT_OP_TIMEOUT,
-            connect_timeout: Duration::from_secs(1),
-            tombstone_ttl: strata::tier::TierConfig::default().tombstone_ttl,
-            breaker: BreakerConfig::default(),
-            clock: None,
-            lazy: false,
-            tls: None,
-            reconnect_after_timeouts: 4,
-        }
-    }
-
-    /// The circuit breaker guarding this endpoint; the core forces it open when L2 can
-    /// no longer be trusted and resets it once L2 is known clean.
-    pub fn breaker(&self) -> &Arc<CircuitBreaker> {
-        &self.inner.breaker
+        RedisTierBuilder::new(url)
     }
 
     /// Redis round trips made so far.
@@ -489,9 +202,8 @@ impl RedisTier {
         RedisTierStats {
             ops: c.ops.load(Ordering::Relaxed),
             undecodable: c.undecodable.load(Ordering::Relaxed),
-            timeouts: c.timeouts.load(Ordering::Relaxed),
+            timeouts: c.timeouts.load(Ordering::Relaxed) + self.inner.conn.abandoned(),
             errors: c.errors.load(Ordering::Relaxed),
-            rejected: c.rejected.load(Ordering::Relaxed),
             reconnects: self.inner.conn.reconnects(),
         }
     }
@@ -501,7 +213,7 @@ impl RedisTier {
         &self.inner.prefix
     }
 
-    /// The per-operation timeout.
+    /// The connection's response timeout (see [`RedisTierBuilder::op_timeout`]).
     pub fn op_timeout(&self) -> Duration {
         self.inner.op_timeout
     }
@@ -511,7 +223,7 @@ impl RedisTier {
         NsKeys::new(&self.inner.prefix, namespace).entry(key)
     }
 
-    /// Sends `PING` (through the breaker and timeout): a health check.
+    /// Sends `PING` (with the response timeout): a health check.
     pub async fn ping(&self) -> Result<()> {
         let _: Value = self
             .run("redis tier ping", |mut c| async move { redis::cmd("PING").query_async(&mut c).await })
@@ -580,28 +292,22 @@ impl RedisTier {
         Ok(())
     }
 
-    /// Runs one Redis call with the timeout and through the breaker, counting it.
+    /// Runs one Redis call with the response timeout, counting it.
     async fn run<T, F, Fut>(&self, what: &'static str, f: F) -> Result<T>
     where
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         let inner = &self.inner;
-        if let Err(e) = inner.breaker.try_acquire() {
-            inner.counters.rejected.fetch_add(1, Ordering::Relaxed);
-            return Err(e);
-        }
         inner.counters.ops.fetch_add(1, Ordering::Relaxed);
-        let out = inner.conn.call(inner.op_timeout, ErrorKind::Tier, what, f).await.map_err(|e| {
+        inner.conn.call(inner.op_timeout, ErrorKind::Tier, what, f).await.map_err(|e| {
             match &e {
                 CallError::Timeout(_) => &inner.counters.timeouts,
                 CallError::Failed(_) => &inner.counters.errors,
             }
             .fetch_add(1, Ordering::Relaxed);
             e.into_error()
-        });
-        inner.breaker.record(out.as_ref().map_or_else(|e| !e.is_transient(), |_| true));
-        out
+        })
     }
 
     fn count_undecodable(&self, namespace: &str) {
@@ -798,7 +504,8 @@ impl Tier for RedisTier {
             .arg(bytes)
             .arg(encode_tags(&envelope.tags))
             .arg(envelope.soft_expiry.0)
-            .arg(envelope.hard_expiry.0);
+            .arg(envelope.hard_expiry.0)
+            .arg(envelope.version.map_or_else(String::new, |v| v.to_string()));
         for t in &envelope.tags {
             inv.arg(t.as_str());
         }
@@ -824,7 +531,8 @@ impl Tier for RedisTier {
             .arg(encode_tags(&envelope.tags))
             .arg(envelope.soft_expiry.0)
             .arg(envelope.hard_expiry.0)
-            .arg(millis_at_least_one(self.inner.tombstone_ttl));
+            .arg(millis_at_least_one(self.inner.tombstone_ttl))
+            .arg(envelope.version.map_or_else(String::new, |v| v.to_string()));
         let _: Value =
             self.run("redis tier set", |mut c| async move { inv.invoke_async(&mut c).await }).await?;
         Ok(())
@@ -903,46 +611,5 @@ impl Tier for RedisTier {
             Some(n) => Ok(n == 1),
             None => Err(bad_reply(ErrorKind::Tier, "redis tier touch")),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use bytes::Bytes;
-
-    #[test]
-    fn namespace_escaping_keeps_namespaces_apart() {
-        let a = NsKeys::new("strata", "a:e:b");
-        let b = NsKeys::new("strata", "a");
-        assert_eq!(a.meta(), "strata:{a%3Ae%3Ab}:m");
-        assert_ne!(a.meta(), b.entry("b:m"));
-        assert_eq!(b.entry("k"), "strata:{a}:e:k");
-        assert_eq!(NsKeys::new("p", "x{y}%").meta(), "p:{x%7By%7D%25}:m");
-    }
-
-    #[test]
-    fn tags_encoding() {
-        assert_eq!(encode_tags(&[]), "");
-        assert_eq!(encode_tags(&["a".into(), "b:c".into(), "".into()]), "1:a3:b:c0:");
-    }
-
-    #[test]
-    fn envelope_round_trip_and_garbage() {
-        let env = Envelope {
-            value: Some(Bytes::from_static(b"v")),
-            version: Some(3),
-            created: Timestamp(1),
-            soft_expiry: Timestamp(2),
-            hard_expiry: Timestamp(3),
-            stamp: 4,
-            tags: vec!["t".into()],
-            load_nanos: 5,
-        };
-        let bytes = encode_envelope(&env).unwrap();
-        assert_eq!(decode_envelope(&bytes), Some(env));
-        assert_eq!(decode_envelope(b""), None);
-        assert_eq!(decode_envelope(b"\x02abc"), None);
-        assert_eq!(decode_envelope(b"\x01\xff\xff\xff"), None);
     }
 }

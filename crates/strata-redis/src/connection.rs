@@ -1,5 +1,7 @@
-//! Helpers shared by the tier and the backplanes: opening clients from URLs, mapping
-//! redis-rs errors into strata's, reconnect backoff, reading reply values.
+//! Connections to Redis: the settings every builder shares ([`ConnectionOptions`]),
+//! opening clients from URLs (passwords redacted from every message), mapping redis-rs
+//! errors into strata's, reconnect backoff, and [`ManagedConn`], the self-replacing
+//! connection of the tier and of the backplanes' publishers.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -7,11 +9,107 @@ use std::time::Duration;
 
 use parking_lot::RwLock;
 use rand::Rng;
+use redis::RedisError;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{RedisError, Value};
 use strata::error::{Error, ErrorKind};
 
 use crate::tls::TlsConfig;
+
+/// Default key prefix.
+pub const DEFAULT_PREFIX: &str = "strata";
+
+/// Default timeout of each connection attempt.
+pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The connection settings shared by [`RedisTier`](crate::RedisTier),
+/// [`RedisStreamBackplane`](crate::RedisStreamBackplane) and
+/// [`RedisPubSubBackplane`](crate::RedisPubSubBackplane).
+///
+/// Each builder holds one and its setters (`prefix`, `connect_timeout`, `tls`, `lazy`)
+/// write into it; [`RedisTierBuilder::connection`](crate::RedisTierBuilder::connection)
+/// and the backplane builders' `connection` replace it whole, so one value configured
+/// once can be handed to the tier and to the backplane of an application.
+///
+/// Timeouts of calls are not here: their meaning differs per component (a response
+/// timeout for the tier, a publish timeout for the backplanes), so each builder keeps
+/// its own `op_timeout`.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConnectionOptions {
+    /// `redis://[user:password@]host[:port][/db]` (user and password are ACL
+    /// credentials, percent-encoded), or `rediss://…` for TLS (the `tls` feature).
+    pub url: String,
+    /// Prefix of every key and channel (default `strata`): components with different
+    /// prefixes on one server never see each other's data. Non-empty, without braces
+    /// or whitespace.
+    pub prefix: String,
+    /// Timeout of each connection attempt (default 1 s).
+    pub connect_timeout: Duration,
+    /// Certificates for a `rediss://` URL (a private CA, a client certificate); `None`
+    /// verifies the server against the system's root certificates.
+    pub tls: Option<TlsConfig>,
+    /// Do not contact the server in `build` (default `false`: `build` sends a `PING` and
+    /// fails if the server is unreachable or refuses the credentials).
+    pub lazy: bool,
+}
+
+impl ConnectionOptions {
+    /// Settings for `url` with every other field at its default.
+    pub fn new(url: impl Into<String>) -> Self {
+        ConnectionOptions {
+            url: url.into(),
+            prefix: DEFAULT_PREFIX.to_owned(),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            tls: None,
+            lazy: false,
+        }
+    }
+
+    /// The URL with any password replaced by `***`.
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.url)
+    }
+
+    /// Checks the prefix and the connect timeout; `what` names the component in errors.
+    pub(crate) fn check(&self, what: &str) -> Result<(), Error> {
+        let prefix = &self.prefix;
+        if prefix.is_empty()
+            || prefix.chars().any(|c| c == '{' || c == '}' || c.is_whitespace() || c.is_control())
+        {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "{what}: prefix `{prefix}` is invalid; use a non-empty name without \
+                     braces or whitespace, such as `strata` or `myapp-cache`"
+                ),
+            ));
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("{what}: connect_timeout is zero; use for example 1s"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Opens a redis-rs client for the URL, with an error that says how to fix a bad one.
+    pub(crate) fn open_client(&self, what: &str) -> Result<redis::Client, Error> {
+        open_client(&self.url, what, self.tls.as_ref())
+    }
+}
+
+impl std::fmt::Debug for ConnectionOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionOptions")
+            .field("url", &self.redacted_url())
+            .field("prefix", &self.prefix)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("tls", &self.tls)
+            .field("lazy", &self.lazy)
+            .finish()
+    }
+}
 
 /// The URL with any password replaced by `***`, safe for error messages and logs.
 pub(crate) fn redact_url(url: &str) -> String {
@@ -49,7 +147,7 @@ fn bad_url(what: &str, shown: &str, e: RedisError) -> Error {
 }
 
 /// Opens a redis-rs client for `url`, with an error that says how to fix a bad URL.
-pub(crate) fn open_client(url: &str, what: &str, tls: Option<&TlsConfig>) -> Result<redis::Client, Error> {
+fn open_client(url: &str, what: &str, tls: Option<&TlsConfig>) -> Result<redis::Client, Error> {
     let shown = redact_url(url);
     let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
     match scheme {
@@ -139,98 +237,27 @@ impl Backoff {
     pub(crate) fn reset(&mut self) {
         self.attempt = 0;
     }
-}
 
-/// Duration in whole milliseconds, at least 1 (Redis refuses `PX 0`).
-pub(crate) fn millis_at_least_one(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
-}
-
-/// Reads an integer from a reply value that may be an integer or a decimal string.
-pub(crate) fn value_u64(v: &Value) -> Option<u64> {
-    match v {
-        Value::Int(i) => u64::try_from(*i).ok(),
-        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
-        Value::SimpleString(s) => s.parse().ok(),
-        _ => None,
+    /// Checks a builder's reconnect backoff bounds (`0 < min <= max`).
+    pub(crate) fn check(what: &str, min: Duration, max: Duration) -> Result<(), Error> {
+        if min.is_zero() || max < min {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("{what}: reconnect_backoff needs 0 < min <= max (default 20ms..1s)"),
+            ));
+        }
+        Ok(())
     }
-}
-
-/// Reads a binary string from a reply value.
-pub(crate) fn value_bytes(v: &Value) -> Option<&[u8]> {
-    match v {
-        Value::BulkString(b) => Some(b),
-        Value::SimpleString(s) => Some(s.as_bytes()),
-        _ => None,
-    }
-}
-
-/// Reads an array from a reply value.
-pub(crate) fn value_array(v: &Value) -> Option<&[Value]> {
-    match v {
-        Value::Array(a) | Value::Set(a) => Some(a),
-        _ => None,
-    }
-}
-
-/// An error for a reply that does not have the shape a script returns.
-pub(crate) fn bad_reply(kind: ErrorKind, what: &str) -> Error {
-    Error::new(kind, format!("{what}: unexpected reply shape from redis (script version mismatch?)"))
-}
-
-/// Checks a backplane builder's reconnect backoff bounds (`0 < min <= max`).
-pub(crate) fn check_backoff(what: &str, min: Duration, max: Duration) -> Result<(), Error> {
-    if min.is_zero() || max < min {
-        return Err(Error::new(
-            ErrorKind::InvalidInput,
-            format!("{what}: reconnect_backoff needs 0 < min <= max (default 20ms..1s)"),
-        ));
-    }
-    Ok(())
-}
-
-/// Opens the client for `url` and a backplane's publishing connection on it.
-pub(crate) fn connect_publisher(
-    url: &str,
-    tls: Option<&TlsConfig>,
-    connect_timeout: Duration,
-    what: &str,
-) -> Result<(redis::Client, ManagedConn), Error> {
-    let client = open_client(url, what, tls)?;
-    let publisher = ManagedConn::new(client.clone(), connect_timeout, redact_url(url), 8, what)?;
-    Ok((client, publisher))
-}
-
-/// Sends a `PING` on a backplane's publishing connection within `timeout`; `ping_what`
-/// names the call, `what` the backplane in the error that says what to check.
-pub(crate) async fn ping_publisher(
-    publisher: &ManagedConn,
-    timeout: Duration,
-    what: &str,
-    ping_what: &'static str,
-) -> Result<(), Error> {
-    publisher
-        .call(timeout, ErrorKind::Backplane, ping_what, |mut c| async move {
-            redis::cmd("PING").query_async::<Value>(&mut c).await
-        })
-        .await
-        .map_err(|e| {
-            let e = e.into_error();
-            Error::new(
-                e.kind(),
-                format!(
-                    "{what}: cannot reach `{}`: {e}; check that the server runs, the URL's \
-                     host/port and the ACL credentials",
-                    publisher.shown_url()
-                ),
-            )
-        })?;
-    Ok(())
 }
 
 /// A [`ConnectionManager`] that is replaced by a fresh one after repeated timeouts:
 /// a connection to a peer that vanished without a reset (a paused server, a dropped
 /// network path) never reports an error by itself.
+///
+/// A call its caller abandons before Redis answered (its future dropped, as the cache
+/// does at its `l2_timeout`) counts like a timeout: the cache gives up long before the
+/// tier's response timeout, so without this a connection that stopped answering would
+/// never be replaced while a cache uses the tier.
 pub(crate) struct ManagedConn {
     client: redis::Client,
     config: ConnectionManagerConfig,
@@ -239,6 +266,7 @@ pub(crate) struct ManagedConn {
     consecutive_timeouts: AtomicU32,
     reconnect_after: u32,
     reconnects: AtomicU64,
+    abandoned: AtomicU64,
 }
 
 /// How a [`ManagedConn::call`] ended, for the caller's counters.
@@ -257,20 +285,44 @@ impl CallError {
     }
 }
 
+/// Notes a call as abandoned when dropped before [`InFlight::finish`].
+struct InFlight<'a> {
+    conn: &'a ManagedConn,
+    what: &'a str,
+    finished: bool,
+}
+
+impl InFlight<'_> {
+    fn finish(mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.conn.abandoned.fetch_add(1, Ordering::Relaxed);
+            self.conn.note_timeout(self.what);
+        }
+    }
+}
+
 impl ManagedConn {
+    /// A lazy connection to `options.url` through `client` (opened from the same
+    /// options): nothing is sent before the first call.
     pub(crate) fn new(
         client: redis::Client,
-        connect_timeout: Duration,
-        shown_url: String,
+        options: &ConnectionOptions,
         reconnect_after: u32,
         what: &str,
     ) -> Result<Self, Error> {
         let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(connect_timeout))
+            .set_connection_timeout(Some(options.connect_timeout))
             .set_response_timeout(None)
             .set_min_delay(Duration::from_millis(10))
             .set_max_delay(Duration::from_millis(500))
             .set_number_of_retries(3);
+        let shown_url = options.redacted_url();
         let conn = Self::manager(&client, &config, &shown_url, what)?;
         Ok(ManagedConn {
             client,
@@ -280,6 +332,7 @@ impl ManagedConn {
             consecutive_timeouts: AtomicU32::new(0),
             reconnect_after: reconnect_after.max(1),
             reconnects: AtomicU64::new(0),
+            abandoned: AtomicU64::new(0),
         })
     }
 
@@ -310,6 +363,11 @@ impl ManagedConn {
         self.reconnects.load(Ordering::Relaxed)
     }
 
+    /// How many calls were abandoned by their caller before Redis answered.
+    pub(crate) fn abandoned(&self) -> u64 {
+        self.abandoned.load(Ordering::Relaxed)
+    }
+
     /// Runs `f` on the connection with `timeout`; errors are mapped to `kind`.
     pub(crate) async fn call<T, F, Fut>(
         &self,
@@ -322,7 +380,10 @@ impl ManagedConn {
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        match tokio::time::timeout(timeout, f(self.get())).await {
+        let in_flight = InFlight { conn: self, what, finished: false };
+        let out = tokio::time::timeout(timeout, f(self.get())).await;
+        in_flight.finish();
+        match out {
             Ok(Ok(v)) => {
                 self.consecutive_timeouts.store(0, Ordering::Relaxed);
                 Ok(v)
@@ -337,7 +398,9 @@ impl ManagedConn {
 
     fn note_timeout(&self, what: &str) {
         let n = self.consecutive_timeouts.fetch_add(1, Ordering::Relaxed) + 1;
-        if n >= self.reconnect_after {
+        // A new manager spawns a task, which needs a runtime; a call dropped outside one
+        // (a runtime shutting down) leaves the replacement to the next timeout.
+        if n >= self.reconnect_after && tokio::runtime::Handle::try_current().is_ok() {
             self.consecutive_timeouts.store(0, Ordering::Relaxed);
             if let Ok(m) = Self::manager(&self.client, &self.config, &self.shown_url, what) {
                 *self.conn.write() = m;

@@ -33,7 +33,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use redis::Value;
@@ -42,217 +42,25 @@ use strata::backplane::{Backplane, BackplaneEvent, Message, OriginId, Subscripti
 use strata::error::{Error, ErrorKind, Result};
 use tokio::sync::mpsc;
 
-use crate::common::{
-    Backoff, ManagedConn, bad_reply, check_backoff, connect_publisher, map_redis_error, ping_publisher,
-    redact_url, value_array, value_bytes, value_u64,
-};
-use crate::scripts::{STREAM_CATCH_UP, STREAM_PUBLISH, STREAM_START};
-use crate::tls::TlsConfig;
-
-/// Names the backplane in errors.
-const WHAT: &str = "redis stream backplane";
-
-/// Default cap of the stream (entries, approximate).
-pub const DEFAULT_MAX_LEN: u64 = 100_000;
-
-/// Counters of a Redis backplane, shared by all its subscriptions.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct BackplaneStats {
-    /// Messages published by this handle.
-    pub published: u64,
-    /// Messages delivered to subscriptions.
-    pub delivered: u64,
-    /// Undecodable entries skipped (each reported as `Malformed`).
-    pub malformed: u64,
-    /// Times a loss was reported (`Lost`).
-    pub lost: u64,
-    /// Times a subscription lost its connection (`Disconnected`).
-    pub disconnects: u64,
-    /// Times a subscription came back (`Resumed`).
-    pub resumes: u64,
-}
-
-#[derive(Default)]
-pub(crate) struct StatCounters {
-    pub(crate) published: AtomicU64,
-    pub(crate) delivered: AtomicU64,
-    pub(crate) malformed: AtomicU64,
-    pub(crate) lost: AtomicU64,
-    pub(crate) disconnects: AtomicU64,
-    pub(crate) resumes: AtomicU64,
-}
-
-impl StatCounters {
-    pub(crate) fn snapshot(&self) -> BackplaneStats {
-        BackplaneStats {
-            published: self.published.load(Ordering::Relaxed),
-            delivered: self.delivered.load(Ordering::Relaxed),
-            malformed: self.malformed.load(Ordering::Relaxed),
-            lost: self.lost.load(Ordering::Relaxed),
-            disconnects: self.disconnects.load(Ordering::Relaxed),
-            resumes: self.resumes.load(Ordering::Relaxed),
-        }
-    }
-
-    /// Counts an event about to be sent.
-    pub(crate) fn count(&self, ev: &BackplaneEvent, backplane: &'static str) {
-        let c = match ev {
-            BackplaneEvent::Message(_) => &self.delivered,
-            BackplaneEvent::Malformed => {
-                metrics::counter!("strata_backplane_malformed_total", "backplane" => backplane).increment(1);
-                &self.malformed
-            }
-            BackplaneEvent::Lost => {
-                metrics::counter!("strata_backplane_lost_total", "backplane" => backplane).increment(1);
-                &self.lost
-            }
-            BackplaneEvent::Disconnected => {
-                metrics::counter!("strata_backplane_disconnects_total", "backplane" => backplane)
-                    .increment(1);
-                &self.disconnects
-            }
-            BackplaneEvent::Resumed { .. } => &self.resumes,
-        };
-        c.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-/// Builds a [`RedisStreamBackplane`]; see [`RedisStreamBackplane::builder`].
-#[must_use = "a builder does nothing until .build().await"]
-#[derive(Clone)]
-pub struct RedisStreamBackplaneBuilder {
-    url: String,
-    prefix: String,
-    max_len: u64,
-    block: Duration,
-    read_grace: Duration,
-    op_timeout: Duration,
-    connect_timeout: Duration,
-    channel_capacity: usize,
-    batch: usize,
-    reconnect_min: Duration,
-    reconnect_max: Duration,
-    lazy: bool,
-    tls: Option<TlsConfig>,
-}
-
-impl std::fmt::Debug for RedisStreamBackplaneBuilder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisStreamBackplaneBuilder")
-            .field("url", &redact_url(&self.url))
-            .field("prefix", &self.prefix)
-            .field("max_len", &self.max_len)
-            .finish_non_exhaustive()
-    }
-}
+pub use crate::backplane::BackplaneStats;
+use crate::backplane::stream_builder::WHAT;
+pub use crate::backplane::stream_builder::{DEFAULT_MAX_LEN, RedisStreamBackplaneBuilder};
+use crate::backplane::stream_scripts::{STREAM_CATCH_UP, STREAM_PUBLISH, STREAM_START};
+use crate::backplane::{StatCounters, connect_publisher, ping_publisher};
+use crate::connection::{Backoff, ManagedConn, map_redis_error};
+use crate::reply::{bad_reply, value_array, value_bytes, value_string, value_u64};
 
 impl RedisStreamBackplaneBuilder {
-    /// Key prefix (default `strata`): the stream is `{prefix}:{bp}`.
-    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
-        self
-    }
-
-    /// Approximate cap of the stream, in entries (default 100 000). A subscriber away
-    /// for longer than the stream takes to receive this many messages comes back to a
-    /// gap (`Lost`, then a flush by the core); so does `replay` for older messages.
-    pub fn max_len(mut self, n: u64) -> Self {
-        self.max_len = n;
-        self
-    }
-
-    /// How long one `XREAD` blocks (default 1 s). A read that has not answered after
-    /// this plus [`read_grace`](Self::read_grace) counts as a lost connection.
-    pub fn block(mut self, d: Duration) -> Self {
-        self.block = d;
-        self
-    }
-
-    /// Extra time a read may take beyond its block time (default 1 s); also the
-    /// timeout of catch-up and replay reads.
-    pub fn read_grace(mut self, d: Duration) -> Self {
-        self.read_grace = d;
-        self
-    }
-
-    /// Timeout of a publish (default 100 ms).
-    pub fn op_timeout(mut self, d: Duration) -> Self {
-        self.op_timeout = d;
-        self
-    }
-
-    /// Timeout of each connection attempt (default 1 s).
-    pub fn connect_timeout(mut self, d: Duration) -> Self {
-        self.connect_timeout = d;
-        self
-    }
-
-    /// Capacity of each subscription's channel (default 4096 events).
-    pub fn channel_capacity(mut self, n: usize) -> Self {
-        self.channel_capacity = n;
-        self
-    }
-
-    /// Entries fetched per read (default 512).
-    pub fn batch(mut self, n: usize) -> Self {
-        self.batch = n;
-        self
-    }
-
-    /// Reconnect backoff bounds (default 20 ms to 1 s, jittered).
-    pub fn reconnect_backoff(mut self, min: Duration, max: Duration) -> Self {
-        self.reconnect_min = min;
-        self.reconnect_max = max;
-        self
-    }
-
-    /// Do not contact the server in `build` (default: `build` sends a `PING`).
-    pub fn lazy(mut self, lazy: bool) -> Self {
-        self.lazy = lazy;
-        self
-    }
-
-    /// Certificates for a `rediss://` URL (a private CA, a client certificate).
-    pub fn tls(mut self, tls: TlsConfig) -> Self {
-        self.tls = Some(tls);
-        self
-    }
-
     /// Checks the settings, connects the publishing connection (unless lazy) and
     /// returns the backplane.
     pub async fn build(self) -> Result<RedisStreamBackplane> {
-        let invalid = |what: String| Err(Error::new(ErrorKind::InvalidInput, what));
-        if let Some(msg) = check_prefix(&self.prefix) {
-            return invalid(format!("redis stream backplane: {msg}"));
-        }
-        if self.max_len == 0 {
-            return invalid(
-                "redis stream backplane: max_len is 0; use the number of messages the \
-                 stream keeps for replay, such as 100000"
-                    .into(),
-            );
-        }
-        if self.block.is_zero() || self.op_timeout.is_zero() || self.connect_timeout.is_zero() {
-            return invalid(
-                "redis stream backplane: block, op_timeout and connect_timeout must be \
-                 non-zero (defaults 1s, 100ms, 1s)"
-                    .into(),
-            );
-        }
-        if self.channel_capacity == 0 || self.batch == 0 {
-            return invalid(
-                "redis stream backplane: channel_capacity and batch must be at least 1 \
-                 (defaults 4096 and 512)"
-                    .into(),
-            );
-        }
-        check_backoff(WHAT, self.reconnect_min, self.reconnect_max)?;
-        let (client, publisher) =
-            connect_publisher(&self.url, self.tls.as_ref(), self.connect_timeout, WHAT)?;
+        self.check()?;
+        let (client, publisher) = connect_publisher(&self.connection, WHAT)?;
+        let prefix = &self.connection.prefix;
         let bp = RedisStreamBackplane {
             inner: Arc::new(StreamInner {
-                stream_key: format!("{}:{{bp}}", self.prefix),
-                counter_key: format!("{}:{{bp}}:seq", self.prefix),
+                stream_key: format!("{prefix}:{{bp}}"),
+                counter_key: format!("{prefix}:{{bp}}:seq"),
                 client,
                 publisher,
                 publish_script: redis::Script::new(STREAM_PUBLISH),
@@ -264,24 +72,11 @@ impl RedisStreamBackplaneBuilder {
                 cfg: self,
             }),
         };
-        if !bp.inner.cfg.lazy {
-            let t = bp.inner.cfg.connect_timeout + bp.inner.cfg.op_timeout;
+        if !bp.inner.cfg.connection.lazy {
+            let t = bp.inner.cfg.connection.connect_timeout + bp.inner.cfg.op_timeout;
             ping_publisher(&bp.inner.publisher, t, WHAT, "redis stream backplane ping").await?;
         }
         Ok(bp)
-    }
-}
-
-pub(crate) fn check_prefix(prefix: &str) -> Option<String> {
-    if prefix.is_empty()
-        || prefix.chars().any(|c| c == '{' || c == '}' || c.is_whitespace() || c.is_control())
-    {
-        Some(format!(
-            "prefix `{prefix}` is invalid; use a non-empty name without braces or \
-             whitespace, such as `strata`"
-        ))
-    } else {
-        None
     }
 }
 
@@ -323,10 +118,6 @@ struct RawEntry {
     id: String,
     message: Option<Vec<u8>>,
     number: Option<u64>,
-}
-
-fn value_string(v: &Value) -> Option<String> {
-    value_bytes(v).and_then(|b| std::str::from_utf8(b).ok()).map(str::to_owned)
 }
 
 /// Parses `[[id, [field, value, …]], …]`.
@@ -386,21 +177,7 @@ impl RedisStreamBackplane {
     /// Starts building a backplane for `url` (`redis://[user:password@]host[:port][/db]`
     /// or `rediss://` with the `tls` feature).
     pub fn builder(url: impl Into<String>) -> RedisStreamBackplaneBuilder {
-        RedisStreamBackplaneBuilder {
-            url: url.into(),
-            prefix: crate::tier::DEFAULT_PREFIX.to_owned(),
-            max_len: DEFAULT_MAX_LEN,
-            block: Duration::from_secs(1),
-            read_grace: Duration::from_secs(1),
-            op_timeout: Duration::from_millis(100),
-            connect_timeout: Duration::from_secs(1),
-            channel_capacity: 4096,
-            batch: 512,
-            reconnect_min: Duration::from_millis(20),
-            reconnect_max: Duration::from_secs(1),
-            lazy: false,
-            tls: None,
-        }
+        RedisStreamBackplaneBuilder::new(url)
     }
 
     /// The stream's key.
@@ -423,10 +200,10 @@ impl RedisStreamBackplane {
     async fn connect(&self, name: &str) -> Result<MultiplexedConnection> {
         let cfg = &self.inner.cfg;
         let conn_cfg = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(cfg.connect_timeout))
+            .set_connection_timeout(Some(cfg.connection.connect_timeout))
             .set_response_timeout(None);
         let mut conn = match tokio::time::timeout(
-            cfg.connect_timeout + cfg.op_timeout,
+            cfg.connection.connect_timeout + cfg.op_timeout,
             self.inner.client.get_multiplexed_async_connection_with_config(&conn_cfg),
         )
         .await
@@ -436,7 +213,10 @@ impl RedisStreamBackplane {
                 return Err(map_redis_error(ErrorKind::Backplane, "redis stream subscriber connect", e));
             }
             Err(_) => {
-                return Err(Error::timeout("redis stream subscriber connect", cfg.connect_timeout));
+                return Err(Error::timeout(
+                    "redis stream subscriber connect",
+                    cfg.connection.connect_timeout,
+                ));
             }
         };
         let mut setname = redis::cmd("CLIENT");

@@ -1,12 +1,13 @@
-//! The Lua scripts of the tier and of the stream backplane. Every multi-step operation
-//! is one script, so Redis runs it atomically.
+//! The Lua scripts of the tier. Every multi-step operation is one script, so Redis runs
+//! it atomically.
 //!
-//! Conventions shared with `tier.rs` (see its module docs for the full layout): the
-//! namespace meta hash holds `c` (invalidation clock), `n` (namespace epoch), `l`
-//! (lease counter), `f` (lease floor: leases with an id at or below it were voided by
-//! a namespace invalidation) and `t:<tag>` (the clock value of the tag's last
-//! invalidation). Entry hash fields: `e` (envelope), `s` (stamp), `t` (tags), `f`
-//! (soft expiry, ns), `h` (hard expiry, ns).
+//! Conventions shared with the [`tier`](super) module (see its docs for the full
+//! layout): the namespace meta hash holds `c` (invalidation clock), `n` (namespace
+//! epoch), `l` (lease counter), `f` (lease floor: leases with an id at or below it were
+//! voided by a namespace invalidation) and `t:<tag>` (the clock value of the tag's last
+//! invalidation). Entry hash fields: `e` (envelope), `s` (stamp), `t` (tags), `f` (soft
+//! expiry, ns), `h` (hard expiry, ns), `v` (the row version in decimal, or empty: what
+//! the fill's version guard compares).
 //!
 //! Numbers written by the scripts go through `d()`: Lua turns a number into text with
 //! `%.14g`, which would write clock values (about 1.8e15) in exponent notation.
@@ -183,10 +184,13 @@ end
 return out
 "#;
 
-/// Guarded fill.
+/// Guarded fill: refused when the key was invalidated since the token's stamp, when
+/// the value's tags or the namespace were, or (the version guard) when the entry
+/// stored holds a newer version and is still valid.
 ///
 /// KEYS: entry, meta, lease, tombstone.
-/// ARGV: stamp, ttl ms, lease id ('0' = none), e, t, f, h, then the value's tags.
+/// ARGV: stamp, ttl ms, lease id ('0' = none), e, t, f, h, version ('' = none), then
+/// the value's tags.
 /// Returns 1 (stored) or 0 (rejected).
 const FILL_BODY: &str = r#"
 local ek, meta, lk, xk = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -198,10 +202,18 @@ local tomb = tonumber(redis.call('GET', xk))
 if tomb and tomb > stamp then return 0 end
 clock_of(meta)
 local tg = {}
-for j = 8, #ARGV do tg[#tg + 1] = ARGV[j] end
+for j = 9, #ARGV do tg[#tg + 1] = ARGV[j] end
 if not valid(stamp, tg, meta) then return 0 end
+if ARGV[8] ~= '' and redis.call('TYPE', ek).ok == 'hash' then
+  local held = redis.call('HMGET', ek, 'v', 's', 't')
+  local hs, htags = tonumber(held[2]), parse_tags(held[3])
+  if held[1] and held[1] ~= '' and hs and htags and valid(hs, htags, meta)
+      and dec_lt(ARGV[8], held[1]) then
+    return 0
+  end
+end
 redis.call('DEL', ek)
-redis.call('HSET', ek, 'e', ARGV[4], 's', ARGV[1], 't', ARGV[5], 'f', ARGV[6], 'h', ARGV[7])
+redis.call('HSET', ek, 'e', ARGV[4], 's', ARGV[1], 't', ARGV[5], 'f', ARGV[6], 'h', ARGV[7], 'v', ARGV[8])
 redis.call('PEXPIRE', ek, ARGV[2])
 return 1
 "#;
@@ -210,14 +222,15 @@ return 1
 /// tombstone holding it, the lease voided; the entry is stamped with the tick, so no
 /// fill that began earlier can overwrite it.
 ///
-/// KEYS: entry, meta, lease, tombstone. ARGV: ttl ms, e, t, f, h, tombstone ms.
+/// KEYS: entry, meta, lease, tombstone. ARGV: ttl ms, e, t, f, h, tombstone ms,
+/// version ('' = none).
 /// Returns the stamp.
 const SET_BODY: &str = r#"
 local at = d(tick(KEYS[2]))
 redis.call('DEL', KEYS[3])
 redis.call('SET', KEYS[4], at, 'PX', ARGV[6])
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'e', ARGV[2], 's', at, 't', ARGV[3], 'f', ARGV[4], 'h', ARGV[5])
+redis.call('HSET', KEYS[1], 'e', ARGV[2], 's', at, 't', ARGV[3], 'f', ARGV[4], 'h', ARGV[5], 'v', ARGV[7])
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return tonumber(at)
 "#;
@@ -348,34 +361,6 @@ end
 return 0
 "#;
 
-/// Stream backplane publish: number the entry, append it, cap the stream.
-///
-/// KEYS: stream, counter. ARGV: max len, message bytes. Returns the entry's number.
-pub(crate) const STREAM_PUBLISH: &str = r#"
-local n = redis.call('INCR', KEYS[2])
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'm', ARGV[2], 'n', n)
-return n
-"#;
-
-/// Where a new subscriber starts: the last entry's id and the counter, atomically.
-///
-/// KEYS: stream, counter. Returns {last id or '0-0', counter}.
-pub(crate) const STREAM_START: &str = r#"
-local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-local id = '0-0'
-if #last > 0 then id = last[1][1] end
-return {id, redis.call('GET', KEYS[2]) or '0'}
-"#;
-
-/// Catch-up read after a reconnect: entries after the last id seen, and the counter,
-/// atomically (so a trailing loss is told apart from a publish racing the read).
-///
-/// KEYS: stream, counter. ARGV: last id, count. Returns {counter, entries}.
-pub(crate) const STREAM_CATCH_UP: &str = r#"
-local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
-return {redis.call('GET', KEYS[2]) or '0', entries}
-"#;
-
 fn with_prelude(body: &str) -> String {
     let mut s = String::with_capacity(PRELUDE.len() + body.len());
     s.push_str(PRELUDE);
@@ -383,7 +368,6 @@ fn with_prelude(body: &str) -> String {
     s
 }
 
-/// The tier's compiled scripts (hashed once).
 /// Deletes the lease key only if it still holds the caller's lease id.
 /// KEYS[1] lease key; ARGV[1] lease id.
 const RELEASE_LEASE_BODY: &str = r#"
@@ -393,6 +377,7 @@ end
 return 0
 "#;
 
+/// The tier's compiled scripts (hashed once).
 pub(crate) struct TierScripts {
     pub(crate) lookup: redis::Script,
     pub(crate) fill: redis::Script,

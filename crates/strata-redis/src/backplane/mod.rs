@@ -1,0 +1,135 @@
+//! What the two Redis backplanes share: their counters ([`BackplaneStats`]), the
+//! publishing connection (opened and checked the same way), and the reconnect defaults
+//! of their subscribers.
+//!
+//! - [`stream`]: [`RedisStreamBackplane`](stream::RedisStreamBackplane), a capped Redis
+//!   Stream that replays what a subscriber missed (its Lua scripts in `stream_scripts`).
+//! - [`pubsub`]: [`RedisPubSubBackplane`](pubsub::RedisPubSubBackplane), Redis Pub/Sub,
+//!   at most once.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use redis::Value;
+use strata::backplane::BackplaneEvent;
+use strata::error::{Error, ErrorKind};
+
+use crate::connection::{ConnectionOptions, ManagedConn};
+
+pub mod pubsub;
+pub mod stream;
+mod stream_builder;
+mod stream_scripts;
+
+/// Default bounds of a subscriber's reconnect backoff (jittered).
+pub(crate) const DEFAULT_RECONNECT_BACKOFF: (Duration, Duration) =
+    (Duration::from_millis(20), Duration::from_secs(1));
+
+/// Default timeout of a publish.
+pub(crate) const DEFAULT_PUBLISH_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// Default capacity of a subscription's channel, in events.
+pub(crate) const DEFAULT_CHANNEL_CAPACITY: usize = 4096;
+
+/// Consecutive publish timeouts after which the publishing connection is replaced.
+const PUBLISHER_RECONNECT_AFTER: u32 = 8;
+
+/// Counters of a Redis backplane, shared by all its subscriptions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BackplaneStats {
+    /// Messages published by this handle.
+    pub published: u64,
+    /// Messages delivered to subscriptions.
+    pub delivered: u64,
+    /// Undecodable entries skipped (each reported as `Malformed`).
+    pub malformed: u64,
+    /// Times a loss was reported (`Lost`).
+    pub lost: u64,
+    /// Times a subscription lost its connection (`Disconnected`).
+    pub disconnects: u64,
+    /// Times a subscription came back (`Resumed`).
+    pub resumes: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct StatCounters {
+    pub(crate) published: AtomicU64,
+    pub(crate) delivered: AtomicU64,
+    pub(crate) malformed: AtomicU64,
+    pub(crate) lost: AtomicU64,
+    pub(crate) disconnects: AtomicU64,
+    pub(crate) resumes: AtomicU64,
+}
+
+impl StatCounters {
+    pub(crate) fn snapshot(&self) -> BackplaneStats {
+        BackplaneStats {
+            published: self.published.load(Ordering::Relaxed),
+            delivered: self.delivered.load(Ordering::Relaxed),
+            malformed: self.malformed.load(Ordering::Relaxed),
+            lost: self.lost.load(Ordering::Relaxed),
+            disconnects: self.disconnects.load(Ordering::Relaxed),
+            resumes: self.resumes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Counts an event about to be sent.
+    pub(crate) fn count(&self, ev: &BackplaneEvent, backplane: &'static str) {
+        let c = match ev {
+            BackplaneEvent::Message(_) => &self.delivered,
+            BackplaneEvent::Malformed => {
+                metrics::counter!("strata_backplane_malformed_total", "backplane" => backplane).increment(1);
+                &self.malformed
+            }
+            BackplaneEvent::Lost => {
+                metrics::counter!("strata_backplane_lost_total", "backplane" => backplane).increment(1);
+                &self.lost
+            }
+            BackplaneEvent::Disconnected => {
+                metrics::counter!("strata_backplane_disconnects_total", "backplane" => backplane)
+                    .increment(1);
+                &self.disconnects
+            }
+            BackplaneEvent::Resumed { .. } => &self.resumes,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Opens the client and a backplane's publishing connection on it. The client also
+/// opens the subscribers' dedicated connections.
+pub(crate) fn connect_publisher(
+    options: &ConnectionOptions,
+    what: &str,
+) -> Result<(redis::Client, ManagedConn), Error> {
+    let client = options.open_client(what)?;
+    let publisher = ManagedConn::new(client.clone(), options, PUBLISHER_RECONNECT_AFTER, what)?;
+    Ok((client, publisher))
+}
+
+/// Sends a `PING` on a backplane's publishing connection within `timeout`; `ping_what`
+/// names the call, `what` the backplane in the error that says what to check.
+pub(crate) async fn ping_publisher(
+    publisher: &ManagedConn,
+    timeout: Duration,
+    what: &str,
+    ping_what: &'static str,
+) -> Result<(), Error> {
+    publisher
+        .call(timeout, ErrorKind::Backplane, ping_what, |mut c| async move {
+            redis::cmd("PING").query_async::<Value>(&mut c).await
+        })
+        .await
+        .map_err(|e| {
+            let e = e.into_error();
+            Error::new(
+                e.kind(),
+                format!(
+                    "{what}: cannot reach `{}`: {e}; check that the server runs, the URL's \
+                     host/port and the ACL credentials",
+                    publisher.shown_url()
+                ),
+            )
+        })?;
+    Ok(())
+}

@@ -1,0 +1,162 @@
+//! [`RedisStreamBackplaneBuilder`]: the stream backplane's settings and their checks.
+//! `build` lives with the backplane it builds, in the [`stream`](super::stream) module.
+
+use std::time::Duration;
+
+use strata::error::{Error, ErrorKind, Result};
+
+use crate::backplane::{DEFAULT_CHANNEL_CAPACITY, DEFAULT_PUBLISH_TIMEOUT, DEFAULT_RECONNECT_BACKOFF};
+use crate::connection::{Backoff, ConnectionOptions};
+use crate::tls::TlsConfig;
+
+/// Names the backplane in errors.
+pub(crate) const WHAT: &str = "redis stream backplane";
+
+/// Default cap of the stream (entries, approximate).
+pub const DEFAULT_MAX_LEN: u64 = 100_000;
+
+/// Builds a [`RedisStreamBackplane`](crate::RedisStreamBackplane); see
+/// [`RedisStreamBackplane::builder`](crate::RedisStreamBackplane::builder).
+#[must_use = "a builder does nothing until .build().await"]
+#[derive(Clone)]
+pub struct RedisStreamBackplaneBuilder {
+    pub(crate) connection: ConnectionOptions,
+    pub(crate) max_len: u64,
+    pub(crate) block: Duration,
+    pub(crate) read_grace: Duration,
+    pub(crate) op_timeout: Duration,
+    pub(crate) channel_capacity: usize,
+    pub(crate) batch: usize,
+    pub(crate) reconnect_min: Duration,
+    pub(crate) reconnect_max: Duration,
+}
+
+impl std::fmt::Debug for RedisStreamBackplaneBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStreamBackplaneBuilder")
+            .field("connection", &self.connection)
+            .field("max_len", &self.max_len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStreamBackplaneBuilder {
+    pub(crate) fn new(url: impl Into<String>) -> Self {
+        RedisStreamBackplaneBuilder {
+            connection: ConnectionOptions::new(url),
+            max_len: DEFAULT_MAX_LEN,
+            block: Duration::from_secs(1),
+            read_grace: Duration::from_secs(1),
+            op_timeout: DEFAULT_PUBLISH_TIMEOUT,
+            channel_capacity: DEFAULT_CHANNEL_CAPACITY,
+            batch: 512,
+            reconnect_min: DEFAULT_RECONNECT_BACKOFF.0,
+            reconnect_max: DEFAULT_RECONNECT_BACKOFF.1,
+        }
+    }
+
+    /// Replaces the connection settings (URL included) with `options`, for example the
+    /// ones given to the tier.
+    pub fn connection(mut self, options: ConnectionOptions) -> Self {
+        self.connection = options;
+        self
+    }
+
+    /// Key prefix (default `strata`): the stream is `{prefix}:{bp}`.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.connection.prefix = prefix.into();
+        self
+    }
+
+    /// Approximate cap of the stream, in entries (default 100 000). A subscriber away
+    /// for longer than the stream takes to receive this many messages comes back to a
+    /// gap (`Lost`, then a flush by the core); so does `replay` for older messages.
+    pub fn max_len(mut self, n: u64) -> Self {
+        self.max_len = n;
+        self
+    }
+
+    /// How long one `XREAD` blocks (default 1 s). A read that has not answered after
+    /// this plus [`read_grace`](Self::read_grace) counts as a lost connection.
+    pub fn block(mut self, d: Duration) -> Self {
+        self.block = d;
+        self
+    }
+
+    /// Extra time a read may take beyond its block time (default 1 s); also the
+    /// timeout of catch-up and replay reads.
+    pub fn read_grace(mut self, d: Duration) -> Self {
+        self.read_grace = d;
+        self
+    }
+
+    /// Timeout of a publish (default 100 ms).
+    pub fn op_timeout(mut self, d: Duration) -> Self {
+        self.op_timeout = d;
+        self
+    }
+
+    /// Timeout of each connection attempt (default 1 s).
+    pub fn connect_timeout(mut self, d: Duration) -> Self {
+        self.connection.connect_timeout = d;
+        self
+    }
+
+    /// Capacity of each subscription's channel (default 4096 events).
+    pub fn channel_capacity(mut self, n: usize) -> Self {
+        self.channel_capacity = n;
+        self
+    }
+
+    /// Entries fetched per read (default 512).
+    pub fn batch(mut self, n: usize) -> Self {
+        self.batch = n;
+        self
+    }
+
+    /// Reconnect backoff bounds (default 20 ms to 1 s, jittered).
+    pub fn reconnect_backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.reconnect_min = min;
+        self.reconnect_max = max;
+        self
+    }
+
+    /// Do not contact the server in `build` (default: `build` sends a `PING`).
+    pub fn lazy(mut self, lazy: bool) -> Self {
+        self.connection.lazy = lazy;
+        self
+    }
+
+    /// Certificates for a `rediss://` URL (a private CA, a client certificate).
+    pub fn tls(mut self, tls: TlsConfig) -> Self {
+        self.connection.tls = Some(tls);
+        self
+    }
+
+    /// Checks the settings, with an error that says how to fix a bad one.
+    pub(crate) fn check(&self) -> Result<()> {
+        let invalid = |what: String| Err(Error::new(ErrorKind::InvalidInput, what));
+        self.connection.check(WHAT)?;
+        if self.max_len == 0 {
+            return invalid(
+                "redis stream backplane: max_len is 0; use the number of messages the \
+                 stream keeps for replay, such as 100000"
+                    .into(),
+            );
+        }
+        if self.block.is_zero() || self.op_timeout.is_zero() {
+            return invalid(
+                "redis stream backplane: block and op_timeout must be non-zero (defaults 1s, 100ms)".into(),
+            );
+        }
+        if self.channel_capacity == 0 || self.batch == 0 {
+            return invalid(
+                "redis stream backplane: channel_capacity and batch must be at least 1 \
+                 (defaults 4096 and 512)"
+                    .into(),
+            );
+        }
+        Backoff::check(WHAT, self.reconnect_min, self.reconnect_max)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,145 @@
+//! [`RedisTierBuilder`]: the tier's settings and their checks. `build` lives with the
+//! tier it builds, in the [`tier`](super) module.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use strata::clock::Clock;
+use strata::error::{Error, ErrorKind, Result};
+
+use crate::connection::ConnectionOptions;
+use crate::tls::TlsConfig;
+
+/// Default response timeout of the tier's connection (see
+/// [`RedisTierBuilder::op_timeout`]).
+pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Names the tier in errors.
+pub(crate) const WHAT: &str = "redis tier";
+
+/// Builds a [`RedisTier`](crate::RedisTier); see [`RedisTier::builder`](crate::RedisTier::builder).
+#[must_use = "a builder does nothing until .build().await"]
+pub struct RedisTierBuilder {
+    pub(crate) connection: ConnectionOptions,
+    pub(crate) op_timeout: Duration,
+    pub(crate) tombstone_ttl: Duration,
+    pub(crate) clock: Option<Arc<dyn Clock>>,
+    pub(crate) reconnect_after_timeouts: u32,
+}
+
+impl std::fmt::Debug for RedisTierBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTierBuilder")
+            .field("connection", &self.connection)
+            .field("op_timeout", &self.op_timeout)
+            .field("tombstone_ttl", &self.tombstone_ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisTierBuilder {
+    pub(crate) fn new(url: impl Into<String>) -> Self {
+        RedisTierBuilder {
+            connection: ConnectionOptions::new(url),
+            op_timeout: DEFAULT_OP_TIMEOUT,
+            tombstone_ttl: strata::tier::TierConfig::default().tombstone_ttl,
+            clock: None,
+            reconnect_after_timeouts: 4,
+        }
+    }
+
+    /// Replaces the connection settings (URL included) with `options`, for example the
+    /// ones given to the backplane.
+    pub fn connection(mut self, options: ConnectionOptions) -> Self {
+        self.connection = options;
+        self
+    }
+
+    /// Prefix of every key (default `strata`). Tiers with different prefixes on one
+    /// server never see each other's data.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.connection.prefix = prefix.into();
+        self
+    }
+
+    /// The response timeout of the tier's connection (default 1 s): a call that Redis
+    /// has not answered by then fails with an error of kind `Timeout`.
+    ///
+    /// A safety net, not the operation timeout: the cache's L2 call wrapper owns that
+    /// (its `l2_timeout`, 50 ms by default) and the circuit breaker. Keep this well
+    /// above `l2_timeout` so that the cache decides; it bounds the calls made outside a
+    /// cache (tools, health checks, [`RedisTier::ping`](crate::RedisTier::ping)). The
+    /// name is kept from when the tier had an operation timeout of its own.
+    ///
+    /// Calls that time out here, and calls the cache abandons at its `l2_timeout`, count
+    /// towards [`reconnect_after_timeouts`](Self::reconnect_after_timeouts).
+    pub fn op_timeout(mut self, timeout: Duration) -> Self {
+        self.op_timeout = timeout;
+        self
+    }
+
+    /// Timeout of each TCP connection attempt (default 1 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connection.connect_timeout = timeout;
+        self
+    }
+
+    /// How long key tombstones live (default 60 s); must exceed the longest loader
+    /// hard timeout of the caches using this tier.
+    pub fn tombstone_ttl(mut self, ttl: Duration) -> Self {
+        self.tombstone_ttl = ttl;
+        self
+    }
+
+    /// The clock the tier reads the time from, for soft expiries at lookup and the hard
+    /// expiry set by `touch` (use the caches' clock).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// Do not contact the server in `build` (default: `build` sends a `PING` and
+    /// fails if the server is unreachable or refuses the credentials). A lazy tier
+    /// connects on first use; until then its calls fail (and the cache's L2 breaker
+    /// opens).
+    pub fn lazy(mut self, lazy: bool) -> Self {
+        self.connection.lazy = lazy;
+        self
+    }
+
+    /// After this many consecutive timeouts the connection is replaced by a new one
+    /// (default 4): a connection to a silently dead peer never reports an error. Calls
+    /// abandoned by their caller before Redis answered (the cache's `l2_timeout`) count
+    /// as timeouts, since the cache gives up long before [`op_timeout`](Self::op_timeout).
+    pub fn reconnect_after_timeouts(mut self, n: u32) -> Self {
+        self.reconnect_after_timeouts = n;
+        self
+    }
+
+    /// Certificates for a `rediss://` URL (a private CA, a client certificate).
+    pub fn tls(mut self, tls: TlsConfig) -> Self {
+        self.connection.tls = Some(tls);
+        self
+    }
+
+    /// Checks the settings, with an error that says how to fix a bad one.
+    pub(crate) fn check(&self) -> Result<()> {
+        let invalid = |what: String| Err(Error::new(ErrorKind::InvalidInput, what));
+        self.connection.check(WHAT)?;
+        if self.op_timeout.is_zero() {
+            return invalid(
+                "redis tier: op_timeout is zero; it is the connection's response timeout, \
+                 a backstop well above the cache's l2_timeout, such as 1s"
+                    .into(),
+            );
+        }
+        if self.tombstone_ttl < Duration::from_millis(1) {
+            return invalid(
+                "redis tier: tombstone_ttl is under 1ms; it must exceed the loaders' \
+                 hard timeout (default 60s)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}

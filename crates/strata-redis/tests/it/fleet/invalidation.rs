@@ -1,0 +1,120 @@
+//! Invalidations across a fleet: propagation, and a subscriber killed in the middle
+//! (the stream resumes, Pub/Sub flushes).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use strata_redis::RedisPubSubBackplane;
+use strata_testkit::RedisServer;
+
+use super::{Db, instance, kill_clients, stream, until_dropped};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_fleet_invalidation_propagates() {
+    let server = RedisServer::start();
+    let db = Db::default();
+    db.set(1, "v1");
+    let a = instance(&server, Arc::new(stream(&server).await)).await;
+    let b = instance(&server, Arc::new(stream(&server).await)).await;
+    assert_eq!(a.get_or_load(&1, db.loader(1)).await.unwrap().as_deref(), Some("v1"));
+    assert_eq!(b.get_or_load(&1, db.loader(1)).await.unwrap().as_deref(), Some("v1"));
+    assert_eq!(db.loads(), 1, "B was served from L2");
+    assert_eq!(b.stats().l2_hits, 1);
+
+    let mut delays = Vec::new();
+    let mut calls = Vec::new();
+    for round in 2..=6 {
+        let v = format!("v{round}");
+        db.set(1, &v);
+        let started = Instant::now();
+        a.invalidate(&1).await.unwrap();
+        calls.push(started.elapsed());
+        until_dropped(&b, 1, Duration::from_secs(2), "B after A's invalidate").await;
+        delays.push(started.elapsed());
+        assert_eq!(b.get_or_load(&1, db.loader(1)).await.unwrap().as_deref(), Some(v.as_str()));
+        assert_eq!(a.get_or_load(&1, db.loader(1)).await.unwrap().as_deref(), Some(v.as_str()));
+    }
+    delays.sort();
+    calls.sort();
+    eprintln!(
+        "[fleet/stream] A.invalidate() (L2 delete + XADD) took median {:?}; from its start to B's L1 copy \
+         gone: min {:?} median {:?} max {:?}; loads {}",
+        calls[2],
+        delays[0],
+        delays[2],
+        delays[4],
+        db.loads()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_fleet_subscriber_killed_resumes_without_flush() {
+    let server = RedisServer::start();
+    let db = Db::default();
+    db.set(1, "v1");
+    db.set(2, "w1");
+    let a = instance(&server, Arc::new(stream(&server).await)).await;
+    let b_bp = stream(&server).await;
+    let b = instance(&server, Arc::new(b_bp.clone())).await;
+    for k in [1, 2] {
+        b.get_or_load(&k, db.loader(k)).await.unwrap();
+    }
+    let killed_at = Instant::now();
+    kill_clients(&server, &b_bp.client_name_prefix());
+    // In the gap (B reconnects after ≥150 ms): a committed change and its invalidation.
+    db.set(1, "v2");
+    a.invalidate(&1).await.unwrap();
+    let dropped = until_dropped(&b, 1, Duration::from_secs(5), "B after its subscriber was killed").await;
+    assert_eq!(b.get_or_load(&1, db.loader(1)).await.unwrap().as_deref(), Some("v2"));
+    let healthy = async {
+        while !b.is_backplane_healthy() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), healthy).await.expect("B healthy again");
+    let s = b.stats();
+    eprintln!(
+        "[fleet/stream] B's subscriber killed, invalidation sent in the gap: B dropped the key {:?} after \
+         the kill; gaps_detected {} repairs_flushed {} repairs_replayed {}; key 2 still cached: {}",
+        dropped,
+        s.gaps_detected,
+        s.repairs_flushed,
+        s.repairs_replayed,
+        b.get_local(&2).is_some()
+    );
+    assert!(killed_at.elapsed() < Duration::from_secs(10));
+    assert_eq!(b.get_local(&2).as_deref(), Some("w1"), "a complete resume needs no flush");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_fleet_subscriber_killed_flushes() {
+    let server = RedisServer::start();
+    let db = Db::default();
+    db.set(1, "v1");
+    db.set(2, "w1");
+    let pubsub = |server: &RedisServer| {
+        RedisPubSubBackplane::builder(server.url())
+            .reconnect_backoff(Duration::from_millis(300), Duration::from_millis(600))
+            .build()
+    };
+    let a = instance(&server, Arc::new(pubsub(&server).await.unwrap())).await;
+    let b = instance(&server, Arc::new(pubsub(&server).await.unwrap())).await;
+    for k in [1, 2] {
+        b.get_or_load(&k, db.loader(k)).await.unwrap();
+    }
+    let killed_at = Instant::now();
+    // Both instances' subscribers go; A's messages published in the gap are lost.
+    server.command(&["CLIENT", "KILL", "TYPE", "pubsub"]).unwrap();
+    db.set(1, "v2");
+    a.invalidate(&1).await.unwrap();
+    let dropped = until_dropped(&b, 1, Duration::from_secs(5), "B after a lost pub/sub message").await;
+    assert_eq!(b.get_or_load(&1, db.loader(1)).await.unwrap().as_deref(), Some("v2"));
+    let s = b.stats();
+    eprintln!(
+        "[fleet/pubsub] subscribers killed, invalidation lost: B's copy gone {dropped:?} after the kill; \
+         gaps_detected {} repairs_flushed {}",
+        s.gaps_detected, s.repairs_flushed
+    );
+    assert!(s.repairs_flushed >= 1, "repaired by a flush: {s:?}");
+    assert!(killed_at.elapsed() < Duration::from_secs(10));
+}

@@ -1,0 +1,346 @@
+//! The Redis tier on its own: the conformance suite, batched lookups,
+//! undecodable entries, timeouts, restarts and configuration errors.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use strata::Cache;
+use strata::breaker::{BreakerConfig, BreakerState};
+use strata::error::ErrorKind;
+use strata::tier::{FillOutcome, Tier};
+use strata_redis::RedisTier;
+use strata_testkit::{FaultProxy, RedisServer};
+
+use crate::support::{LEASE, TTL, fresh, hit_value, is_miss, now, raw_conn, redis_tier, token};
+use strata::testing::conformance;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tier_conformance_redis() {
+    let server = RedisServer::start();
+    let tier = redis_tier(&server, "conf").await;
+    conformance::run(&tier, "redis").await;
+    let ops = tier.ops();
+    eprintln!("[conformance] redis: {ops} redis ops, stats {:?}", tier.stats());
+    assert_eq!(tier.stats().undecodable, 0);
+    // Namespaces with separators cannot collide, and prefixes isolate tenants.
+    let other = redis_tier(&server, "tenant2").await;
+    assert!(is_miss(&other.lookup("conf", "plain", None).await.unwrap()));
+    let t = token(&tier.lookup("a:e:b", "m", None).await.unwrap());
+    tier.fill("a:e:b", "m", fresh("weird", &[]), TTL, &t).await.unwrap();
+    assert!(is_miss(&tier.lookup("a", "b:m", None).await.unwrap()));
+    assert_eq!(tier.entry_key("a:e:b", "m"), "conf:{a%3Ae%3Ab}:e:m");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tier_lookup_many_in_one_round_trip() {
+    let server = RedisServer::start();
+    let tier = redis_tier(&server, "many").await;
+    let keys: Vec<String> = (0..50).map(|i| format!("k{i}")).collect();
+    for k in keys.iter().step_by(2) {
+        let t = token(&tier.lookup("m", k, None).await.unwrap());
+        tier.fill("m", k, fresh(k, &[]), TTL, &t).await.unwrap();
+    }
+    let before = tier.ops();
+    let started = Instant::now();
+    let out = tier.lookup_many("m", &keys, LEASE).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(tier.ops() - before, 1, "one script run for the batch");
+    for (i, (k, l)) in keys.iter().zip(&out).enumerate() {
+        if i % 2 == 0 {
+            assert_eq!(hit_value(l).as_deref(), Some(k.as_str()));
+        } else {
+            let t = token(l);
+            assert!(t.leader && t.lease.is_some());
+        }
+    }
+    let again = tier.lookup_many("m", &keys[1..3], LEASE).await.unwrap();
+    assert!(!token(&again[0]).leader, "leases taken by the batch hold");
+    assert!(tier.lookup_many("m", &[], None).await.unwrap().is_empty());
+    eprintln!("[lookup_many] 50 keys (25 hits, 25 leased misses) in {took:?}, 1 redis op");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tier_undecodable_entries_are_deleted_misses() {
+    let server = RedisServer::start();
+    let tier = redis_tier(&server, "bad").await;
+    let mut raw = raw_conn(&server).await;
+    let far = now().saturating_add(Duration::from_secs(3600)).0.to_string();
+    // A current stamp, so that the garbage is valid as far as the clock goes.
+    let stamp = token(&tier.lookup("ns", "probe", None).await.unwrap()).stamp;
+
+    // 1. a hash whose envelope has a bad format byte
+    let k1 = tier.entry_key("ns", "fmt");
+    let _: () = redis::cmd("HSET")
+        .arg(&k1)
+        .arg("e")
+        .arg(&b"\x09garbage"[..])
+        .arg("s")
+        .arg(stamp)
+        .arg("t")
+        .arg("")
+        .arg("f")
+        .arg(&far)
+        .arg("h")
+        .arg(&far)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    // 2. the right format byte but bad postcard
+    let k2 = tier.entry_key("ns", "postcard");
+    let _: () = redis::cmd("HSET")
+        .arg(&k2)
+        .arg("e")
+        .arg(&b"\x01\xff\xff\xff\xff\xff"[..])
+        .arg("s")
+        .arg(stamp)
+        .arg("t")
+        .arg("")
+        .arg("f")
+        .arg(&far)
+        .arg("h")
+        .arg(&far)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    // 3. not a hash at all
+    let k3 = tier.entry_key("ns", "string");
+    let _: () = redis::cmd("SET").arg(&k3).arg("garbage").query_async(&mut raw).await.unwrap();
+    // 4. a hash with an unparsable tags field
+    let k4 = tier.entry_key("ns", "tags");
+    let _: () = redis::cmd("HSET")
+        .arg(&k4)
+        .arg("e")
+        .arg("x")
+        .arg("s")
+        .arg(stamp)
+        .arg("t")
+        .arg("99:short")
+        .arg("f")
+        .arg(&far)
+        .arg("h")
+        .arg(&far)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+
+    for key in ["fmt", "postcard", "string", "tags"] {
+        let l = tier.lookup("ns", key, LEASE).await.expect("an undecodable entry is a miss, not an error");
+        let t = token(&l);
+        assert!(t.leader && t.lease.is_some(), "{key}: the miss gets a lease");
+    }
+    for k in [&k1, &k2, &k3, &k4] {
+        let exists: u64 = redis::cmd("EXISTS").arg(k).query_async(&mut raw).await.unwrap();
+        assert_eq!(exists, 0, "{k} deleted");
+    }
+    assert_eq!(tier.stats().undecodable, 4);
+    // In a batch, too.
+    let _: () = redis::cmd("SET").arg(&k3).arg("garbage").query_async(&mut raw).await.unwrap();
+    let out = tier.lookup_many("ns", &["string".to_owned(), "none".to_owned()], None).await.unwrap();
+    assert!(out.iter().all(is_miss));
+    assert_eq!(tier.stats().undecodable, 5);
+    // touch of garbage is false, not an error
+    let _: () = redis::cmd("SET").arg(&k3).arg("garbage").query_async(&mut raw).await.unwrap();
+    assert!(!tier.touch("ns", "string", now(), TTL).await.unwrap());
+    assert_eq!(tier.stats().undecodable, 6);
+    eprintln!("[undecodable] stats after 6 garbage entries: {:?}", tier.stats());
+}
+
+/// The tier has no breaker of its own: against a SIGSTOPped server its calls end with
+/// `Timeout` after its response timeout, and a cache over it opens its L2 breaker (the
+/// core's), having abandoned each call at its shorter `l2_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tier_timeout_on_paused_server_opens_core_breaker() {
+    let mut server = RedisServer::start();
+    let op_timeout = Duration::from_millis(100);
+    let l2_timeout = Duration::from_millis(50);
+    let tier = RedisTier::builder(server.url()).prefix("pause").op_timeout(op_timeout).build().await.unwrap();
+    tier.lookup("ns", "warm", None).await.unwrap();
+    let cache: Cache<u64, String> = Cache::builder("ns")
+        .tier(Arc::new(tier.clone()))
+        .l2_timeout(l2_timeout)
+        .breaker(BreakerConfig {
+            consecutive_failures: 3,
+            open_for: Duration::from_millis(300),
+            jitter: 0.0,
+            ..BreakerConfig::default()
+        })
+        .build()
+        .unwrap();
+    assert_eq!(cache.get(&1).await.unwrap(), None);
+    assert_eq!(cache.l2_breaker_state(), BreakerState::Closed);
+
+    server.pause().unwrap();
+    let mut timings = Vec::new();
+    let mut through_cache = Vec::new();
+    let result = async {
+        for _ in 0..3 {
+            let started = Instant::now();
+            let err = tier.lookup("ns", "k", None).await.expect_err("paused server must time out");
+            let took = started.elapsed();
+            timings.push(took);
+            assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+            assert!(took < op_timeout + Duration::from_millis(150), "timeout took {took:?}");
+        }
+        // Through the cache an L2 failure is an error (never "absent"), answered at the
+        // l2_timeout.
+        for k in 0..3 {
+            let started = Instant::now();
+            let err = cache.get(&k).await.expect_err("l2 cannot answer");
+            assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+            let took = started.elapsed();
+            through_cache.push(took);
+            assert!(took < l2_timeout + Duration::from_millis(150), "cache read took {took:?}");
+        }
+        assert_eq!(cache.l2_breaker_state(), BreakerState::Open);
+        let started = Instant::now();
+        assert!(cache.get(&9).await.expect_err("breaker open").is_circuit_open());
+        started.elapsed()
+    }
+    .await;
+    let paused_stats = tier.stats();
+    server.resume().unwrap();
+    eprintln!(
+        "[timeout] response timeout {op_timeout:?}: tier calls to the paused server failed after {timings:?}; \
+         through a cache (l2_timeout {l2_timeout:?}) {through_cache:?}; the cache's open breaker answered \
+         in {result:?}; tier stats {paused_stats:?}"
+    );
+    assert!(paused_stats.timeouts >= 6, "calls the cache abandoned count as timeouts: {paused_stats:?}");
+    assert!(paused_stats.reconnects >= 1, "and towards replacing the connection: {paused_stats:?}");
+
+    // After the cool-down a probe closes the cache's breaker again.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let recovered = async {
+        loop {
+            if tier.lookup("ns", "k", None).await.is_ok() {
+                let _ = cache.get(&1).await;
+                if cache.l2_breaker_state() == BreakerState::Closed {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), recovered)
+        .await
+        .expect("tier and cache recover after resume");
+    eprintln!("[timeout] recovered {:?} after the cool-down; stats {:?}", started.elapsed(), tier.stats());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tier_survives_server_restart_and_reconnects() {
+    let mut server = RedisServer::start();
+    let tier = RedisTier::builder(server.url())
+        .prefix("restart")
+        .op_timeout(Duration::from_millis(500))
+        .build()
+        .await
+        .unwrap();
+    tier.lookup("ns", "k", None).await.unwrap();
+    server.kill();
+    let err = tier.lookup("ns", "k", None).await.expect_err("server is dead");
+    assert!(err.is_transient(), "{err}");
+    server.restart();
+    let started = Instant::now();
+    let back = async {
+        loop {
+            if tier.lookup("ns", "k", None).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), back).await.expect("reconnects after restart");
+    eprintln!("[restart] tier answered again {:?} after the restart", started.elapsed());
+
+    // The restarted server lost every clock. A fill whose lookup happened before the
+    // restart must still lose against an invalidation made after it.
+    let before = token(&tier.lookup("ns", "race", None).await.unwrap());
+    server.kill();
+    server.restart();
+    let wait = async {
+        loop {
+            if tier.delete("ns", &["race".to_owned()]).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), wait).await.expect("delete after restart");
+    assert_eq!(
+        tier.fill("ns", "race", fresh("loaded before the restart", &[]), TTL, &before).await.unwrap(),
+        FillOutcome::Rejected,
+        "a token from before the data loss must not beat a later delete"
+    );
+    // Same after FLUSHALL, without any invalidation: the namespace is cold, not stale.
+    let t = token(&tier.lookup("ns", "k2", None).await.unwrap());
+    tier.fill("ns", "k2", fresh("v", &[]), TTL, &t).await.unwrap();
+    let old = token(&tier.lookup("ns", "k3", None).await.unwrap());
+    server.command(&["FLUSHALL"]).unwrap();
+    let after = token(&tier.lookup("ns", "k3", None).await.unwrap());
+    assert!(after.stamp > old.stamp, "a new clock starts above old stamps: {} vs {}", after.stamp, old.stamp);
+    assert_eq!(tier.fill("ns", "k3", fresh("x", &[]), TTL, &old).await.unwrap(), FillOutcome::Rejected);
+    assert_eq!(tier.fill("ns", "k3", fresh("y", &[]), TTL, &after).await.unwrap(), FillOutcome::Stored);
+    eprintln!("[restart] clock before flush {} → after {} (µs-based)", old.stamp, after.stamp);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tier_builder_rejects_bad_config_with_fixes() {
+    let server = RedisServer::start();
+    let e = RedisTier::builder("http://localhost:1").build().await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    assert!(e.to_string().contains("redis://"), "{e}");
+    let e = RedisTier::builder(server.url()).prefix("a{b}").build().await.unwrap_err();
+    assert!(e.to_string().contains("prefix"), "{e}");
+    let e = RedisTier::builder(server.url()).op_timeout(Duration::ZERO).build().await.unwrap_err();
+    assert!(e.to_string().contains("op_timeout"), "{e}");
+    // Nothing listens on this port (a server we start and stop).
+    let mut gone = RedisServer::start();
+    let url = gone.url();
+    gone.kill();
+    let e = RedisTier::builder(&url).build().await.unwrap_err();
+    assert!(e.is_transient(), "{e}");
+    eprintln!("[config] unreachable server: {e}");
+    assert!(RedisTier::builder(&url).lazy(true).build().await.is_ok(), "lazy build does not connect");
+
+    // ACL users from the URL.
+    server.command(&["ACL", "SETUSER", "app", "on", ">s3cret", "~*", "&*", "+@all"]).unwrap();
+    let with_user = format!("redis://app:s3cret@127.0.0.1:{}", server.port());
+    let tier = RedisTier::builder(&with_user).prefix("acl").build().await.expect("ACL user works");
+    tier.lookup("ns", "k", None).await.unwrap();
+    let wrong = format!("redis://app:nope@127.0.0.1:{}", server.port());
+    let e = RedisTier::builder(&wrong).build().await.unwrap_err();
+    let text = e.to_string();
+    assert!(!text.contains("nope"), "password must not leak: {text}");
+    eprintln!("[config] wrong password: {text}");
+}
+
+/// One owner of the L2 call's timeout: the cache's `l2_timeout`. With the tier at its
+/// defaults and Redis 120 ms away (a slow link, through the fault proxy), a cache that
+/// allows 400 ms per L2 call gets its answers; before, the tier's own 50 ms operation
+/// timeout (and breaker) failed every call first, whatever the cache allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_caches_l2_timeout_is_the_one_that_bounds_an_l2_call() {
+    let server = RedisServer::start();
+    let proxy = FaultProxy::start(server.addr()).await.unwrap();
+    let url = format!("redis://127.0.0.1:{}", proxy.port());
+    let tier = RedisTier::builder(&url).prefix("owner").build().await.unwrap();
+    let cache: Cache<u64, String> = Cache::builder("ns")
+        .tier(Arc::new(tier.clone()))
+        .l2_timeout(Duration::from_millis(400))
+        .build()
+        .unwrap();
+    cache.insert(1, "one".to_owned()).await.unwrap();
+    cache.evict_local(&1);
+    proxy.set_latency(Duration::from_millis(60), Duration::ZERO);
+    for _ in 0..5 {
+        assert_eq!(
+            cache.get(&1).await.expect("answered within the cache's l2_timeout").as_deref(),
+            Some("one")
+        );
+        cache.evict_local(&1);
+    }
+    assert_eq!(cache.l2_breaker_state(), BreakerState::Closed);
+    assert_eq!(tier.stats().timeouts, 0, "{:?}", tier.stats());
+    assert_eq!(cache.stats().l2_errors, 0);
+}
