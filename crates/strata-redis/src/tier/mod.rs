@@ -1,4 +1,4 @@
-//! [`RedisTier`]: the L2 [`Tier`] on a standalone Redis/Valkey server.
+//! [`RedisTier`]: the L2 [`Tier`](strata::tier::Tier) on a standalone Redis/Valkey server.
 //!
 //! # Storage layout
 //!
@@ -10,7 +10,7 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `…:m` | hash, no TTL | `c` invalidation clock, `n` namespace epoch, `l` lease counter, `f` lease floor, `t:<tag>` clock value of the tag's last invalidation |
-//! | `…:e:<key>` | hash, PX = entry ttl | `e` envelope (format byte `1` + postcard of [`Envelope`]), `s` stamp, `t` tags (`<byte len>:<tag>` repeated), `f` soft expiry, `h` hard expiry (ns since the epoch, decimal) |
+//! | `…:e:<key>` | hash, PX = entry ttl | `e` envelope (format byte `1` + postcard of [`Envelope`](strata::tier::Envelope)), `s` stamp, `t` tags (`<byte len>:<tag>` repeated), `f` soft expiry, `h` hard expiry (ns since the epoch, decimal) |
 //! | `…:l:<key>` | string, PX = lease ttl | the id of the lease holder |
 //! | `…:x:<key>` | string, PX = tombstone ttl | the clock tick of the key's last invalidation |
 //! | `…:w:<key>` | sorted set, PX = lock ttl | write locks on the key: lock id → expiry (server ms) |
@@ -51,7 +51,7 @@
 //!   so far are voided (lease floor); the tag epochs are dropped, since the namespace
 //!   epoch dominates them. Old entries stay until they expire but are never served.
 //! - **touch**: validate as lookup does, then move the expiries and `PEXPIRE`.
-//! - **lock** / **unlock** (write locks, see [`Tier::lock`]): invalidate the scope as
+//! - **lock** / **unlock** (write locks, see [`Tier::lock`](strata::tier::Tier::lock)): invalidate the scope as
 //!   delete / invalidate_tag / invalidate_namespace do and add / remove the lock id.
 //!   While a live lock covers a key, lookup hands out tokens with stamp 0, which every
 //!   fill refuses (0 is below every namespace epoch), even after the lock expired.
@@ -160,7 +160,7 @@ struct Inner {
     counters: Counters,
 }
 
-/// The L2 tier on Redis/Valkey: implements the full fill-guard contract of [`Tier`]
+/// The L2 tier on Redis/Valkey: implements the full fill-guard contract of [`Tier`](strata::tier::Tier)
 /// with one Lua script per operation (see the module docs for the layout).
 ///
 /// It has no circuit breaker and no operation timeout of its own: the cache's L2 call
@@ -315,7 +315,7 @@ impl RedisTier {
     }
 
     /// Reads several keys of one namespace in one script run (one round trip). Each
-    /// key's answer is what [`Tier::lookup`] would return for it; with `lease`, a
+    /// key's answer is what [`Tier::lookup`](strata::tier::Tier::lookup) would return for it; with `lease`, a
     /// lease is tried for every missing key.
     pub async fn lookup_many(
         &self,
