@@ -114,9 +114,10 @@ pub struct Row {
 /// Builds one instance's cache on its own Redis connections (as a separate process
 /// would have), at `level`, with the row version declared.
 pub async fn build_cache(redis: &str, prefix: &str, level: Level, timing: Timing) -> Result<Cache<u64, Row>> {
+    // The tier's own response timeout stays a backstop (1 s); the cache's l2_timeout
+    // bounds each L2 call.
     let tier = RedisTier::builder(redis)
         .prefix(prefix)
-        .op_timeout(L2_TIMEOUT)
         .build()
         .await
         .with_context(|| format!("cannot connect the RedisTier to {redis}"))?;
@@ -144,7 +145,6 @@ pub async fn build_cache(redis: &str, prefix: &str, level: Level, timing: Timing
 pub async fn l2_reader(redis: &str, prefix: &str) -> Result<Cache<u64, Row>> {
     let tier = RedisTier::builder(redis)
         .prefix(prefix)
-        .op_timeout(Duration::from_secs(1))
         .build()
         .await
         .with_context(|| format!("cannot connect a RedisTier to {redis}"))?;
