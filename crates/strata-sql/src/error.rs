@@ -8,10 +8,7 @@
 //! code), and setup calls (change capture) with [`Error`], which has a
 //! [`ErrorKind`] and converts into `strata::Error` for code that unifies errors.
 
-use crate::tx::CacheInvalidation;
-
-/// A boxed error, as after-commit actions return them.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+use crate::report::CacheInvalidation;
 
 /// Whether a failed commit committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -137,6 +137,7 @@ mod capture;
 mod db;
 mod error;
 mod listener;
+mod report;
 mod tx;
 
 pub use capture::{
@@ -144,9 +145,7 @@ pub use capture::{
     install_change_capture, uninstall_change_capture,
 };
 pub use db::SqlDatabase;
-pub use error::{BoxError, CommitCause, CommitError, CommitOutcome, Error, ErrorKind};
+pub use error::{CommitCause, CommitError, CommitOutcome, Error, ErrorKind};
 pub use listener::{ChangeListener, ChangeListenerBuilder, ChangeListenerStats};
-pub use tx::{
-    ActionOutcome, ActionOutput, ActionPanicked, CacheInvalidation, CommitReport, InvalidationState,
-    Transaction, begin,
-};
+pub use report::{ActionOutcome, BoxError, CacheInvalidation, CommitReport, InvalidationState};
+pub use tx::{ActionOutput, ActionPanicked, Transaction, begin};

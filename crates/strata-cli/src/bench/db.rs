@@ -18,7 +18,7 @@ use sqlx::sqlite::{
 use sqlx::{AssertSqlSafe, QueryBuilder, Row as _};
 use std::sync::Arc;
 
-use super::Scenario;
+use super::scenario::Scenario;
 
 /// One row as the app sees it: what the caches hold.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

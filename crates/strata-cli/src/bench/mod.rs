@@ -1,6 +1,7 @@
 //! `strata bench`: the seed stories as scenarios, several caching strategies run one
 //! after another against the same database contents and the same seeded schedule.
 //!
+//! * [`scenario`] names the seed stories;
 //! * [`schedule`] precomputes every request from the seed;
 //! * [`db`] is the table the app reads and writes (SQLite by default, or Postgres);
 //! * [`strategy`] holds the strategies, each a fleet of instances behind one trait;
@@ -13,6 +14,7 @@ pub mod freshness;
 pub mod plot;
 pub mod report;
 pub mod runner;
+pub mod scenario;
 pub mod schedule;
 pub mod strategy;
 
@@ -31,43 +33,9 @@ use self::runner::RunConfig;
 use self::schedule::{Schedule, ScheduleParams};
 use self::strategy::{FleetConfig, StrategyKind};
 
-/// A seed story.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Scenario {
-    /// Read-heavy subscription settings: every request reads one settings row; a small
-    /// rate of plan changes, written through the app with invalidation.
-    Billsetting,
-    /// Payment status: PENDING → COMPLETED/FAILED committed through the app; UI-like
-    /// reads, plus a downstream consumer that reads the row on another instance as soon
-    /// as it receives the "status changed" event (emitted after the invalidation).
-    Payment,
-}
-
-impl Scenario {
-    /// The scenario's name (also its table and cache namespace).
-    pub fn name(self) -> &'static str {
-        match self {
-            Scenario::Billsetting => "billsetting",
-            Scenario::Payment => "payment",
-        }
-    }
-
-    /// The values a write sets, by the schedule's value index.
-    pub fn values(self) -> [&'static str; 4] {
-        match self {
-            Scenario::Billsetting => ["basic", "pro", "team", "enterprise"],
-            Scenario::Payment => ["COMPLETED", "COMPLETED", "COMPLETED", "FAILED"],
-        }
-    }
-
-    /// The default `--write-ratio`.
-    pub fn default_write_ratio(self) -> f64 {
-        match self {
-            Scenario::Billsetting => 0.002,
-            Scenario::Payment => 0.05,
-        }
-    }
-}
+// The children take `Scenario` from its own file, never from here, so that this
+// module (which imports all of them) stays out of their import graph.
+pub use self::scenario::Scenario;
 
 const ABOUT: &str = "Run a seed scenario against several caching strategies, side by side";
 

@@ -7,7 +7,7 @@ use anyhow::{Result, ensure};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::Scenario;
+use super::scenario::Scenario;
 
 /// What one request does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -21,8 +21,8 @@ pub use no_cache::NoCache;
 pub use redis_global::RedisGlobal;
 pub use strata_cache::StrataCache;
 
-use super::Scenario;
 use super::db::{Db, Row};
+use super::scenario::Scenario;
 
 /// Counters a strategy keeps about its tiers, since it was built.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

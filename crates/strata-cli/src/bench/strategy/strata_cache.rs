@@ -15,8 +15,8 @@ use strata::{Cache, Consistency, InProcessBackplane, InProcessTier};
 use strata_redis::{RedisStreamBackplane, RedisTier};
 
 use super::{FleetConfig, INVALIDATED_TTL, Strategy, TierCounts, delete_prefix};
-use crate::bench::Scenario;
 use crate::bench::db::{Db, Row};
+use crate::bench::scenario::Scenario;
 
 /// The shared tier and backplane of the fleet, for counting their operations.
 enum Remote {

@@ -1,49 +1,34 @@
 //! A real `postgres` server in a temporary directory on a random loopback port.
 //!
-//! Startup: `initdb` is slow (about a second), so the first server of a
-//! machine runs `initdb` once into a *template* data directory cached under
-//! `$TMPDIR/strata-testkit/` (keyed by postgres version and effective uid;
-//! built in a scratch directory and renamed into place, so concurrent test
-//! processes never see a half-written template), and every server copies it
-//! with `cp -a` (~0.1 s). Set `STRATA_PG_NO_TEMPLATE=1` to run `initdb` per
-//! server instead; if building or copying the template fails, `initdb` is run
-//! per server as well.
-//!
-//! Running as root (CI): postgres refuses to run as root, so `initdb` and
-//! `postgres` are run as the `postgres` OS user through `setpriv` (which
-//! `exec`s, so the pid we hold is the postmaster's), and the temporary
-//! directory is handed to that user.
+//! | file | holds |
+//! |---|---|
+//! | `mod.rs` | the server: builder, start, restart, signals, `psql` |
+//! | `bins.rs` | the binaries, found once, and running them as the `postgres` OS user |
+//! | `data_dir.rs` | `initdb`, and the cached template data directory copied instead |
+
+mod bins;
+mod data_dir;
 
 use std::fs::OpenOptions;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+use self::bins::{OsUser, PgBins, as_user, check_output, os_user};
+use self::data_dir::init_data_dir;
 use crate::process::{self, Proc, StartError};
 use crate::sys;
 
-/// Environment variable naming the directory holding `postgres`, `initdb`,
-/// `psql` and `pg_isready`.
-pub const PG_BIN_ENV: &str = "STRATA_PG_BIN";
+pub use self::bins::PG_BIN_ENV;
+pub use self::data_dir::PG_NO_TEMPLATE_ENV;
 
-/// Environment variable that, when set to a non-empty value other than `0`,
-/// disables the cached `initdb` template.
-pub const PG_NO_TEMPLATE_ENV: &str = "STRATA_PG_NO_TEMPLATE";
-
-const NOT_FOUND: &str =
-    "postgres not found: install it (Debian: apt-get install postgresql) or set STRATA_PG_BIN";
-
-/// Bump when the `initdb` arguments change, to invalidate cached templates.
-const TEMPLATE_FORMAT: u32 = 1;
 const PORT_ATTEMPTS: usize = 5;
 const RESTART_RETRY: Duration = Duration::from_secs(10);
-const OS_USER: &str = "postgres";
 
 /// Builder for a [`PostgresServer`] with extra server settings.
 #[derive(Debug, Clone)]
@@ -408,203 +393,6 @@ impl Drop for PostgresServer {
         }
         self.kill();
     }
-}
-
-/// The postgres binaries, found once per process.
-#[derive(Debug)]
-struct PgBins {
-    postgres: PathBuf,
-    initdb: PathBuf,
-    psql: PathBuf,
-    pg_isready: Option<PathBuf>,
-}
-
-impl PgBins {
-    fn get() -> io::Result<&'static PgBins> {
-        static BINS: OnceLock<Result<PgBins, String>> = OnceLock::new();
-        BINS.get_or_init(Self::find)
-            .as_ref()
-            .map_err(|msg| io::Error::new(io::ErrorKind::NotFound, msg.clone()))
-    }
-
-    fn find() -> Result<PgBins, String> {
-        let dir = Self::find_dir().ok_or_else(|| NOT_FOUND.to_owned())?;
-        let in_dir_or_path = |name: &str| {
-            let p = dir.join(name);
-            if process::is_executable(&p) { Some(p) } else { process::which(name) }
-        };
-        let initdb = in_dir_or_path("initdb")
-            .ok_or_else(|| format!("{NOT_FOUND} (no initdb next to {})", dir.display()))?;
-        let psql = in_dir_or_path("psql")
-            .ok_or_else(|| format!("{NOT_FOUND} (no psql next to {})", dir.display()))?;
-        Ok(PgBins { postgres: dir.join("postgres"), initdb, psql, pg_isready: in_dir_or_path("pg_isready") })
-    }
-
-    /// `STRATA_PG_BIN`, else `pg_config --bindir`, else the newest
-    /// `/usr/lib/postgresql/*/bin`, else `PATH` (following a symlink to the
-    /// real directory when `initdb` is not next to it).
-    fn find_dir() -> Option<PathBuf> {
-        let has_postgres = |d: &Path| process::is_executable(&d.join("postgres"));
-        if let Some(dir) = std::env::var_os(PG_BIN_ENV).filter(|d| !d.is_empty()) {
-            // An explicit setting is used as given, even if wrong: the error
-            // then names it.
-            return Some(PathBuf::from(dir)).filter(|d| has_postgres(d));
-        }
-        if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
-            && out.status.success()
-        {
-            let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-            if has_postgres(&dir) {
-                return Some(dir);
-            }
-        }
-        if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
-            let mut versions: Vec<(u32, PathBuf)> = entries
-                .filter_map(Result::ok)
-                .filter_map(|e| {
-                    let version = e.file_name().to_str()?.split('.').next()?.parse().ok()?;
-                    Some((version, e.path().join("bin")))
-                })
-                .filter(|(_, d)| has_postgres(d))
-                .collect();
-            versions.sort();
-            if let Some((_, dir)) = versions.pop() {
-                return Some(dir);
-            }
-        }
-        let found = process::which("postgres")?;
-        let dir = found.parent()?.to_path_buf();
-        if process::is_executable(&dir.join("initdb")) {
-            return Some(dir);
-        }
-        std::fs::canonicalize(&found).ok()?.parent().map(Path::to_path_buf)
-    }
-}
-
-/// The unprivileged OS user postgres runs as when we are root.
-#[derive(Debug, Clone)]
-struct OsUser {
-    uid: u32,
-    gid: u32,
-}
-
-fn os_user() -> io::Result<OsUser> {
-    let passwd = std::fs::read_to_string("/etc/passwd")?;
-    passwd
-        .lines()
-        .find_map(|line| {
-            let mut f = line.split(':');
-            if f.next()? != OS_USER {
-                return None;
-            }
-            let _password = f.next()?;
-            let uid = f.next()?.parse().ok()?;
-            let gid = f.next()?.parse().ok()?;
-            Some(OsUser { uid, gid })
-        })
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::NotFound,
-                "running as root, and postgres refuses to run as root, but there is no \
-                 `postgres` OS user to run it as: install the postgresql package (which \
-                 creates it) or `useradd --system postgres`",
-            )
-        })
-}
-
-/// A command running `program` directly, or as the postgres OS user when we
-/// are root (`setpriv` execs, so the child pid is the program's own).
-fn as_user(user: Option<&OsUser>, program: &Path) -> Command {
-    match user {
-        None => Command::new(program),
-        Some(user) => {
-            let mut cmd = Command::new("setpriv");
-            cmd.arg(format!("--reuid={}", user.uid))
-                .arg(format!("--regid={}", user.gid))
-                .arg("--clear-groups")
-                .arg("--")
-                .arg(program)
-                .env("HOME", "/tmp")
-                .env("USER", OS_USER)
-                .env("LOGNAME", OS_USER);
-            cmd
-        }
-    }
-}
-
-fn check_output(what: &str, out: &Output) -> io::Result<()> {
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(io::Error::other(format!(
-            "{what} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        )))
-    }
-}
-
-/// Runs `initdb` into `data` (which must not exist; `parent` must be writable
-/// by the server user).
-fn run_initdb(bins: &PgBins, user: Option<&OsUser>, parent: &Path, data: &Path) -> io::Result<()> {
-    let out = as_user(user, &bins.initdb)
-        .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C", "-D"])
-        .arg(data)
-        .current_dir(parent)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot run initdb: {e}")))?;
-    check_output("initdb", &out)
-}
-
-fn init_data_dir(bins: &PgBins, user: Option<&OsUser>, parent: &Path, data: &Path) -> io::Result<()> {
-    if let Some(template) = template(bins, user) {
-        let copied = Command::new("cp").arg("-a").arg(template).arg(data).stdin(Stdio::null()).output();
-        if copied.is_ok_and(|o| o.status.success()) {
-            return Ok(());
-        }
-        let _ = std::fs::remove_dir_all(data);
-    }
-    run_initdb(bins, user, parent, data)
-}
-
-/// The cached template data directory, built on first use (see module docs).
-fn template(bins: &PgBins, user: Option<&OsUser>) -> Option<&'static Path> {
-    static TEMPLATE: OnceLock<Option<PathBuf>> = OnceLock::new();
-    let disabled = std::env::var(PG_NO_TEMPLATE_ENV).is_ok_and(|v| !v.is_empty() && v != "0");
-    if disabled {
-        return None;
-    }
-    TEMPLATE.get_or_init(|| build_template(bins, user).ok()).as_deref()
-}
-
-fn build_template(bins: &PgBins, user: Option<&OsUser>) -> io::Result<PathBuf> {
-    let version = Command::new(&bins.postgres).arg("--version").output()?;
-    check_output("postgres --version", &version)?;
-    let version: String = String::from_utf8_lossy(&version.stdout)
-        .trim()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '_' })
-        .collect();
-    let cache = std::env::temp_dir().join("strata-testkit");
-    std::fs::create_dir_all(&cache)?;
-    let euid = sys::euid();
-    let final_dir = cache.join(format!("pg-template-{version}-uid{euid}-v{TEMPLATE_FORMAT}"));
-    if final_dir.join("PG_VERSION").is_file() {
-        return Ok(final_dir);
-    }
-    let scratch = tempfile::Builder::new().prefix("pg-build-").tempdir_in(&cache)?;
-    if let Some(user) = user {
-        std::os::unix::fs::chown(scratch.path(), Some(user.uid), Some(user.gid))?;
-    }
-    let data = scratch.path().join("data");
-    run_initdb(bins, user, scratch.path(), &data)?;
-    // Atomic publish; if another process won the race, use its template.
-    if std::fs::rename(&data, &final_dir).is_err() && !final_dir.join("PG_VERSION").is_file() {
-        return Err(io::Error::other("cannot publish the postgres template"));
-    }
-    Ok(final_dir)
 }
 
 fn percent_encode(s: &str) -> String {

@@ -1,0 +1,39 @@
+//! The seed stories a bench run can play, and what each one writes.
+
+/// A seed story.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// Read-heavy subscription settings: every request reads one settings row; a small
+    /// rate of plan changes, written through the app with invalidation.
+    Billsetting,
+    /// Payment status: PENDING → COMPLETED/FAILED committed through the app; UI-like
+    /// reads, plus a downstream consumer that reads the row on another instance as soon
+    /// as it receives the "status changed" event (emitted after the invalidation).
+    Payment,
+}
+
+impl Scenario {
+    /// The scenario's name (also its table and cache namespace).
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Billsetting => "billsetting",
+            Scenario::Payment => "payment",
+        }
+    }
+
+    /// The values a write sets, by the schedule's value index.
+    pub fn values(self) -> [&'static str; 4] {
+        match self {
+            Scenario::Billsetting => ["basic", "pro", "team", "enterprise"],
+            Scenario::Payment => ["COMPLETED", "COMPLETED", "COMPLETED", "FAILED"],
+        }
+    }
+
+    /// The default `--write-ratio`.
+    pub fn default_write_ratio(self) -> f64 {
+        match self {
+            Scenario::Billsetting => 0.002,
+            Scenario::Payment => 0.05,
+        }
+    }
+}
