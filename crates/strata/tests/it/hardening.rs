@@ -1,0 +1,185 @@
+//! Hardening: L1 ages measured on this process's clock whatever the writer's clock
+//! says, packed ages that never turn an old entry into a young one, settings refused at
+//! build time when out of range, and arithmetic that no setting or outside value
+//! (an L2 envelope, a backplane message) can make panic.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use strata::testing::ManualClock;
+use strata::tier::{Envelope, Tier, TierConfig};
+use strata::{Cache, CacheKey, Clock, InProcessBackplane, InProcessTier, Timestamp};
+
+use crate::support::{Db, NS, eventually};
+
+const MAX_STALE: Duration = Duration::from_secs(2);
+const DAY: Duration = Duration::from_secs(24 * 3600);
+/// How long the backplane stays cut in the `max_stale` scenarios.
+const CUT: Duration = Duration::from_secs(8);
+const STEP: Duration = Duration::from_millis(100);
+
+/// One instance on its own clock and backplane connection, sharing `tier` and `hub`.
+async fn node(
+    hub: &InProcessBackplane,
+    tier: &InProcessTier,
+    clock: &ManualClock,
+    ttl: Duration,
+) -> (Cache<u64, String>, InProcessBackplane) {
+    let conn = hub.connect();
+    let cache = Cache::builder(NS)
+        .clock(Arc::new(clock.clone()))
+        .tier(Arc::new(tier.clone()))
+        .backplane(Arc::new(conn.clone()))
+        .ttl(ttl)
+        .ttl_jitter(0.0)
+        .early_refresh(0.0)
+        .heartbeat_interval(Duration::from_millis(20))
+        .max_stale(MAX_STALE)
+        .build()
+        .expect("valid");
+    cache.ready().await;
+    (cache, conn)
+}
+
+/// Cuts `conn`, lets `change` run (the writer's update and invalidation the reader
+/// cannot hear), then moves the reader's clock (and `others`) on in steps for the whole
+/// cut: returns how long after the cut `reader` still served `old` for key 1 from L1.
+async fn old_row_served_for(
+    reader: &Cache<u64, String>,
+    conn: &InProcessBackplane,
+    clocks: &[&ManualClock],
+    old: &str,
+    change: impl Future<Output = ()>,
+) -> Duration {
+    conn.faults().set_disconnected(true);
+    eventually("reader unhealthy", || !reader.is_backplane_healthy()).await;
+    change.await;
+    let mut served = Duration::ZERO;
+    let mut elapsed = Duration::ZERO;
+    while elapsed < CUT {
+        for c in clocks {
+            c.advance(STEP);
+        }
+        elapsed += STEP;
+        if reader.get_local(&1).as_deref() == Some(old) {
+            served = elapsed;
+        }
+    }
+    served
+}
+
+/// A writer whose clock is `skew` ahead (or behind) of the reader's fills L2; the
+/// reader fills its L1 from there; the backplane is cut and the writer changes the row.
+/// Returns how long the reader served the old row from L1 after the cut, and what it
+/// read at the end of the cut.
+async fn skewed_writer_scenario(ahead: bool, skew: Duration, ttl: Duration) -> (Duration, Option<String>) {
+    let reader_clock = ManualClock::new();
+    let writer_clock = ManualClock::new();
+    let t0 = reader_clock.now();
+    writer_clock.set(if ahead { t0.saturating_add(skew) } else { t0.saturating_sub(skew) });
+    let tier = InProcessTier::with_config(TierConfig::default(), Arc::new(reader_clock.clone()));
+    let hub = InProcessBackplane::new();
+    let (writer, _wconn) = node(&hub, &tier, &writer_clock, ttl).await;
+    let (reader, rconn) = node(&hub, &tier, &reader_clock, ttl).await;
+    let db = Db::with(&[(1, "old")]);
+    writer.get_or_load(&1, db.loader(1)).await.expect("writer loads");
+    assert_eq!(reader.get_or_load(&1, db.loader(1)).await.expect("from l2").as_deref(), Some("old"));
+    assert_eq!(reader.stats().loads, 0, "the reader's copy came from L2, written on the writer's clock");
+    let change = async {
+        db.set(1, "new");
+        writer.invalidate(&1).await.expect("invalidate");
+    };
+    let clocks = [&reader_clock, &writer_clock];
+    let served = old_row_served_for(&reader, &rconn, &clocks, "old", change).await;
+    let read = reader.get_or_load(&1, db.loader(1)).await.expect("read");
+    rconn.faults().set_disconnected(false);
+    eventually("healthy again", || reader.is_backplane_healthy()).await;
+    (served, read)
+}
+
+fn describe(ahead: bool, skew: Duration) -> String {
+    format!("{}{skew:?}", if ahead { "+" } else { "-" })
+}
+
+#[tokio::test]
+async fn l1_ages_use_the_readers_clock_when_the_writer_runs_ahead() {
+    for (skew, ttl) in [
+        (Duration::from_secs(3600), 7 * DAY),
+        (Duration::from_secs(3600), DAY),
+        (Duration::from_secs(5), DAY),
+    ] {
+        let (served, read) = skewed_writer_scenario(true, skew, ttl).await;
+        eprintln!(
+            "writer {}, ttl {ttl:?}: old row served {served:?} into an {CUT:?} cut",
+            describe(true, skew)
+        );
+        assert!(
+            served <= MAX_STALE,
+            "writer {} ttl {ttl:?}: old row served {served:?}",
+            describe(true, skew)
+        );
+        // Past max_stale the old row is gone, and a read reloads the new one.
+        assert_eq!(read.as_deref(), Some("new"));
+    }
+}
+
+#[tokio::test]
+async fn l1_ages_use_the_readers_clock_when_the_writer_runs_behind() {
+    for ttl in [7 * DAY, DAY] {
+        let skew = Duration::from_secs(3600);
+        let (served, read) = skewed_writer_scenario(false, skew, ttl).await;
+        eprintln!(
+            "writer {}, ttl {ttl:?}: old row served {served:?} into an {CUT:?} cut",
+            describe(false, skew)
+        );
+        assert!(
+            served <= MAX_STALE,
+            "writer {} ttl {ttl:?}: old row served {served:?}",
+            describe(false, skew)
+        );
+        // Past max_stale the old row is gone, and a read reloads the new one.
+        assert_eq!(read.as_deref(), Some("new"));
+    }
+}
+
+#[tokio::test]
+async fn a_seven_day_ttl_does_not_make_old_entries_look_young() {
+    let clock = ManualClock::new();
+    let tier = InProcessTier::with_config(TierConfig::default(), Arc::new(clock.clone()));
+    let hub = InProcessBackplane::new();
+    let (writer, _wconn) = node(&hub, &tier, &clock, 7 * DAY).await;
+    let (reader, rconn) = node(&hub, &tier, &clock, 7 * DAY).await;
+    let db = Db::with(&[(1, "old")]);
+    assert_eq!(reader.get_or_load(&1, db.loader(1)).await.expect("load").as_deref(), Some("old"));
+    let change = async {
+        db.set(1, "new");
+        writer.invalidate(&1).await.expect("invalidate");
+    };
+    let served = old_row_served_for(&reader, &rconn, &[&clock], "old", change).await;
+    eprintln!("ttl 7 days, one clock: old row served {served:?} into an {CUT:?} cut");
+    assert!(served <= MAX_STALE, "old row served {served:?}");
+    assert_eq!(reader.get_or_load(&1, db.loader(1)).await.expect("reload").as_deref(), Some("new"));
+}
+
+#[tokio::test]
+async fn an_envelope_from_the_far_future_is_neither_young_nor_a_panic() {
+    let clock = ManualClock::new();
+    let tier = InProcessTier::with_config(TierConfig::default(), Arc::new(clock.clone()));
+    let hub = InProcessBackplane::new();
+    let (reader, rconn) = node(&hub, &tier, &clock, DAY).await;
+    let far = Timestamp(u64::MAX);
+    let env = Envelope {
+        value: Some(postcard::to_allocvec(&"old".to_string()).expect("encodable").into()),
+        version: None,
+        created: far,
+        soft_expiry: far,
+        hard_expiry: far,
+        stamp: 0,
+        tags: vec![],
+        load_nanos: u64::MAX,
+    };
+    tier.set(NS, &1u64.to_key_string(), env, DAY).await.expect("set");
+    assert_eq!(reader.get(&1).await.expect("from l2").as_deref(), Some("old"));
+    let served = old_row_served_for(&reader, &rconn, &[&clock], "old", async {}).await;
+    assert!(served <= MAX_STALE, "old row served {served:?}");
+}
