@@ -13,7 +13,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use rand::Rng;
 
-use crate::clock::{Clock, SystemClock, Timestamp};
+use crate::clock::{Clock, SystemClock, Timestamp, mul_f64_saturating};
 use crate::error::{BuildError, Error, ErrorKind, Result};
 
 /// The state of a breaker.
@@ -235,7 +235,7 @@ impl CircuitBreaker {
     fn trip(&self, w: &mut Window) {
         let jitter =
             if self.config.jitter > 0.0 { rand::rng().random_range(0.0..=self.config.jitter) } else { 0.0 };
-        let cool = self.config.open_for.mul_f64(1.0 + jitter);
+        let cool = mul_f64_saturating(self.config.open_for, 1.0 + jitter);
         w.reopen_at = self.clock.now().saturating_add(cool);
         w.probe_in_flight = false;
         self.state.store(OPEN, Ordering::Release);
@@ -402,6 +402,17 @@ mod tests {
         b.reset();
         assert_eq!(b.state(), BreakerState::Closed);
         b.try_acquire().expect("closed");
+    }
+
+    #[test]
+    fn a_cool_down_of_any_length_opens_without_panicking() {
+        let clock = ManualClock::new();
+        let config = BreakerConfig { open_for: Duration::MAX, jitter: 1.0, ..BreakerConfig::default() };
+        let b = CircuitBreaker::with_clock("test", config, Arc::new(clock.clone()));
+        fail(&b, 5);
+        assert_eq!(b.state(), BreakerState::Open);
+        clock.advance(Duration::from_secs(100 * 365 * 24 * 3600));
+        assert_eq!(b.state(), BreakerState::Open, "saturated at the end of time, not wrapped");
     }
 
     #[tokio::test]

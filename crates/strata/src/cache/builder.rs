@@ -323,7 +323,8 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
             Consistency::Local
         });
         self.check(consistency)?;
-        let tombstone_ttl = self.tier.as_ref().map_or(self.hard_timeout * 2, |t| t.tombstone_ttl());
+        let tombstone_ttl =
+            self.tier.as_ref().map_or(self.hard_timeout.saturating_mul(2), |t| t.tombstone_ttl());
         let config = Config {
             namespace: self.namespace,
             max_capacity: self.max_capacity,
@@ -457,7 +458,9 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
             }
             _ => {}
         }
-        if consistency == Consistency::Strong && self.membership_lease < self.heartbeat_interval * 4 {
+        if consistency == Consistency::Strong
+            && self.membership_lease < self.heartbeat_interval.saturating_mul(4)
+        {
             return Err(BuildError::new(
                 "membership_lease",
                 format!(
@@ -467,7 +470,8 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
                 "raise membership_lease or shorten heartbeat_interval",
             ));
         }
-        if consistency == Consistency::Strong && self.write_lock_ttl < self.membership_lease * 6 {
+        if consistency == Consistency::Strong && self.write_lock_ttl < self.membership_lease.saturating_mul(6)
+        {
             return Err(BuildError::new(
                 "write_lock_ttl",
                 format!(

@@ -7,7 +7,7 @@ use std::time::Duration;
 use rand::Rng;
 
 use super::state::Inner;
-use crate::clock::Timestamp;
+use crate::clock::{Timestamp, mul_f64_saturating};
 use crate::error::{Error, ErrorKind, Result};
 use crate::key::{CacheKey, CacheValue};
 use crate::l1::{Entry, LoadStart, Meta, Slot, Tags};
@@ -20,7 +20,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
             return ttl;
         }
         let f: f64 = self.rng.lock().random_range(0.0..=self.cfg.jitter);
-        ttl.mul_f64(1.0 + f)
+        mul_f64_saturating(ttl, 1.0 + f)
     }
 
     /// How long an entry lives in a tier whose TTL is `base` (`negative_ttl` for a

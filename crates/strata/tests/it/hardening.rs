@@ -6,9 +6,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use strata::backplane::{Backplane, Message, MessageBody};
 use strata::testing::ManualClock;
 use strata::tier::{Envelope, Tier, TierConfig};
-use strata::{Cache, CacheKey, Clock, InProcessBackplane, InProcessTier, Timestamp};
+use strata::{Cache, CacheKey, Clock, InProcessBackplane, InProcessTier, Scope, Timestamp};
 
 use crate::support::{Db, NS, eventually};
 
@@ -182,4 +183,47 @@ async fn an_envelope_from_the_far_future_is_neither_young_nor_a_panic() {
     assert_eq!(reader.get(&1).await.expect("from l2").as_deref(), Some("old"));
     let served = old_row_served_for(&reader, &rconn, &[&clock], "old", async {}).await;
     assert!(served <= MAX_STALE, "old row served {served:?}");
+}
+
+// ---------------------------------------------------------------------------------
+// Settings
+
+#[tokio::test]
+async fn a_backplane_sequence_at_u64_max_does_not_kill_the_listener() {
+    let hub = InProcessBackplane::new();
+    let tier = InProcessTier::new();
+    let reader: Cache<u64, String> = Cache::builder(NS)
+        .tier(Arc::new(tier.clone()))
+        .backplane(Arc::new(hub.connect()))
+        .build()
+        .expect("valid");
+    let writer: Cache<u64, String> = Cache::builder(NS)
+        .tier(Arc::new(tier.clone()))
+        .backplane(Arc::new(hub.connect()))
+        .build()
+        .expect("valid");
+    reader.ready().await;
+    writer.ready().await;
+    let rogue = hub.connect();
+    for body in [MessageBody::Heartbeat, MessageBody::Heartbeat, MessageBody::Invalidate(Scope::All)] {
+        let msg = Message { origin: 99, seq: u64::MAX, namespace: NS.to_owned(), body };
+        rogue.publish(&msg).await.expect("published");
+    }
+    // The third is applied only if the listener survived the first two.
+    eventually("the rogue's invalidation applied", || reader.stats().invalidations_applied == 1).await;
+    let db = Db::with(&[(1, "one")]);
+    reader.get_or_load(&1, db.loader(1)).await.expect("load");
+    writer.invalidate(&1).await.expect("invalidate");
+    eventually("the listener still applies invalidations", || reader.get_local(&1).is_none()).await;
+}
+
+#[tokio::test]
+async fn the_in_process_tier_locks_with_any_tombstone_ttl() {
+    let tier = InProcessTier::with_config(
+        TierConfig { tombstone_ttl: Duration::from_secs(u64::MAX) },
+        Arc::new(ManualClock::new()),
+    );
+    let scope = Scope::Keys(vec!["1".to_owned()]);
+    tier.lock(NS, &scope, 7, Duration::MAX).await.expect("locked");
+    tier.unlock(NS, &scope, 7).await.expect("unlocked");
 }
