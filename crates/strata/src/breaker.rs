@@ -13,7 +13,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use rand::Rng;
 
-use crate::clock::{Clock, SystemClock, Timestamp};
+use crate::clock::{Clock, MAX_SETTING, SystemClock, Timestamp, mul_f64_saturating};
 use crate::error::{BuildError, Error, ErrorKind, Result};
 
 /// The state of a breaker.
@@ -29,19 +29,22 @@ pub enum BreakerState {
     ForcedOpen,
 }
 
+/// The largest `window` accepted: the breaker keeps one outcome per call of it.
+const MAX_WINDOW: usize = 100_000;
+
 /// Breaker settings.
 #[derive(Debug, Clone)]
 pub struct BreakerConfig {
-    /// How many recent calls the failure ratio is computed over. Default 20.
+    /// How many recent calls the failure ratio is computed over, 1..=100 000. Default 20.
     pub window: usize,
     /// Failure ratio in the window at or above which the breaker opens. Default 0.5.
     pub failure_ratio: f64,
     /// Calls the window needs before the ratio counts. Default 10.
     pub min_calls: usize,
     /// Consecutive failures that open the breaker at once, whatever the window says
-    /// (fast open when a server dies). Default 5.
+    /// (fast open when a server dies); at least 1. Default 5.
     pub consecutive_failures: usize,
-    /// How long the breaker stays open before a probe. Default 1 s.
+    /// How long the breaker stays open before a probe, at most 365 days. Default 1 s.
     pub open_for: Duration,
     /// Random extra fraction of `open_for` (0.2 = up to +20 %), so a fleet does not
     /// probe a recovering server all at once. Default 0.2.
@@ -64,8 +67,20 @@ impl Default for BreakerConfig {
 impl BreakerConfig {
     /// Checks the settings.
     pub fn validate(&self) -> std::result::Result<(), BuildError> {
-        if self.window == 0 {
-            return Err(BuildError::new("breaker.window", "is 0", "use at least 1 (default 20)"));
+        if !(1..=MAX_WINDOW).contains(&self.window) {
+            return Err(BuildError::new(
+                "breaker.window",
+                format!("is {}", self.window),
+                format!("use 1..={MAX_WINDOW} calls (default 20)"),
+            ));
+        }
+        if self.consecutive_failures == 0 {
+            // 0 would open the breaker on every outcome, successes included.
+            return Err(BuildError::new(
+                "breaker.consecutive_failures",
+                "is 0",
+                "use at least 1 (default 5)",
+            ));
         }
         if !(self.failure_ratio > 0.0 && self.failure_ratio <= 1.0) {
             return Err(BuildError::new(
@@ -84,8 +99,12 @@ impl BreakerConfig {
         if !(0.0..=1.0).contains(&self.jitter) {
             return Err(BuildError::new("breaker.jitter", format!("is {}", self.jitter), "use 0.0..=1.0"));
         }
-        if self.open_for.is_zero() {
-            return Err(BuildError::new("breaker.open_for", "is zero", "use a cool-down such as 1s"));
+        if self.open_for.is_zero() || self.open_for > MAX_SETTING {
+            return Err(BuildError::new(
+                "breaker.open_for",
+                format!("is {:?}", self.open_for),
+                "use a positive cool-down of at most 365 days, such as 1s",
+            ));
         }
         Ok(())
     }
@@ -235,7 +254,7 @@ impl CircuitBreaker {
     fn trip(&self, w: &mut Window) {
         let jitter =
             if self.config.jitter > 0.0 { rand::rng().random_range(0.0..=self.config.jitter) } else { 0.0 };
-        let cool = self.config.open_for.mul_f64(1.0 + jitter);
+        let cool = mul_f64_saturating(self.config.open_for, 1.0 + jitter);
         w.reopen_at = self.clock.now().saturating_add(cool);
         w.probe_in_flight = false;
         self.state.store(OPEN, Ordering::Release);
@@ -402,6 +421,17 @@ mod tests {
         b.reset();
         assert_eq!(b.state(), BreakerState::Closed);
         b.try_acquire().expect("closed");
+    }
+
+    #[test]
+    fn a_cool_down_of_any_length_opens_without_panicking() {
+        let clock = ManualClock::new();
+        let config = BreakerConfig { open_for: Duration::MAX, jitter: 1.0, ..BreakerConfig::default() };
+        let b = CircuitBreaker::with_clock("test", config, Arc::new(clock.clone()));
+        fail(&b, 5);
+        assert_eq!(b.state(), BreakerState::Open);
+        clock.advance(Duration::from_secs(100 * 365 * 24 * 3600));
+        assert_eq!(b.state(), BreakerState::Open, "saturated at the end of time, not wrapped");
     }
 
     #[tokio::test]

@@ -53,6 +53,21 @@ pub(crate) fn duration_nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
+/// The longest duration any setting accepts: long enough for any cache, short enough
+/// that every sum and multiple the cache computes from its settings stays far from
+/// overflowing a [`Timestamp`] or an `Instant`.
+pub(crate) const MAX_SETTING: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// `d · factor`, as `Duration::mul_f64` computes it but saturating at `Duration::MAX`
+/// where that panics; `d` itself for a factor that is negative or not a number.
+pub(crate) fn mul_f64_saturating(d: Duration, factor: f64) -> Duration {
+    let secs = d.as_secs_f64() * factor;
+    if secs.is_nan() || secs < 0.0 {
+        return d;
+    }
+    Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX)
+}
+
 /// A source of time.
 pub trait Clock: Send + Sync + 'static {
     /// The current time.

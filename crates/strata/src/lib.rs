@@ -85,6 +85,13 @@
 //!   to 2 s while L2 stays down); the retry then republishes the invalidation. At the
 //!   Strong level the cache is bypassed instead.
 //! * L1 time checks use this process's clock (1 ms resolution), L2 expiry the tier's.
+//!   An entry L1 takes from L2 counts as created at the earlier of its load (on the
+//!   clock of the instance that loaded it) and its fill here, and lives in L1 no longer
+//!   than this instance's own TTL and fail-safe settings allow: a writer whose clock
+//!   runs ahead cannot make an entry look young to `max_stale`; one whose clock runs
+//!   behind makes entries look older, so in degraded mode they leave L1 sooner, never
+//!   later. Ages L1 cannot hold (past about 4.8 days, with long TTLs) count as older
+//!   than any `max_stale`.
 //! * After [`Cache::shutdown`] nothing is served by any handle; invalidations still
 //!   reach L2 and the backplane but are not acknowledged (`Shutdown` at the Strong level).
 //!

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::Cache;
-use super::config::{Config, InvalidateHook, TagFn, VersionFn};
+use super::config::{Config, InvalidateHook, TagFn, VersionFn, check_duration};
 use super::state::Inner;
 use super::tasks;
 use crate::backplane::Backplane;
@@ -22,6 +22,9 @@ use crate::scope::Scope;
 use crate::tier::Tier;
 
 /// Builds a [`Cache`]. Create it with [`Cache::builder`].
+///
+/// Every duration setting is at most 365 days; [`build`](Self::build) names the setting
+/// that is out of range and gives its range.
 #[must_use = "a builder does nothing until build() is called"]
 pub struct CacheBuilder<K, V> {
     namespace: String,
@@ -225,8 +228,8 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
         self
     }
 
-    /// Largest encoded value stored in L2; larger values stay in L1 only (and
-    /// `insert` refuses them). Default 1 MiB.
+    /// Largest encoded value stored in L2, at least 1 byte; larger values stay in L1
+    /// only (and `insert` refuses them). Default 1 MiB.
     pub fn max_value_bytes(mut self, bytes: usize) -> Self {
         self.max_value_bytes = bytes;
         self
@@ -323,7 +326,8 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
             Consistency::Local
         });
         self.check(consistency)?;
-        let tombstone_ttl = self.tier.as_ref().map_or(self.hard_timeout * 2, |t| t.tombstone_ttl());
+        let tombstone_ttl =
+            self.tier.as_ref().map_or(self.hard_timeout.saturating_mul(2), |t| t.tombstone_ttl());
         let config = Config {
             namespace: self.namespace,
             max_capacity: self.max_capacity,
@@ -379,18 +383,32 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
         if self.max_capacity == 0 {
             return Err(BuildError::new("max_capacity", "is 0", "use at least 1 (default 10 000)"));
         }
-        for (name, d) in [
-            ("ttl", Some(self.ttl)),
-            ("l1_ttl", self.l1_ttl),
-            ("l2_ttl", self.l2_ttl),
-            ("negative_ttl", self.negative_ttl),
-            ("max_stale", Some(self.max_stale)),
-            ("loader_hard_timeout", Some(self.hard_timeout)),
-            ("l2_timeout", Some(self.l2_timeout)),
-            ("heartbeat_interval", Some(self.heartbeat_interval)),
+        if self.max_value_bytes == 0 {
+            return Err(BuildError::new(
+                "max_value_bytes",
+                "is 0, so no value could be stored in L2",
+                "use at least 1 byte (default 1 MiB)",
+            ));
+        }
+        for (name, d, zero_ok) in [
+            ("ttl", Some(self.ttl), false),
+            ("l1_ttl", self.l1_ttl, false),
+            ("l2_ttl", self.l2_ttl, false),
+            ("negative_ttl", self.negative_ttl, false),
+            ("max_stale", Some(self.max_stale), false),
+            ("fail_safe", self.fail_safe_max, false),
+            ("fail_safe", Some(self.fail_safe_throttle), false),
+            ("loader_soft_timeout", self.soft_timeout, true),
+            ("loader_hard_timeout", Some(self.hard_timeout), false),
+            ("l2_timeout", Some(self.l2_timeout), false),
+            ("lease_wait", Some(self.lease_wait), true),
+            ("heartbeat_interval", Some(self.heartbeat_interval), false),
+            ("membership_lease", Some(self.membership_lease), true),
+            ("write_lock_ttl", Some(self.write_lock_ttl), false),
+            ("tier.tombstone_ttl", self.tier.as_ref().map(|t| t.tombstone_ttl()), true),
         ] {
-            if d.is_some_and(|d| d.is_zero()) {
-                return Err(BuildError::new(name, "is zero", "use a positive duration"));
+            if let Some(d) = d {
+                check_duration(name, d, zero_ok)?;
             }
         }
         if !(0.0..=1.0).contains(&self.jitter) {
@@ -423,9 +441,6 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
                 "call .fail_safe(max_duration, throttle) too, or drop loader_soft_timeout",
             ));
         }
-        if self.fail_safe_max.is_some_and(|d| d.is_zero()) || self.fail_safe_throttle.is_zero() {
-            return Err(BuildError::new("fail_safe", "has a zero duration", "use positive durations"));
-        }
         if let Some(tier) = &self.tier
             && tier.tombstone_ttl() <= self.hard_timeout
         {
@@ -457,7 +472,9 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
             }
             _ => {}
         }
-        if consistency == Consistency::Strong && self.membership_lease < self.heartbeat_interval * 4 {
+        if consistency == Consistency::Strong
+            && self.membership_lease < self.heartbeat_interval.saturating_mul(4)
+        {
             return Err(BuildError::new(
                 "membership_lease",
                 format!(
@@ -467,7 +484,8 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
                 "raise membership_lease or shorten heartbeat_interval",
             ));
         }
-        if consistency == Consistency::Strong && self.write_lock_ttl < self.membership_lease * 6 {
+        if consistency == Consistency::Strong && self.write_lock_ttl < self.membership_lease.saturating_mul(6)
+        {
             return Err(BuildError::new(
                 "write_lock_ttl",
                 format!(
@@ -476,13 +494,6 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
                     self.write_lock_ttl, self.membership_lease
                 ),
                 "raise write_lock_ttl or shorten membership_lease",
-            ));
-        }
-        if self.write_lock_ttl.is_zero() {
-            return Err(BuildError::new(
-                "write_lock_ttl",
-                "is zero",
-                "use a positive duration (default 30 s)",
             ));
         }
         if consistency == Consistency::Strong && self.tier.is_none() {

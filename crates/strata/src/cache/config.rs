@@ -5,8 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::breaker::BreakerConfig;
+use crate::clock::MAX_SETTING;
 use crate::codec::Codec;
 use crate::consistency::Consistency;
+use crate::error::BuildError;
 use crate::l1::WeighFn;
 use crate::loader::Loader;
 use crate::scope::Scope;
@@ -17,6 +19,20 @@ pub(crate) type TagFn<K, V> = Arc<dyn Fn(&K, &V) -> Vec<String> + Send + Sync>;
 pub(crate) type VersionFn<V> = Arc<dyn Fn(&V) -> Option<u64> + Send + Sync>;
 /// An after-invalidate hook.
 pub(crate) type InvalidateHook = Arc<dyn Fn(&Scope) + Send + Sync>;
+
+/// Checks one duration setting: at most [`MAX_SETTING`] (365 days), and positive
+/// unless `zero_ok`.
+pub(crate) fn check_duration(setting: &'static str, d: Duration, zero_ok: bool) -> Result<(), BuildError> {
+    if d <= MAX_SETTING && (zero_ok || !d.is_zero()) {
+        return Ok(());
+    }
+    let fix = if zero_ok {
+        "use a duration of at most 365 days"
+    } else {
+        "use a positive duration of at most 365 days"
+    };
+    Err(BuildError::new(setting, format!("is {d:?}"), fix))
+}
 
 /// Every setting, checked.
 pub(crate) struct Config<K, V> {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use rand::Rng;
 
 use super::state::Inner;
-use crate::clock::Timestamp;
+use crate::clock::{Timestamp, mul_f64_saturating};
 use crate::error::{Error, ErrorKind, Result};
 use crate::key::{CacheKey, CacheValue};
 use crate::l1::{Entry, LoadStart, Meta, Slot, Tags};
@@ -20,7 +20,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
             return ttl;
         }
         let f: f64 = self.rng.lock().random_range(0.0..=self.cfg.jitter);
-        ttl.mul_f64(1.0 + f)
+        mul_f64_saturating(ttl, 1.0 + f)
     }
 
     /// How long an entry lives in a tier whose TTL is `base` (`negative_ttl` for a
@@ -120,17 +120,19 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
             }
         };
         let now = self.now();
+        // The envelope's times are on the clock of whichever instance loaded the value.
+        // L1's checks are on ours: the entry is no younger than our fill (a writer whose
+        // clock runs ahead would otherwise make it look young for as long as its skew,
+        // and `max_stale` would not hold), and older if the envelope says so (we cannot
+        // tell a writer running behind from an old value, and older is the safe side).
+        let created = env.created.min(now);
         let l1_fresh = now.saturating_add(self.entry_ttl(self.cfg.l1_ttl, false));
         let fresh_until = env.soft_expiry.min(l1_fresh);
+        let usable_until =
+            env.hard_expiry.min(fresh_until.saturating_add(self.cfg.fail_safe_extra())).max(fresh_until);
         Some(Entry {
             value,
-            meta: Meta::new(
-                env.created,
-                fresh_until,
-                env.hard_expiry.max(fresh_until),
-                start.seq,
-                env.load_nanos,
-            ),
+            meta: Meta::new(created, fresh_until, usable_until, start.seq, env.load_nanos),
             tags: (!env.tags.is_empty()).then(|| Arc::new(env.tags)),
         })
     }

@@ -346,7 +346,9 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
     ) -> std::result::Result<Option<V>, Option<FillToken>> {
         let Some(l2) = &self.l2 else { return Err(None) };
         self.stats.lease_waits.incr();
-        let deadline = tokio::time::Instant::now() + self.cfg.lease_wait;
+        let now = tokio::time::Instant::now();
+        // `lease_wait` is checked at build time; an unrepresentable deadline means no wait.
+        let deadline = now.checked_add(self.cfg.lease_wait).unwrap_or(now);
         let mut pause = Duration::from_millis(1);
         let mut last = None;
         while tokio::time::Instant::now() < deadline {

@@ -178,10 +178,15 @@ impl<H: Host> Listener<'_, H> {
         let (from, to) = match self.origins.get_mut(&origin) {
             Some(o) => {
                 o.last_heard = now;
-                let expected = o.last_seq + 1;
                 // A heartbeat or ack repeats the last seq; a message should be the next.
+                // After `u64::MAX` (only a broken or hostile sender gets there) nothing
+                // can be missing.
                 let missing_to = if control { seq } else { seq.saturating_sub(1) };
-                let range = (missing_to >= expected).then_some((expected, missing_to));
+                let range = o
+                    .last_seq
+                    .checked_add(1)
+                    .filter(|&expected| missing_to >= expected)
+                    .map(|expected| (expected, missing_to));
                 o.last_seq = o.last_seq.max(seq);
                 match range {
                     Some(r) => r,

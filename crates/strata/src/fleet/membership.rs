@@ -49,7 +49,8 @@ impl Members {
         now: impl Fn() -> Timestamp,
     ) -> Result<()> {
         // Bounded in tokio time too, in case the clock is a manual one that never moves.
-        let give_up = tokio::time::Instant::now() + lease * 2;
+        // `None` (a deadline past what an `Instant` holds): only the leases bound it.
+        let give_up = tokio::time::Instant::now().checked_add(lease.saturating_mul(2));
         loop {
             let notified = self.acks.notified();
             tokio::pin!(notified);
@@ -64,7 +65,7 @@ impl Members {
             if waiting == 0 {
                 return Ok(());
             }
-            if tokio::time::Instant::now() >= give_up {
+            if give_up.is_some_and(|t| tokio::time::Instant::now() >= t) {
                 return Err(Error::new(
                     ErrorKind::Timeout,
                     format!(

@@ -18,9 +18,11 @@ pub(crate) struct Meta {
     pub(crate) fill_seq: u64,
     /// Bits 0..20: load time in µs (XFetch's Δ, saturating at ~1 s; 0 = no early
     /// refresh). Bit 20: a stale copy re-armed by fail-safe. Bits 21..42: how long past
-    /// `fresh_until` fail-safe may use the entry, in 100 ms (rounded down). Bits 42..64:
+    /// `fresh_until` fail-safe may use the entry, in 100 ms (rounded down, saturating
+    /// down at ~2.4 days: fail-safe ends early, never late). Bits 42..64:
     /// `fresh_until − created`, in 100 ms (rounded up, so the entry never looks younger
-    /// than it is).
+    /// than it is); all ones when it does not fit (~4.85 days, less than a long TTL),
+    /// which reads as created at 0: older than any `max_stale`, never younger.
     bits: u64,
 }
 
@@ -55,9 +57,14 @@ impl Meta {
         m
     }
 
-    /// When the value was loaded (never later than the truth, to 100 ms).
+    /// When the value was loaded (never later than the truth, to 100 ms); 0 when the
+    /// age did not fit its field.
     pub(crate) fn created(&self) -> Timestamp {
         let age = (self.bits >> AGE_SHIFT) & mask(AGE_BITS);
+        if age == mask(AGE_BITS) {
+            // Saturated: the truth is earlier than `fresh_until − age`, by how much is lost.
+            return Timestamp(0);
+        }
         Timestamp(self.fresh_until.as_nanos().saturating_sub(age * UNIT_NANOS))
     }
 
@@ -337,6 +344,38 @@ mod tests {
                 assert_eq!(slot.value(), e.value.as_ref());
                 assert_eq!(slot.tag_slice(), e.tag_slice());
             }
+        }
+    }
+
+    #[test]
+    fn a_saturated_age_reads_as_older_than_anything() {
+        let created = Timestamp(1_700_000_000_000_000_000);
+        let day = 86_400_000_000_000;
+        for ttl_days in [1, 4, 5, 7, 365] {
+            let fresh = Timestamp(created.0 + ttl_days * day);
+            let meta = Meta::new(created, fresh, fresh, 1, 0);
+            for m in [
+                meta,
+                Slot::new(Entry { value: Some(1u64), meta, tags: None }, XFetchLead::new(0))
+                    .meta(XFetchLead::new(0)),
+            ] {
+                assert!(m.created() <= created, "ttl {ttl_days} days: created {:?}", m.created());
+                assert!(created.0 - m.created().0 < UNIT_NANOS || m.created() == Timestamp(0));
+                let mut moved = m;
+                moved.set_fresh_until(Timestamp(fresh.0 + day));
+                assert!(moved.created() <= created, "ttl {ttl_days} days, moved");
+            }
+        }
+    }
+
+    #[test]
+    fn usable_until_never_comes_out_later_than_set() {
+        let fresh = Timestamp(1_700_000_000_000_000_000);
+        for extra in [0, 1, UNIT_NANOS - 1, UNIT_NANOS + 1, 86_400_000_000_000, u64::MAX / 2, u64::MAX] {
+            let usable = fresh.saturating_add(std::time::Duration::from_nanos(extra));
+            let m = Meta::new(fresh, fresh, usable, 1, 0);
+            assert!(m.usable_until() <= usable, "extra {extra} ns");
+            assert!(m.usable_until() >= fresh);
         }
     }
 

@@ -363,7 +363,7 @@ impl Tier for InProcessTier {
 
     async fn lock(&self, namespace: &str, scope: &Scope, id: u64, ttl: Duration) -> Result<()> {
         let now = self.enter()?;
-        let tomb_for = self.inner.config.tombstone_ttl + ttl;
+        let tomb_for = self.inner.config.tombstone_ttl.saturating_add(ttl);
         let exp = now.saturating_add(ttl);
         self.with_ns(namespace, |ns| {
             ns.invalidate(scope, now, tomb_for);
