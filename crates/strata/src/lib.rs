@@ -118,6 +118,7 @@
 //! | [`loader`] | the [`Loader`] port for read-through |
 //! | [`breaker`], [`clock`], [`codec`], [`error`] | circuit breaker, injectable time, value codecs, the one error type |
 //! | `stats` | the counters behind [`CacheStats`] |
+//! | `shutdown` | the signal that stops a cache's background tasks |
 
 mod cache;
 mod fleet;
