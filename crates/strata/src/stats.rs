@@ -193,6 +193,9 @@ stats! {
     oversized_values: Counter,
     /// L2 deletes or publishes that failed and were buffered for retry.
     invalidations_buffered: Counter,
+    /// Times the buffer of unsent messages outgrew its cap and was replaced by one
+    /// namespace invalidation.
+    pending_collapsed: Counter,
     /// Reads that bypassed the cache because it could not be trusted (Strong level).
     bypassed_reads: Counter,
     /// Write locks taken ([`Cache::lock_for_write`](crate::Cache::lock_for_write)).

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Fleet, Host, mark_healthy, mark_unhealthy};
+use super::{Attempt, Fleet, Host, mark_healthy, mark_unhealthy};
 use crate::backplane::{BackplaneEvent, Message, MessageBody, OriginId};
 use crate::clock::Timestamp;
 use crate::shutdown::Stop;
@@ -166,7 +166,8 @@ impl<H: Host> Listener<'_, H> {
     /// Strong level: tells `origin` that everything it sent up to `seq` is applied here
     /// (repairs included, since they ran before this).
     async fn acknowledge(&self, origin: OriginId, seq: u64) {
-        if let Err(e) = self.fleet.send_control(MessageBody::Ack { to: origin, seq }).await {
+        let ack = MessageBody::Ack { to: origin, seq };
+        if let Err(e) = self.fleet.send_control(ack, Attempt::UnlessDown).await {
             // The origin waits until our lease lapses instead; by then we serve no L1.
             tracing::warn!(error = %e, origin, seq, "acknowledgement not sent");
         }
