@@ -6,7 +6,8 @@
 //!   acknowledgements ([`membership`]).
 //! * [`listener`] receives: applies invalidations, detects gaps (sequence jumps, lost
 //!   subscriptions, missed heartbeats) and repairs them (replay, else flush), and keeps
-//!   the backplane's [`Health`].
+//!   the backplane's [`Health`]. [`sequence`] is its bookkeeping of each origin's
+//!   numbers, which no forged or corrupt message can throw off for more than one repair.
 //! * [`heartbeat`] tells the others this instance is alive and what its last sequence
 //!   number is, and notices when its own heartbeats stop coming back.
 //!
@@ -17,6 +18,7 @@ mod health;
 pub(crate) mod heartbeat;
 pub(crate) mod listener;
 mod membership;
+mod sequence;
 
 pub(crate) use health::Health;
 
