@@ -185,6 +185,10 @@ stats! {
     repairs_flushed: Counter,
     /// Malformed backplane messages skipped.
     malformed_messages: Counter,
+    /// Backplane messages whose fields no live instance would send (origin 0, a
+    /// sequence number far ahead or behind, an acknowledgement of what was never sent):
+    /// handled so that each costs at most one repair.
+    suspicious_messages: Counter,
     /// L2 calls that failed or timed out.
     l2_errors: Counter,
     /// L2 entries that could not be decoded (treated as misses and evicted).
@@ -193,6 +197,9 @@ stats! {
     oversized_values: Counter,
     /// L2 deletes or publishes that failed and were buffered for retry.
     invalidations_buffered: Counter,
+    /// Times the buffer of unsent messages outgrew its cap and was replaced by one
+    /// namespace invalidation.
+    pending_collapsed: Counter,
     /// Reads that bypassed the cache because it could not be trusted (Strong level).
     bypassed_reads: Counter,
     /// Write locks taken ([`Cache::lock_for_write`](crate::Cache::lock_for_write)).

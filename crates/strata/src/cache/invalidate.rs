@@ -5,10 +5,12 @@
 
 use std::sync::atomic::Ordering;
 
+use super::pending::Pending;
 use super::state::Inner;
 use crate::backplane::MessageBody;
 use crate::clock::Timestamp;
 use crate::error::{Error, ErrorKind, Result};
+use crate::fleet::Attempt;
 use crate::key::{CacheKey, CacheValue};
 use crate::scope::Scope;
 
@@ -166,17 +168,32 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
         Ok(())
     }
 
-    /// Publishes one message; a failed publish is buffered for the retry task.
+    /// Publishes one message; one that fails, or is refused because the backplane is
+    /// known down or the publisher is stuck behind a hanging publish, is buffered for
+    /// the retry task. Either way this returns within [`Attempt::FailFast`]'s bounds,
+    /// not after an outage.
     async fn publish_or_buffer(&self, body: MessageBody) -> Result<u64> {
         let Some(fleet) = &self.fleet else { return Ok(0) };
-        match fleet.send(&body, &self.stats).await {
+        match fleet.send(&body, &self.stats, Attempt::FailFast).await {
             Ok(seq) => Ok(seq),
             Err(e) => {
                 self.stats.invalidations_buffered.incr();
-                self.pending.lock().messages.push(body);
-                tracing::warn!(error = %e, namespace = %self.cfg.namespace, "publish failed; buffered for retry");
+                self.buffer_messages(|p| p.push_message(body));
+                // The fleet logs the failure that opened its breaker; the refusals that
+                // follow would log once per invalidation of the outage.
+                tracing::debug!(error = %e, namespace = %self.cfg.namespace, "message not published; buffered for retry");
                 Err(e)
             }
+        }
+    }
+
+    /// Changes the buffered messages with `change`, which returns true when the buffer
+    /// had to be collapsed into a namespace invalidation: counted and logged here.
+    fn buffer_messages(&self, change: impl FnOnce(&mut Pending) -> bool) {
+        if change(&mut self.pending.lock()) {
+            self.stats.pending_collapsed.incr();
+            tracing::warn!(namespace = %self.cfg.namespace,
+                "too many invalidations buffered; replaced by one of the whole namespace");
         }
     }
 
@@ -227,24 +244,22 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
             // the old value back from L2 into its L1 after the first message evicted it
             // (or a fill that predates the invalidation could reach L2 before the delete
             // did). So drop such copies here, and tell the fleet again.
-            let mut p = Vec::with_capacity(scopes.len());
             for scope in scopes {
                 self.drop_local(&scope, None);
-                p.push(MessageBody::Invalidate(scope));
+                self.buffer_messages(|p| p.push_message(MessageBody::Invalidate(scope)));
             }
-            self.pending.lock().messages.extend(p);
         }
         let Some(fleet) = &self.fleet else {
-            self.pending.lock().messages.clear();
+            self.pending.lock().clear_messages();
             return;
         };
-        let messages = std::mem::take(&mut self.pending.lock().messages);
+        let messages = self.pending.lock().take_messages();
         let mut iter = messages.into_iter();
         while let Some(body) = iter.next() {
-            if fleet.send(&body, &self.stats).await.is_err() {
-                let mut p = self.pending.lock();
-                p.messages.push(body);
-                p.messages.extend(iter);
+            // A probe: the first of these to succeed is what tells callers the
+            // backplane is back.
+            if fleet.send(&body, &self.stats, Attempt::Probe).await.is_err() {
+                self.buffer_messages(|p| p.requeue_messages(std::iter::once(body).chain(iter)));
                 return;
             }
         }

@@ -7,6 +7,12 @@ use crate::scope::Scope;
 
 /// Buffered L2 deletes beyond this are replaced by one namespace bump.
 const MAX_PENDING_KEYS: usize = 10_000;
+/// Buffered messages beyond this are replaced by one namespace invalidation. Every
+/// buffered message used a sequence number that was never published, so each receiver
+/// flushes its L1 once the backplane is back anyway: the namespace invalidation costs
+/// them nothing more, and it keeps the buffer (and the burst of publishes that drains
+/// it) small however long the outage.
+const MAX_PENDING_MESSAGES: usize = 256;
 
 /// What is waiting to be retried.
 #[derive(Default)]
@@ -15,8 +21,8 @@ pub(crate) struct Pending {
     l2_keys: HashSet<String>,
     l2_tags: HashSet<String>,
     l2_all: bool,
-    /// Messages whose publish failed, in order.
-    pub(crate) messages: Vec<MessageBody>,
+    /// Messages whose publish failed, in order; at most [`MAX_PENDING_MESSAGES`].
+    messages: Vec<MessageBody>,
     /// Write locks whose release failed: (scope, lock id). They would expire anyway;
     /// releasing them lets their keys be cached again sooner.
     pub(crate) unlocks: Vec<(Scope, u64)>,
@@ -34,6 +40,53 @@ impl Pending {
     /// How many invalidations wait (L2 keys, tags and namespace, and messages).
     pub(crate) fn len(&self) -> usize {
         self.l2_keys.len() + self.l2_tags.len() + usize::from(self.l2_all) + self.messages.len()
+    }
+
+    /// Buffers a message that could not be published. Returns true when the buffer
+    /// outgrew its cap and was collapsed into one namespace invalidation.
+    pub(crate) fn push_message(&mut self, body: MessageBody) -> bool {
+        self.messages.push(body);
+        self.compact()
+    }
+
+    /// Takes the buffered messages, to send them in order.
+    pub(crate) fn take_messages(&mut self) -> Vec<MessageBody> {
+        std::mem::take(&mut self.messages)
+    }
+
+    /// Puts back messages taken that could not be sent, ahead of those buffered since
+    /// (a `Bypass` must still precede the invalidations it came with). Returns true
+    /// when that collapsed the buffer.
+    pub(crate) fn requeue_messages(&mut self, unsent: impl IntoIterator<Item = MessageBody>) -> bool {
+        let since = std::mem::take(&mut self.messages);
+        self.messages.extend(unsent);
+        self.messages.extend(since);
+        self.compact()
+    }
+
+    /// Forgets the buffered messages (there is no backplane to send them to).
+    pub(crate) fn clear_messages(&mut self) {
+        self.messages.clear();
+    }
+
+    /// Once a namespace invalidation waits, the other invalidations waiting are
+    /// redundant: it goes out after every one of them was buffered, so after their
+    /// writes committed. Past the cap, one is put in their place. A `Bypass` (Strong
+    /// level) is kept, once, ahead of it. Returns true when the cap forced it.
+    fn compact(&mut self) -> bool {
+        let all = MessageBody::Invalidate(Scope::All);
+        let has_all = self.messages.contains(&all);
+        let over = self.messages.len() > MAX_PENDING_MESSAGES;
+        if !(over || has_all && self.messages.len() > 1) {
+            return false;
+        }
+        let bypass = self.messages.contains(&MessageBody::Bypass);
+        self.messages.clear();
+        if bypass {
+            self.messages.push(MessageBody::Bypass);
+        }
+        self.messages.push(all);
+        over && !has_all
     }
 
     /// Remembers an L2 invalidation of `scope` to retry.

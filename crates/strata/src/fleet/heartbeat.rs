@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::{Host, mark_unhealthy};
+use super::{Attempt, Host, mark_unhealthy};
 use crate::backplane::MessageBody;
 use crate::shutdown::Stop;
 
@@ -20,8 +20,9 @@ pub(crate) async fn run<H: Host>(host: Arc<H>, mut stop: Stop) {
             _ = tokio::time::sleep(every) => {}
             _ = stop.stopped() => return,
         }
-        // A failed heartbeat shows up below as our own heartbeat not coming back.
-        let _ = fleet.send_control(MessageBody::Heartbeat).await;
+        // A failed heartbeat shows up below as our own heartbeat not coming back. It is
+        // sent even while publishes fail: its success is what ends the outage.
+        let _ = fleet.send_control(MessageBody::Heartbeat, Attempt::Probe).await;
         let now = host.now();
         let last = host.health().last_own_heartbeat();
         let missed = now.since(last) > every.saturating_mul(MISSED_HEARTBEATS);

@@ -3,30 +3,21 @@
 //! backplane can, else a flush), and keeps the backplane's health. At the Strong level
 //! it also tracks the members and acknowledges what it applied.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Fleet, Host, mark_healthy, mark_unhealthy};
+use super::sequence::{MAX_REPLAY, Origins, Position, replay_covers};
+use super::{Attempt, Fleet, Host, mark_healthy, mark_unhealthy};
 use crate::backplane::{BackplaneEvent, Message, MessageBody, OriginId};
-use crate::clock::Timestamp;
 use crate::shutdown::Stop;
 
 /// Origins not heard from for this many heartbeat intervals are forgotten.
 const FORGET_AFTER_HEARTBEATS: u32 = 60;
-/// Gaps longer than this are repaired by a flush without asking for a replay.
-const MAX_REPLAY: u64 = 10_000;
-
-/// Per-origin sequence tracking.
-struct OriginState {
-    last_seq: u64,
-    last_heard: Timestamp,
-}
 
 struct Listener<'a, H> {
     host: &'a H,
     fleet: &'a Fleet,
-    origins: HashMap<OriginId, OriginState>,
+    origins: Origins,
     disconnected: bool,
 }
 
@@ -35,7 +26,7 @@ pub(crate) async fn run<H: Host>(host: Arc<H>, mut stop: Stop) {
     let Some(fleet) = host.fleet() else { return };
     let namespace = fleet.config().namespace.clone();
     let strong = fleet.config().strong;
-    let mut l = Listener { host: &*host, fleet, origins: HashMap::new(), disconnected: false };
+    let mut l = Listener { host: &*host, fleet, origins: Origins::default(), disconnected: false };
     let mut backoff = Duration::from_millis(10);
     loop {
         let sub = tokio::select! {
@@ -120,6 +111,12 @@ impl<H: Host> Listener<'_, H> {
         }
         let now = host.now();
         if m.origin == cfg.origin {
+            if m.seq > self.fleet.last_seq() {
+                // A number we never used: not ours, and no proof that the backplane
+                // delivers what we send.
+                host.stats().suspicious_messages.incr();
+                return;
+            }
             if m.is_heartbeat() {
                 if cfg.strong
                     && host.health().heard_own_heartbeat()
@@ -137,6 +134,18 @@ impl<H: Host> Listener<'_, H> {
             }
             return;
         }
+        let Some(pos) = Position::of(&m, cfg.origin, self.fleet.last_seq()) else {
+            // No live instance sends this. What it invalidates is dropped (once too
+            // often is safe, once too few is not); nothing else is believed: no
+            // sequence number, no sign of life, no acknowledgement.
+            host.stats().suspicious_messages.incr();
+            self.apply(&m.body);
+            return;
+        };
+        let tracked = self.origins.track(m.origin, pos, now);
+        if tracked.suspicious {
+            host.stats().suspicious_messages.incr();
+        }
         if cfg.strong {
             let acked = match m.body {
                 MessageBody::Ack { to, seq } if to == cfg.origin => Some(seq),
@@ -153,67 +162,32 @@ impl<H: Host> Listener<'_, H> {
                 self.apply(body);
             }
         }
-        self.track(m.origin, m.seq, m.is_control(), now).await;
+        if let Some((from, to)) = tracked.missed {
+            self.repair(m.origin, from, to).await;
+        }
         if cfg.strong && !m.is_control() {
+            // Even for a number not believed yet: its repair ran above.
             self.acknowledge(m.origin, m.seq).await;
         }
-        let forget_after = cfg.heartbeat_interval.saturating_mul(FORGET_AFTER_HEARTBEATS);
-        if self.origins.len() > 64 {
-            self.origins.retain(|_, o| now.since(o.last_heard) < forget_after);
-        }
+        self.origins.prune(now, cfg.heartbeat_interval.saturating_mul(FORGET_AFTER_HEARTBEATS));
     }
 
     /// Strong level: tells `origin` that everything it sent up to `seq` is applied here
     /// (repairs included, since they ran before this).
     async fn acknowledge(&self, origin: OriginId, seq: u64) {
-        if let Err(e) = self.fleet.send_control(MessageBody::Ack { to: origin, seq }).await {
+        let ack = MessageBody::Ack { to: origin, seq };
+        if let Err(e) = self.fleet.send_control(ack, Attempt::UnlessDown).await {
             // The origin waits until our lease lapses instead; by then we serve no L1.
             tracing::warn!(error = %e, origin, seq, "acknowledgement not sent");
         }
     }
 
-    /// Sequence bookkeeping: a jump means missed messages, which are replayed or, if the
-    /// backplane cannot, answered with a flush.
-    async fn track(&mut self, origin: OriginId, seq: u64, control: bool, now: Timestamp) {
-        let (from, to) = match self.origins.get_mut(&origin) {
-            Some(o) => {
-                o.last_heard = now;
-                // A heartbeat or ack repeats the last seq; a message should be the next.
-                // After `u64::MAX` (only a broken or hostile sender gets there) nothing
-                // can be missing.
-                let missing_to = if control { seq } else { seq.saturating_sub(1) };
-                let range = o
-                    .last_seq
-                    .checked_add(1)
-                    .filter(|&expected| missing_to >= expected)
-                    .map(|expected| (expected, missing_to));
-                o.last_seq = o.last_seq.max(seq);
-                match range {
-                    Some(r) => r,
-                    None => return,
-                }
-            }
-            None => {
-                self.origins.insert(origin, OriginState { last_seq: seq, last_heard: now });
-                // First contact: we cannot tell which of this origin's earlier messages
-                // were published after we subscribed, so whatever came before this one
-                // is treated as missed (replayed, or flushed). An origin that has sent
-                // nothing yet (its first heartbeat carries 0) costs nothing.
-                let missing_to = if control { seq } else { seq.saturating_sub(1) };
-                if missing_to == 0 {
-                    return;
-                }
-                (1, missing_to)
-            }
-        };
-        self.repair(origin, from, to).await;
-    }
-
+    /// Repairs a gap: replays `from..=to` where the backplane can, else flushes.
     async fn repair(&mut self, origin: OriginId, from: u64, to: u64) {
         let host = self.host;
         let cfg = self.fleet.config();
         host.stats().gaps_detected.incr();
-        let replay = if to - from < MAX_REPLAY {
+        let replay = if to.checked_sub(from).is_some_and(|n| n < MAX_REPLAY) {
             tokio::time::timeout(cfg.timeout, self.fleet.backplane().replay(origin, from, to))
                 .await
                 .ok()
@@ -222,9 +196,17 @@ impl<H: Host> Listener<'_, H> {
         } else {
             None
         };
+        // A replay is believed only if it is exactly what was asked for.
+        let replay = replay.filter(|messages| {
+            let covers = replay_covers(messages, origin, &cfg.namespace, from, to);
+            if !covers {
+                host.stats().suspicious_messages.incr();
+            }
+            covers
+        });
         match replay {
             Some(messages) => {
-                for m in messages.iter().filter(|m| m.namespace == cfg.namespace) {
+                for m in &messages {
                     self.apply(&m.body);
                 }
                 host.stats().repairs_replayed.incr();

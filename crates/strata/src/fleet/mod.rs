@@ -6,7 +6,8 @@
 //!   acknowledgements ([`membership`]).
 //! * [`listener`] receives: applies invalidations, detects gaps (sequence jumps, lost
 //!   subscriptions, missed heartbeats) and repairs them (replay, else flush), and keeps
-//!   the backplane's [`Health`].
+//!   the backplane's [`Health`]. [`sequence`] is its bookkeeping of each origin's
+//!   numbers, which no forged or corrupt message can throw off for more than one repair.
 //! * [`heartbeat`] tells the others this instance is alive and what its last sequence
 //!   number is, and notices when its own heartbeats stop coming back.
 //!
@@ -17,15 +18,17 @@ mod health;
 pub(crate) mod heartbeat;
 pub(crate) mod listener;
 mod membership;
+mod sequence;
 
 pub(crate) use health::Health;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::backplane::{Backplane, Message, MessageBody, OriginId};
 use crate::clock::Timestamp;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::scope::Scope;
 use crate::stats::Stats;
 use membership::Members;
@@ -78,19 +81,54 @@ pub(crate) struct FleetConfig {
     pub(crate) timeout: Duration,
 }
 
+/// How long a caller's message waits for the publisher before it is buffered instead.
+/// A healthy backplane publishes in well under a millisecond, so a wait this long
+/// means the publish ahead is stalling, and waiting for it (up to the backplane
+/// timeout, for every caller queued behind it) is what made `invalidate` stall for the
+/// length of an outage.
+const PUBLISHER_WAIT: Duration = Duration::from_millis(100);
+
+/// How a message may wait for the backplane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Attempt {
+    /// An invalidation a caller waits for: refused at once while the backplane is known
+    /// down, and after [`PUBLISHER_WAIT`] behind a busy publisher.
+    FailFast,
+    /// An acknowledgement: refused at once while the backplane is known down (the
+    /// listener must not stall on it; the origin waits for our lease instead), else it
+    /// waits its turn, since the origin's `invalidate` fails without it.
+    UnlessDown,
+    /// A background task (the heartbeat, the retry of buffered messages): publishes even
+    /// while the backplane is known down, and so finds out when it is back.
+    Probe,
+}
+
 /// This instance's side of the fleet protocol.
 pub(crate) struct Fleet {
     backplane: Arc<dyn Backplane>,
     cfg: FleetConfig,
-    /// The last sequence number used; held across a publish so that messages leave in
-    /// sequence order (receivers would otherwise see false gaps).
-    publisher: tokio::sync::Mutex<u64>,
+    /// Held across a publish so that messages leave in sequence order (receivers would
+    /// otherwise see false gaps).
+    publisher: tokio::sync::Mutex<()>,
+    /// The last sequence number used: published, or consumed by a message that was not
+    /// (see [`Fleet::send`]). Taken under `publisher` by a publish, without it by a
+    /// message refused before it got there.
+    last_seq: AtomicU64,
+    /// The publish breaker: set when a publish failed, cleared when one succeeded.
+    down: AtomicBool,
     members: Members,
 }
 
 impl Fleet {
     pub(crate) fn new(backplane: Arc<dyn Backplane>, cfg: FleetConfig) -> Self {
-        Fleet { backplane, cfg, publisher: tokio::sync::Mutex::new(0), members: Members::default() }
+        Fleet {
+            backplane,
+            cfg,
+            publisher: tokio::sync::Mutex::new(()),
+            last_seq: AtomicU64::new(0),
+            down: AtomicBool::new(false),
+            members: Members::default(),
+        }
     }
 
     pub(crate) fn config(&self) -> &FleetConfig {
@@ -101,25 +139,84 @@ impl Fleet {
         &self.backplane
     }
 
+    /// The last sequence number this instance used.
+    pub(crate) fn last_seq(&self) -> u64 {
+        self.last_seq.load(Ordering::SeqCst)
+    }
+
+    /// Whether the last publish failed (and none succeeded since).
+    pub(crate) fn is_down(&self) -> bool {
+        self.down.load(Ordering::SeqCst)
+    }
+
     /// Sends one message with the next sequence number and returns it.
-    pub(crate) async fn send(&self, body: &MessageBody, stats: &Stats) -> Result<u64> {
-        let mut seq = self.publisher.lock().await;
-        *seq += 1;
-        let msg = self.message(*seq, body.clone());
-        // The sequence number is used even if this fails: receivers then see a gap at
-        // the next message or heartbeat and repair, which is what makes a lost publish safe.
+    ///
+    /// A message that does not go out still uses a sequence number, whether its publish
+    /// failed or it was refused before (backplane known down, publisher busy): receivers
+    /// then see a gap at this instance's next message or heartbeat and repair (replay
+    /// cannot find the number, so they flush), which is what makes a lost message safe.
+    /// Taking no number would leave them trusting their L1 while the message waits in
+    /// the retry buffer, stale past the backplane's propagation delay for as long as
+    /// the backplane stays down, and for good if this instance dies first. Numbers
+    /// consumed in a row show as one gap, so an outage costs each receiver one repair.
+    pub(crate) async fn send(&self, body: &MessageBody, stats: &Stats, attempt: Attempt) -> Result<u64> {
+        let Some(_publisher) = self.publisher_for(attempt).await else {
+            self.next_seq()?;
+            return Err(self.refusal());
+        };
+        let seq = self.next_seq()?;
+        let msg = self.message(seq, body.clone());
         self.publish_bounded(&msg, "backplane publish").await?;
         stats.invalidations_sent.incr();
-        Ok(msg.seq)
+        Ok(seq)
     }
 
     /// Sends a control message (heartbeat, acknowledgement): it carries the last
-    /// sequence number used, under the publisher lock so that it is one already
-    /// published (a larger one would look like a gap to the receivers).
-    pub(crate) async fn send_control(&self, body: MessageBody) -> Result<()> {
-        let seq = self.publisher.lock().await;
-        let msg = self.message(*seq, body);
+    /// sequence number used, read under the publisher lock so that every smaller number
+    /// that will ever be published already was (a number still on its way would look
+    /// like a gap to the receivers).
+    pub(crate) async fn send_control(&self, body: MessageBody, attempt: Attempt) -> Result<()> {
+        let Some(_publisher) = self.publisher_for(attempt).await else {
+            return Err(self.refusal());
+        };
+        let msg = self.message(self.last_seq(), body);
         self.publish_bounded(&msg, "backplane control message").await
+    }
+
+    /// The publisher lock, or `None` when a fail-fast attempt must not wait for it.
+    async fn publisher_for(&self, attempt: Attempt) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        if attempt == Attempt::Probe {
+            return Some(self.publisher.lock().await);
+        }
+        if self.is_down() {
+            return None;
+        }
+        let guard = match attempt {
+            Attempt::FailFast => tokio::time::timeout(PUBLISHER_WAIT, self.publisher.lock()).await.ok()?,
+            Attempt::UnlessDown | Attempt::Probe => self.publisher.lock().await,
+        };
+        // The publish we queued behind may have found the backplane down.
+        (!self.is_down()).then_some(guard)
+    }
+
+    /// The error of an attempt that was not made.
+    fn refusal(&self) -> Error {
+        if self.is_down() {
+            Error::new(
+                ErrorKind::CircuitOpen,
+                "backplane publish not attempted: the last one failed and none has succeeded since",
+            )
+        } else {
+            Error::timeout("waiting for the backplane publisher", PUBLISHER_WAIT)
+        }
+    }
+
+    fn next_seq(&self) -> Result<u64> {
+        self.last_seq
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |s| s.checked_add(1))
+            .ok()
+            .and_then(|s| s.checked_add(1))
+            .ok_or_else(|| Error::new(ErrorKind::Backplane, "backplane sequence numbers exhausted"))
     }
 
     /// Strong level: waits until every member heard within its lease acknowledged
@@ -136,10 +233,19 @@ impl Fleet {
         Message { origin: self.cfg.origin, seq, namespace: self.cfg.namespace.clone(), body }
     }
 
+    /// Publishes within the backplane timeout, and keeps the publish breaker.
     async fn publish_bounded(&self, msg: &Message, what: &str) -> Result<()> {
-        match tokio::time::timeout(self.cfg.timeout, self.backplane.publish(msg)).await {
+        let res = match tokio::time::timeout(self.cfg.timeout, self.backplane.publish(msg)).await {
             Ok(r) => r,
             Err(_) => Err(Error::timeout(what, self.cfg.timeout)),
+        };
+        let was_down = self.down.swap(res.is_err(), Ordering::SeqCst);
+        match (&res, was_down) {
+            (Err(e), false) => tracing::warn!(error = %e, namespace = %self.cfg.namespace,
+                "backplane publish failed; invalidations are buffered without waiting until one succeeds"),
+            (Ok(()), true) => tracing::info!(namespace = %self.cfg.namespace, "backplane publishes again"),
+            _ => {}
         }
+        res
     }
 }

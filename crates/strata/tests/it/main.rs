@@ -11,6 +11,7 @@ mod conformance;
 mod fail_safe;
 mod fill_guard;
 mod fleet;
+mod fleet_hardening;
 mod hardening;
 mod single_flight;
 mod strong;
