@@ -49,6 +49,9 @@ pub struct BackplaneStats {
     pub disconnects: u64,
     /// Times a subscription came back (`Resumed`).
     pub resumes: u64,
+    /// Times a publish found the stream or its counter unusable (written by someone
+    /// else) and replaced it; always 0 for Pub/Sub.
+    pub repairs: u64,
 }
 
 #[derive(Default)]
@@ -59,6 +62,7 @@ pub(crate) struct StatCounters {
     pub(crate) lost: AtomicU64,
     pub(crate) disconnects: AtomicU64,
     pub(crate) resumes: AtomicU64,
+    pub(crate) repairs: AtomicU64,
 }
 
 impl StatCounters {
@@ -70,6 +74,7 @@ impl StatCounters {
             lost: self.lost.load(Ordering::Relaxed),
             disconnects: self.disconnects.load(Ordering::Relaxed),
             resumes: self.resumes.load(Ordering::Relaxed),
+            repairs: self.repairs.load(Ordering::Relaxed),
         }
     }
 

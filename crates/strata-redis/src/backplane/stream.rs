@@ -10,7 +10,16 @@
 //! numbers follow stream order without gaps. A subscriber that sees number `k + 2`
 //! after `k` knows that entry `k + 1` was trimmed before it read it: that is how a
 //! loss is *known* rather than guessed (from stream ids alone, a trimmed entry and
-//! a quiet period look the same).
+//! a quiet period look the same). An entry without a readable `n` (not written by
+//! this backplane) is delivered without taking part in the numbering.
+//!
+//! # Repairs
+//!
+//! Whoever can write under the prefix can leave the keys where no publish succeeds
+//! (an entry at the largest id, another type at the stream's key, a counter `INCR`
+//! refuses): the publish script then replaces the key and appends, counted in
+//! [`BackplaneStats::repairs`] and logged. A subscriber that missed something
+//! because of it sees a gap in the numbers (`Lost`); `replay` forgets the history.
 //!
 //! # Subscriber
 //!
@@ -25,6 +34,14 @@
 //! followed by `Resumed { complete: false }` when entries it had not read were
 //! trimmed (or the counter went backwards: Redis lost data). A gap seen while
 //! connected (a reader slower than the cap) emits `Lost` alone.
+//!
+//! A read that waited its whole block time for nothing runs the same catch-up read,
+//! which sees what a blocked `XREAD` cannot: numbered entries gone after the last
+//! one read (`Lost`), and a stream deleted or re-created below the reader's position
+//! (`DEL`, `FLUSHALL`, an eviction, a repair, a clock behind the old ids), whose new
+//! entries `XREAD` would never return: the reader then reads it from its start, and
+//! the numbers tell whether anything was missed. One script call per idle block
+//! time, nothing per message.
 //!
 //! The subscription channel is bounded: when the receiver is slow the task waits
 //! (the stream is the buffer), so nothing is dropped in the process; a reader slower
@@ -45,10 +62,13 @@ use tokio::sync::mpsc;
 pub use crate::backplane::BackplaneStats;
 use crate::backplane::stream_builder::WHAT;
 pub use crate::backplane::stream_builder::{DEFAULT_MAX_LEN, RedisStreamBackplaneBuilder};
-use crate::backplane::stream_scripts::{STREAM_CATCH_UP, STREAM_PUBLISH, STREAM_START};
+use crate::backplane::stream_scripts::{
+    RawEntry, STREAM_CATCH_UP, STREAM_PUBLISH, STREAM_START, StreamId, parse_entries, parse_xread,
+    publish_repairs,
+};
 use crate::backplane::{StatCounters, connect_publisher, ping_publisher};
 use crate::connection::{Backoff, ManagedConn, map_redis_error};
-use crate::reply::{bad_reply, value_array, value_bytes, value_string, value_u64};
+use crate::reply::{bad_reply, value_array, value_string, value_u64};
 
 impl RedisStreamBackplaneBuilder {
     /// Checks the settings, connects the publishing connection (unless lazy) and
@@ -112,67 +132,6 @@ impl std::fmt::Debug for RedisStreamBackplane {
     }
 }
 
-/// One stream entry as read.
-#[derive(Debug)]
-struct RawEntry {
-    id: String,
-    message: Option<Vec<u8>>,
-    number: Option<u64>,
-}
-
-/// Parses `[[id, [field, value, …]], …]`.
-fn parse_entries(v: &Value) -> Option<Vec<RawEntry>> {
-    let mut out = Vec::new();
-    for e in value_array(v)? {
-        let pair = value_array(e)?;
-        let id = value_string(pair.first()?)?;
-        let mut entry = RawEntry { id, message: None, number: None };
-        match pair.get(1)? {
-            Value::Map(kv) => {
-                for (k, v) in kv {
-                    take_field(&mut entry, k, v);
-                }
-            }
-            other => {
-                let fields = value_array(other)?;
-                for kv in fields.chunks(2) {
-                    if let [k, v] = kv {
-                        take_field(&mut entry, k, v);
-                    }
-                }
-            }
-        }
-        out.push(entry);
-    }
-    Some(out)
-}
-
-fn take_field(entry: &mut RawEntry, k: &Value, v: &Value) {
-    match value_bytes(k) {
-        Some(b"m") => entry.message = value_bytes(v).map(<[u8]>::to_vec),
-        Some(b"n") => entry.number = value_u64(v),
-        _ => {}
-    }
-}
-
-/// Parses an `XREAD` reply for one stream (nil when the block time passed).
-fn parse_xread(v: &Value) -> Option<Vec<RawEntry>> {
-    match v {
-        Value::Nil => Some(Vec::new()),
-        Value::Map(kv) => match kv.first() {
-            Some((_, entries)) => parse_entries(entries),
-            None => Some(Vec::new()),
-        },
-        other => {
-            let streams = value_array(other)?;
-            match streams.first() {
-                None => Some(Vec::new()),
-                Some(s) => parse_entries(value_array(s)?.get(1)?),
-            }
-        }
-    }
-}
-
 impl RedisStreamBackplane {
     /// Starts building a backplane for `url` (`redis://[user:password@]host[:port][/db]`
     /// or `rediss://` with the `tls` feature).
@@ -194,6 +153,16 @@ impl RedisStreamBackplane {
     /// Counters.
     pub fn stats(&self) -> BackplaneStats {
         self.inner.stats.snapshot()
+    }
+
+    /// Counts and reports a repair made by the publish script.
+    fn repaired(&self, what: &str) {
+        self.inner.stats.repairs.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("strata_backplane_repairs_total", "backplane" => "redis-stream").increment(1);
+        tracing::warn!(
+            "redis stream backplane: {what} (no publish could succeed; does something else write \
+             under the prefix?); subscribers that missed messages because of it report Lost"
+        );
     }
 
     /// Opens a dedicated subscriber connection and names it.
@@ -230,12 +199,17 @@ impl RedisStreamBackplane {
 
     /// Scans the stream backwards, at most the whole (capped) stream.
     async fn scan_for(&self, origin: OriginId, from_seq: u64, to_seq: u64) -> Result<Option<Vec<Message>>> {
-        let want = usize::try_from(to_seq - from_seq + 1).unwrap_or(usize::MAX);
-        let mut found: BTreeMap<u64, Message> = BTreeMap::new();
         let mut end = "+".to_owned();
         let mut scanned: u64 = 0;
         let limit = self.inner.cfg.max_len.saturating_mul(2).saturating_add(1000);
         let page = 1000usize;
+        let want = match to_seq.checked_sub(from_seq).and_then(|d| d.checked_add(1)) {
+            // More messages than the scan could ever find: no need to read.
+            Some(want) if want <= limit.saturating_add(page as u64) => want,
+            _ => return Ok(None),
+        };
+        let want = usize::try_from(want).unwrap_or(usize::MAX);
+        let mut found: BTreeMap<u64, Message> = BTreeMap::new();
         while scanned < limit {
             let key = self.inner.stream_key.clone();
             let end_arg = end.clone();
@@ -261,7 +235,7 @@ impl RedisStreamBackplane {
                 .map_err(|e| e.into_error())?;
             let entries =
                 parse_entries(&v).ok_or_else(|| bad_reply(ErrorKind::Backplane, "redis stream replay"))?;
-            scanned += entries.len() as u64;
+            scanned = scanned.saturating_add(entries.len() as u64);
             let done = entries.len() < page;
             for e in &entries {
                 let Some(bytes) = &e.message else { continue };
@@ -273,8 +247,8 @@ impl RedisStreamBackplane {
             if found.len() >= want {
                 break;
             }
-            match entries.last() {
-                Some(last) if !done => end = format!("({}", last.id),
+            match entries.last().and_then(|last| last.id.predecessor()) {
+                Some(before) if !done => end = before.to_string(),
                 _ => break,
             }
         }
@@ -293,7 +267,7 @@ impl Backplane for RedisStreamBackplane {
         let inner = &self.inner;
         let mut inv = inner.publish_script.prepare_invoke();
         inv.key(&inner.stream_key).key(&inner.counter_key).arg(inner.cfg.max_len).arg(bytes.as_ref());
-        let _: Value = inner
+        let v: Value = inner
             .publisher
             .call(inner.cfg.op_timeout, ErrorKind::Backplane, "redis stream publish", |mut c| async move {
                 inv.invoke_async(&mut c).await
@@ -301,6 +275,9 @@ impl Backplane for RedisStreamBackplane {
             .await
             .map_err(|e| e.into_error())?;
         inner.stats.published.fetch_add(1, Ordering::Relaxed);
+        for what in publish_repairs(&v, &inner.stream_key, &inner.counter_key) {
+            self.repaired(&what);
+        }
         Ok(())
     }
 
@@ -316,8 +293,10 @@ impl Backplane for RedisStreamBackplane {
             Ok(Err(e)) => return Err(map_redis_error(ErrorKind::Backplane, "redis stream subscribe", e)),
             Err(_) => return Err(Error::timeout("redis stream subscribe", inner.cfg.read_grace)),
         };
+        // A counter that is not a number gives no starting point: the first numbered
+        // entry read becomes it (the next publish restarts such a counter anyway).
         let (last_id, last_n) = value_array(&v)
-            .and_then(|a| Some((value_string(a.first()?)?, value_u64(a.get(1)?)?)))
+            .and_then(|a| Some((StreamId::parse(&value_string(a.first()?)?)?, value_u64(a.get(1)?))))
             .ok_or_else(|| bad_reply(ErrorKind::Backplane, "redis stream subscribe"))?;
         let (tx, rx) = mpsc::channel(inner.cfg.channel_capacity);
         let reader = StreamReader {
@@ -348,12 +327,25 @@ enum Stop {
     Failed(Error),
 }
 
+/// What a catch-up read does with a loss it finds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gaps {
+    /// Returns it: after a reconnect the caller sends `Lost` then
+    /// `Resumed { complete: false }`.
+    Collect,
+    /// Sends `Lost` where it is found: the subscription is connected.
+    Report,
+}
+
 struct StreamReader {
     bp: RedisStreamBackplane,
     tx: mpsc::Sender<BackplaneEvent>,
     name: String,
-    last_id: String,
-    last_n: u64,
+    last_id: StreamId,
+    /// The number of the last numbered entry read, or of the counter when the
+    /// reader started or found entries gone; `None` when the counter could not be
+    /// read (the next numbered entry then sets it).
+    last_n: Option<u64>,
     backoff: Backoff,
 }
 
@@ -364,20 +356,26 @@ impl StreamReader {
     }
 
     /// Delivers one entry; returns true when it revealed a gap.
-    async fn deliver(&mut self, e: RawEntry) -> std::result::Result<bool, Stop> {
+    async fn deliver(&mut self, e: RawEntry, gaps: Gaps) -> std::result::Result<bool, Stop> {
         let mut gap = false;
         if let Some(n) = e.number {
-            if n != self.last_n.wrapping_add(1) {
+            // No successor to u64::MAX (an entry numbered by hand): whatever follows is a gap.
+            if let Some(last) = self.last_n
+                && last.checked_add(1) != Some(n)
+            {
                 tracing::warn!(
                     subscriber = %self.name,
-                    expected = self.last_n.wrapping_add(1),
+                    last_seen = last,
                     got = n,
-                    "redis stream backplane: entries were trimmed before this subscriber read them"
+                    "redis stream backplane: entries this subscriber had not read are gone (trimmed, \
+                     or the stream or its counter replaced)"
                 );
                 gap = true;
-                self.send(BackplaneEvent::Lost).await?;
+                if gaps == Gaps::Report {
+                    self.send(BackplaneEvent::Lost).await?;
+                }
             }
-            self.last_n = n;
+            self.last_n = Some(n);
         }
         self.last_id = e.id;
         let ev = match e.message.as_deref().map(Message::decode) {
@@ -429,7 +427,7 @@ impl StreamReader {
                     continue;
                 }
             };
-            match self.catch_up(&mut c).await {
+            match self.catch_up(&mut c, Gaps::Collect).await {
                 Ok(complete) => {
                     self.backoff.reset();
                     tracing::info!(
@@ -454,13 +452,21 @@ impl StreamReader {
         }
     }
 
-    /// Delivers everything after the last id; returns whether nothing was lost.
-    async fn catch_up(&mut self, c: &mut MultiplexedConnection) -> std::result::Result<bool, Stop> {
+    /// Delivers everything after the last id, reading a stream that was deleted or
+    /// re-created below that id from its start; returns whether nothing was lost.
+    async fn catch_up(
+        &mut self,
+        c: &mut MultiplexedConnection,
+        gaps: Gaps,
+    ) -> std::result::Result<bool, Stop> {
         let mut complete = true;
         let inner = self.bp.inner.clone();
         loop {
+            // After the largest id nothing can come: read nothing, but still look at
+            // the stream's last id and the counter.
+            let from = self.last_id.successor().map(|id| id.to_string()).unwrap_or_default();
             let mut inv = inner.catch_up_script.prepare_invoke();
-            inv.key(&inner.stream_key).key(&inner.counter_key).arg(&self.last_id).arg(inner.cfg.batch);
+            inv.key(&inner.stream_key).key(&inner.counter_key).arg(from).arg(inner.cfg.batch);
             let v: Value = match tokio::time::timeout(inner.cfg.read_grace, inv.invoke_async(c)).await {
                 Ok(Ok(v)) => v,
                 Ok(Err(e)) => {
@@ -474,51 +480,63 @@ impl StreamReader {
                     return Err(Stop::Failed(Error::timeout("redis stream catch-up", inner.cfg.read_grace)));
                 }
             };
-            let parsed =
-                value_array(&v).and_then(|a| Some((value_u64(a.first()?)?, parse_entries(a.get(1)?)?)));
-            let Some((counter, entries)) = parsed else {
+            // The counter may hold anything someone wrote: unreadable, it tells nothing
+            // (and the next publish restarts it).
+            let parsed = value_array(&v).and_then(|a| {
+                let last = value_string(a.get(2)?)?;
+                let last = if last.is_empty() { None } else { Some(StreamId::parse(&last)?) };
+                Some((value_u64(a.first()?), parse_entries(a.get(1)?)?, last))
+            });
+            let Some((counter, entries, stream_last)) = parsed else {
                 return Err(Stop::Failed(bad_reply(ErrorKind::Backplane, "redis stream catch-up")));
             };
             let full = entries.len() >= inner.cfg.batch;
             for e in entries {
-                if self.deliver_quiet(e).await? {
+                if self.deliver(e, gaps).await? {
                     complete = false;
                 }
             }
-            if !full {
-                if counter != self.last_n {
+            if full {
+                continue;
+            }
+            if self.last_id != StreamId::ZERO && stream_last.is_none_or(|last| last < self.last_id) {
+                // The stream this reader was reading is gone: every entry a new one
+                // holds, or gets, has an id below the last one read. Read it from the
+                // start; the numbers tell what was missed.
+                tracing::warn!(
+                    subscriber = %self.name,
+                    last_read = %self.last_id,
+                    stream_last = %stream_last.map_or("none".to_owned(), |id| id.to_string()),
+                    "redis stream backplane: the stream was deleted or re-created below this \
+                     subscriber's position; reading the new one from its start"
+                );
+                self.last_id = StreamId::ZERO;
+                if stream_last.is_some() {
+                    continue;
+                }
+            }
+            if let Some(counter) = counter {
+                if let Some(last) = self.last_n
+                    && last != counter
+                {
                     // Entries numbered after the last one seen are gone (the stream was
                     // deleted or trimmed to nothing), or the counter went back (Redis
-                    // lost data).
+                    // lost data, or someone reset it).
                     tracing::warn!(
                         subscriber = %self.name,
                         counter,
-                        last_seen = self.last_n,
-                        "redis stream backplane: entries missing after reconnect"
+                        last_seen = last,
+                        "redis stream backplane: entries missing after the last one read"
                     );
                     complete = false;
-                    self.last_n = counter;
+                    if gaps == Gaps::Report {
+                        self.send(BackplaneEvent::Lost).await?;
+                    }
                 }
-                return Ok(complete);
+                self.last_n = Some(counter);
             }
+            return Ok(complete);
         }
-    }
-
-    /// Like `deliver`, but a gap is reported by the caller (as `Lost` then
-    /// `Resumed { complete: false }`) rather than here.
-    async fn deliver_quiet(&mut self, e: RawEntry) -> std::result::Result<bool, Stop> {
-        let mut gap = false;
-        if let Some(n) = e.number {
-            gap = n != self.last_n.wrapping_add(1);
-            self.last_n = n;
-        }
-        self.last_id = e.id;
-        let ev = match e.message.as_deref().map(Message::decode) {
-            Some(Ok(m)) => BackplaneEvent::Message(m),
-            _ => BackplaneEvent::Malformed,
-        };
-        self.send(ev).await?;
-        Ok(gap)
     }
 
     async fn read_loop(&mut self, c: &mut MultiplexedConnection) -> Stop {
@@ -526,6 +544,7 @@ impl StreamReader {
         let block_ms = u64::try_from(inner.cfg.block.as_millis()).unwrap_or(u64::MAX).max(1);
         let limit = inner.cfg.block + inner.cfg.read_grace;
         loop {
+            let last_id = self.last_id.to_string();
             let read = async {
                 redis::cmd("XREAD")
                     .arg("COUNT")
@@ -534,7 +553,7 @@ impl StreamReader {
                     .arg(block_ms)
                     .arg("STREAMS")
                     .arg(&inner.stream_key)
-                    .arg(&self.last_id)
+                    .arg(last_id)
                     .query_async::<Value>(c)
                     .await
             };
@@ -552,8 +571,18 @@ impl StreamReader {
             let Some(entries) = parse_xread(&v) else {
                 return Stop::Failed(bad_reply(ErrorKind::Backplane, "redis stream read"));
             };
+            if entries.is_empty() {
+                // A quiet block time: either nothing was published, or entries were
+                // deleted after the last one read, or the stream was re-created below
+                // this reader's position (XREAD would wait forever). Only a look at the
+                // stream and the counter tells these apart.
+                if let Err(stop) = self.catch_up(c, Gaps::Report).await {
+                    return stop;
+                }
+                continue;
+            }
             for e in entries {
-                if let Err(stop) = self.deliver(e).await {
+                if let Err(stop) = self.deliver(e, Gaps::Report).await {
                     return stop;
                 }
             }

@@ -1,14 +1,98 @@
-//! The Lua scripts of the stream backplane: numbering and appending an entry, and the
-//! reads that must see the stream and its counter at the same instant.
+//! The stream backplane's side in Redis: the Lua scripts (numbering and appending an
+//! entry, replacing a stream or counter that cannot take one, and the reads that must
+//! see the stream and its counter at the same instant), and the shape of what the
+//! stream reads return (ids and entries, read with checked arithmetic: anyone who can
+//! write under the prefix chooses them).
+
+use redis::Value;
+
+use crate::reply::{value_array, value_bytes, value_string, value_u64};
 
 /// Stream backplane publish: number the entry, append it, cap the stream.
 ///
-/// KEYS: stream, counter. ARGV: max len, message bytes. Returns the entry's number.
+/// KEYS: stream, counter. ARGV: max len, message bytes. Returns
+/// `{number, counter restarted (0 or 1), what was wrong with the stream ('' if nothing)}`.
+///
+/// Anyone who can write under the prefix can leave these keys in a state where no
+/// publish could ever succeed again; the script repairs that here, atomically, so
+/// that two publishers cannot both repair (the second would delete what the first
+/// appended):
+///
+/// - a counter that `INCR` refuses (not an integer, or at its maximum), that gives
+///   a number below 1 (entries the subscribers could not number), or that Lua
+///   cannot carry exactly (2^53 and above) restarts at 1; subscribers see the
+///   numbers jump and report `Lost`;
+/// - a stream key that holds another type, or a stream whose last id is the largest
+///   possible (`XADD … *` has no id left to give), is deleted and the entry appended
+///   to a new stream; its history is gone, which subscribers that had not read it
+///   see as a gap in the numbers, and a subscriber whose position is above the new
+///   ids notices at its next idle read (see `STREAM_CATCH_UP`).
+///
+/// A failed append gives its number back, so that it does not look like a trimmed
+/// entry to the subscribers.
 pub(crate) const STREAM_PUBLISH: &str = r#"
-local n = redis.call('INCR', KEYS[2])
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'm', ARGV[2], 'n', n)
-return n
+local restarted = 0
+local n = redis.pcall('INCR', KEYS[2])
+if type(n) ~= 'number' or n < 1 or n >= 9007199254740992 then
+  redis.call('SET', KEYS[2], 1)
+  n = 1
+  restarted = 1
+end
+local function append()
+  return redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'm', ARGV[2], 'n', n)
+end
+local added = append()
+if type(added) ~= 'table' or not added.err then
+  return {n, restarted, ''}
+end
+local problem = ''
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind == 'stream' then
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' and info[i + 1] == '18446744073709551615-18446744073709551615' then
+      problem = 'exhausted'
+    end
+  end
+elseif kind ~= 'none' then
+  problem = kind
+end
+if problem == '' then
+  if restarted == 0 then redis.call('DECR', KEYS[2]) end
+  return added
+end
+redis.call('DEL', KEYS[1])
+added = append()
+if type(added) == 'table' and added.err then
+  return added
+end
+return {n, restarted, problem}
 "#;
+
+/// What the publish script replaced, one sentence each, from its reply. The message
+/// is appended whatever the rest of the reply says: an odd reply only loses the
+/// report, never the publish.
+pub(crate) fn publish_repairs(reply: &Value, stream_key: &str, counter_key: &str) -> Vec<String> {
+    let reply = value_array(reply).unwrap_or_default();
+    let mut out = Vec::new();
+    if reply.get(1).and_then(value_u64) == Some(1) {
+        out.push(format!(
+            "the counter `{counter_key}` held a value INCR refuses, or one out of 1..2^53; \
+             numbering restarted at 1"
+        ));
+    }
+    match reply.get(2).and_then(value_string).as_deref() {
+        None | Some("") => {}
+        Some("exhausted") => out.push(format!(
+            "the stream `{stream_key}` had reached the largest id, so `XADD *` could append \
+             nothing; re-created it, its history is gone"
+        )),
+        Some(other) => out.push(format!(
+            "the key `{stream_key}` held a {other}, not a stream; replaced it by a new stream"
+        )),
+    }
+    out
+}
 
 /// Where a new subscriber starts: the last entry's id and the counter, atomically.
 ///
@@ -20,11 +104,181 @@ if #last > 0 then id = last[1][1] end
 return {id, redis.call('GET', KEYS[2]) or '0'}
 "#;
 
-/// Catch-up read after a reconnect: entries after the last id seen, and the counter,
-/// atomically (so a trailing loss is told apart from a publish racing the read).
+/// Catch-up read, after a reconnect or a read that waited its block time for
+/// nothing: entries from a given id on, the counter, and (when the read is not a
+/// full batch) the stream's last generated id, atomically (so a trailing loss is told
+/// apart from a publish racing the read, and a stream re-created below the reader's
+/// position from a quiet one).
 ///
-/// KEYS: stream, counter. ARGV: last id, count. Returns {counter, entries}.
+/// KEYS: stream, counter. ARGV: first id to read ('' to read nothing: the reader is
+/// at the largest id), count. Returns {counter, entries, last generated id or '' when
+/// the stream does not exist (or the batch was full)}.
 pub(crate) const STREAM_CATCH_UP: &str = r#"
-local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
-return {redis.call('GET', KEYS[2]) or '0', entries}
+local entries = {}
+if ARGV[1] ~= '' then
+  entries = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])
+end
+local last = ''
+if #entries < tonumber(ARGV[2]) and redis.call('EXISTS', KEYS[1]) == 1 then
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then last = info[i + 1] end
+  end
+end
+return {redis.call('GET', KEYS[2]) or '0', entries, last}
 "#;
+
+/// A stream entry id, `<ms>-<seq>`, both parts `u64` in Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct StreamId {
+    ms: u64,
+    seq: u64,
+}
+
+impl StreamId {
+    /// Below every entry's id: reading after it reads a stream from its start.
+    pub(crate) const ZERO: StreamId = StreamId { ms: 0, seq: 0 };
+
+    /// Parses `<ms>-<seq>`; `None` for anything else, a part beyond `u64` included.
+    pub(crate) fn parse(s: &str) -> Option<StreamId> {
+        let (ms, seq) = s.split_once('-')?;
+        Some(StreamId { ms: ms.parse().ok()?, seq: seq.parse().ok()? })
+    }
+
+    /// The smallest id above this one; `None` above the largest id.
+    pub(crate) fn successor(self) -> Option<StreamId> {
+        match self.seq.checked_add(1) {
+            Some(seq) => Some(StreamId { ms: self.ms, seq }),
+            None => Some(StreamId { ms: self.ms.checked_add(1)?, seq: 0 }),
+        }
+    }
+
+    /// The largest id below this one; `None` below `0-0`.
+    pub(crate) fn predecessor(self) -> Option<StreamId> {
+        match self.seq.checked_sub(1) {
+            Some(seq) => Some(StreamId { ms: self.ms, seq }),
+            None => Some(StreamId { ms: self.ms.checked_sub(1)?, seq: u64::MAX }),
+        }
+    }
+}
+
+impl std::fmt::Display for StreamId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+/// One stream entry as read.
+#[derive(Debug)]
+pub(crate) struct RawEntry {
+    pub(crate) id: StreamId,
+    pub(crate) message: Option<Vec<u8>>,
+    pub(crate) number: Option<u64>,
+}
+
+/// Parses `[[id, [field, value, …]], …]`. Redis only returns well-formed ids: one
+/// that does not read as two `u64`s makes the whole reply unreadable.
+pub(crate) fn parse_entries(v: &Value) -> Option<Vec<RawEntry>> {
+    let mut out = Vec::new();
+    for e in value_array(v)? {
+        let pair = value_array(e)?;
+        let id = StreamId::parse(&value_string(pair.first()?)?)?;
+        let mut entry = RawEntry { id, message: None, number: None };
+        match pair.get(1)? {
+            Value::Map(kv) => {
+                for (k, v) in kv {
+                    take_field(&mut entry, k, v);
+                }
+            }
+            other => {
+                let fields = value_array(other)?;
+                for kv in fields.chunks(2) {
+                    if let [k, v] = kv {
+                        take_field(&mut entry, k, v);
+                    }
+                }
+            }
+        }
+        out.push(entry);
+    }
+    Some(out)
+}
+
+/// An `n` that is not a `u64` (not written by this backplane) leaves the entry out of
+/// the numbering, like an entry without one; its message, if it decodes, is still an
+/// invalidation worth applying.
+fn take_field(entry: &mut RawEntry, k: &Value, v: &Value) {
+    match value_bytes(k) {
+        Some(b"m") => entry.message = value_bytes(v).map(<[u8]>::to_vec),
+        Some(b"n") => entry.number = value_u64(v),
+        _ => {}
+    }
+}
+
+/// Parses an `XREAD` reply for one stream (nil when the block time passed).
+pub(crate) fn parse_xread(v: &Value) -> Option<Vec<RawEntry>> {
+    match v {
+        Value::Nil => Some(Vec::new()),
+        Value::Map(kv) => match kv.first() {
+            Some((_, entries)) => parse_entries(entries),
+            None => Some(Vec::new()),
+        },
+        other => {
+            let streams = value_array(other)?;
+            match streams.first() {
+                None => Some(Vec::new()),
+                Some(s) => parse_entries(value_array(s)?.get(1)?),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: &str = "18446744073709551615-18446744073709551615";
+
+    #[test]
+    fn stream_ids_parse_checked_and_order_numerically() {
+        let max = StreamId::parse(MAX).unwrap();
+        assert_eq!(max.to_string(), MAX);
+        assert_eq!(max.successor(), None);
+        assert_eq!(StreamId::ZERO.predecessor(), None);
+        assert_eq!(StreamId::parse("5-18446744073709551615").unwrap().successor(), StreamId::parse("6-0"));
+        assert_eq!(StreamId::parse("6-0").unwrap().predecessor(), StreamId::parse("5-18446744073709551615"));
+        assert_eq!(max.predecessor(), StreamId::parse("18446744073709551615-18446744073709551614"));
+        for bad in
+            ["18446744073709551616-0", "0-18446744073709551616", "-1-0", "1", "1-", "-", "a-b", "1-2-3", ""]
+        {
+            assert_eq!(StreamId::parse(bad), None, "{bad:?}");
+        }
+        // Numeric, not textual: 10-0 comes after 9-5.
+        assert!(StreamId::parse("10-0").unwrap() > StreamId::parse("9-5").unwrap());
+        assert!(StreamId::parse("1-10").unwrap() > StreamId::parse("1-9").unwrap());
+    }
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    fn entry(id: &str, fields: &[(&str, &str)]) -> Value {
+        let kv = fields.iter().flat_map(|(k, v)| [bulk(k), bulk(v)]).collect();
+        Value::Array(vec![bulk(id), Value::Array(kv)])
+    }
+
+    #[test]
+    fn entries_with_out_of_range_numbers_are_unnumbered() {
+        let v = Value::Array(vec![
+            entry(MAX, &[("m", "x"), ("n", "18446744073709551615")]),
+            entry("1-1", &[("m", "x"), ("n", "18446744073709551616")]),
+            entry("1-2", &[("n", "-1")]),
+        ]);
+        let got = parse_entries(&v).unwrap();
+        assert_eq!(got.iter().map(|e| e.number).collect::<Vec<_>>(), vec![Some(u64::MAX), None, None]);
+        assert_eq!(got[0].id, StreamId::parse(MAX).unwrap());
+        assert_eq!(got[1].message.as_deref(), Some(&b"x"[..]));
+        assert_eq!(got[2].message, None);
+        assert!(parse_entries(&Value::Array(vec![entry("18446744073709551616-0", &[])])).is_none());
+    }
+}

@@ -282,3 +282,243 @@ async fn stream_paused_server_is_detected_and_resumed() {
     bp.publish(&msg(1, 1, "x")).await.unwrap();
     assert!(message_of(&next_event(&mut sub, Duration::from_secs(5)).await).is_some());
 }
+
+/// The largest stream id: a stream whose last id is this accepts no `XADD … *`.
+const MAX_ID: &str = "18446744073709551615-18446744073709551615";
+
+/// Reads events until `Resumed`, returning the sequence numbers delivered before it,
+/// whether a `Lost` came, and the `complete` flag.
+async fn until_resumed(sub: &mut strata::backplane::Subscription) -> (Vec<u64>, bool, bool) {
+    let mut seqs = Vec::new();
+    let mut lost = false;
+    loop {
+        match next_event(sub, Duration::from_secs(5)).await {
+            BackplaneEvent::Message(m) => seqs.push(m.seq),
+            BackplaneEvent::Lost => lost = true,
+            BackplaneEvent::Resumed { complete } => return (seqs, lost, complete),
+            other => panic!("unexpected {other:?}; got {seqs:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_exhausted_ids_are_repaired_and_publishing_resumes() {
+    let server = RedisServer::start();
+    let bp = RedisStreamBackplane::builder(server.url())
+        .op_timeout(Duration::from_secs(2))
+        .block(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    // Away while the stream is repaired: reconnects 400–800 ms after its connection dies.
+    let away_bp = RedisStreamBackplane::builder(server.url())
+        .block(Duration::from_millis(200))
+        .reconnect_backoff(Duration::from_millis(400), Duration::from_millis(800))
+        .build()
+        .await
+        .unwrap();
+    let mut reader = bp.subscribe().await.unwrap();
+    let mut away = away_bp.subscribe().await.unwrap();
+    bp.publish(&msg(7, 1, "a")).await.unwrap();
+    assert_eq!(message_of(&next_event(&mut reader, Duration::from_secs(5)).await).map(|m| m.seq), Some(1));
+    assert_eq!(message_of(&next_event(&mut away, Duration::from_secs(5)).await).map(|m| m.seq), Some(1));
+    let clients = clients_named(&server, &away_bp.client_name_prefix());
+    server.command(&["CLIENT", "KILL", "ID", &clients[0].0]).unwrap();
+    wait_for(&mut away, Duration::from_secs(5), "Disconnected", |e| *e == BackplaneEvent::Disconnected).await;
+    // Published while `away` is away, then destroyed by the repair before it reads it.
+    bp.publish(&msg(7, 2, "b")).await.unwrap();
+    assert_eq!(message_of(&next_event(&mut reader, Duration::from_secs(5)).await).map(|m| m.seq), Some(2));
+
+    // The new stream's first id must not fall within the millisecond of message 1,
+    // the last one `away` read (see `reset_under_subscriber`).
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    server.command(&["XADD", bp.stream_key(), MAX_ID, "m", "garbage"]).unwrap();
+    assert_eq!(next_event(&mut reader, Duration::from_secs(5)).await, BackplaneEvent::Malformed);
+    let started = Instant::now();
+    bp.publish(&msg(7, 3, "c")).await.expect("the publish that finds the stream exhausted repairs it");
+    let repaired_in = started.elapsed();
+    assert_eq!(bp.stats().repairs, 1, "{:?}", bp.stats());
+    bp.publish(&msg(7, 4, "d")).await.unwrap();
+    assert_eq!(bp.stats().repairs, 1, "one repair: {:?}", bp.stats());
+
+    // The reader had read every message: it loses nothing, it reads on in the new stream
+    // although the new stream's ids are below the last id it read.
+    for seq in 3..=4 {
+        let ev = next_event(&mut reader, Duration::from_secs(5)).await;
+        assert_eq!(message_of(&ev).map(|m| m.seq), Some(seq), "{ev:?}");
+    }
+    // `away` missed message 2, which the repair deleted: it knows.
+    let (seqs, lost, complete) = until_resumed(&mut away).await;
+    assert_eq!(seqs, vec![3, 4]);
+    assert!(lost && !complete, "Lost and Resumed{{complete:false}} for the reader that missed message 2");
+    bp.publish(&msg(7, 5, "e")).await.unwrap();
+    for sub in [&mut reader, &mut away] {
+        assert_eq!(message_of(&next_event(sub, Duration::from_secs(5)).await).map(|m| m.seq), Some(5));
+    }
+    eprintln!("[stream] exhausted stream ids: repaired by the publish that hit them ({repaired_in:?})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_counter_that_cannot_count_is_restarted() {
+    let server = RedisServer::start();
+    let bp = stream_bp(&server).await;
+    let counter = format!("{}:seq", bp.stream_key());
+    let mut sub = bp.subscribe().await.unwrap();
+    let mut seq = 0;
+    // At INCR's maximum; not a number; beyond what Lua counts exactly; negative (its
+    // entries could not be numbered).
+    for value in ["9223372036854775807", "not a number", "9007199254740993", "-5"] {
+        seq += 1;
+        bp.publish(&msg(8, seq, "before")).await.unwrap();
+        assert_eq!(message_of(&next_event(&mut sub, Duration::from_secs(5)).await).map(|m| m.seq), Some(seq));
+        server.command(&["SET", &counter, value]).unwrap();
+        seq += 1;
+        bp.publish(&msg(8, seq, "after"))
+            .await
+            .unwrap_or_else(|e| panic!("publish with counter {value:?}: {e}"));
+        // The numbering restarted: the subscriber cannot tell what it missed. (An idle
+        // read may also have seen the counter jump before the publish: a second Lost.)
+        let (ev, skipped) =
+            wait_for(&mut sub, Duration::from_secs(5), "the message", |e| message_of(e).is_some()).await;
+        assert_eq!(message_of(&ev).map(|m| m.seq), Some(seq));
+        assert!(
+            !skipped.is_empty() && skipped.iter().all(|e| *e == BackplaneEvent::Lost),
+            "counter {value:?}: {skipped:?}"
+        );
+    }
+    assert_eq!(bp.stats().repairs, 4, "{:?}", bp.stats());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_key_of_another_type_is_replaced() {
+    let server = RedisServer::start();
+    let bp = stream_bp(&server).await;
+    let mut sub = bp.subscribe().await.unwrap();
+    bp.publish(&msg(2, 1, "a")).await.unwrap();
+    assert_eq!(message_of(&next_event(&mut sub, Duration::from_secs(5)).await).map(|m| m.seq), Some(1));
+    // Not within the millisecond of message 1: see `reset_under_subscriber`.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    server.command(&["DEL", bp.stream_key()]).unwrap();
+    server.command(&["SET", bp.stream_key(), "not a stream"]).unwrap();
+    bp.publish(&msg(2, 2, "b")).await.expect("the publish replaces the string by a stream");
+    assert_eq!(bp.stats().repairs, 1, "{:?}", bp.stats());
+    // The subscriber's reads may have failed on the string meanwhile (Disconnected, then
+    // Resumed); nothing numbered was lost.
+    let (ev, skipped) =
+        wait_for(&mut sub, Duration::from_secs(5), "message 2", |e| message_of(e).is_some()).await;
+    assert_eq!(message_of(&ev).map(|m| m.seq), Some(2));
+    assert!(
+        skipped
+            .iter()
+            .all(|e| matches!(e, BackplaneEvent::Disconnected | BackplaneEvent::Resumed { complete: true })),
+        "{skipped:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_reconnect_after_reading_the_maximal_id_resumes() {
+    let server = RedisServer::start();
+    let bp = RedisStreamBackplane::builder(server.url())
+        .op_timeout(Duration::from_secs(2))
+        .block(Duration::from_millis(200))
+        .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(100))
+        .build()
+        .await
+        .unwrap();
+    let mut sub = bp.subscribe().await.unwrap();
+    bp.publish(&msg(9, 1, "a")).await.unwrap();
+    assert!(message_of(&next_event(&mut sub, Duration::from_secs(5)).await).is_some());
+    server.command(&["XADD", bp.stream_key(), MAX_ID, "m", "garbage"]).unwrap();
+    assert_eq!(next_event(&mut sub, Duration::from_secs(5)).await, BackplaneEvent::Malformed);
+    let clients = clients_named(&server, &bp.client_name_prefix());
+    server.command(&["CLIENT", "KILL", "ID", &clients[0].0]).unwrap();
+    assert_eq!(next_event(&mut sub, Duration::from_secs(5)).await, BackplaneEvent::Disconnected);
+    // Nothing after the maximal id can exist: the catch-up reads nothing, and nothing
+    // numbered was missed.
+    let (seqs, lost, complete) = until_resumed(&mut sub).await;
+    assert!(seqs.is_empty() && !lost && complete, "{seqs:?} lost {lost} complete {complete}");
+    bp.publish(&msg(9, 2, "b")).await.unwrap();
+    assert_eq!(message_of(&next_event(&mut sub, Duration::from_secs(5)).await).map(|m| m.seq), Some(2));
+}
+
+/// Subscribes and reads three messages; when `ahead`, also an entry whose id is far in
+/// the future (as written by a server whose clock was ahead, or by hand), so that the
+/// subscriber's position is above any id a re-created stream gives. Then runs `reset`,
+/// publishes three more, and returns what the subscriber reported.
+async fn reset_under_subscriber(reset: &[&str], ahead: bool) -> (bool, Vec<u64>) {
+    let server = RedisServer::start();
+    let bp = RedisStreamBackplane::builder(server.url())
+        .op_timeout(Duration::from_secs(2))
+        .block(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    let mut sub = bp.subscribe().await.unwrap();
+    for seq in 1..=3 {
+        bp.publish(&msg(6, seq, "before")).await.unwrap();
+        assert_eq!(message_of(&next_event(&mut sub, Duration::from_secs(5)).await).map(|m| m.seq), Some(seq));
+    }
+    if ahead {
+        server.command(&["XADD", bp.stream_key(), "99999999999999-0", "m", "from the future"]).unwrap();
+        assert_eq!(next_event(&mut sub, Duration::from_secs(5)).await, BackplaneEvent::Malformed);
+    }
+    // A new stream's ids come from the clock: one re-created within the millisecond of
+    // the last entry read starts below it, and `XREAD` skips its first entries (the
+    // numbers then report Lost). Here that case is left to `ahead`.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let reset_at = Instant::now();
+    server.command(reset).unwrap();
+    for seq in 4..=6 {
+        bp.publish(&msg(6, seq, "after")).await.unwrap();
+    }
+    let mut lost = false;
+    let mut seqs = Vec::new();
+    while seqs.last() != Some(&6) {
+        match next_event(&mut sub, Duration::from_secs(5)).await {
+            BackplaneEvent::Message(m) => seqs.push(m.seq),
+            BackplaneEvent::Lost if seqs.is_empty() && !lost => lost = true,
+            other => panic!("unexpected {other:?} after {reset:?}; got {seqs:?}"),
+        }
+    }
+    eprintln!(
+        "[stream] {reset:?} under a subscriber{}: lost {lost}, messages flow again {:?} after it",
+        if ahead { " positioned ahead of the new stream" } else { "" },
+        reset_at.elapsed()
+    );
+    (lost, seqs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_deleted_under_subscriber_reads_the_new_stream() {
+    let key = "strata:{bp}";
+    for ahead in [false, true] {
+        let (lost, seqs) = reset_under_subscriber(&["DEL", key], ahead).await;
+        assert_eq!(seqs, vec![4, 5, 6], "ahead {ahead}: everything published after the DEL is delivered");
+        // The counter survives a DEL: the numbers show that nothing was missed.
+        assert!(!lost, "ahead {ahead}: nothing was lost");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_flushall_under_subscriber_is_lost_then_flows() {
+    for ahead in [false, true] {
+        let (lost, seqs) = reset_under_subscriber(&["FLUSHALL"], ahead).await;
+        assert_eq!(
+            seqs,
+            vec![4, 5, 6],
+            "ahead {ahead}: everything published after the FLUSHALL is delivered"
+        );
+        // The counter went back too: the subscriber cannot tell what it missed.
+        assert!(lost, "ahead {ahead}: Lost before the new messages");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_replay_of_the_widest_range_does_not_overflow() {
+    let server = RedisServer::start();
+    let bp = stream_bp(&server).await;
+    bp.publish(&msg(1, 1, "a")).await.unwrap();
+    assert_eq!(bp.replay(1, 0, u64::MAX).await.unwrap(), None);
+    assert_eq!(bp.replay(1, 1, u64::MAX).await.unwrap(), None);
+    assert_eq!(bp.replay(1, u64::MAX, u64::MAX).await.unwrap(), None);
+}
