@@ -7,6 +7,9 @@
 
 mod bench;
 mod check;
+mod secret;
+
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
@@ -30,8 +33,20 @@ enum Command {
     CheckWorker(check::worker::WorkerArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // As `main` returning the error would print it, with every secret of the
+            // URLs given replaced: error chains may quote text from client libraries.
+            eprintln!("Error: {}", secret::scrub(&format!("{e:?}")));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -65,7 +65,10 @@ impl ConnectionOptions {
         }
     }
 
-    /// The URL with any password replaced by `***`.
+    /// The URL with its password, and anything else that may be secret, replaced by
+    /// `***`: safe to print, whatever the URL's form (an unencoded `/ ? # @ :` in the
+    /// password, a password without user, a unix socket's `pass=`, text that is not a
+    /// URL at all).
     pub fn redacted_url(&self) -> String {
         redact_url(&self.url)
     }
@@ -111,27 +114,65 @@ impl std::fmt::Debug for ConnectionOptions {
     }
 }
 
-/// The URL with any password replaced by `***`, safe for error messages and logs.
+/// The URL with anything that may be a secret replaced by `***`, safe for error
+/// messages and logs. It errs on the side of hiding: a password may hold unencoded
+/// `/ ? # @ :`, so the userinfo runs to the *last* `@`; its user is shown only beside a
+/// password and when it looks like a user name (a lone userinfo may be a password
+/// written without its colon); a non-numeric port, the values of query parameters
+/// named like a password (redis-rs's `pass=` of unix sockets, `password=`) and what
+/// follows them are hidden; and text that is not `scheme://…` is hidden whole.
 pub(crate) fn redact_url(url: &str) -> String {
-    // scheme://[user[:password]@]host...
     let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+        return if url.is_empty() { String::new() } else { "***".to_owned() };
     };
-    let (authority, tail) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            if userinfo.contains(':') {
-                format!("{scheme}://{user}:***@{host}{tail}")
-            } else {
-                format!("{scheme}://{user}@{host}{tail}")
-            }
-        }
-        None => url.to_owned(),
+    let is_scheme = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    if !is_scheme {
+        return "***".to_owned();
     }
+    let (userinfo, after) = match rest.rfind('@') {
+        Some(at) => {
+            let user = match rest[..at].split_once(':') {
+                Some((user, _))
+                    if user.chars().all(|c| c.is_ascii_alphanumeric() || "-_.~%+".contains(c)) =>
+                {
+                    format!("{user}:***@")
+                }
+                _ => "***@".to_owned(),
+            };
+            (user, &rest[at + 1..])
+        }
+        None => (String::new(), rest),
+    };
+    format!("{scheme}://{userinfo}{}", redact_host_and_rest(after))
+}
+
+/// `host[:port][/path][?query][#fragment]` with a non-numeric port (and all after it)
+/// and secret query values (and all after them) hidden.
+fn redact_host_and_rest(s: &str) -> String {
+    let end = s.find(['/', '?', '#']).unwrap_or(s.len());
+    let (authority, tail) = s.split_at(end);
+    // The port follows the first `:` past an IPv6 literal's brackets.
+    let host_end = authority.find(']').map_or(0, |i| i + 1);
+    if let Some(colon) = authority[host_end..].find(':').map(|i| host_end + i)
+        && !authority[colon + 1..].chars().all(|c| c.is_ascii_digit())
+    {
+        return format!("{}:***", &authority[..colon]);
+    }
+    let Some(q) = tail.find('?') else { return s.to_owned() };
+    let mut out = format!("{authority}{}", &tail[..=q]);
+    for (i, pair) in tail[q + 1..].split('&').enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        let key = pair.split_once('=').map_or(pair, |(k, _)| k).to_ascii_lowercase();
+        if ["pass", "secret", "token"].iter().any(|w| key.contains(w)) {
+            out.push_str(&format!("{}=***", pair.split_once('=').map_or(pair, |(k, _)| k)));
+            return out;
+        }
+        out.push_str(pair);
+    }
+    out
 }
 
 fn bad_url(what: &str, shown: &str, e: RedisError) -> Error {
@@ -418,12 +459,109 @@ impl ManagedConn {
 mod tests {
     use super::*;
 
+    /// `(url, its redacted form, the secret it holds)`: every way a user might write one.
+    const TRICKY: &[(&str, &str, &str)] = &[
+        ("redis://alice:s3cr3t@127.0.0.1:1/0", "redis://alice:***@127.0.0.1:1/0", "s3cr3t"),
+        ("redis://alice:pa/ss@127.0.0.1:1/0", "redis://alice:***@127.0.0.1:1/0", "pa/ss"),
+        ("redis://alice:pa?ss@127.0.0.1:1/0", "redis://alice:***@127.0.0.1:1/0", "pa?ss"),
+        ("redis://alice:pa#ss@127.0.0.1:1/0", "redis://alice:***@127.0.0.1:1/0", "pa#ss"),
+        ("redis://alice:pa@ss@127.0.0.1:1/0", "redis://alice:***@127.0.0.1:1/0", "pa@ss"),
+        ("redis://alice:pa:ss@127.0.0.1:1/0", "redis://alice:***@127.0.0.1:1/0", "pa:ss"),
+        ("redis://alice:p/a?s#s:w@rd@127.0.0.1:1", "redis://alice:***@127.0.0.1:1", "p/a?s#s:w@rd"),
+        ("redis://alice:pa%2Fss@127.0.0.1:1/0", "redis://alice:***@127.0.0.1:1/0", "pa%2Fss"),
+        ("redis://:s3cr3t@127.0.0.1:1", "redis://:***@127.0.0.1:1", "s3cr3t"),
+        ("redis://:s3/cr3t@127.0.0.1:1/2", "redis://:***@127.0.0.1:1/2", "s3/cr3t"),
+        // A lone userinfo may be a password written without its colon.
+        ("redis://s3cr3t@127.0.0.1:1", "redis://***@127.0.0.1:1", "s3cr3t"),
+        ("redis://s3/cr3t@127.0.0.1:1", "redis://***@127.0.0.1:1", "s3/cr3t"),
+        // A "user" that cannot be one is part of a password.
+        ("redis://s3/cr:3t@127.0.0.1:1", "redis://***@127.0.0.1:1", "s3/cr"),
+        (
+            "rediss://alice:s3cr3t@127.0.0.1:1/2#insecure",
+            "rediss://alice:***@127.0.0.1:1/2#insecure",
+            "s3cr3t",
+        ),
+        ("REDIS://alice:s3cr3t@127.0.0.1:1", "REDIS://alice:***@127.0.0.1:1", "s3cr3t"),
+        ("redis://alice:s3cr3t@[::1]:1/0", "redis://alice:***@[::1]:1/0", "s3cr3t"),
+        ("redis+unix:///run/r.sock?db=1&pass=s3cr3t", "redis+unix:///run/r.sock?db=1&pass=***", "s3cr3t"),
+        ("unix:///run/r.sock?user=u&pass=s3&cr3t", "unix:///run/r.sock?user=u&pass=***", "cr3t"),
+        ("redis://127.0.0.1:1/0?password=s3cr3t#x", "redis://127.0.0.1:1/0?password=***", "s3cr3t"),
+        // No `@`: a password where the port should be.
+        ("redis://alice:s3cr3t", "redis://alice:***", "s3cr3t"),
+        ("redis://alice:s3/cr3t", "redis://alice:***", "cr3t"),
+        ("redis://:s3cr3t", "redis://:***", "s3cr3t"),
+        // Not URLs at all: nothing of them is shown.
+        ("alice:s3cr3t@127.0.0.1:1", "***", "s3cr3t"),
+        ("redis:/alice:s3cr3t@127.0.0.1:1", "***", "s3cr3t"),
+        ("redis//alice:s3cr3t@127.0.0.1:1", "***", "s3cr3t"),
+        ("s3cr3t", "***", "s3cr3t"),
+        ("al:ice://s3cr3t@127.0.0.1:1", "***", "s3cr3t"),
+    ];
+
     #[test]
-    fn redacts_passwords() {
-        assert_eq!(redact_url("redis://alice:s3cret@host:6379/0"), "redis://alice:***@host:6379/0");
-        assert_eq!(redact_url("redis://:pw@host"), "redis://:***@host");
-        assert_eq!(redact_url("redis://host:1/2"), "redis://host:1/2");
-        assert_eq!(redact_url("rediss://bob@h"), "rediss://bob@h");
+    fn redacts_every_form_of_password() {
+        for (url, redacted, secret) in TRICKY {
+            let shown = redact_url(url);
+            assert_eq!(&shown, redacted, "redacting {url}");
+            assert!(!shown.contains(secret), "{url} shown as {shown}");
+        }
+    }
+
+    #[test]
+    fn keeps_urls_without_secrets() {
+        for url in [
+            "redis://127.0.0.1:6379/0",
+            "redis://host",
+            "redis://[::1]:6379/0",
+            "rediss://host:6380/0?protocol=resp3#insecure",
+            "redis+unix:///run/redis.sock?db=2",
+            "postgres://127.0.0.1:5432/db?sslmode=disable",
+            "",
+        ] {
+            assert_eq!(redact_url(url), url);
+        }
+        // A `@` past the host is taken for the end of a userinfo: hidden, not shown.
+        assert_eq!(redact_url("redis://host/0?x=a@b"), "redis://***@b");
+        assert_eq!(
+            redact_url("postgres://u:pw@h:5432/db?sslmode=disable&password=x"),
+            "postgres://u:***@h:5432/db?sslmode=disable&password=***"
+        );
+    }
+
+    fn assert_hidden(text: &str, url: &str, secret: &str) {
+        assert!(!text.contains(secret), "{url}: the password shows in {text}");
+    }
+
+    /// The builders' `Debug`, the built components' and the errors of a bad or
+    /// unreachable URL never show the password.
+    #[tokio::test]
+    async fn builders_and_errors_hide_the_password() {
+        use crate::{RedisPubSubBackplane, RedisStreamBackplane, RedisTier};
+        let short = Duration::from_millis(200);
+        for (url, _, secret) in TRICKY {
+            let options = ConnectionOptions::new(*url);
+            assert_hidden(&format!("{options:?}"), url, secret);
+            assert_hidden(&format!("{:?}", RedisTier::builder(*url)), url, secret);
+            assert_hidden(&format!("{:?}", RedisStreamBackplane::builder(*url)), url, secret);
+            assert_hidden(&format!("{:?}", RedisPubSubBackplane::builder(*url)), url, secret);
+            if let Err(e) = options.open_client("test") {
+                assert_hidden(&format!("{e} {e:?}"), url, secret);
+            }
+            let tier = RedisTier::builder(*url).connect_timeout(short).build().await;
+            let e = tier.err().unwrap_or_else(|| panic!("{url}: nothing listens on port 1"));
+            assert_hidden(&format!("{e} {e:?}"), url, secret);
+            let bp = RedisStreamBackplane::builder(*url).connect_timeout(short).build().await;
+            let e = bp.err().unwrap_or_else(|| panic!("{url}: nothing listens on port 1"));
+            assert_hidden(&format!("{e} {e:?}"), url, secret);
+            let bp = RedisPubSubBackplane::builder(*url).connect_timeout(short).build().await;
+            let e = bp.err().unwrap_or_else(|| panic!("{url}: nothing listens on port 1"));
+            assert_hidden(&format!("{e} {e:?}"), url, secret);
+            if let Ok(tier) = RedisTier::builder(*url).lazy(true).build().await {
+                assert_hidden(&format!("{tier:?}"), url, secret);
+                let cache = strata::Cache::<u64, u64>::builder("leak").tier(std::sync::Arc::new(tier));
+                assert_hidden(&format!("{cache:?}"), url, secret);
+            }
+        }
     }
 
     #[test]

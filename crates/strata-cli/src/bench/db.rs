@@ -19,6 +19,7 @@ use sqlx::{AssertSqlSafe, QueryBuilder, Row as _};
 use std::sync::Arc;
 
 use super::scenario::Scenario;
+use crate::secret::SecretUrl;
 
 /// One row as the app sees it: what the caches hold.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,12 +82,13 @@ const SEED_BATCH: u64 = 500;
 impl Db {
     /// Opens the database (`None`: a new SQLite file in a temporary directory), creates
     /// the scenario's table and seeds it with `keys` rows at version 1.
-    pub async fn open(url: Option<&str>, scenario: Scenario, keys: u64, hottest: u64) -> Result<Db> {
+    pub async fn open(url: Option<&SecretUrl>, scenario: Scenario, keys: u64, hottest: u64) -> Result<Db> {
         let (column, initial) = match scenario {
             Scenario::Billsetting => ("plan", "basic"),
             Scenario::Payment => ("status", "PENDING"),
         };
-        let (pool, table, description, dir) = match url {
+        // `url` formats redacted; `raw` is for sqlx alone.
+        let (pool, table, description, dir) = match url.map(|u| (u, u.expose())) {
             None => {
                 let dir = tempfile::tempdir().context("cannot create a temporary directory for SQLite")?;
                 let path = dir.path().join("bench.db");
@@ -105,19 +107,19 @@ impl Db {
                 let description = format!("SQLite (WAL, pool of {SQLITE_POOL}) in {}", dir.path().display());
                 (Pool::Sqlite(pool), scenario.name().to_owned(), description, Some(dir))
             }
-            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            Some((url, raw)) if raw.starts_with("postgres://") || raw.starts_with("postgresql://") => {
                 let pool = PgPoolOptions::new()
                     .max_connections(POSTGRES_POOL)
                     .acquire_timeout(Duration::from_secs(30))
-                    .connect(url)
+                    .connect(raw)
                     .await
-                    .with_context(|| format!("cannot connect to Postgres at {}", redact(url)))?;
+                    .with_context(|| format!("cannot connect to Postgres at {url}"))?;
                 let table = format!("strata_bench_{}_{:08x}", scenario.name(), rand::random::<u32>());
                 let description = format!("Postgres (pool of {POSTGRES_POOL}), table {table}");
                 (Pool::Postgres(pool), table, description, None)
             }
-            Some(url) if url.starts_with("sqlite:") => {
-                let options = SqliteConnectOptions::from_str(url)
+            Some((url, raw)) if raw.starts_with("sqlite:") => {
+                let options = SqliteConnectOptions::from_str(raw)
                     .with_context(|| format!("bad SQLite URL {url}"))?
                     .create_if_missing(true)
                     .journal_mode(SqliteJournalMode::Wal)
@@ -132,7 +134,7 @@ impl Db {
                 let description = format!("SQLite (WAL, pool of {SQLITE_POOL}) {url}, table {table}");
                 (Pool::Sqlite(pool), table, description, None)
             }
-            Some(url) => {
+            Some((url, _)) => {
                 return Err(anyhow!("--database {url}: expected a postgres:// or sqlite: URL"));
             }
         };
@@ -285,30 +287,5 @@ impl Db {
             Pool::Postgres(p) => p.close().await,
         }
         Ok(())
-    }
-}
-
-/// A URL with its password hidden, for error messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            match creds.find(':') {
-                Some(colon) => format!("{}{}:***{}", &url[..s + 3], &creds[..colon], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(redact("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
-        assert_eq!(redact("postgres://h/db"), "postgres://h/db");
     }
 }

@@ -32,6 +32,7 @@ use self::report::{BenchReport, StrategyReport};
 use self::runner::RunConfig;
 use self::schedule::{Schedule, ScheduleParams};
 use self::strategy::{FleetConfig, StrategyKind};
+use crate::secret::{self, SecretUrl};
 
 // The children take `Scenario` from its own file, never from here, so that this
 // module (which imports all of them) stays out of their import graph.
@@ -126,10 +127,10 @@ pub struct BenchArgs {
     /// Redis URL: adds redis-global, runs near-pubsub on Redis Pub/Sub and strata on
     /// RedisTier + RedisStreamBackplane.
     #[arg(long, value_name = "URL")]
-    pub redis: Option<String>,
+    pub redis: Option<SecretUrl>,
     /// Database URL (postgres://… or sqlite:…) [default: a SQLite file in a temp dir].
     #[arg(long, value_name = "URL")]
-    pub database: Option<String>,
+    pub database: Option<SecretUrl>,
     /// Only these strategies (comma-separated) [default: all that can run].
     #[arg(long, value_enum, value_delimiter = ',', value_name = "LIST")]
     pub strategies: Option<Vec<StrategyKind>>,
@@ -163,7 +164,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let kinds = choose_strategies(&args)?;
     let schedule = Schedule::generate(&params)?;
     let db =
-        Arc::new(Db::open(args.database.as_deref(), args.scenario, args.keys, schedule.hottest_key()).await?);
+        Arc::new(Db::open(args.database.as_ref(), args.scenario, args.keys, schedule.hottest_key()).await?);
     let run_id = format!("strata-bench:{}:{:08x}", std::process::id(), rand::random::<u32>());
     let fleet = FleetConfig {
         db: db.clone(),
@@ -179,7 +180,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         drain_timeout: Duration::from_secs(60),
         values: args.scenario.values(),
     };
-    let mut report = BenchReport::new(&params, &schedule, db.description(), args.redis.as_deref());
+    let mut report = BenchReport::new(&params, &schedule, db.description(), args.redis.as_ref());
     eprintln!("{}", report.headline());
 
     let result = run_strategies(&kinds, &fleet, &schedule, &run_config, &mut report).await;
@@ -235,7 +236,11 @@ async fn run_strategies(
         let outcome = outcome.with_context(|| format!("{kind} did not complete"))?;
         closed.with_context(|| format!("cannot clean up after {kind}"))?;
         if let Some(e) = &outcome.first_error {
-            eprintln!("warning: {kind}: {} requests failed; first error: {e}", outcome.errors);
+            eprintln!(
+                "warning: {kind}: {} requests failed; first error: {}",
+                outcome.errors,
+                secret::scrub(e)
+            );
         }
         let row = StrategyReport::new(strategy.as_ref(), &outcome, db_counts, tiers, report);
         eprintln!("{}", row.summary_line());

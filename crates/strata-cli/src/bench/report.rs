@@ -11,6 +11,7 @@ use super::db::DbCounts;
 use super::runner::Outcome;
 use super::schedule::{Schedule, ScheduleParams};
 use super::strategy::{Strategy, TierCounts};
+use crate::secret::{self, SecretUrl};
 
 /// The whole run: parameters, the schedule's totals and one entry per strategy.
 #[derive(Debug, Clone, Serialize)]
@@ -33,7 +34,7 @@ pub struct BenchReport {
     pub seed: u64,
     /// The database used.
     pub database: String,
-    /// The Redis URL, when one was used.
+    /// The Redis URL, when one was used, with its password replaced by `***`.
     pub redis: Option<String>,
     /// Requests in the schedule (consumer reads not included).
     pub requests: u64,
@@ -151,7 +152,12 @@ fn ratio(a: u64, b: u64) -> f64 {
 
 impl BenchReport {
     /// The report's parameters and schedule totals, with no strategy yet.
-    pub fn new(p: &ScheduleParams, schedule: &Schedule, database: &str, redis: Option<&str>) -> BenchReport {
+    pub fn new(
+        p: &ScheduleParams,
+        schedule: &Schedule,
+        database: &str,
+        redis: Option<&SecretUrl>,
+    ) -> BenchReport {
         let duration_s = p.duration.as_secs_f64();
         let compulsory = schedule.compulsory_db_reads();
         BenchReport {
@@ -164,7 +170,7 @@ impl BenchReport {
             write_ratio: p.write_ratio,
             seed: p.seed,
             database: database.to_owned(),
-            redis: redis.map(str::to_owned),
+            redis: redis.map(|r| r.redacted().to_owned()),
             requests: schedule.requests.len() as u64,
             reads: schedule.reads(),
             consumer_reads: schedule.consumer_reads(),
@@ -370,7 +376,7 @@ impl StrategyReport {
             hottest_key_loads_per_expiry: reloads.map(|r| ratio(db.hottest_reads, r)),
             dropped_requests: outcome.dropped,
             errors: outcome.errors,
-            first_error: outcome.first_error.clone(),
+            first_error: outcome.first_error.as_deref().map(secret::scrub),
             start_delay_p50_us: us(&outcome.start_delay, 0.5),
             start_delay_p99_us: us(&outcome.start_delay, 0.99),
             max_dispatch_lag_us: outcome.max_dispatch_lag.as_secs_f64() * 1e6,

@@ -27,6 +27,7 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use self::nemesis::{FaultArg, Nemesis};
 use self::setup::{Level, Timing};
 use self::worker::Role;
+use crate::secret::{self, DATABASE_URL_ENV, REDIS_URL_ENV, SecretUrl};
 
 const ABOUT: &str = "Consistency torture run: a fleet under faults, a recorded history, a checker";
 
@@ -113,11 +114,11 @@ pub struct CheckArgs {
     pub heartbeat_ms: u64,
     /// Use this Redis instead of starting one (`redis://…`).
     #[arg(long)]
-    pub redis: Option<String>,
+    pub redis: Option<SecretUrl>,
     /// Use this Postgres database instead of starting a server (`postgres://…`); the
     /// table `strata_check` in it is dropped and recreated.
     #[arg(long)]
-    pub database: Option<String>,
+    pub database: Option<SecretUrl>,
     /// Keep the merged history (JSON lines) here.
     #[arg(long)]
     pub history: Option<PathBuf>,
@@ -167,29 +168,50 @@ impl WorkerProc {
         let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
         let start = text.len().saturating_sub(2000);
         let start = (start..text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
-        format!("its stderr ends with:\n{}", &text[start..])
+        format!("its stderr ends with:\n{}", secret::scrub(&text[start..]))
     }
 }
 
 /// Everything a worker needs to be started.
 struct Launch<'a> {
     args: &'a CheckArgs,
-    redis: &'a str,
+    redis: &'a SecretUrl,
     prefix: &'a str,
-    database: &'a str,
+    database: &'a SecretUrl,
     db_via: String,
     dir: &'a Path,
 }
 
 impl Launch<'_> {
     fn spawn(&self, role: Role, index: u32) -> Result<WorkerProc> {
+        let (name, history, stderr) = self.files(role, index);
+        let exe = std::env::current_exe().context("cannot find this executable to start workers")?;
+        let mut cmd = self.command(exe, role, index);
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).context("cannot create a worker's stderr file")?)
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().with_context(|| format!("cannot start {name}"))?;
+        let stdin = child.stdin.take().ok_or_else(|| anyhow!("no stdin for {name}"))?;
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout for {name}"))?;
+        Ok(WorkerProc { name, child, stdin, lines: BufReader::new(stdout).lines(), stderr, history })
+    }
+
+    /// A worker's name, history file and stderr file.
+    fn files(&self, role: Role, index: u32) -> (String, PathBuf, PathBuf) {
         let name = match role {
             Role::Writer => "writer".to_owned(),
             Role::Reader => format!("reader-{index}"),
         };
         let history = self.dir.join(format!("{name}.jsonl"));
         let stderr = self.dir.join(format!("{name}.stderr"));
-        let exe = std::env::current_exe().context("cannot find this executable to start workers")?;
+        (name, history, stderr)
+    }
+
+    /// The worker's command: the URLs, which may hold passwords, go in its environment,
+    /// not on its command line, which every user of the machine can read (`ps`).
+    fn command(&self, exe: PathBuf, role: Role, index: u32) -> Command {
+        let (name, history, _) = self.files(role, index);
         let rate = match role {
             Role::Writer => self.args.write_rate,
             Role::Reader => self.args.read_rate,
@@ -199,9 +221,7 @@ impl Launch<'_> {
             .args(["--role", if role == Role::Writer { "writer" } else { "reader" }])
             .args(["--name", &name])
             .args(["--level", self.args.level.name()])
-            .args(["--redis", self.redis])
             .args(["--prefix", self.prefix])
-            .args(["--database", self.database])
             .args(["--db-via", &self.db_via])
             .args(["--keys", &self.args.keys.to_string()])
             .args(["--rate", &rate.to_string()])
@@ -210,14 +230,9 @@ impl Launch<'_> {
             .args(["--max-stale-ms", &self.args.max_stale_ms.to_string()])
             .args(["--heartbeat-ms", &self.args.heartbeat_ms.to_string()])
             .args(["--seed", &(self.args.seed.wrapping_mul(1000) + u64::from(index)).to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr).context("cannot create a worker's stderr file")?)
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().with_context(|| format!("cannot start {name}"))?;
-        let stdin = child.stdin.take().ok_or_else(|| anyhow!("no stdin for {name}"))?;
-        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout for {name}"))?;
-        Ok(WorkerProc { name, child, stdin, lines: BufReader::new(stdout).lines(), stderr, history })
+            .env(REDIS_URL_ENV, self.redis.expose())
+            .env(DATABASE_URL_ENV, self.database.expose());
+        cmd
     }
 }
 
@@ -225,8 +240,8 @@ impl Launch<'_> {
 struct Servers {
     redis: Option<RedisServer>,
     postgres: Option<PostgresServer>,
-    redis_url: String,
-    database_url: String,
+    redis_url: SecretUrl,
+    database_url: SecretUrl,
 }
 
 async fn start_servers(args: &CheckArgs) -> Result<Servers> {
@@ -238,7 +253,7 @@ async fn start_servers(args: &CheckArgs) -> Result<Servers> {
                 .await
                 .context("redis start task")?
                 .context("cannot start redis-server (apt-get install redis-server?)")?;
-            let url = server.url();
+            let url = SecretUrl::new(server.url());
             (Some(server), url)
         }
     };
@@ -254,7 +269,7 @@ async fn start_servers(args: &CheckArgs) -> Result<Servers> {
             .await
             .context("postgres start task")?
             .context("cannot start postgres (apt-get install postgresql?)")?;
-            (Some(server), url)
+            (Some(server), SecretUrl::new(url))
         }
     };
     Ok(Servers { redis, postgres, redis_url, database_url })
@@ -406,4 +421,51 @@ async fn cleanup(servers: &Servers, prefix: &str, db: &sqlx::PgPool) {
         eprintln!("strata check: dropped table {} from the --database", setup::TABLE);
     }
     db.close().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    const REDIS: &str = "redis://alice:Rp/w?d#x@127.0.0.1:6379/0";
+    const DATABASE: &str = "postgres://bob:Pg%40pw@127.0.0.1:5432/db?password=Qpw";
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: CheckArgs,
+    }
+
+    /// The worker's command line (which `ps` shows every user) holds no URL, and so no
+    /// password: the URLs go in its environment.
+    #[test]
+    fn worker_command_lines_hold_no_password() {
+        let cli = Cli::parse_from(["strata", "--level", "strong", "--redis", REDIS, "--database", DATABASE]);
+        let (redis, database) = (cli.args.redis.clone().unwrap(), cli.args.database.clone().unwrap());
+        let launch = Launch {
+            args: &cli.args,
+            redis: &redis,
+            prefix: "p",
+            database: &database,
+            db_via: "127.0.0.1:1".into(),
+            dir: Path::new("/tmp"),
+        };
+        for (role, index) in [(Role::Writer, 0), (Role::Reader, 1)] {
+            let cmd = launch.command(PathBuf::from("strata"), role, index);
+            let cmd = cmd.as_std();
+            let argv: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+            for secret in ["Rp/w?d#x", "Pg%40pw", "Pg@pw", "Qpw", "redis://", "postgres://"] {
+                assert!(!argv.iter().any(|a| a.contains(secret)), "{secret} in {argv:?}");
+            }
+            let env = |name: &str| {
+                cmd.get_envs().find(|(k, _)| *k == name).and_then(|(_, v)| v).map(|v| v.to_string_lossy())
+            };
+            assert_eq!(env(REDIS_URL_ENV).as_deref(), Some(REDIS));
+            assert_eq!(env(DATABASE_URL_ENV).as_deref(), Some(DATABASE));
+        }
+        let shown = format!("{:?}", cli.args);
+        assert!(!shown.contains("Rp/w") && !shown.contains("Pg%40pw") && !shown.contains("Qpw"), "{shown}");
+    }
 }

@@ -8,6 +8,8 @@ use anyhow::{Context, Result, anyhow};
 use strata_testkit::{Event, FaultProxy, Recorder, RedisServer, monotonic_ns};
 use tokio::time::Instant;
 
+use crate::secret::SecretUrl;
+
 /// How long Redis stays dead before it is restarted (empty) on the same port.
 pub const REDIS_DOWN: Duration = Duration::from_secs(3);
 /// How long Redis stays frozen (SIGSTOP) before SIGCONT.
@@ -88,7 +90,7 @@ pub struct Nemesis<'a> {
     /// The Redis server, when `strata check` started it (kill and SIGSTOP need it).
     pub redis: Option<&'a mut RedisServer>,
     /// The Redis URL (for `CLIENT` commands).
-    pub redis_url: &'a str,
+    pub redis_url: &'a SecretUrl,
     /// The proxy between the instances and the database.
     pub proxy: &'a FaultProxy,
     /// Where faults are recorded.
@@ -160,7 +162,8 @@ impl Nemesis<'_> {
 
     async fn redis_command(&self, args: &[&str]) -> Result<String> {
         let timeout = Duration::from_secs(2);
-        let client = redis::Client::open(self.redis_url).context("bad Redis URL")?;
+        let client = redis::Client::open(self.redis_url.expose())
+            .with_context(|| format!("bad Redis URL {}", self.redis_url))?;
         let mut conn = tokio::time::timeout(timeout, client.get_multiplexed_async_connection())
             .await
             .map_err(|_| anyhow!("connecting to Redis timed out"))?

@@ -11,6 +11,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use strata::{Cache, Consistency};
 use strata_redis::{RedisStreamBackplane, RedisTier};
 
+use crate::secret::SecretUrl;
+
 /// The table every instance reads and the writer changes (written out in the SQL
 /// literals, which sqlx wants static).
 pub const TABLE: &str = "strata_check";
@@ -113,15 +115,20 @@ pub struct Row {
 
 /// Builds one instance's cache on its own Redis connections (as a separate process
 /// would have), at `level`, with the row version declared.
-pub async fn build_cache(redis: &str, prefix: &str, level: Level, timing: Timing) -> Result<Cache<u64, Row>> {
+pub async fn build_cache(
+    redis: &SecretUrl,
+    prefix: &str,
+    level: Level,
+    timing: Timing,
+) -> Result<Cache<u64, Row>> {
     // The tier's own response timeout stays a backstop (1 s); the cache's l2_timeout
     // bounds each L2 call.
-    let tier = RedisTier::builder(redis)
+    let tier = RedisTier::builder(redis.expose())
         .prefix(prefix)
         .build()
         .await
         .with_context(|| format!("cannot connect the RedisTier to {redis}"))?;
-    let backplane = RedisStreamBackplane::builder(redis)
+    let backplane = RedisStreamBackplane::builder(redis.expose())
         .prefix(prefix)
         .build()
         .await
@@ -142,8 +149,8 @@ pub async fn build_cache(redis: &str, prefix: &str, level: Level, timing: Timing
 }
 
 /// A cache on L2 only (no backplane, empty L1): `get` on it reads what L2 holds.
-pub async fn l2_reader(redis: &str, prefix: &str) -> Result<Cache<u64, Row>> {
-    let tier = RedisTier::builder(redis)
+pub async fn l2_reader(redis: &SecretUrl, prefix: &str) -> Result<Cache<u64, Row>> {
+    let tier = RedisTier::builder(redis.expose())
         .prefix(prefix)
         .build()
         .await
@@ -160,9 +167,9 @@ pub async fn l2_reader(redis: &str, prefix: &str) -> Result<Cache<u64, Row>> {
 
 /// Connects to Postgres at `url`, or through `via` (`host:port`, the fault proxy) with
 /// the URL's other settings.
-pub async fn connect(url: &str, via: Option<&str>, size: u32) -> Result<PgPool> {
+pub async fn connect(url: &SecretUrl, via: Option<&str>, size: u32) -> Result<PgPool> {
     let mut options =
-        PgConnectOptions::from_str(url).with_context(|| format!("bad Postgres URL {}", redact(url)))?;
+        PgConnectOptions::from_str(url.expose()).with_context(|| format!("bad Postgres URL {url}"))?;
     if let Some(via) = via {
         let (host, port) =
             via.rsplit_once(':').with_context(|| format!("--db-via {via} is not host:port"))?;
@@ -174,28 +181,14 @@ pub async fn connect(url: &str, via: Option<&str>, size: u32) -> Result<PgPool> 
         .acquire_timeout(DB_TIMEOUT)
         .connect_with(options)
         .await
-        .with_context(|| format!("cannot connect to Postgres at {}", redact(url)))
+        .with_context(|| format!("cannot connect to Postgres at {url}"))
 }
 
 /// The Postgres server's address as `host:port` (for the fault proxy's target).
-pub fn server_address(url: &str) -> Result<String> {
+pub fn server_address(url: &SecretUrl) -> Result<String> {
     let options =
-        PgConnectOptions::from_str(url).with_context(|| format!("bad Postgres URL {}", redact(url)))?;
+        PgConnectOptions::from_str(url.expose()).with_context(|| format!("bad Postgres URL {url}"))?;
     Ok(format!("{}:{}", options.get_host(), options.get_port()))
-}
-
-/// Hides the password of a URL.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            match creds.find(':') {
-                Some(colon) => format!("{}{}:***{}", &url[..s + 3], &creds[..colon], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
 }
 
 /// Reads one row straight from the database (the loader).
@@ -242,8 +235,8 @@ pub fn pick_key(rng: &mut impl rand::Rng, keys: u64) -> u64 {
 }
 
 /// Deletes every Redis key under `prefix` (the run's L2 entries and stream).
-pub async fn delete_prefix(url: &str, prefix: &str) -> Result<()> {
-    let client = redis::Client::open(url).context("bad Redis URL")?;
+pub async fn delete_prefix(url: &SecretUrl, prefix: &str) -> Result<()> {
+    let client = redis::Client::open(url.expose()).with_context(|| format!("bad Redis URL {url}"))?;
     let mut conn = client.get_multiplexed_async_connection().await.context("cannot connect to Redis")?;
     let mut cursor: u64 = 0;
     loop {

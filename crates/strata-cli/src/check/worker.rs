@@ -34,6 +34,7 @@ use tokio::io::{AsyncBufReadExt, BufReader, Lines, Stdin};
 use tokio::sync::{Semaphore, watch};
 
 use super::setup::{self, DB_TIMEOUT, Level, Row, Timing};
+use crate::secret::{self, DATABASE_URL_ENV, REDIS_URL_ENV, SecretUrl};
 
 /// Reads in flight per reader at most; ticks beyond are skipped (counted).
 const MAX_IN_FLIGHT: u32 = 64;
@@ -47,7 +48,9 @@ pub enum Role {
     Writer,
 }
 
-/// The hidden `strata check-worker` subcommand (started by `strata check`).
+/// The hidden `strata check-worker` subcommand (started by `strata check`). The Redis
+/// and database URLs, which may hold passwords, come from the environment variables
+/// [`REDIS_URL_ENV`] and [`DATABASE_URL_ENV`], not from the command line.
 #[derive(Debug, Clone, Args)]
 pub struct WorkerArgs {
     /// Reader or writer.
@@ -59,15 +62,9 @@ pub struct WorkerArgs {
     /// The consistency level.
     #[arg(long, value_enum)]
     pub level: Level,
-    /// Redis URL.
-    #[arg(long)]
-    pub redis: String,
     /// Key prefix of the run in Redis.
     #[arg(long)]
     pub prefix: String,
-    /// Postgres URL.
-    #[arg(long)]
-    pub database: String,
     /// Reach Postgres through this `host:port` (the fault proxy).
     #[arg(long)]
     pub db_via: Option<String>,
@@ -89,6 +86,19 @@ pub struct WorkerArgs {
     /// Seed of the key choice.
     #[arg(long)]
     pub seed: u64,
+}
+
+/// The URL in the environment variable `name`.
+fn url_from_env(name: &str) -> Result<SecretUrl> {
+    let url = std::env::var(name)
+        .with_context(|| format!("{name} is not set: check-worker is started by strata check"))?;
+    Ok(SecretUrl::new(url))
+}
+
+/// `event` with the secrets of the URLs hidden from its detail (an error message).
+fn scrubbed(mut event: Event) -> Event {
+    event.detail = secret::scrub(&event.detail);
+    event
 }
 
 /// Prints one protocol line to the coordinator.
@@ -116,8 +126,9 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
         Role::Reader => 8,
         Role::Writer => 2,
     };
-    let pool = setup::connect(&args.database, args.db_via.as_deref(), pool_size).await?;
-    let cache = setup::build_cache(&args.redis, &args.prefix, args.level, timing).await?;
+    let (redis, database) = (url_from_env(REDIS_URL_ENV)?, url_from_env(DATABASE_URL_ENV)?);
+    let pool = setup::connect(&database, args.db_via.as_deref(), pool_size).await?;
+    let cache = setup::build_cache(&redis, &args.prefix, args.level, timing).await?;
     tokio::time::timeout(Duration::from_secs(30), cache.ready())
         .await
         .map_err(|_| anyhow!("the cache was not ready within 30 s"))?;
@@ -189,7 +200,7 @@ async fn read_load(
             let event = read_one(&name, key, &cache, pool).await;
             // A history line that cannot be written is a lost read; the checker only
             // sees fewer reads.
-            let _ = recorder.record(&event);
+            let _ = recorder.record(&scrubbed(event));
             drop(permit);
         });
     }
@@ -268,7 +279,7 @@ async fn write_load(
         last = now;
         let key = setup::pick_key(&mut rng, args.keys);
         for event in write_one(&args.name, key, &cache, &pool, lease).await {
-            let _ = recorder.record(&event);
+            let _ = recorder.record(&scrubbed(event));
         }
     }
     skipped

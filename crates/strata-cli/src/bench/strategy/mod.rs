@@ -23,6 +23,7 @@ pub use strata_cache::StrataCache;
 
 use super::db::{Db, Row};
 use super::scenario::Scenario;
+use crate::secret::SecretUrl;
 
 /// Counters a strategy keeps about its tiers, since it was built.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -129,7 +130,7 @@ pub struct FleetConfig {
     /// Local cache capacity per instance (entries).
     pub capacity: u64,
     /// `--redis`: the Redis URL, when given.
-    pub redis: Option<String>,
+    pub redis: Option<SecretUrl>,
     /// A prefix unique to this run, for keys, channels and namespaces in Redis.
     pub run_id: String,
     /// The seed (strata's jitter and early-refresh draws are seeded from it).
@@ -154,8 +155,8 @@ pub async fn build(kind: StrategyKind, cfg: &FleetConfig) -> Result<Arc<dyn Stra
 }
 
 /// Removes every Redis key under `prefix` (the run's tier entries and stream).
-pub async fn delete_prefix(url: &str, prefix: &str) -> Result<()> {
-    let client = redis::Client::open(url).with_context(|| format!("bad Redis URL {url}"))?;
+pub async fn delete_prefix(url: &SecretUrl, prefix: &str) -> Result<()> {
+    let client = redis::Client::open(url.expose()).with_context(|| format!("bad Redis URL {url}"))?;
     let mut conn = client.get_multiplexed_async_connection().await.context("cannot connect to Redis")?;
     let pattern = format!("{prefix}*");
     let mut cursor: u64 = 0;

@@ -59,7 +59,7 @@ impl NearPubSub {
             }
             Some(url) => {
                 let client =
-                    redis::Client::open(url.as_str()).with_context(|| format!("bad Redis URL {url}"))?;
+                    redis::Client::open(url.expose()).with_context(|| format!("bad Redis URL {url}"))?;
                 let channel = format!("{}:near-pubsub", cfg.run_id);
                 for cache in &caches {
                     let mut pubsub = client

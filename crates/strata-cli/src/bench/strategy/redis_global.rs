@@ -11,12 +11,13 @@ use async_trait::async_trait;
 
 use super::{FleetConfig, INVALIDATED_TTL, Strategy, TierCounts, delete_prefix};
 use crate::bench::db::{Db, Row};
+use crate::secret::SecretUrl;
 
 /// Cache-aside on one Redis shared by the fleet (instances differ only by name).
 pub struct RedisGlobal {
     db: Arc<Db>,
     conn: redis::aio::ConnectionManager,
-    url: String,
+    url: SecretUrl,
     prefix: String,
     ops: AtomicU64,
     hits: AtomicU64,
@@ -25,8 +26,8 @@ pub struct RedisGlobal {
 impl RedisGlobal {
     /// Connects to `--redis`.
     pub async fn connect(cfg: &FleetConfig) -> Result<RedisGlobal> {
-        let url = cfg.redis.as_deref().context("redis-global needs --redis URL")?;
-        let client = redis::Client::open(url).with_context(|| format!("bad Redis URL {url}"))?;
+        let url = cfg.redis.as_ref().context("redis-global needs --redis URL")?;
+        let client = redis::Client::open(url.expose()).with_context(|| format!("bad Redis URL {url}"))?;
         let conn = client
             .get_connection_manager()
             .await
@@ -34,7 +35,7 @@ impl RedisGlobal {
         Ok(RedisGlobal {
             db: cfg.db.clone(),
             conn,
-            url: url.to_owned(),
+            url: url.clone(),
             prefix: format!("{}:redis-global:", cfg.run_id),
             ops: AtomicU64::new(0),
             hits: AtomicU64::new(0),

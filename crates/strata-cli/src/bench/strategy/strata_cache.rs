@@ -17,11 +17,12 @@ use strata_redis::{RedisStreamBackplane, RedisTier};
 use super::{FleetConfig, INVALIDATED_TTL, Strategy, TierCounts, delete_prefix};
 use crate::bench::db::{Db, Row};
 use crate::bench::scenario::Scenario;
+use crate::secret::SecretUrl;
 
 /// The shared tier and backplane of the fleet, for counting their operations.
 enum Remote {
     InProcess { tier: InProcessTier, hub: InProcessBackplane },
-    Redis { url: String, prefix: String, tiers: Vec<RedisTier>, backplanes: Vec<RedisStreamBackplane> },
+    Redis { url: SecretUrl, prefix: String, tiers: Vec<RedisTier>, backplanes: Vec<RedisStreamBackplane> },
 }
 
 /// A fleet of strata caches.
@@ -49,12 +50,12 @@ impl StrataCache {
                 let mut tiers = Vec::with_capacity(cfg.instances);
                 let mut backplanes = Vec::with_capacity(cfg.instances);
                 for i in 0..cfg.instances {
-                    let tier = RedisTier::builder(url.as_str())
+                    let tier = RedisTier::builder(url.expose())
                         .prefix(prefix.as_str())
                         .build()
                         .await
                         .with_context(|| format!("cannot connect strata's RedisTier to {url}"))?;
-                    let backplane = RedisStreamBackplane::builder(url.as_str())
+                    let backplane = RedisStreamBackplane::builder(url.expose())
                         .prefix(prefix.as_str())
                         .build()
                         .await
