@@ -142,8 +142,10 @@
 //! ## Change capture (Postgres)
 //!
 //! Writes that bypass the application (psql, a batch job, another service) are made
-//! visible by triggers that `pg_notify` each committed row change, and a
-//! [`ChangeListener`] that invalidates the mapped caches:
+//! visible by triggers that write each row change into an outbox table, in the
+//! writing transaction, and wake the listeners with a `NOTIFY` at commit; a
+//! [`ChangeListener`] reads the changes committed since its last read from the outbox
+//! and invalidates the mapped caches:
 //!
 //! ```no_run
 //! # async fn example(pool: sqlx::PgPool, payments: strata::Cache<i64, String>) -> Result<(), strata_sql::Error> {
@@ -163,14 +165,28 @@
 //!   integration test prints its measurement).
 //! * **Listener reconnect**: a lost connection (closed, killed, or silent past the
 //!   heartbeat timeout) is replaced with backoff; once `LISTEN` is active again, the
-//!   listener assumes it missed notifications and calls `invalidate_all` on every
-//!   mapped cache (counted in [`ChangeListenerStats::resyncs`]). While it is
-//!   disconnected, out-of-band writes are not seen: the bound is then the time to
+//!   listener reads what committed meanwhile from the outbox
+//!   ([`ChangeListenerStats::catch_ups`]); only if the outbox was pruned past its last
+//!   read (it was away longer than the retention, 10 minutes by default) does it call
+//!   `invalidate_all` on every mapped cache ([`ChangeListenerStats::resyncs`]). While
+//!   it is disconnected, out-of-band writes are not seen: the bound is then the time to
 //!   detect the loss (immediate for a closed connection, the heartbeat interval plus
 //!   timeout for a silent one) plus the time to reconnect.
-//! * **Malformed notifications** (anything on the channel that is not a change
-//!   payload) and keys the cache cannot parse are counted and ignored.
-//! * Only committed changes are notified (Postgres delivers notifications at commit).
+//! * **Forged notifications are harmless**: any role may `pg_notify` on the channel,
+//!   but notifications carry no invalidation, only a wake-up; the outbox, which only
+//!   its owner can write (the trigger function runs as its owner), is the one source
+//!   of invalidations. Whatever the trigger did not send (garbage, a change payload, a
+//!   wake-up naming a transaction that changed nothing, a replay) is counted in
+//!   [`ChangeListenerStats::forged`] and costs at most one indexed read. The design,
+//!   and why not signed payloads, is argued in the `capture` module's source; the
+//!   privileges needed are listed at [`install_change_capture`].
+//! * **Exactly the changed keys**: each outbox row carries the key column's text;
+//!   integer keys parse only in their canonical form (`"7"`, not `"+7"` or `"007"`),
+//!   so no other entry is invalidated; keys the cache cannot parse are counted and
+//!   ignored.
+//! * Only committed changes are read (outbox rows of a rolled-back transaction never
+//!   become visible), each once: reads go by snapshot, so a transaction that commits
+//!   late is not skipped.
 //!   A change notified to a cache whose invalidation fails is handled as above
 //!   (buffered or bypassed, counted in `invalidation_errors`).
 //!
