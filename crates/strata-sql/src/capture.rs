@@ -1,5 +1,52 @@
-//! Change capture, the database side: a trigger per table that `pg_notify`s every
-//! committed change on [`CHANNEL`].
+//! Change capture, the database side: a trigger per table that writes every change
+//! into an outbox table, in the writing transaction, and wakes the listeners up with a
+//! notification on [`CHANNEL`] that carries no invalidation.
+//!
+//! # Why an outbox, not signed notifications
+//!
+//! Any role that can connect may `pg_notify` on any channel, and `LISTEN` on it: a
+//! notification's payload proves nothing about who sent it. When the payload *was*
+//! the invalidation (`{"table":…,"op":"TRUNCATE"}`), a role without any right on the
+//! captured tables could flush every cache at will (232 forged `TRUNCATE` notices in
+//! 5 s took the L1 hit rate to 0 %). Two designs make forgeries harmless:
+//!
+//! * **A MAC on each payload** (an HMAC-SHA256 computed by a `SECURITY DEFINER`
+//!   function with a secret only the owner can read, checked by the listener).
+//!   It proves the trigger wrote the payload, not that it is new: anyone can `LISTEN`,
+//!   record one genuine `TRUNCATE` notice and replay it forever, which is the attack
+//!   again. Rejecting replays needs freshness, and a payload is written when the row
+//!   changes, not when the transaction commits (a transaction may run for hours, and
+//!   notifications arrive in commit order), so neither a timestamp window nor a
+//!   sequence number can tell a replay from a late genuine notice without sometimes
+//!   dropping a real change, and a listener that restarts forgets what it has seen.
+//!   It also needs a secret distributed to every listener and rotated, and the
+//!   listener still has to flush everything after each reconnect, since
+//!   notifications sent while it was away are lost.
+//! * **A transactional outbox** (chosen). The trigger function, `SECURITY DEFINER` and
+//!   owned by the installing role, writes each change into `strata_change_outbox`,
+//!   which only its owner may write (`REVOKE ALL … FROM PUBLIC`), so a row exists
+//!   exactly when a change to a captured table committed. The notification is only a
+//!   wake-up (the transaction's id, sent once per transaction); the listener acts on
+//!   the rows it reads, never on a payload. A forged or replayed wake-up costs one
+//!   indexed read that finds nothing new, and is counted (`forged`: a wake-up naming a
+//!   transaction that wrote no change, or a second one for the same transaction).
+//!   Reads go by snapshot, not by id: each read, in a repeatable-read transaction,
+//!   takes the rows of transactions visible in its snapshot and not in the previous
+//!   read's (`pg_current_snapshot()`), so a transaction that took its ids first and
+//!   committed last is never skipped, and none is read twice. The same cursor lets a
+//!   listener that was disconnected read what committed meanwhile instead of flushing
+//!   every cache. The price: one outbox `INSERT` per changed row in the writing
+//!   transaction (instead of one `pg_notify`), and rows to prune (the listener deletes
+//!   those older than its retention, see `ChangeListenerBuilder::outbox_retention`).
+//!
+//! `EXECUTE` on the trigger function is revoked from `PUBLIC` too: otherwise a role
+//! could attach it to a table of its own (a temporary one needs no privilege) named
+//! like a captured table and write outbox rows through it. Triggers already attached
+//! keep firing for every writer (Postgres checks `EXECUTE` when a trigger is created,
+//! not when it fires), and the function runs with a fixed `search_path`.
+//!
+//! What is trusted: roles that may write a captured table (their changes are real
+//! changes, including `TRUNCATE` where granted), the outbox's owner and superusers.
 
 use sqlx::PgPool;
 
@@ -9,9 +56,13 @@ use crate::error::Error;
 /// listens to.
 pub const CHANNEL: &str = "strata_changes";
 
-/// The trigger function shared by every captured table (`sql/change_capture.sql`):
-/// `CREATE OR REPLACE FUNCTION strata_notify_change()`. Idempotent; put it in your
-/// own migrations if you prefer them to [`install_change_capture`].
+/// The outbox and the trigger function shared by every captured table
+/// (`sql/change_capture.sql`): the tables `strata_change_outbox` and
+/// `strata_change_outbox_horizon` (created if missing, in the current schema, readable
+/// and writable by their owner only), and `CREATE OR REPLACE FUNCTION
+/// strata_notify_change()` (`SECURITY DEFINER`, `EXECUTE` revoked from `PUBLIC`).
+/// Idempotent; put it in your own migrations if you prefer them to
+/// [`install_change_capture`], run by the role that is to own the outbox.
 pub const CHANGE_CAPTURE_FUNCTION_SQL: &str = include_str!("../sql/change_capture.sql");
 
 /// The name of the row trigger created on each captured table.
@@ -71,17 +122,32 @@ pub fn change_capture_trigger_sql(
 }
 
 /// Installs change capture on `table` (opt-in, idempotent, safe to run from every
-/// instance at startup): creates or replaces the trigger function
-/// ([`CHANGE_CAPTURE_FUNCTION_SQL`]) and the table's triggers
+/// instance at startup): creates the outbox if missing and creates or replaces the
+/// trigger function ([`CHANGE_CAPTURE_FUNCTION_SQL`]) and the table's triggers
 /// ([`change_capture_trigger_sql`]), in one transaction.
 ///
 /// From then on every committed `INSERT`, `UPDATE`, `DELETE` (and `TRUNCATE`) of the
-/// table, from any client, sends one notification per changed row on [`CHANNEL`],
-/// with the key column's value as text (it must parse with the cache's
-/// `CacheKey::parse_key`; composite keys need a generated column) and the version
-/// column's value, if given. Notifications are sent at commit; a rolled-back change
-/// sends nothing. Cost: one `pg_notify` per changed row inside the writing
-/// transaction.
+/// table, from any client, writes one outbox row per changed row, with the key
+/// column's value as text (it must parse with the cache's `CacheKey::parse_key`:
+/// integer keys only in canonical form; composite keys need a generated column) and
+/// the version column's value, if given, and wakes the listeners with one
+/// notification per transaction on [`CHANNEL`] at commit. A rolled-back change
+/// writes nothing. Cost: one `INSERT` into the outbox per changed row inside the
+/// writing transaction, one notification per transaction.
+///
+/// Needs PostgreSQL 13 or later (`xid8`, `pg_current_snapshot()`).
+///
+/// # Privileges
+///
+/// The role running it must be allowed to create triggers on `table` (own it, or
+/// hold `TRIGGER` on it), to create the outbox tables in the current schema (or own
+/// them already), and to replace `strata_notify_change()` (own it, if it exists). It
+/// becomes the owner of the outbox and of the function; the function runs as that
+/// role. Writers of `table` need nothing more than their rights on `table`. The
+/// [`ChangeListener`](crate::ChangeListener)'s role needs `SELECT` on the two outbox
+/// tables (and `DELETE` on the outbox, `UPDATE` on the horizon to prune it): the
+/// installing role has them; grant them to another one explicitly. No other role
+/// needs, or should get, any right on the outbox or `EXECUTE` on the function.
 ///
 /// # Errors
 ///
@@ -133,7 +199,8 @@ pub async fn install_change_capture(
     Ok(())
 }
 
-/// Removes change capture from `table` (its two triggers; the shared function stays).
+/// Removes change capture from `table` (its two triggers; the shared function and
+/// the outbox stay).
 ///
 /// # Errors
 ///
@@ -163,5 +230,10 @@ mod tests {
         assert_eq!(quote_literal("it's"), "'it''s'");
         let sql = change_capture_trigger_sql("payment", "id", Some("version")).unwrap_or_default();
         assert!(sql.contains("strata_notify_change('id', 'version')"), "{sql}");
+        for needed in
+            ["SECURITY DEFINER", "REVOKE ALL ON FUNCTION strata_notify_change() FROM PUBLIC", "search_path"]
+        {
+            assert!(CHANGE_CAPTURE_FUNCTION_SQL.contains(needed), "{needed}");
+        }
     }
 }

@@ -23,7 +23,7 @@
 //! tx.after_commit_named("kafka:payment-status", move || async move {
 //!     publish_to_kafka(id, "settled").await
 //! });
-//! let report = tx.commit().await?; // (Strong: lock) COMMIT, invalidations, actions
+//! let report = tx.commit().await?; // write locks, COMMIT, invalidations (releases), actions
 //! if !report.is_clean() {
 //!     // Committed all the same; the report says which invalidation was buffered or
 //!     // bypassed and which action failed (both are also logged and counted).
@@ -36,10 +36,17 @@
 //!
 //! ### What is promised
 //!
-//! * **Invalidate strictly after commit** (Local and Invalidated caches). No such
-//!   cache is touched before `COMMIT` has returned success. (Evicting before the
-//!   commit would let a concurrent reader re-cache the old row between the eviction
-//!   and the commit.)
+//! * **Invalidate after commit.** Every cache named is invalidated once `COMMIT` has
+//!   returned success (for a locked cache, by the release of its write lock). A Local
+//!   cache, or an Invalidated one without write locks, is not touched before.
+//!   (Evicting without a lock before the commit would let a concurrent reader re-cache
+//!   the old row between the eviction and the commit.)
+//! * **Invalidated caches are write-locked before the commit** (by default; see
+//!   [Write locks at the Invalidated level](#write-locks-at-the-invalidated-level)):
+//!   a writer that dies between `COMMIT` and its invalidation leaves nothing stale. If
+//!   the lock cannot be taken, the transaction commits all the same and the cache is
+//!   invalidated after `COMMIT` as without a lock ([`CacheInvalidation::locked`] is
+//!   false, a `warn` is logged, `strata_sql_write_lock_failures_total` counts it).
 //! * **Strong caches are locked before the commit.** For every Strong cache named, the
 //!   helper takes a write lock ([`strata::Cache::lock_for_write`]) after the
 //!   transaction's statements and before `COMMIT`: the keys are invalidated
@@ -58,10 +65,13 @@
 //!   (`error`), counted (`strata_sql_after_commit_failures_total`) and listed in the
 //!   [`CommitReport`].
 //! * **Rollback invalidates nothing and runs nothing**: an explicit
-//!   [`Transaction::rollback`], a drop without commit, or a commit the database
-//!   rejected ([`CommitOutcome::RolledBack`]). On Postgres this includes a
-//!   transaction aborted by an earlier failed statement, whose `COMMIT` Postgres turns
-//!   into a silent `ROLLBACK` (checked with one extra round trip before `COMMIT`).
+//!   [`Transaction::rollback`], a drop without commit, or a transaction aborted by an
+//!   earlier failed statement (on Postgres, whose `COMMIT` Postgres turns into a silent
+//!   `ROLLBACK`: checked with one extra round trip before `COMMIT`, before any lock).
+//!   A `COMMIT` the database rejects ([`CommitOutcome::RolledBack`], e.g. a deferred
+//!   constraint) runs nothing and calls no `after_invalidate` hook, but its write locks
+//!   were taken before it: the written keys' copies were dropped (a miss each, never a
+//!   wrong value).
 //! * **Commit outcome unknown** (the connection broke during `COMMIT`,
 //!   [`CommitOutcome::Unknown`]): the caches are invalidated anyway (an extra
 //!   invalidation costs a miss; a missing one would serve the old row for up to a
@@ -69,6 +79,46 @@
 //! * **One `invalidate_many` per cache.** Keys are grouped per cache (several caches
 //!   with different key and value types may be named in one transaction); the caches
 //!   are invalidated concurrently.
+//!
+//! ### Write locks at the Invalidated level
+//!
+//! Without a lock, the fleet learns of a committed write only from the writer's
+//! invalidation after `COMMIT`. A writer process killed in between (a deploy, the OOM
+//! killer, a crash) leaves every instance that had the row, and every instance started
+//! later (L2 still holds it), serving the old row until its TTL, all reporting
+//! healthy. The write lock ([`strata::Cache::lock_for_write`]) moves the invalidation
+//! before `COMMIT`: it drops every instance's copy (the message is published before
+//! `COMMIT`), deletes the L2 entries and poisons every L2 fill token handed out while
+//! it holds, so no load that read the old row can be stored in L2, nor (a refused L2
+//! fill never reaches L1) in L1. If the writer then dies after `COMMIT`, nothing stale
+//! is left anywhere: the lock expires after the cache's `write_lock_ttl` (30 s by
+//! default), and until then the written keys are simply not cached (every read loads
+//! from the database). A writer that lives releases the lock after `COMMIT`, which
+//! invalidates L2 once more and publishes the invalidation again.
+//!
+//! * **Cost**: one more L2 round trip and one more backplane publish per Invalidated
+//!   cache per transaction (lock before `COMMIT`, release after it, instead of one
+//!   invalidation after it), and the lock's round trip and publish happen while the
+//!   transaction still holds its row locks. Between the lock and the release (a few
+//!   milliseconds) reads of the written keys go to the database.
+//! * **Opt-out**: [`Transaction::without_write_locks`] invalidates Invalidated caches
+//!   only after `COMMIT`, as before; it reopens the dead-writer gap for that
+//!   transaction.
+//! * **Plain `Cache::invalidate` after a commit** (code that does not use this helper
+//!   or `lock_for_write`) keeps the gap: a writer dying between `COMMIT` and the
+//!   `invalidate` leaves the old row cached until the TTL.
+//! * **With change capture** ([`install_change_capture`]) the gap of a write made
+//!   without a lock is bounded by the capture's delivery: commit → notification →
+//!   listener → `invalidate` → backplane, a few milliseconds on one host (the
+//!   `dead_writer` integration tests measure it) while the listener is connected;
+//!   while it is not, until it has reconnected and caught up.
+//! * **Not closed by the lock** (in strata's core): at the Invalidated level, L1 keeps
+//!   a loaded value that L2 did not take when the L2 lookup or fill failed, or when
+//!   the value was kept out of L2 (larger than `max_value_bytes`). Such a load on an
+//!   instance that already heard the lock, reading the old row before `COMMIT`, leaves
+//!   it in that instance's L1 if the writer dies after `COMMIT` (a live writer's release
+//!   drops it); change capture then bounds it as above. (The Strong level fills L1
+//!   only with what L2 accepted and has no such gap.)
 //!
 //! ### When a post-commit invalidation fails
 //!
@@ -92,8 +142,10 @@
 //! ## Change capture (Postgres)
 //!
 //! Writes that bypass the application (psql, a batch job, another service) are made
-//! visible by triggers that `pg_notify` each committed row change, and a
-//! [`ChangeListener`] that invalidates the mapped caches:
+//! visible by triggers that write each row change into an outbox table, in the
+//! writing transaction, and wake the listeners with a `NOTIFY` at commit; a
+//! [`ChangeListener`] reads the changes committed since its last read from the outbox
+//! and invalidates the mapped caches:
 //!
 //! ```no_run
 //! # async fn example(pool: sqlx::PgPool, payments: strata::Cache<i64, String>) -> Result<(), strata_sql::Error> {
@@ -113,14 +165,28 @@
 //!   integration test prints its measurement).
 //! * **Listener reconnect**: a lost connection (closed, killed, or silent past the
 //!   heartbeat timeout) is replaced with backoff; once `LISTEN` is active again, the
-//!   listener assumes it missed notifications and calls `invalidate_all` on every
-//!   mapped cache (counted in [`ChangeListenerStats::resyncs`]). While it is
-//!   disconnected, out-of-band writes are not seen: the bound is then the time to
+//!   listener reads what committed meanwhile from the outbox
+//!   ([`ChangeListenerStats::catch_ups`]); only if the outbox was pruned past its last
+//!   read (it was away longer than the retention, 10 minutes by default) does it call
+//!   `invalidate_all` on every mapped cache ([`ChangeListenerStats::resyncs`]). While
+//!   it is disconnected, out-of-band writes are not seen: the bound is then the time to
 //!   detect the loss (immediate for a closed connection, the heartbeat interval plus
 //!   timeout for a silent one) plus the time to reconnect.
-//! * **Malformed notifications** (anything on the channel that is not a change
-//!   payload) and keys the cache cannot parse are counted and ignored.
-//! * Only committed changes are notified (Postgres delivers notifications at commit).
+//! * **Forged notifications are harmless**: any role may `pg_notify` on the channel,
+//!   but notifications carry no invalidation, only a wake-up; the outbox, which only
+//!   its owner can write (the trigger function runs as its owner), is the one source
+//!   of invalidations. Whatever the trigger did not send (garbage, a change payload, a
+//!   wake-up naming a transaction that changed nothing, a replay) is counted in
+//!   [`ChangeListenerStats::forged`] and costs at most one indexed read. The design,
+//!   and why not signed payloads, is argued in the `capture` module's source; the
+//!   privileges needed are listed at [`install_change_capture`].
+//! * **Exactly the changed keys**: each outbox row carries the key column's text;
+//!   integer keys parse only in their canonical form (`"7"`, not `"+7"` or `"007"`),
+//!   so no other entry is invalidated; keys the cache cannot parse are counted and
+//!   ignored.
+//! * Only committed changes are read (outbox rows of a rolled-back transaction never
+//!   become visible), each once: reads go by snapshot, so a transaction that commits
+//!   late is not skipped.
 //!   A change notified to a cache whose invalidation fails is handled as above
 //!   (buffered or bypassed, counted in `invalidation_errors`).
 //!
@@ -133,6 +199,7 @@
 //! converts into `sqlx::Error`; setup calls fail with [`Error`] (a kind and the sqlx
 //! error), which converts into `strata::Error`. See the `error` module source for why.
 
+mod batch;
 mod capture;
 mod db;
 mod error;

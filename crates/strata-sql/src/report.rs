@@ -46,6 +46,12 @@ pub struct CacheInvalidation {
     pub tags: usize,
     /// Whether the whole namespace was invalidated.
     pub all: bool,
+    /// Whether a write lock covered the write from before `COMMIT` (Strong caches
+    /// always; Invalidated caches with an L2 tier unless the transaction opted out
+    /// with [`Transaction::without_write_locks`](crate::Transaction::without_write_locks)
+    /// or the lock could not be taken). Without one, a writer dying between `COMMIT`
+    /// and the invalidation leaves the other instances serving the old row.
+    pub locked: bool,
     /// Where the invalidation stands.
     pub state: InvalidationState,
     /// The first error, when not [`InvalidationState::Done`].

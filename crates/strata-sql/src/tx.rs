@@ -2,19 +2,19 @@
 
 use std::any::Any;
 use std::borrow::Cow;
-use std::collections::HashSet;
 use std::fmt;
 use std::future::Future;
 use std::ops::{Deref, DerefMut};
 use std::panic::AssertUnwindSafe;
 
 use futures::FutureExt;
-use futures::future::{BoxFuture, join_all};
-use strata::{Cache, CacheHandle, CacheKey, CacheValue, Consistency, Scope, WriteLock};
+use futures::future::BoxFuture;
+use strata::{Cache, CacheKey, CacheValue};
 
+use crate::batch::{Batch, abort_locks, lock_all, run_invalidations};
 use crate::db::{SqlDatabase, definitely_rolled_back};
 use crate::error::{CommitError, CommitOutcome};
-use crate::report::{ActionOutcome, BoxError, CacheInvalidation, CommitReport, InvalidationState};
+use crate::report::{ActionOutcome, BoxError, CommitReport};
 
 /// Begins a transaction on `conn` (a `&Pool`, a `&mut` connection, or anything else
 /// sqlx can [`Acquire`](sqlx::Acquire) from) and wraps it in a [`Transaction`].
@@ -53,12 +53,51 @@ pub struct Transaction<'c, DB: SqlDatabase> {
     /// Per cache, in the order each cache was first named.
     batches: Vec<Batch>,
     actions: Vec<Action>,
+    /// Whether Invalidated caches are write-locked before `COMMIT` (Strong ones always are).
+    write_locks: bool,
+    /// Test fixture: behave like a process killed right after `COMMIT`.
+    #[cfg(feature = "testing")]
+    die_after_commit: bool,
 }
 
 impl<'c, DB: SqlDatabase> Transaction<'c, DB> {
     /// Wraps a transaction begun with sqlx.
     pub fn new(tx: sqlx::Transaction<'c, DB>) -> Self {
-        Transaction { tx, batches: Vec::new(), actions: Vec::new() }
+        Transaction {
+            tx,
+            batches: Vec::new(),
+            actions: Vec::new(),
+            write_locks: true,
+            #[cfg(feature = "testing")]
+            die_after_commit: false,
+        }
+    }
+
+    /// Invalidated caches are then invalidated only after `COMMIT`, without the write
+    /// lock taken before it (Strong caches are always locked).
+    ///
+    /// Saves one L2 round trip and one backplane publish per Invalidated cache, before
+    /// `COMMIT`, and keeps the written keys cacheable between the lock and the release.
+    /// It reopens the gap the lock closes: if this process dies between `COMMIT` and
+    /// the invalidation (killed, out of memory, a deploy), the other instances, and any
+    /// instance started later (L2 still holds the old row), serve the old row until its
+    /// TTL, or until change capture delivers the change if it is installed. See "Write
+    /// locks at the Invalidated level" in the crate docs.
+    pub fn without_write_locks(&mut self) -> &mut Self {
+        self.write_locks = false;
+        self
+    }
+
+    /// Test fixture (feature `testing`): makes [`commit`](Self::commit) behave like a
+    /// writer process killed right after `COMMIT` returned: it takes its write locks
+    /// and commits as usual, then returns an empty report without releasing the locks
+    /// (they are forgotten, as a killed process leaves them, and expire after the
+    /// caches' `write_lock_ttl`), without invalidating anything and without running
+    /// any action.
+    #[cfg(feature = "testing")]
+    pub fn die_after_commit(&mut self) -> &mut Self {
+        self.die_after_commit = true;
+        self
     }
 
     /// The wrapped sqlx transaction, e.g. to open a savepoint with
@@ -167,24 +206,27 @@ impl<'c, DB: SqlDatabase> Transaction<'c, DB> {
     }
 
     /// Commits; then invalidates what was registered; then runs the after-commit
-    /// actions. The order is strict: no invalidation of a Local or Invalidated cache
-    /// starts before `COMMIT` returned success, and no action starts before every
-    /// invalidation has returned. Strong caches are invalidated and write-locked
-    /// *before* `COMMIT` ([`Cache::lock_for_write`]) and released after it; if a lock
-    /// cannot be taken, or is held past half its time to live, the transaction is
-    /// rolled back ([`CommitOutcome::RolledBack`], [`crate::CommitCause::Cache`]).
+    /// actions. The order is strict: no action starts before every invalidation has
+    /// returned. Strong caches, and Invalidated caches with an L2 tier unless
+    /// [`without_write_locks`](Self::without_write_locks) was called, are invalidated
+    /// and write-locked *before* `COMMIT` ([`Cache::lock_for_write`]) and released
+    /// after it; other caches are not touched before `COMMIT` returned success. If a
+    /// Strong cache's lock cannot be taken, or is held past half its time to live, the
+    /// transaction is rolled back ([`CommitOutcome::RolledBack`],
+    /// [`crate::CommitCause::Cache`]); if an Invalidated cache's cannot, the
+    /// transaction commits and that cache is invalidated after `COMMIT`.
     ///
     /// # What the result means
     ///
     /// * `Ok(report)`: the transaction **committed**. Do not retry it. The
     ///   [`CommitReport`] says per cache whether the invalidation succeeded
-    ///   ([`InvalidationState::Done`]) or failed, in which case the cache has already
+    ///   ([`InvalidationState::Done`](crate::InvalidationState::Done)) or failed, in which case the cache has already
     ///   made itself safe as strata's `Cache::invalidate` documents:
-    ///   [`InvalidationState::Buffered`] (the L2 delete or the backplane message is
+    ///   [`InvalidationState::Buffered`](crate::InvalidationState::Buffered) (the L2 delete or the backplane message is
     ///   retried in the background; until the retry succeeds other instances may read
-    ///   the old value), [`InvalidationState::Bypassed`] (Strong level: every read of
+    ///   the old value), [`InvalidationState::Bypassed`](crate::InvalidationState::Bypassed) (Strong level: every read of
     ///   that cache goes to the database until L2 is clean again) or
-    ///   [`InvalidationState::Unconfirmed`] (Strong level: L2 deleted and message
+    ///   [`InvalidationState::Unconfirmed`](crate::InvalidationState::Unconfirmed) (Strong level: L2 deleted and message
     ///   published, but some member neither acknowledged nor let its lease lapse in
     ///   time). It also lists the actions that failed.
     /// * `Err(e)` with [`CommitOutcome::RolledBack`]: nothing was committed, nothing
@@ -198,7 +240,7 @@ impl<'c, DB: SqlDatabase> Transaction<'c, DB> {
     ///
     /// # Actions after a failed invalidation
     ///
-    /// They run, whatever the [`InvalidationState`]. A failed invalidation has already
+    /// They run, whatever the [`InvalidationState`](crate::InvalidationState). A failed invalidation has already
     /// been made as safe as it can be by the cache (buffered and retried at
     /// Invalidated, cache bypassed at Strong), and the transaction is committed, so
     /// withholding the events would lose them for good. The report records the failed
@@ -213,7 +255,9 @@ impl<'c, DB: SqlDatabase> Transaction<'c, DB> {
     ///
     /// A [`CommitError`] when the commit failed or its outcome is unknown, as above.
     pub async fn commit(self) -> Result<CommitReport, CommitError> {
-        let Transaction { mut tx, mut batches, actions } = self;
+        #[cfg(feature = "testing")]
+        let die_after_commit = self.die_after_commit;
+        let Transaction { mut tx, mut batches, actions, write_locks, .. } = self;
         if let Err(e) = DB::check_before_commit(&mut tx).await {
             // The transaction cannot commit; roll back now rather than on the next use
             // of the connection. Its own failure changes nothing: dropping rolls back.
@@ -221,28 +265,13 @@ impl<'c, DB: SqlDatabase> Transaction<'c, DB> {
             metrics::counter!("strata_sql_commits_total", "outcome" => "rolled_back").increment(1);
             return Err(CommitError::new(CommitOutcome::RolledBack, e, Vec::new()));
         }
-        // Strong caches: invalidate and lock before COMMIT (see strata's `WriteLock`),
-        // so that no instance serves the old value once any can read the new one.
-        for i in 0..batches.len() {
-            if let Err(e) = batches[i].lock().await {
-                let namespace = batches[i].namespace().to_owned();
-                abort_locks(batches).await;
-                let _ = tx.rollback().await;
-                metrics::counter!("strata_sql_commits_total", "outcome" => "rolled_back").increment(1);
-                tracing::warn!(namespace, error = %e, "write lock failed; transaction rolled back");
-                return Err(CommitError::lock_failed(namespace, e));
-            }
-        }
-        let held_too_long = batches.iter().find(|b| !b.lock_valid()).map(|b| b.namespace().to_owned());
-        if let Some(namespace) = held_too_long {
-            let e = strata::Error::new(
-                strata::ErrorKind::Timeout,
-                "write lock held past half its time to live before COMMIT; raise write_lock_ttl",
-            );
-            abort_locks(batches).await;
+        // Invalidate and lock before COMMIT (see strata's `WriteLock`): Strong caches so
+        // that no instance serves the old value once any can read the new one,
+        // Invalidated ones so that a writer dying after COMMIT leaves nothing stale.
+        if let Err(refused) = lock_all(&mut batches, write_locks).await {
             let _ = tx.rollback().await;
             metrics::counter!("strata_sql_commits_total", "outcome" => "rolled_back").increment(1);
-            return Err(CommitError::lock_failed(namespace, e));
+            return Err(CommitError::lock_failed(refused.namespace, refused.error));
         }
         if let Err(e) = tx.commit().await {
             if definitely_rolled_back(&e) {
@@ -256,6 +285,13 @@ impl<'c, DB: SqlDatabase> Transaction<'c, DB> {
             return Err(CommitError::new(CommitOutcome::Unknown, e, invalidations));
         }
         metrics::counter!("strata_sql_commits_total", "outcome" => "committed").increment(1);
+        #[cfg(feature = "testing")]
+        if die_after_commit {
+            for batch in batches {
+                std::mem::forget(batch.lock);
+            }
+            return Ok(CommitReport { invalidations: Vec::new(), actions: Vec::new() });
+        }
         let invalidations = run_invalidations(batches).await;
         let actions = run_actions(actions).await;
         Ok(CommitReport { invalidations, actions })
@@ -282,14 +318,7 @@ impl<'c, DB: SqlDatabase> Transaction<'c, DB> {
             f(batch);
             return;
         }
-        let mut batch = Batch {
-            cache: cache.handle(),
-            keys: Vec::new(),
-            seen: HashSet::new(),
-            tags: Vec::new(),
-            all: false,
-            lock: None,
-        };
+        let mut batch = Batch::new(cache.handle());
         f(&mut batch);
         self.batches.push(batch);
     }
@@ -354,125 +383,6 @@ type ActionFn = Box<dyn FnOnce() -> BoxFuture<'static, Result<(), BoxError>> + S
 struct Action {
     name: Cow<'static, str>,
     run: ActionFn,
-}
-
-/// The invalidations registered for one cache.
-struct Batch {
-    cache: CacheHandle,
-    /// Keys in text form, in registration order, without duplicates.
-    keys: Vec<String>,
-    seen: HashSet<String>,
-    tags: Vec<String>,
-    all: bool,
-    lock: Option<WriteLock>,
-}
-
-impl Batch {
-    fn add_key(&mut self, key: String) {
-        if self.seen.insert(key.clone()) {
-            self.keys.push(key);
-        }
-    }
-
-    fn namespace(&self) -> &str {
-        self.cache.namespace()
-    }
-
-    /// What the transaction invalidates in this cache.
-    fn scopes(&self) -> Vec<Scope> {
-        if self.all {
-            return vec![Scope::All];
-        }
-        let mut scopes = Vec::with_capacity(1 + self.tags.len());
-        if !self.keys.is_empty() {
-            scopes.push(Scope::Keys(self.keys.clone()));
-        }
-        scopes.extend(self.tags.iter().cloned().map(Scope::Tag));
-        scopes
-    }
-
-    /// Strong caches: takes the write lock (before COMMIT). Others: nothing.
-    async fn lock(&mut self) -> Result<(), strata::Error> {
-        if self.cache.consistency() == Consistency::Strong && self.lock.is_none() {
-            self.lock = Some(self.cache.lock_for_write(self.scopes()).await?);
-        }
-        Ok(())
-    }
-
-    /// False when a write lock is held too long for COMMIT to start safely.
-    fn lock_valid(&self) -> bool {
-        self.lock.as_ref().is_none_or(WriteLock::is_valid)
-    }
-
-    /// The transaction did not commit: releases the write lock, if any.
-    async fn abort(self) {
-        if let Some(lock) = self.lock {
-            lock.abort().await;
-        }
-    }
-
-    async fn run(self) -> CacheInvalidation {
-        let scopes = self.scopes();
-        let Batch { cache, keys, tags, all, lock, .. } = self;
-        let mut first_err = None;
-        if let Some(lock) = lock {
-            // Invalidated before COMMIT; releasing invalidates L2 once more (and on
-            // failure the cache makes itself safe as an invalidation would).
-            if let Err(e) = lock.release().await {
-                first_err = Some(e);
-            }
-        } else {
-            for scope in scopes {
-                if let Err(e) = cache.invalidate(scope).await {
-                    first_err.get_or_insert(e);
-                }
-            }
-        }
-        let health = cache.health();
-        let state = match &first_err {
-            None => InvalidationState::Done,
-            Some(_) if health.bypassed => InvalidationState::Bypassed,
-            Some(_) if health.pending_invalidations > 0 => InvalidationState::Buffered,
-            Some(_) => InvalidationState::Unconfirmed,
-        };
-        CacheInvalidation {
-            namespace: cache.namespace().to_owned(),
-            consistency: cache.consistency(),
-            keys: if all { 0 } else { keys.len() },
-            tags: if all { 0 } else { tags.len() },
-            all,
-            state,
-            error: first_err,
-        }
-    }
-}
-
-/// Releases the write locks of a transaction that did not commit.
-async fn abort_locks(batches: Vec<Batch>) {
-    join_all(batches.into_iter().map(Batch::abort)).await;
-}
-
-/// Runs every cache's invalidation concurrently (they are independent) and returns
-/// once all have returned, in the order the caches were first named.
-async fn run_invalidations(batches: Vec<Batch>) -> Vec<CacheInvalidation> {
-    let done = join_all(batches.into_iter().map(Batch::run)).await;
-    for inv in done.iter().filter(|i| !i.is_done()) {
-        let state = match inv.state {
-            InvalidationState::Bypassed => "bypassed",
-            InvalidationState::Unconfirmed => "unconfirmed",
-            _ => "buffered",
-        };
-        metrics::counter!("strata_sql_invalidation_failures_total",
-            "namespace" => inv.namespace.clone(), "state" => state)
-        .increment(1);
-        tracing::warn!(
-            namespace = %inv.namespace,
-            state,
-            error = ?inv.error,
-            "post-commit invalidation failed; the cache made itself safe",
-        );
-    }
-    done
 }
 
 /// Runs the actions one at a time, in order; a failure or panic is recorded and the

@@ -44,6 +44,30 @@ impl CacheKey for Arc<str> {
     }
 }
 
+/// Whether `s` is an integer written as [`CacheKey::write_key`] writes one: an optional
+/// `-` (only where `signed`), then ASCII digits without leading zeros, `0` alone
+/// unsigned. `"+7"`, `"007"`, `" 7"`, `"-0"` are not: each integer has exactly one
+/// text form, so a key read from outside (a change notification, `strata invalidate`)
+/// names exactly the entry whose key writes that text, never another one.
+fn is_canonical_integer(s: &str, signed: bool) -> bool {
+    let digits = match s.strip_prefix('-') {
+        Some(rest) if signed => {
+            if rest == "0" {
+                return false;
+            }
+            rest
+        }
+        Some(_) => return false,
+        None => s,
+    };
+    match digits.as_bytes() {
+        [] => false,
+        [b'0'] => true,
+        [b'0', ..] => false,
+        bytes => bytes.iter().all(u8::is_ascii_digit),
+    }
+}
+
 macro_rules! int_key {
     ($($t:ty),*) => {$(
         impl CacheKey for $t {
@@ -52,7 +76,13 @@ macro_rules! int_key {
                 // Writing to a String cannot fail.
                 let _ = write!(out, "{self}");
             }
+            /// Parses only the canonical decimal form (what `write_key` writes):
+            /// no sign for unsigned types, `-` alone for negative values, no leading
+            /// zeros, no whitespace.
             fn parse_key(s: &str) -> Option<Self> {
+                if !is_canonical_integer(s, <$t>::MIN != 0) {
+                    return None;
+                }
                 s.parse().ok()
             }
         }
@@ -70,4 +100,38 @@ pub trait CacheValue: Clone + Send + Sync + serde::Serialize + serde::de::Deseri
 impl<T> CacheValue for T where
     T: Clone + Send + Sync + serde::Serialize + serde::de::DeserializeOwned + 'static
 {
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CacheKey;
+
+    #[test]
+    fn integer_keys_parse_only_their_canonical_form() {
+        for bad in ["+7", "0008", " 8", "8 ", "", "-", "+", "-0", "00", "1_000", "0x10", "1e3", "٣"] {
+            assert_eq!(u64::parse_key(bad), None, "u64 {bad:?}");
+            assert_eq!(i64::parse_key(bad), None, "i64 {bad:?}");
+        }
+        assert_eq!(u64::parse_key("-7"), None);
+        assert_eq!(u8::parse_key("256"), None, "out of range");
+        assert_eq!(i8::parse_key("-129"), None, "out of range");
+        assert_eq!(i64::parse_key("-07"), None);
+        for (text, n) in [
+            ("0", 0_i64),
+            ("7", 7),
+            ("-7", -7),
+            ("9223372036854775807", i64::MAX),
+            ("-9223372036854775808", i64::MIN),
+        ] {
+            assert_eq!(i64::parse_key(text), Some(n), "{text}");
+            assert_eq!(n.to_key_string(), text);
+        }
+        assert_eq!(u64::parse_key("18446744073709551615"), Some(u64::MAX));
+        assert_eq!(u128::parse_key(&u128::MAX.to_key_string()), Some(u128::MAX));
+        assert_eq!(isize::parse_key("-1"), Some(-1));
+        // Every value round-trips through its text form.
+        for n in [0_u16, 1, 9, 10, 99, 100, 65535] {
+            assert_eq!(u16::parse_key(&n.to_key_string()), Some(n));
+        }
+    }
 }

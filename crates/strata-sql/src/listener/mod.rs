@@ -1,14 +1,18 @@
-//! Change capture, the application side: a `LISTEN`ing task that invalidates the
-//! mapped caches for every change notification.
+//! Change capture, the application side: a `LISTEN`ing task that, on each wake-up,
+//! reads the changes committed since its last read from the outbox and invalidates
+//! the mapped caches (see `capture.rs` for why an outbox, not the notifications'
+//! payloads).
 //!
 //! | file | holds |
 //! |---|---|
 //! | `mod.rs` | the builder and the [`ChangeListener`] handle |
 //! | `state.rs` | what the handle and the task share: settings, connection state, counters |
-//! | `run.rs` | the task: connect, heartbeats, reconnect and resync, the serving loop |
-//! | `notification.rs` | a notification's payload, parsed, and a batch applied to the caches |
+//! | `run.rs` | the task: connect, heartbeats, reconnect and catch-up, the serving loop |
+//! | `outbox.rs` | reading the outbox by snapshot, pruning it, checking wake-ups |
+//! | `notification.rs` | a notification classified, and the changes read applied to the caches |
 
 mod notification;
+mod outbox;
 mod run;
 mod state;
 
@@ -22,7 +26,7 @@ use strata::{Cache, CacheHandle, CacheKey, CacheValue};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use self::run::{connect, run};
+use self::run::{Cursor, connect, run};
 use self::state::{Config, Counters, Mapping, Shared};
 use crate::error::Error;
 
@@ -93,12 +97,24 @@ impl ChangeListenerBuilder {
         self
     }
 
-    /// Notifications are applied in batches (what arrived while the previous batch
-    /// was being applied, up to 10 000); a batch with more distinct keys than this for
-    /// one cache is applied as one `invalidate_all` of that cache instead (a bulk
-    /// `UPDATE`). Default 10 000.
+    /// Changes are applied per read of the outbox (what committed since the previous
+    /// read); a read with more distinct keys than this for one cache is applied as one
+    /// `invalidate_all` of that cache instead (a bulk `UPDATE`). Default 10 000.
     pub fn bulk_threshold(mut self, keys: usize) -> Self {
         self.cfg.bulk_threshold = keys.max(1);
+        self
+    }
+
+    /// How long outbox rows are kept: every `retention / 8` or so this listener deletes
+    /// the rows of transactions that ended before a read it made at least `retention`
+    /// ago (rows every listener that read within the retention has read). A listener
+    /// disconnected longer than that (the shortest retention of the listeners pruning
+    /// one database) cannot catch up and flushes its caches instead (`resyncs`).
+    /// `None`: this listener does not prune (another one does, or a job of yours).
+    /// Default 10 minutes. Pruning needs `DELETE` on `strata_change_outbox` and
+    /// `UPDATE` on `strata_change_outbox_horizon` (the installing role has both).
+    pub fn outbox_retention(mut self, retention: Option<Duration>) -> Self {
+        self.cfg.retention = retention;
         self
     }
 
@@ -111,7 +127,8 @@ impl ChangeListenerBuilder {
     ///
     /// [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) with no table
     /// mapped; [`ErrorKind::Database`](crate::ErrorKind::Database) when the first
-    /// connection fails (later failures are retried in the background).
+    /// connection fails, or the outbox is missing or not readable by the role
+    /// (install change capture first; later failures are retried in the background).
     pub async fn start(self) -> Result<ChangeListener, Error> {
         if self.cfg.mappings.is_empty() {
             return Err(Error::invalid("ChangeListener: no table mapped; call .table(name, &cache)"));
@@ -129,33 +146,45 @@ impl ChangeListenerBuilder {
         let first = connect(&cfg)
             .await
             .map_err(|e| Error::database("ChangeListener: cannot connect and LISTEN", e))?;
+        // After LISTEN: a change committed after this snapshot is read on its wake-up.
+        let snapshot = outbox::start(&first.2).await.map_err(|e| {
+            Error::database("ChangeListener: cannot read the change outbox (is change capture installed?)", e)
+        })?;
         shared.mark_connected(first.1);
         let (stop_tx, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(run(cfg.clone(), shared.clone(), first, stop_rx));
+        let cursor = Cursor::new(snapshot, cfg.retention);
+        let task = tokio::spawn(run(cfg.clone(), shared.clone(), first, cursor, stop_rx));
         Ok(ChangeListener { shared, cfg, stop: stop_tx, task: Some(task) })
     }
 }
 
-/// Forwards committed database changes, notified by the triggers of
+/// Forwards committed database changes, written to the outbox by the triggers of
 /// [`crate::install_change_capture`], to the mapped caches' `invalidate`.
 ///
-/// * Each notification's key is parsed with the mapped cache's `CacheKey::parse_key`
-///   and invalidated (notifications that arrive together are grouped into one
-///   `invalidate_many` per cache). A `TRUNCATE` invalidates the whole cache.
-/// * Malformed notifications, unparsable keys and unmapped tables are counted
-///   ([`ChangeListenerStats`]) and ignored; they never stop the listener.
+/// * On each wake-up notification (and every heartbeat interval, as a safety net) it
+///   reads the changes committed since its previous read from the outbox; each key is
+///   parsed with the mapped cache's `CacheKey::parse_key` and invalidated (one
+///   `invalidate_many` per cache and read). A `TRUNCATE` invalidates the whole cache.
+/// * Notifications are never trusted: anything on the channel that the trigger did
+///   not send (any role may `pg_notify`) is counted (`forged`) and ignored, and at
+///   most costs one read of the outbox. Unparsable keys and unmapped tables are
+///   counted and ignored. Nothing of this stops the listener.
 /// * When the listening connection is lost (closed, killed, or silent past the
 ///   heartbeat timeout), the listener reconnects with backoff, and once `LISTEN` is
-///   active again it assumes it missed notifications: it calls `invalidate_all` on
-///   every mapped cache (counted in `resyncs`).
+///   active again it reads what committed meanwhile from the outbox (`catch_ups`);
+///   only if the outbox was pruned past its last read (disconnected longer than the
+///   retention) does it call `invalidate_all` on every mapped cache (`resyncs`).
 ///
 /// Each listener invalidates through its caches, which delete from L2 and broadcast
 /// on the backplane: one listener (or two, for redundancy) per fleet is enough.
 /// Every instance running one is correct but multiplies L2 deletes and backplane
 /// messages by the fleet size.
 ///
-/// It holds two dedicated connections (not taken from the application's pool, opened
-/// with its connect options): the listening one and one that sends heartbeats.
+/// It holds up to three dedicated connections (not taken from the application's pool,
+/// opened with its connect options): the listening one, one that reads the outbox,
+/// and one that sends heartbeats. Its role needs `SELECT` on `strata_change_outbox`
+/// and `strata_change_outbox_horizon` (and, to prune, see
+/// [`outbox_retention`](ChangeListenerBuilder::outbox_retention)).
 pub struct ChangeListener {
     shared: Arc<Shared>,
     cfg: Arc<Config>,
@@ -182,6 +211,7 @@ impl ChangeListener {
                 backoff: (Duration::from_millis(50), Duration::from_secs(5)),
                 bulk_threshold: 10_000,
                 max_batch: 10_000,
+                retention: Some(Duration::from_secs(600)),
             },
         }
     }

@@ -1,5 +1,5 @@
-//! The notifications, read back: parsing a payload, and applying a batch of them to
-//! the mapped caches.
+//! The notifications, read back (a wake-up, a heartbeat, or something the trigger did
+//! not send), and the changes read from the outbox applied to the mapped caches.
 
 use std::collections::HashSet;
 
@@ -8,10 +8,12 @@ use serde::Deserialize;
 use strata::{CacheHandle, Scope};
 use tokio::time::Instant;
 
+use super::outbox::ChangeRow;
 use super::state::{Config, Counter, Shared};
 
 /// Invalidates `keys` (text form) in `cache`: (keys invalidated, keys unparsable,
-/// result). Keys are parsed as the cache's key type and sent on in canonical form.
+/// result). Keys are parsed as the cache's key type (integers only in their canonical
+/// form, so a key names exactly one entry) and sent on as written.
 async fn invalidate_text(cache: &CacheHandle, keys: &[String]) -> (u64, u64, strata::Result<()>) {
     let (parsed, bad) = cache.canonical_keys(keys);
     let done = parsed.len() as u64;
@@ -19,7 +21,7 @@ async fn invalidate_text(cache: &CacheHandle, keys: &[String]) -> (u64, u64, str
     (done, bad as u64, res)
 }
 
-// Here, not with the loop that sends heartbeats: `apply` is what clears it when the
+// Here, not with the loop that sends heartbeats: `classify` is what clears it when the
 // ping comes back, and the loop already depends on this file.
 /// A heartbeat sent and not yet received back.
 pub(crate) struct Outstanding {
@@ -27,106 +29,99 @@ pub(crate) struct Outstanding {
     pub(crate) deadline: Instant,
 }
 
-/// The shape of a notification payload (see `sql/change_capture.sql`).
+/// A heartbeat's payload (sent by a listener to itself, see `run.rs`).
 #[derive(Deserialize)]
-struct Payload {
+struct Ping {
     op: String,
-    #[serde(default)]
-    schema: Option<String>,
-    #[serde(default)]
-    table: Option<String>,
-    #[serde(default)]
-    key: Option<serde_json::Value>,
-    #[serde(default)]
-    listener: Option<String>,
-    #[serde(default)]
-    nonce: Option<u64>,
+    listener: String,
+    nonce: u64,
 }
 
-enum Change {
-    Row { schema: Option<String>, table: String, key: String },
-    Truncate { schema: Option<String>, table: String },
+/// What a notification on the channel is.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Notice {
+    /// A wake-up: the trigger's, naming the transaction that committed changes, or a
+    /// forgery (checked against the outbox).
+    Wake(u64),
+    /// A heartbeat of this listener or of another one.
     Ping { listener: String, nonce: u64 },
+    /// Anything else: not sent by the trigger, nor by a listener.
+    Other,
 }
 
-fn parse(payload: &str) -> Option<Change> {
-    let p: Payload = serde_json::from_str(payload).ok()?;
-    match p.op.as_str() {
-        "INSERT" | "UPDATE" | "DELETE" => {
-            let key = match p.key? {
-                serde_json::Value::String(s) => s,
-                serde_json::Value::Number(n) => n.to_string(),
-                _ => return None,
-            };
-            Some(Change::Row { schema: p.schema, table: p.table?, key })
-        }
-        "TRUNCATE" => Some(Change::Truncate { schema: p.schema, table: p.table? }),
-        "PING" => Some(Change::Ping { listener: p.listener?, nonce: p.nonce? }),
-        _ => None,
+pub(crate) fn classify(payload: &str) -> Notice {
+    let digits = !payload.is_empty() && payload.len() <= 20 && payload.bytes().all(|b| b.is_ascii_digit());
+    if digits && let Ok(xid) = payload.parse() {
+        return Notice::Wake(xid);
+    }
+    match serde_json::from_str::<Ping>(payload) {
+        Ok(p) if p.op == "PING" => Notice::Ping { listener: p.listener, nonce: p.nonce },
+        _ => Notice::Other,
     }
 }
 
-/// Applies one batch of notifications: per cache, one `invalidate_many` (or one
-/// `invalidate_all` for a truncate or a batch above the bulk threshold).
-pub(crate) async fn apply(
-    cfg: &Config,
-    shared: &Shared,
-    batch: Vec<String>,
-    outstanding: &mut Option<Outstanding>,
-) {
+/// Handles a heartbeat: clears the outstanding one when it is ours.
+pub(crate) fn pong(shared: &Shared, listener: &str, nonce: u64, outstanding: &mut Option<Outstanding>) {
+    if listener == shared.id && outstanding.as_ref().is_some_and(|o| o.nonce == nonce) {
+        *outstanding = None;
+        shared.counters.add(Counter::heartbeats, 1);
+    }
+}
+
+/// Applies changes read from the outbox: per cache, one `invalidate_many` (or one
+/// `invalidate_all` for a truncate or more keys than the bulk threshold).
+pub(crate) async fn apply(cfg: &Config, shared: &Shared, rows: &[ChangeRow]) {
     let c = &shared.counters;
     let n = cfg.targets.len();
     let mut keys: Vec<Vec<String>> = vec![Vec::new(); n];
-    let mut seen: Vec<HashSet<String>> = vec![HashSet::new(); n];
+    let mut seen: Vec<HashSet<&str>> = vec![HashSet::new(); n];
     let mut all = vec![false; n];
-    for payload in &batch {
-        let Some(change) = parse(payload) else {
-            c.add(Counter::malformed, 1);
-            let shown: String = payload.chars().take(200).collect();
-            tracing::warn!(payload = %shown, "malformed change notification ignored");
-            continue;
-        };
-        let (schema, table) = match &change {
-            Change::Ping { listener, nonce } => {
-                if *listener == shared.id && outstanding.as_ref().is_some_and(|o| o.nonce == *nonce) {
-                    *outstanding = None;
-                    c.add(Counter::heartbeats, 1);
-                }
+    c.add(Counter::changes, rows.len() as u64);
+    for row in rows {
+        let truncate = row.op == "TRUNCATE";
+        let key = match (&row.key, row.op.as_str()) {
+            (Some(k), "INSERT" | "UPDATE" | "DELETE") => Some(k.as_str()),
+            (None, "TRUNCATE") => None,
+            _ => {
+                c.add(Counter::malformed, 1);
+                tracing::warn!(?row, "change capture: outbox row with an unknown op or no key ignored");
                 continue;
             }
-            Change::Row { schema, table, .. } | Change::Truncate { schema, table } => (schema, table),
         };
-        c.add(Counter::notifications, 1);
         let mut mapped = false;
         for m in cfg
             .mappings
             .iter()
-            .filter(|m| m.table == *table && (m.schema.is_none() || m.schema.as_deref() == schema.as_deref()))
+            .filter(|m| m.table == row.table && m.schema.as_deref().is_none_or(|s| s == row.schema))
         {
             mapped = true;
-            match &change {
-                Change::Row { key, .. } => {
-                    if seen[m.target].insert(key.clone()) {
-                        keys[m.target].push(key.clone());
+            let i = m.target;
+            match key {
+                Some(k) if !all[i] => {
+                    if seen[i].insert(k) {
+                        keys[i].push(k.to_owned());
+                        if keys[i].len() > cfg.bulk_threshold {
+                            all[i] = true;
+                            keys[i] = Vec::new();
+                            c.add(Counter::bulk_flushes, 1);
+                        }
                     }
                 }
-                _ => all[m.target] = true,
+                Some(_) => {}
+                None => all[i] = true,
             }
         }
         if !mapped {
             c.add(Counter::unmapped, 1);
         }
-        if matches!(change, Change::Truncate { .. }) {
+        if truncate {
             c.add(Counter::truncates, 1);
         }
     }
     let work = (0..n).filter(|&i| all[i] || !keys[i].is_empty()).map(|i| {
         let target = &cfg.targets[i];
         let keys = &keys[i];
-        let flush = all[i] || keys.len() > cfg.bulk_threshold;
-        if !all[i] && flush {
-            c.add(Counter::bulk_flushes, 1);
-        }
+        let flush = all[i];
         async move {
             if flush {
                 (0, 0, target.invalidate(Scope::All).await)
@@ -150,28 +145,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn payloads() {
-        assert!(matches!(
-            parse(r#"{"schema":"public","table":"payment","op":"UPDATE","key":"7","version":"3"}"#),
-            Some(Change::Row { ref table, ref key, .. }) if table == "payment" && key == "7"
-        ));
-        assert!(
-            matches!(parse(r#"{"table":"t","op":"DELETE","key":42}"#), Some(Change::Row { ref key, .. }) if key == "42")
+    fn notices() {
+        assert_eq!(classify("748"), Notice::Wake(748));
+        assert_eq!(classify("18446744073709551615"), Notice::Wake(u64::MAX));
+        assert_eq!(
+            classify(r#"{"op":"PING","listener":"x","nonce":1}"#),
+            Notice::Ping { listener: "x".into(), nonce: 1 }
         );
-        assert!(matches!(parse(r#"{"table":"t","op":"TRUNCATE"}"#), Some(Change::Truncate { .. })));
-        assert!(matches!(parse(r#"{"op":"PING","listener":"x","nonce":1}"#), Some(Change::Ping { .. })));
-        for bad in [
-            "garbage",
+        for other in [
             "",
+            "garbage",
+            "+7",
+            " 7",
+            "-7",
+            "18446744073709551616",
             "{}",
-            r#"{"op":"UPDATE","table":"t"}"#,
-            r#"{"op":"UPDATE","key":"1"}"#,
-            r#"{"op":"UPDATE","table":"t","key":null}"#,
-            r#"{"op":"UPDATE","table":"t","key":[1]}"#,
-            r#"{"op":"MERGE","table":"t","key":"1"}"#,
+            r#"{"schema":"public","table":"payment","op":"UPDATE","key":"7","version":"3"}"#,
+            r#"{"table":"t","op":"TRUNCATE"}"#,
+            r#"{"op":"PONG","listener":"x","nonce":1}"#,
             "[1,2]",
         ] {
-            assert!(parse(bad).is_none(), "{bad}");
+            assert_eq!(classify(other), Notice::Other, "{other:?}");
         }
     }
 }

@@ -51,24 +51,36 @@ macro_rules! counters {
 }
 
 counters! {
-    /// Change notifications received (heartbeats excluded).
+    /// Genuine wake-ups received: one per committed transaction that changed a
+    /// captured table (heartbeats excluded).
     notifications,
+    /// Changes read from the outbox (one per changed row key, one per `TRUNCATE`).
+    changes,
     /// Keys handed to `Cache::invalidate_many` (per cache).
     keys_invalidated,
-    /// `TRUNCATE` notifications (each invalidates the whole mapped cache).
+    /// `TRUNCATE`s read (each invalidates the whole mapped cache).
     truncates,
-    /// Notifications that were not valid JSON of the expected shape: ignored.
+    /// Notifications on the channel that the capture trigger did not send, ignored:
+    /// anything but a wake-up or a heartbeat, a wake-up naming a transaction that wrote
+    /// no change, and a second wake-up for one transaction (a replay). None of them
+    /// invalidates anything: invalidations come from the outbox only.
+    forged,
+    /// Outbox rows with an unknown operation or no key: ignored.
     malformed,
     /// Keys that the mapped cache's `CacheKey::parse_key` rejected: ignored.
     unparsable_keys,
-    /// Notifications for a table no cache is mapped to: ignored.
+    /// Changes of a table no cache is mapped to: ignored.
     unmapped,
     /// Listening connections lost (closed, failed, or silent past the heartbeat timeout).
     connection_losses,
     /// Listening connections re-established after a loss.
     reconnects,
-    /// Completed rounds of `invalidate_all` on every mapped cache after a reconnect
-    /// (changes made while disconnected were not notified).
+    /// Reconnections after which the changes committed meanwhile were read from the
+    /// outbox (no flush needed).
+    catch_ups,
+    /// Completed rounds of `invalidate_all` on every mapped cache, when changes may have
+    /// been missed: the outbox was pruned past what this listener had read (it was
+    /// disconnected longer than the retention), or a read of it failed.
     resyncs,
     /// Caches flushed with `invalidate_all` by those rounds.
     resync_flushes,
@@ -76,7 +88,7 @@ counters! {
     heartbeats,
     /// Heartbeats not received back in time (each counts as a connection loss).
     heartbeat_timeouts,
-    /// Batches with more keys for one cache than `bulk_threshold`, applied as one
+    /// Reads with more keys for one cache than `bulk_threshold`, applied as one
     /// `invalidate_all`.
     bulk_flushes,
     /// Cache invalidations that returned an error (the cache made itself safe: buffered
@@ -84,6 +96,12 @@ counters! {
     invalidation_errors,
     /// Failed attempts to (re)connect.
     connect_errors,
+    /// Reads of the outbox that failed (the connection is then replaced).
+    read_errors,
+    /// Outbox rows deleted by this listener's pruning.
+    pruned,
+    /// Prunings that failed (e.g. the role may not delete from the outbox).
+    prune_errors,
 }
 
 /// A table mapped to a target.
@@ -103,6 +121,8 @@ pub(crate) struct Config {
     pub(crate) backoff: (Duration, Duration),
     pub(crate) bulk_threshold: usize,
     pub(crate) max_batch: usize,
+    /// How long outbox rows are kept (`None`: this listener does not prune).
+    pub(crate) retention: Option<Duration>,
 }
 
 pub(crate) struct Shared {

@@ -1,5 +1,6 @@
-//! Postgres change capture: raw writes, malformed notifications, listener reconnect,
-//! and the heartbeat noticing a silent partition.
+//! Postgres change capture: raw writes, notifications the trigger did not send,
+//! listener reconnect and catch-up from the outbox, pruning, and the heartbeat
+//! noticing a silent partition.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -124,8 +125,10 @@ async fn change_capture_raw_writes_clean_every_instance() {
 
     wait_until("a heartbeat comes back", Duration::from_secs(3), || listener.stats().heartbeats >= 1).await;
     let s = listener.stats();
-    assert_eq!(s.malformed, 0);
+    assert_eq!((s.malformed, s.forged), (0, 0), "{s:?}");
     assert_eq!(s.truncates, 1);
+    // One wake-up per transaction; one change per row (the TRUNCATE is one).
+    assert_eq!(s.changes, ROUNDS as u64 + 3, "{s:?}");
     assert_eq!(s.connection_losses, 0, "{s:?}");
     assert!(s.notifications >= ROUNDS as u64 + 3, "{s:?}");
     assert_eq!(s.heartbeat_timeouts, 0, "{s:?}");
@@ -133,7 +136,7 @@ async fn change_capture_raw_writes_clean_every_instance() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn change_capture_ignores_and_counts_malformed_notifications() {
+async fn change_capture_ignores_and_counts_notifications_it_did_not_send() {
     let Capture { db, caches, listener } = capture().await;
     let pg = db.pg.clone().unwrap();
     fill(&caches, &db.pool, &[1, 2]).await;
@@ -148,11 +151,9 @@ async fn change_capture_ignores_and_counts_malformed_notifications() {
     .expect("psql");
     pg.psql("strata", r#"SELECT pg_notify('strata_changes', '{"table":"other","op":"UPDATE","key":"1"}')"#)
         .expect("psql");
-    wait_until("malformed, unparsable and unmapped counted", Duration::from_secs(3), || {
-        let s = listener.stats();
-        s.malformed == 2 && s.unparsable_keys == 1 && s.unmapped == 1
-    })
-    .await;
+    // A wake-up naming a transaction that wrote no change.
+    pg.psql("strata", "SELECT pg_notify('strata_changes', pg_current_xact_id()::text)").expect("psql");
+    wait_until("counted as forged", Duration::from_secs(3), || listener.stats().forged == 5).await;
     // Ignored: nothing was invalidated, and the listener still works.
     for c in &caches {
         assert!(c.get_local(&1).is_some() && c.get_local(&2).is_some());
@@ -165,34 +166,48 @@ async fn change_capture_ignores_and_counts_malformed_notifications() {
     time_until_clean(&caches, 2, Instant::now()).await;
     assert!(caches[1].get_local(&1).is_some());
     let s = listener.stats();
-    assert_eq!((s.malformed, s.connection_losses, s.resyncs), (2, 0, 0), "{s:?}");
+    assert_eq!((s.forged, s.connection_losses, s.resyncs), (5, 0, 0), "{s:?}");
+    assert_eq!((s.malformed, s.unparsable_keys, s.unmapped, s.notifications), (0, 0, 0, 1), "{s:?}");
     listener.shutdown().await;
 }
 
+/// The listening connection is killed and a change commits before the listener is
+/// back: it reads the change from the outbox once reconnected, and flushes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn change_capture_listener_reconnects_and_resyncs() {
-    let Capture { db, caches, listener } = capture().await;
+async fn change_capture_listener_reconnects_and_catches_up() {
+    let db = postgres().await;
+    strata_sql::install_change_capture(&db.pool, "payment", "id", Some("version")).await.expect("install");
+    let caches = fleet(3, Consistency::Invalidated, Arc::new(InProcessTier::new()), None).await;
+    let listener = strata_sql::ChangeListener::builder(&db.pool)
+        .table("payment", &caches[0])
+        .reconnect_backoff(Duration::from_millis(300), Duration::from_millis(300))
+        .start()
+        .await
+        .expect("listener");
     let pg = db.pg.clone().unwrap();
     fill(&caches, &db.pool, &[1, 2, 3]).await;
 
     let pid = listener.backend_pid().expect("connected");
     let killed = pg.psql("strata", &format!("SELECT pg_terminate_backend({pid})")).expect("psql");
     assert_eq!(killed.trim(), "t");
-    let took = wait_until("listener reconnected and resynced", Duration::from_secs(5), || {
+    wait_until("the loss noticed", Duration::from_secs(3), || !listener.is_connected()).await;
+    // Committed while the listener is away (its first reconnect waits 300 ms).
+    sqlx::query("UPDATE payment SET status = 'while-away' WHERE id = 1").execute(&db.observer).await.unwrap();
+    assert!(caches[1].get_local(&1).is_some(), "not seen yet");
+    let took = wait_until("listener reconnected and caught up", Duration::from_secs(5), || {
         let s = listener.stats();
-        s.reconnects >= 1 && s.resyncs >= 1 && listener.is_connected()
+        s.reconnects >= 1 && s.catch_ups >= 1 && listener.is_connected()
     })
     .await;
-    eprintln!("change listener: backend killed -> reconnected and resynced in {took:?}");
+    eprintln!("change listener: backend killed -> reconnected and caught up in {took:?}");
+    time_until_clean(&caches, 1, Instant::now()).await;
     let s = listener.stats();
     assert_eq!(s.connection_losses, 1, "{s:?}");
-    assert_eq!(s.resync_flushes, 1, "{s:?}");
+    assert_eq!((s.resyncs, s.resync_flushes), (0, 0), "no flush: {s:?}");
     assert_ne!(listener.backend_pid(), Some(pid));
-    // invalidate_all reached every instance: nothing cached before the loss survives.
-    wait_until("every instance flushed", Duration::from_secs(2), || {
-        caches.iter().all(|c| (1..=3).all(|id| c.get_local(&id).is_none()))
-    })
-    .await;
+    for c in &caches {
+        assert!(c.get_local(&2).is_some() && c.get_local(&3).is_some(), "unchanged rows stay cached");
+    }
 
     // Capture works on the new connection.
     fill(&caches, &db.pool, &[1]).await;
@@ -205,8 +220,8 @@ async fn change_capture_listener_reconnects_and_resyncs() {
 }
 
 /// A silent partition (the proxy holds every byte; no socket closes): the heartbeat
-/// notices, the listener reconnects once the network heals, and its resync removes
-/// what was changed meanwhile.
+/// notices, the listener reconnects once the network heals, and reads what was
+/// changed meanwhile from the outbox.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn change_capture_heartbeat_detects_a_silent_partition() {
     let db = postgres().await;
@@ -234,8 +249,9 @@ async fn change_capture_heartbeat_detects_a_silent_partition() {
         .execute(&db.observer)
         .await
         .unwrap();
-    let detected = wait_until("heartbeat timeout", Duration::from_secs(3), || {
-        listener.stats().heartbeat_timeouts >= 1 && !listener.is_connected()
+    let detected = wait_until("heartbeat or read timeout", Duration::from_secs(3), || {
+        let s = listener.stats();
+        s.heartbeat_timeouts + s.read_errors >= 1 && !listener.is_connected()
     })
     .await;
     // The change is not seen while partitioned: the documented window.
@@ -249,9 +265,9 @@ async fn change_capture_heartbeat_detects_a_silent_partition() {
 
     proxy.clear();
     let healed = Instant::now();
-    wait_until("reconnected and resynced", Duration::from_secs(5), || {
+    wait_until("reconnected and caught up", Duration::from_secs(5), || {
         let s = listener.stats();
-        s.reconnects >= 1 && s.resyncs >= 1
+        s.reconnects >= 1 && s.catch_ups >= 1
     })
     .await;
     let clean = time_until_clean(&caches, 1, healed).await;
@@ -261,8 +277,10 @@ async fn change_capture_heartbeat_detects_a_silent_partition() {
         cut.elapsed()
     );
     for c in &caches {
-        assert!(c.get_local(&2).is_none(), "resync flushed everything");
+        assert_eq!(c.get_local(&2).as_deref(), Some("pending"), "caught up from the outbox: no flush");
     }
+    let s = listener.stats();
+    assert_eq!((s.resyncs, s.catch_ups), (0, 1), "{s:?}");
     let pool = db.pool.clone();
     let v = caches[1]
         .get_or_load(&1, move || async move {
@@ -275,4 +293,59 @@ async fn change_capture_heartbeat_detects_a_silent_partition() {
     sqlx::query("UPDATE payment SET status = 'healed' WHERE id = 1").execute(&db.observer).await.unwrap();
     time_until_clean(&caches, 1, Instant::now()).await;
     listener.shutdown().await;
+}
+
+/// Listener A prunes the outbox (a short retention) while listener B is away longer
+/// than that: B cannot catch up, so it flushes its caches; A's pruning deleted the rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn change_capture_listener_flushes_when_the_outbox_was_pruned_past_it() {
+    let db = postgres().await;
+    strata_sql::install_change_capture(&db.pool, "payment", "id", None).await.expect("install");
+    let a_caches = fleet(1, Consistency::Invalidated, Arc::new(InProcessTier::new()), None).await;
+    let b_caches = fleet(1, Consistency::Invalidated, Arc::new(InProcessTier::new()), None).await;
+    let a = strata_sql::ChangeListener::builder(&db.pool)
+        .table("payment", &a_caches[0])
+        .heartbeat(Some(Duration::from_millis(50)))
+        .outbox_retention(Some(Duration::from_millis(200)))
+        .start()
+        .await
+        .expect("listener a");
+    // B reaches Postgres through a proxy that refuses it while A prunes.
+    let proxy = strata_testkit::FaultProxy::start(db.pg.clone().unwrap().addr()).await.unwrap();
+    let via_proxy: sqlx::postgres::PgConnectOptions =
+        format!("postgres://postgres@127.0.0.1:{}/strata", proxy.port()).parse().unwrap();
+    let b = strata_sql::ChangeListener::builder_with(via_proxy)
+        .table("payment", &b_caches[0])
+        .heartbeat(Some(Duration::from_millis(100)))
+        .outbox_retention(None)
+        .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(50))
+        .start()
+        .await
+        .expect("listener b");
+    fill(&b_caches, &db.pool, &[1, 2]).await;
+    proxy.refuse(true);
+    let pid = b.backend_pid().expect("connected");
+    db.pg.clone().unwrap().psql("strata", &format!("SELECT pg_terminate_backend({pid})")).expect("psql");
+    wait_until("b lost its connection", Duration::from_secs(3), || !b.is_connected()).await;
+    sqlx::query("UPDATE payment SET status = 'pruned-away' WHERE id = 1")
+        .execute(&db.observer)
+        .await
+        .unwrap();
+    wait_until("a pruned the change", Duration::from_secs(3), || a.stats().pruned >= 1).await;
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM strata_change_outbox").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(left, 0, "pruned");
+    proxy.clear();
+    wait_until("b reconnected and flushed", Duration::from_secs(5), || {
+        let s = b.stats();
+        s.reconnects >= 1 && s.resyncs >= 1
+    })
+    .await;
+    let s = b.stats();
+    assert_eq!((s.catch_ups, s.resync_flushes), (0, 1), "{s:?}");
+    assert!(b_caches[0].get_local(&1).is_none() && b_caches[0].get_local(&2).is_none(), "flushed");
+    let s = a.stats();
+    assert_eq!((s.prune_errors, s.resyncs, s.changes), (0, 0, 1), "{s:?}");
+    a.shutdown().await;
+    b.shutdown().await;
 }

@@ -128,6 +128,7 @@ macro_rules! transaction_tests {
             async fn rollback_drop_and_failed_commit_invalidate_nothing() {
                 let db = $setup().await;
                 let log: Log = Arc::default();
+                let log_handle = log.clone();
                 let tier = observing_tier(&db, &log);
                 let caches =
                     fleet(2, Consistency::Invalidated, Arc::new(tier.clone()), Some(log.clone())).await;
@@ -174,10 +175,33 @@ macro_rules! transaction_tests {
                 // Give a stray invalidation time to show up anywhere.
                 tokio::time::sleep(Duration::from_millis(150)).await;
                 assert_eq!(ran.load(Ordering::SeqCst), 0, "no action ran");
-                assert!(entries(&log).is_empty(), "nothing was invalidated: {:?}", entries(&log));
+                // The rejected COMMIT came after the write lock (taken before COMMIT, at
+                // the Invalidated level too): the copies were dropped and the lock
+                // released (a miss, never a wrong value); no hook ran.
+                let log = entries(&log);
+                assert_eq!(log.len(), 2, "only the rejected commit's lock and its release: {log:?}");
+                assert!(log[0].starts_with("l2 lock payment") && log[0].ends_with("pending"), "{log:?}");
+                assert!(log[1].starts_with("l2 unlock payment") && log[1].ends_with("pending"), "{log:?}");
+                for c in &caches {
+                    assert_eq!(c.get_local(&1), None, "dropped by the lock of the rejected commit");
+                    assert_eq!(load(c, &db.pool, 1).await.as_deref(), Some("pending"));
+                }
+
+                // The same without write locks: nothing is touched at all.
+                let log_len = entries(&log_handle).len();
+                let mut tx = strata_sql::begin(&db.pool).await.unwrap();
+                sqlx::query(UPDATE).bind("rejected").bind(1_i64).execute(&mut *tx).await.unwrap();
+                sqlx::query("INSERT INTO child (id, parent_id) VALUES (1, 999)")
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                tx.invalidate(&caches[0], &1).without_write_locks();
+                let err = tx.commit().await.expect_err("the deferred constraint fails the commit");
+                assert_eq!(err.outcome(), CommitOutcome::RolledBack, "{err}");
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                assert_eq!(entries(&log_handle).len(), log_len, "nothing was invalidated");
                 for c in &caches {
                     assert_eq!(c.get_local(&1).as_deref(), Some("pending"), "L1 kept its (correct) copy");
-                    assert_eq!(load(c, &db.pool, 1).await.as_deref(), Some("pending"));
                 }
                 let status: String =
                     sqlx::query_scalar(SELECT).bind(1_i64).fetch_one(&db.observer).await.unwrap();
@@ -239,10 +263,13 @@ macro_rules! transaction_tests {
                 let report = tx.commit().await.unwrap();
 
                 let log = entries(&log);
-                assert_eq!(log.len(), 7, "{log:#?}");
-                // The invalidations (the two caches run concurrently) come first, each
-                // after the commit: the delete saw the committed row.
-                let (invalidations, actions) = log.split_at(4);
+                assert_eq!(log.len(), 8, "{log:#?}");
+                // The Invalidated cache was write-locked before COMMIT (the lock saw the
+                // old row); the Local one (no backplane) was not.
+                assert_eq!(log[0], "l2 lock payment Keys([\"1\", \"2\"]): database says pending", "{log:#?}");
+                // Then the invalidations (the two caches run concurrently), each after the
+                // commit: the release and the delete saw the committed row.
+                let (invalidations, actions) = log[1..].split_at(4);
                 let mut inv = invalidations.to_vec();
                 inv.sort();
                 assert_eq!(
@@ -251,7 +278,7 @@ macro_rules! transaction_tests {
                         "hook by_name Keys([\"alice\"])".to_owned(),
                         "hook payment Keys([\"1\", \"2\"])".to_owned(),
                         "l2 delete by_name [\"alice\"]: database says settled".to_owned(),
-                        "l2 delete payment [\"1\", \"2\"]: database says settled".to_owned(),
+                        "l2 unlock payment Keys([\"1\", \"2\"]): database says settled".to_owned(),
                     ],
                     "{log:#?}"
                 );
@@ -262,7 +289,10 @@ macro_rules! transaction_tests {
                 );
                 let mut deletes = tier.deletes.lock().unwrap().clone();
                 deletes.sort();
-                assert_eq!(deletes, vec![vec!["1".to_owned(), "2".to_owned()], vec!["alice".to_owned()]]);
+                assert_eq!(deletes, vec![vec!["alice".to_owned()]], "payment's keys went through the lock");
+                let locked: Vec<_> =
+                    report.invalidations.iter().map(|i| (i.namespace.as_str(), i.locked)).collect();
+                assert_eq!(locked, [("payment", true), ("by_name", false)]);
 
                 assert!(report.all_invalidated());
                 assert!(!report.is_clean());
@@ -298,6 +328,7 @@ macro_rules! transaction_tests {
                 let inv = &report.invalidations[0];
                 assert_eq!(inv.state, InvalidationState::Buffered, "{report:?}");
                 assert_eq!(inv.consistency, Consistency::Invalidated);
+                assert!(!inv.locked, "L2 down: no write lock, the commit went ahead without one");
                 assert!(inv.error.as_ref().is_some_and(strata::Error::is_transient));
                 assert!(!report.is_clean());
                 assert_eq!(entries(&events), ["published"], "actions run after a buffered invalidation");
