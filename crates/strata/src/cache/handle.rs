@@ -60,9 +60,9 @@ impl CacheHandle {
     }
 
     /// The keys of `keys` that parse as the cache's key type
-    /// ([`CacheKey::parse_key`](crate::CacheKey::parse_key)), written back in their
-    /// canonical form (so `"007"` becomes `"7"` for integer keys), and how many did not
-    /// parse.
+    /// ([`CacheKey::parse_key`](crate::CacheKey::parse_key), which accepts only the
+    /// canonical form: `"007"` is not an integer key), written back as text, and how many
+    /// did not parse.
     pub fn canonical_keys(&self, keys: &[String]) -> (Vec<String>, usize) {
         self.cache.canonical_keys(keys)
     }
