@@ -3,8 +3,11 @@
 //! and the cache's side of the fleet protocol ([`Host`]). Every task ends on
 //! `shutdown` or when the last handle is dropped.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
+
+use futures::FutureExt;
 
 use super::state::Inner;
 use crate::clock::Timestamp;
@@ -24,7 +27,17 @@ const EXPORT_EVERY: Duration = Duration::from_secs(1);
 /// Starts the tasks a cache needs (none but the export without a tier or backplane).
 pub(crate) fn spawn<K: CacheKey, V: CacheValue>(inner: &Arc<Inner<K, V>>) {
     if inner.fleet.is_some() {
-        tokio::spawn(fleet::listener::run(inner.clone(), inner.stop.clone()));
+        let (host, stop) = (inner.clone(), inner.stop.clone());
+        tokio::spawn(async move {
+            let listening = AssertUnwindSafe(fleet::listener::run(host.clone(), stop)).catch_unwind();
+            if listening.await.is_err() {
+                // A listener that died applies no invalidation any more: say so at once
+                // (the heartbeat would notice within three intervals), so that
+                // `max_stale` bounds what L1 serves and readiness reports it.
+                tracing::error!(namespace = %host.cfg.namespace, "backplane listener panicked; backplane marked unhealthy");
+                fleet::mark_unhealthy(&*host, host.now());
+            }
+        });
         tokio::spawn(fleet::heartbeat::run(inner.clone(), inner.stop.clone()));
     }
     if inner.l2.is_some() || inner.fleet.is_some() {
