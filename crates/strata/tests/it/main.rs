@@ -12,6 +12,7 @@ mod fail_safe;
 mod fill_guard;
 mod fleet;
 mod hardening;
+mod schema;
 mod single_flight;
 mod strong;
 mod support;
