@@ -61,6 +61,18 @@
 //!   buffered and retried.
 //! * **Single-flight and leases.** Concurrent misses on a key run one load per instance,
 //!   and with a leasing tier one per fleet.
+//! * **Schema identity.** Every L2 entry carries the [schema fingerprint](schema) of the
+//!   cache that wrote it: its value type's serde shape (field and variant names, order
+//!   and types, traced at build time), its codec's name and
+//!   [`CacheBuilder::schema_version`]. A cache decodes only entries of its own
+//!   fingerprint, so a build whose value type changed (two fields swapped, an enum
+//!   variant inserted) never reads another build's entry as its own type. Another
+//!   fingerprint is a miss (counted in [`CacheStats::l2_schema_mismatches`]) and the
+//!   entry is left in place: two builds running side by side (a rolling deploy)
+//!   overwrite each other's entries, each reading its own or missing, never the other's
+//!   as its own. Changes serde cannot see (same shape, new meaning) need a new schema
+//!   version, and so does every change of a type whose shape cannot be traced (it is
+//!   told apart by its name only; `build()` warns).
 //! * **Versions.** With [`CacheBuilder::version`], a fill never replaces a live entry of
 //!   a newer version, in L1 or L2: a load that read a lagging replica cannot overwrite
 //!   what a newer load stored.
@@ -115,6 +127,7 @@
 //! | [`scope`] | [`Scope`]: these keys, one tag, or the namespace, used everywhere an invalidation travels |
 //! | [`consistency`] | the [`Consistency`] levels |
 //! | [`key`] | [`CacheKey`] and [`CacheValue`] |
+//! | [`schema`] | the schema fingerprint every L2 entry carries: a value type's traced serde shape, the codec's name and the schema version |
 //! | [`loader`] | the [`Loader`] port for read-through |
 //! | [`breaker`], [`clock`], [`codec`], [`error`] | circuit breaker, injectable time, value codecs, the one error type |
 //! | `stats` | the counters behind [`CacheStats`] |
@@ -134,6 +147,7 @@ pub mod consistency;
 pub mod error;
 pub mod key;
 pub mod loader;
+pub mod schema;
 pub mod scope;
 pub mod tier;
 

@@ -193,6 +193,9 @@ stats! {
     l2_errors: Counter,
     /// L2 entries that could not be decoded (treated as misses and evicted).
     l2_undecodable: Counter,
+    /// L2 entries written under another schema (another build's value type, codec or
+    /// schema version): misses, left in place for that build until a fill replaces them.
+    l2_schema_mismatches: Counter,
     /// Values too large for L2 (kept out of it).
     oversized_values: Counter,
     /// L2 deletes or publishes that failed and were buffered for retry.

@@ -11,8 +11,11 @@ use strata::tier::{Envelope, FillToken};
 
 use crate::reply::{value_array, value_bytes, value_u64};
 
-/// The first byte of every stored envelope, so the format can evolve.
-pub const ENVELOPE_FORMAT: u8 = 1;
+/// The first byte of every stored envelope, so the format can evolve. 2 since the
+/// envelope carries its schema fingerprint: a build of format 1 reads these entries as
+/// undecodable misses (it would otherwise ignore the trailing fingerprint and decode
+/// the value as its own type), and this one reads theirs so too.
+pub const ENVELOPE_FORMAT: u8 = 2;
 
 /// Duration in whole milliseconds, at least 1 (Redis refuses `PX 0`).
 pub(crate) fn millis_at_least_one(d: Duration) -> u64 {
@@ -185,11 +188,18 @@ mod tests {
             stamp: 4,
             tags: vec!["t".into()],
             load_nanos: 5,
+            schema: 6,
         };
         let bytes = encode_envelope(&env).unwrap();
-        assert_eq!(decode_envelope(&bytes), Some(env));
+        assert_eq!(bytes[0], 2);
+        assert_eq!(decode_envelope(&bytes), Some(env.clone()));
         assert_eq!(decode_envelope(b""), None);
-        assert_eq!(decode_envelope(b"\x02abc"), None);
-        assert_eq!(decode_envelope(b"\x01\xff\xff\xff"), None);
+        assert_eq!(decode_envelope(b"\x03abc"), None);
+        assert_eq!(decode_envelope(b"\x02\xff\xff\xff"), None);
+        // An entry of format 1 (no schema fingerprint) is not read, even when its
+        // bytes would decode.
+        let mut old = bytes.clone();
+        old[0] = 1;
+        assert_eq!(decode_envelope(&old), None);
     }
 }

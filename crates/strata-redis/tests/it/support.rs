@@ -25,6 +25,7 @@ pub fn envelope(value: &str, tags: &[&str], soft_in: Duration, hard_in: Duration
         stamp: 0,
         tags: tags.iter().map(|s| (*s).to_owned()).collect(),
         load_nanos: 1234,
+        schema: 0,
     }
 }
 

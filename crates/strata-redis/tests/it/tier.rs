@@ -344,3 +344,83 @@ async fn the_caches_l2_timeout_is_the_one_that_bounds_an_l2_call() {
     assert_eq!(tier.stats().timeouts, 0, "{:?}", tier.stats());
     assert_eq!(cache.stats().l2_errors, 0);
 }
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct PaymentV1 {
+    amount: u64,
+    fee: u64,
+    status: StatusV1,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+enum StatusV1 {
+    Pending,
+    Completed,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct PaymentV2 {
+    fee: u64,
+    amount: u64,
+    status: StatusV2,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+enum StatusV2 {
+    Pending,
+    Refunded,
+    Completed,
+}
+
+fn row_v1(k: u64) -> PaymentV1 {
+    PaymentV1 { amount: 10_000 + k, fee: 30 + k, status: StatusV1::Completed }
+}
+
+fn row_v2(k: u64) -> PaymentV2 {
+    PaymentV2 { fee: 30 + k, amount: 10_000 + k, status: StatusV2::Completed }
+}
+
+/// Two deploys of one namespace on one Redis whose value types differ (two fields
+/// swapped, an enum variant inserted): each reads its own entries or misses (counted),
+/// never the other's as its own, and its fills replace the other's entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_builds_with_different_value_types_never_read_each_others_entries() {
+    let server = RedisServer::start();
+    let tier = redis_tier(&server, "deploy").await;
+    let v1: Cache<u64, PaymentV1> = Cache::builder("payment").tier(Arc::new(tier.clone())).build().unwrap();
+    let v2: Cache<u64, PaymentV2> = Cache::builder("payment").tier(Arc::new(tier.clone())).build().unwrap();
+    let load_v1 = |k: u64| move || async move { Ok::<_, std::io::Error>(Some(row_v1(k))) };
+    let load_v2 = |k: u64| move || async move { Ok::<_, std::io::Error>(Some(row_v2(k))) };
+
+    v1.get_or_load(&1, load_v1(1)).await.unwrap();
+    assert_eq!(v2.get(&1).await.unwrap(), None, "V1's bytes are never decoded as V2");
+    assert_eq!(v2.get_or_load(&1, load_v2(1)).await.unwrap(), Some(row_v2(1)));
+    let s2 = v2.stats();
+    assert_eq!((s2.l2_schema_mismatches, s2.l2_hits, s2.loads), (2, 0, 1), "{s2:?}");
+    v1.evict_local(&1);
+    assert_eq!(v1.get(&1).await.unwrap(), None, "V2's fill replaced V1's entry, and is a miss to V1");
+    assert_eq!(v1.stats().l2_schema_mismatches, 1);
+
+    // Side by side, every read from L2.
+    let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+    for _ in 0..300 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let k = rng % 6;
+        if (rng >> 8).is_multiple_of(2) {
+            v1.evict_local(&k);
+            assert_eq!(v1.get_or_load(&k, load_v1(k)).await.unwrap(), Some(row_v1(k)));
+        } else {
+            v2.evict_local(&k);
+            assert_eq!(v2.get_or_load(&k, load_v2(k)).await.unwrap(), Some(row_v2(k)));
+        }
+    }
+    let (s1, s2) = (v1.stats(), v2.stats());
+    eprintln!("[schema] side by side on redis: v1 {s1:?}\nv2 {s2:?}");
+    for s in [&s1, &s2] {
+        assert!(s.l2_hits > 0 && s.l2_schema_mismatches > 1, "{s:?}");
+        assert_eq!(s.l2_undecodable, 0);
+    }
+    assert_eq!(tier.stats().undecodable, 0, "no entry of either build is undecodable");
+}

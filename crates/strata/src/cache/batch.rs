@@ -140,12 +140,18 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
             Some(lookups) if lookups.len() == led.len() => {
                 for (j, lookup) in lookups.into_iter().enumerate() {
                     match lookup {
-                        Lookup::Hit(env) => match self.fill_from_l2(&loadings[j], env).await {
-                            Some(value) => {
-                                let _ = led[j].lead.tx.send(Some(Ok(value)));
+                        Lookup::Hit(env) => {
+                            let replace = self.replacement_token(&env);
+                            match self.fill_from_l2(&loadings[j], env).await {
+                                Some(value) => {
+                                    let _ = led[j].lead.tx.send(Some(Ok(value)));
+                                }
+                                None => {
+                                    tokens[j] = replace;
+                                    to_load.push(j);
+                                }
                             }
-                            None => to_load.push(j),
-                        },
+                        }
                         Lookup::Miss { token, stale } => {
                             tokens[j] = Some(token);
                             stale_l2[j] = stale;

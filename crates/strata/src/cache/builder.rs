@@ -18,6 +18,7 @@ use crate::error::BuildError;
 use crate::key::{CacheKey, CacheValue};
 use crate::l1::WeighFn;
 use crate::loader::Loader;
+use crate::schema;
 use crate::scope::Scope;
 use crate::tier::Tier;
 
@@ -54,6 +55,7 @@ pub struct CacheBuilder<K, V> {
     hooks: Vec<InvalidateHook>,
     loader: Option<Arc<dyn Loader<K, V>>>,
     codec: Option<Arc<dyn Codec<V>>>,
+    schema_version: u32,
     breaker: BreakerConfig,
     tier: Option<Arc<dyn Tier>>,
     backplane: Option<Arc<dyn Backplane>>,
@@ -100,6 +102,7 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
             hooks: Vec::new(),
             loader: None,
             codec: None,
+            schema_version: 0,
             breaker: BreakerConfig::default(),
             tier: None,
             backplane: None,
@@ -291,9 +294,31 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
         self
     }
 
-    /// The L2 value codec. Default: postcard.
+    /// The L2 value codec. Default: postcard. Its [`name`](Codec::name) is part of the
+    /// schema fingerprint (see [`schema_version`](Self::schema_version)).
     pub fn codec(mut self, codec: Arc<dyn Codec<V>>) -> Self {
         self.codec = Some(codec);
+        self
+    }
+
+    /// The version of the value type's meaning, for changes its serde shape does not
+    /// show (same fields and types, new meaning: an amount in cents becomes one in
+    /// units, a status variant is redefined).
+    ///
+    /// Every L2 entry carries the [schema fingerprint](crate::schema) of the cache that
+    /// wrote it: the value type's serde shape (traced in [`build`](Self::build): field
+    /// and variant names, order and types), the codec's name and this version. A cache
+    /// reads an entry of another fingerprint as a miss (counted in
+    /// [`CacheStats::l2_schema_mismatches`](crate::CacheStats)), never decodes it as its
+    /// own type, and leaves it in place; its next fill of that key replaces it. So
+    /// while two builds whose value types differ run side by side (a rolling deploy),
+    /// they overwrite each other's entries, each reading its own or missing, never the
+    /// other's as its own. A value type whose shape cannot be traced (it needs a
+    /// self-describing format, or validates what it reads) is told apart by its Rust
+    /// type name only, with a warning at build time: raise this version with every
+    /// change of such a type. Default 0.
+    pub fn schema_version(mut self, version: u32) -> Self {
+        self.schema_version = version;
         self
     }
 
@@ -328,6 +353,8 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
         self.check(consistency)?;
         let tombstone_ttl =
             self.tier.as_ref().map_or(self.hard_timeout.saturating_mul(2), |t| t.tombstone_ttl());
+        let codec = self.codec.unwrap_or_else(|| Arc::new(PostcardCodec::<V>::default()));
+        let schema = schema::fingerprint_for_cache::<V>(&self.namespace, codec.name(), self.schema_version);
         let config = Config {
             namespace: self.namespace,
             max_capacity: self.max_capacity,
@@ -355,7 +382,8 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
             version: self.version,
             hooks: self.hooks,
             loader: self.loader,
-            codec: self.codec.unwrap_or_else(|| Arc::new(PostcardCodec::<V>::default())),
+            codec,
+            schema,
             breaker: self.breaker,
             seed: self.seed,
         };
@@ -527,6 +555,7 @@ impl<K, V> std::fmt::Debug for CacheBuilder<K, V> {
             .field("tier", &self.tier.as_ref().map(|t| t.name().to_owned()))
             .field("backplane", &self.backplane.as_ref().map(|b| b.name().to_owned()))
             .field("loader", &self.loader.is_some())
+            .field("schema_version", &self.schema_version)
             .finish_non_exhaustive()
     }
 }

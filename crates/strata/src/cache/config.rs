@@ -63,6 +63,8 @@ pub(crate) struct Config<K, V> {
     pub(crate) hooks: Vec<InvalidateHook>,
     pub(crate) loader: Option<Arc<dyn Loader<K, V>>>,
     pub(crate) codec: Arc<dyn Codec<V>>,
+    /// The schema fingerprint of this cache's entries (see `crate::schema`).
+    pub(crate) schema: u64,
     pub(crate) breaker: BreakerConfig,
     pub(crate) seed: Option<u64>,
 }
@@ -102,6 +104,7 @@ impl<K, V> std::fmt::Debug for Config<K, V> {
             .field("tags", &self.tags.is_some())
             .field("version", &self.version.is_some())
             .field("loader", &self.loader.is_some())
+            .field("schema", &format_args!("{:016x}", self.schema))
             .field("hooks", &self.hooks.len())
             .finish_non_exhaustive()
     }

@@ -11,7 +11,7 @@ use crate::clock::{Timestamp, mul_f64_saturating};
 use crate::error::{Error, ErrorKind, Result};
 use crate::key::{CacheKey, CacheValue};
 use crate::l1::{Entry, LoadStart, Meta, Slot, Tags};
-use crate::tier::Envelope;
+use crate::tier::{Envelope, FillToken};
 
 impl<K: CacheKey, V: CacheValue> Inner<K, V> {
     /// `ttl` with the configured jitter added.
@@ -73,6 +73,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
             stamp: 0,
             tags: tags.map(|t| t.as_ref().clone()).unwrap_or_default(),
             load_nanos,
+            schema: self.cfg.schema,
         }
     }
 
@@ -99,13 +100,20 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
     }
 
     /// Decodes an L2 envelope into an L1 entry; an undecodable one is deleted, counted
-    /// and read as a miss (`None`).
+    /// and read as a miss (`None`). One of another schema (written by a build whose
+    /// value type, codec or schema version differ) is never decoded: it is counted and
+    /// read as a miss, and left in place for its own build (see `replacement_token`).
     pub(crate) async fn entry_from_envelope(
         &self,
         key_str: &str,
         env: Envelope,
         start: LoadStart,
     ) -> Option<Entry<V>> {
+        if env.schema != self.cfg.schema {
+            self.stats.l2_schema_mismatches.incr();
+            tracing::debug!(key = key_str, namespace = %self.cfg.namespace, schema = env.schema, "l2 entry of another schema: a miss");
+            return None;
+        }
         let value = match env.value.as_deref().map(|b| self.cfg.codec.decode(b)).transpose() {
             Ok(v) => v,
             Err(e) => {
@@ -135,6 +143,19 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
             meta: Meta::new(created, fresh_until, usable_until, start.seq, env.load_nanos),
             tags: (!env.tags.is_empty()).then(|| Arc::new(env.tags)),
         })
+    }
+
+    /// When `env`, an L2 hit, is of another schema: the token to replace it with this
+    /// cache's next load of the key. A hit hands out no token; this one carries the
+    /// entry's stamp, which is as safe as the lookup's: the entry being valid at the
+    /// lookup shows that nothing invalidated the key, its tags or the namespace since
+    /// that stamp (an invalidation would have removed or outdated it), and the tier
+    /// still refuses the fill if anything does before it lands. It holds no lease, and
+    /// no write lock poisons it: under a lock, a lookup can only hit an entry inserted
+    /// after the lock invalidated the key, by a writer stating the committed row, so a
+    /// load that starts after such a hit reads that row too.
+    pub(crate) fn replacement_token(&self, env: &Envelope) -> Option<FillToken> {
+        (env.schema != self.cfg.schema).then_some(FillToken { stamp: env.stamp, lease: None, leader: true })
     }
 
     /// Stores `entry` in L1 unless an invalidation since `start` forbids it, the

@@ -159,8 +159,13 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
         let lease = Some(self.cfg.hard_timeout);
         match l2.call("lookup", &self.stats, l2.tier().lookup(l2.ns(), key_str, lease)).await {
             Ok(Lookup::Hit(env)) => {
+                let replace = self.replacement_token(&env);
                 if let Some(value) = self.fill_from_l2(loading, env).await {
                     return Ok(value);
+                }
+                if replace.is_some() {
+                    // Another schema's entry: load, and let the fill replace it.
+                    return Err((replace, None));
                 }
                 // Undecodable and deleted: ask again for a token to fill with.
                 match l2.call("lookup", &self.stats, l2.tier().lookup(l2.ns(), key_str, lease)).await {
@@ -356,8 +361,13 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
             pause = (pause * 2).min(Duration::from_millis(20));
             match l2.call("lookup", &self.stats, l2.tier().lookup(l2.ns(), &loading.key_str, None)).await {
                 Ok(Lookup::Hit(env)) => {
+                    let replace = self.replacement_token(&env);
                     if let Some(value) = self.fill_from_l2(loading, env).await {
                         return Ok(value);
+                    }
+                    if replace.is_some() {
+                        // Filled under another schema: waiting longer will not help.
+                        return Err(replace);
                     }
                 }
                 Ok(Lookup::Miss { token, .. }) => last = Some(token),

@@ -50,8 +50,12 @@ fn envelope(value: &str, tags: &[&str], soft_in: Duration, hard_in: Duration) ->
         stamp: 0,
         tags: tags.iter().map(|s| (*s).to_owned()).collect(),
         load_nanos: 1234,
+        schema: SCHEMA,
     }
 }
+
+/// The schema fingerprint of the suite's envelopes: stored and returned as is.
+const SCHEMA: u64 = 0x5c4e_3a00_0000_0001;
 
 fn fresh(value: &str, tags: &[&str]) -> Envelope {
     envelope(value, tags, Duration::from_secs(60), Duration::from_secs(120))
@@ -186,6 +190,7 @@ async fn core(tier: &dyn Tier, label: &str) {
             assert_eq!(e.stamp, first.stamp, "{label}: entry stamped with the token's stamp");
             assert_eq!(e.version, Some(7));
             assert_eq!(e.load_nanos, 1234);
+            assert_eq!(e.schema, SCHEMA, "{label}: the schema fingerprint comes back as stored");
         }
         other => panic!("{label}: expected a hit, got {other:?}"),
     }

@@ -64,6 +64,10 @@ pub struct Envelope {
     pub tags: Vec<String>,
     /// How long the load took, for early refresh (XFetch).
     pub load_nanos: u64,
+    /// The [schema fingerprint](crate::schema) of the cache that wrote the value: its
+    /// value type's serde shape, codec and schema version. A cache decodes only entries
+    /// carrying its own; tiers store it and never look at it.
+    pub schema: u64,
 }
 
 /// The answer to a [`Tier::lookup`].

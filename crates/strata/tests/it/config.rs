@@ -37,6 +37,7 @@ async fn an_undecodable_l2_entry_is_a_counted_miss_and_is_evicted() {
         stamp: 0,
         tags: vec![],
         load_nanos: 0,
+        schema: crate::support::string_schema(),
     };
     tier.set(NS, "1", garbage, Duration::from_secs(60)).await.expect("set");
     let db = Db::with(&[(1, "good")]);

@@ -181,6 +181,7 @@ async fn an_envelope_from_the_far_future_is_neither_young_nor_a_panic() {
         stamp: 0,
         tags: vec![],
         load_nanos: u64::MAX,
+        schema: crate::support::string_schema(),
     };
     tier.set(NS, &1u64.to_key_string(), env, DAY).await.expect("set");
     assert_eq!(reader.get(&1).await.expect("from l2").as_deref(), Some("old"));

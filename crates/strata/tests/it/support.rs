@@ -108,6 +108,12 @@ pub(crate) async fn fleet(n: usize, mode: Mode, clock: Option<ManualClock>) -> F
     Fleet { tier, conns, caches }
 }
 
+/// The schema fingerprint of a `Cache<_, String>`'s entries (postcard, version 0).
+pub(crate) fn string_schema() -> u64 {
+    strata::schema::Schema::of::<String>(strata::Codec::name(&strata::PostcardCodec::<String>::default()), 0)
+        .fingerprint()
+}
+
 pub(crate) fn l2_value(tier: &InProcessTier, key: u64) -> Option<String> {
     let env = tier.raw(NS, &key.to_key_string())?;
     env.value.map(|b| postcard::from_bytes(&b).expect("decodable"))

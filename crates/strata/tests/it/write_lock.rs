@@ -104,6 +104,7 @@ async fn tokens_handed_out_under_a_write_lock_never_fill_even_after_it_expired()
         stamp: 0,
         tags: Vec::new(),
         load_nanos: 0,
+        schema: 0,
     };
     let before = miss_token(tier.lookup(NS, "1", None).await.unwrap());
     tier.lock(NS, &strata::Scope::Keys(key.clone()), 7, Duration::from_secs(1)).await.unwrap();
