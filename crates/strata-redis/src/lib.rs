@@ -94,7 +94,7 @@
 //!
 //! | module | job |
 //! |---|---|
-//! | [`tier`] | [`RedisTier`]: its connection, counters and `build`; inside, `tier::port` (the [`Tier`](strata::tier::Tier) implementation), `tier::builder` ([`RedisTierBuilder`]'s settings and checks), `tier::format` (key names, the stored envelope, the lookup reply) and `tier::scripts` (the Lua scripts, with the fill's version guard) |
+//! | [`tier`] | [`RedisTier`]: its connection, counters and `build`; inside, `tier::port` (the [`Tier`](strata::tier::Tier) implementation), `tier::builder` ([`RedisTierBuilder`]'s settings and checks), `tier::format` (key names, the stored envelope, the lookup reply), `tier::lua` (the checks every script shares: strict numbers, the meta hash read and repaired) and `tier::scripts` (the Lua scripts, with the fill's version guard) |
 //! | `backplane` | what both backplanes share: [`BackplaneStats`], the publishing connection, reconnect defaults |
 //! | [`stream`] | [`RedisStreamBackplane`] (`backplane/stream.rs`, with `stream_builder.rs` and `stream_scripts.rs` beside it) |
 //! | [`pubsub`] | [`RedisPubSubBackplane`] and its builder (`backplane/pubsub.rs`) |

@@ -14,6 +14,13 @@ use crate::tls::TlsConfig;
 /// [`RedisTierBuilder::op_timeout`]).
 pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Default largest entry a lookup transfers (see [`RedisTierBuilder::max_entry_bytes`]).
+pub const DEFAULT_MAX_ENTRY_BYTES: usize = 16 << 20;
+
+/// Bounds of [`RedisTierBuilder::max_entry_bytes`]: 1 KiB up to Redis's default
+/// `proto-max-bulk-len`, 512 MiB.
+const ENTRY_BYTES_RANGE: std::ops::RangeInclusive<usize> = 1 << 10..=512 << 20;
+
 /// Names the tier in errors.
 pub(crate) const WHAT: &str = "redis tier";
 
@@ -25,6 +32,7 @@ pub struct RedisTierBuilder {
     pub(crate) tombstone_ttl: Duration,
     pub(crate) clock: Option<Arc<dyn Clock>>,
     pub(crate) reconnect_after_timeouts: u32,
+    pub(crate) max_entry_bytes: usize,
 }
 
 impl std::fmt::Debug for RedisTierBuilder {
@@ -33,6 +41,7 @@ impl std::fmt::Debug for RedisTierBuilder {
             .field("connection", &self.connection)
             .field("op_timeout", &self.op_timeout)
             .field("tombstone_ttl", &self.tombstone_ttl)
+            .field("max_entry_bytes", &self.max_entry_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -45,6 +54,7 @@ impl RedisTierBuilder {
             tombstone_ttl: strata::tier::TierConfig::default().tombstone_ttl,
             clock: None,
             reconnect_after_timeouts: 4,
+            max_entry_bytes: DEFAULT_MAX_ENTRY_BYTES,
         }
     }
 
@@ -116,6 +126,21 @@ impl RedisTierBuilder {
         self
     }
 
+    /// The largest stored envelope (the encoded value plus about 30 bytes) the tier
+    /// handles, 16 MiB by default; from 1 KiB to 512 MiB.
+    ///
+    /// A lookup checks an entry's size in Redis before reading it: a larger entry is
+    /// never transferred, it is a miss, deleted and counted as undecodable (one such
+    /// entry would otherwise make every lookup of its key outlast the cache's
+    /// `l2_timeout`). A fill of a larger value runs the fill guard but stores nothing
+    /// (it answers `Stored` when the guard lets it through, so the cache keeps the value
+    /// in L1, and drops the entry it would have replaced); a `set` of one invalidates the
+    /// key. Both count in [`RedisTierStats::oversized`](crate::RedisTierStats::oversized).
+    pub fn max_entry_bytes(mut self, bytes: usize) -> Self {
+        self.max_entry_bytes = bytes;
+        self
+    }
+
     /// Certificates for a `rediss://` URL (a private CA, a client certificate).
     pub fn tls(mut self, tls: TlsConfig) -> Self {
         self.connection.tls = Some(tls);
@@ -139,6 +164,14 @@ impl RedisTierBuilder {
                  hard timeout (default 60s)"
                     .into(),
             );
+        }
+        if !ENTRY_BYTES_RANGE.contains(&self.max_entry_bytes) {
+            return invalid(format!(
+                "redis tier: max_entry_bytes is {}; it is the largest entry a lookup \
+                 transfers, from 1 KiB (1024) to 512 MiB (Redis's proto-max-bulk-len); \
+                 the default is 16 MiB",
+                self.max_entry_bytes
+            ));
         }
         Ok(())
     }

@@ -98,38 +98,57 @@ pub(crate) fn decode_envelope(bytes: &[u8]) -> Option<Envelope> {
     }
 }
 
+/// An envelope as a script returned it, with the fields the scripts own (stamp, soft
+/// and hard expiry); `fields` is `None` when they do not parse.
+pub(crate) struct Stored {
+    pub(crate) bytes: Vec<u8>,
+    fields: Option<(u64, u64, u64)>,
+}
+
+impl Stored {
+    /// The envelope with the script's fields, or `None` when it cannot be decoded.
+    pub(crate) fn decode(&self) -> Option<Envelope> {
+        let (stamp, soft, hard) = self.fields?;
+        decode_envelope(&self.bytes).map(|env| with_fields(env, stamp, soft, hard))
+    }
+
+    fn parse(items: &[Value]) -> Option<Stored> {
+        let bytes = value_bytes(items.first()?)?.to_vec();
+        let field = |i: usize| items.get(i).and_then(value_u64);
+        let fields = match (field(1), field(2), field(3)) {
+            (Some(stamp), Some(soft), Some(hard)) => Some((stamp, soft, hard)),
+            _ => None,
+        };
+        Some(Stored { bytes, fields })
+    }
+}
+
 /// One key's answer from the lookup script.
 pub(crate) enum RawLookup {
-    Hit {
-        bytes: Vec<u8>,
-        stamp: u64,
-        soft: u64,
-        hard: u64,
-    },
+    Hit(Stored),
     Miss {
         token: FillToken,
+        /// The script found the entry corrupt and deleted it (to be counted).
         corrupt: bool,
-        /// A valid but soft-expired entry: (bytes, stamp, soft, hard).
-        stale: Option<(Vec<u8>, u64, u64, u64)>,
+        /// A valid but soft-expired entry.
+        stale: Option<Stored>,
     },
 }
 
-pub(crate) fn parse_lookup_reply(v: &Value, expected: usize) -> Option<Vec<RawLookup>> {
+/// Reads the lookup script's reply: `expected` answers, then the number of keys the
+/// script repaired.
+pub(crate) fn parse_lookup_reply(v: &Value, expected: usize) -> Option<(Vec<RawLookup>, u64)> {
     let items = value_array(v)?;
+    let (repaired, items) = items.split_last()?;
     if items.len() != expected {
         return None;
     }
-    items
+    let answers = items
         .iter()
         .map(|item| {
             let a = value_array(item)?;
             match value_u64(a.first()?)? {
-                1 => Some(RawLookup::Hit {
-                    bytes: value_bytes(a.get(1)?)?.to_vec(),
-                    stamp: value_u64(a.get(2)?)?,
-                    soft: value_u64(a.get(3)?)?,
-                    hard: value_u64(a.get(4)?)?,
-                }),
+                1 => Some(RawLookup::Hit(Stored::parse(a.get(1..)?)?)),
                 0 => {
                     let lease = value_u64(a.get(2)?)?;
                     Some(RawLookup::Miss {
@@ -139,21 +158,37 @@ pub(crate) fn parse_lookup_reply(v: &Value, expected: usize) -> Option<Vec<RawLo
                             leader: value_u64(a.get(3)?)? == 1,
                         },
                         corrupt: value_u64(a.get(4)?)? == 1,
-                        stale: match a.get(5) {
-                            None => None,
-                            Some(e) => Some((
-                                value_bytes(e)?.to_vec(),
-                                value_u64(a.get(6)?)?,
-                                value_u64(a.get(7)?)?,
-                                value_u64(a.get(8)?)?,
-                            )),
+                        stale: match a.get(5..) {
+                            Some(rest) if !rest.is_empty() => Some(Stored::parse(rest)?),
+                            _ => None,
                         },
                     })
                 }
                 _ => None,
             }
         })
-        .collect()
+        .collect::<Option<Vec<_>>>()?;
+    Some((answers, value_u64(repaired)?))
+}
+
+/// The reply of every script but lookup and discard: `{result, repaired, corrupt}`.
+pub(crate) struct ScriptReply {
+    pub(crate) result: u64,
+    /// Keys the script rebuilt or dropped (meta hash, leases, tombstones, lock sets).
+    pub(crate) repaired: u64,
+    /// Entries the script deleted as corrupt.
+    pub(crate) corrupt: u64,
+}
+
+pub(crate) fn parse_script_reply(v: &Value) -> Option<ScriptReply> {
+    match value_array(v)? {
+        [result, repaired, corrupt] => Some(ScriptReply {
+            result: value_u64(result)?,
+            repaired: value_u64(repaired)?,
+            corrupt: value_u64(corrupt)?,
+        }),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -201,5 +236,40 @@ mod tests {
         let mut old = bytes.clone();
         old[0] = 1;
         assert_eq!(decode_envelope(&old), None);
+    }
+
+    #[test]
+    fn lookup_reply_with_fields_that_do_not_parse_is_undecodable_not_an_error() {
+        let env = Envelope {
+            value: None,
+            version: None,
+            created: Timestamp(1),
+            soft_expiry: Timestamp(2),
+            hard_expiry: Timestamp(3),
+            stamp: 4,
+            tags: vec![],
+            load_nanos: 5,
+            schema: 0,
+        };
+        let bytes = Value::BulkString(encode_envelope(&env).unwrap());
+        let text = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let hit = |h: Value| Value::Array(vec![Value::Int(1), bytes.clone(), text("4"), text("2"), h]);
+        let reply = Value::Array(vec![hit(text("3")), hit(text("-1")), Value::Int(7)]);
+        let (answers, repaired) = parse_lookup_reply(&reply, 2).unwrap();
+        assert_eq!(repaired, 7);
+        let decoded: Vec<Option<Envelope>> = answers
+            .iter()
+            .map(|a| match a {
+                RawLookup::Hit(s) => s.decode(),
+                RawLookup::Miss { .. } => panic!("a hit"),
+            })
+            .collect();
+        assert_eq!(decoded, vec![Some(env), None]);
+        // The count of repaired keys closes the reply.
+        assert!(parse_lookup_reply(&reply, 3).is_none());
+        let script = Value::Array(vec![Value::Int(1), Value::Int(2), Value::Int(0)]);
+        let r = parse_script_reply(&script).unwrap();
+        assert_eq!((r.result, r.repaired, r.corrupt), (1, 2, 0));
+        assert!(parse_script_reply(&Value::Int(1)).is_none());
     }
 }

@@ -10,7 +10,7 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `…:m` | hash, no TTL | `c` invalidation clock, `n` namespace epoch, `l` lease counter, `f` lease floor, `t:<tag>` clock value of the tag's last invalidation |
-//! | `…:e:<key>` | hash, PX = entry ttl | `e` envelope (format byte `2` + postcard of [`Envelope`](strata::tier::Envelope)), `s` stamp, `t` tags (`<byte len>:<tag>` repeated), `f` soft expiry, `h` hard expiry (ns since the epoch, decimal) |
+//! | `…:e:<key>` | hash, PX = entry ttl | `e` envelope (format byte `2` + postcard of [`Envelope`](strata::tier::Envelope)), `s` stamp, `t` tags (`<byte len>:<tag>` repeated), `f` soft expiry, `h` hard expiry (ns since the epoch, decimal), `v` row version (decimal, or empty) |
 //! | `…:l:<key>` | string, PX = lease ttl | the id of the lease holder |
 //! | `…:x:<key>` | string, PX = tombstone ttl | the clock tick of the key's last invalidation |
 //! | `…:w:<key>` | sorted set, PX = lock ttl | write locks on the key: lock id → expiry (server ms) |
@@ -27,7 +27,8 @@
 //! grow. If the meta hash is lost (a restart without persistence, an eviction, a
 //! flush), the new clock starts above every stamp handed out before: older entries
 //! are invalid and older fill tokens are rejected, so a loss makes the namespace
-//! cold, never stale.
+//! cold, never stale. (The new lease counter starts there too, above the ids of
+//! leases still held.)
 //!
 //! # Scripts
 //!
@@ -50,7 +51,8 @@
 //! - **invalidate_namespace**: a clock tick becomes the namespace epoch; leases granted
 //!   so far are voided (lease floor); the tag epochs are dropped, since the namespace
 //!   epoch dominates them. Old entries stay until they expire but are never served.
-//! - **touch**: validate as lookup does, then move the expiries and `PEXPIRE`.
+//! - **touch**: validate as lookup does (all but the envelope's format byte: it does
+//!   not read the envelope), then move the expiries and `PEXPIRE`.
 //! - **lock** / **unlock** (write locks, see [`Tier::lock`](strata::tier::Tier::lock)): invalidate the scope as
 //!   delete / invalidate_tag / invalidate_namespace do and add / remove the lock id.
 //!   While a live lock covers a key, lookup hands out tokens with stamp 0, which every
@@ -58,11 +60,32 @@
 //!
 //! # Undecodable entries
 //!
-//! An entry that is not a hash, lacks a field, or whose envelope fails to decode (bad
-//! format byte, bad postcard) is a miss: it is deleted, counted in
-//! `strata_l2_undecodable_total` and [`RedisTierStats::undecodable`], and never
-//! returned as an error. Decoding happens in Rust; the delete is a second script run
-//! that removes the entry only if it still holds the same bytes.
+//! An entry that is not a hash, has no or an empty envelope, a bad format byte, a
+//! stamp, tag list, expiry or version that is not a canonical decimal in range, a stamp
+//! above the clock, or is larger than
+//! [`max_entry_bytes`](RedisTierBuilder::max_entry_bytes) (checked with `HSTRLEN`
+//! before it is read, so it is never transferred) is found by the script itself and
+//! costs no extra round trip. The postcard inside the envelope is decoded in Rust: an
+//! entry that fails there is read once more with its bytes, and the script deletes it
+//! if it still holds them and answers a miss either way. Every such entry is a miss:
+//! deleted, counted in `strata_l2_undecodable_total` and
+//! [`RedisTierStats::undecodable`], never returned as an error.
+//!
+//! # Poisoned keys
+//!
+//! Anything may have written under the prefix (another program, a bad restore), so no
+//! script trusts what it reads, and none fails on it: a `WRONGTYPE` error or an
+//! unparsable number inside a script would fail the call every time, and the cache's
+//! L2 breaker with it, for every namespace on the server. A meta hash that is not a
+//! hash, holds a clock, epoch, counter or floor that does not parse, or an epoch or
+//! floor above what bounds it, is rebuilt as if it had been lost (above the old clock
+//! when that still parses): the namespace comes back cold, never stale. A tag epoch is
+//! checked when a script reads it (for an entry or a fill carrying the tag). A lease,
+//! tombstone or write-lock set of the wrong type, with a value that does not parse or
+//! lies above the clock, or without an expiry, is dropped (a bad tombstone first counts
+//! as an invalidation of its key, since when the key was last invalidated is unknown).
+//! These repairs are counted in `strata_l2_repaired_total` and
+//! [`RedisTierStats::repaired`] and logged.
 //!
 //! # Eviction policy
 //!
@@ -88,15 +111,14 @@ pub use crate::connection::DEFAULT_PREFIX;
 use crate::connection::{CallError, ManagedConn};
 use crate::reply::bad_reply;
 use crate::tier::builder::WHAT;
-pub use crate::tier::builder::{DEFAULT_OP_TIMEOUT, RedisTierBuilder};
+pub use crate::tier::builder::{DEFAULT_MAX_ENTRY_BYTES, DEFAULT_OP_TIMEOUT, RedisTierBuilder};
 pub use crate::tier::format::ENVELOPE_FORMAT;
-use crate::tier::format::{
-    NsKeys, RawLookup, decode_envelope, millis_at_least_one, parse_lookup_reply, with_fields,
-};
+use crate::tier::format::{NsKeys, RawLookup, millis_at_least_one, parse_lookup_reply, parse_script_reply};
 use crate::tier::scripts::TierScripts;
 
 mod builder;
 mod format;
+mod lua;
 mod port;
 mod scripts;
 
@@ -105,8 +127,17 @@ mod scripts;
 pub struct RedisTierStats {
     /// Redis round trips made (scripts and commands), the benchmark's "Redis ops".
     pub ops: u64,
-    /// Entries found undecodable, deleted and served as misses.
+    /// Entries found undecodable, deleted and served as misses: an envelope that does
+    /// not decode, a field that does not parse, a key of the wrong type, an entry over
+    /// [`RedisTierBuilder::max_entry_bytes`].
     pub undecodable: u64,
+    /// The namespace keys besides entries found corrupt and repaired: meta hashes
+    /// rebuilt as if lost (the namespace comes back cold), leases, tombstones and
+    /// write-lock sets dropped or replaced.
+    pub repaired: u64,
+    /// Values a fill or set did not store for being over
+    /// [`RedisTierBuilder::max_entry_bytes`].
+    pub oversized: u64,
     /// Operations that timed out: Redis did not answer within the response timeout
     /// ([`RedisTierBuilder::op_timeout`]), or the caller gave up first (the cache's
     /// `l2_timeout`).
@@ -121,6 +152,8 @@ pub struct RedisTierStats {
 struct Counters {
     ops: AtomicU64,
     undecodable: AtomicU64,
+    repaired: AtomicU64,
+    oversized: AtomicU64,
     timeouts: AtomicU64,
     errors: AtomicU64,
 }
@@ -138,6 +171,7 @@ impl RedisTierBuilder {
                 prefix: self.connection.prefix,
                 op_timeout: self.op_timeout,
                 tombstone_ttl: self.tombstone_ttl,
+                max_entry_bytes: self.max_entry_bytes,
                 clock,
                 scripts: TierScripts::new(),
                 counters: Counters::default(),
@@ -155,6 +189,7 @@ struct Inner {
     prefix: String,
     op_timeout: Duration,
     tombstone_ttl: Duration,
+    max_entry_bytes: usize,
     clock: Arc<dyn Clock>,
     scripts: TierScripts,
     counters: Counters,
@@ -201,6 +236,8 @@ impl RedisTier {
         RedisTierStats {
             ops: c.ops.load(Ordering::Relaxed),
             undecodable: c.undecodable.load(Ordering::Relaxed),
+            repaired: c.repaired.load(Ordering::Relaxed),
+            oversized: c.oversized.load(Ordering::Relaxed),
             timeouts: c.timeouts.load(Ordering::Relaxed) + self.inner.conn.abandoned(),
             errors: c.errors.load(Ordering::Relaxed),
             reconnects: self.inner.conn.reconnects(),
@@ -215,6 +252,11 @@ impl RedisTier {
     /// The connection's response timeout (see [`RedisTierBuilder::op_timeout`]).
     pub fn op_timeout(&self) -> Duration {
         self.inner.op_timeout
+    }
+
+    /// The largest entry the tier handles (see [`RedisTierBuilder::max_entry_bytes`]).
+    pub fn max_entry_bytes(&self) -> usize {
+        self.inner.max_entry_bytes
     }
 
     /// The Redis key holding `key`'s entry in `namespace` (for tools and tests).
@@ -309,9 +351,55 @@ impl RedisTier {
         })
     }
 
-    fn count_undecodable(&self, namespace: &str) {
-        self.inner.counters.undecodable.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("strata_l2_undecodable_total", "namespace" => namespace.to_owned()).increment(1);
+    fn count_undecodable(&self, namespace: &str, n: u64) {
+        if n > 0 {
+            self.inner.counters.undecodable.fetch_add(n, Ordering::Relaxed);
+            metrics::counter!("strata_l2_undecodable_total", "namespace" => namespace.to_owned())
+                .increment(n);
+        }
+    }
+
+    fn count_repaired(&self, namespace: &str, n: u64) {
+        if n > 0 {
+            self.inner.counters.repaired.fetch_add(n, Ordering::Relaxed);
+            metrics::counter!("strata_l2_repaired_total", "namespace" => namespace.to_owned()).increment(n);
+            tracing::warn!(
+                namespace,
+                repaired = n,
+                "corrupt l2 keys (meta hash, lease, tombstone, lock set) repaired"
+            );
+        }
+    }
+
+    /// Whether an envelope of `len` bytes is over the size limit (counted, logged).
+    fn oversized(&self, namespace: &str, key: &str, len: usize) -> bool {
+        let over = len > self.inner.max_entry_bytes;
+        if over {
+            self.inner.counters.oversized.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                namespace,
+                key,
+                bytes = len,
+                max_entry_bytes = self.inner.max_entry_bytes,
+                "l2 value over the tier's max_entry_bytes: not stored"
+            );
+        }
+        over
+    }
+
+    /// Runs one of the scripts that answer `{result, repaired, corrupt}`, counts what
+    /// it found corrupt, and returns its result.
+    async fn run_script(
+        &self,
+        what: &'static str,
+        namespace: &str,
+        inv: redis::ScriptInvocation<'_>,
+    ) -> Result<u64> {
+        let v: Value = self.run(what, |mut c| async move { inv.invoke_async(&mut c).await }).await?;
+        let r = parse_script_reply(&v).ok_or_else(|| bad_reply(ErrorKind::Tier, what))?;
+        self.count_repaired(namespace, r.repaired);
+        self.count_undecodable(namespace, r.corrupt);
+        Ok(r.result)
     }
 
     /// Reads several keys of one namespace in one script run (one round trip). Each
@@ -331,59 +419,54 @@ impl RedisTier {
         let mut results: Vec<Option<Lookup>> = vec![None; keys.len()];
         let mut pending: Vec<usize> = (0..keys.len()).collect();
         let mut discard: Vec<Vec<u8>> = vec![Vec::new(); keys.len()];
-        // A few passes at most: an undecodable entry costs one more pass, which deletes
-        // it (if unchanged) and reads again.
-        for _ in 0..4 {
-            let raw = self.lookup_raw(&ns, keys, &pending, &discard, lease_ms).await?;
+        // Two passes at most: the script checks every field but the postcard inside the
+        // envelope, so a hit may still not decode here. The second pass sends its bytes
+        // back; the script deletes the entry if it still holds them, and answers a miss
+        // for that key either way.
+        for pass in 0..2 {
+            let raw = self.lookup_raw(&ns, namespace, keys, &pending, &discard, lease_ms).await?;
             let mut next = Vec::new();
             for (&i, r) in pending.iter().zip(raw) {
                 match r {
                     RawLookup::Miss { token, corrupt, stale } => {
-                        if corrupt && discard[i].is_empty() {
-                            // Found corrupt by the script itself (not a hash, bad fields).
-                            self.count_undecodable(namespace);
+                        if corrupt {
+                            self.count_undecodable(namespace, 1);
                         }
-                        let stale = match stale {
+                        let stale = match stale.map(|s| (s.decode(), s)) {
                             None => None,
-                            Some((bytes, stamp, soft, hard)) => match decode_envelope(&bytes) {
-                                Some(env) => Some(with_fields(env, stamp, soft, hard)),
-                                None => {
-                                    // The lease (if any) is already ours; drop the entry
-                                    // on the next pass without asking for another lease.
-                                    self.count_undecodable(namespace);
-                                    self.discard_entry(&ns, &keys[i], bytes).await;
-                                    None
-                                }
-                            },
+                            Some((Some(env), _)) => Some(env),
+                            Some((None, s)) => {
+                                // The lease (if any) is already ours: drop the entry
+                                // without asking for another one.
+                                self.count_undecodable(namespace, 1);
+                                self.discard_entry(&ns, &keys[i], s.bytes).await;
+                                None
+                            }
                         };
                         results[i] = Some(Lookup::Miss { token, stale });
                     }
-                    RawLookup::Hit { bytes, stamp, soft, hard } => match decode_envelope(&bytes) {
-                        Some(env) => {
-                            results[i] = Some(Lookup::Hit(with_fields(env, stamp, soft, hard)));
-                        }
-                        None => {
-                            self.count_undecodable(namespace);
+                    RawLookup::Hit(s) => match s.decode() {
+                        Some(env) => results[i] = Some(Lookup::Hit(env)),
+                        None if pass == 0 => {
+                            self.count_undecodable(namespace, 1);
                             tracing::warn!(namespace, key = %keys[i], "undecodable l2 entry: deleting it");
-                            discard[i] = bytes;
+                            discard[i] = s.bytes;
                             next.push(i);
                         }
+                        // The script answers a miss for every key it was asked to discard.
+                        None => return Err(bad_reply(ErrorKind::Tier, "redis tier lookup")),
                     },
                 }
             }
             if next.is_empty() {
-                return results
-                    .into_iter()
-                    .map(|r| r.ok_or_else(|| bad_reply(ErrorKind::Tier, "redis tier lookup")))
-                    .collect();
+                break;
             }
             pending = next;
         }
-        Err(Error::new(
-            ErrorKind::Codec,
-            "redis tier lookup: entries stay undecodable after being deleted (another \
-             writer keeps storing a different format under this prefix?)",
-        ))
+        results
+            .into_iter()
+            .map(|r| r.ok_or_else(|| bad_reply(ErrorKind::Tier, "redis tier lookup")))
+            .collect()
     }
 
     /// The keys and arguments of the lock and unlock scripts (see `scripts.rs`).
@@ -436,6 +519,7 @@ impl RedisTier {
     async fn lookup_raw(
         &self,
         ns: &NsKeys,
+        namespace: &str,
         keys: &[String],
         pending: &[usize],
         discard: &[Vec<u8>],
@@ -446,12 +530,15 @@ impl RedisTier {
         for &i in pending {
             inv.key(ns.entry(&keys[i])).key(ns.lease(&keys[i])).key(ns.key_locks(&keys[i]));
         }
-        inv.arg(lease_ms).arg(self.inner.clock.now().0);
+        inv.arg(lease_ms).arg(self.inner.clock.now().0).arg(self.inner.max_entry_bytes);
         for &i in pending {
             inv.arg(discard[i].as_slice());
         }
         let v: Value =
             self.run("redis tier lookup", |mut c| async move { inv.invoke_async(&mut c).await }).await?;
-        parse_lookup_reply(&v, pending.len()).ok_or_else(|| bad_reply(ErrorKind::Tier, "redis tier lookup"))
+        let (answers, repaired) = parse_lookup_reply(&v, pending.len())
+            .ok_or_else(|| bad_reply(ErrorKind::Tier, "redis tier lookup"))?;
+        self.count_repaired(namespace, repaired);
+        Ok(answers)
     }
 }

@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::Value;
 use strata::Scope;
 use strata::clock::Timestamp;
 use strata::error::{ErrorKind, Result};
@@ -12,7 +11,7 @@ use strata::tier::{Envelope, FillOutcome, FillToken, Lookup, Tier};
 
 use super::RedisTier;
 use super::format::{NsKeys, encode_envelope, encode_tags, millis_at_least_one};
-use crate::reply::{bad_reply, value_u64};
+use crate::reply::bad_reply;
 
 #[async_trait]
 impl Tier for RedisTier {
@@ -49,6 +48,8 @@ impl Tier for RedisTier {
     ) -> Result<FillOutcome> {
         envelope.stamp = token.stamp;
         let bytes = encode_envelope(&envelope)?;
+        // Over the size limit: the script runs the guard and stores nothing.
+        let stored: &[u8] = if self.oversized(namespace, key, bytes.len()) { &[] } else { &bytes };
         let ns = NsKeys::new(&self.inner.prefix, namespace);
         let mut inv = self.inner.scripts.fill.prepare_invoke();
         inv.key(ns.entry(key))
@@ -58,25 +59,27 @@ impl Tier for RedisTier {
             .arg(token.stamp)
             .arg(millis_at_least_one(ttl))
             .arg(token.lease.unwrap_or(0))
-            .arg(bytes)
+            .arg(stored)
             .arg(encode_tags(&envelope.tags))
             .arg(envelope.soft_expiry.0)
             .arg(envelope.hard_expiry.0)
-            .arg(envelope.version.map_or_else(String::new, |v| v.to_string()));
+            .arg(envelope.version.map_or_else(String::new, |v| v.to_string()))
+            .arg(millis_at_least_one(self.inner.tombstone_ttl));
         for t in &envelope.tags {
             inv.arg(t.as_str());
         }
-        let v: Value =
-            self.run("redis tier fill", |mut c| async move { inv.invoke_async(&mut c).await }).await?;
-        match value_u64(&v) {
-            Some(1) => Ok(FillOutcome::Stored),
-            Some(0) => Ok(FillOutcome::Rejected),
+        match self.run_script("redis tier fill", namespace, inv).await? {
+            // 2: accepted by the guard but over the size limit, not stored.
+            1 | 2 => Ok(FillOutcome::Stored),
+            0 => Ok(FillOutcome::Rejected),
             _ => Err(bad_reply(ErrorKind::Tier, "redis tier fill")),
         }
     }
 
     async fn set(&self, namespace: &str, key: &str, envelope: Envelope, ttl: Duration) -> Result<()> {
         let bytes = encode_envelope(&envelope)?;
+        // Over the size limit: the script invalidates the key and stores nothing.
+        let stored: &[u8] = if self.oversized(namespace, key, bytes.len()) { &[] } else { &bytes };
         let ns = NsKeys::new(&self.inner.prefix, namespace);
         let mut inv = self.inner.scripts.set.prepare_invoke();
         inv.key(ns.entry(key))
@@ -84,14 +87,13 @@ impl Tier for RedisTier {
             .key(ns.lease(key))
             .key(ns.tomb(key))
             .arg(millis_at_least_one(ttl))
-            .arg(bytes)
+            .arg(stored)
             .arg(encode_tags(&envelope.tags))
             .arg(envelope.soft_expiry.0)
             .arg(envelope.hard_expiry.0)
             .arg(millis_at_least_one(self.inner.tombstone_ttl))
             .arg(envelope.version.map_or_else(String::new, |v| v.to_string()));
-        let _: Value =
-            self.run("redis tier set", |mut c| async move { inv.invoke_async(&mut c).await }).await?;
+        self.run_script("redis tier set", namespace, inv).await?;
         Ok(())
     }
 
@@ -103,8 +105,7 @@ impl Tier for RedisTier {
             inv.key(ns.entry(k)).key(ns.lease(k)).key(ns.tomb(k));
         }
         inv.arg(millis_at_least_one(self.inner.tombstone_ttl));
-        let _: Value =
-            self.run("redis tier delete", |mut c| async move { inv.invoke_async(&mut c).await }).await?;
+        self.run_script("redis tier delete", namespace, inv).await?;
         Ok(())
     }
 
@@ -113,9 +114,7 @@ impl Tier for RedisTier {
         let ns = NsKeys::new(&self.inner.prefix, namespace);
         let mut inv = self.inner.scripts.release_lease.prepare_invoke();
         inv.key(ns.lease(key)).arg(lease);
-        let _: Value = self
-            .run("redis tier release_lease", |mut c| async move { inv.invoke_async(&mut c).await })
-            .await?;
+        self.run_script("redis tier release_lease", namespace, inv).await?;
         Ok(())
     }
 
@@ -123,9 +122,7 @@ impl Tier for RedisTier {
         let ns = NsKeys::new(&self.inner.prefix, namespace);
         let mut inv = self.inner.scripts.invalidate_tag.prepare_invoke();
         inv.key(ns.meta()).arg(tag);
-        let _: Value = self
-            .run("redis tier invalidate_tag", |mut c| async move { inv.invoke_async(&mut c).await })
-            .await?;
+        self.run_script("redis tier invalidate_tag", namespace, inv).await?;
         Ok(())
     }
 
@@ -133,23 +130,19 @@ impl Tier for RedisTier {
         let ns = NsKeys::new(&self.inner.prefix, namespace);
         let mut inv = self.inner.scripts.invalidate_namespace.prepare_invoke();
         inv.key(ns.meta());
-        let _: Value = self
-            .run("redis tier invalidate_namespace", |mut c| async move { inv.invoke_async(&mut c).await })
-            .await?;
+        self.run_script("redis tier invalidate_namespace", namespace, inv).await?;
         Ok(())
     }
 
     async fn lock(&self, namespace: &str, scope: &Scope, id: u64, ttl: Duration) -> Result<()> {
         let inv = self.lock_invocation(&self.inner.scripts.lock, namespace, scope, id, ttl);
-        let _: Value =
-            self.run("redis tier lock", |mut c| async move { inv.invoke_async(&mut c).await }).await?;
+        self.run_script("redis tier lock", namespace, inv).await?;
         Ok(())
     }
 
     async fn unlock(&self, namespace: &str, scope: &Scope, id: u64) -> Result<()> {
         let inv = self.lock_invocation(&self.inner.scripts.unlock, namespace, scope, id, Duration::ZERO);
-        let _: Value =
-            self.run("redis tier unlock", |mut c| async move { inv.invoke_async(&mut c).await }).await?;
+        self.run_script("redis tier unlock", namespace, inv).await?;
         Ok(())
     }
 
@@ -157,16 +150,12 @@ impl Tier for RedisTier {
         let hard = self.inner.clock.now().saturating_add(ttl);
         let ns = NsKeys::new(&self.inner.prefix, namespace);
         let mut inv = self.inner.scripts.touch.prepare_invoke();
-        inv.key(ns.entry(key)).key(ns.meta()).arg(soft_expiry.0).arg(hard.0).arg(millis_at_least_one(ttl));
-        let v: Value =
-            self.run("redis tier touch", |mut c| async move { inv.invoke_async(&mut c).await }).await?;
-        match value_u64(&v) {
-            Some(2) => {
-                self.count_undecodable(namespace);
-                Ok(false)
-            }
-            Some(n) => Ok(n == 1),
-            None => Err(bad_reply(ErrorKind::Tier, "redis tier touch")),
-        }
+        inv.key(ns.entry(key))
+            .key(ns.meta())
+            .arg(soft_expiry.0)
+            .arg(hard.0)
+            .arg(millis_at_least_one(ttl))
+            .arg(self.inner.max_entry_bytes);
+        Ok(self.run_script("redis tier touch", namespace, inv).await? == 1)
     }
 }

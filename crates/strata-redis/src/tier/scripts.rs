@@ -11,176 +11,89 @@
 //!
 //! Numbers written by the scripts go through `d()`: Lua turns a number into text with
 //! `%.14g`, which would write clock values (about 1.8e15) in exponent notation.
+//!
+//! Nothing read from Redis is trusted (see "Poisoned keys" in the [`tier`](super) docs):
+//! the helpers of [`lua`](super::lua) check every field before a script uses it, and
+//! every script but the lookup answers `{result, repaired, corrupt}`: the keys it
+//! rebuilt or dropped, and the entries it deleted as corrupt.
 
-/// Lua helpers prepended to every tier script.
-const PRELUDE: &str = r#"
-local function d(x)
-  return string.format('%d', x)
-end
-
--- The namespace clock, created when missing. A new clock starts at the server's time
--- in microseconds, and so does the namespace epoch: after the meta hash was lost
--- (restart without persistence, eviction, flush) every older entry is invalid and
--- every older fill token is rejected, instead of old stamps looking new.
-local function clock_of(meta)
-  local c = redis.call('HGET', meta, 'c')
-  if c then return tonumber(c) end
-  local t = redis.call('TIME')
-  local base = d(tonumber(t[1]) * 1000000 + tonumber(t[2]))
-  redis.call('HSET', meta, 'c', base, 'n', base)
-  return tonumber(base)
-end
-
--- Advances the clock; returns the new value.
-local function tick(meta)
-  clock_of(meta)
-  return redis.call('HINCRBY', meta, 'c', 1)
-end
-
--- Parses the `t` field: each tag written as <byte length>:<tag>. nil if malformed.
-local function parse_tags(t)
-  if type(t) ~= 'string' then return nil end
-  local out = {}
-  local i = 1
-  local len = #t
-  while i <= len do
-    local c = string.find(t, ':', i, true)
-    if not c then return nil end
-    local n = tonumber(string.sub(t, i, c - 1))
-    if not n or n < 0 or c + n > len then return nil end
-    out[#out + 1] = string.sub(t, c + 1, c + n)
-    i = c + 1 + n
-  end
-  return out
-end
-
--- a < b for non-negative decimal integers of any size, written without leading zeros
--- (nanosecond timestamps exceed the 53 bits a Lua number holds exactly).
-local function dec_lt(a, b)
-  if #a ~= #b then return #a < #b end
-  return a < b
-end
-
--- The server's time in milliseconds (write-lock expiries).
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-
--- True when the write-lock set `k` (members: lock ids, scores: expiry ms) holds a live
--- lock.
-local function locked(k, now)
-  return redis.call('ZCOUNT', k, '(' .. d(now), '+inf') > 0
-end
-
--- Tag invalidation: a clock tick becomes the tag's epoch. Returns the tick.
-local function bump_tag(meta, tag)
-  local at = d(tick(meta))
-  redis.call('HSET', meta, 't:' .. tag, at)
-  return at
-end
-
--- Namespace invalidation: the epoch moves to a new tick, every lease granted so far is
--- voided (lease floor), and the tag epochs are dropped (the namespace epoch now
--- dominates them all). Returns the tick.
-local function bump_namespace(meta)
-  local at = d(tick(meta))
-  local l = redis.call('HGET', meta, 'l') or '0'
-  redis.call('UNLINK', meta)
-  redis.call('HSET', meta, 'c', at, 'n', at, 'l', l, 'f', l)
-  return at
-end
-
--- True when an entry stamped `s` with tags `tg` survived every namespace and tag
--- invalidation since its stamp. The clock must exist (clock_of) before.
-local function valid(s, tg, meta)
-  local fields = {'n'}
-  for j = 1, #tg do fields[j + 1] = 't:' .. tg[j] end
-  local ep = redis.call('HMGET', meta, unpack(fields))
-  for j = 1, #ep do
-    local x = tonumber(ep[j])
-    if x and s < x then return false end
-  end
-  return true
-end
-"#;
+use crate::tier::format::ENVELOPE_FORMAT;
+use crate::tier::lua::PRELUDE;
 
 /// Lookup over one or more keys of a namespace.
 ///
 /// KEYS: meta, the namespace's wide write-lock set, then (entry, lease, key write-lock
 /// set) per key.
-/// ARGV: lease ms (0 = no lease), now (ns, decimal), then one "discard" value per key:
-/// '' or the exact envelope bytes the client could not decode (deleted if still there).
+/// ARGV: lease ms (0 = no lease), now (ns, decimal), the largest envelope to return
+/// (bytes), then one "discard" value per key: '' or the envelope bytes the client could
+/// not decode (never empty: a returned envelope starts with the format byte).
 /// Returns per key either {1, e, s, f, h} (fresh hit) or {0, stamp, lease id (0 =
-/// none), leader (0/1), corrupt (0/1)[, e, s, f, h]} (miss, with the valid but
-/// soft-expired entry when there is one). The stamp is the clock, or 0 (a poisoned
-/// token: no fill with it is stored) while a write lock covers the key.
+/// none), leader (0/1), corrupt[, e, s, f, h]} (miss, with the valid but soft-expired
+/// entry when there is one), then the count of repaired keys. The stamp is the clock,
+/// or 0 (a poisoned token: no fill with it is stored) while a write lock covers the
+/// key. `corrupt` is 0, 1 (the script found the entry corrupt and deleted it) or 2 (it
+/// deleted the entry the client asked to discard, or that entry had changed since: a
+/// miss either way, so the client's second pass always ends).
 const LOOKUP_BODY: &str = r#"
 local meta = KEYS[1]
 local lease_ms = tonumber(ARGV[1]) or 0
 local now = ARGV[2]
-local clock = clock_of(meta)
+local max = tonumber(ARGV[3])
+clock_of(meta)
 local wall = now_ms()
 local wide = locked(KEYS[2], wall)
-local floor = nil
 local out = {}
+local unlocked = {}
 for i = 1, (#KEYS - 2) / 3 do
   local ek, lk, wk = KEYS[3 * i], KEYS[3 * i + 1], KEYS[3 * i + 2]
-  local stamp = clock
-  if wide or locked(wk, wall) then stamp = 0 end
-  local discard = ARGV[2 + i] or ''
+  local poisoned = wide or locked(wk, wall)
+  local discard = ARGV[3 + i] or ''
   local corrupt = 0
   local hit = nil
   local stale = nil
-  local r = redis.pcall('HMGET', ek, 'e', 's', 't', 'f', 'h')
-  if type(r) == 'table' and r.err then
-    -- not a hash: garbage written by something else
-    redis.call('DEL', ek)
+  local r, s, tg = read_entry(ek, meta, max, true)
+  if r == false then
     corrupt = 1
-  elseif r[1] then
-    if discard ~= '' and r[1] == discard then
-      redis.call('DEL', ek)
-      corrupt = 1
-    else
-      local s = tonumber(r[2])
-      local tg = parse_tags(r[3])
-      if (not s) or (not tg) or (not tonumber(r[4])) or (not tonumber(r[5])) then
-        redis.call('DEL', ek)
-        corrupt = 1
-      elseif valid(s, tg, meta) then
-        if dec_lt(now, r[4]) then
-          hit = {1, r[1], r[2], r[4], r[5]}
-        else
-          stale = r
-        end
+  elseif r then
+    if discard ~= '' then
+      if r[1] == discard then redis.call('UNLINK', ek) end
+      corrupt = 2
+    elseif valid(s, tg, meta) then
+      if dec_lt(now, r[4]) then
+        hit = {1, r[1], r[2], r[4], r[5]}
       else
-        redis.call('DEL', ek)
+        stale = r
       end
+    else
+      redis.call('UNLINK', ek)
     end
   end
   if hit then
     out[i] = hit
   else
-    local miss
-    if lease_ms <= 0 then
-      miss = {0, stamp, 0, 1, corrupt}
-    else
-      if not floor then floor = tonumber(redis.call('HGET', meta, 'f')) or 0 end
-      local held = tonumber(redis.call('GET', lk))
-      if held and held > floor then
-        miss = {0, stamp, 0, 0, corrupt}
+    local miss = {0, 0, 0, 1, corrupt}
+    if lease_ms > 0 then
+      if lease_of(lk) then
+        miss[4] = 0
       else
         local id = redis.call('HINCRBY', meta, 'l', 1)
+        M.l = id
         redis.call('SET', lk, d(id), 'PX', lease_ms)
-        miss = {0, stamp, id, 1, corrupt}
+        miss[3] = id
       end
     end
     if stale then
       miss[6], miss[7], miss[8], miss[9] = stale[1], stale[2], stale[4], stale[5]
     end
     out[i] = miss
+    if not poisoned then unlocked[#unlocked + 1] = miss end
   end
 end
+-- Tokens carry the clock as it is after every check: a meta hash rebuilt on the way
+-- moved it.
+local clock = clock_of(meta)
+for _, miss in ipairs(unlocked) do miss[2] = clock end
+out[#out + 1] = repaired
 return out
 "#;
 
@@ -189,79 +102,100 @@ return out
 /// stored holds a newer version and is still valid.
 ///
 /// KEYS: entry, meta, lease, tombstone.
-/// ARGV: stamp, ttl ms, lease id ('0' = none), e, t, f, h, version ('' = none), then
+/// ARGV: stamp, ttl ms, lease id ('0' = none), e ('' = the value is over the size
+/// limit: guard only, store nothing), t, f, h, version ('' = none), tombstone ms, then
 /// the value's tags.
-/// Returns 1 (stored) or 0 (rejected).
+/// Result: 1 (stored), 0 (rejected) or 2 (accepted but not stored, the entry it would
+/// have replaced deleted).
 const FILL_BODY: &str = r#"
 local ek, meta, lk, xk = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local stamp = tonumber(ARGV[1])
-if ARGV[3] ~= '0' and redis.call('GET', lk) == ARGV[3] then
-  redis.call('DEL', lk)
-end
-local tomb = tonumber(redis.call('GET', xk))
-if tomb and tomb > stamp then return 0 end
-clock_of(meta)
-local tg = {}
-for j = 9, #ARGV do tg[#tg + 1] = ARGV[j] end
-if not valid(stamp, tg, meta) then return 0 end
-if ARGV[8] ~= '' and redis.call('TYPE', ek).ok == 'hash' then
-  local held = redis.call('HMGET', ek, 'v', 's', 't')
-  local hs, htags = tonumber(held[2]), parse_tags(held[3])
-  if held[1] and held[1] ~= '' and hs and htags and valid(hs, htags, meta)
-      and dec_lt(ARGV[8], held[1]) then
-    return 0
+local clock = clock_of(meta)
+if ARGV[3] ~= '0' then
+  local own = redis.pcall('GET', lk)
+  if type(own) == 'table' then
+    redis.call('UNLINK', lk)
+    repaired = repaired + 1
+  elseif own == ARGV[3] then
+    redis.call('DEL', lk)
   end
 end
-redis.call('DEL', ek)
+local tomb = redis.pcall('GET', xk)
+if tomb then
+  local at = type(tomb) == 'string' and num(tomb)
+  if not at or at > clock or redis.call('PTTL', xk) < 0 then
+    -- Not a tombstone this tier wrote: when the key was last invalidated is unknown,
+    -- so it is invalidated now, as a delete would, which refuses every older token.
+    redis.call('SET', xk, d(tick(meta)), 'PX', ARGV[9])
+    repaired = repaired + 1
+    return {0, repaired, corrupt}
+  end
+  if at > stamp then return {0, repaired, corrupt} end
+end
+local tg = {}
+for j = 10, #ARGV do tg[#tg + 1] = ARGV[j] end
+if not valid(stamp, tg, meta) then return {0, repaired, corrupt} end
+if ARGV[8] ~= '' then
+  local held, hs, htags = read_entry(ek, meta, math.huge, false)
+  if held == false then
+    corrupt = 1
+  elseif held and held[6] and held[6] ~= '' and valid(hs, htags, meta)
+      and dec_lt(ARGV[8], held[6]) then
+    return {0, repaired, corrupt}
+  end
+end
+redis.call('UNLINK', ek)
+if ARGV[4] == '' then return {2, repaired, corrupt} end
 redis.call('HSET', ek, 'e', ARGV[4], 's', ARGV[1], 't', ARGV[5], 'f', ARGV[6], 'h', ARGV[7], 'v', ARGV[8])
 redis.call('PEXPIRE', ek, ARGV[2])
-return 1
+return {1, repaired, corrupt}
 "#;
 
 /// Unconditional store. It counts as an invalidation of the key: one clock tick, a
 /// tombstone holding it, the lease voided; the entry is stamped with the tick, so no
 /// fill that began earlier can overwrite it.
 ///
-/// KEYS: entry, meta, lease, tombstone. ARGV: ttl ms, e, t, f, h, tombstone ms,
-/// version ('' = none).
-/// Returns the stamp.
+/// KEYS: entry, meta, lease, tombstone. ARGV: ttl ms, e ('' = the value is over the
+/// size limit: invalidate only), t, f, h, tombstone ms, version ('' = none).
+/// Result: the stamp.
 const SET_BODY: &str = r#"
 local at = d(tick(KEYS[2]))
-redis.call('DEL', KEYS[3])
+redis.call('UNLINK', KEYS[1], KEYS[3])
 redis.call('SET', KEYS[4], at, 'PX', ARGV[6])
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'e', ARGV[2], 's', at, 't', ARGV[3], 'f', ARGV[4], 'h', ARGV[5], 'v', ARGV[7])
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-return tonumber(at)
+if ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[1], 'e', ARGV[2], 's', at, 't', ARGV[3], 'f', ARGV[4], 'h', ARGV[5], 'v', ARGV[7])
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
+return {tonumber(at), repaired, corrupt}
 "#;
 
 /// Key invalidation: one clock tick, then per key: drop entry and lease, leave a
 /// tombstone holding the tick.
 ///
 /// KEYS: meta, then (entry, lease, tombstone) per key. ARGV: tombstone ms.
-/// Returns the tick.
+/// Result: the tick.
 const DELETE_BODY: &str = r#"
 local at = d(tick(KEYS[1]))
 for i = 2, #KEYS, 3 do
-  redis.call('DEL', KEYS[i], KEYS[i + 1])
+  redis.call('UNLINK', KEYS[i], KEYS[i + 1])
   redis.call('SET', KEYS[i + 2], at, 'PX', ARGV[1])
 end
-return tonumber(at)
+return {tonumber(at), repaired, corrupt}
 "#;
 
 /// Tag invalidation: a clock tick becomes the tag's epoch. KEYS: meta. ARGV: tag.
-/// Returns the tick.
+/// Result: the tick.
 const INVALIDATE_TAG_BODY: &str = r#"
-return tonumber(bump_tag(KEYS[1], ARGV[1]))
+return {bump_tag(KEYS[1], ARGV[1]), repaired, corrupt}
 "#;
 
 /// Namespace invalidation: the epoch moves to a new tick, every lease granted so far is
 /// voided (lease floor), and the tag epochs are dropped (the namespace epoch now
 /// dominates them all). Entries are left to expire: lookups treat them as misses.
 ///
-/// KEYS: meta. Returns the tick.
+/// KEYS: meta. Result: the tick.
 const INVALIDATE_NAMESPACE_BODY: &str = r#"
-return tonumber(bump_namespace(KEYS[1]))
+return {bump_namespace(KEYS[1]), repaired, corrupt}
 "#;
 
 /// Write lock: invalidates the scope (as delete, invalidate_tag or invalidate_namespace
@@ -281,7 +215,7 @@ invalidate_scope(scope, lock_ms + tomb_ms, function(set)
   redis.call('ZADD', set, until_ms, id)
   if redis.call('PTTL', set) < lock_ms then redis.call('PEXPIRE', set, lock_ms) end
 end)
-return 1
+return {1, repaired, corrupt}
 "#;
 
 /// Write unlock: invalidates the scope once more (a fresh tick: tokens issued under the
@@ -291,30 +225,34 @@ return 1
 const UNLOCK_BODY: &str = r#"
 local scope, id, tomb_ms = ARGV[1], ARGV[2], tonumber(ARGV[4])
 invalidate_scope(scope, tomb_ms, function(set) redis.call('ZREM', set, id) end)
-return 1
+return {1, repaired, corrupt}
 "#;
 
 /// Shared by the lock and unlock scripts: invalidates the scope ('k': per key, drop
 /// entry and lease and leave a tombstone living at least `tomb_for` ms; 't': tag bump
-/// with ARGV[5]; 'n': namespace bump), calling `on_set` on each lock set it covers.
+/// with `ARGV[5]`; 'n': namespace bump), calling `on_set` on each lock set it covers
+/// (once anything else found there is dropped).
 const LOCK_PRELUDE: &str = r#"
 local function invalidate_scope(scope, tomb_for, on_set)
   local meta = KEYS[1]
   if scope == 'n' then
     bump_namespace(meta)
+    lock_set(KEYS[2])
     on_set(KEYS[2])
   elseif scope == 't' then
     bump_tag(meta, ARGV[5])
+    lock_set(KEYS[2])
     on_set(KEYS[2])
   else
     local at = d(tick(meta))
     for i = 2, #KEYS, 4 do
-      redis.call('DEL', KEYS[i], KEYS[i + 1])
+      redis.call('UNLINK', KEYS[i], KEYS[i + 1])
       if redis.call('PTTL', KEYS[i + 2]) < tomb_for then
         redis.call('SET', KEYS[i + 2], at, 'PX', tomb_for)
       else
         redis.call('SET', KEYS[i + 2], at, 'KEEPTTL')
       end
+      lock_set(KEYS[i + 3])
       on_set(KEYS[i + 3])
     end
   end
@@ -323,30 +261,21 @@ end
 
 /// Sliding expiration of a valid entry.
 ///
-/// KEYS: entry, meta. ARGV: soft expiry ns, hard expiry ns, ttl ms.
-/// Returns 1 (extended), 0 (no valid entry) or 2 (a corrupt entry, deleted).
+/// KEYS: entry, meta. ARGV: soft expiry ns, hard expiry ns, ttl ms, the largest
+/// envelope (bytes).
+/// Result: 1 (extended) or 0 (no valid entry).
 const TOUCH_BODY: &str = r#"
 local ek, meta = KEYS[1], KEYS[2]
-local r = redis.pcall('HMGET', ek, 'e', 's', 't')
-if type(r) == 'table' and r.err then
-  redis.call('DEL', ek)
-  return 2
-end
-if not r[1] then return 0 end
-local s = tonumber(r[2])
-local tg = parse_tags(r[3])
-if (not s) or (not tg) then
-  redis.call('DEL', ek)
-  return 2
-end
-clock_of(meta)
+local r, s, tg = read_entry(ek, meta, tonumber(ARGV[4]), false)
+if r == false then return {0, repaired, 1} end
+if not r then return {0, repaired, 0} end
 if not valid(s, tg, meta) then
-  redis.call('DEL', ek)
-  return 0
+  redis.call('UNLINK', ek)
+  return {0, repaired, 0}
 end
 redis.call('HSET', ek, 'f', ARGV[1], 'h', ARGV[2])
 redis.call('PEXPIRE', ek, ARGV[3])
-return 1
+return {1, repaired, 0}
 "#;
 
 /// Deletes an entry if its envelope still holds the given (undecodable) bytes.
@@ -355,27 +284,31 @@ return 1
 const DISCARD_BODY: &str = r#"
 local cur = redis.pcall('HGET', KEYS[1], 'e')
 if type(cur) == 'string' and cur == ARGV[1] then
-  redis.call('DEL', KEYS[1])
+  redis.call('UNLINK', KEYS[1])
   return 1
 end
 return 0
 "#;
 
-fn with_prelude(body: &str) -> String {
-    let mut s = String::with_capacity(PRELUDE.len() + body.len());
-    s.push_str(PRELUDE);
-    s.push_str(body);
-    s
-}
-
-/// Deletes the lease key only if it still holds the caller's lease id.
-/// KEYS[1] lease key; ARGV[1] lease id.
+/// Deletes the lease key only if it still holds the caller's lease id; a lease key of
+/// another type is dropped.
+/// `KEYS[1]` lease key; `ARGV[1]` lease id. Result: 1 if released.
 const RELEASE_LEASE_BODY: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+local held = redis.pcall('GET', KEYS[1])
+if type(held) == 'table' then
+  redis.call('UNLINK', KEYS[1])
+  return {0, 1, 0}
 end
-return 0
+if held == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return {1, 0, 0}
+end
+return {0, 0, 0}
 "#;
+
+fn with_prelude(body: &str) -> String {
+    format!("local ENVELOPE_FORMAT = {ENVELOPE_FORMAT}\n{PRELUDE}{body}")
+}
 
 /// The tier's compiled scripts (hashed once).
 pub(crate) struct TierScripts {

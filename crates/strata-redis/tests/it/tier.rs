@@ -14,6 +14,8 @@ use strata_testkit::{FaultProxy, RedisServer};
 use crate::support::{LEASE, TTL, fresh, hit_value, is_miss, now, raw_conn, redis_tier, token};
 use strata::testing::conformance;
 
+mod poison;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tier_conformance_redis() {
     let server = RedisServer::start();

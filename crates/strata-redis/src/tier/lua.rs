@@ -1,0 +1,232 @@
+//! The Lua helpers prepended to every tier script (see [`scripts`](super::scripts)):
+//! reading and checking the meta hash, entries, leases and write-lock sets, and the
+//! clock and epoch updates.
+//!
+//! Every value read from Redis is checked before use, since anything may have written
+//! under the tier's keys (see "Poisoned keys" in the [`tier`](super) docs): a numeric
+//! field must be a canonical decimal in range, a key must have the type the tier gives
+//! it. A script never fails on what it reads: a corrupt entry is deleted (the caller
+//! reports it as undecodable), a corrupt meta hash is rebuilt as if it had been lost,
+//! and a corrupt lease, tombstone or lock set is dropped or replaced (`repaired`).
+
+/// Lua helpers prepended to every tier script, after `local ENVELOPE_FORMAT = <byte>`.
+pub(crate) const PRELUDE: &str = r#"
+local function d(x)
+  return string.format('%d', x)
+end
+
+-- What this run found corrupt: `repaired` counts the keys it rebuilt or dropped (meta
+-- hash, leases, tombstones, lock sets), `corrupt` the entries it deleted as corrupt.
+local repaired, corrupt = 0, 0
+
+-- A clock value, stamp, epoch or lease id: a canonical decimal (digits, no leading
+-- zero) below 2^53, the integers a Lua number holds exactly. The number, else nil.
+-- (tonumber alone would take '-1', '0x10', '1e30', 'inf' and 'nan'.)
+local function num(x)
+  if type(x) ~= 'string' or #x == 0 or #x > 16 or not string.find(x, '^%d+$') then return nil end
+  if #x > 1 and string.byte(x) == 48 then return nil end
+  local n = tonumber(x)
+  if n >= 9007199254740992 then return nil end
+  return n
+end
+
+-- An expiry (ns since the epoch) or a row version: a canonical decimal u64.
+local function is_u64(x)
+  if type(x) ~= 'string' or #x == 0 or #x > 20 or not string.find(x, '^%d+$') then return false end
+  if #x > 1 and string.byte(x) == 48 then return false end
+  return #x < 20 or x <= '18446744073709551615'
+end
+
+-- The meta hash as this run checked it: c (clock), n (namespace epoch), l (lease
+-- counter), f (lease floor).
+local M = nil
+
+-- Creates the meta hash anew, as after a loss: the clock, the namespace epoch and the
+-- lease counter start at the server's time in microseconds, or just above `above` (the
+-- clock it replaces, when that was still readable). Clocks start there and tick once
+-- per invalidation, so every older entry and fill token is invalid: the namespace
+-- comes back cold, never stale. Leases granted before keep their (lower) ids.
+local function new_meta(meta, above)
+  local t = redis.call('TIME')
+  local base = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  if above and above >= base then base = above + 1 end
+  redis.call('UNLINK', meta)
+  redis.call('HSET', meta, 'c', d(base), 'n', d(base), 'l', d(base))
+  M = {c = base, n = base, l = base, f = 0}
+  return base
+end
+
+-- A corrupt meta hash is rebuilt like a lost one, and counted.
+local function repair_meta(meta, above)
+  repaired = repaired + 1
+  return new_meta(meta, above)
+end
+
+-- The namespace clock. Reads and checks the meta hash once per run: created when
+-- missing, rebuilt when corrupt (not a hash, a field that does not parse, an epoch or
+-- floor above what it bounds, anything without a clock).
+local function clock_of(meta)
+  if M then return M.c end
+  local r = redis.pcall('HMGET', meta, 'c', 'n', 'l', 'f')
+  if r.err then return repair_meta(meta) end
+  if not r[1] then
+    if redis.call('EXISTS', meta) == 1 then return repair_meta(meta) end
+    return new_meta(meta)
+  end
+  local c, n = num(r[1]), num(r[2])
+  local l, f = 0, 0
+  if r[3] then l = num(r[3]) end
+  if r[4] then f = num(r[4]) end
+  if not (c and n and l and f) or n > c or f > l then return repair_meta(meta, c) end
+  M = {c = c, n = n, l = l, f = f}
+  return c
+end
+
+-- Advances the clock; returns the new value.
+local function tick(meta)
+  clock_of(meta)
+  M.c = redis.call('HINCRBY', meta, 'c', 1)
+  return M.c
+end
+
+-- Parses the `t` field: each tag written as <byte length>:<tag>. nil if malformed.
+local function parse_tags(t)
+  if type(t) ~= 'string' then return nil end
+  local out = {}
+  local i = 1
+  local len = #t
+  while i <= len do
+    local c = string.find(t, ':', i, true)
+    if not c then return nil end
+    local n = num(string.sub(t, i, c - 1))
+    if not n or c + n > len then return nil end
+    out[#out + 1] = string.sub(t, c + 1, c + n)
+    i = c + 1 + n
+  end
+  return out
+end
+
+-- a < b for non-negative decimal integers of any size, written without leading zeros
+-- (nanosecond timestamps exceed the 53 bits a Lua number holds exactly).
+local function dec_lt(a, b)
+  if #a ~= #b then return #a < #b end
+  return a < b
+end
+
+-- The server's time in milliseconds (write-lock expiries).
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Drops key `k`, found corrupt, and counts it as repaired.
+local function drop_key(k)
+  redis.call('UNLINK', k)
+  repaired = repaired + 1
+end
+
+-- True when the write-lock set `k` (members: lock ids, scores: expiry ms) holds a live
+-- lock. Anything else at `k` (another type; a set without expiry, since locks always
+-- expire) is dropped: no lock.
+local function locked(k, now)
+  local n = redis.pcall('ZCOUNT', k, '(' .. d(now), '+inf')
+  if type(n) ~= 'number' or (n > 0 and redis.call('PTTL', k) < 0) then
+    drop_key(k)
+    return false
+  end
+  return n > 0
+end
+
+-- Readies `k` for a lock or unlock: drops whatever `locked` would not take as a lock set.
+local function lock_set(k)
+  local ty = redis.call('TYPE', k).ok
+  if ty ~= 'none' and (ty ~= 'zset' or redis.call('PTTL', k) < 0) then drop_key(k) end
+end
+
+-- The id of the live lease at `lk`, or nil. Anything there but a lease this namespace
+-- granted (another type, not an id, an id above the lease counter, no expiry) is
+-- dropped. The meta hash must have been read (clock_of) before.
+local function lease_of(lk)
+  local v = redis.pcall('GET', lk)
+  if not v then return nil end
+  local id = type(v) == 'string' and num(v)
+  if not id or id > M.l or redis.call('PTTL', lk) < 0 then
+    drop_key(lk)
+    return nil
+  end
+  if id <= M.f then return nil end
+  return id
+end
+
+-- Tag invalidation: a clock tick becomes the tag's epoch. Returns the tick.
+local function bump_tag(meta, tag)
+  local at = tick(meta)
+  redis.call('HSET', meta, 't:' .. tag, d(at))
+  return at
+end
+
+-- Namespace invalidation: the epoch moves to a new tick, every lease granted so far is
+-- voided (lease floor), and the tag epochs are dropped (the namespace epoch now
+-- dominates them all). Returns the tick.
+local function bump_namespace(meta)
+  local at = tick(meta)
+  redis.call('UNLINK', meta)
+  redis.call('HSET', meta, 'c', d(at), 'n', d(at), 'l', d(M.l), 'f', d(M.l))
+  M.n, M.f = at, M.l
+  return at
+end
+
+-- True when what is stamped `s` with tags `tg` (an entry, a fill token) survived every
+-- namespace and tag invalidation since its stamp. A stamp above the clock was handed
+-- out by an earlier clock (before the meta hash was lost or rebuilt): not valid. A tag
+-- epoch that does not parse, or is above the clock, makes the meta hash corrupt: it is
+-- rebuilt, and then nothing older is valid.
+local function valid(s, tg, meta)
+  local c = clock_of(meta)
+  if s > c or s < M.n then return false end
+  for j = 1, #tg, 1000 do
+    local fields = {}
+    for k = j, math.min(j + 999, #tg) do fields[#fields + 1] = 't:' .. tg[k] end
+    local ep = redis.call('HMGET', meta, unpack(fields))
+    for k = 1, #ep do
+      if ep[k] then
+        local x = num(ep[k])
+        if not x or x > c then
+          repair_meta(meta, c)
+          return false
+        end
+        if s < x then return false end
+      end
+    end
+  end
+  return true
+end
+
+-- Reads the entry at `ek`, checking every field a script or the client parses.
+-- Returns its fields {e, s, t, f, h, v} (e only `with_e`, else true), its stamp and its
+-- tags; nil when there is no entry; false when it was corrupt and has been deleted (the
+-- caller counts it): not a hash, no or an empty envelope, an envelope over `max` bytes
+-- (never read), a bad format byte, a stamp, tag list, expiry or version that does not
+-- parse, a stamp above the clock.
+local function read_entry(ek, meta, max, with_e)
+  local len = redis.pcall('HSTRLEN', ek, 'e')
+  if type(len) ~= 'number' or len > max or (len == 0 and redis.call('EXISTS', ek) == 1) then
+    redis.call('UNLINK', ek)
+    return false
+  end
+  if len == 0 then return nil end
+  local r
+  if with_e then
+    r = redis.call('HMGET', ek, 'e', 's', 't', 'f', 'h', 'v')
+  else
+    r = {true, unpack(redis.call('HMGET', ek, 's', 't', 'f', 'h', 'v'))}
+  end
+  local s, tg = num(r[2]), parse_tags(r[3])
+  if not (s and tg and is_u64(r[4]) and is_u64(r[5]) and (not r[6] or r[6] == '' or is_u64(r[6])))
+      or (with_e and string.byte(r[1]) ~= ENVELOPE_FORMAT) or s > clock_of(meta) then
+    redis.call('UNLINK', ek)
+    return false
+  end
+  return r, s, tg
+end
+"#;
