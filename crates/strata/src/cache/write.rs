@@ -26,17 +26,17 @@ impl<K: CacheKey, V: CacheValue> Cache<K, V> {
         let start = inner.guards.start(now);
         let entry = inner.make_entry(Some(value), now, 0, start, tags.clone());
         inner.fill_l1(&key, entry, start);
-        let scope = Scope::Keys(vec![key_str]);
         let mut first_err = None;
         if let (Some(l2), Some(bytes)) = (&inner.l2, encoded) {
-            let Scope::Keys(keys) = &scope else { unreachable!("built as a key scope above") };
             let env = inner.make_envelope(Some(bytes), version, now, 0, tags);
             let ttl = inner.l2_store_ttl(&env, now);
-            if let Err(e) = l2.call("set", &inner.stats, l2.tier().set(l2.ns(), &keys[0], env, ttl)).await {
+            if let Err(e) = l2.call("set", &inner.stats, l2.tier().set(l2.ns(), &key_str, env, ttl)).await {
+                let scope = Scope::Keys(vec![key_str.clone()]);
                 inner.l2_invalidation_failed(&scope, &e);
                 first_err = Some(e);
             }
         }
+        let scope = Scope::Keys(vec![key_str]);
         if let Err(e) = inner.publish(crate::backplane::MessageBody::Invalidate(scope.clone())).await {
             first_err.get_or_insert(e);
         }
@@ -49,8 +49,7 @@ impl<K: CacheKey, V: CacheValue> Cache<K, V> {
     pub async fn touch(&self, key: &K) -> Result<bool> {
         let inner = &self.inner;
         let now = inner.clock.now();
-        let found = inner.is_closed() || self.touch_l1(key, now);
-        let mut found = found && !inner.is_closed();
+        let mut found = !inner.is_closed() && self.touch_l1(key, now);
         if let Some(l2) = &inner.l2 {
             let ttl = inner.cfg.l2_ttl;
             let soft = now.saturating_add(ttl);
