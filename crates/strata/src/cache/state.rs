@@ -1,7 +1,7 @@
 //! What a cache's handles and background tasks share.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use rand::rngs::SmallRng;
@@ -57,6 +57,9 @@ pub(crate) struct Inner<K, V> {
     pub(crate) bypassed: AtomicBool,
     /// Set by `shutdown`: no handle serves or fills anything after it.
     pub(crate) closed: AtomicBool,
+    /// When a tag or the whole namespace was last invalidated here (ns since the epoch):
+    /// a load without a fill token (L2 failed) may have run under a write lock on it.
+    pub(crate) wide_invalidated_at: AtomicU64,
     /// What an L1 hit compares its slot with; see [`Inner::publish_fast_floor`].
     pub(crate) fast_floor: FastFloor,
     /// XFetch's window per µs of load time: β · `XFETCH_HORIZON` · 1000 ns.
@@ -108,7 +111,8 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
         let health = if fleet.is_some() { Health::default() } else { Health::without_backplane() };
         let (stop_tx, stop) = shutdown::channel();
         let inner = Arc::new(Inner {
-            guards: Guards::new(cfg.tombstone_ttl),
+            // Tombstones outlive a write lock plus a load (see `Inner::invalidated_recently`).
+            guards: Guards::new(cfg.tombstone_ttl.max(cfg.write_lock_ttl.saturating_add(cfg.hard_timeout))),
             // What publish_fast_floor would store: epoch 0, healthy.
             fast_floor: FastFloor::new(if cfg.is_strong() { u64::MAX } else { Slot::<V>::floor(0) }),
             xfetch_lead: XFetchLead::new((cfg.early_refresh_beta * XFETCH_HORIZON * 1000.0).min(1e12) as u64),
@@ -124,6 +128,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
             pending: Mutex::new(Pending::default()),
             bypassed: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            wide_invalidated_at: AtomicU64::new(0),
             rng: Mutex::new(rng),
             stop,
         });

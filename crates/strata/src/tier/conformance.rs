@@ -398,6 +398,7 @@ async fn write_locks(tier: &dyn Tier, label: &str) {
     let t = token(&tier.lookup("wl", "k", None).await.expect("tier call"));
     assert_eq!(fill("k", t).await, FillOutcome::Stored, "{label}");
     let before = token(&tier.lookup("wl", "other", None).await.expect("tier call"));
+    assert!(!before.is_poisoned(), "{label}: no lock, no poison");
     let before_k = FillToken { stamp: before.stamp, lease: None, leader: true };
     tier.lock("wl", &keys, 1, Duration::from_millis(400)).await.expect("tier call");
     tier.lock("wl", &keys, 2, Duration::from_millis(400)).await.expect("tier call");
@@ -407,6 +408,7 @@ async fn write_locks(tier: &dyn Tier, label: &str) {
     );
     assert_eq!(fill("k", before_k).await, FillOutcome::Rejected, "{label}: token from before the lock");
     let under = token(&tier.lookup("wl", "k", LEASE).await.expect("tier call"));
+    assert!(under.is_poisoned(), "{label}: a token under a lock says so");
     assert_eq!(fill("k", under.clone()).await, FillOutcome::Rejected, "{label}: token from under the lock");
     // Other keys are not affected.
     let t = token(&tier.lookup("wl", "other", None).await.expect("tier call"));
@@ -420,6 +422,7 @@ async fn write_locks(tier: &dyn Tier, label: &str) {
     assert_eq!(fill("k", under).await, FillOutcome::Rejected, "{label}: poisoned token after expiry");
     assert_eq!(fill("k", still).await, FillOutcome::Rejected, "{label}: poisoned token after expiry");
     let after = token(&tier.lookup("wl", "k", None).await.expect("tier call"));
+    assert!(!after.is_poisoned(), "{label}: not poisoned after the expiry");
     assert_eq!(fill("k", after).await, FillOutcome::Stored, "{label}: free after the expiry");
     // Unlock invalidates again: a token from before the unlock cannot fill.
     tier.lock("wl", &keys, 3, Duration::from_secs(5)).await.expect("tier call");
@@ -437,6 +440,7 @@ async fn write_locks(tier: &dyn Tier, label: &str) {
         "{label}: tagged entry invalidated"
     );
     let t = token(&tier.lookup("wl", "plain", None).await.expect("tier call"));
+    assert!(t.is_poisoned(), "{label}: tag lock poisons every key");
     assert_eq!(fill("plain", t).await, FillOutcome::Rejected, "{label}: tag lock poisons every key");
     tier.unlock("wl", &Scope::tag("red"), 4).await.expect("tier call");
     let t = token(&tier.lookup("wl", "plain", None).await.expect("tier call"));

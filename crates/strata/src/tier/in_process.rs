@@ -17,7 +17,7 @@ use crate::scope::Scope;
 
 /// The stamp of a poisoned fill token: below every namespace epoch (which starts at 1),
 /// so no fill with it is ever stored.
-const POISONED: u64 = 0;
+const POISONED: u64 = FillToken::POISONED_STAMP;
 
 struct Namespace {
     /// The invalidation clock.
