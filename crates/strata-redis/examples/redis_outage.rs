@@ -64,7 +64,11 @@ fn parse_args() -> Result<Args, String> {
                     _ => return Err("--fault wants pause or kill".into()),
                 }
             }
-            other => return Err(format!("unknown argument {other}; use --seconds N, --rate N, --fault pause|kill")),
+            other => {
+                return Err(format!(
+                    "unknown argument {other}; use --seconds N, --rate N, --fault pause|kill"
+                ));
+            }
         }
     }
     Ok(args)

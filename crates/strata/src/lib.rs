@@ -168,6 +168,7 @@ pub use cache::Cache;
 pub use cache::builder::CacheBuilder;
 pub use cache::erased::CacheHealth;
 pub use cache::handle::CacheHandle;
+pub use cache::warm_up::WarmUp;
 pub use cache::write_lock::WriteLock;
 pub use clock::{Clock, SystemClock, Timestamp};
 pub use codec::{Codec, PostcardCodec};

@@ -215,4 +215,8 @@ stats! {
     /// a write under way: at the Strong level always; else under a write lock (a
     /// poisoned fill token) or, with L2 unreachable, soon after a heard invalidation.
     l1_fills_skipped: Counter,
+    /// Keys preloaded from L2 into L1 by warm-up.
+    warm_up_keys: Counter,
+    /// Warm-ups that ran out of their time budget.
+    warm_up_timeouts: Counter,
 }

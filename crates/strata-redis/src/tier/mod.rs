@@ -118,6 +118,7 @@ use crate::tier::scripts::TierScripts;
 
 mod builder;
 mod format;
+mod hot_keys;
 mod lua;
 mod port;
 mod scripts;

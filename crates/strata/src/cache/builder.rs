@@ -9,6 +9,7 @@ use super::Cache;
 use super::config::{Config, InvalidateHook, TagFn, VersionFn, check_duration};
 use super::state::Inner;
 use super::tasks;
+use super::warm_up::WarmUp;
 use crate::backplane::Backplane;
 use crate::breaker::BreakerConfig;
 use crate::clock::{Clock, ClockSource};
@@ -61,6 +62,7 @@ pub struct CacheBuilder<K, V> {
     backplane: Option<Arc<dyn Backplane>>,
     clock: ClockSource,
     seed: Option<u64>,
+    warm_up: Option<WarmUp>,
     _types: PhantomData<fn() -> (K, V)>,
 }
 
@@ -108,6 +110,7 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
             backplane: None,
             clock: ClockSource::system(),
             seed: None,
+            warm_up: None,
             _types: PhantomData,
         }
     }
@@ -342,6 +345,14 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
         self
     }
 
+    /// Preloads the fleet's hot keys from L2 into L1 before [`Cache::ready`] resolves,
+    /// and reports this instance's own to the tier's shared ranking (see [`WarmUp`]).
+    /// Off by default; needs an L2 tier.
+    pub fn warm_up(mut self, warm_up: WarmUp) -> Self {
+        self.warm_up = Some(warm_up);
+        self
+    }
+
     /// Checks the configuration and builds the cache. With a backplane, it must be
     /// called inside a tokio runtime (background tasks are spawned).
     pub fn build(self) -> Result<Cache<K, V>, BuildError> {
@@ -386,15 +397,22 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
             schema,
             breaker: self.breaker,
             seed: self.seed,
+            warm_up: self.warm_up,
         };
         let (inner, lifetime) = Inner::new(config, self.clock, self.tier, self.backplane);
         if tokio::runtime::Handle::try_current().is_ok() {
             tasks::spawn(&inner);
+        } else {
+            // No task can preload anything: do not keep `ready` waiting for it.
+            inner.warming_up.store(false, std::sync::atomic::Ordering::SeqCst);
         }
         Ok(Cache::new(inner, lifetime))
     }
 
     fn check(&self, consistency: Consistency) -> Result<(), BuildError> {
+        if let Some(w) = &self.warm_up {
+            w.check(self.tier.is_some())?;
+        }
         let ns = &self.namespace;
         if ns.is_empty()
             || ns.len() > 64

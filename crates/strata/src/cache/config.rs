@@ -67,6 +67,7 @@ pub(crate) struct Config<K, V> {
     pub(crate) schema: u64,
     pub(crate) breaker: BreakerConfig,
     pub(crate) seed: Option<u64>,
+    pub(crate) warm_up: Option<super::warm_up::WarmUp>,
 }
 
 impl<K, V> Config<K, V> {
@@ -106,6 +107,7 @@ impl<K, V> std::fmt::Debug for Config<K, V> {
             .field("loader", &self.loader.is_some())
             .field("schema", &format_args!("{:016x}", self.schema))
             .field("hooks", &self.hooks.len())
+            .field("warm_up", &self.warm_up)
             .finish_non_exhaustive()
     }
 }

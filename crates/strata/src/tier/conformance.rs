@@ -32,6 +32,7 @@ pub async fn run(tier: &dyn Tier, label: &str) {
     versions(tier, label).await;
     lookup_many(tier, label).await;
     write_locks(tier, label).await;
+    hot_key_ranking(tier, label).await;
     eprintln!("[conformance] {label}: every part passed in {:?}", started.elapsed());
 }
 
@@ -457,4 +458,20 @@ async fn write_locks(tier: &dyn Tier, label: &str) {
     tier.unlock("wl", &Scope::All, 5).await.expect("tier call");
     let t = token(&tier.lookup("wl", "plain", None).await.expect("tier call"));
     assert_eq!(fill("plain", t).await, FillOutcome::Stored, "{label}");
+}
+
+/// The shared hot-key ranking of warm-up: ranked by decayed counts, trimmed, per
+/// namespace.
+async fn hot_key_ranking(tier: &dyn Tier, label: &str) {
+    let counts = |pairs: &[(&str, u64)]| -> Vec<(String, u64)> {
+        pairs.iter().map(|(k, n)| ((*k).to_owned(), *n)).collect()
+    };
+    assert!(tier.hot_keys("hk", 10).await.expect("tier call").is_empty(), "{label}: no ranking yet");
+    tier.record_hot_keys("hk", &counts(&[("a", 10), ("b", 5), ("c", 1)]), 2).await.expect("tier call");
+    assert_eq!(tier.hot_keys("hk", 10).await.expect("tier call"), ["a", "b"], "{label}: trimmed to 2");
+    // Halved (a 5, b 2.5) before c's 100 is added: c leads, b is trimmed.
+    tier.record_hot_keys("hk", &counts(&[("c", 100)]), 2).await.expect("tier call");
+    assert_eq!(tier.hot_keys("hk", 10).await.expect("tier call"), ["c", "a"], "{label}: decayed");
+    assert_eq!(tier.hot_keys("hk", 1).await.expect("tier call"), ["c"], "{label}: top 1");
+    assert!(tier.hot_keys("hk-other", 10).await.expect("tier call").is_empty(), "{label}: per namespace");
 }

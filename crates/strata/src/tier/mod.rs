@@ -230,4 +230,22 @@ pub trait Tier: Send + Sync + 'static {
     /// Invalidates `scope` once more and drops write lock `id` (other locks on the
     /// scope stay). Dropping a lock that expired or never existed is not an error.
     async fn unlock(&self, namespace: &str, scope: &Scope, id: u64) -> Result<()>;
+
+    /// Adds one instance's read counts since its last report to the namespace's
+    /// shared ranking of hot keys (for warm-up, see
+    /// [`CacheBuilder::warm_up`](crate::CacheBuilder::warm_up)): the ranking decays
+    /// (older reports weigh less) and keeps at most `keep` keys.
+    ///
+    /// Default: the tier shares no ranking (nothing is recorded, and [`Tier::hot_keys`]
+    /// is empty, so warm-up preloads nothing). A tier shared by a fleet should keep one.
+    async fn record_hot_keys(&self, namespace: &str, counts: &[(String, u64)], keep: usize) -> Result<()> {
+        let _ = (namespace, counts, keep);
+        Ok(())
+    }
+
+    /// The namespace's `n` hottest keys, hottest first (see [`Tier::record_hot_keys`]).
+    async fn hot_keys(&self, namespace: &str, n: usize) -> Result<Vec<String>> {
+        let _ = (namespace, n);
+        Ok(Vec::new())
+    }
 }
