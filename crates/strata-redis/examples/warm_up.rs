@@ -46,7 +46,9 @@ fn parse_args() -> Result<Args, String> {
             "--seconds" => a.seconds = v,
             "--warm" => a.warm = v,
             other => {
-                return Err(format!("unknown argument {other}; use --keys, --hot, --rate, --seconds, --warm"));
+                return Err(format!(
+                    "unknown argument {other}; use --keys, --hot, --rate, --seconds, --warm"
+                ));
             }
         }
     }
