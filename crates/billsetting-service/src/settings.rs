@@ -57,16 +57,20 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS billsetting (
 /// Creates the table if missing and seeds accounts `1..=accounts` that do not exist yet
 /// (plan "basic", limit 100.00).
 pub async fn prepare(pool: &PgPool, accounts: i64) -> sqlx::Result<()> {
-    sqlx::raw_sql(SCHEMA).execute(pool).await?;
+    // Instances starting together would race on CREATE TABLE IF NOT EXISTS (Postgres
+    // then fails one with a duplicate pg_type row): one at a time.
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(7262531)").execute(&mut *tx).await?;
+    sqlx::raw_sql(SCHEMA).execute(&mut *tx).await?;
     sqlx::query(
         "INSERT INTO billsetting (account_id, plan, monthly_limit_cents)
          SELECT g, 'basic', 10000 FROM generate_series(1, $1) AS g
          ON CONFLICT (account_id) DO NOTHING",
     )
     .bind(accounts)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
-    Ok(())
+    tx.commit().await
 }
 
 /// Reads one account's settings from the database (the cache's loader).

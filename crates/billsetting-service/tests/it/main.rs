@@ -43,9 +43,11 @@ async fn fixture(n: usize) -> Fixture {
         seed_accounts: 100,
         admin_token: Some("s3cret-token-for-tests".into()),
     };
+    // Started together, as a deploy starts them (they race to create the table).
+    let services = futures::future::join_all((0..n).map(|_| Service::start(&config))).await;
     let mut instances = Vec::new();
-    for _ in 0..n {
-        let service = Service::start(&config).await.expect("service starts");
+    for service in services {
+        let service = service.expect("service starts");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let router = service.router();
