@@ -13,13 +13,12 @@
 //! 200; `--fault pause|kill`, default pause). Needs `redis-server` on the PATH.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
 use strata::Cache;
 use strata_redis::{RedisStreamBackplane, RedisTier};
-use strata_testkit::RedisServer;
+use strata_testkit::{CallLog, RedisServer};
 
 /// Instances in the fleet.
 const INSTANCES: usize = 3;
@@ -74,32 +73,6 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
-/// What one phase's calls did.
-#[derive(Default)]
-struct Phase {
-    issued: AtomicU64,
-    latencies: Mutex<Vec<Duration>>,
-    failed: AtomicU64,
-}
-
-impl Phase {
-    fn report(&self, name: &str) {
-        let mut l = self.latencies.lock().clone();
-        l.sort_unstable();
-        let at = |q: f64| l.get(((l.len() as f64 * q) as usize).min(l.len().saturating_sub(1))).copied();
-        let ms =
-            |d: Option<Duration>| d.map_or("-".to_string(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3));
-        println!(
-            "{name:<9} {:>6} calls ({:>6} returned an error)   p50 {:>10}   p99 {:>10}   max {:>10}",
-            l.len(),
-            self.failed.load(Ordering::Relaxed),
-            ms(at(0.50)),
-            ms(at(0.99)),
-            ms(l.last().copied()),
-        );
-    }
-}
-
 async fn instance(url: &str) -> Result<Cache<u64, String>, Box<dyn std::error::Error>> {
     let tier = RedisTier::builder(url).prefix("outage").build().await?;
     let backplane = RedisStreamBackplane::builder(url).prefix("outage").build().await?;
@@ -136,8 +109,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
     };
 
-    let healthy = Arc::new(Phase::default());
-    let down = Arc::new(Phase::default());
+    let healthy = Arc::new(CallLog::default());
+    let down = Arc::new(CallLog::default());
     let outage_len = Duration::from_secs(args.seconds);
     println!(
         "{INSTANCES} instances on redis-server {} (RedisTier + RedisStreamBackplane), {} invalidations/s: \
@@ -170,22 +143,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             down.clone()
         };
-        phase.issued.fetch_add(1, Ordering::Relaxed);
+        phase.issue();
         let cache = fleet[key as usize % INSTANCES].clone();
         let waiting = waiting.clone();
         calls.push(tokio::spawn(async move {
             waiting.fetch_add(1, Ordering::Relaxed);
             let began = Instant::now();
             let res = cache.invalidate(&key).await;
-            phase.latencies.lock().push(began.elapsed());
-            if res.is_err() {
-                phase.failed.fetch_add(1, Ordering::Relaxed);
-            }
+            phase.record(began.elapsed(), res.is_ok());
             waiting.fetch_sub(1, Ordering::Relaxed);
         }));
     }
-    let returned_during_outage = down.latencies.lock().len();
-    let issued_during_outage = down.issued.load(Ordering::Relaxed);
+    let returned_during_outage = down.returned();
+    let issued_during_outage = down.issued();
     let waiting_at_end = waiting.load(Ordering::Relaxed);
     let peak_during = peak_pending.load(Ordering::Relaxed);
     match args.fault {
@@ -203,8 +173,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     sampler.await?;
 
     println!();
-    healthy.report("healthy");
-    down.report("outage");
+    println!("{}", healthy.summary("healthy"));
+    println!("{}", down.summary("outage"));
     println!(
         "during the outage: {returned_during_outage} of {issued_during_outage} calls returned before it ended; \
          {waiting_at_end} callers still waiting at its end, {} at the peak",
