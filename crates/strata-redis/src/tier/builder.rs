@@ -33,6 +33,7 @@ pub struct RedisTierBuilder {
     pub(crate) clock: Option<Arc<dyn Clock>>,
     pub(crate) reconnect_after_timeouts: u32,
     pub(crate) max_entry_bytes: usize,
+    pub(crate) eviction_check: super::eviction::EvictionCheck,
 }
 
 impl std::fmt::Debug for RedisTierBuilder {
@@ -55,6 +56,7 @@ impl RedisTierBuilder {
             clock: None,
             reconnect_after_timeouts: 4,
             max_entry_bytes: DEFAULT_MAX_ENTRY_BYTES,
+            eviction_check: super::eviction::EvictionCheck::default(),
         }
     }
 
