@@ -7,7 +7,9 @@
 //! `COMMIT`, invalidation after it), and an admin surface for probes, metrics and
 //! manual invalidation.
 //!
-//! Routes: `GET /settings/{account}`, `PUT /settings/{account}/plan`.
+//! Routes: `GET /settings/{account}`, `PUT /settings/{account}/plan`, and the admin
+//! router of `strata-axum` (`/healthz`, `/readyz` wired to the backplane and warm-up,
+//! `/metrics`, `/caches`, `POST /caches/billsetting/invalidate` with the admin token).
 //!
 //! Run two instances against one Redis and one Postgres (see the README's "Example
 //! service" section) and watch a plan change made on one be served by the other at once.
@@ -21,8 +23,10 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::Router;
 use axum::routing::{get, put};
+use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
 use strata::{Cache, WarmUp};
+use strata_axum::{AdminState, AdminToken};
 use strata_redis::{RedisStreamBackplane, RedisTier};
 
 pub use settings::Settings;
@@ -41,6 +45,8 @@ pub struct Config {
     pub seed_accounts: i64,
     /// The admin token for mutating admin routes (`None`: those routes are disabled).
     pub admin_token: Option<String>,
+    /// The Prometheus recorder's handle, rendered at `/metrics` (`None`: no `/metrics`).
+    pub prometheus: Option<PrometheusHandle>,
 }
 
 impl std::fmt::Debug for Config {
@@ -59,7 +65,7 @@ pub struct Service {
     pub cache: Cache<i64, Settings>,
     /// The database.
     pub pool: PgPool,
-    admin_token: Option<String>,
+    admin: AdminState,
 }
 
 impl Service {
@@ -91,16 +97,25 @@ impl Service {
             .warm_up(WarmUp::new())
             .build()
             .context("invalid cache configuration")?;
-        Ok(Arc::new(Service { cache, pool, admin_token: config.admin_token.clone() }))
+        let mut admin = AdminState::builder().cache(cache.handle());
+        if let Some(token) = &config.admin_token {
+            admin = admin.token(AdminToken::new(token));
+        }
+        if let Some(handle) = &config.prometheus {
+            admin = admin.prometheus(handle.clone());
+        }
+        let admin = admin.build().context("invalid admin settings")?;
+        Ok(Arc::new(Service { cache, pool, admin }))
     }
 
-    /// The service's routes and the admin routes, ready to serve.
+    /// The service's routes and the admin routes (`/healthz`, `/readyz`, `/metrics`,
+    /// `/caches…`: see `strata-axum`), ready to serve.
     pub fn router(self: &Arc<Self>) -> Router {
-        let _ = &self.admin_token;
         Router::new()
             .route("/settings/{account}", get(http::get_settings))
             .route("/settings/{account}/plan", put(http::change_plan))
             .with_state(self.clone())
+            .merge(strata_axum::router(self.admin.clone()))
     }
 
     /// Stops the cache's background work after delivering buffered invalidations.

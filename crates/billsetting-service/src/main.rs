@@ -36,18 +36,22 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
+    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("cannot install the Prometheus recorder")?;
     let config = Config {
         redis_url: args.redis,
         database_url: args.database,
         seed_accounts: args.seed_accounts,
         admin_token: args.admin_token,
+        prometheus: Some(prometheus),
     };
     let service = Service::start(&config).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     tracing::info!(addr = %listener.local_addr()?, "billsetting listening");
-    axum::serve(listener, service.router())
+    axum::serve(listener, service.router().into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
         })

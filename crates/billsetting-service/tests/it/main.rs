@@ -10,6 +10,19 @@ use billsetting_service::{Config, Service, Settings};
 use serde_json::Value;
 use strata_testkit::{PostgresServer, RedisServer};
 
+const TOKEN: &str = "s3cret-token-for-tests";
+
+/// One recorder per test process (the `metrics` facade has one global recorder).
+fn prometheus() -> metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder().expect("recorder")
+        })
+        .clone()
+}
+
 struct Instance {
     service: Arc<Service>,
     addr: SocketAddr,
@@ -41,7 +54,8 @@ async fn fixture(n: usize) -> Fixture {
         redis_url: redis.url(),
         database_url: db_url,
         seed_accounts: 100,
-        admin_token: Some("s3cret-token-for-tests".into()),
+        admin_token: Some(TOKEN.into()),
+        prometheus: Some(prometheus()),
     };
     // Started together, as a deploy starts them (they race to create the table).
     let services = futures::future::join_all((0..n).map(|_| Service::start(&config))).await;
@@ -50,7 +64,7 @@ async fn fixture(n: usize) -> Fixture {
         let service = service.expect("service starts");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let router = service.router();
+        let router = service.router().into_make_service_with_connect_info::<SocketAddr>();
         tokio::spawn(async move { axum::serve(listener, router).await });
         service.cache.ready().await;
         instances.push(Instance { service, addr });
@@ -134,4 +148,55 @@ async fn bad_requests_get_a_message_that_says_what_was_wrong() {
     check(put("/settings/100000/plan", r#"{"plan": "gold"}"#).await.expect("PUT"), 404, "no account").await;
     // Nothing above changed the row.
     assert_eq!(get_settings(&f, 0, 7).await.version, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_router_probes_scrapes_and_invalidates_across_instances() {
+    let f = fixture(2).await;
+    for i in 0..2 {
+        let resp = f.http.get(f.instances[i].url("/readyz")).send().await.expect("GET /readyz");
+        assert_eq!(resp.status(), 200, "instance {i} ready (subscribed, warmed up)");
+        get_settings(&f, i, 9).await;
+    }
+    // Under some load, then a scrape.
+    for k in 1..=50 {
+        get_settings(&f, k as usize % 2, k).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let text =
+        f.http.get(f.instances[1].url("/metrics")).send().await.expect("scrape").text().await.expect("text");
+    let scrape =
+        prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("Prometheus text");
+    for name in ["strata_l1_hits_total", "strata_loads_total", "strata_ready", "strata_pending_invalidations"]
+    {
+        assert!(
+            scrape
+                .samples
+                .iter()
+                .any(|s| s.metric == name && s.labels.get("namespace") == Some("billsetting")),
+            "{name} missing from:\n{text}"
+        );
+    }
+
+    // An operator's invalidation on one instance reaches the other.
+    assert!(f.instances[1].service.cache.get_local(&9).is_some());
+    let resp = f
+        .http
+        .post(f.instances[0].url("/caches/billsetting/invalidate"))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"keys": ["9"]}))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(resp.status(), 200);
+    let start = Instant::now();
+    while f.instances[1].service.cache.get_local(&9).is_some() {
+        assert!(start.elapsed() < Duration::from_secs(2), "instance 1 still holds key 9");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let resp = f
+        .http
+        .post(f.instances[0].url("/caches/billsetting/invalidate"))
+        .json(&serde_json::json!({"all": true}));
+    assert_eq!(resp.send().await.expect("POST").status(), 401, "no token, no invalidation");
 }
