@@ -42,8 +42,18 @@
 //! `strata_loads_total`, `strata_invalidations_sent_total`, `strata_gaps_detected_total`,
 //! …) and `strata_load_duration_seconds`; `/metrics` adds the gauges `strata_ready`,
 //! `strata_backplane_healthy`, `strata_bypassed`, `strata_warming_up`,
-//! `strata_pending_invalidations`, `strata_l2_breaker_open` (0, 0.5 half-open, 1) and
-//! `strata_l1_entries`, per namespace.
+//! `strata_pending_invalidations`, `strata_l2_breaker_open` (0, 0.5 half-open, 1),
+//! `strata_l1_entries` and `strata_backplane_unhealthy_seconds` (time since the
+//! backplane was last healthy; 0 while it is), per namespace.
+//!
+//! Two histograms no other cache exports, recorded by the caches themselves:
+//! `strata_invalidation_lag_seconds{namespace}` — from a message's publish on one
+//! instance to its application on this one (across two wall clocks, so only as exact as
+//! they agree; a send time in the future counts as 0 and in
+//! `strata_invalidation_lag_skewed_total`) — and `strata_hit_age_seconds{namespace,tier}`
+//! — the age of the value a hit returned (L1 hits sampled one in 64, every L2 hit).
+//! The recorder decides the buckets: `PrometheusBuilder::set_buckets` for histograms,
+//! summaries (quantiles) otherwise.
 
 mod routes;
 mod state;

@@ -65,6 +65,7 @@ fn describe(c: &CacheHandle) -> Value {
         "warming_up": h.warming_up,
         "l2_breaker": breaker(h.l2_breaker),
         "pending_invalidations": h.pending_invalidations,
+        "backplane_unhealthy_s": h.backplane_unhealthy_for.as_secs_f64(),
         "stats": c.stats(),
     })
 }
@@ -111,6 +112,8 @@ pub(crate) async fn metrics(State(state): State<AdminState>) -> Response {
         let flag = |b: bool| if b { 1.0 } else { 0.0 };
         metrics::gauge!("strata_ready", "namespace" => ns.clone()).set(flag(h.is_ready()));
         metrics::gauge!("strata_backplane_healthy", "namespace" => ns.clone()).set(flag(h.backplane_healthy));
+        metrics::gauge!("strata_backplane_unhealthy_seconds", "namespace" => ns.clone())
+            .set(h.backplane_unhealthy_for.as_secs_f64());
         metrics::gauge!("strata_bypassed", "namespace" => ns.clone()).set(flag(h.bypassed));
         metrics::gauge!("strata_warming_up", "namespace" => ns.clone()).set(flag(h.warming_up));
         metrics::gauge!("strata_pending_invalidations", "namespace" => ns.clone())

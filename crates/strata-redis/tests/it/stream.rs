@@ -43,9 +43,15 @@ async fn stream_round_trip_and_replay() {
     for seq in 1..=3 {
         bp.publish(&msg(2, seq, "o2")).await.unwrap();
     }
-    bp.publish(&Message { origin: 1, seq: 6, namespace: "ns".into(), body: MessageBody::Heartbeat })
-        .await
-        .unwrap();
+    bp.publish(&Message {
+        origin: 1,
+        seq: 6,
+        namespace: "ns".into(),
+        body: MessageBody::Heartbeat,
+        sent_at_ms: 0,
+    })
+    .await
+    .unwrap();
     let started = Instant::now();
     let got = bp.replay(1, 3, 5).await.unwrap().expect("complete replay");
     eprintln!("[stream] replay of 3 messages took {:?}", started.elapsed());

@@ -106,6 +106,7 @@ pub fn msg(origin: u64, seq: u64, key: &str) -> Message {
         seq,
         namespace: "ns".into(),
         body: MessageBody::Invalidate(strata::Scope::Keys(vec![key.to_owned()])),
+        sent_at_ms: 0,
     }
 }
 

@@ -34,6 +34,26 @@ pub struct Message {
     pub namespace: String,
     /// What to invalidate.
     pub body: MessageBody,
+    /// The sender's wall clock at publish, in ms since the Unix epoch; 0 when unknown
+    /// (a format-2 sender). Receivers measure the propagation lag with it, across two
+    /// machines' clocks, so only as well as those agree; never used for correctness.
+    pub sent_at_ms: u64,
+}
+
+/// A message as format 2 encoded it (no send time).
+#[derive(Deserialize)]
+struct MessageV2 {
+    origin: OriginId,
+    seq: u64,
+    namespace: String,
+    body: MessageBody,
+}
+
+/// Wall-clock milliseconds since the Unix epoch, for [`Message::sent_at_ms`].
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// What a message asks receivers to do.
@@ -59,7 +79,9 @@ pub enum MessageBody {
 /// The first byte of every encoded message, so the format can evolve.
 ///
 /// 2: the body of an invalidation is one [`Scope`] (1 had a variant per kind).
-const WIRE_FORMAT: u8 = 2;
+/// 3: the send time (`sent_at_ms`) follows the body. Format 2 is still read, with a
+/// send time of 0, so a fleet can be upgraded one instance at a time.
+const WIRE_FORMAT: u8 = 3;
 
 impl Message {
     /// Encodes the message for a wire (format byte + postcard).
@@ -74,6 +96,15 @@ impl Message {
     pub fn decode(bytes: &[u8]) -> Result<Message> {
         match bytes.split_first() {
             Some((&WIRE_FORMAT, rest)) => postcard::from_bytes(rest)
+                .map_err(|e| Error::new(ErrorKind::Codec, "malformed backplane message").with_source(e)),
+            Some((2, rest)) => postcard::from_bytes::<MessageV2>(rest)
+                .map(|m| Message {
+                    origin: m.origin,
+                    seq: m.seq,
+                    namespace: m.namespace,
+                    body: m.body,
+                    sent_at_ms: 0,
+                })
                 .map_err(|e| Error::new(ErrorKind::Codec, "malformed backplane message").with_source(e)),
             Some((other, _)) => {
                 Err(Error::new(ErrorKind::Codec, format!("unknown backplane message format {other}")))

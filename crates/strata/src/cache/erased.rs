@@ -53,6 +53,9 @@ pub struct CacheHealth {
     pub pending_invalidations: usize,
     /// Warm-up is still preloading the fleet's hot keys (never true without warm-up).
     pub warming_up: bool,
+    /// How long the backplane has been unhealthy (zero while it is healthy): past
+    /// `max_stale`, L1 serves only entries younger than `max_stale`.
+    pub backplane_unhealthy_for: Duration,
 }
 
 impl CacheHealth {
@@ -113,6 +116,10 @@ impl<K: CacheKey, V: CacheValue> ErasedCache for Inner<K, V> {
             l2_breaker: self.l2.as_ref().map(|l2| l2.breaker().state()),
             pending_invalidations: self.pending.lock().len(),
             warming_up: self.warming_up.load(Ordering::SeqCst),
+            backplane_unhealthy_for: self
+                .health
+                .unhealthy_since()
+                .map_or(Duration::ZERO, |s| self.now().since(s)),
         }
     }
 

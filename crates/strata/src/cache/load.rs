@@ -188,6 +188,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
     pub(crate) async fn fill_from_l2(&self, loading: &Loading<K>, env: Envelope) -> Option<Option<V>> {
         let entry = self.entry_from_envelope(&loading.key_str, env, loading.start).await?;
         self.stats.l2_hits.incr();
+        self.record_hit_age("l2", entry.meta.created(), self.now());
         let value = entry.value.clone();
         self.fill_l1(&loading.key, entry, loading.start);
         Some(value)

@@ -14,6 +14,7 @@
 //! | `write_lock.rs` | write locks (invalidation before a commit) |
 //! | `erased.rs`, `handle.rs` | the cache without its types, and [`CacheHandle`](handle::CacheHandle) |
 //! | `tasks.rs` | the background tasks, and the cache's side of the fleet protocol |
+//! | `hit_age.rs` | the sampled age-at-hit histogram |
 //! | `hot_keys.rs`, `warm_up.rs` | the sampled hot-key ranking, and warm-up before readiness |
 
 pub(crate) mod batch;
@@ -23,6 +24,7 @@ pub(crate) mod entry;
 pub(crate) mod erased;
 pub(crate) mod flight;
 pub(crate) mod handle;
+pub(crate) mod hit_age;
 pub(crate) mod hot_keys;
 pub(crate) mod invalidate;
 pub(crate) mod l2;

@@ -4,6 +4,7 @@ use std::future::Future;
 
 use super::Cache;
 use super::flight::{self, FlightKind};
+use super::hit_age;
 use super::load::Loading;
 use super::probe::{Look, Probe};
 use crate::error::{Error, ErrorKind, Result};
@@ -24,6 +25,9 @@ impl<K: CacheKey, V: CacheValue> Cache<K, V> {
         match inner.l1.read(key, |slot| inner.look(slot, now))? {
             Look::Fast(value) => {
                 inner.stats.l1_hits.incr();
+                if hit_age::sampled() {
+                    inner.record_l1_hit_age(key, now);
+                }
                 value
             }
             Look::Slow(slot) => inner.get_local_slow(&slot, now),
@@ -45,6 +49,9 @@ impl<K: CacheKey, V: CacheValue> Cache<K, V> {
         inner.note_read(key);
         if let Probe::Fresh(value, _) = inner.probe(key, now) {
             inner.stats.l1_hits.incr();
+            if hit_age::sampled() {
+                inner.record_l1_hit_age(key, now);
+            }
             return Ok(value);
         }
         let Some(l2) = &inner.l2 else {
@@ -106,6 +113,9 @@ impl<K: CacheKey, V: CacheValue> Cache<K, V> {
         let stale = match inner.probe(key, now) {
             Probe::Fresh(value, refresh) => {
                 inner.stats.l1_hits.incr();
+                if hit_age::sampled() {
+                    inner.record_l1_hit_age(key, now);
+                }
                 if refresh {
                     inner.spawn_refresh(key, loader);
                 }

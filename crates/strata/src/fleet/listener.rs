@@ -160,6 +160,7 @@ impl<H: Host> Listener<'_, H> {
                 host.stats().invalidations_received.incr();
                 // Applying an invalidation twice is harmless, so apply before any repair.
                 self.apply(body);
+                record_lag(&cfg.namespace, m.sent_at_ms);
             }
         }
         if let Some((from, to)) = tracked.missed {
@@ -230,4 +231,20 @@ impl<H: Host> Listener<'_, H> {
             MessageBody::Heartbeat | MessageBody::Ack { .. } => {}
         }
     }
+}
+
+/// Publish → applied here, as `strata_invalidation_lag_seconds`: measured across the
+/// sender's and this machine's wall clocks, so only as exact as they agree. A send time
+/// in the future (skew) counts as no lag, and as `strata_invalidation_lag_skewed_total`.
+fn record_lag(namespace: &str, sent_at_ms: u64) {
+    if sent_at_ms == 0 {
+        return; // a format-2 sender: no send time
+    }
+    let now = crate::backplane::now_ms();
+    if now < sent_at_ms {
+        metrics::counter!("strata_invalidation_lag_skewed_total", "namespace" => namespace.to_owned())
+            .increment(1);
+    }
+    let lag = now.saturating_sub(sent_at_ms) as f64 / 1000.0;
+    metrics::histogram!("strata_invalidation_lag_seconds", "namespace" => namespace.to_owned()).record(lag);
 }

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::backplane::{Backplane, Message, MessageBody, OriginId};
+use crate::backplane::{Backplane, Message, MessageBody, OriginId, now_ms};
 use crate::clock::Timestamp;
 use crate::error::{Error, ErrorKind, Result};
 use crate::scope::Scope;
@@ -230,7 +230,13 @@ impl Fleet {
     }
 
     fn message(&self, seq: u64, body: MessageBody) -> Message {
-        Message { origin: self.cfg.origin, seq, namespace: self.cfg.namespace.clone(), body }
+        Message {
+            origin: self.cfg.origin,
+            seq,
+            namespace: self.cfg.namespace.clone(),
+            body,
+            sent_at_ms: now_ms(),
+        }
     }
 
     /// Publishes within the backplane timeout, and keeps the publish breaker.

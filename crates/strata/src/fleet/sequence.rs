@@ -188,7 +188,7 @@ mod tests {
     const ME: OriginId = 9;
 
     fn msg(seq: u64, body: MessageBody) -> Message {
-        Message { origin: A, seq, namespace: "ns".into(), body }
+        Message { origin: A, seq, namespace: "ns".into(), body, sent_at_ms: 0 }
     }
 
     fn inv(seq: u64) -> Position {
@@ -215,7 +215,7 @@ mod tests {
 
     #[test]
     fn implausible_messages_have_no_position() {
-        let m = |origin, seq, body| Message { origin, seq, namespace: "ns".into(), body };
+        let m = |origin, seq, body| Message { origin, seq, namespace: "ns".into(), body, sent_at_ms: 0 };
         assert_eq!(Position::of(&m(0, 3, MessageBody::Heartbeat), ME, 5), None, "origin 0");
         assert_eq!(Position::of(&m(A, u64::MAX, MessageBody::Heartbeat), ME, 5), None);
         assert_eq!(Position::of(&m(A, MAX_PLAUSIBLE_SEQ, MessageBody::Heartbeat), ME, 5), None);
@@ -313,6 +313,7 @@ mod tests {
             seq,
             namespace: ns.into(),
             body: MessageBody::Invalidate(Scope::All),
+            sent_at_ms: 0,
         };
         let good = vec![m(A, 4, "ns"), m(A, 5, "ns")];
         assert!(replay_covers(&good, A, "ns", 4, 5));

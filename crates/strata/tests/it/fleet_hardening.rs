@@ -272,6 +272,7 @@ async fn a_forged_heartbeat_with_the_largest_sequence_number_costs_at_most_one_r
         seq: u64::MAX,
         namespace: NS.into(),
         body: MessageBody::Heartbeat,
+        sent_at_ms: 0,
     })
     .await;
 }
@@ -283,6 +284,7 @@ async fn a_forged_invalidation_with_the_largest_sequence_number_costs_at_most_on
         seq: u64::MAX,
         namespace: NS.into(),
         body: MessageBody::Invalidate(Scope::Keys(vec!["12345".into()])),
+        sent_at_ms: 0,
     })
     .await;
 }
@@ -294,6 +296,7 @@ async fn a_forged_jump_far_ahead_costs_one_repair_and_tracking_resumes() {
         seq: 5_000_000,
         namespace: NS.into(),
         body: MessageBody::Heartbeat,
+        sent_at_ms: 0,
     })
     .await;
 }
@@ -305,6 +308,7 @@ async fn a_forged_jump_within_replay_range_costs_one_repair_and_tracking_resumes
         seq: 5_000,
         namespace: NS.into(),
         body: MessageBody::Invalidate(Scope::Keys(vec!["12345".into()])),
+        sent_at_ms: 0,
     })
     .await;
 }
@@ -316,8 +320,11 @@ async fn a_message_from_origin_zero_is_counted_and_not_tracked() {
     let db = Db::with(&[(1, "one")]);
     b.get_or_load(&1, db.loader(1)).await.expect("load");
     let before = b.stats();
-    forge(&f.conns[0], Message { origin: 0, seq: 40, namespace: NS.into(), body: MessageBody::Heartbeat })
-        .await;
+    forge(
+        &f.conns[0],
+        Message { origin: 0, seq: 40, namespace: NS.into(), body: MessageBody::Heartbeat, sent_at_ms: 0 },
+    )
+    .await;
     // Delivered in order: a few of a's heartbeats later, the forged one was handled.
     within("handled", || b.stats().heartbeats_received >= before.heartbeats_received + 3).await;
     let s = b.stats();
@@ -339,6 +346,7 @@ async fn a_forged_acknowledgement_of_what_was_never_sent_is_ignored() {
         seq: 0,
         namespace: NS.into(),
         body: MessageBody::Ack { to: a.origin(), seq: u64::MAX },
+        sent_at_ms: 0,
     };
     let hb = a.stats().heartbeats_received;
     forge(&conns[0], ack).await;

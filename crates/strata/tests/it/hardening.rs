@@ -354,7 +354,7 @@ async fn a_backplane_sequence_at_u64_max_does_not_kill_the_listener() {
     writer.ready().await;
     let rogue = hub.connect();
     for body in [MessageBody::Heartbeat, MessageBody::Heartbeat, MessageBody::Invalidate(Scope::All)] {
-        let msg = Message { origin: 99, seq: u64::MAX, namespace: NS.to_owned(), body };
+        let msg = Message { origin: 99, seq: u64::MAX, namespace: NS.to_owned(), body, sent_at_ms: 0 };
         rogue.publish(&msg).await.expect("published");
     }
     // The third is applied only if the listener survived the first two.
