@@ -18,6 +18,7 @@ use crate::error::BuildError;
 use crate::key::{CacheKey, CacheValue};
 use crate::l1::WeighFn;
 use crate::loader::Loader;
+use crate::overload::LoadProtection;
 use crate::schema;
 use crate::scope::Scope;
 use crate::tier::Tier;
@@ -57,6 +58,7 @@ pub struct CacheBuilder<K, V> {
     codec: Option<Arc<dyn Codec<V>>>,
     schema_version: u32,
     breaker: BreakerConfig,
+    pub(super) load: LoadProtection,
     tier: Option<Arc<dyn Tier>>,
     backplane: Option<Arc<dyn Backplane>>,
     clock: ClockSource,
@@ -104,6 +106,7 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
             codec: None,
             schema_version: 0,
             breaker: BreakerConfig::default(),
+            load: LoadProtection::default(),
             tier: None,
             backplane: None,
             clock: ClockSource::system(),
@@ -385,6 +388,7 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
             codec,
             schema,
             breaker: self.breaker,
+            load: self.load,
             seed: self.seed,
         };
         let (inner, lifetime) = Inner::new(config, self.clock, self.tier, self.backplane);
@@ -539,7 +543,8 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
                 "build the cache from async code running on tokio",
             ));
         }
-        self.breaker.validate()
+        self.breaker.validate()?;
+        self.load.validate()
     }
 }
 
