@@ -70,7 +70,8 @@ impl LoadGate {
             return Err(e);
         }
         // From here a refusal drops `permit`, which gives a half-open probe slot back.
-        let mut permit = Permit { gate: self, breaker: self.breaker.as_ref(), _held: Vec::new(), counted: false };
+        let mut permit =
+            Permit { gate: self, breaker: self.breaker.as_ref(), _held: Vec::new(), counted: false };
         let now = tokio::time::Instant::now();
         let deadline = now.checked_add(self.wait).unwrap_or(now);
         let mut throttled = false;

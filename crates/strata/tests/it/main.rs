@@ -13,6 +13,7 @@ mod fill_guard;
 mod fleet;
 mod fleet_hardening;
 mod hardening;
+mod overload;
 mod schema;
 mod single_flight;
 mod strong;
