@@ -60,6 +60,9 @@ pub struct NamespaceStats {
     pub backplane_subscribers: u64,
 }
 
+/// One `XREVRANGE` entry: its id and field/value pairs.
+type StreamEntry = (String, Vec<(String, Vec<u8>)>);
+
 /// Runs `strata stats`.
 pub async fn run(args: StatsArgs) -> Result<()> {
     let stats = collect(&args).await?;
@@ -85,7 +88,7 @@ async fn collect(args: &StatsArgs) -> Result<NamespaceStats> {
     let (entries, entries_capped) = count_entries(&mut conn, &base, args.scan_cap).await?;
     let stream = format!("{}:{{bp}}", args.prefix);
     let stream_length: u64 = redis::cmd("XLEN").arg(&stream).query_async(&mut conn).await.context("XLEN")?;
-    let last: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XREVRANGE")
+    let last: Vec<StreamEntry> = redis::cmd("XREVRANGE")
         .arg(&stream)
         .arg("+")
         .arg("-")
