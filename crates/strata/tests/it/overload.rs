@@ -200,3 +200,65 @@ fn load_protection_settings_are_checked_at_build() {
     assert!(LoadLimiter::new("db", 0).is_err());
     manual_cache(&clock).unlimited_loads().load_permit_wait(Duration::ZERO).build().expect("valid");
 }
+
+#[tokio::test(start_paused = true)]
+async fn waiting_for_a_permit_counts_towards_the_soft_timeout() {
+    let clock = ManualClock::new();
+    let cache = manual_cache(&clock)
+        .max_concurrent_loads(1)
+        .fail_safe(Duration::from_secs(600), Duration::from_secs(1))
+        .loader_soft_timeout(Duration::from_millis(100))
+        .loader_hard_timeout(Duration::from_secs(5))
+        .build()
+        .expect("valid");
+    let db = Arc::new(Concurrency::default());
+    cache.get_or_load(&1, db.loader(1)).await.expect("load");
+    clock.advance(Duration::from_secs(11));
+    let (release, blocked) = tokio::sync::oneshot::channel::<()>();
+    let holder = {
+        let cache = cache.clone();
+        tokio::spawn(async move {
+            cache
+                .get_or_load(&99, move || async move {
+                    let _ = blocked.await;
+                    Ok::<_, io::Error>(Some("v99".to_owned()))
+                })
+                .await
+        })
+    };
+    wait_for_in_flight(&cache, 1).await;
+    let began = tokio::time::Instant::now();
+    assert_eq!(cache.get_or_load(&1, db.loader(1)).await.expect("stale").as_deref(), Some("v1"));
+    assert_eq!(began.elapsed(), Duration::from_millis(100), "answered at the soft timeout");
+    assert_eq!(db.calls.load(Ordering::SeqCst), 1, "still waiting for the permit");
+    release.send(()).expect("holder waiting");
+    holder.await.expect("task").expect("loaded");
+    // The waiting load gets the permit and refreshes key 1 for the next readers.
+    for _ in 0..100 {
+        if db.calls.load(Ordering::SeqCst) == 2 && cache.stats().loads_in_flight == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(db.calls.load(Ordering::SeqCst), 2);
+    assert_eq!(cache.stats().loads_throttled, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn loads_past_the_hard_timeout_open_the_loader_breaker() {
+    let clock = ManualClock::new();
+    let breaker = BreakerConfig { consecutive_failures: 2, jitter: 0.0, ..BreakerConfig::default() };
+    let cache = manual_cache(&clock)
+        .loader_breaker(breaker)
+        .loader_hard_timeout(Duration::from_millis(200))
+        .build()
+        .expect("valid");
+    let hang = || std::future::pending::<io::Result<Option<String>>>();
+    for k in 0..2u64 {
+        assert!(cache.get_or_load(&k, hang).await.expect_err("hard timeout").is_timeout());
+    }
+    let db = Arc::new(Concurrency::default());
+    assert!(cache.get_or_load(&5, db.loader(5)).await.expect_err("open").is_circuit_open());
+    assert_eq!(db.calls.load(Ordering::SeqCst), 0);
+    assert_eq!(cache.stats().loads_rejected_breaker, 1);
+}
