@@ -561,6 +561,7 @@ impl<K, V> std::fmt::Debug for CacheBuilder<K, V> {
             .field("backplane", &self.backplane.as_ref().map(|b| b.name().to_owned()))
             .field("loader", &self.loader.is_some())
             .field("schema_version", &self.schema_version)
+            .field("load_protection", &self.load)
             .finish_non_exhaustive()
     }
 }

@@ -9,7 +9,8 @@ use crate::overload::LoadLimiter;
 
 impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
     /// At most `n` loader calls of this cache run at once (distinct keys; single-flight
-    /// already makes one load per key), 1..=1 000 000. Default 64: above most
+    /// already makes one load per key; a batch load of `get_or_load_many` is one call),
+    /// 1..=1 000 000. Default 64: above most
     /// connection pools, so a healthy cache never waits, yet a miss storm cannot open
     /// thousands of queries. A load past the limit waits up to
     /// [`load_permit_wait`](Self::load_permit_wait), then is refused: a read with a
