@@ -1,7 +1,7 @@
-//! The load gate: every loader call passes it. It asks the loader's breaker (when on),
-//! then waits a bounded time for a permit of the cache's limit and of the shared
-//! limiter; a refusal is an error the read path answers with a fail-safe copy when it
-//! has one.
+//! The load gate: every loader call passes it. It waits a bounded time for a permit of
+//! the cache's limit and of the shared limiter, then asks the loader's breaker (when
+//! on; an open one refuses before the wait too); a refusal is an error the read path
+//! answers with a fail-safe copy when it has one.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::sync::{Semaphore, SemaphorePermit};
 
-use crate::breaker::CircuitBreaker;
+use crate::breaker::{BreakerState, CircuitBreaker};
 use crate::error::{Error, ErrorKind, Result};
 use crate::overload::{LoadLimiter, LoadProtection};
 use crate::stats::Stats;
@@ -63,15 +63,17 @@ impl LoadGate {
     }
 
     async fn admit(&self, stats: &Stats) -> Result<Permit<'_>> {
+        // An open breaker refuses before any wait for a permit...
         if let Some(breaker) = &self.breaker
-            && let Err(e) = breaker.try_acquire()
+            && matches!(breaker.state(), BreakerState::Open | BreakerState::ForcedOpen)
         {
             stats.loads_rejected_breaker.incr();
-            return Err(e);
+            return Err(Error::new(
+                ErrorKind::CircuitOpen,
+                format!("circuit breaker for {} is open", breaker.name()),
+            ));
         }
-        // From here a refusal drops `permit`, which gives a half-open probe slot back.
-        let mut permit =
-            Permit { gate: self, breaker: self.breaker.as_ref(), _held: Vec::new(), counted: false };
+        let mut permit = Permit { gate: self, breaker: None, _held: Vec::new(), counted: false };
         let now = tokio::time::Instant::now();
         let deadline = now.checked_add(self.wait).unwrap_or(now);
         let mut throttled = false;
@@ -83,6 +85,16 @@ impl LoadGate {
             let s = shared.shared();
             let what = || format!("the shared load limiter {:?} ({} loads)", s.name, s.limit);
             permit._held.push(self.permit(&s.permits, deadline, stats, &mut throttled, what).await?);
+        }
+        // ...and is asked for real once the permits are held: it may have opened while
+        // this load waited, and a half-open probe slot must not be held while waiting.
+        if let Some(breaker) = &self.breaker {
+            if let Err(e) = breaker.try_acquire() {
+                stats.loads_rejected_breaker.incr();
+                return Err(e);
+            }
+            // From here dropping `permit` unrecorded gives a probe slot back.
+            permit.breaker = Some(breaker);
         }
         permit.counted = true;
         self.in_flight.fetch_add(1, Ordering::Relaxed);

@@ -262,3 +262,28 @@ async fn loads_past_the_hard_timeout_open_the_loader_breaker() {
     assert_eq!(db.calls.load(Ordering::SeqCst), 0);
     assert_eq!(cache.stats().loads_rejected_breaker, 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn loads_queued_for_a_permit_are_refused_once_the_breaker_opened_meanwhile() {
+    let clock = ManualClock::new();
+    let breaker = BreakerConfig { consecutive_failures: 3, jitter: 0.0, ..BreakerConfig::default() };
+    let cache = manual_cache(&clock).max_concurrent_loads(4).loader_breaker(breaker).build().expect("valid");
+    let queries = Arc::new(AtomicUsize::new(0));
+    let reads = (0..40u64).map(|k| {
+        let (cache, queries) = (cache.clone(), queries.clone());
+        async move {
+            cache
+                .get_or_load(&k, move || async move {
+                    queries.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    Err::<Option<String>, _>(io::Error::other("db down"))
+                })
+                .await
+        }
+    });
+    let results = join_all(reads).await;
+    // The first four fail (and open the breaker); the 36 that were waiting never query.
+    assert_eq!(queries.load(Ordering::SeqCst), 4);
+    assert_eq!(results.iter().filter(|r| r.as_ref().is_err_and(|e| e.is_circuit_open())).count(), 36);
+    assert_eq!(cache.stats().loads_rejected_breaker, 36);
+}
