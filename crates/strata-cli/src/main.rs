@@ -3,10 +3,13 @@
 //! `strata bench` runs the seed stories (see `strata bench --help`) against several
 //! caching strategies side by side. `strata check` is a consistency torture run: a
 //! fleet of processes under faults, a recorded history and a checker (see
-//! `strata check --help`). Planned: `invalidate` (ops command for manual DML) and `stats`.
+//! `strata check --help`). `strata invalidate` invalidates keys, a tag or a namespace after
+//! manual DML, through the library's own tier and backplane; `strata stats` shows what
+//! Redis holds for a namespace.
 
 mod bench;
 mod check;
+mod ops;
 mod secret;
 
 use std::process::ExitCode;
@@ -21,13 +24,17 @@ struct Cli {
     command: Command,
 }
 
-/// The subcommands. `check`, `invalidate` and `stats` will join `bench` here.
+/// The subcommands.
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a seed scenario against several caching strategies, side by side.
     Bench(bench::BenchArgs),
     /// Consistency torture run: a fleet under faults, a recorded history, a checker.
     Check(check::CheckArgs),
+    /// Invalidate keys, a tag or a whole namespace across a running fleet (after manual DML).
+    Invalidate(ops::invalidate::InvalidateArgs),
+    /// Show what Redis holds for a namespace: epochs, entries, the backplane stream.
+    Stats(ops::stats::StatsArgs),
     /// One instance of a `strata check` fleet (started by `strata check`).
     #[command(hide = true)]
     CheckWorker(check::worker::WorkerArgs),
@@ -54,6 +61,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Bench(args) => runtime.block_on(bench::run(args)),
         Command::Check(args) => runtime.block_on(check::run(args)),
+        Command::Invalidate(args) => runtime.block_on(ops::invalidate::run(args)),
+        Command::Stats(args) => runtime.block_on(ops::stats::run(args)),
         Command::CheckWorker(args) => runtime.block_on(check::worker::run(args)),
     }
 }

@@ -209,3 +209,156 @@ fn check_strong_with_a_redis_pause_is_linearizable() {
     let faults = report["faults"].as_array().unwrap();
     assert!(faults[0].as_str().unwrap().starts_with("redis-pause ("), "{report:#}");
 }
+
+/// A library cache on a testkit Redis (the default prefix, as `strata invalidate` uses)
+/// whose loader counts its calls.
+async fn library_cache(
+    redis: &strata_testkit::RedisServer,
+    level: strata::Consistency,
+) -> strata::Cache<u64, String> {
+    let tier = strata_redis::RedisTier::builder(redis.url()).build().await.unwrap();
+    let backplane = strata_redis::RedisStreamBackplane::builder(redis.url()).build().await.unwrap();
+    let cache = strata::Cache::builder("billsetting")
+        .tier(std::sync::Arc::new(tier))
+        .backplane(std::sync::Arc::new(backplane))
+        .consistency(level)
+        .build()
+        .unwrap();
+    cache.ready().await;
+    cache
+}
+
+async fn strata_async(args: Vec<String>) -> Output {
+    tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_strata")).args(&args).output().expect("the strata binary runs")
+    })
+    .await
+    .unwrap()
+}
+
+/// Reads `key` through `cache`, counting loads in `loads`.
+async fn read(
+    cache: &strata::Cache<u64, String>,
+    key: u64,
+    loads: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> String {
+    let loads = loads.clone();
+    cache
+        .get_or_load(&key, move || async move {
+            loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok::<_, std::io::Error>(Some(format!("row {key}")))
+        })
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// `strata invalidate --key` reaches a running cache's L1 through the backplane, and
+/// `strata stats --json` reports the namespace.
+#[test]
+fn invalidate_reaches_a_running_cache_and_stats_parses() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let redis = strata_testkit::RedisServer::start();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let cache = library_cache(&redis, strata::Consistency::Invalidated).await;
+        let loads = std::sync::Arc::new(AtomicUsize::new(0));
+        for k in [7, 8] {
+            read(&cache, k, &loads).await;
+        }
+        read(&cache, 7, &loads).await;
+        assert_eq!(loads.load(Ordering::SeqCst), 2, "7 is in L1");
+
+        let out = strata_async(
+            ["invalidate", "--redis", &redis.url(), "--namespace", "billsetting", "--key", "7"]
+                .map(String::from)
+                .to_vec(),
+        )
+        .await;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains("deleted 1 key(s) from L2 (7)"), "{stdout}");
+        assert!(stdout.contains("published 1 invalidation message(s)"), "{stdout}");
+
+        // The running cache applies the message: 7 is loaded again, 8 is not.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while cache.stats().invalidations_applied == 0 {
+            assert!(std::time::Instant::now() < deadline, "the message never arrived");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        read(&cache, 7, &loads).await;
+        read(&cache, 8, &loads).await;
+        assert_eq!(loads.load(Ordering::SeqCst), 3, "7 reloaded once, 8 still cached");
+
+        let out = strata_async(
+            ["stats", "--redis", &redis.url(), "--namespace", "billsetting", "--json"]
+                .map(String::from)
+                .to_vec(),
+        )
+        .await;
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let stats: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(stats["namespace"], "billsetting");
+        assert_eq!(stats["meta_present"], true);
+        assert!(stats["namespace_epoch"].as_u64().unwrap() > 0, "{stats:#}");
+        assert_eq!(stats["entries"], 2, "{stats:#}");
+        assert!(stats["stream_length"].as_u64().unwrap() >= 1, "{stats:#}");
+        assert!(stats["stream_last_id"].is_string(), "{stats:#}");
+        assert!(stats["backplane_subscribers"].as_u64().unwrap() >= 1, "{stats:#}");
+        let text = strata_async(
+            ["stats", "--redis", &redis.url(), "--namespace", "billsetting"].map(String::from).to_vec(),
+        )
+        .await;
+        assert!(String::from_utf8_lossy(&text.stdout).contains("entries          2"));
+        cache.shutdown().await;
+    });
+}
+
+/// At the Strong level `strata invalidate --all` returns once the running member
+/// acknowledged; bad arguments and an unreachable Redis exit non-zero with a message.
+#[test]
+fn invalidate_all_at_strong_is_acknowledged_and_errors_are_clear() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let redis = strata_testkit::RedisServer::start();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let cache = library_cache(&redis, strata::Consistency::Strong).await;
+        let loads = std::sync::Arc::new(AtomicUsize::new(0));
+        read(&cache, 1, &loads).await;
+        let out = strata_async(
+            [
+                "invalidate",
+                "--redis",
+                &redis.url(),
+                "--namespace",
+                "billsetting",
+                "--all",
+                "--consistency",
+                "strong",
+            ]
+            .map(String::from)
+            .to_vec(),
+        )
+        .await;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains("whole namespace") && stdout.contains("acknowledged"), "{stdout}");
+        read(&cache, 1, &loads).await;
+        assert_eq!(loads.load(Ordering::SeqCst), 2, "the namespace was invalidated");
+        cache.shutdown().await;
+    });
+    let no_scope = strata(&["invalidate", "--redis", &redis.url(), "--namespace", "billsetting"]);
+    assert!(!no_scope.status.success());
+    let closed = strata(&[
+        "invalidate",
+        "--redis",
+        "redis://:hunter2@127.0.0.1:1",
+        "--namespace",
+        "billsetting",
+        "--key",
+        "1",
+    ]);
+    let stderr = String::from_utf8_lossy(&closed.stderr);
+    assert!(!closed.status.success());
+    assert!(stderr.contains("cannot connect") && !stderr.contains("hunter2"), "{stderr}");
+}

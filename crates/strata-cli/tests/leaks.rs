@@ -161,6 +161,35 @@ fn bench_errors_show_no_password() {
     }
 }
 
+/// `strata invalidate` and `strata stats` with passwords: their output, success or
+/// failure, never shows one.
+#[test]
+fn ops_commands_show_no_password() {
+    let redis = redis_with_passwords();
+    let port = redis.port();
+    let good = alice_url(&redis);
+    let ok = strata(&["invalidate", "--redis", &good, "--namespace", "ns", "--key", "1"]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("***"), "the URL is shown redacted");
+    assert_output_has_no_password("invalidate", &ok);
+    let stats = strata(&["stats", "--redis", &good, "--namespace", "ns", "--json"]);
+    assert!(stats.status.success(), "{}", String::from_utf8_lossy(&stats.stderr));
+    assert_output_has_no_password("stats", &stats);
+    for url in [
+        format!("redis://alice:{ALICE_PASSWORD}@127.0.0.1:{port}/0"),
+        format!("redis://alice:{ALICE_ENCODED}x@127.0.0.1:{port}/0"),
+        format!("redis://:{DEFAULT_PASSWORD}@127.0.0.1:1/0"),
+    ] {
+        let out =
+            strata(&["invalidate", "--redis", &url, "--namespace", "ns", "--all", "--ready-timeout", "3"]);
+        assert!(!out.status.success(), "invalidate on {url} should fail");
+        assert_output_has_no_password("invalidate on a bad URL", &out);
+        let out = strata(&["stats", "--redis", &url, "--namespace", "ns"]);
+        assert!(!out.status.success(), "stats on {url} should fail");
+        assert_output_has_no_password("stats on a bad URL", &out);
+    }
+}
+
 /// `strata check` with URLs that are bad or lead nowhere, before and after its workers
 /// start: every error hides the passwords.
 #[test]

@@ -298,7 +298,7 @@ impl CircuitBreaker {
     /// A call let through by [`CircuitBreaker::try_acquire`] was dropped before it
     /// finished (its caller was cancelled): it says nothing about the endpoint, but if
     /// it was the half-open probe, the next call must be allowed to probe instead.
-    fn abandon(&self) {
+    pub(crate) fn abandon(&self) {
         let mut w = self.window.lock();
         if self.state.load(Ordering::Acquire) == HALF_OPEN {
             w.probe_in_flight = false;

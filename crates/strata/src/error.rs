@@ -30,6 +30,10 @@ pub enum ErrorKind {
     Bypassed,
     /// The write-behind queue or another durable structure refused the write.
     Rejected,
+    /// Too many loads were running (the cache's `max_concurrent_loads` or a shared
+    /// [`LoadLimiter`](crate::LoadLimiter)) and none finished within the permit wait:
+    /// the loader was not called. The message names the limit.
+    Overloaded,
 }
 
 impl ErrorKind {
@@ -45,6 +49,7 @@ impl ErrorKind {
             ErrorKind::Shutdown => "shut down",
             ErrorKind::Bypassed => "cache bypassed",
             ErrorKind::Rejected => "rejected",
+            ErrorKind::Overloaded => "overloaded",
         }
     }
 }
@@ -117,6 +122,7 @@ impl Error {
                 | ErrorKind::Backplane
                 | ErrorKind::CircuitOpen
                 | ErrorKind::Bypassed
+                | ErrorKind::Overloaded
         )
     }
 
@@ -133,6 +139,11 @@ impl Error {
     /// True when a circuit breaker refused the call.
     pub fn is_circuit_open(&self) -> bool {
         self.kind == ErrorKind::CircuitOpen
+    }
+
+    /// True when a load limit refused the load (see [`ErrorKind::Overloaded`]).
+    pub fn is_overloaded(&self) -> bool {
+        self.kind == ErrorKind::Overloaded
     }
 
     /// True when the cache is bypassed (see [`ErrorKind::Bypassed`]).

@@ -117,6 +117,17 @@
 //! touches no shared reference count, unless the entry is tagged or a fail-safe stale
 //! copy (those are stored behind an `Arc`; see the `l1_hit` benchmark). Misses cost one
 //! L2 round trip; invalidations one L2 round trip and one publish.
+//!
+//! ## Protecting the database
+//!
+//! Every loader call passes the cache's load gate ([`overload`]): at most
+//! [`max_concurrent_loads`](CacheBuilder::max_concurrent_loads) at once (default 64),
+//! and as many as a shared [`LoadLimiter`] allows, waiting up to
+//! [`load_permit_wait`](CacheBuilder::load_permit_wait); and, when turned on, the loader
+//! circuit breaker ([`loader_breaker`](CacheBuilder::loader_breaker)). A refused load is
+//! answered from a fail-safe copy when there is one, else with
+//! [`ErrorKind::Overloaded`] or [`ErrorKind::CircuitOpen`]. Invalidated copies are never
+//! such a copy, and the `max_stale` bound still holds for them.
 
 //! ## Layout
 //!
@@ -132,6 +143,7 @@
 //! | [`key`] | [`CacheKey`] and [`CacheValue`] |
 //! | [`schema`] | the schema fingerprint every L2 entry carries: a value type's traced serde shape, the codec's name and the schema version |
 //! | [`loader`] | the [`Loader`] port for read-through |
+//! | [`overload`] | [`LoadLimiter`] and the load-protection settings; the gate itself is in `cache` |
 //! | [`breaker`], [`clock`], [`codec`], [`error`] | circuit breaker, injectable time, value codecs, the one error type |
 //! | `stats` | the counters behind [`CacheStats`] |
 //! | `shutdown` | the signal that stops a cache's background tasks |
@@ -150,6 +162,7 @@ pub mod consistency;
 pub mod error;
 pub mod key;
 pub mod loader;
+pub mod overload;
 pub mod schema;
 pub mod scope;
 pub mod tier;
@@ -176,6 +189,7 @@ pub use consistency::Consistency;
 pub use error::{BuildError, Error, ErrorKind, Result};
 pub use key::{CacheKey, CacheValue};
 pub use loader::{BoxError, Loader, loader_fn};
+pub use overload::LoadLimiter;
 pub use scope::Scope;
 pub use stats::CacheStats;
 pub use tier::InProcessTier;

@@ -129,11 +129,14 @@ macro_rules! stats {
             $( $(#[$doc])* pub $name: u64, )*
             /// Entries resident in L1 (valid or not yet lazily expired).
             pub l1_entries: u64,
+            /// Loader calls of this cache running now (a gauge; also exported as
+            /// `strata_loads_in_flight`).
+            pub loads_in_flight: u64,
         }
 
         impl Stats {
-            pub(crate) fn snapshot(&self, l1_entries: u64) -> CacheStats {
-                CacheStats { $( $name: self.$name.get(), )* l1_entries }
+            pub(crate) fn snapshot(&self, l1_entries: u64, loads_in_flight: u64) -> CacheStats {
+                CacheStats { $( $name: self.$name.get(), )* l1_entries, loads_in_flight }
             }
 
             pub(crate) fn export(&self, namespace: &str) {
@@ -219,4 +222,12 @@ stats! {
     warm_up_keys: Counter,
     /// Warm-ups that ran out of their time budget.
     warm_up_timeouts: Counter,
+    /// Loads that had to wait for a permit of a load limit.
+    loads_throttled: Counter,
+    /// Loads refused because no permit of a load limit came within the permit wait
+    /// (answered from a fail-safe copy when there was one, else `Overloaded`).
+    loads_rejected_overload: Counter,
+    /// Loads refused by the open loader breaker (answered from a fail-safe copy when
+    /// there was one, else `CircuitOpen`).
+    loads_rejected_breaker: Counter,
 }

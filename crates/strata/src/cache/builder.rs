@@ -19,6 +19,7 @@ use crate::error::BuildError;
 use crate::key::{CacheKey, CacheValue};
 use crate::l1::WeighFn;
 use crate::loader::Loader;
+use crate::overload::LoadProtection;
 use crate::schema;
 use crate::scope::Scope;
 use crate::tier::Tier;
@@ -58,6 +59,7 @@ pub struct CacheBuilder<K, V> {
     codec: Option<Arc<dyn Codec<V>>>,
     schema_version: u32,
     breaker: BreakerConfig,
+    pub(super) load: LoadProtection,
     tier: Option<Arc<dyn Tier>>,
     backplane: Option<Arc<dyn Backplane>>,
     clock: ClockSource,
@@ -106,6 +108,7 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
             codec: None,
             schema_version: 0,
             breaker: BreakerConfig::default(),
+            load: LoadProtection::default(),
             tier: None,
             backplane: None,
             clock: ClockSource::system(),
@@ -396,6 +399,7 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
             codec,
             schema,
             breaker: self.breaker,
+            load: self.load,
             seed: self.seed,
             warm_up: self.warm_up,
         };
@@ -557,7 +561,8 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
                 "build the cache from async code running on tokio",
             ));
         }
-        self.breaker.validate()
+        self.breaker.validate()?;
+        self.load.validate()
     }
 }
 
@@ -574,6 +579,7 @@ impl<K, V> std::fmt::Debug for CacheBuilder<K, V> {
             .field("backplane", &self.backplane.as_ref().map(|b| b.name().to_owned()))
             .field("loader", &self.loader.is_some())
             .field("schema_version", &self.schema_version)
+            .field("load_protection", &self.load)
             .finish_non_exhaustive()
     }
 }

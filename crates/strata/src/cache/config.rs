@@ -11,6 +11,7 @@ use crate::consistency::Consistency;
 use crate::error::BuildError;
 use crate::l1::WeighFn;
 use crate::loader::Loader;
+use crate::overload::LoadProtection;
 use crate::scope::Scope;
 
 /// A value-to-tags function.
@@ -66,6 +67,7 @@ pub(crate) struct Config<K, V> {
     /// The schema fingerprint of this cache's entries (see `crate::schema`).
     pub(crate) schema: u64,
     pub(crate) breaker: BreakerConfig,
+    pub(crate) load: LoadProtection,
     pub(crate) seed: Option<u64>,
     pub(crate) warm_up: Option<super::warm_up::WarmUp>,
 }
@@ -102,6 +104,7 @@ impl<K, V> std::fmt::Debug for Config<K, V> {
             .field("loader_soft_timeout", &self.soft_timeout)
             .field("loader_hard_timeout", &self.hard_timeout)
             .field("l2_timeout", &self.l2_timeout)
+            .field("load_protection", &self.load)
             .field("tags", &self.tags.is_some())
             .field("version", &self.version.is_some())
             .field("loader", &self.loader.is_some())

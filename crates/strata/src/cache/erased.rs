@@ -102,7 +102,7 @@ impl<K: CacheKey, V: CacheValue> ErasedCache for Inner<K, V> {
     }
 
     fn stats(&self) -> CacheStats {
-        self.stats.snapshot(self.l1.len() as u64)
+        self.stats.snapshot(self.l1.len() as u64, self.gate.in_flight() as u64)
     }
 
     fn health(&self) -> CacheHealth {

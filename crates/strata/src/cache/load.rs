@@ -206,11 +206,15 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
         Fut: Future<Output = std::result::Result<T, E>>,
         E: Into<BoxError>,
     {
-        self.stats.loads.incr();
-        let began = std::time::Instant::now();
-        let began_at = self.now();
         let hard = self.cfg.hard_timeout;
-        let load = tokio::time::timeout(hard, load);
+        let timed = async {
+            self.stats.loads.incr();
+            let began = (std::time::Instant::now(), self.now());
+            (tokio::time::timeout(hard, load).await, began)
+        };
+        // The load limits and the loader breaker (see `gate`); waiting for a permit
+        // counts towards the soft timeout, so a stale copy is served meanwhile.
+        let load = self.gate.admitted(&self.stats, timed, |(r, _)| matches!(r, Ok(Ok(_))));
         tokio::pin!(load);
         let outcome = match soft {
             Some((soft, on_soft_timeout)) => {
@@ -224,6 +228,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
             }
             None => load.await,
         };
+        let (outcome, (began, began_at)) = outcome?;
         // Converted here: the loader's error type need not be Send.
         let value = match outcome {
             Ok(Ok(value)) => value,

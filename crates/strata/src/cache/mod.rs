@@ -19,10 +19,12 @@
 
 pub(crate) mod batch;
 pub(crate) mod builder;
+pub(crate) mod builder_load;
 pub(crate) mod config;
 pub(crate) mod entry;
 pub(crate) mod erased;
 pub(crate) mod flight;
+pub(crate) mod gate;
 pub(crate) mod handle;
 pub(crate) mod hit_age;
 pub(crate) mod hot_keys;
@@ -102,7 +104,7 @@ impl<K: CacheKey, V: CacheValue> Cache<K, V> {
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> CacheStats {
-        self.inner.stats.snapshot(self.inner.l1.len() as u64)
+        self.inner.stats.snapshot(self.inner.l1.len() as u64, self.inner.gate.in_flight() as u64)
     }
 
     /// What a health or readiness probe needs to know, in one snapshot.

@@ -9,6 +9,7 @@ use rand::{Rng, SeedableRng};
 
 use super::config::Config;
 use super::flight::Flights;
+use super::gate::LoadGate;
 use super::hot_keys::HotKeys;
 use super::l2::L2;
 use super::pending::Pending;
@@ -51,6 +52,8 @@ pub(crate) struct Inner<K, V> {
     pub(crate) origin: OriginId,
     pub(crate) health: Health,
     pub(crate) stats: Stats,
+    /// The load limits and the loader's breaker every loader call passes.
+    pub(crate) gate: LoadGate,
     /// Invalidations that could not reach L2 or the backplane, retried in the background.
     pub(crate) pending: Mutex<Pending>,
     /// Set while L2 may hold a value that should have been deleted (Strong level): the
@@ -87,6 +90,15 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
             ClockKind::System(c) => Arc::new(c.clone()),
             ClockKind::Custom(c) => c.clone(),
         };
+        let loader_breaker = cfg.load.breaker.clone().map(|b| {
+            CircuitBreaker::with_clock(format!("loader:{}", cfg.namespace), b, breaker_clock.clone())
+        });
+        let gate = LoadGate::new(
+            &cfg.namespace,
+            &cfg.load,
+            cfg.load.permit_wait.unwrap_or(cfg.hard_timeout),
+            loader_breaker,
+        );
         let l2 = tier.map(|tier| {
             let breaker = CircuitBreaker::with_clock(
                 format!("l2:{}:{}", tier.name(), cfg.namespace),
@@ -132,6 +144,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
             origin,
             health,
             stats: Stats::default(),
+            gate,
             pending: Mutex::new(Pending::default()),
             bypassed: AtomicBool::new(false),
             closed: AtomicBool::new(false),

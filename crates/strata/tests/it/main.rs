@@ -14,6 +14,7 @@ mod fleet;
 mod fleet_hardening;
 mod hardening;
 mod model;
+mod overload;
 mod schema;
 mod single_flight;
 mod strong;

@@ -1,0 +1,26 @@
+//! Ops commands for a running fleet: `strata invalidate` (after manual DML) and
+//! `strata stats` (a quick look at a namespace from a shell).
+
+pub mod invalidate;
+pub mod stats;
+
+use anyhow::{Context, Result};
+use strata_redis::RedisTier;
+
+use crate::secret::SecretUrl;
+
+/// The key prefix the library's Redis tier and backplane use unless told otherwise.
+pub const DEFAULT_PREFIX: &str = "strata";
+
+/// Where a namespace lives in Redis: `{prefix}:{<namespace>}:`, as the tier names it.
+pub async fn namespace_base(redis: &SecretUrl, prefix: &str, namespace: &str) -> Result<String> {
+    // Lazy: the tier only names keys here; the caller's connection does the reading.
+    let tier = RedisTier::builder(redis.expose())
+        .prefix(prefix)
+        .lazy(true)
+        .build()
+        .await
+        .with_context(|| format!("bad Redis URL {redis}"))?;
+    let entry = tier.entry_key(namespace, "");
+    Ok(entry.strip_suffix("e:").unwrap_or(&entry).to_owned())
+}
