@@ -20,7 +20,12 @@ use crate::l1::WeighFn;
 use crate::loader::Loader;
 use crate::schema;
 use crate::scope::Scope;
+use crate::tag_epochs::{DEFAULT_MAX_TAG_EPOCHS, MIN_MAX_TAG_EPOCHS};
 use crate::tier::Tier;
+
+/// Accepted values of [`CacheBuilder::max_tag_epochs`]: a prune is O(n) under the L1
+/// guards' tag lock, so n stays small enough for it to be short.
+const MAX_TAG_EPOCHS_RANGE: std::ops::RangeInclusive<usize> = MIN_MAX_TAG_EPOCHS..=1_000_000;
 
 /// Builds a [`Cache`]. Create it with [`Cache::builder`].
 ///
@@ -50,6 +55,7 @@ pub struct CacheBuilder<K, V> {
     heartbeat_interval: Duration,
     membership_lease: Duration,
     write_lock_ttl: Duration,
+    max_tag_epochs: usize,
     tags: Option<TagFn<K, V>>,
     version: Option<VersionFn<V>>,
     hooks: Vec<InvalidateHook>,
@@ -97,6 +103,7 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
             heartbeat_interval: Duration::from_secs(1),
             membership_lease: Duration::from_secs(5),
             write_lock_ttl: Duration::from_secs(30),
+            max_tag_epochs: DEFAULT_MAX_TAG_EPOCHS,
             tags: None,
             version: None,
             hooks: Vec::new(),
@@ -264,6 +271,16 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
         self
     }
 
+    /// How many tag epochs (one per tag invalidated) the L1 guards keep, from 16 to
+    /// 1,000,000; default 10,000. Past it the older half is pruned and every tagged L1
+    /// entry or load older than the newest one pruned is treated as invalidated: tagged
+    /// entries may load again sooner, none is ever served after its tag's invalidation.
+    /// A pruning costs O(n) once per n/2 new tags. (The L2 tier has its own bound.)
+    pub fn max_tag_epochs(mut self, n: usize) -> Self {
+        self.max_tag_epochs = n;
+        self
+    }
+
     /// The tags of a value, for [`Cache::invalidate_tag`]. Default: no tags.
     pub fn tags(mut self, tags: impl Fn(&K, &V) -> Vec<String> + Send + Sync + 'static) -> Self {
         self.tags = Some(Arc::new(tags));
@@ -377,6 +394,7 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
             heartbeat_interval: self.heartbeat_interval,
             membership_lease: self.membership_lease,
             write_lock_ttl: self.write_lock_ttl,
+            max_tag_epochs: self.max_tag_epochs,
             tombstone_ttl,
             tags: self.tags,
             version: self.version,
@@ -416,6 +434,13 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
                 "max_value_bytes",
                 "is 0, so no value could be stored in L2",
                 "use at least 1 byte (default 1 MiB)",
+            ));
+        }
+        if !MAX_TAG_EPOCHS_RANGE.contains(&self.max_tag_epochs) {
+            return Err(BuildError::new(
+                "max_tag_epochs",
+                format!("is {}", self.max_tag_epochs),
+                "use 16 to 1,000,000 (default 10,000)",
             ));
         }
         for (name, d, zero_ok) in [

@@ -57,6 +57,7 @@ pub(crate) struct Config<K, V> {
     pub(crate) heartbeat_interval: Duration,
     pub(crate) membership_lease: Duration,
     pub(crate) write_lock_ttl: Duration,
+    pub(crate) max_tag_epochs: usize,
     pub(crate) tombstone_ttl: Duration,
     pub(crate) tags: Option<TagFn<K, V>>,
     pub(crate) version: Option<VersionFn<V>>,

@@ -108,7 +108,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
         let health = if fleet.is_some() { Health::default() } else { Health::without_backplane() };
         let (stop_tx, stop) = shutdown::channel();
         let inner = Arc::new(Inner {
-            guards: Guards::new(cfg.tombstone_ttl),
+            guards: Guards::new(cfg.tombstone_ttl, cfg.max_tag_epochs),
             // What publish_fast_floor would store: epoch 0, healthy.
             fast_floor: FastFloor::new(if cfg.is_strong() { u64::MAX } else { Slot::<V>::floor(0) }),
             xfetch_lead: XFetchLead::new((cfg.early_refresh_beta * XFETCH_HORIZON * 1000.0).min(1e12) as u64),

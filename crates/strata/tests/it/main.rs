@@ -17,4 +17,5 @@ mod schema;
 mod single_flight;
 mod strong;
 mod support;
+mod tag_pruning;
 mod write_lock;
