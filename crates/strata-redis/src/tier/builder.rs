@@ -21,6 +21,10 @@ pub const DEFAULT_MAX_ENTRY_BYTES: usize = 16 << 20;
 /// `proto-max-bulk-len`, 512 MiB.
 const ENTRY_BYTES_RANGE: std::ops::RangeInclusive<usize> = 1 << 10..=512 << 20;
 
+/// Bounds of [`RedisTierBuilder::max_tag_epochs`]: a pruning (O(n)) runs inside one
+/// script, during which the server serves nothing else.
+const TAG_EPOCHS_RANGE: std::ops::RangeInclusive<usize> = strata::tier::MIN_MAX_TAG_EPOCHS..=100_000;
+
 /// Names the tier in errors.
 pub(crate) const WHAT: &str = "redis tier";
 
@@ -33,6 +37,7 @@ pub struct RedisTierBuilder {
     pub(crate) clock: Option<Arc<dyn Clock>>,
     pub(crate) reconnect_after_timeouts: u32,
     pub(crate) max_entry_bytes: usize,
+    pub(crate) max_tag_epochs: usize,
 }
 
 impl std::fmt::Debug for RedisTierBuilder {
@@ -42,6 +47,7 @@ impl std::fmt::Debug for RedisTierBuilder {
             .field("op_timeout", &self.op_timeout)
             .field("tombstone_ttl", &self.tombstone_ttl)
             .field("max_entry_bytes", &self.max_entry_bytes)
+            .field("max_tag_epochs", &self.max_tag_epochs)
             .finish_non_exhaustive()
     }
 }
@@ -55,6 +61,7 @@ impl RedisTierBuilder {
             clock: None,
             reconnect_after_timeouts: 4,
             max_entry_bytes: DEFAULT_MAX_ENTRY_BYTES,
+            max_tag_epochs: strata::tier::DEFAULT_MAX_TAG_EPOCHS,
         }
     }
 
@@ -141,6 +148,23 @@ impl RedisTierBuilder {
         self
     }
 
+    /// How many tag epochs (`t:<tag>` fields of a namespace's meta hash) the tier keeps,
+    /// from 16 to 100,000; default 10,000.
+    ///
+    /// Every tag ever invalidated used to stay in the meta hash for good (100,000 tags,
+    /// about 14 MB). Past this bound the tag invalidation that crosses it drops the older
+    /// half and raises the namespace's *tag floor* (`tf`) to the newest epoch dropped:
+    /// from then on a tagged entry or fill stamped below the floor is invalid. Nothing a
+    /// pruned tag invalidated can come back; tagged entries older than the floor load
+    /// again (untagged ones are not affected). The pruning runs inside that one Lua
+    /// script, O(n) once per n/2 new tags, which is why n is capped: Redis runs nothing
+    /// else meanwhile. Every tier sharing a namespace should use the same bound (a
+    /// different one is safe, only the larger holds).
+    pub fn max_tag_epochs(mut self, n: usize) -> Self {
+        self.max_tag_epochs = n;
+        self
+    }
+
     /// Certificates for a `rediss://` URL (a private CA, a client certificate).
     pub fn tls(mut self, tls: TlsConfig) -> Self {
         self.connection.tls = Some(tls);
@@ -171,6 +195,14 @@ impl RedisTierBuilder {
                  transfers, from 1 KiB (1024) to 512 MiB (Redis's proto-max-bulk-len); \
                  the default is 16 MiB",
                 self.max_entry_bytes
+            ));
+        }
+        if !TAG_EPOCHS_RANGE.contains(&self.max_tag_epochs) {
+            return invalid(format!(
+                "redis tier: max_tag_epochs is {}; it bounds the tag epochs a namespace keeps \
+                 in Redis, from 16 to 100,000 (a pruning runs in one script); the default is \
+                 10,000",
+                self.max_tag_epochs
             ));
         }
         Ok(())

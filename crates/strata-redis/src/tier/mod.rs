@@ -9,7 +9,7 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `…:m` | hash, no TTL | `c` invalidation clock, `n` namespace epoch, `l` lease counter, `f` lease floor, `t:<tag>` clock value of the tag's last invalidation |
+//! | `…:m` | hash, no TTL | `c` invalidation clock, `n` namespace epoch, `l` lease counter, `f` lease floor, `tf` tag floor, `t:<tag>` clock value of the tag's last invalidation (at most [`max_tag_epochs`](RedisTierBuilder::max_tag_epochs) tags) |
 //! | `…:e:<key>` | hash, PX = entry ttl | `e` envelope (format byte `2` + postcard of [`Envelope`](strata::tier::Envelope)), `s` stamp, `t` tags (`<byte len>:<tag>` repeated), `f` soft expiry, `h` hard expiry (ns since the epoch, decimal), `v` row version (decimal, or empty) |
 //! | `…:l:<key>` | string, PX = lease ttl | the id of the lease holder |
 //! | `…:x:<key>` | string, PX = tombstone ttl | the clock tick of the key's last invalidation |
@@ -47,7 +47,11 @@
 //!   voided), then stores the entry stamped with the tick.
 //! - **delete**: one clock tick (`HINCRBY`), then per key: delete entry and lease,
 //!   leave a tombstone holding the tick.
-//! - **invalidate_tag**: a clock tick becomes the tag's epoch.
+//! - **invalidate_tag**: a clock tick becomes the tag's epoch. When the namespace then
+//!   holds more than [`max_tag_epochs`](RedisTierBuilder::max_tag_epochs) tag epochs, the
+//!   older half is dropped and the tag floor `tf` rises to the newest epoch dropped;
+//!   lookups and fills treat a *tagged* stamp below the floor as invalidated (so
+//!   pruning never brings back what a dropped tag invalidated).
 //! - **invalidate_namespace**: a clock tick becomes the namespace epoch; leases granted
 //!   so far are voided (lease floor); the tag epochs are dropped, since the namespace
 //!   epoch dominates them. Old entries stay until they expire but are never served.
@@ -173,7 +177,7 @@ impl RedisTierBuilder {
                 tombstone_ttl: self.tombstone_ttl,
                 max_entry_bytes: self.max_entry_bytes,
                 clock,
-                scripts: TierScripts::new(),
+                scripts: TierScripts::new(self.max_tag_epochs),
                 counters: Counters::default(),
             }),
         };

@@ -4,8 +4,9 @@
 //! Conventions shared with the [`tier`](super) module (see its docs for the full
 //! layout): the namespace meta hash holds `c` (invalidation clock), `n` (namespace
 //! epoch), `l` (lease counter), `f` (lease floor: leases with an id at or below it were
-//! voided by a namespace invalidation) and `t:<tag>` (the clock value of the tag's last
-//! invalidation). Entry hash fields: `e` (envelope), `s` (stamp), `t` (tags), `f` (soft
+//! voided by a namespace invalidation), `tf` (tag floor: tagged stamps below it are
+//! invalid; see `prune_tags` in [`lua`](super::lua)) and `t:<tag>` (the clock value of
+//! the tag's last invalidation, for at most `max_tag_epochs` tags). Entry hash fields: `e` (envelope), `s` (stamp), `t` (tags), `f` (soft
 //! expiry, ns), `h` (hard expiry, ns), `v` (the row version in decimal, or empty: what
 //! the fill's version guard compares).
 //!
@@ -306,8 +307,10 @@ end
 return {0, 0, 0}
 "#;
 
-fn with_prelude(body: &str) -> String {
-    format!("local ENVELOPE_FORMAT = {ENVELOPE_FORMAT}\n{PRELUDE}{body}")
+fn with_prelude(body: &str, max_tag_epochs: usize) -> String {
+    format!(
+        "local ENVELOPE_FORMAT = {ENVELOPE_FORMAT}\nlocal MAX_TAG_EPOCHS = {max_tag_epochs}\n{PRELUDE}{body}"
+    )
 }
 
 /// The tier's compiled scripts (hashed once).
@@ -326,7 +329,10 @@ pub(crate) struct TierScripts {
 }
 
 impl TierScripts {
-    pub(crate) fn new() -> Self {
+    /// The scripts of a tier that keeps at most `max_tag_epochs` tag epochs per
+    /// namespace (a constant of the scripts: it never travels with a call).
+    pub(crate) fn new(max_tag_epochs: usize) -> Self {
+        let with_prelude = |body: &str| with_prelude(body, max_tag_epochs);
         TierScripts {
             lookup: redis::Script::new(&with_prelude(LOOKUP_BODY)),
             fill: redis::Script::new(&with_prelude(FILL_BODY)),
