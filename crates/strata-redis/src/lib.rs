@@ -104,6 +104,7 @@
 
 mod backplane;
 mod connection;
+mod integrity;
 mod reply;
 pub mod tier;
 mod tls;
@@ -113,5 +114,6 @@ pub use backplane::pubsub::{RedisPubSubBackplane, RedisPubSubBackplaneBuilder};
 pub use backplane::stream::{RedisStreamBackplane, RedisStreamBackplaneBuilder};
 pub use backplane::{pubsub, stream};
 pub use connection::ConnectionOptions;
+pub use integrity::{IntegrityKey, MIN_INTEGRITY_KEY_BYTES};
 pub use tier::{RedisTier, RedisTierBuilder, RedisTierStats};
 pub use tls::TlsConfig;
