@@ -101,7 +101,8 @@ impl Integrity {
     /// Whether `mac` is the MAC of `parts` under `domain` for one of the keys (compared
     /// in constant time).
     pub(crate) fn verify(&self, domain: &str, parts: &[&[u8]], mac: &[u8]) -> bool {
-        mac.len() == MAC_LEN && self.keys.iter().any(|k| Self::mac_with(k, domain, parts).verify_slice(mac).is_ok())
+        mac.len() == MAC_LEN
+            && self.keys.iter().any(|k| Self::mac_with(k, domain, parts).verify_slice(mac).is_ok())
     }
 
     /// `payload` followed by its MAC (bound to `domain` and `context`).
@@ -122,7 +123,12 @@ impl Integrity {
 }
 
 /// Seals `payload` when integrity is on; the bytes as they are otherwise.
-pub(crate) fn seal_opt(integrity: Option<&Integrity>, domain: &str, context: &[u8], payload: Vec<u8>) -> Vec<u8> {
+pub(crate) fn seal_opt(
+    integrity: Option<&Integrity>,
+    domain: &str,
+    context: &[u8],
+    payload: Vec<u8>,
+) -> Vec<u8> {
     match integrity {
         Some(i) => i.seal(domain, context, &payload),
         None => payload,

@@ -8,6 +8,7 @@ use strata::clock::Clock;
 use strata::error::{Error, ErrorKind, Result};
 
 use crate::connection::ConnectionOptions;
+use crate::integrity::IntegrityKey;
 use crate::tls::TlsConfig;
 
 /// Default response timeout of the tier's connection (see
@@ -38,6 +39,7 @@ pub struct RedisTierBuilder {
     pub(crate) reconnect_after_timeouts: u32,
     pub(crate) max_entry_bytes: usize,
     pub(crate) max_tag_epochs: usize,
+    pub(crate) integrity_keys: Option<Vec<IntegrityKey>>,
 }
 
 impl std::fmt::Debug for RedisTierBuilder {
@@ -48,6 +50,7 @@ impl std::fmt::Debug for RedisTierBuilder {
             .field("tombstone_ttl", &self.tombstone_ttl)
             .field("max_entry_bytes", &self.max_entry_bytes)
             .field("max_tag_epochs", &self.max_tag_epochs)
+            .field("integrity_keys", &self.integrity_keys.as_ref().map(Vec::len))
             .finish_non_exhaustive()
     }
 }
@@ -62,6 +65,7 @@ impl RedisTierBuilder {
             reconnect_after_timeouts: 4,
             max_entry_bytes: DEFAULT_MAX_ENTRY_BYTES,
             max_tag_epochs: strata::tier::DEFAULT_MAX_TAG_EPOCHS,
+            integrity_keys: None,
         }
     }
 
@@ -162,6 +166,22 @@ impl RedisTierBuilder {
     /// different one is safe, only the larger holds).
     pub fn max_tag_epochs(mut self, n: usize) -> Self {
         self.max_tag_epochs = n;
+        self
+    }
+
+    /// Signs every entry this tier writes with an HMAC-SHA256 under the first key, and
+    /// accepts on lookup only entries whose MAC verifies under one of the keys: a
+    /// forged or altered entry (written by someone who can write the prefix but lacks
+    /// the keys) is deleted, counted in
+    /// [`RedisTierStats::integrity_failures`](crate::RedisTierStats::integrity_failures)
+    /// and served as a miss, never as a value. Every key needs at least 16 bytes
+    /// (`build` says which one is short). To rotate, put the new key first and keep the
+    /// old one until entries signed with it have expired. Every tier sharing the prefix
+    /// needs the keys: entries of a tier without them are misses here. What this does
+    /// and does not protect against: see the crate docs, "Sharing a Redis: integrity
+    /// keys".
+    pub fn integrity_keys(mut self, keys: Vec<IntegrityKey>) -> Self {
+        self.integrity_keys = Some(keys);
         self
     }
 

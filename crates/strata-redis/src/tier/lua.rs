@@ -254,7 +254,8 @@ local function valid(s, tg, meta)
 end
 
 -- Reads the entry at `ek`, checking every field a script or the client parses.
--- Returns its fields {e, s, t, f, h, v} (e only `with_e`, else true), its stamp and its
+-- Returns its fields {e, s, t, f, h, v, m} (e and the MAC m only `with_e`, else true
+-- and nothing), its stamp and its
 -- tags; nil when there is no entry; false when it was corrupt and has been deleted (the
 -- caller counts it): not a hash, no or an empty envelope, an envelope over `max` bytes
 -- (never read), a bad format byte, a stamp, tag list, expiry or version that does not
@@ -268,7 +269,7 @@ local function read_entry(ek, meta, max, with_e)
   if len == 0 then return nil end
   local r
   if with_e then
-    r = redis.call('HMGET', ek, 'e', 's', 't', 'f', 'h', 'v')
+    r = redis.call('HMGET', ek, 'e', 's', 't', 'f', 'h', 'v', 'm')
   else
     r = {true, unpack(redis.call('HMGET', ek, 's', 't', 'f', 'h', 'v'))}
   end

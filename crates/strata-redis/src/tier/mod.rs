@@ -109,15 +109,18 @@ use redis::aio::ConnectionManager;
 use strata::Scope;
 use strata::clock::{Clock, SystemClock};
 use strata::error::{Error, ErrorKind, Result};
-use strata::tier::Lookup;
+use strata::tier::{Envelope, Lookup};
 
 pub use crate::connection::DEFAULT_PREFIX;
 use crate::connection::{CallError, ManagedConn};
+use crate::integrity::Integrity;
 use crate::reply::bad_reply;
 use crate::tier::builder::WHAT;
 pub use crate::tier::builder::{DEFAULT_MAX_ENTRY_BYTES, DEFAULT_OP_TIMEOUT, RedisTierBuilder};
 pub use crate::tier::format::ENVELOPE_FORMAT;
-use crate::tier::format::{NsKeys, RawLookup, millis_at_least_one, parse_lookup_reply, parse_script_reply};
+use crate::tier::format::{
+    NsKeys, Opened, RawLookup, Stored, millis_at_least_one, parse_lookup_reply, parse_script_reply,
+};
 use crate::tier::scripts::TierScripts;
 
 mod builder;
@@ -150,6 +153,10 @@ pub struct RedisTierStats {
     pub errors: u64,
     /// Times the connection was replaced after repeated timeouts.
     pub reconnects: u64,
+    /// Entries whose MAC did not verify (with
+    /// [`integrity_keys`](RedisTierBuilder::integrity_keys)): deleted and served as
+    /// misses, never returned; counted in `strata_l2_integrity_failures_total` too.
+    pub integrity_failures: u64,
 }
 
 #[derive(Default)]
@@ -158,6 +165,7 @@ struct Counters {
     undecodable: AtomicU64,
     repaired: AtomicU64,
     oversized: AtomicU64,
+    integrity_failures: AtomicU64,
     timeouts: AtomicU64,
     errors: AtomicU64,
 }
@@ -178,6 +186,7 @@ impl RedisTierBuilder {
                 max_entry_bytes: self.max_entry_bytes,
                 clock,
                 scripts: TierScripts::new(self.max_tag_epochs),
+                integrity: Integrity::from_keys(self.integrity_keys.as_deref(), WHAT)?,
                 counters: Counters::default(),
             }),
         };
@@ -196,6 +205,8 @@ struct Inner {
     max_entry_bytes: usize,
     clock: Arc<dyn Clock>,
     scripts: TierScripts,
+    /// Entry MACs, when integrity keys are set.
+    integrity: Option<Integrity>,
     counters: Counters,
 }
 
@@ -245,6 +256,7 @@ impl RedisTier {
             timeouts: c.timeouts.load(Ordering::Relaxed) + self.inner.conn.abandoned(),
             errors: c.errors.load(Ordering::Relaxed),
             reconnects: self.inner.conn.reconnects(),
+            integrity_failures: c.integrity_failures.load(Ordering::Relaxed),
         }
     }
 
@@ -436,24 +448,21 @@ impl RedisTier {
                         if corrupt {
                             self.count_undecodable(namespace, 1);
                         }
-                        let stale = match stale.map(|s| (s.decode(), s)) {
+                        let stale = match stale.map(|s| (self.open(&ns, namespace, &keys[i], &s), s)) {
                             None => None,
                             Some((Some(env), _)) => Some(env),
                             Some((None, s)) => {
                                 // The lease (if any) is already ours: drop the entry
                                 // without asking for another one.
-                                self.count_undecodable(namespace, 1);
                                 self.discard_entry(&ns, &keys[i], s.bytes).await;
                                 None
                             }
                         };
                         results[i] = Some(Lookup::Miss { token, stale });
                     }
-                    RawLookup::Hit(s) => match s.decode() {
+                    RawLookup::Hit(s) => match self.open(&ns, namespace, &keys[i], &s) {
                         Some(env) => results[i] = Some(Lookup::Hit(env)),
                         None if pass == 0 => {
-                            self.count_undecodable(namespace, 1);
-                            tracing::warn!(namespace, key = %keys[i], "undecodable l2 entry: deleting it");
                             discard[i] = s.bytes;
                             next.push(i);
                         }
@@ -471,6 +480,25 @@ impl RedisTier {
             .into_iter()
             .map(|r| r.ok_or_else(|| bad_reply(ErrorKind::Tier, "redis tier lookup")))
             .collect()
+    }
+
+    /// Verifies and decodes an entry the lookup script returned; `None` (counted and
+    /// logged: undecodable, or forged when integrity keys are set) for a miss.
+    fn open(&self, ns: &NsKeys, namespace: &str, key: &str, s: &Stored) -> Option<Envelope> {
+        match s.open(self.inner.integrity.as_ref(), &ns.entry(key)) {
+            Opened::Valid(env) => return Some(env),
+            Opened::Undecodable => {
+                self.count_undecodable(namespace, 1);
+                tracing::warn!(namespace, key, "undecodable l2 entry: deleting it");
+            }
+            Opened::Forged => {
+                self.inner.counters.integrity_failures.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("strata_l2_integrity_failures_total", "namespace" => namespace.to_owned())
+                    .increment(1);
+                tracing::warn!(namespace, key, "l2 entry without a valid MAC: deleting it");
+            }
+        }
+        None
     }
 
     /// The keys and arguments of the lock and unlock scripts (see `scripts.rs`).

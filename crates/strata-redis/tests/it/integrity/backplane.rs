@@ -1,0 +1,1 @@
+//! Forged backplane messages (filled in below).
