@@ -10,7 +10,7 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `…:m` | hash, no TTL | `c` invalidation clock, `n` namespace epoch, `l` lease counter, `f` lease floor, `tf` tag floor, `t:<tag>` clock value of the tag's last invalidation (at most [`max_tag_epochs`](RedisTierBuilder::max_tag_epochs) tags) |
-//! | `…:e:<key>` | hash, PX = entry ttl | `e` envelope (format byte `2` + postcard of [`Envelope`](strata::tier::Envelope)), `s` stamp, `t` tags (`<byte len>:<tag>` repeated), `f` soft expiry, `h` hard expiry (ns since the epoch, decimal), `v` row version (decimal, or empty) |
+//! | `…:e:<key>` | hash, PX = entry ttl | `e` envelope (format byte `2` + postcard of [`Envelope`]), `s` stamp, `t` tags (`<byte len>:<tag>` repeated), `f` soft expiry, `h` hard expiry (ns since the epoch, decimal), `v` row version (decimal, or empty), `m` the entry's MAC (only with [`integrity_keys`](RedisTierBuilder::integrity_keys)) |
 //! | `…:l:<key>` | string, PX = lease ttl | the id of the lease holder |
 //! | `…:x:<key>` | string, PX = tombstone ttl | the clock tick of the key's last invalidation |
 //! | `…:w:<key>` | sorted set, PX = lock ttl | write locks on the key: lock id → expiry (server ms) |

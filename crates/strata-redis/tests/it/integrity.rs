@@ -164,3 +164,46 @@ async fn short_or_missing_integrity_keys_fail_at_build_time() {
     assert!(!format!("{b:?}").contains("key material"), "no key bytes in Debug");
     assert_eq!(format!("{:?}", IntegrityKey::new(K1.to_vec())), "IntegrityKey(***)");
 }
+
+/// The cost of integrity keys on an L2 hit: alternating rounds of lookups of fresh,
+/// valid entries (1 KiB values) on tiers with and without keys, same server. Run with
+/// `cargo test --release -p strata-redis --test it -- --ignored integrity_cost --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement"]
+async fn integrity_cost_on_l2_hits() {
+    const KEYS: usize = 200;
+    const ROUNDS: usize = 10;
+    let server = RedisServer::start();
+    let value = "x".repeat(1024);
+    let plain = RedisTier::builder(server.url()).prefix("plain").build().await.unwrap();
+    let signed =
+        RedisTier::builder(server.url()).prefix("signed").integrity_keys(keys(&[K1])).build().await.unwrap();
+    for t in [&plain, &signed] {
+        for k in 0..KEYS {
+            let key = k.to_string();
+            let tok = token(&t.lookup("ns", &key, None).await.unwrap());
+            t.fill("ns", &key, fresh(&value, &["tag"]), TTL, &tok).await.unwrap();
+        }
+    }
+    let mut per_hit = [Vec::new(), Vec::new()];
+    for _ in 0..ROUNDS {
+        for (i, t) in [&plain, &signed].into_iter().enumerate() {
+            let started = std::time::Instant::now();
+            for k in 0..KEYS {
+                assert!(hit_value(&t.lookup("ns", &k.to_string(), None).await.unwrap()).is_some());
+            }
+            per_hit[i].push(started.elapsed().as_nanos() as f64 / KEYS as f64 / 1000.0);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (p, s) = (median(&mut per_hit[0]), median(&mut per_hit[1]));
+    eprintln!(
+        "[integrity cost] L2 hit (lookup round trip, 1 KiB value, one tag), median of {ROUNDS} rounds of \
+         {KEYS}: without keys {p:.1} us, with keys {s:.1} us, ratio {:.3}",
+        s / p
+    );
+    assert_eq!(signed.stats().integrity_failures, 0);
+}
