@@ -6,6 +6,11 @@
 //!   Stream that replays what a subscriber missed (its Lua scripts in `stream_scripts`).
 //! - [`pubsub`]: [`RedisPubSubBackplane`](pubsub::RedisPubSubBackplane), Redis Pub/Sub,
 //!   at most once.
+//!
+//! With integrity keys (`integrity_keys` on either builder), the bytes published (the
+//! stream entry's `m` field, the Pub/Sub payload) are the encoded message followed by a
+//! 32-byte HMAC-SHA256 over the channel or stream name and the message; what does not
+//! verify is reported as `Malformed` (see the crate docs, "Sharing a Redis").
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
