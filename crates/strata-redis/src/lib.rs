@@ -132,9 +132,14 @@
 //! # Requirements on the server
 //!
 //! Redis ≥ 6.2 or Valkey (exclusive stream ranges, `XADD … MAXLEN ~`). The tier's
-//! clocks and epochs have no TTL and must never be evicted: use a `volatile-*`
-//! `maxmemory-policy` or `noeviction` (the tier warns at build time when it sees
-//! `allkeys-*`). The ACL user needs `+@read +@write +@scripting +@stream +@pubsub`
+//! tombstones, clocks and epochs must not be evicted: run the tier on a server (or
+//! database) with `maxmemory-policy noeviction` and memory to spare, or without
+//! `maxmemory`. Under `volatile-*` a tombstone may be evicted (a fill that began before
+//! an invalidation may then store the old value until its TTL); under `allkeys-*`
+//! also the namespace meta hash (the namespace goes cold) and, on the same server, the
+//! backplane stream (gaps, repaired by flushing L1). The tier reads `INFO memory` at
+//! build time and warns ([`EvictionCheck::Warn`], the default) or refuses
+//! ([`EvictionCheck::Refuse`]). The ACL user needs `+@read +@write +@scripting +@stream +@pubsub`
 //! (and `+client|setname` for the stream subscriber) on the keys and channels under
 //! the prefix.
 //!
@@ -167,5 +172,5 @@ pub use backplane::stream::{RedisStreamBackplane, RedisStreamBackplaneBuilder};
 pub use backplane::{pubsub, stream};
 pub use connection::ConnectionOptions;
 pub use integrity::{IntegrityKey, MIN_INTEGRITY_KEY_BYTES};
-pub use tier::{RedisTier, RedisTierBuilder, RedisTierStats};
+pub use tier::{EvictionCheck, RedisTier, RedisTierBuilder, RedisTierStats};
 pub use tls::TlsConfig;

@@ -112,13 +112,14 @@
 //!   listener → `invalidate` → backplane, a few milliseconds on one host (the
 //!   `dead_writer` integration tests measure it) while the listener is connected;
 //!   while it is not, until it has reconnected and caught up.
-//! * **Not closed by the lock** (in strata's core): at the Invalidated level, L1 keeps
-//!   a loaded value that L2 did not take when the L2 lookup or fill failed, or when
-//!   the value was kept out of L2 (larger than `max_value_bytes`). Such a load on an
-//!   instance that already heard the lock, reading the old row before `COMMIT`, leaves
-//!   it in that instance's L1 if the writer dies after `COMMIT` (a live writer's release
-//!   drops it); change capture then bounds it as above. (The Strong level fills L1
-//!   only with what L2 accepted and has no such gap.)
+//! * **Loads that L2 does not keep** (a value above `max_value_bytes`, a failed L2
+//!   fill or lookup) stay out of L1 as well while the lock may hold: the poisoned fill
+//!   token says so, and without a token (L2 unreachable) an invalidation of the key, a
+//!   tag or the namespace heard less than `write_lock_ttl` before the load stands in for
+//!   it (the `dead_writer_and_a_value_kept_out_of_l2` test). Left open: an instance that
+//!   cannot reach L2 *and* did not hear the lock's message (it was resubscribing, or
+//!   started during the lock) may keep the old row it loaded until the TTL if the
+//!   writer dies; change capture bounds that as above.
 //!
 //! ### When a post-commit invalidation fails
 //!

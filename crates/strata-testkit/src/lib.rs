@@ -60,6 +60,7 @@
 //! redis.restart(); // same port, empty data set
 //! ```
 
+mod call_log;
 pub mod checker;
 pub mod history;
 mod postgres;
@@ -68,6 +69,7 @@ mod proxy;
 mod redis;
 mod sys;
 
+pub use call_log::CallLog;
 pub use checker::{CacheSnapshot, CheckConfig, Quiescence, Report, check};
 pub use history::{Event, History, Op, Recorder, Tier, monotonic_ns};
 pub use postgres::{PG_BIN_ENV, PG_NO_TEMPLATE_ENV, PostgresServer, PostgresServerBuilder};

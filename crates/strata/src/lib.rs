@@ -80,7 +80,10 @@
 //!   a lock in L2 (which poisons every fill token handed out while it holds, so nothing
 //!   read before the commit can be stored there, even after the lock expired) and, at
 //!   the Strong level, waits for the fleet's acknowledgements; [`WriteLock::release`]
-//!   invalidates L2 again after the commit. With L1 filled only from L2 at the Strong
+//!   invalidates L2 again after the commit. A value loaded with a poisoned token, or
+//!   (L2 failing) soon after an invalidation of its key, a tag or the namespace was
+//!   heard, is kept out of L1 too unless L2 took it: a writer dying after its commit
+//!   leaves no instance serving the row read under its lock. With L1 filled only from L2 at the Strong
 //!   level, no read can return the old row once any read returned the new one: reads
 //!   and writes are linearizable per key (checked by `strata check --level strong`).
 //! * **Strong acknowledgements.** At [`Consistency::Strong`], `invalidate` waits until
@@ -166,6 +169,7 @@ pub use cache::Cache;
 pub use cache::builder::CacheBuilder;
 pub use cache::erased::CacheHealth;
 pub use cache::handle::CacheHandle;
+pub use cache::warm_up::WarmUp;
 pub use cache::write_lock::WriteLock;
 pub use clock::{Clock, SystemClock, Timestamp};
 pub use codec::{Codec, PostcardCodec};

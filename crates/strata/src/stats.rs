@@ -211,6 +211,12 @@ stats! {
     write_locks_failed: Counter,
     /// Write locks not released (L2 unreachable after the commit): they expire by themselves.
     write_locks_expired: Counter,
-    /// Loaded values kept out of L1 at the Strong level because L2 did not accept them.
+    /// Loaded values kept out of L1 because L2 did not accept them and they may predate
+    /// a write under way: at the Strong level always; else under a write lock (a
+    /// poisoned fill token) or, with L2 unreachable, soon after a heard invalidation.
     l1_fills_skipped: Counter,
+    /// Keys preloaded from L2 into L1 by warm-up.
+    warm_up_keys: Counter,
+    /// Warm-ups that ran out of their time budget.
+    warm_up_timeouts: Counter,
 }

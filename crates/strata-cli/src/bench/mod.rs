@@ -11,6 +11,7 @@
 
 pub mod db;
 pub mod freshness;
+pub mod join;
 pub mod plot;
 pub mod report;
 pub mod runner;
@@ -93,6 +94,13 @@ Metrics (per strategy):
                             distinct key + writes followed by a later read of the same key
   dropped                   requests not started because --max-in-flight were running
 
+--join-at SECS replaces instance 0 by a new one (empty local cache; strata: a new Cache,
+ready once subscribed, and warmed up with --warm-up) SECS into the run. The footer then
+gives, per strategy: the new instance's time to ready, the mean DB reads/s over the 3 s
+before it served, the peak DB reads/s in the 3 s after, and the DB reads in those 3 s
+beyond the rate before. The JSON has the per-second DB reads of every strategy
+(db_reads_per_second) and a join object.
+
 CI smoke run:
   strata bench --duration 2 --instances 3 --rate 300 --keys 200 --json out.json";
 
@@ -143,6 +151,15 @@ pub struct BenchArgs {
     /// Writes an SVG chart comparing the strategies to FILE.
     #[arg(long, value_name = "FILE")]
     pub plot: Option<PathBuf>,
+    /// Replaces instance 0 by a new one (empty local cache) SECS into the run, as a
+    /// restart or scale-out does; the table's footer gives what it cost the database
+    /// (DB reads/s before, the peak after, the extra reads in 3 s) per strategy.
+    #[arg(long, value_name = "SECS")]
+    pub join_at: Option<f64>,
+    /// strata only: rank hot keys and preload them when an instance joins
+    /// (`CacheBuilder::warm_up`), so that `--join-at` shows a warm join.
+    #[arg(long)]
+    pub warm_up: bool,
 }
 
 /// Runs `strata bench`.
@@ -150,6 +167,11 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     if !(args.duration > 0.0 && args.duration.is_finite()) {
         bail!("--duration must be a positive number of seconds, got {}", args.duration);
     }
+    let join_at = match args.join_at {
+        Some(s) if s >= 0.0 && s < args.duration => Some(Duration::from_secs_f64(s)),
+        Some(s) => bail!("--join-at must be between 0 and --duration ({}), got {s}", args.duration),
+        None => None,
+    };
     let write_ratio = args.write_ratio.unwrap_or_else(|| args.scenario.default_write_ratio());
     let params = ScheduleParams {
         scenario: args.scenario,
@@ -174,11 +196,13 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         redis: args.redis.clone(),
         run_id,
         seed: args.seed,
+        warm_up: args.warm_up,
     };
     let run_config = RunConfig {
         max_in_flight: args.max_in_flight,
         drain_timeout: Duration::from_secs(60),
         values: args.scenario.values(),
+        join_at,
     };
     let mut report = BenchReport::new(&params, &schedule, db.description(), args.redis.as_ref());
     eprintln!("{}", report.headline());
@@ -228,7 +252,7 @@ async fn run_strategies(
         fleet.db.reset().await?;
         let strategy = strategy::build(kind, fleet).await.with_context(|| format!("cannot start {kind}"))?;
         let progress = progress_bar(kind, schedule.requests.len() as u64);
-        let outcome = runner::run(strategy.clone(), schedule, run_config, &progress).await;
+        let outcome = runner::run(strategy.clone(), schedule, run_config, &progress, &fleet.db).await;
         progress.finish_and_clear();
         let db_counts = fleet.db.counts();
         let tiers = strategy.tier_counts();

@@ -8,6 +8,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use super::db::DbCounts;
+use super::join::JoinReport;
 use super::runner::Outcome;
 use super::schedule::{Schedule, ScheduleParams};
 use super::strategy::{Strategy, TierCounts};
@@ -136,6 +137,11 @@ pub struct StrategyReport {
     /// Strategy-specific counters (strata: `CacheStats` summed over the fleet).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub details: Option<serde_json::Value>,
+    /// DB reads in each second of the run.
+    pub db_reads_per_second: Vec<u64>,
+    /// `--join-at`: what the instance joining mid-run cost the database.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub join: Option<JoinReport>,
 }
 
 fn us(h: &Histogram<u64>, q: f64) -> f64 {
@@ -308,6 +314,11 @@ impl BenchReport {
                 latency(p99)
             );
         }
+        for s in &self.strategies {
+            if let Some(join) = &s.join {
+                let _ = writeln!(out, "{}", join.line(&s.name));
+            }
+        }
         out
     }
 }
@@ -382,6 +393,8 @@ impl StrategyReport {
             max_dispatch_lag_us: outcome.max_dispatch_lag.as_secs_f64() * 1e6,
             elapsed_s: outcome.elapsed.as_secs_f64(),
             details: strategy.details(),
+            db_reads_per_second: outcome.db_reads_per_second.clone(),
+            join: outcome.rejoin.as_ref().map(|r| JoinReport::new(r, &outcome.db_reads_per_second)),
         }
     }
 

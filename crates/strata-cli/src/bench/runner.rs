@@ -17,6 +17,7 @@ use indicatif::ProgressBar;
 use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::db::Db;
 use super::freshness::Ledger;
 use super::schedule::{Op, Request, Schedule};
 use super::strategy::Strategy;
@@ -38,6 +39,17 @@ pub struct RunConfig {
     pub drain_timeout: Duration,
     /// The value each write sets, by the schedule's value index.
     pub values: [&'static str; 4],
+    /// `--join-at`: when instance 0 is replaced by a new one, from the first request.
+    pub join_at: Option<Duration>,
+}
+
+/// What `--join-at` did.
+#[derive(Debug, Clone, Copy)]
+pub struct Rejoin {
+    /// When the new instance was started, from the first scheduled request.
+    pub at: Duration,
+    /// How long it took to be ready (and to take over from the old one).
+    pub ready_after: Duration,
 }
 
 /// Staleness seen by one class of reads.
@@ -89,6 +101,10 @@ pub struct Outcome {
     pub max_dispatch_lag: Duration,
     /// From the first scheduled start to the last completion.
     pub elapsed: Duration,
+    /// Database reads in each second of the run (the last one may be partial).
+    pub db_reads_per_second: Vec<u64>,
+    /// The instance replacement, when `--join-at` asked for one and it happened.
+    pub rejoin: Option<Rejoin>,
 }
 
 impl Outcome {
@@ -210,9 +226,10 @@ pub async fn run(
     schedule: &Schedule,
     config: &RunConfig,
     progress: &ProgressBar,
+    db: &Arc<Db>,
 ) -> Result<Outcome> {
     let shared = Arc::new(Shared {
-        strategy,
+        strategy: strategy.clone(),
         ledger: Ledger::new(schedule.keys),
         values: config.values,
         read_latency: Mutex::new(histogram()?),
@@ -231,6 +248,17 @@ pub async fn run(
     let handle = tokio::runtime::Handle::current();
     let requests: Arc<[Request]> = schedule.requests.clone().into();
     let t0 = Instant::now() + LEAD_IN;
+    // The database's read counter at t0 and at every whole second after it.
+    let samples = Arc::new(Mutex::new(vec![db.counts().reads]));
+    let timeline = tokio::spawn(sample_db_reads(db.clone(), t0, samples.clone()));
+    let rejoin = config.join_at.map(|at| {
+        let strategy = strategy.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until((t0 + at).into()).await;
+            let started = Instant::now();
+            strategy.rejoin(0).await.map(|()| Rejoin { at, ready_after: started.elapsed() })
+        })
+    });
 
     let dispatcher = {
         let shared = shared.clone();
@@ -282,6 +310,15 @@ pub async fn run(
         ),
     }
 
+    let rejoin = match rejoin {
+        Some(task) => Some(task.await.context("the rejoin task panicked")?.context("rejoining instance 0")?),
+        None => None,
+    };
+    timeline.abort();
+    let mut cumulative = samples.lock().clone();
+    // The partial last second, up to now.
+    cumulative.push(db.counts().reads);
+    let db_reads_per_second = cumulative.windows(2).map(|w| w[1].saturating_sub(w[0])).collect();
     let elapsed = shared.last_done.lock().map_or(Duration::ZERO, |l| l.saturating_duration_since(t0));
     let outcome = Outcome {
         read_latency: shared.read_latency.lock().clone(),
@@ -296,8 +333,19 @@ pub async fn run(
         first_error: shared.first_error.lock().clone(),
         max_dispatch_lag,
         elapsed,
+        db_reads_per_second,
+        rejoin,
     };
     Ok(outcome)
+}
+
+/// Appends the database's read counter to `samples` at every whole second after `t0`,
+/// until aborted.
+async fn sample_db_reads(db: Arc<Db>, t0: Instant, samples: Arc<Mutex<Vec<u64>>>) {
+    for second in 1u32.. {
+        tokio::time::sleep_until((t0 + Duration::from_secs(u64::from(second))).into()).await;
+        samples.lock().push(db.counts().reads);
+    }
 }
 
 /// Sleeps until shortly before `due`, then yields until it.

@@ -40,6 +40,7 @@ pub struct RedisTierBuilder {
     pub(crate) max_entry_bytes: usize,
     pub(crate) max_tag_epochs: usize,
     pub(crate) integrity_keys: Option<Vec<IntegrityKey>>,
+    pub(crate) eviction_check: super::eviction::EvictionCheck,
 }
 
 impl std::fmt::Debug for RedisTierBuilder {
@@ -66,6 +67,7 @@ impl RedisTierBuilder {
             max_entry_bytes: DEFAULT_MAX_ENTRY_BYTES,
             max_tag_epochs: strata::tier::DEFAULT_MAX_TAG_EPOCHS,
             integrity_keys: None,
+            eviction_check: super::eviction::EvictionCheck::default(),
         }
     }
 

@@ -80,6 +80,10 @@ impl NsKeys {
     pub(crate) fn wide_locks(&self) -> String {
         format!("{}w", self.base)
     }
+    /// The hot-key ranking (warm-up).
+    pub(crate) fn hot(&self) -> String {
+        format!("{}hot", self.base)
+    }
 }
 
 /// Encodes tags for the `t` field: `<byte len>:<tag>` per tag.

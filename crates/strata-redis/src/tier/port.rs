@@ -169,4 +169,12 @@ impl Tier for RedisTier {
             .arg(self.inner.max_entry_bytes);
         Ok(self.run_script("redis tier touch", namespace, inv).await? == 1)
     }
+
+    async fn record_hot_keys(&self, namespace: &str, counts: &[(String, u64)], keep: usize) -> Result<()> {
+        self.record_hot(namespace, counts, keep).await
+    }
+
+    async fn hot_keys(&self, namespace: &str, n: usize) -> Result<Vec<String>> {
+        self.top_hot(namespace, n).await
+    }
 }

@@ -34,6 +34,45 @@ async fn tier_conformance_redis() {
     assert_eq!(tier.entry_key("a:e:b", "m"), "conf:{a%3Ae%3Ab}:e:m");
 }
 
+/// A server that evicts under memory pressure is named at build time, with what it
+/// puts at risk; `Refuse` makes that an error, and a server that does not evict passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tier_build_checks_the_eviction_policy() {
+    use strata_redis::EvictionCheck;
+    let build = |url: String, check| async move {
+        RedisTier::builder(url).prefix("ev").eviction_check(check).build().await
+    };
+    for (policy, risk) in [("allkeys-lru", "meta hash"), ("volatile-lru", "tombstones")] {
+        let server = RedisServer::builder().arg("maxmemory", "3mb").arg("maxmemory-policy", policy).start();
+        let err = build(server.url(), EvictionCheck::Refuse).await.expect_err(policy);
+        let msg = err.to_string();
+        assert!(msg.contains(policy) && msg.contains(risk) && msg.contains("noeviction"), "{msg}");
+        assert_eq!(err.kind(), ErrorKind::InvalidInput);
+        build(server.url(), EvictionCheck::Warn).await.expect("warns, builds");
+        build(server.url(), EvictionCheck::Skip).await.expect("does not look");
+    }
+    let server = RedisServer::builder().arg("maxmemory", "3mb").arg("maxmemory-policy", "noeviction").start();
+    build(server.url(), EvictionCheck::Refuse).await.expect("noeviction keeps every promise");
+    let server = RedisServer::start();
+    build(server.url(), EvictionCheck::Refuse).await.expect("no maxmemory: nothing evicted");
+}
+
+/// The warm-up ranking is a hint: a key of another type at its name reads as empty
+/// and is replaced by the next report; it expires when nobody reports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tier_hot_key_ranking_survives_garbage_and_expires() {
+    let server = RedisServer::start();
+    let tier = redis_tier(&server, "hot").await;
+    let mut conn = raw_conn(&server).await;
+    let name = "hot:{ns}:hot";
+    let _: () = redis::cmd("SET").arg(name).arg("garbage").query_async(&mut conn).await.unwrap();
+    assert!(tier.hot_keys("ns", 10).await.expect("garbage reads as empty").is_empty());
+    tier.record_hot_keys("ns", &[("k1".to_owned(), 3)], 10).await.expect("garbage replaced");
+    assert_eq!(tier.hot_keys("ns", 10).await.unwrap(), ["k1"]);
+    let ttl: i64 = redis::cmd("PTTL").arg(name).query_async(&mut conn).await.unwrap();
+    assert!(ttl > 0, "the ranking expires: {ttl}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tier_lookup_many_in_one_round_trip() {
     let server = RedisServer::start();

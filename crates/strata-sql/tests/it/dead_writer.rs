@@ -192,16 +192,13 @@ async fn dead_writer_without_write_locks_or_capture_stays_stale() {
     assert!(out.stale_reads > 0, "{out:?}");
 }
 
-/// A gap the write lock does not close, in strata's core (reported, not fixed here):
-/// at the Invalidated level a load whose value L1 keeps without L2's consent (here a
-/// value above `max_value_bytes`, kept out of L2; likewise when the L2 lookup or fill
-/// fails) fills L1 even while a write lock covers its key. A load that reads the old
-/// row between the lock and `COMMIT` then stays in that instance's L1 when the writer
-/// dies after `COMMIT`: a live writer's release publishes again and drops it, a dead
-/// one leaves it until the TTL. Ignored until strata's `store_loaded` refuses such
-/// fills while a lock covers the key.
+/// At the Invalidated level, a load whose value L2 does not keep (here a value above
+/// `max_value_bytes`; likewise when the L2 fill fails) must not fill L1 either while a
+/// write lock covers its key: a load that reads the old row between the lock and
+/// `COMMIT` would otherwise stay in that instance's L1 when the writer dies after
+/// `COMMIT` (a live writer's release publishes again and drops it, a dead one leaves
+/// it until the TTL). The poisoned fill token tells the cache to keep it out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known gap in strata's core: L1 fills without L2's consent while a write lock holds"]
 async fn dead_writer_and_a_value_kept_out_of_l2() {
     let db = postgres().await;
     let tier = InProcessTier::new();

@@ -30,6 +30,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
         let mut out: Vec<Option<V>> = Vec::with_capacity(keys.len());
         let mut missing: Vec<usize> = Vec::new();
         for (i, key) in keys.iter().enumerate() {
+            self.note_read(key);
             match self.probe(key, now) {
                 Probe::Fresh(value, _) => {
                     self.stats.l1_hits.incr();
@@ -81,6 +82,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
         let mut waits = Vec::new();
         let mut led = Vec::new();
         for (i, key) in keys.iter().enumerate() {
+            self.note_read(key);
             out.push(None);
             let stale = match self.probe(key, now) {
                 Probe::Fresh(value, refresh) => {

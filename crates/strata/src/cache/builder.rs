@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::Cache;
-use super::config::{Config, InvalidateHook, TagFn, VersionFn, check_duration};
+use super::config::{Config, InvalidateHook, TagFn, VersionFn, check_duration, check_max_tag_epochs};
 use super::state::Inner;
 use super::tasks;
+use super::warm_up::WarmUp;
 use crate::backplane::Backplane;
 use crate::breaker::BreakerConfig;
 use crate::clock::{Clock, ClockSource};
@@ -20,12 +21,8 @@ use crate::l1::WeighFn;
 use crate::loader::Loader;
 use crate::schema;
 use crate::scope::Scope;
-use crate::tag_epochs::{DEFAULT_MAX_TAG_EPOCHS, MIN_MAX_TAG_EPOCHS};
+use crate::tag_epochs::DEFAULT_MAX_TAG_EPOCHS;
 use crate::tier::Tier;
-
-/// Accepted values of [`CacheBuilder::max_tag_epochs`]: a prune is O(n) under the L1
-/// guards' tag lock, so n stays small enough for it to be short.
-const MAX_TAG_EPOCHS_RANGE: std::ops::RangeInclusive<usize> = MIN_MAX_TAG_EPOCHS..=1_000_000;
 
 /// Builds a [`Cache`]. Create it with [`Cache::builder`].
 ///
@@ -67,6 +64,7 @@ pub struct CacheBuilder<K, V> {
     backplane: Option<Arc<dyn Backplane>>,
     clock: ClockSource,
     seed: Option<u64>,
+    warm_up: Option<WarmUp>,
     _types: PhantomData<fn() -> (K, V)>,
 }
 
@@ -115,6 +113,7 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
             backplane: None,
             clock: ClockSource::system(),
             seed: None,
+            warm_up: None,
             _types: PhantomData,
         }
     }
@@ -359,6 +358,14 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
         self
     }
 
+    /// Preloads the fleet's hot keys from L2 into L1 before [`Cache::ready`] resolves,
+    /// and reports this instance's own to the tier's shared ranking (see [`WarmUp`]).
+    /// Off by default; needs an L2 tier.
+    pub fn warm_up(mut self, warm_up: WarmUp) -> Self {
+        self.warm_up = Some(warm_up);
+        self
+    }
+
     /// Checks the configuration and builds the cache. With a backplane, it must be
     /// called inside a tokio runtime (background tasks are spawned).
     pub fn build(self) -> Result<Cache<K, V>, BuildError> {
@@ -404,15 +411,22 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
             schema,
             breaker: self.breaker,
             seed: self.seed,
+            warm_up: self.warm_up,
         };
         let (inner, lifetime) = Inner::new(config, self.clock, self.tier, self.backplane);
         if tokio::runtime::Handle::try_current().is_ok() {
             tasks::spawn(&inner);
+        } else {
+            // No task can preload anything: do not keep `ready` waiting for it.
+            inner.warming_up.store(false, std::sync::atomic::Ordering::SeqCst);
         }
         Ok(Cache::new(inner, lifetime))
     }
 
     fn check(&self, consistency: Consistency) -> Result<(), BuildError> {
+        if let Some(w) = &self.warm_up {
+            w.check(self.tier.is_some())?;
+        }
         let ns = &self.namespace;
         if ns.is_empty()
             || ns.len() > 64
@@ -436,13 +450,7 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
                 "use at least 1 byte (default 1 MiB)",
             ));
         }
-        if !MAX_TAG_EPOCHS_RANGE.contains(&self.max_tag_epochs) {
-            return Err(BuildError::new(
-                "max_tag_epochs",
-                format!("is {}", self.max_tag_epochs),
-                "use 16 to 1,000,000 (default 10,000)",
-            ));
-        }
+        check_max_tag_epochs(self.max_tag_epochs)?;
         for (name, d, zero_ok) in [
             ("ttl", Some(self.ttl), false),
             ("l1_ttl", self.l1_ttl, false),

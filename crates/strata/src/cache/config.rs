@@ -12,6 +12,7 @@ use crate::error::BuildError;
 use crate::l1::WeighFn;
 use crate::loader::Loader;
 use crate::scope::Scope;
+use crate::tag_epochs::MIN_MAX_TAG_EPOCHS;
 
 /// A value-to-tags function.
 pub(crate) type TagFn<K, V> = Arc<dyn Fn(&K, &V) -> Vec<String> + Send + Sync>;
@@ -32,6 +33,15 @@ pub(crate) fn check_duration(setting: &'static str, d: Duration, zero_ok: bool) 
         "use a positive duration of at most 365 days"
     };
     Err(BuildError::new(setting, format!("is {d:?}"), fix))
+}
+
+/// Checks [`max_tag_epochs`](super::builder::CacheBuilder::max_tag_epochs): a prune
+/// is O(n) under the L1 guards' tag lock, so n stays small enough for it to be short.
+pub(crate) fn check_max_tag_epochs(n: usize) -> Result<(), BuildError> {
+    if (MIN_MAX_TAG_EPOCHS..=1_000_000).contains(&n) {
+        return Ok(());
+    }
+    Err(BuildError::new("max_tag_epochs", format!("is {n}"), "use 16 to 1,000,000 (default 10,000)"))
 }
 
 /// Every setting, checked.
@@ -68,6 +78,7 @@ pub(crate) struct Config<K, V> {
     pub(crate) schema: u64,
     pub(crate) breaker: BreakerConfig,
     pub(crate) seed: Option<u64>,
+    pub(crate) warm_up: Option<super::warm_up::WarmUp>,
 }
 
 impl<K, V> Config<K, V> {
@@ -107,6 +118,7 @@ impl<K, V> std::fmt::Debug for Config<K, V> {
             .field("loader", &self.loader.is_some())
             .field("schema", &format_args!("{:016x}", self.schema))
             .field("hooks", &self.hooks.len())
+            .field("warm_up", &self.warm_up)
             .finish_non_exhaustive()
     }
 }

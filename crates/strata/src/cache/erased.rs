@@ -51,13 +51,19 @@ pub struct CacheHealth {
     pub l2_breaker: Option<BreakerState>,
     /// Invalidations waiting to be retried against L2 or the backplane.
     pub pending_invalidations: usize,
+    /// Warm-up is still preloading the fleet's hot keys (never true without warm-up).
+    pub warming_up: bool,
 }
 
 impl CacheHealth {
     /// Whether the cache can serve as it promises: not closed, not bypassed, the
-    /// backplane healthy and (Strong) the lease held.
+    /// backplane healthy, (Strong) the lease held, and warm-up done.
     pub fn is_ready(&self) -> bool {
-        !self.closed && !self.bypassed && self.backplane_healthy && self.membership_lease_held
+        !self.closed
+            && !self.bypassed
+            && self.backplane_healthy
+            && self.membership_lease_held
+            && !self.warming_up
     }
 }
 
@@ -106,6 +112,7 @@ impl<K: CacheKey, V: CacheValue> ErasedCache for Inner<K, V> {
             closed: self.is_closed(),
             l2_breaker: self.l2.as_ref().map(|l2| l2.breaker().state()),
             pending_invalidations: self.pending.lock().len(),
+            warming_up: self.warming_up.load(Ordering::SeqCst),
         }
     }
 

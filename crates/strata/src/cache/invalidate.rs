@@ -12,6 +12,7 @@ use crate::clock::Timestamp;
 use crate::error::{Error, ErrorKind, Result};
 use crate::fleet::Attempt;
 use crate::key::{CacheKey, CacheValue};
+use crate::l1::LoadStart;
 use crate::scope::Scope;
 
 /// What a [`Scope`]'s L2 invalidation is called in logs and errors.
@@ -82,6 +83,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
                 bad
             }
             (Scope::Tag(tag), _) => {
+                self.note_wide_invalidation();
                 self.guards.invalidate_tag(tag);
                 // Loads in flight may carry the tag; their fills are refused by the epoch
                 // check, but new readers must not join them.
@@ -89,10 +91,31 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
                 0
             }
             (Scope::All, _) => {
+                self.note_wide_invalidation();
                 self.flush_l1();
                 0
             }
         }
+    }
+
+    /// Only invalidations of a tag or the namespace count, not the flushes that repair
+    /// a gap: those happen at every (re)subscription, and counting them would keep
+    /// every load out of L1 for `write_lock_ttl` after each.
+    fn note_wide_invalidation(&self) {
+        self.wide_invalidated_at.fetch_max(self.now().as_nanos(), Ordering::SeqCst);
+    }
+
+    /// True when `key`, one of `tags` or the namespace was invalidated here at most
+    /// `write_lock_ttl` before `start`: a load that began then may have read the
+    /// database under a write lock whose writer has not committed yet (and may die
+    /// before it releases the lock). Only asked about loads that ran without a fill
+    /// token, so whose poisoning L2 could not tell.
+    pub(crate) fn invalidated_recently(&self, key: &K, start: LoadStart) -> bool {
+        let since = start.at.saturating_sub(self.cfg.write_lock_ttl);
+        // A tag lock poisons every key (the tier cannot tell which values a load will
+        // tag), and so does a namespace lock.
+        let wide = self.wide_invalidated_at.load(Ordering::SeqCst);
+        (wide != 0 && Timestamp(wide) >= since) || self.guards.tombstoned_since(key, since)
     }
 
     /// Removes `key` from L1 under its tombstone.

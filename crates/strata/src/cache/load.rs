@@ -322,15 +322,29 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
         if !filled {
             self.release_lease(key_str, token).await;
         }
-        if self.cfg.is_strong() && !stored_in_l2 {
-            // Strong: L1 holds only what L2 returned or accepted. A value L2 did not
-            // take may have been read before a write that holds a write lock here
-            // committed, and L1 would then serve it after the commit.
+        if !stored_in_l2 && self.keep_out_of_l1(loading, token) {
             self.stats.l1_fills_skipped.incr();
             return;
         }
         let entry = self.make_entry(value, now, load_nanos, loading.start, tags);
         self.fill_l1(&loading.key, entry, loading.start);
+    }
+
+    /// Whether a value L2 did not take must stay out of L1 too: it may have been read
+    /// under a write lock, before a write that commits after the load, and L1 would
+    /// serve it after the commit until its TTL if the writer died before releasing the
+    /// lock (no second invalidation would follow). At the Strong level L1 holds only
+    /// what L2 returned or accepted; at the others, a poisoned token says a lock
+    /// covered the key, and without a token (L2 failed) a recent invalidation of the
+    /// key, a tag or the namespace stands in for the lock L2 could not report.
+    fn keep_out_of_l1(&self, loading: &Loading<K>, token: Option<&FillToken>) -> bool {
+        if self.cfg.is_strong() {
+            return true;
+        }
+        match token {
+            Some(token) => token.is_poisoned(),
+            None => self.l2.is_some() && self.invalidated_recently(&loading.key, loading.start),
+        }
     }
 
     /// Lets the instances waiting for our fill stop waiting when there will be none.

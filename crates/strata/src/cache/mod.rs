@@ -14,6 +14,7 @@
 //! | `write_lock.rs` | write locks (invalidation before a commit) |
 //! | `erased.rs`, `handle.rs` | the cache without its types, and [`CacheHandle`](handle::CacheHandle) |
 //! | `tasks.rs` | the background tasks, and the cache's side of the fleet protocol |
+//! | `hot_keys.rs`, `warm_up.rs` | the sampled hot-key ranking, and warm-up before readiness |
 
 pub(crate) mod batch;
 pub(crate) mod builder;
@@ -22,6 +23,7 @@ pub(crate) mod entry;
 pub(crate) mod erased;
 pub(crate) mod flight;
 pub(crate) mod handle;
+pub(crate) mod hot_keys;
 pub(crate) mod invalidate;
 pub(crate) mod l2;
 pub(crate) mod load;
@@ -30,6 +32,7 @@ pub(crate) mod probe;
 pub(crate) mod read;
 pub(crate) mod state;
 pub(crate) mod tasks;
+pub(crate) mod warm_up;
 pub(crate) mod write;
 pub(crate) mod write_lock;
 
@@ -128,8 +131,10 @@ impl<K: CacheKey, V: CacheValue> Cache<K, V> {
     }
 
     /// Resolves once the backplane subscription is live (at once without a backplane),
-    /// and at the Strong level once this instance holds its membership lease: a readiness
-    /// probe should wait for it, because until then L1 is neither filled nor served.
+    /// at the Strong level once this instance holds its membership lease (until then L1
+    /// is neither filled nor served), and with [`warm_up`](crate::CacheBuilder::warm_up)
+    /// once the fleet's hot keys are preloaded (or its budget ran out): a readiness
+    /// probe should wait for it.
     pub async fn ready(&self) {
         self.inner.wait_ready().await;
     }

@@ -18,6 +18,7 @@ impl<K: CacheKey, V: CacheValue> Cache<K, V> {
     #[inline]
     pub fn get_local(&self, key: &K) -> Option<V> {
         let inner = &*self.inner;
+        inner.note_read(key);
         let now = inner.clock.now();
         // `probe` spelled out, so that a fast hit returns without building a `Probe`.
         match inner.l1.read(key, |slot| inner.look(slot, now))? {
@@ -41,6 +42,7 @@ impl<K: CacheKey, V: CacheValue> Cache<K, V> {
         let inner = &self.inner;
         let now = inner.clock.now();
         self.check_readable()?;
+        inner.note_read(key);
         if let Probe::Fresh(value, _) = inner.probe(key, now) {
             inner.stats.l1_hits.incr();
             return Ok(value);
@@ -96,6 +98,7 @@ impl<K: CacheKey, V: CacheValue> Cache<K, V> {
         if inner.is_closed() {
             return Err(shut_down());
         }
+        inner.note_read(key);
         if inner.is_bypassed() {
             inner.stats.bypassed_reads.incr();
             return inner.load_direct(loader).await;

@@ -1,7 +1,7 @@
 //! What a cache's handles and background tasks share.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use rand::rngs::SmallRng;
@@ -9,6 +9,7 @@ use rand::{Rng, SeedableRng};
 
 use super::config::Config;
 use super::flight::Flights;
+use super::hot_keys::HotKeys;
 use super::l2::L2;
 use super::pending::Pending;
 use crate::backplane::{Backplane, OriginId};
@@ -57,6 +58,13 @@ pub(crate) struct Inner<K, V> {
     pub(crate) bypassed: AtomicBool,
     /// Set by `shutdown`: no handle serves or fills anything after it.
     pub(crate) closed: AtomicBool,
+    /// When a tag or the whole namespace was last invalidated here (ns since the epoch):
+    /// a load without a fill token (L2 failed) may have run under a write lock on it.
+    pub(crate) wide_invalidated_at: AtomicU64,
+    /// The sampled read counts warm-up ranks keys by; `None` without warm-up.
+    pub(crate) hot_keys: Option<HotKeys>,
+    /// Set until warm-up has preloaded the hot keys (never set without warm-up).
+    pub(crate) warming_up: AtomicBool,
     /// What an L1 hit compares its slot with; see [`Inner::publish_fast_floor`].
     pub(crate) fast_floor: FastFloor,
     /// XFetch's window per µs of load time: β · `XFETCH_HORIZON` · 1000 ns.
@@ -92,6 +100,8 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
             None => SmallRng::from_rng(&mut rand::rng()),
         };
         let origin = rand::rng().random::<u64>() | 1;
+        let hot_keys = cfg.warm_up.as_ref().map(|w| HotKeys::new(w.sample_every, w.keys.saturating_mul(4)));
+        let warming_up = cfg.warm_up.is_some();
         let fleet = backplane.map(|bp| {
             Fleet::new(
                 bp,
@@ -108,7 +118,11 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
         let health = if fleet.is_some() { Health::default() } else { Health::without_backplane() };
         let (stop_tx, stop) = shutdown::channel();
         let inner = Arc::new(Inner {
-            guards: Guards::new(cfg.tombstone_ttl, cfg.max_tag_epochs),
+            // Tombstones outlive a write lock plus a load (see `Inner::invalidated_recently`).
+            guards: Guards::new(
+                cfg.tombstone_ttl.max(cfg.write_lock_ttl.saturating_add(cfg.hard_timeout)),
+                cfg.max_tag_epochs,
+            ),
             // What publish_fast_floor would store: epoch 0, healthy.
             fast_floor: FastFloor::new(if cfg.is_strong() { u64::MAX } else { Slot::<V>::floor(0) }),
             xfetch_lead: XFetchLead::new((cfg.early_refresh_beta * XFETCH_HORIZON * 1000.0).min(1e12) as u64),
@@ -124,6 +138,9 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
             pending: Mutex::new(Pending::default()),
             bypassed: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            wide_invalidated_at: AtomicU64::new(0),
+            hot_keys,
+            warming_up: AtomicBool::new(warming_up),
             rng: Mutex::new(rng),
             stop,
         });
@@ -156,6 +173,19 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
     /// and at the Strong level once this instance holds its membership lease; at once
     /// after `shutdown`.
     pub(crate) async fn wait_ready(&self) {
+        self.wait_serving().await;
+        let mut stop = self.stop.clone();
+        while self.warming_up.load(Ordering::SeqCst) && !self.is_closed() {
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_millis(2)) => {}
+                _ = stop.stopped() => return,
+            }
+        }
+    }
+
+    /// Resolves once L1 may be filled and served: the backplane subscription is live
+    /// and (Strong) the membership lease held.
+    pub(crate) async fn wait_serving(&self) {
         let mut stop = self.stop.clone();
         while !self.health.is_subscribed() || (self.cfg.is_strong() && !self.own_lease_held(self.now())) {
             if self.is_closed() {

@@ -44,6 +44,21 @@ pub(crate) fn spawn<K: CacheKey, V: CacheValue>(inner: &Arc<Inner<K, V>>) {
         tokio::spawn(retry(inner.clone()));
     }
     tokio::spawn(export(inner.clone()));
+    if inner.cfg.warm_up.is_some() {
+        tokio::spawn(inner.clone().warm_up());
+        tokio::spawn(report_hot_keys(inner.clone()));
+    }
+}
+
+async fn report_hot_keys<K: CacheKey, V: CacheValue>(inner: Arc<Inner<K, V>>) {
+    let Some(every) = inner.cfg.warm_up.as_ref().map(|w| w.report_every) else { return };
+    let mut stop = inner.stop.clone();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => inner.report_hot_keys().await,
+            _ = stop.stopped() => return,
+        }
+    }
 }
 
 async fn export<K: CacheKey, V: CacheValue>(inner: Arc<Inner<K, V>>) {

@@ -126,6 +126,13 @@ impl<K: Hash + Eq + Clone> Guards<K> {
         stored
     }
 
+    /// True when `key` was invalidated here at or after `since` (as far as the
+    /// tombstones still tell: they live the guard's tombstone lifetime).
+    pub(crate) fn tombstoned_since(&self, key: &K, since: Timestamp) -> bool {
+        let shard = self.shard(key).lock();
+        shard.map.get(key).is_some_and(|(_, exp)| exp.saturating_sub(self.tombstone_ttl) >= since)
+    }
+
     /// The lowest `fill_seq` that survived the namespace invalidations so far.
     #[inline]
     pub(crate) fn namespace_epoch(&self) -> u64 {

@@ -32,6 +32,7 @@ pub async fn run(tier: &dyn Tier, label: &str) {
     versions(tier, label).await;
     lookup_many(tier, label).await;
     write_locks(tier, label).await;
+    hot_key_ranking(tier, label).await;
     eprintln!("[conformance] {label}: every part passed in {:?}", started.elapsed());
 }
 
@@ -443,6 +444,7 @@ async fn write_locks(tier: &dyn Tier, label: &str) {
     let t = token(&tier.lookup("wl", "k", None).await.expect("tier call"));
     assert_eq!(fill("k", t).await, FillOutcome::Stored, "{label}");
     let before = token(&tier.lookup("wl", "other", None).await.expect("tier call"));
+    assert!(!before.is_poisoned(), "{label}: no lock, no poison");
     let before_k = FillToken { stamp: before.stamp, lease: None, leader: true };
     tier.lock("wl", &keys, 1, Duration::from_millis(400)).await.expect("tier call");
     tier.lock("wl", &keys, 2, Duration::from_millis(400)).await.expect("tier call");
@@ -452,6 +454,7 @@ async fn write_locks(tier: &dyn Tier, label: &str) {
     );
     assert_eq!(fill("k", before_k).await, FillOutcome::Rejected, "{label}: token from before the lock");
     let under = token(&tier.lookup("wl", "k", LEASE).await.expect("tier call"));
+    assert!(under.is_poisoned(), "{label}: a token under a lock says so");
     assert_eq!(fill("k", under.clone()).await, FillOutcome::Rejected, "{label}: token from under the lock");
     // Other keys are not affected.
     let t = token(&tier.lookup("wl", "other", None).await.expect("tier call"));
@@ -465,6 +468,7 @@ async fn write_locks(tier: &dyn Tier, label: &str) {
     assert_eq!(fill("k", under).await, FillOutcome::Rejected, "{label}: poisoned token after expiry");
     assert_eq!(fill("k", still).await, FillOutcome::Rejected, "{label}: poisoned token after expiry");
     let after = token(&tier.lookup("wl", "k", None).await.expect("tier call"));
+    assert!(!after.is_poisoned(), "{label}: not poisoned after the expiry");
     assert_eq!(fill("k", after).await, FillOutcome::Stored, "{label}: free after the expiry");
     // Unlock invalidates again: a token from before the unlock cannot fill.
     tier.lock("wl", &keys, 3, Duration::from_secs(5)).await.expect("tier call");
@@ -482,6 +486,7 @@ async fn write_locks(tier: &dyn Tier, label: &str) {
         "{label}: tagged entry invalidated"
     );
     let t = token(&tier.lookup("wl", "plain", None).await.expect("tier call"));
+    assert!(t.is_poisoned(), "{label}: tag lock poisons every key");
     assert_eq!(fill("plain", t).await, FillOutcome::Rejected, "{label}: tag lock poisons every key");
     tier.unlock("wl", &Scope::tag("red"), 4).await.expect("tier call");
     let t = token(&tier.lookup("wl", "plain", None).await.expect("tier call"));
@@ -498,4 +503,20 @@ async fn write_locks(tier: &dyn Tier, label: &str) {
     tier.unlock("wl", &Scope::All, 5).await.expect("tier call");
     let t = token(&tier.lookup("wl", "plain", None).await.expect("tier call"));
     assert_eq!(fill("plain", t).await, FillOutcome::Stored, "{label}");
+}
+
+/// The shared hot-key ranking of warm-up: ranked by decayed counts, trimmed, per
+/// namespace.
+async fn hot_key_ranking(tier: &dyn Tier, label: &str) {
+    let counts = |pairs: &[(&str, u64)]| -> Vec<(String, u64)> {
+        pairs.iter().map(|(k, n)| ((*k).to_owned(), *n)).collect()
+    };
+    assert!(tier.hot_keys("hk", 10).await.expect("tier call").is_empty(), "{label}: no ranking yet");
+    tier.record_hot_keys("hk", &counts(&[("a", 10), ("b", 5), ("c", 1)]), 2).await.expect("tier call");
+    assert_eq!(tier.hot_keys("hk", 10).await.expect("tier call"), ["a", "b"], "{label}: trimmed to 2");
+    // Halved (a 5, b 2.5) before c's 100 is added: c leads, b is trimmed.
+    tier.record_hot_keys("hk", &counts(&[("c", 100)]), 2).await.expect("tier call");
+    assert_eq!(tier.hot_keys("hk", 10).await.expect("tier call"), ["c", "a"], "{label}: decayed");
+    assert_eq!(tier.hot_keys("hk", 1).await.expect("tier call"), ["c"], "{label}: top 1");
+    assert!(tier.hot_keys("hk-other", 10).await.expect("tier call").is_empty(), "{label}: per namespace");
 }

@@ -18,7 +18,7 @@ use crate::tag_epochs::TagEpochs;
 
 /// The stamp of a poisoned fill token: below every namespace epoch (which starts at 1),
 /// so no fill with it is ever stored.
-const POISONED: u64 = 0;
+const POISONED: u64 = FillToken::POISONED_STAMP;
 
 struct Namespace {
     /// The invalidation clock.
@@ -114,6 +114,8 @@ struct Inner {
     next_lease: AtomicU64,
     available: AtomicBool,
     ops: AtomicU64,
+    /// Hot-key rankings per namespace (warm-up): key → decayed read count.
+    hot: Mutex<HashMap<String, HashMap<String, f64>>>,
 }
 
 /// An in-process L2 tier shared by every `Cache` handle it is given to.
@@ -147,6 +149,7 @@ impl InProcessTier {
                 next_lease: AtomicU64::new(1),
                 available: AtomicBool::new(true),
                 ops: AtomicU64::new(0),
+                hot: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -402,5 +405,40 @@ impl Tier for InProcessTier {
             Scope::Tag(_) | Scope::All => ns.wide_locks.retain(|(i, _)| *i != id),
         });
         Ok(())
+    }
+
+    /// Halves the ranking, adds the counts, keeps the `keep` hottest: as the Redis tier.
+    async fn record_hot_keys(&self, namespace: &str, counts: &[(String, u64)], keep: usize) -> Result<()> {
+        self.enter()?;
+        let mut hot = self.inner.hot.lock();
+        let ranking = hot.entry(namespace.to_owned()).or_default();
+        ranking.values_mut().for_each(|score| *score /= 2.0);
+        for (key, n) in counts {
+            *ranking.entry(key.clone()).or_default() += *n as f64;
+        }
+        if keep == 0 {
+            ranking.clear();
+        } else if ranking.len() > keep {
+            let mut scores: Vec<f64> = ranking.values().copied().collect();
+            scores.sort_unstable_by(|a, b| b.total_cmp(a));
+            let floor = scores[keep - 1];
+            ranking.retain(|_, score| *score >= floor);
+            // Ties at the floor may leave a few more; drop those arbitrarily.
+            let excess: Vec<String> =
+                ranking.iter().filter(|(_, s)| **s == floor).map(|(k, _)| k.clone()).collect();
+            for k in excess.into_iter().take(ranking.len().saturating_sub(keep)) {
+                ranking.remove(&k);
+            }
+        }
+        Ok(())
+    }
+
+    async fn hot_keys(&self, namespace: &str, n: usize) -> Result<Vec<String>> {
+        self.enter()?;
+        let hot = self.inner.hot.lock();
+        let Some(ranking) = hot.get(namespace) else { return Ok(Vec::new()) };
+        let mut ranked: Vec<(&String, f64)> = ranking.iter().map(|(k, s)| (k, *s)).collect();
+        ranked.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        Ok(ranked.into_iter().take(n).map(|(k, _)| k.clone()).collect())
     }
 }

@@ -28,6 +28,12 @@
 //! Several locks may cover one key (two writers); each is released by its id.
 //! [`Tier::unlock`] invalidates the scope once more (tokens issued while the lock was
 //! held may carry values read before the write committed) and drops the lock.
+//!
+//! A poisoned token carries the stamp [`FillToken::POISONED_STAMP`] (0), and only a
+//! poisoned one does: clocks start at 1. The cache reads it through
+//! [`FillToken::is_poisoned`] to keep a value out of L1 as well when L2 did not take
+//! it, since a value loaded under a lock may predate a write that commits after the
+//! load (and whose writer may die before it releases the lock).
 
 #[cfg(feature = "testing")]
 pub mod conformance;
@@ -96,6 +102,19 @@ pub struct FillToken {
     /// True when this caller should run the loader; false when another instance holds
     /// the lease and this caller should wait briefly for its fill.
     pub leader: bool,
+}
+
+impl FillToken {
+    /// The stamp of a poisoned token (see "Write locks" in the module docs). No tier
+    /// hands it out otherwise: invalidation clocks start at 1.
+    pub const POISONED_STAMP: u64 = 0;
+
+    /// True when a write lock covered the key at the lookup: no fill with this token
+    /// will ever be stored, and what was loaded under it may be older than a write
+    /// about to commit.
+    pub fn is_poisoned(&self) -> bool {
+        self.stamp == Self::POISONED_STAMP
+    }
 }
 
 /// What became of a fill.
@@ -218,4 +237,22 @@ pub trait Tier: Send + Sync + 'static {
     /// Invalidates `scope` once more and drops write lock `id` (other locks on the
     /// scope stay). Dropping a lock that expired or never existed is not an error.
     async fn unlock(&self, namespace: &str, scope: &Scope, id: u64) -> Result<()>;
+
+    /// Adds one instance's read counts since its last report to the namespace's
+    /// shared ranking of hot keys (for warm-up, see
+    /// [`CacheBuilder::warm_up`](crate::CacheBuilder::warm_up)): the ranking decays
+    /// (older reports weigh less) and keeps at most `keep` keys.
+    ///
+    /// Default: the tier shares no ranking (nothing is recorded, and [`Tier::hot_keys`]
+    /// is empty, so warm-up preloads nothing). A tier shared by a fleet should keep one.
+    async fn record_hot_keys(&self, namespace: &str, counts: &[(String, u64)], keep: usize) -> Result<()> {
+        let _ = (namespace, counts, keep);
+        Ok(())
+    }
+
+    /// The namespace's `n` hottest keys, hottest first (see [`Tier::record_hot_keys`]).
+    async fn hot_keys(&self, namespace: &str, n: usize) -> Result<Vec<String>> {
+        let _ = (namespace, n);
+        Ok(Vec::new())
+    }
 }

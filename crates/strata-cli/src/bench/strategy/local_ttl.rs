@@ -56,6 +56,13 @@ impl Strategy for LocalTtl {
         TierCounts { l1_hits: self.l1_hits.load(Ordering::Relaxed), ..TierCounts::default() }
     }
 
+    async fn rejoin(&self, instance: usize) -> Result<()> {
+        if let Some(cache) = self.caches.get(instance) {
+            cache.invalidate_all();
+        }
+        Ok(())
+    }
+
     async fn close(&self) -> Result<()> {
         Ok(())
     }

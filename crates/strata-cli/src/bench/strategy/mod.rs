@@ -59,6 +59,14 @@ pub trait Strategy: Send + Sync {
     /// The tier counters so far.
     fn tier_counts(&self) -> TierCounts;
 
+    /// Replaces instance `instance` by a new one that starts with an empty local cache
+    /// (`--join-at`: a restart or a scale-out in the middle of the run); returns once
+    /// the new instance serves. Default: the strategy keeps nothing per instance.
+    async fn rejoin(&self, instance: usize) -> Result<()> {
+        let _ = instance;
+        Ok(())
+    }
+
     /// Strategy-specific counters for the JSON report (strata: its `CacheStats`, summed
     /// over the fleet).
     fn details(&self) -> Option<serde_json::Value> {
@@ -135,6 +143,8 @@ pub struct FleetConfig {
     pub run_id: String,
     /// The seed (strata's jitter and early-refresh draws are seeded from it).
     pub seed: u64,
+    /// `--warm-up`: strata's caches rank their hot keys and a joining one preloads them.
+    pub warm_up: bool,
 }
 
 /// TTL of the per-instance cache of `local-ttl` (the "Caffeine 5 s" baseline).

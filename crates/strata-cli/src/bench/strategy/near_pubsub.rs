@@ -158,6 +158,15 @@ impl Strategy for NearPubSub {
         }
     }
 
+    async fn rejoin(&self, instance: usize) -> Result<()> {
+        // The listener stays subscribed: a restarted instance resubscribes before it
+        // serves, and its cache is what starts empty.
+        if let Some(cache) = self.caches.get(instance) {
+            cache.invalidate_all();
+        }
+        Ok(())
+    }
+
     async fn close(&self) -> Result<()> {
         for l in self.listeners.lock().drain(..) {
             l.abort();

@@ -1,0 +1,252 @@
+//! The admin router: every route, the token, malformed bodies, the rate limit, the
+//! readiness conditions one by one, and `/metrics` parsed as Prometheus text; once
+//! over real HTTP.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde_json::Value;
+use strata::{Cache, Consistency, InProcessBackplane, InProcessTier};
+use strata_axum::{AdminState, AdminToken, router};
+use tower::ServiceExt;
+
+const TOKEN: &str = "test-token-0123456789";
+
+/// One recorder per test process (the `metrics` facade has one global recorder).
+fn prometheus() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| PrometheusBuilder::new().install_recorder().expect("recorder")).clone()
+}
+
+async fn cache(ns: &str, hub: &InProcessBackplane, tier: &InProcessTier) -> Cache<u64, String> {
+    let c = Cache::builder(ns)
+        .tier(Arc::new(tier.clone()))
+        .backplane(Arc::new(hub.connect()))
+        .build()
+        .expect("valid config");
+    c.ready().await;
+    c
+}
+
+async fn call(
+    app: &axum::Router,
+    method: &str,
+    uri: &str,
+    auth: Option<&str>,
+    body: &str,
+) -> (StatusCode, Value) {
+    let mut req = Request::builder().method(method).uri(uri);
+    if let Some(t) = auth {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let resp =
+        app.clone().oneshot(req.body(Body::from(body.to_owned())).expect("request")).await.expect("response");
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into())))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_stats_and_an_authenticated_invalidation() {
+    let (hub, tier) = (InProcessBackplane::new(), InProcessTier::new());
+    let a = cache("settings", &hub, &tier).await;
+    let b = cache("plans", &hub, &tier).await;
+    let state =
+        AdminState::builder().cache(a.handle()).cache(b.handle()).token(AdminToken::new(TOKEN)).build();
+    let app = router(state.expect("valid state"));
+
+    let (s, body) = call(&app, "GET", "/healthz", None, "").await;
+    assert_eq!((s, body["status"].as_str()), (StatusCode::OK, Some("ok")));
+    let (s, body) = call(&app, "GET", "/readyz", None, "").await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["caches"]["settings"]["ready"], true);
+
+    a.get_or_load(&7, || async { Ok::<_, std::io::Error>(Some("gold".to_owned())) }).await.expect("load");
+    let (s, list) = call(&app, "GET", "/caches", None, "").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(list.as_array().map(Vec::len), Some(2));
+    let (s, one) = call(&app, "GET", "/caches/settings", None, "").await;
+    assert_eq!((s, one["stats"]["loads"].as_u64()), (StatusCode::OK, Some(1)));
+    assert_eq!(call(&app, "GET", "/caches/nope", None, "").await.0, StatusCode::NOT_FOUND);
+
+    // The token: missing, wrong, right.
+    let inv = "/caches/settings/invalidate";
+    assert_eq!(call(&app, "POST", inv, None, r#"{"keys":["7"]}"#).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        call(&app, "POST", inv, Some("test-token-012345678X"), r#"{"keys":["7"]}"#).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert!(a.get_local(&7).is_some(), "nothing invalidated without the token");
+    let (s, body) = call(&app, "POST", inv, Some(TOKEN), r#"{"keys":["7","007"]}"#).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!((body["count"].as_u64(), body["not_canonical"].as_u64()), (Some(2), Some(1)));
+    assert_eq!(a.get_local(&7), None, "invalidated");
+    let (s, body) = call(&app, "POST", inv, Some(TOKEN), r#"{"tag":"plan:gold"}"#).await;
+    assert_eq!((s, body["scope"].as_str()), (StatusCode::OK, Some("tag")));
+    let (s, body) = call(&app, "POST", inv, Some(TOKEN), r#"{"all":true}"#).await;
+    assert_eq!((s, body["scope"].as_str()), (StatusCode::OK, Some("all")));
+
+    // Bad bodies say what was wrong; an unknown namespace is a 404.
+    for (body, needle) in [
+        ("{not json", "not the JSON expected"),
+        (r#"{"keys":["1"],"tag":"t"}"#, "exactly one"),
+        (r#"{"keys":[]}"#, "keys is empty"),
+        (r#"{"all":false}"#, "invalidates nothing"),
+        (r#"{"key":"1"}"#, "unknown field"),
+    ] {
+        let (s, msg) = call(&app, "POST", inv, Some(TOKEN), body).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+        assert!(msg["error"].as_str().is_some_and(|m| m.contains(needle)), "{body}: {msg}");
+    }
+    assert_eq!(
+        call(&app, "POST", "/caches/nope/invalidate", Some(TOKEN), r#"{"all":true}"#).await.0,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_token_mutations_are_off_and_the_rate_limit_holds() {
+    let (hub, tier) = (InProcessBackplane::new(), InProcessTier::new());
+    let a = cache("settings", &hub, &tier).await;
+    let open = router(AdminState::builder().cache(a.handle()).build().expect("valid"));
+    let (s, body) = call(&open, "POST", "/caches/settings/invalidate", Some(TOKEN), r#"{"all":true}"#).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+
+    let limited = router(
+        AdminState::builder()
+            .cache(a.handle())
+            .token(AdminToken::new(TOKEN))
+            .rate_limit(0.001, 2)
+            .build()
+            .expect("valid"),
+    );
+    let statuses: Vec<StatusCode> = futures_statuses(&limited, 3).await;
+    assert_eq!(statuses, [StatusCode::OK, StatusCode::OK, StatusCode::TOO_MANY_REQUESTS]);
+
+    let short = AdminState::builder().token(AdminToken::new("short")).build().expect_err("short token");
+    assert_eq!(short.setting, "token");
+    let dup =
+        AdminState::builder().cache(a.handle()).cache(a.handle()).build().expect_err("same namespace twice");
+    assert!(dup.problem.contains("settings"), "{dup}");
+    assert!(!format!("{:?}", AdminToken::new(TOKEN)).contains(TOKEN));
+}
+
+async fn futures_statuses(app: &axum::Router, n: usize) -> Vec<StatusCode> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(call(app, "POST", "/caches/settings/invalidate", Some(TOKEN), r#"{"keys":["1"]}"#).await.0);
+    }
+    out
+}
+
+/// A backplane whose server never answers.
+struct Unreachable;
+
+#[async_trait::async_trait]
+impl strata::backplane::Backplane for Unreachable {
+    fn name(&self) -> &str {
+        "unreachable"
+    }
+    async fn publish(&self, _: &strata::backplane::Message) -> strata::Result<()> {
+        Err(strata::Error::new(strata::ErrorKind::Backplane, "unreachable (test)"))
+    }
+    async fn subscribe(&self) -> strata::Result<strata::backplane::Subscription> {
+        Err(strata::Error::new(strata::ErrorKind::Backplane, "unreachable (test)"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_names_each_condition_not_met() {
+    // Bypassed: a Strong cache whose L2 delete failed.
+    let (hub, tier) = (InProcessBackplane::new(), InProcessTier::new());
+    let strong: Cache<u64, String> = Cache::builder("strong")
+        .tier(Arc::new(tier.clone()))
+        .backplane(Arc::new(hub.connect()))
+        .consistency(Consistency::Strong)
+        .heartbeat_interval(Duration::from_millis(20))
+        .membership_lease(Duration::from_millis(300))
+        .build()
+        .expect("valid");
+    strong.ready().await;
+    let app = router(AdminState::builder().cache(strong.handle()).build().expect("valid"));
+    assert_eq!(call(&app, "GET", "/readyz", None, "").await.0, StatusCode::OK);
+    tier.set_available(false);
+    let _ = strong.invalidate(&1).await;
+    let (s, body) = call(&app, "GET", "/readyz", None, "").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    let reasons = body["caches"]["strong"]["not_met"].to_string();
+    assert!(reasons.contains("bypassed"), "{body}");
+
+    // Closed: shutdown makes liveness fail too.
+    let plain = cache("plain", &InProcessBackplane::new(), &InProcessTier::new()).await;
+    let app = router(AdminState::builder().cache(plain.handle()).build().expect("valid"));
+    plain.shutdown().await;
+    let (s, body) = call(&app, "GET", "/readyz", None, "").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body["caches"]["plain"]["not_met"].to_string().contains("closed"), "{body}");
+    let (s, body) = call(&app, "GET", "/healthz", None, "").await;
+    assert_eq!((s, body["closed"][0].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("plain")));
+
+    // Backplane not healthy: the subscription never comes up.
+    let down: Cache<u64, String> =
+        Cache::builder("down").backplane(Arc::new(Unreachable)).build().expect("valid");
+    let app = router(AdminState::builder().cache(down.handle()).build().expect("valid"));
+    let (s, body) = call(&app, "GET", "/readyz", None, "").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body["caches"]["down"]["not_met"].to_string().contains("backplane"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_as_prometheus_text_over_real_http() {
+    let handle = prometheus();
+    let (hub, tier) = (InProcessBackplane::new(), InProcessTier::new());
+    let a = cache("metered", &hub, &tier).await;
+    for k in 0..10u64 {
+        a.get_or_load(&k, move || async move { Ok::<_, std::io::Error>(Some(format!("v{k}"))) })
+            .await
+            .expect("load");
+        a.get_local(&k);
+    }
+    let state =
+        AdminState::builder().cache(a.handle()).token(AdminToken::new(TOKEN)).prometheus(handle).build();
+    let app = router(state.expect("valid"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>()).await
+    });
+    let http = reqwest::Client::new();
+    // The cache pushes its counters every second.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let text =
+        http.get(format!("http://{addr}/metrics")).send().await.expect("scrape").text().await.expect("text");
+    let lines = text.lines().map(|l| Ok(l.to_owned()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text format");
+    let value = |name: &str| {
+        scrape.samples.iter().find(|s| s.metric == name && s.labels.get("namespace") == Some("metered")).map(
+            |s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            },
+        )
+    };
+    assert_eq!(value("strata_loads_total"), Some(10.0), "{text}");
+    assert_eq!(value("strata_l1_hits_total"), Some(10.0));
+    assert_eq!(value("strata_ready"), Some(1.0));
+    assert_eq!(value("strata_l1_entries"), Some(10.0));
+    let resp = http
+        .post(format!("http://{addr}/caches/metered/invalidate"))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"keys": ["3"]}))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(a.get_local(&3), None);
+}

@@ -1,0 +1,146 @@
+//! What the server's eviction settings do to strata's promises, read at build time.
+//!
+//! strata's fill guard and epochs live in Redis beside the entries. Under a memory
+//! limit with an eviction policy, Redis may drop them like any cached value:
+//!
+//! | `maxmemory-policy` (with `maxmemory` set) | what can be evicted | effect |
+//! |---|---|---|
+//! | `noeviction`, or no `maxmemory` | nothing | writes fail when full (errors, the L2 breaker); promises hold |
+//! | `volatile-*` | keys with a TTL: entries, leases, tombstones | a lost tombstone lets a fill that began before an invalidation of its key store the old value (until the TTL); the clocks, epochs and the backplane stream (no TTL) stay |
+//! | `allkeys-*` | everything: also the namespace meta hash (the namespace goes cold: safe but costly) and, on the same server, the backplane stream and its sequence (gaps, repaired by an L1 flush) | as `volatile-*`, and more misses |
+//!
+//! The supported layout for the promises is a server (or a database of one) that does
+//! not evict: `noeviction` with memory to spare, or no `maxmemory`. The builder checks
+//! at build time and, by default, warns ([`EvictionCheck`]).
+
+use std::time::Duration;
+
+use redis::Value;
+use strata::error::{Error, ErrorKind, Result};
+
+use super::RedisTier;
+use super::builder::RedisTierBuilder;
+
+/// What [`RedisTier`]'s build does when the server may evict strata's keys
+/// (what is at risk under each policy: the crate docs, "Eviction").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum EvictionCheck {
+    /// Log a warning that says what is at risk and how to fix it (the default).
+    #[default]
+    Warn,
+    /// Fail the build with that message.
+    Refuse,
+    /// Do not look (for example when the ACL user may not run `INFO`).
+    Skip,
+}
+
+impl RedisTierBuilder {
+    /// What to do when the server's `maxmemory-policy` may evict the keys strata's
+    /// consistency rests on (tombstones, the namespace meta hash). Read with
+    /// `INFO memory` at build time (skipped with a debug log where the ACL user may
+    /// not run it, and by `.lazy(true)`). Default: [`EvictionCheck::Warn`].
+    pub fn eviction_check(mut self, check: EvictionCheck) -> Self {
+        self.eviction_check = check;
+        self
+    }
+}
+
+/// The server's memory limit and eviction policy, as `INFO memory` tells.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ServerMemory {
+    pub(crate) maxmemory: u64,
+    pub(crate) policy: String,
+}
+
+impl ServerMemory {
+    pub(crate) fn parse(info: &str) -> Option<ServerMemory> {
+        let field = |name: &str| {
+            info.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(':'))).map(str::trim)
+        };
+        Some(ServerMemory {
+            maxmemory: field("maxmemory")?.parse().ok()?,
+            policy: field("maxmemory_policy")?.to_owned(),
+        })
+    }
+
+    /// What the configuration puts at risk, or `None` when nothing is evicted.
+    pub(crate) fn risk(&self) -> Option<&'static str> {
+        if self.maxmemory == 0 || self.policy == "noeviction" {
+            None
+        } else if self.policy.starts_with("volatile-") {
+            Some(
+                "tombstones (keys with a TTL) can be evicted, and a fill that began before an \
+                 invalidation of its key may then store the old value until its TTL",
+            )
+        } else {
+            Some(
+                "every key can be evicted: tombstones (a fill that began before an invalidation \
+                 may then store the old value until its TTL), the namespace meta hash (the \
+                 namespace goes cold) and, on the same server, the backplane stream",
+            )
+        }
+    }
+}
+
+impl RedisTier {
+    pub(crate) async fn check_eviction(&self, check: EvictionCheck, timeout: Duration) -> Result<()> {
+        if check == EvictionCheck::Skip {
+            return Ok(());
+        }
+        let mut c = self.inner.conn.get();
+        let info = tokio::time::timeout(timeout, async {
+            redis::cmd("INFO").arg("memory").query_async::<Value>(&mut c).await
+        })
+        .await;
+        let text = match info {
+            Ok(Ok(Value::BulkString(b))) => String::from_utf8_lossy(&b).into_owned(),
+            Ok(Ok(Value::VerbatimString { text, .. })) => text,
+            other => {
+                tracing::debug!(result = ?other.map(|r| r.map(|_| ())), "redis tier: cannot read INFO memory; eviction not checked");
+                return Ok(());
+            }
+        };
+        let Some(memory) = ServerMemory::parse(&text) else { return Ok(()) };
+        let Some(risk) = memory.risk() else { return Ok(()) };
+        let message = format!(
+            "redis tier: `{}` evicts under memory pressure (maxmemory {} bytes, maxmemory-policy {}): {risk}; \
+             run strata's tier on a server or database with maxmemory-policy noeviction and memory to spare \
+             (or no maxmemory), or build with .eviction_check(EvictionCheck::Skip) to accept it",
+            self.inner.conn.shown_url(),
+            memory.maxmemory,
+            memory.policy
+        );
+        match check {
+            EvictionCheck::Refuse => Err(Error::new(ErrorKind::InvalidInput, message)),
+            _ => {
+                tracing::warn!("{message}");
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memory(maxmemory: u64, policy: &str) -> ServerMemory {
+        ServerMemory { maxmemory, policy: policy.to_owned() }
+    }
+
+    #[test]
+    fn reads_info_memory() {
+        let info = "# Memory\r\nused_memory:1000\r\nmaxmemory:3145728\r\nmaxmemory_human:3.00M\r\nmaxmemory_policy:allkeys-lru\r\n";
+        assert_eq!(ServerMemory::parse(info), Some(memory(3_145_728, "allkeys-lru")));
+        assert_eq!(ServerMemory::parse("# Memory\r\n"), None);
+    }
+
+    #[test]
+    fn judges_each_policy() {
+        assert_eq!(memory(0, "allkeys-lru").risk(), None);
+        assert_eq!(memory(1 << 20, "noeviction").risk(), None);
+        assert!(memory(1 << 20, "volatile-lru").risk().is_some_and(|r| r.contains("tombstones")));
+        assert!(memory(1 << 20, "allkeys-lfu").risk().is_some_and(|r| r.contains("meta hash")));
+    }
+}
