@@ -78,6 +78,57 @@
 //! memory. `replay` always answers `Ok(None)`. Staleness bound: the propagation delay
 //! when healthy; `max_stale` otherwise.
 //!
+//! # Tag epochs are bounded
+//!
+//! Each `invalidate_tag` of a new tag leaves its epoch in the namespace's meta hash. At
+//! most [`max_tag_epochs`](RedisTierBuilder::max_tag_epochs) are kept (default 10,000):
+//! past it the older half is dropped and the namespace's *tag floor* rises to the newest
+//! epoch dropped, below which tagged entries and fills are invalid. Nothing a dropped tag
+//! invalidated comes back; tagged entries older than the floor load again. 100,000
+//! distinct tags left 100,003 fields (8.2 MB by `MEMORY USAGE`) in the meta hash before;
+//! about 5,000–10,000 fields (0.55–0.85 MB) now (see the README for the command).
+//!
+//! # Sharing a Redis: integrity keys
+//!
+//! Whoever can write under the key prefix can, by default, serve any row to the fleet
+//! (a well-formed entry) or flush it (a forged message). With
+//! [`integrity_keys`](RedisTierBuilder::integrity_keys) on the tier and on the backplane
+//! ([`RedisStreamBackplaneBuilder::integrity_keys`],
+//! [`RedisPubSubBackplaneBuilder::integrity_keys`]), everything they write carries an
+//! HMAC-SHA256 under the first [`IntegrityKey`] (at least
+//! [`MIN_INTEGRITY_KEY_BYTES`] bytes), and only what verifies under one of the keys is
+//! read: put a new key first and keep the old one while its entries live, to rotate.
+//!
+//! **Protects against** writers to the prefix who lack the keys *creating or altering*
+//! data: an entry they wrote or changed (value, version, schema identity, tags, the
+//! stamp of a fill, an entry copied to another key, namespace or prefix) is a miss,
+//! deleted and counted ([`RedisTierStats::integrity_failures`],
+//! `strata_l2_integrity_failures_total`); a message they wrote (an invalidate-all, a
+//! sequence jump, a bypass) is skipped and counted as `Malformed`, and on the stream its
+//! entry number is ignored, so it cannot fake a loss. Never an error, never a value.
+//!
+//! **Does not protect against**:
+//! - *Deletes and guard state.* Entries, the meta hash, tombstones, leases, the stream
+//!   and its counter are not signed: deleting or rewriting them costs misses, a cold
+//!   namespace, or a `Lost` and an L1 flush (an `INCR` of the stream counter, or a
+//!   message signed with another key appended through the publish script, uses an entry
+//!   number: a loss for every reader). Availability, not the rows served, except as
+//!   below.
+//! - *Replays of older signed data of the same key.* An older signed entry written back
+//!   under its key is served if nothing the stamp check sees invalidated it: the check
+//!   catches it when a tag or namespace invalidation happened since its stamp (a fill's
+//!   stamp is signed), but not after a key invalidation (lookups do not consult
+//!   tombstones, which expire anyway), not for an entry written by `insert` (its stamp
+//!   is assigned in the script, after signing, so it can be raised), and not once the
+//!   meta hash's epochs are rolled back (they are not signed). Expiries are not signed
+//!   either (`touch` moves them), so a replayed entry lives as long as the writer likes.
+//!   A replayed message repeats an invalidation (more misses) or is one the core's
+//!   sequence tracking has seen already (counted as suspicious).
+//! - Readers: nothing is encrypted; anyone who can read the prefix reads the rows.
+//!
+//! Cost: one HMAC-SHA256 per fill, set, lookup hit, publish and delivered message,
+//! 32 bytes per entry and per message (see the README for the measured ratio).
+//!
 //! # Requirements on the server
 //!
 //! Redis ≥ 6.2 or Valkey (exclusive stream ranges, `XADD … MAXLEN ~`). The tier's
@@ -105,10 +156,12 @@
 //! | [`pubsub`] | [`RedisPubSubBackplane`] and its builder (`backplane/pubsub.rs`) |
 //! | `connection` | [`ConnectionOptions`], the settings every builder shares; opening clients from URLs, password redaction, error mapping, reconnect backoff, and the connection that replaces itself after repeated timeouts |
 //! | `reply` | reading values out of Redis replies |
+//! | `integrity` | [`IntegrityKey`]: the optional HMAC-SHA256 of entries and messages |
 //! | `tls` | [`TlsConfig`] |
 
 mod backplane;
 mod connection;
+mod integrity;
 mod reply;
 pub mod tier;
 mod tls;
@@ -118,5 +171,6 @@ pub use backplane::pubsub::{RedisPubSubBackplane, RedisPubSubBackplaneBuilder};
 pub use backplane::stream::{RedisStreamBackplane, RedisStreamBackplaneBuilder};
 pub use backplane::{pubsub, stream};
 pub use connection::ConnectionOptions;
+pub use integrity::{IntegrityKey, MIN_INTEGRITY_KEY_BYTES};
 pub use tier::{EvictionCheck, RedisTier, RedisTierBuilder, RedisTierStats};
 pub use tls::TlsConfig;

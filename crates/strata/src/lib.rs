@@ -153,6 +153,7 @@ mod fleet;
 mod l1;
 mod shutdown;
 mod stats;
+mod tag_epochs;
 
 pub mod backplane;
 pub mod breaker;

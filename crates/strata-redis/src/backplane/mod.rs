@@ -6,15 +6,21 @@
 //!   Stream that replays what a subscriber missed (its Lua scripts in `stream_scripts`).
 //! - [`pubsub`]: [`RedisPubSubBackplane`](pubsub::RedisPubSubBackplane), Redis Pub/Sub,
 //!   at most once.
+//!
+//! With integrity keys (`integrity_keys` on either builder), the bytes published (the
+//! stream entry's `m` field, the Pub/Sub payload) are the encoded message followed by a
+//! 32-byte HMAC-SHA256 over the channel or stream name and the message; what does not
+//! verify is reported as `Malformed` (see the crate docs, "Sharing a Redis").
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis::Value;
-use strata::backplane::BackplaneEvent;
+use strata::backplane::{BackplaneEvent, Message};
 use strata::error::{Error, ErrorKind};
 
 use crate::connection::{ConnectionOptions, ManagedConn};
+use crate::integrity::{Integrity, open_opt, seal_opt};
 
 pub mod pubsub;
 pub mod stream;
@@ -99,6 +105,28 @@ impl StatCounters {
         };
         c.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// The domain of message MACs: a message is signed with the channel or stream it is
+/// published on, so bytes signed for one prefix do not verify on another.
+const MESSAGE_DOMAIN: &str = "strata-backplane-message-v1";
+
+/// A message as published on `channel`: its encoding, followed by its MAC when
+/// integrity keys are set (the core `Message` stays as it is).
+pub(crate) fn seal_message(
+    integrity: Option<&Integrity>,
+    channel: &str,
+    message: &Message,
+) -> Result<Vec<u8>, Error> {
+    let bytes = message.encode()?;
+    Ok(seal_opt(integrity, MESSAGE_DOMAIN, channel.as_bytes(), bytes.to_vec()))
+}
+
+/// The message in bytes read from `channel`: `None` when they do not decode or, with
+/// integrity keys, carry no valid MAC (the caller reports `Malformed`).
+pub(crate) fn open_message(integrity: Option<&Integrity>, channel: &str, bytes: &[u8]) -> Option<Message> {
+    let payload = open_opt(integrity, MESSAGE_DOMAIN, channel.as_bytes(), bytes)?;
+    Message::decode(payload).ok()
 }
 
 /// Opens the client and a backplane's publishing connection on it. The client also

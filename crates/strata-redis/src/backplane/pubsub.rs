@@ -32,9 +32,10 @@ use tokio::sync::mpsc::error::TrySendError;
 
 use crate::backplane::{
     BackplaneStats, DEFAULT_CHANNEL_CAPACITY, DEFAULT_PUBLISH_TIMEOUT, DEFAULT_RECONNECT_BACKOFF,
-    StatCounters, connect_publisher, ping_publisher,
+    StatCounters, connect_publisher, open_message, ping_publisher, seal_message,
 };
 use crate::connection::{Backoff, ConnectionOptions, ManagedConn, map_redis_error};
+use crate::integrity::{Integrity, IntegrityKey};
 use crate::tls::TlsConfig;
 
 /// Names the backplane in errors.
@@ -51,6 +52,7 @@ pub struct RedisPubSubBackplaneBuilder {
     channel_capacity: usize,
     reconnect_min: Duration,
     reconnect_max: Duration,
+    integrity_keys: Option<Vec<IntegrityKey>>,
 }
 
 impl std::fmt::Debug for RedisPubSubBackplaneBuilder {
@@ -120,6 +122,17 @@ impl RedisPubSubBackplaneBuilder {
         self
     }
 
+    /// Signs every message this backplane publishes with an HMAC-SHA256 under the first
+    /// key, and delivers only messages whose MAC verifies under one of the keys: any
+    /// other message is dropped and reported as `Malformed` (counted in
+    /// [`BackplaneStats::malformed`](crate::BackplaneStats::malformed)). Every key needs
+    /// at least 16 bytes; rotate by putting the new key first. Every instance needs the
+    /// keys. See the crate docs, "Sharing a Redis: integrity keys".
+    pub fn integrity_keys(mut self, keys: Vec<IntegrityKey>) -> Self {
+        self.integrity_keys = Some(keys);
+        self
+    }
+
     /// Checks the settings, connects the publishing connection (unless lazy) and
     /// returns the backplane.
     pub async fn build(self) -> Result<RedisPubSubBackplane> {
@@ -138,9 +151,11 @@ impl RedisPubSubBackplaneBuilder {
             );
         }
         Backoff::check(WHAT, self.reconnect_min, self.reconnect_max)?;
+        let integrity = Integrity::from_keys(self.integrity_keys.as_deref(), WHAT)?;
         let (client, publisher) = connect_publisher(&self.connection, WHAT)?;
         let bp = RedisPubSubBackplane {
             inner: Arc::new(PubSubInner {
+                integrity,
                 channel: format!("{}:bp", self.connection.prefix),
                 client,
                 publisher,
@@ -165,6 +180,7 @@ struct PubSubInner {
     stats: StatCounters,
     /// Subscribers (count of `PUBLISH` receivers) reported by the last publish.
     receivers: AtomicU64,
+    integrity: Option<Integrity>,
 }
 
 /// The Redis Pub/Sub backplane (see the module docs): at-most-once delivery, losses
@@ -197,6 +213,7 @@ impl RedisPubSubBackplane {
             channel_capacity: DEFAULT_CHANNEL_CAPACITY,
             reconnect_min: DEFAULT_RECONNECT_BACKOFF.0,
             reconnect_max: DEFAULT_RECONNECT_BACKOFF.1,
+            integrity_keys: None,
         }
     }
 
@@ -239,13 +256,13 @@ impl Backplane for RedisPubSubBackplane {
     }
 
     async fn publish(&self, message: &Message) -> Result<()> {
-        let bytes = message.encode()?;
         let inner = &self.inner;
+        let bytes = seal_message(inner.integrity.as_ref(), &inner.channel, message)?;
         let channel = inner.channel.clone();
         let n: u64 = inner
             .publisher
             .call(inner.cfg.op_timeout, ErrorKind::Backplane, "redis pub/sub publish", |mut c| async move {
-                redis::cmd("PUBLISH").arg(channel).arg(bytes.as_ref()).query_async(&mut c).await
+                redis::cmd("PUBLISH").arg(channel).arg(&bytes[..]).query_async(&mut c).await
             })
             .await
             .map_err(|e| e.into_error())?;
@@ -363,9 +380,10 @@ impl PubSubReader {
                         tracing::warn!(channel = %self.bp.inner.channel, "redis pub/sub backplane: connection closed");
                         return Ok(());
                     };
-                    let ev = match Message::decode(msg.get_payload_bytes()) {
-                        Ok(m) => BackplaneEvent::Message(m),
-                        Err(_) => BackplaneEvent::Malformed,
+                    let integrity = self.bp.inner.integrity.as_ref();
+                    let ev = match open_message(integrity, &self.bp.inner.channel, msg.get_payload_bytes()) {
+                        Some(m) => BackplaneEvent::Message(m),
+                        None => BackplaneEvent::Malformed,
                     };
                     self.forward(ev)?;
                 }

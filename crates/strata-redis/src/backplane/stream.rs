@@ -66,8 +66,9 @@ use crate::backplane::stream_scripts::{
     RawEntry, STREAM_CATCH_UP, STREAM_PUBLISH, STREAM_START, StreamId, parse_entries, parse_xread,
     publish_repairs,
 };
-use crate::backplane::{StatCounters, connect_publisher, ping_publisher};
+use crate::backplane::{StatCounters, connect_publisher, open_message, ping_publisher, seal_message};
 use crate::connection::{Backoff, ManagedConn, map_redis_error};
+use crate::integrity::Integrity;
 use crate::reply::{bad_reply, value_array, value_string, value_u64};
 
 impl RedisStreamBackplaneBuilder {
@@ -89,6 +90,7 @@ impl RedisStreamBackplaneBuilder {
                 instance: rand::random::<u32>(),
                 next_subscription: AtomicU64::new(1),
                 stats: StatCounters::default(),
+                integrity: Integrity::from_keys(self.integrity_keys.as_deref(), WHAT)?,
                 cfg: self,
             }),
         };
@@ -112,6 +114,7 @@ struct StreamInner {
     instance: u32,
     next_subscription: AtomicU64,
     stats: StatCounters,
+    integrity: Option<Integrity>,
 }
 
 /// The Redis Stream backplane: durable, replayable invalidations (see the module
@@ -210,6 +213,7 @@ impl RedisStreamBackplane {
         };
         let want = usize::try_from(want).unwrap_or(usize::MAX);
         let mut found: BTreeMap<u64, Message> = BTreeMap::new();
+        let (integrity, stream) = (self.inner.integrity.as_ref(), &self.inner.stream_key);
         while scanned < limit {
             let key = self.inner.stream_key.clone();
             let end_arg = end.clone();
@@ -238,8 +242,9 @@ impl RedisStreamBackplane {
             scanned = scanned.saturating_add(entries.len() as u64);
             let done = entries.len() < page;
             for e in &entries {
-                let Some(bytes) = &e.message else { continue };
-                let Ok(m) = Message::decode(bytes) else { continue };
+                let Some(m) = e.message.as_deref().and_then(|b| open_message(integrity, stream, b)) else {
+                    continue;
+                };
                 if m.origin == origin && !m.is_heartbeat() && (from_seq..=to_seq).contains(&m.seq) {
                     found.entry(m.seq).or_insert(m);
                 }
@@ -263,10 +268,10 @@ impl Backplane for RedisStreamBackplane {
     }
 
     async fn publish(&self, message: &Message) -> Result<()> {
-        let bytes = message.encode()?;
         let inner = &self.inner;
+        let bytes = seal_message(inner.integrity.as_ref(), &inner.stream_key, message)?;
         let mut inv = inner.publish_script.prepare_invoke();
-        inv.key(&inner.stream_key).key(&inner.counter_key).arg(inner.cfg.max_len).arg(bytes.as_ref());
+        inv.key(&inner.stream_key).key(&inner.counter_key).arg(inner.cfg.max_len).arg(&bytes[..]);
         let v: Value = inner
             .publisher
             .call(inner.cfg.op_timeout, ErrorKind::Backplane, "redis stream publish", |mut c| async move {
@@ -358,7 +363,10 @@ impl StreamReader {
     /// Delivers one entry; returns true when it revealed a gap.
     async fn deliver(&mut self, e: RawEntry, gaps: Gaps) -> std::result::Result<bool, Stop> {
         let mut gap = false;
-        if let Some(n) = e.number {
+        let (integrity, stream) = (self.bp.inner.integrity.as_ref(), &self.bp.inner.stream_key);
+        let message = e.message.as_deref().and_then(|b| open_message(integrity, stream, b));
+        // Unverified entries have no say in the numbering: a forged number would fake a loss.
+        if let Some(n) = e.number.filter(|_| message.is_some() || integrity.is_none()) {
             // No successor to u64::MAX (an entry numbered by hand): whatever follows is a gap.
             if let Some(last) = self.last_n
                 && last.checked_add(1) != Some(n)
@@ -378,9 +386,9 @@ impl StreamReader {
             self.last_n = Some(n);
         }
         self.last_id = e.id;
-        let ev = match e.message.as_deref().map(Message::decode) {
-            Some(Ok(m)) => BackplaneEvent::Message(m),
-            _ => {
+        let ev = match message {
+            Some(m) => BackplaneEvent::Message(m),
+            None => {
                 tracing::warn!(subscriber = %self.name, id = %self.last_id, "redis stream backplane: malformed entry skipped");
                 BackplaneEvent::Malformed
             }

@@ -7,6 +7,7 @@ use strata::error::{Error, ErrorKind, Result};
 
 use crate::backplane::{DEFAULT_CHANNEL_CAPACITY, DEFAULT_PUBLISH_TIMEOUT, DEFAULT_RECONNECT_BACKOFF};
 use crate::connection::{Backoff, ConnectionOptions};
+use crate::integrity::IntegrityKey;
 use crate::tls::TlsConfig;
 
 /// Names the backplane in errors.
@@ -29,6 +30,7 @@ pub struct RedisStreamBackplaneBuilder {
     pub(crate) batch: usize,
     pub(crate) reconnect_min: Duration,
     pub(crate) reconnect_max: Duration,
+    pub(crate) integrity_keys: Option<Vec<IntegrityKey>>,
 }
 
 impl std::fmt::Debug for RedisStreamBackplaneBuilder {
@@ -36,6 +38,7 @@ impl std::fmt::Debug for RedisStreamBackplaneBuilder {
         f.debug_struct("RedisStreamBackplaneBuilder")
             .field("connection", &self.connection)
             .field("max_len", &self.max_len)
+            .field("integrity_keys", &self.integrity_keys.as_ref().map(Vec::len))
             .finish_non_exhaustive()
     }
 }
@@ -52,7 +55,21 @@ impl RedisStreamBackplaneBuilder {
             batch: 512,
             reconnect_min: DEFAULT_RECONNECT_BACKOFF.0,
             reconnect_max: DEFAULT_RECONNECT_BACKOFF.1,
+            integrity_keys: None,
         }
+    }
+
+    /// Signs every message this backplane publishes with an HMAC-SHA256 under the first
+    /// key, and delivers only messages whose MAC verifies under one of the keys: any
+    /// other entry (written by someone who can write the prefix but lacks the keys) is
+    /// skipped and reported as `Malformed` (counted in
+    /// [`BackplaneStats::malformed`](crate::BackplaneStats::malformed)), and its entry
+    /// number is ignored, so it cannot fake a loss either. Every key needs at least 16
+    /// bytes; rotate by putting the new key first. Every instance needs the keys. See
+    /// the crate docs, "Sharing a Redis: integrity keys".
+    pub fn integrity_keys(mut self, keys: Vec<IntegrityKey>) -> Self {
+        self.integrity_keys = Some(keys);
+        self
     }
 
     /// Replaces the connection settings (URL included) with `options`, for example the

@@ -8,6 +8,7 @@ use strata::clock::Clock;
 use strata::error::{Error, ErrorKind, Result};
 
 use crate::connection::ConnectionOptions;
+use crate::integrity::IntegrityKey;
 use crate::tls::TlsConfig;
 
 /// Default response timeout of the tier's connection (see
@@ -21,6 +22,10 @@ pub const DEFAULT_MAX_ENTRY_BYTES: usize = 16 << 20;
 /// `proto-max-bulk-len`, 512 MiB.
 const ENTRY_BYTES_RANGE: std::ops::RangeInclusive<usize> = 1 << 10..=512 << 20;
 
+/// Bounds of [`RedisTierBuilder::max_tag_epochs`]: a pruning (O(n)) runs inside one
+/// script, during which the server serves nothing else.
+const TAG_EPOCHS_RANGE: std::ops::RangeInclusive<usize> = strata::tier::MIN_MAX_TAG_EPOCHS..=100_000;
+
 /// Names the tier in errors.
 pub(crate) const WHAT: &str = "redis tier";
 
@@ -33,6 +38,8 @@ pub struct RedisTierBuilder {
     pub(crate) clock: Option<Arc<dyn Clock>>,
     pub(crate) reconnect_after_timeouts: u32,
     pub(crate) max_entry_bytes: usize,
+    pub(crate) max_tag_epochs: usize,
+    pub(crate) integrity_keys: Option<Vec<IntegrityKey>>,
     pub(crate) eviction_check: super::eviction::EvictionCheck,
 }
 
@@ -43,6 +50,8 @@ impl std::fmt::Debug for RedisTierBuilder {
             .field("op_timeout", &self.op_timeout)
             .field("tombstone_ttl", &self.tombstone_ttl)
             .field("max_entry_bytes", &self.max_entry_bytes)
+            .field("max_tag_epochs", &self.max_tag_epochs)
+            .field("integrity_keys", &self.integrity_keys.as_ref().map(Vec::len))
             .finish_non_exhaustive()
     }
 }
@@ -56,6 +65,8 @@ impl RedisTierBuilder {
             clock: None,
             reconnect_after_timeouts: 4,
             max_entry_bytes: DEFAULT_MAX_ENTRY_BYTES,
+            max_tag_epochs: strata::tier::DEFAULT_MAX_TAG_EPOCHS,
+            integrity_keys: None,
             eviction_check: super::eviction::EvictionCheck::default(),
         }
     }
@@ -143,6 +154,39 @@ impl RedisTierBuilder {
         self
     }
 
+    /// How many tag epochs (`t:<tag>` fields of a namespace's meta hash) the tier keeps,
+    /// from 16 to 100,000; default 10,000.
+    ///
+    /// Every tag ever invalidated used to stay in the meta hash for good (100,000 tags,
+    /// about 14 MB). Past this bound the tag invalidation that crosses it drops the older
+    /// half and raises the namespace's *tag floor* (`tf`) to the newest epoch dropped:
+    /// from then on a tagged entry or fill stamped below the floor is invalid. Nothing a
+    /// pruned tag invalidated can come back; tagged entries older than the floor load
+    /// again (untagged ones are not affected). The pruning runs inside that one Lua
+    /// script, O(n) once per n/2 new tags, which is why n is capped: Redis runs nothing
+    /// else meanwhile. Every tier sharing a namespace should use the same bound (a
+    /// different one is safe, only the larger holds).
+    pub fn max_tag_epochs(mut self, n: usize) -> Self {
+        self.max_tag_epochs = n;
+        self
+    }
+
+    /// Signs every entry this tier writes with an HMAC-SHA256 under the first key, and
+    /// accepts on lookup only entries whose MAC verifies under one of the keys: a
+    /// forged or altered entry (written by someone who can write the prefix but lacks
+    /// the keys) is deleted, counted in
+    /// [`RedisTierStats::integrity_failures`](crate::RedisTierStats::integrity_failures)
+    /// and served as a miss, never as a value. Every key needs at least 16 bytes
+    /// (`build` says which one is short). To rotate, put the new key first and keep the
+    /// old one until entries signed with it have expired. Every tier sharing the prefix
+    /// needs the keys: entries of a tier without them are misses here. What this does
+    /// and does not protect against: see the crate docs, "Sharing a Redis: integrity
+    /// keys".
+    pub fn integrity_keys(mut self, keys: Vec<IntegrityKey>) -> Self {
+        self.integrity_keys = Some(keys);
+        self
+    }
+
     /// Certificates for a `rediss://` URL (a private CA, a client certificate).
     pub fn tls(mut self, tls: TlsConfig) -> Self {
         self.connection.tls = Some(tls);
@@ -173,6 +217,14 @@ impl RedisTierBuilder {
                  transfers, from 1 KiB (1024) to 512 MiB (Redis's proto-max-bulk-len); \
                  the default is 16 MiB",
                 self.max_entry_bytes
+            ));
+        }
+        if !TAG_EPOCHS_RANGE.contains(&self.max_tag_epochs) {
+            return invalid(format!(
+                "redis tier: max_tag_epochs is {}; it bounds the tag epochs a namespace keeps \
+                 in Redis, from 16 to 100,000 (a pruning runs in one script); the default is \
+                 10,000",
+                self.max_tag_epochs
             ));
         }
         Ok(())

@@ -9,7 +9,25 @@ use strata::clock::Timestamp;
 use strata::error::{Error, ErrorKind, Result};
 use strata::tier::{Envelope, FillToken};
 
+use crate::integrity::Integrity;
 use crate::reply::{value_array, value_bytes, value_u64};
+
+/// The domain of entry MACs (see [`entry_mac`]).
+const ENTRY_DOMAIN: &str = "strata-l2-entry-v1";
+
+/// The MAC of an entry, over what a reader trusts: the entry's Redis key (prefix,
+/// namespace and key: a signed entry moved to another key does not verify), the
+/// envelope bytes (value, version, creation time, tags, load time, schema identity, and
+/// the stamp for fills) and the `t` field the scripts check tags with.
+///
+/// Left out, and why forging them cannot serve a row that was never signed for this key:
+/// the expiries `f`/`h` (`touch` moves them without the envelope; forged, they change
+/// how long a signed entry of this key lives), the stamp `s` of a `set` (the script
+/// assigns it; see [`Stored::open`]) and the version `v` (read only by the fill's version
+/// guard, inside the script).
+pub(crate) fn entry_mac(integrity: &Integrity, entry_key: &str, envelope: &[u8], tags: &str) -> [u8; 32] {
+    integrity.sign(ENTRY_DOMAIN, &[entry_key.as_bytes(), envelope, tags.as_bytes()])
+}
 
 /// The first byte of every stored envelope, so the format can evolve. 2 since the
 /// envelope carries its schema fingerprint: a build of format 1 reads these entries as
@@ -103,17 +121,50 @@ pub(crate) fn decode_envelope(bytes: &[u8]) -> Option<Envelope> {
 }
 
 /// An envelope as a script returned it, with the fields the scripts own (stamp, soft
-/// and hard expiry); `fields` is `None` when they do not parse.
+/// and hard expiry; `fields` is `None` when they do not parse), the `t` field and the
+/// MAC field `m`, if any.
 pub(crate) struct Stored {
     pub(crate) bytes: Vec<u8>,
     fields: Option<(u64, u64, u64)>,
+    tags: Vec<u8>,
+    mac: Option<Vec<u8>>,
+}
+
+/// What a reader makes of a [`Stored`] entry.
+pub(crate) enum Opened {
+    Valid(Envelope),
+    /// Does not decode (or its fields do not parse).
+    Undecodable,
+    /// Integrity keys are set and the entry's MAC is missing or wrong, or its stamp is
+    /// not the one signed.
+    Forged,
 }
 
 impl Stored {
-    /// The envelope with the script's fields, or `None` when it cannot be decoded.
-    pub(crate) fn decode(&self) -> Option<Envelope> {
-        let (stamp, soft, hard) = self.fields?;
-        decode_envelope(&self.bytes).map(|env| with_fields(env, stamp, soft, hard))
+    /// Verifies (when `integrity` is set) and decodes the entry stored at `entry_key`.
+    ///
+    /// A fill signs the envelope with the fill token's stamp inside, so the stamp the
+    /// script returns must be that one: a raised stamp would let an entry outlive a tag
+    /// or namespace invalidation. A `set` signs stamp 0 (its stamp is assigned inside the
+    /// script, after signing), and its `s` is taken as stored: forging it can bring back
+    /// an older signed `set` entry of the same key that a tag or namespace invalidation
+    /// had hidden, the same exposure as replaying an old entry (see the crate docs).
+    pub(crate) fn open(&self, integrity: Option<&Integrity>, entry_key: &str) -> Opened {
+        if let Some(i) = integrity {
+            let signed = self
+                .mac
+                .as_deref()
+                .is_some_and(|m| i.verify(ENTRY_DOMAIN, &[entry_key.as_bytes(), &self.bytes, &self.tags], m));
+            if !signed {
+                return Opened::Forged;
+            }
+        }
+        let Some((stamp, soft, hard)) = self.fields else { return Opened::Undecodable };
+        match decode_envelope(&self.bytes) {
+            Some(env) if integrity.is_some() && env.stamp != 0 && env.stamp != stamp => Opened::Forged,
+            Some(env) => Opened::Valid(with_fields(env, stamp, soft, hard)),
+            None => Opened::Undecodable,
+        }
     }
 
     fn parse(items: &[Value]) -> Option<Stored> {
@@ -123,7 +174,9 @@ impl Stored {
             (Some(stamp), Some(soft), Some(hard)) => Some((stamp, soft, hard)),
             _ => None,
         };
-        Some(Stored { bytes, fields })
+        let tags = items.get(4).and_then(value_bytes).map(<[u8]>::to_vec).unwrap_or_default();
+        let mac = items.get(5).and_then(value_bytes).map(<[u8]>::to_vec);
+        Some(Stored { bytes, fields, tags, mac })
     }
 }
 
@@ -264,7 +317,10 @@ mod tests {
         let decoded: Vec<Option<Envelope>> = answers
             .iter()
             .map(|a| match a {
-                RawLookup::Hit(s) => s.decode(),
+                RawLookup::Hit(s) => match s.open(None, "") {
+                    Opened::Valid(env) => Some(env),
+                    _ => None,
+                },
                 RawLookup::Miss { .. } => panic!("a hit"),
             })
             .collect();

@@ -9,7 +9,8 @@
 //! reports it as undecodable), a corrupt meta hash is rebuilt as if it had been lost,
 //! and a corrupt lease, tombstone or lock set is dropped or replaced (`repaired`).
 
-/// Lua helpers prepended to every tier script, after `local ENVELOPE_FORMAT = <byte>`.
+/// Lua helpers prepended to every tier script, after `local ENVELOPE_FORMAT = <byte>`
+/// and `local MAX_TAG_EPOCHS = <n>`.
 pub(crate) const PRELUDE: &str = r#"
 local function d(x)
   return string.format('%d', x)
@@ -38,7 +39,8 @@ local function is_u64(x)
 end
 
 -- The meta hash as this run checked it: c (clock), n (namespace epoch), l (lease
--- counter), f (lease floor).
+-- counter), f (lease floor), tf (tag floor: tagged stamps below it are invalid, the
+-- highest tag epoch pruned so far; see prune_tags).
 local M = nil
 
 -- Creates the meta hash anew, as after a loss: the clock, the namespace epoch and the
@@ -52,7 +54,7 @@ local function new_meta(meta, above)
   if above and above >= base then base = above + 1 end
   redis.call('UNLINK', meta)
   redis.call('HSET', meta, 'c', d(base), 'n', d(base), 'l', d(base))
-  M = {c = base, n = base, l = base, f = 0}
+  M = {c = base, n = base, l = base, f = 0, tf = 0}
   return base
 end
 
@@ -67,18 +69,19 @@ end
 -- floor above what it bounds, anything without a clock).
 local function clock_of(meta)
   if M then return M.c end
-  local r = redis.pcall('HMGET', meta, 'c', 'n', 'l', 'f')
+  local r = redis.pcall('HMGET', meta, 'c', 'n', 'l', 'f', 'tf')
   if r.err then return repair_meta(meta) end
   if not r[1] then
     if redis.call('EXISTS', meta) == 1 then return repair_meta(meta) end
     return new_meta(meta)
   end
   local c, n = num(r[1]), num(r[2])
-  local l, f = 0, 0
+  local l, f, tf = 0, 0, 0
   if r[3] then l = num(r[3]) end
   if r[4] then f = num(r[4]) end
-  if not (c and n and l and f) or n > c or f > l then return repair_meta(meta, c) end
-  M = {c = c, n = n, l = l, f = f}
+  if r[5] then tf = num(r[5]) end
+  if not (c and n and l and f and tf) or n > c or f > l or tf > c then return repair_meta(meta, c) end
+  M = {c = c, n = n, l = l, f = f, tf = tf}
   return c
 end
 
@@ -158,32 +161,80 @@ local function lease_of(lk)
   return id
 end
 
--- Tag invalidation: a clock tick becomes the tag's epoch. Returns the tick.
+-- Tag-epoch pruning, once the meta hash holds more than MAX_TAG_EPOCHS tag epochs:
+-- the older ones are dropped, about half of them, and the tag floor `tf` rises to the
+-- highest epoch dropped. `valid` refuses a tagged stamp below the floor: an entry or
+-- token that a dropped epoch e invalidated has a stamp below e, so below the floor, and
+-- stays invalid (other tagged entries below it are refused too: they load again, which
+-- is safe). The floor is the median of a sample of 255 epochs (HRANDFIELD; a full sort
+-- made a pruning of 10,000 tags twice as long), at least the sample's oldest, so every
+-- pruning drops something. O(n) once per about MAX_TAG_EPOCHS / 2 new tags. Fields that
+-- are neither tags nor the tier's own are left alone (they only make the next bump
+-- look again). A tag epoch that does not parse or lies above the clock makes the meta
+-- hash corrupt, as in `valid`.
+local function prune_tags(meta)
+  local c = M.c
+  local sample = redis.call('HRANDFIELD', meta, 255, 'WITHVALUES')
+  local picked = {}
+  for i = 1, #sample, 2 do
+    if string.sub(sample[i], 1, 2) == 't:' then picked[#picked + 1] = num(sample[i + 1]) or c + 1 end
+  end
+  if #picked == 0 then return end
+  table.sort(picked)
+  local floor = picked[math.ceil(#picked / 2)]
+  local drop = {}
+  local all = redis.call('HGETALL', meta)
+  for i = 1, #all, 2 do
+    if string.sub(all[i], 1, 2) == 't:' then
+      local x = num(all[i + 1])
+      if not x or x > c then
+        repair_meta(meta, c)
+        return
+      end
+      if x <= floor then drop[#drop + 1] = all[i] end
+    end
+  end
+  for j = 1, #drop, 1000 do
+    redis.call('HDEL', meta, unpack(drop, j, math.min(j + 999, #drop)))
+  end
+  if floor > M.tf then
+    redis.call('HSET', meta, 'tf', d(floor))
+    M.tf = floor
+  end
+end
+
+-- Tag invalidation: a clock tick becomes the tag's epoch; past MAX_TAG_EPOCHS tags the
+-- older part is pruned behind the tag floor (HLEN is O(1): the common bump stays O(1)).
+-- Returns the tick.
 local function bump_tag(meta, tag)
   local at = tick(meta)
   redis.call('HSET', meta, 't:' .. tag, d(at))
+  if redis.call('HLEN', meta) > MAX_TAG_EPOCHS + 5 then prune_tags(meta) end
   return at
 end
 
 -- Namespace invalidation: the epoch moves to a new tick, every lease granted so far is
--- voided (lease floor), and the tag epochs are dropped (the namespace epoch now
--- dominates them all). Returns the tick.
+-- voided (lease floor), and the tag epochs and tag floor are dropped (the namespace
+-- epoch now dominates them all: the floor is at most the old clock). Returns the tick.
 local function bump_namespace(meta)
   local at = tick(meta)
   redis.call('UNLINK', meta)
   redis.call('HSET', meta, 'c', d(at), 'n', d(at), 'l', d(M.l), 'f', d(M.l))
-  M.n, M.f = at, M.l
+  M.n, M.f, M.tf = at, M.l, 0
   return at
 end
 
 -- True when what is stamped `s` with tags `tg` (an entry, a fill token) survived every
 -- namespace and tag invalidation since its stamp. A stamp above the clock was handed
--- out by an earlier clock (before the meta hash was lost or rebuilt): not valid. A tag
+-- out by an earlier clock (before the meta hash was lost or rebuilt): not valid. A
+-- tagged stamp below the tag floor may have been invalidated by a pruned epoch: not
+-- valid (untagged stamps skip it: their cost is unchanged). A tag
 -- epoch that does not parse, or is above the clock, makes the meta hash corrupt: it is
 -- rebuilt, and then nothing older is valid.
 local function valid(s, tg, meta)
   local c = clock_of(meta)
   if s > c or s < M.n then return false end
+  if #tg > 0 and s < M.tf then return false end
   for j = 1, #tg, 1000 do
     local fields = {}
     for k = j, math.min(j + 999, #tg) do fields[#fields + 1] = 't:' .. tg[k] end
@@ -203,7 +254,8 @@ local function valid(s, tg, meta)
 end
 
 -- Reads the entry at `ek`, checking every field a script or the client parses.
--- Returns its fields {e, s, t, f, h, v} (e only `with_e`, else true), its stamp and its
+-- Returns its fields {e, s, t, f, h, v, m} (e and the MAC m only `with_e`, else true
+-- and nothing), its stamp and its
 -- tags; nil when there is no entry; false when it was corrupt and has been deleted (the
 -- caller counts it): not a hash, no or an empty envelope, an envelope over `max` bytes
 -- (never read), a bad format byte, a stamp, tag list, expiry or version that does not
@@ -217,7 +269,7 @@ local function read_entry(ek, meta, max, with_e)
   if len == 0 then return nil end
   local r
   if with_e then
-    r = redis.call('HMGET', ek, 'e', 's', 't', 'f', 'h', 'v')
+    r = redis.call('HMGET', ek, 'e', 's', 't', 'f', 'h', 'v', 'm')
   else
     r = {true, unpack(redis.call('HMGET', ek, 's', 't', 'f', 'h', 'v'))}
   end

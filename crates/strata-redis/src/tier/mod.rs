@@ -9,8 +9,8 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `…:m` | hash, no TTL | `c` invalidation clock, `n` namespace epoch, `l` lease counter, `f` lease floor, `t:<tag>` clock value of the tag's last invalidation |
-//! | `…:e:<key>` | hash, PX = entry ttl | `e` envelope (format byte `2` + postcard of [`Envelope`](strata::tier::Envelope)), `s` stamp, `t` tags (`<byte len>:<tag>` repeated), `f` soft expiry, `h` hard expiry (ns since the epoch, decimal), `v` row version (decimal, or empty) |
+//! | `…:m` | hash, no TTL | `c` invalidation clock, `n` namespace epoch, `l` lease counter, `f` lease floor, `tf` tag floor, `t:<tag>` clock value of the tag's last invalidation (at most [`max_tag_epochs`](RedisTierBuilder::max_tag_epochs) tags) |
+//! | `…:e:<key>` | hash, PX = entry ttl | `e` envelope (format byte `2` + postcard of [`Envelope`]), `s` stamp, `t` tags (`<byte len>:<tag>` repeated), `f` soft expiry, `h` hard expiry (ns since the epoch, decimal), `v` row version (decimal, or empty), `m` the entry's MAC (only with [`integrity_keys`](RedisTierBuilder::integrity_keys)) |
 //! | `…:l:<key>` | string, PX = lease ttl | the id of the lease holder |
 //! | `…:x:<key>` | string, PX = tombstone ttl | the clock tick of the key's last invalidation |
 //! | `…:w:<key>` | sorted set, PX = lock ttl | write locks on the key: lock id → expiry (server ms) |
@@ -47,7 +47,11 @@
 //!   voided), then stores the entry stamped with the tick.
 //! - **delete**: one clock tick (`HINCRBY`), then per key: delete entry and lease,
 //!   leave a tombstone holding the tick.
-//! - **invalidate_tag**: a clock tick becomes the tag's epoch.
+//! - **invalidate_tag**: a clock tick becomes the tag's epoch. When the namespace then
+//!   holds more than [`max_tag_epochs`](RedisTierBuilder::max_tag_epochs) tag epochs, the
+//!   older half is dropped and the tag floor `tf` rises to the newest epoch dropped;
+//!   lookups and fills treat a *tagged* stamp below the floor as invalidated (so
+//!   pruning never brings back what a dropped tag invalidated).
 //! - **invalidate_namespace**: a clock tick becomes the namespace epoch; leases granted
 //!   so far are voided (lease floor); the tag epochs are dropped, since the namespace
 //!   epoch dominates them. Old entries stay until they expire but are never served.
@@ -104,16 +108,19 @@ use redis::aio::ConnectionManager;
 use strata::Scope;
 use strata::clock::{Clock, SystemClock};
 use strata::error::{Error, ErrorKind, Result};
-use strata::tier::Lookup;
+use strata::tier::{Envelope, Lookup};
 
 pub use crate::connection::DEFAULT_PREFIX;
 use crate::connection::{CallError, ManagedConn};
+use crate::integrity::Integrity;
 use crate::reply::bad_reply;
 use crate::tier::builder::WHAT;
 pub use crate::tier::builder::{DEFAULT_MAX_ENTRY_BYTES, DEFAULT_OP_TIMEOUT, RedisTierBuilder};
 pub use crate::tier::eviction::EvictionCheck;
 pub use crate::tier::format::ENVELOPE_FORMAT;
-use crate::tier::format::{NsKeys, RawLookup, millis_at_least_one, parse_lookup_reply, parse_script_reply};
+use crate::tier::format::{
+    NsKeys, Opened, RawLookup, Stored, millis_at_least_one, parse_lookup_reply, parse_script_reply,
+};
 use crate::tier::scripts::TierScripts;
 
 mod builder;
@@ -148,6 +155,10 @@ pub struct RedisTierStats {
     pub errors: u64,
     /// Times the connection was replaced after repeated timeouts.
     pub reconnects: u64,
+    /// Entries whose MAC did not verify (with
+    /// [`integrity_keys`](RedisTierBuilder::integrity_keys)): deleted and served as
+    /// misses, never returned; counted in `strata_l2_integrity_failures_total` too.
+    pub integrity_failures: u64,
 }
 
 #[derive(Default)]
@@ -156,6 +167,7 @@ struct Counters {
     undecodable: AtomicU64,
     repaired: AtomicU64,
     oversized: AtomicU64,
+    integrity_failures: AtomicU64,
     timeouts: AtomicU64,
     errors: AtomicU64,
 }
@@ -175,7 +187,8 @@ impl RedisTierBuilder {
                 tombstone_ttl: self.tombstone_ttl,
                 max_entry_bytes: self.max_entry_bytes,
                 clock,
-                scripts: TierScripts::new(),
+                scripts: TierScripts::new(self.max_tag_epochs),
+                integrity: Integrity::from_keys(self.integrity_keys.as_deref(), WHAT)?,
                 counters: Counters::default(),
             }),
         };
@@ -195,6 +208,8 @@ struct Inner {
     max_entry_bytes: usize,
     clock: Arc<dyn Clock>,
     scripts: TierScripts,
+    /// Entry MACs, when integrity keys are set.
+    integrity: Option<Integrity>,
     counters: Counters,
 }
 
@@ -244,6 +259,7 @@ impl RedisTier {
             timeouts: c.timeouts.load(Ordering::Relaxed) + self.inner.conn.abandoned(),
             errors: c.errors.load(Ordering::Relaxed),
             reconnects: self.inner.conn.reconnects(),
+            integrity_failures: c.integrity_failures.load(Ordering::Relaxed),
         }
     }
 
@@ -419,24 +435,21 @@ impl RedisTier {
                         if corrupt {
                             self.count_undecodable(namespace, 1);
                         }
-                        let stale = match stale.map(|s| (s.decode(), s)) {
+                        let stale = match stale.map(|s| (self.open(&ns, namespace, &keys[i], &s), s)) {
                             None => None,
                             Some((Some(env), _)) => Some(env),
                             Some((None, s)) => {
                                 // The lease (if any) is already ours: drop the entry
                                 // without asking for another one.
-                                self.count_undecodable(namespace, 1);
                                 self.discard_entry(&ns, &keys[i], s.bytes).await;
                                 None
                             }
                         };
                         results[i] = Some(Lookup::Miss { token, stale });
                     }
-                    RawLookup::Hit(s) => match s.decode() {
+                    RawLookup::Hit(s) => match self.open(&ns, namespace, &keys[i], &s) {
                         Some(env) => results[i] = Some(Lookup::Hit(env)),
                         None if pass == 0 => {
-                            self.count_undecodable(namespace, 1);
-                            tracing::warn!(namespace, key = %keys[i], "undecodable l2 entry: deleting it");
                             discard[i] = s.bytes;
                             next.push(i);
                         }
@@ -454,6 +467,25 @@ impl RedisTier {
             .into_iter()
             .map(|r| r.ok_or_else(|| bad_reply(ErrorKind::Tier, "redis tier lookup")))
             .collect()
+    }
+
+    /// Verifies and decodes an entry the lookup script returned; `None` (counted and
+    /// logged: undecodable, or forged when integrity keys are set) for a miss.
+    fn open(&self, ns: &NsKeys, namespace: &str, key: &str, s: &Stored) -> Option<Envelope> {
+        match s.open(self.inner.integrity.as_ref(), &ns.entry(key)) {
+            Opened::Valid(env) => return Some(env),
+            Opened::Undecodable => {
+                self.count_undecodable(namespace, 1);
+                tracing::warn!(namespace, key, "undecodable l2 entry: deleting it");
+            }
+            Opened::Forged => {
+                self.inner.counters.integrity_failures.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("strata_l2_integrity_failures_total", "namespace" => namespace.to_owned())
+                    .increment(1);
+                tracing::warn!(namespace, key, "l2 entry without a valid MAC: deleting it");
+            }
+        }
+        None
     }
 
     /// The keys and arguments of the lock and unlock scripts (see `scripts.rs`).

@@ -10,7 +10,7 @@ use strata::error::{ErrorKind, Result};
 use strata::tier::{Envelope, FillOutcome, FillToken, Lookup, Tier};
 
 use super::RedisTier;
-use super::format::{NsKeys, encode_envelope, encode_tags, millis_at_least_one};
+use super::format::{NsKeys, encode_envelope, encode_tags, entry_mac, millis_at_least_one};
 use crate::reply::bad_reply;
 
 #[async_trait]
@@ -46,13 +46,17 @@ impl Tier for RedisTier {
         ttl: Duration,
         token: &FillToken,
     ) -> Result<FillOutcome> {
+        // Signed with the stamp inside: readers check that the script's stamp is this one.
         envelope.stamp = token.stamp;
         let bytes = encode_envelope(&envelope)?;
         // Over the size limit: the script runs the guard and stores nothing.
         let stored: &[u8] = if self.oversized(namespace, key, bytes.len()) { &[] } else { &bytes };
         let ns = NsKeys::new(&self.inner.prefix, namespace);
+        let tags = encode_tags(&envelope.tags);
+        let entry = ns.entry(key);
+        let mac = self.inner.integrity.as_ref().map(|i| entry_mac(i, &entry, &bytes, &tags));
         let mut inv = self.inner.scripts.fill.prepare_invoke();
-        inv.key(ns.entry(key))
+        inv.key(entry)
             .key(ns.meta())
             .key(ns.lease(key))
             .key(ns.tomb(key))
@@ -60,11 +64,12 @@ impl Tier for RedisTier {
             .arg(millis_at_least_one(ttl))
             .arg(token.lease.unwrap_or(0))
             .arg(stored)
-            .arg(encode_tags(&envelope.tags))
+            .arg(&tags)
             .arg(envelope.soft_expiry.0)
             .arg(envelope.hard_expiry.0)
             .arg(envelope.version.map_or_else(String::new, |v| v.to_string()))
-            .arg(millis_at_least_one(self.inner.tombstone_ttl));
+            .arg(millis_at_least_one(self.inner.tombstone_ttl))
+            .arg(mac.as_ref().map_or(&[][..], |m| &m[..]));
         for t in &envelope.tags {
             inv.arg(t.as_str());
         }
@@ -76,23 +81,29 @@ impl Tier for RedisTier {
         }
     }
 
-    async fn set(&self, namespace: &str, key: &str, envelope: Envelope, ttl: Duration) -> Result<()> {
+    async fn set(&self, namespace: &str, key: &str, mut envelope: Envelope, ttl: Duration) -> Result<()> {
+        // The script assigns the stamp; 0 inside the signed envelope says so to readers.
+        envelope.stamp = 0;
         let bytes = encode_envelope(&envelope)?;
         // Over the size limit: the script invalidates the key and stores nothing.
         let stored: &[u8] = if self.oversized(namespace, key, bytes.len()) { &[] } else { &bytes };
         let ns = NsKeys::new(&self.inner.prefix, namespace);
+        let tags = encode_tags(&envelope.tags);
+        let entry = ns.entry(key);
+        let mac = self.inner.integrity.as_ref().map(|i| entry_mac(i, &entry, &bytes, &tags));
         let mut inv = self.inner.scripts.set.prepare_invoke();
-        inv.key(ns.entry(key))
+        inv.key(entry)
             .key(ns.meta())
             .key(ns.lease(key))
             .key(ns.tomb(key))
             .arg(millis_at_least_one(ttl))
             .arg(stored)
-            .arg(encode_tags(&envelope.tags))
+            .arg(&tags)
             .arg(envelope.soft_expiry.0)
             .arg(envelope.hard_expiry.0)
             .arg(millis_at_least_one(self.inner.tombstone_ttl))
-            .arg(envelope.version.map_or_else(String::new, |v| v.to_string()));
+            .arg(envelope.version.map_or_else(String::new, |v| v.to_string()))
+            .arg(mac.as_ref().map_or(&[][..], |m| &m[..]));
         self.run_script("redis tier set", namespace, inv).await?;
         Ok(())
     }

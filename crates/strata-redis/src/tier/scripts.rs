@@ -4,8 +4,9 @@
 //! Conventions shared with the [`tier`](super) module (see its docs for the full
 //! layout): the namespace meta hash holds `c` (invalidation clock), `n` (namespace
 //! epoch), `l` (lease counter), `f` (lease floor: leases with an id at or below it were
-//! voided by a namespace invalidation) and `t:<tag>` (the clock value of the tag's last
-//! invalidation). Entry hash fields: `e` (envelope), `s` (stamp), `t` (tags), `f` (soft
+//! voided by a namespace invalidation), `tf` (tag floor: tagged stamps below it are
+//! invalid; see `prune_tags` in [`lua`](super::lua)) and `t:<tag>` (the clock value of
+//! the tag's last invalidation, for at most `max_tag_epochs` tags). Entry hash fields: `e` (envelope), `s` (stamp), `t` (tags), `f` (soft
 //! expiry, ns), `h` (hard expiry, ns), `v` (the row version in decimal, or empty: what
 //! the fill's version guard compares).
 //!
@@ -27,9 +28,10 @@ use crate::tier::lua::PRELUDE;
 /// ARGV: lease ms (0 = no lease), now (ns, decimal), the largest envelope to return
 /// (bytes), then one "discard" value per key: '' or the envelope bytes the client could
 /// not decode (never empty: a returned envelope starts with the format byte).
-/// Returns per key either {1, e, s, f, h} (fresh hit) or {0, stamp, lease id (0 =
-/// none), leader (0/1), corrupt[, e, s, f, h]} (miss, with the valid but soft-expired
-/// entry when there is one), then the count of repaired keys. The stamp is the clock,
+/// Returns per key either {1, e, s, f, h, t, m} (fresh hit) or {0, stamp, lease id (0 =
+/// none), leader (0/1), corrupt[, e, s, f, h, t, m]} (miss, with the valid but
+/// soft-expired entry when there is one), then the count of repaired keys. `m` is the
+/// entry's MAC (nil when it has none; the client checks it when integrity keys are set). The stamp is the clock,
 /// or 0 (a poisoned token: no fill with it is stored) while a write lock covers the
 /// key. `corrupt` is 0, 1 (the script found the entry corrupt and deleted it) or 2 (it
 /// deleted the entry the client asked to discard, or that entry had changed since: a
@@ -60,7 +62,7 @@ for i = 1, (#KEYS - 2) / 3 do
       corrupt = 2
     elseif valid(s, tg, meta) then
       if dec_lt(now, r[4]) then
-        hit = {1, r[1], r[2], r[4], r[5]}
+        hit = {1, r[1], r[2], r[4], r[5], r[3], r[7]}
       else
         stale = r
       end
@@ -84,6 +86,7 @@ for i = 1, (#KEYS - 2) / 3 do
     end
     if stale then
       miss[6], miss[7], miss[8], miss[9] = stale[1], stale[2], stale[4], stale[5]
+      miss[10], miss[11] = stale[3], stale[7]
     end
     out[i] = miss
     if not poisoned then unlocked[#unlocked + 1] = miss end
@@ -103,8 +106,8 @@ return out
 ///
 /// KEYS: entry, meta, lease, tombstone.
 /// ARGV: stamp, ttl ms, lease id ('0' = none), e ('' = the value is over the size
-/// limit: guard only, store nothing), t, f, h, version ('' = none), tombstone ms, then
-/// the value's tags.
+/// limit: guard only, store nothing), t, f, h, version ('' = none), tombstone ms, MAC
+/// ('' = none), then the value's tags.
 /// Result: 1 (stored), 0 (rejected) or 2 (accepted but not stored, the entry it would
 /// have replaced deleted).
 const FILL_BODY: &str = r#"
@@ -133,7 +136,7 @@ if tomb then
   if at > stamp then return {0, repaired, corrupt} end
 end
 local tg = {}
-for j = 10, #ARGV do tg[#tg + 1] = ARGV[j] end
+for j = 11, #ARGV do tg[#tg + 1] = ARGV[j] end
 if not valid(stamp, tg, meta) then return {0, repaired, corrupt} end
 if ARGV[8] ~= '' then
   local held, hs, htags = read_entry(ek, meta, math.huge, false)
@@ -147,6 +150,7 @@ end
 redis.call('UNLINK', ek)
 if ARGV[4] == '' then return {2, repaired, corrupt} end
 redis.call('HSET', ek, 'e', ARGV[4], 's', ARGV[1], 't', ARGV[5], 'f', ARGV[6], 'h', ARGV[7], 'v', ARGV[8])
+if ARGV[10] ~= '' then redis.call('HSET', ek, 'm', ARGV[10]) end
 redis.call('PEXPIRE', ek, ARGV[2])
 return {1, repaired, corrupt}
 "#;
@@ -156,7 +160,8 @@ return {1, repaired, corrupt}
 /// fill that began earlier can overwrite it.
 ///
 /// KEYS: entry, meta, lease, tombstone. ARGV: ttl ms, e ('' = the value is over the
-/// size limit: invalidate only), t, f, h, tombstone ms, version ('' = none).
+/// size limit: invalidate only), t, f, h, tombstone ms, version ('' = none), MAC ('' =
+/// none).
 /// Result: the stamp.
 const SET_BODY: &str = r#"
 local at = d(tick(KEYS[2]))
@@ -164,6 +169,7 @@ redis.call('UNLINK', KEYS[1], KEYS[3])
 redis.call('SET', KEYS[4], at, 'PX', ARGV[6])
 if ARGV[2] ~= '' then
   redis.call('HSET', KEYS[1], 'e', ARGV[2], 's', at, 't', ARGV[3], 'f', ARGV[4], 'h', ARGV[5], 'v', ARGV[7])
+  if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'm', ARGV[8]) end
   redis.call('PEXPIRE', KEYS[1], ARGV[1])
 end
 return {tonumber(at), repaired, corrupt}
@@ -306,8 +312,10 @@ end
 return {0, 0, 0}
 "#;
 
-fn with_prelude(body: &str) -> String {
-    format!("local ENVELOPE_FORMAT = {ENVELOPE_FORMAT}\n{PRELUDE}{body}")
+fn with_prelude(body: &str, max_tag_epochs: usize) -> String {
+    format!(
+        "local ENVELOPE_FORMAT = {ENVELOPE_FORMAT}\nlocal MAX_TAG_EPOCHS = {max_tag_epochs}\n{PRELUDE}{body}"
+    )
 }
 
 /// The tier's compiled scripts (hashed once).
@@ -326,7 +334,10 @@ pub(crate) struct TierScripts {
 }
 
 impl TierScripts {
-    pub(crate) fn new() -> Self {
+    /// The scripts of a tier that keeps at most `max_tag_epochs` tag epochs per
+    /// namespace (a constant of the scripts: it never travels with a call).
+    pub(crate) fn new(max_tag_epochs: usize) -> Self {
+        let with_prelude = |body: &str| with_prelude(body, max_tag_epochs);
         TierScripts {
             lookup: redis::Script::new(&with_prelude(LOOKUP_BODY)),
             fill: redis::Script::new(&with_prelude(FILL_BODY)),

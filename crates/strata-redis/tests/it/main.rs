@@ -12,6 +12,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod fleet;
+mod integrity;
 mod pubsub;
 mod stream;
 mod support;

@@ -15,6 +15,7 @@ use crate::support::{LEASE, TTL, fresh, hit_value, is_miss, now, raw_conn, redis
 use strata::testing::conformance;
 
 mod poison;
+mod tag_pruning;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tier_conformance_redis() {

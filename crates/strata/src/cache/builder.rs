@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::Cache;
-use super::config::{Config, InvalidateHook, TagFn, VersionFn, check_duration};
+use super::config::{Config, InvalidateHook, TagFn, VersionFn, check_duration, check_max_tag_epochs};
 use super::state::Inner;
 use super::tasks;
 use super::warm_up::WarmUp;
@@ -22,6 +22,7 @@ use crate::loader::Loader;
 use crate::overload::LoadProtection;
 use crate::schema;
 use crate::scope::Scope;
+use crate::tag_epochs::DEFAULT_MAX_TAG_EPOCHS;
 use crate::tier::Tier;
 
 /// Builds a [`Cache`]. Create it with [`Cache::builder`].
@@ -52,6 +53,7 @@ pub struct CacheBuilder<K, V> {
     heartbeat_interval: Duration,
     membership_lease: Duration,
     write_lock_ttl: Duration,
+    max_tag_epochs: usize,
     tags: Option<TagFn<K, V>>,
     version: Option<VersionFn<V>>,
     hooks: Vec<InvalidateHook>,
@@ -101,6 +103,7 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
             heartbeat_interval: Duration::from_secs(1),
             membership_lease: Duration::from_secs(5),
             write_lock_ttl: Duration::from_secs(30),
+            max_tag_epochs: DEFAULT_MAX_TAG_EPOCHS,
             tags: None,
             version: None,
             hooks: Vec::new(),
@@ -270,6 +273,16 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
         self
     }
 
+    /// How many tag epochs (one per tag invalidated) the L1 guards keep, from 16 to
+    /// 1,000,000; default 10,000. Past it the older half is pruned and every tagged L1
+    /// entry or load older than the newest one pruned is treated as invalidated: tagged
+    /// entries may load again sooner, none is ever served after its tag's invalidation.
+    /// A pruning costs O(n) once per n/2 new tags. (The L2 tier has its own bound.)
+    pub fn max_tag_epochs(mut self, n: usize) -> Self {
+        self.max_tag_epochs = n;
+        self
+    }
+
     /// The tags of a value, for [`Cache::invalidate_tag`]. Default: no tags.
     pub fn tags(mut self, tags: impl Fn(&K, &V) -> Vec<String> + Send + Sync + 'static) -> Self {
         self.tags = Some(Arc::new(tags));
@@ -391,6 +404,7 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
             heartbeat_interval: self.heartbeat_interval,
             membership_lease: self.membership_lease,
             write_lock_ttl: self.write_lock_ttl,
+            max_tag_epochs: self.max_tag_epochs,
             tombstone_ttl,
             tags: self.tags,
             version: self.version,
@@ -440,6 +454,7 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
                 "use at least 1 byte (default 1 MiB)",
             ));
         }
+        check_max_tag_epochs(self.max_tag_epochs)?;
         for (name, d, zero_ok) in [
             ("ttl", Some(self.ttl), false),
             ("l1_ttl", self.l1_ttl, false),

@@ -13,6 +13,7 @@ use crate::l1::WeighFn;
 use crate::loader::Loader;
 use crate::overload::LoadProtection;
 use crate::scope::Scope;
+use crate::tag_epochs::MIN_MAX_TAG_EPOCHS;
 
 /// A value-to-tags function.
 pub(crate) type TagFn<K, V> = Arc<dyn Fn(&K, &V) -> Vec<String> + Send + Sync>;
@@ -33,6 +34,15 @@ pub(crate) fn check_duration(setting: &'static str, d: Duration, zero_ok: bool) 
         "use a positive duration of at most 365 days"
     };
     Err(BuildError::new(setting, format!("is {d:?}"), fix))
+}
+
+/// Checks [`max_tag_epochs`](super::builder::CacheBuilder::max_tag_epochs): a prune
+/// is O(n) under the L1 guards' tag lock, so n stays small enough for it to be short.
+pub(crate) fn check_max_tag_epochs(n: usize) -> Result<(), BuildError> {
+    if (MIN_MAX_TAG_EPOCHS..=1_000_000).contains(&n) {
+        return Ok(());
+    }
+    Err(BuildError::new("max_tag_epochs", format!("is {n}"), "use 16 to 1,000,000 (default 10,000)"))
 }
 
 /// Every setting, checked.
@@ -58,6 +68,7 @@ pub(crate) struct Config<K, V> {
     pub(crate) heartbeat_interval: Duration,
     pub(crate) membership_lease: Duration,
     pub(crate) write_lock_ttl: Duration,
+    pub(crate) max_tag_epochs: usize,
     pub(crate) tombstone_ttl: Duration,
     pub(crate) tags: Option<TagFn<K, V>>,
     pub(crate) version: Option<VersionFn<V>>,

@@ -131,7 +131,10 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
         let (stop_tx, stop) = shutdown::channel();
         let inner = Arc::new(Inner {
             // Tombstones outlive a write lock plus a load (see `Inner::invalidated_recently`).
-            guards: Guards::new(cfg.tombstone_ttl.max(cfg.write_lock_ttl.saturating_add(cfg.hard_timeout))),
+            guards: Guards::new(
+                cfg.tombstone_ttl.max(cfg.write_lock_ttl.saturating_add(cfg.hard_timeout)),
+                cfg.max_tag_epochs,
+            ),
             // What publish_fast_floor would store: epoch 0, healthy.
             fast_floor: FastFloor::new(if cfg.is_strong() { u64::MAX } else { Slot::<V>::floor(0) }),
             xfetch_lead: XFetchLead::new((cfg.early_refresh_beta * XFETCH_HORIZON * 1000.0).min(1e12) as u64),

@@ -16,6 +16,7 @@ use std::time::Duration;
 use parking_lot::{Mutex, RwLock};
 
 use crate::clock::Timestamp;
+use crate::tag_epochs::TagEpochs;
 
 const SHARDS: usize = 64;
 /// Sweep a shard's expired tombstones once it holds this many (at least).
@@ -44,7 +45,9 @@ pub(crate) struct Guards<K> {
     seq: AtomicU64,
     namespace_epoch: AtomicU64,
     has_tag_epochs: AtomicBool,
-    tag_epochs: RwLock<HashMap<String, u64>>,
+    /// Bounded: past its cap the oldest epochs are pruned behind a tag floor (see
+    /// [`TagEpochs`]), so distinct tags cannot grow the process without limit.
+    tag_epochs: RwLock<TagEpochs>,
     /// Tombstones; the shard lock also serialises "check guards then insert into L1"
     /// against "tombstone then evict", which is what makes the L1 guard airtight.
     shards: Box<[Mutex<Tombstones<K>>]>,
@@ -53,12 +56,14 @@ pub(crate) struct Guards<K> {
 }
 
 impl<K: Hash + Eq + Clone> Guards<K> {
-    pub(crate) fn new(tombstone_ttl: Duration) -> Self {
+    /// Guards whose tombstones live `tombstone_ttl` and which hold at most
+    /// `max_tag_epochs` tag epochs.
+    pub(crate) fn new(tombstone_ttl: Duration, max_tag_epochs: usize) -> Self {
         Guards {
             seq: AtomicU64::new(1),
             namespace_epoch: AtomicU64::new(0),
             has_tag_epochs: AtomicBool::new(false),
-            tag_epochs: RwLock::new(HashMap::new()),
+            tag_epochs: RwLock::new(TagEpochs::new(max_tag_epochs)),
             shards: (0..SHARDS)
                 .map(|_| Mutex::new(Tombstones { map: HashMap::new(), sweep_at: SWEEP_AT }))
                 .collect(),
@@ -144,15 +149,14 @@ impl<K: Hash + Eq + Clone> Guards<K> {
         if tags.is_empty() || !self.has_tag_epochs.load(Ordering::Acquire) {
             return true;
         }
-        let epochs = self.tag_epochs.read();
-        tags.iter().all(|t| epochs.get(t).is_none_or(|&e| fill_seq >= e))
+        self.tag_epochs.read().valid(fill_seq, tags)
     }
 
     /// Invalidates every entry carrying `tag` (lazily, on read).
     pub(crate) fn invalidate_tag(&self, tag: &str) {
         let mut epochs = self.tag_epochs.write();
         let at = self.advance();
-        epochs.insert(tag.to_owned(), at);
+        epochs.record(tag, at);
         self.has_tag_epochs.store(true, Ordering::Release);
     }
 
@@ -161,7 +165,7 @@ impl<K: Hash + Eq + Clone> Guards<K> {
         let at = self.advance();
         self.namespace_epoch.store(at, Ordering::SeqCst);
         // Tag epochs older than the namespace epoch can no longer matter.
-        self.tag_epochs.write().retain(|_, e| *e > at);
+        self.tag_epochs.write().forget_up_to(at);
     }
 }
 
@@ -169,6 +173,7 @@ impl<K: Hash + Eq + Clone> Guards<K> {
 mod tests {
     use super::*;
     use crate::clock::{Clock, ManualClock};
+    use crate::tag_epochs::{DEFAULT_MAX_TAG_EPOCHS, MIN_MAX_TAG_EPOCHS};
 
     const TTL: Duration = Duration::from_secs(10);
 
@@ -178,7 +183,7 @@ mod tests {
 
     #[test]
     fn a_fill_that_began_before_its_key_was_invalidated_is_refused() {
-        let (g, clock) = (Guards::<u64>::new(TTL), ManualClock::new());
+        let (g, clock) = (Guards::<u64>::new(TTL, DEFAULT_MAX_TAG_EPOCHS), ManualClock::new());
         let before = g.start(clock.now());
         g.invalidate_key(&1, clock.now(), || {});
         let after = g.start(clock.now());
@@ -189,7 +194,7 @@ mod tests {
 
     #[test]
     fn the_tombstone_outlives_the_slowest_allowed_fill() {
-        let (g, clock) = (Guards::<u64>::new(TTL), ManualClock::new());
+        let (g, clock) = (Guards::<u64>::new(TTL, DEFAULT_MAX_TAG_EPOCHS), ManualClock::new());
         let before = g.start(clock.now());
         g.invalidate_key(&1, clock.now(), || {});
         clock.advance(TTL - Duration::from_millis(1));
@@ -203,7 +208,7 @@ mod tests {
 
     #[test]
     fn tag_and_namespace_epochs_refuse_older_fills_lazily() {
-        let (g, clock) = (Guards::<u64>::new(TTL), ManualClock::new());
+        let (g, clock) = (Guards::<u64>::new(TTL, DEFAULT_MAX_TAG_EPOCHS), ManualClock::new());
         let tags = vec!["plan:gold".to_owned()];
         let before = g.start(clock.now());
         g.invalidate_tag("plan:gold");
@@ -221,14 +226,14 @@ mod tests {
 
     #[test]
     fn store_may_decline_under_the_lock() {
-        let (g, clock) = (Guards::<u64>::new(TTL), ManualClock::new());
+        let (g, clock) = (Guards::<u64>::new(TTL, DEFAULT_MAX_TAG_EPOCHS), ManualClock::new());
         let start = g.start(clock.now());
         assert!(!g.fill_if_clean(&1, start, clock.now(), &[], || false));
     }
 
     #[test]
     fn expired_tombstones_are_swept() {
-        let (g, clock) = (Guards::<u64>::new(TTL), ManualClock::new());
+        let (g, clock) = (Guards::<u64>::new(TTL, DEFAULT_MAX_TAG_EPOCHS), ManualClock::new());
         for k in 0..(SWEEP_AT as u64 * SHARDS as u64 * 2) {
             g.invalidate_key(&k, clock.now(), || {});
         }
@@ -238,5 +243,26 @@ mod tests {
         }
         let held: usize = g.shards.iter().map(|s| s.lock().map.len()).sum();
         assert!(held < SWEEP_AT * SHARDS * 3, "{held} tombstones held");
+    }
+
+    #[test]
+    fn tag_epochs_stay_bounded_and_pruning_revalidates_nothing() {
+        let (g, clock) = (Guards::<u64>::new(TTL, MIN_MAX_TAG_EPOCHS), ManualClock::new());
+        let victim = vec!["victim".to_owned()];
+        // An entry filled before the tag's invalidation, and a load in flight across it.
+        let stored = g.start(clock.now());
+        let in_flight = g.start(clock.now());
+        g.invalidate_tag("victim");
+        assert!(!g.valid(stored.seq, &victim));
+        for i in 0..10_000 {
+            g.invalidate_tag(&format!("user:{i}"));
+        }
+        assert!(g.tag_epochs.read().len() <= MIN_MAX_TAG_EPOCHS, "{} epochs held", g.tag_epochs.read().len());
+        assert!(g.tag_epochs.read().floor() > stored.seq, "the victim's epoch was pruned");
+        assert!(!g.valid(stored.seq, &victim), "the stored entry stays invalid");
+        assert!(!fill(&g, 1, in_flight, clock.now(), &victim), "the fill in flight stays refused");
+        assert!(g.valid(stored.seq, &[]), "untagged entries are not affected");
+        let fresh = g.start(clock.now());
+        assert!(fill(&g, 1, fresh, clock.now(), &victim), "a load after every invalidation fills");
     }
 }

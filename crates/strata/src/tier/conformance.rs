@@ -36,6 +36,51 @@ pub async fn run(tier: &dyn Tier, label: &str) {
     eprintln!("[conformance] {label}: every part passed in {:?}", started.elapsed());
 }
 
+/// Tag-epoch pruning (see [`TierConfig::max_tag_epochs`](crate::tier::TierConfig)):
+/// run it on a fresh tier built with a tag-epoch cap of `cap` (it uses the namespace
+/// `prune` and invalidates `3 * cap` distinct tags, so keep `cap` small for a remote
+/// tier). Checks that pruning never makes valid again an entry, or accepts a fill in
+/// flight, that a pruned tag's invalidation had invalidated, and that untagged entries
+/// and fills begun after the invalidations are not affected.
+pub async fn tag_pruning(tier: &dyn Tier, label: &str, cap: usize) {
+    let ns = "prune";
+    let call = "tier call";
+    let t = token(&tier.lookup(ns, "victim", None).await.expect(call));
+    let stored = tier.fill(ns, "victim", fresh("old", &["doomed"]), TTL, &t).await.expect(call);
+    assert_eq!(stored, FillOutcome::Stored, "{label}");
+    let t = token(&tier.lookup(ns, "plain", None).await.expect(call));
+    let stored = tier.fill(ns, "plain", fresh("plain", &[]), TTL, &t).await.expect(call);
+    assert_eq!(stored, FillOutcome::Stored, "{label}");
+    // A load in flight across the invalidation: its token predates it.
+    let in_flight = token(&tier.lookup(ns, "late", None).await.expect(call));
+    tier.invalidate_tag(ns, "doomed").await.expect(call);
+    // The victim is not looked up before the pruning (a lookup would delete it): it is
+    // still stored, stamped before the invalidation, and only the pruned epoch (now the
+    // floor) can refuse it.
+    for i in 0..cap * 3 {
+        tier.invalidate_tag(ns, &format!("other:{i}")).await.expect(call);
+    }
+    assert!(
+        is_miss(&tier.lookup(ns, "victim", None).await.expect(call)),
+        "{label}: an entry invalidated by a pruned tag stays invalid"
+    );
+    let refused = tier.fill(ns, "late", fresh("old", &["doomed"]), TTL, &in_flight).await.expect(call);
+    assert_eq!(refused, FillOutcome::Rejected, "{label}: a fill begun before a pruned tag's invalidation");
+    assert_eq!(
+        hit_value(&tier.lookup(ns, "plain", None).await.expect(call)).as_deref(),
+        Some("plain"),
+        "{label}: untagged entries are not affected by pruning"
+    );
+    let t = token(&tier.lookup(ns, "late", None).await.expect(call));
+    let stored = tier.fill(ns, "late", fresh("new", &["doomed"]), TTL, &t).await.expect(call);
+    assert_eq!(stored, FillOutcome::Stored, "{label}: a fill begun after every invalidation");
+    assert_eq!(
+        hit_value(&tier.lookup(ns, "late", None).await.expect(call)).as_deref(),
+        Some("new"),
+        "{label}"
+    );
+}
+
 fn now() -> Timestamp {
     SystemClock::default().now()
 }

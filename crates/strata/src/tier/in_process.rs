@@ -14,6 +14,7 @@ use super::{Envelope, FillOutcome, FillToken, Lookup, Tier, TierConfig};
 use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::error::{Error, ErrorKind, Result};
 use crate::scope::Scope;
+use crate::tag_epochs::TagEpochs;
 
 /// The stamp of a poisoned fill token: below every namespace epoch (which starts at 1),
 /// so no fill with it is ever stored.
@@ -23,7 +24,8 @@ struct Namespace {
     /// The invalidation clock.
     clock: u64,
     namespace_epoch: u64,
-    tag_epochs: HashMap<String, u64>,
+    /// Bounded by [`TierConfig::max_tag_epochs`], with a tag floor.
+    tag_epochs: TagEpochs,
     tombstones: HashMap<String, (u64, Timestamp)>,
     entries: HashMap<String, (Envelope, Timestamp)>,
     leases: HashMap<String, (u64, Timestamp)>,
@@ -33,12 +35,12 @@ struct Namespace {
     wide_locks: Vec<(u64, Timestamp)>,
 }
 
-impl Default for Namespace {
-    fn default() -> Self {
+impl Namespace {
+    fn new(max_tag_epochs: usize) -> Self {
         Namespace {
             clock: 1,
             namespace_epoch: 1,
-            tag_epochs: HashMap::new(),
+            tag_epochs: TagEpochs::new(max_tag_epochs),
             tombstones: HashMap::new(),
             entries: HashMap::new(),
             leases: HashMap::new(),
@@ -46,9 +48,7 @@ impl Default for Namespace {
             wide_locks: Vec::new(),
         }
     }
-}
 
-impl Namespace {
     fn locked(&self, key: &str, now: Timestamp) -> bool {
         self.wide_locks.iter().any(|(_, exp)| *exp > now)
             || self.key_locks.get(key).is_some_and(|l| l.iter().any(|(_, exp)| *exp > now))
@@ -60,8 +60,7 @@ impl Namespace {
     }
 
     fn valid(&self, env: &Envelope) -> bool {
-        env.stamp >= self.namespace_epoch
-            && env.tags.iter().all(|t| self.tag_epochs.get(t).is_none_or(|&e| env.stamp >= e))
+        env.stamp >= self.namespace_epoch && self.tag_epochs.valid(env.stamp, &env.tags)
     }
 
     fn prune(&mut self, now: Timestamp) {
@@ -95,10 +94,11 @@ impl Namespace {
                 }
             }
             Scope::Tag(tag) => {
-                self.tag_epochs.insert(tag.clone(), at);
+                self.tag_epochs.record(tag, at);
             }
             Scope::All => {
                 self.namespace_epoch = at;
+                self.tag_epochs.forget_up_to(at);
                 self.entries.clear();
                 self.leases.clear();
             }
@@ -179,6 +179,11 @@ impl InProcessTier {
         self.len(namespace) == 0
     }
 
+    /// How many tag epochs `namespace` holds (bounded by [`TierConfig::max_tag_epochs`]).
+    pub fn tag_epochs(&self, namespace: &str) -> usize {
+        self.inner.namespaces.lock().get(namespace).map_or(0, |ns| ns.tag_epochs.len())
+    }
+
     /// The raw stored envelope, valid or not (for tests that look for stale entries).
     pub fn raw(&self, namespace: &str, key: &str) -> Option<Envelope> {
         self.inner.namespaces.lock().get(namespace).and_then(|ns| ns.entries.get(key)).map(|(e, _)| e.clone())
@@ -241,7 +246,9 @@ impl InProcessTier {
         let mut map = self.inner.namespaces.lock();
         let ns = match map.get_mut(namespace) {
             Some(ns) => ns,
-            None => map.entry(namespace.to_owned()).or_default(),
+            None => map
+                .entry(namespace.to_owned())
+                .or_insert_with(|| Namespace::new(self.inner.config.max_tag_epochs)),
         };
         f(ns)
     }

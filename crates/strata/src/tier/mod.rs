@@ -39,6 +39,7 @@
 pub mod conformance;
 mod in_process;
 
+pub use crate::tag_epochs::{DEFAULT_MAX_TAG_EPOCHS, MIN_MAX_TAG_EPOCHS};
 pub use in_process::InProcessTier;
 
 use std::time::Duration;
@@ -130,11 +131,17 @@ pub enum FillOutcome {
 pub struct TierConfig {
     /// How long key tombstones live: must exceed the longest loader hard timeout.
     pub tombstone_ttl: Duration,
+    /// How many tag epochs a namespace keeps (default [`DEFAULT_MAX_TAG_EPOCHS`]; values
+    /// below [`MIN_MAX_TAG_EPOCHS`] count as that). Past it the older half is pruned and
+    /// the namespace's *tag floor* rises to the newest epoch pruned: a tagged entry or
+    /// fill stamped below the floor is invalid, so pruning never brings back what a
+    /// pruned tag invalidated (it may invalidate more, which only costs loads).
+    pub max_tag_epochs: usize,
 }
 
 impl Default for TierConfig {
     fn default() -> Self {
-        TierConfig { tombstone_ttl: Duration::from_secs(60) }
+        TierConfig { tombstone_ttl: Duration::from_secs(60), max_tag_epochs: DEFAULT_MAX_TAG_EPOCHS }
     }
 }
 

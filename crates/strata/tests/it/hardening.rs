@@ -197,7 +197,10 @@ async fn every_setting_out_of_range_fails_at_build_time_naming_it() {
     let max = Duration::MAX;
     let over = YEAR + Duration::from_secs(1);
     let tier = |tombstone_ttl| {
-        Arc::new(InProcessTier::with_config(TierConfig { tombstone_ttl }, Arc::new(ManualClock::new())))
+        Arc::new(InProcessTier::with_config(
+            TierConfig { tombstone_ttl, ..TierConfig::default() },
+            Arc::new(ManualClock::new()),
+        ))
     };
     let hub = InProcessBackplane::new();
     let strong = || {
@@ -260,7 +263,10 @@ async fn every_setting_out_of_range_fails_at_build_time_naming_it() {
 #[tokio::test]
 async fn the_largest_allowed_settings_run_a_load_an_invalidation_and_a_heartbeat_round() {
     let clock = ManualClock::new();
-    let tier = InProcessTier::with_config(TierConfig { tombstone_ttl: YEAR }, Arc::new(clock.clone()));
+    let tier = InProcessTier::with_config(
+        TierConfig { tombstone_ttl: YEAR, ..TierConfig::default() },
+        Arc::new(clock.clone()),
+    );
     let hub = InProcessBackplane::new();
     let big: Cache<u64, String> = Cache::builder(NS)
         .clock(Arc::new(clock.clone()))
@@ -368,7 +374,7 @@ async fn a_backplane_sequence_at_u64_max_does_not_kill_the_listener() {
 #[tokio::test]
 async fn the_in_process_tier_locks_with_any_tombstone_ttl() {
     let tier = InProcessTier::with_config(
-        TierConfig { tombstone_ttl: Duration::from_secs(u64::MAX) },
+        TierConfig { tombstone_ttl: Duration::from_secs(u64::MAX), ..TierConfig::default() },
         Arc::new(ManualClock::new()),
     );
     let scope = Scope::Keys(vec!["1".to_owned()]);

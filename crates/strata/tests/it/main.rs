@@ -19,5 +19,6 @@ mod schema;
 mod single_flight;
 mod strong;
 mod support;
+mod tag_pruning;
 mod warm_up;
 mod write_lock;

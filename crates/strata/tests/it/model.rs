@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use strata::testing::ManualClock;
-use strata::tier::TierConfig;
+use strata::tier::{MIN_MAX_TAG_EPOCHS, TierConfig};
 use strata::{Cache, InProcessTier};
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
@@ -38,6 +38,10 @@ enum Step {
     EvictL1(u64),
     EvictL2(u64),
     Advance(u64),
+    /// Invalidations of 24 tags no value carries: past the smallest tag-epoch bound
+    /// (16, set on L1 and L2 here), so `t0`'s and `t1`'s epochs get pruned behind the
+    /// tag floor, whose rise must never bring an old row back.
+    PruneTags,
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -51,6 +55,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (0..KEYS).prop_map(Step::EvictL1),
         1 => (0..KEYS).prop_map(Step::EvictL2),
         1 => (1..20_000u64).prop_map(Step::Advance),
+        1 => Just(Step::PruneTags),
     ]
 }
 
@@ -73,9 +78,11 @@ async fn l2_live(tier: &InProcessTier, k: u64) -> Option<String> {
 
 async fn run(steps: Vec<Step>, with_l2: bool) -> Result<(), TestCaseError> {
     let clock = ManualClock::new();
-    let tier = InProcessTier::with_config(TierConfig::default(), Arc::new(clock.clone()));
+    let config = TierConfig { max_tag_epochs: MIN_MAX_TAG_EPOCHS, ..TierConfig::default() };
+    let tier = InProcessTier::with_config(config, Arc::new(clock.clone()));
     let mut builder = Cache::builder(NS)
         .clock(Arc::new(clock.clone()))
+        .max_tag_epochs(MIN_MAX_TAG_EPOCHS)
         .ttl(Duration::from_secs(60))
         .ttl_jitter(0.0)
         .tags(|k: &u64, _v: &String| vec![format!("t{}", k % 2)]);
@@ -87,6 +94,7 @@ async fn run(steps: Vec<Step>, with_l2: bool) -> Result<(), TestCaseError> {
     let db = Db::with(&[(0, "v0"), (1, "v0"), (2, "v0")]);
     let mut version: HashMap<u64, u64> = HashMap::new();
     let mut held: Vec<Held> = Vec::new();
+    let mut noise = 0u64;
     let mut commit = |db: &Db, k: u64, held: &mut Vec<Held>| {
         let v = version.entry(k).or_default();
         *v += 1;
@@ -154,6 +162,12 @@ async fn run(steps: Vec<Step>, with_l2: bool) -> Result<(), TestCaseError> {
             Step::EvictL1(k) => cache.evict_local(&k),
             Step::EvictL2(k) => tier.evict(NS, &k.to_string()),
             Step::Advance(ms) => clock.advance(Duration::from_millis(ms)),
+            Step::PruneTags => {
+                for _ in 0..24 {
+                    noise += 1;
+                    cache.invalidate_tag(&format!("noise:{noise}")).await.expect("invalidate tag");
+                }
+            }
         }
         tokio::task::yield_now().await;
         for k in 0..KEYS {
