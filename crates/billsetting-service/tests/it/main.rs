@@ -158,24 +158,10 @@ async fn the_admin_router_probes_scrapes_and_invalidates_across_instances() {
         assert_eq!(resp.status(), 200, "instance {i} ready (subscribed, warmed up)");
         get_settings(&f, i, 9).await;
     }
-    // Under some load, then a scrape.
+    // Under some load: each key loaded on one instance, read from L2 on the other.
     for k in 1..=50 {
         get_settings(&f, k as usize % 2, k).await;
-    }
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    let text =
-        f.http.get(f.instances[1].url("/metrics")).send().await.expect("scrape").text().await.expect("text");
-    let scrape =
-        prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("Prometheus text");
-    for name in ["strata_l1_hits_total", "strata_loads_total", "strata_ready", "strata_pending_invalidations"]
-    {
-        assert!(
-            scrape
-                .samples
-                .iter()
-                .any(|s| s.metric == name && s.labels.get("namespace") == Some("billsetting")),
-            "{name} missing from:\n{text}"
-        );
+        get_settings(&f, (k as usize + 1) % 2, k).await;
     }
 
     // An operator's invalidation on one instance reaches the other.
@@ -193,6 +179,29 @@ async fn the_admin_router_probes_scrapes_and_invalidates_across_instances() {
     while f.instances[1].service.cache.get_local(&9).is_some() {
         assert!(start.elapsed() < Duration::from_secs(2), "instance 1 still holds key 9");
         tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+
+    // The scrape parses, with the counters, the gauges and both histograms.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let text =
+        f.http.get(f.instances[1].url("/metrics")).send().await.expect("scrape").text().await.expect("text");
+    let scrape =
+        prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("Prometheus text");
+    for name in [
+        "strata_l1_hits_total",
+        "strata_loads_total",
+        "strata_ready",
+        "strata_pending_invalidations",
+        "strata_invalidation_lag_seconds",
+        "strata_hit_age_seconds",
+    ] {
+        assert!(
+            scrape
+                .samples
+                .iter()
+                .any(|s| s.metric == name && s.labels.get("namespace") == Some("billsetting")),
+            "{name} missing from:\n{text}"
+        );
     }
     let resp = f
         .http

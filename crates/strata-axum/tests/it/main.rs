@@ -10,6 +10,8 @@ use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::Value;
+use strata::clock::Timestamp;
+use strata::tier::{Envelope, FillOutcome, FillToken, Lookup, Tier};
 use strata::{Cache, Consistency, InProcessBackplane, InProcessTier};
 use strata_axum::{AdminState, AdminToken, router};
 use tower::ServiceExt;
@@ -198,6 +200,109 @@ async fn readiness_names_each_condition_not_met() {
     let (s, body) = call(&app, "GET", "/readyz", None, "").await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
     assert!(body["caches"]["down"]["not_met"].to_string().contains("backplane"), "{body}");
+}
+
+/// An in-process tier whose hot-key ranking never answers: warm-up waits on it.
+struct SlowRanking(InProcessTier);
+
+#[async_trait::async_trait]
+impl Tier for SlowRanking {
+    fn name(&self) -> &str {
+        "slow-ranking"
+    }
+    fn tombstone_ttl(&self) -> Duration {
+        self.0.tombstone_ttl()
+    }
+    async fn lookup(&self, ns: &str, key: &str, lease: Option<Duration>) -> strata::Result<Lookup> {
+        self.0.lookup(ns, key, lease).await
+    }
+    async fn fill(
+        &self,
+        ns: &str,
+        key: &str,
+        e: Envelope,
+        ttl: Duration,
+        t: &FillToken,
+    ) -> strata::Result<FillOutcome> {
+        self.0.fill(ns, key, e, ttl, t).await
+    }
+    async fn set(&self, ns: &str, key: &str, e: Envelope, ttl: Duration) -> strata::Result<()> {
+        self.0.set(ns, key, e, ttl).await
+    }
+    async fn delete(&self, ns: &str, keys: &[String]) -> strata::Result<()> {
+        self.0.delete(ns, keys).await
+    }
+    async fn invalidate_tag(&self, ns: &str, tag: &str) -> strata::Result<()> {
+        self.0.invalidate_tag(ns, tag).await
+    }
+    async fn invalidate_namespace(&self, ns: &str) -> strata::Result<()> {
+        self.0.invalidate_namespace(ns).await
+    }
+    async fn touch(&self, ns: &str, key: &str, soft: Timestamp, ttl: Duration) -> strata::Result<bool> {
+        self.0.touch(ns, key, soft, ttl).await
+    }
+    async fn lock(&self, ns: &str, scope: &strata::Scope, id: u64, ttl: Duration) -> strata::Result<()> {
+        self.0.lock(ns, scope, id, ttl).await
+    }
+    async fn unlock(&self, ns: &str, scope: &strata::Scope, id: u64) -> strata::Result<()> {
+        self.0.unlock(ns, scope, id).await
+    }
+    async fn hot_keys(&self, _: &str, _: usize) -> strata::Result<Vec<String>> {
+        std::future::pending().await
+    }
+}
+
+/// A backplane that delivers nothing back: a Strong member never hears its own
+/// heartbeat, so it never holds its membership lease.
+struct Deaf(InProcessBackplane);
+
+#[async_trait::async_trait]
+impl strata::backplane::Backplane for Deaf {
+    fn name(&self) -> &str {
+        "deaf"
+    }
+    async fn publish(&self, _: &strata::backplane::Message) -> strata::Result<()> {
+        Ok(())
+    }
+    async fn subscribe(&self) -> strata::Result<strata::backplane::Subscription> {
+        self.0.subscribe().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_waits_for_warm_up_and_the_strong_lease() {
+    let warming: Cache<u64, String> = Cache::builder("warming")
+        .tier(Arc::new(SlowRanking(InProcessTier::new())))
+        .backplane(Arc::new(InProcessBackplane::new()))
+        .warm_up(strata::WarmUp::new().budget(Duration::from_secs(3600)))
+        .build()
+        .expect("valid");
+    let start = std::time::Instant::now();
+    while !warming.health().backplane_healthy {
+        assert!(start.elapsed() < Duration::from_secs(5), "never subscribed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let app = router(AdminState::builder().cache(warming.handle()).build().expect("valid"));
+    let (s, body) = call(&app, "GET", "/readyz", None, "").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        body["caches"]["warming"]["not_met"].to_string(),
+        r#"["warming up: preloading the fleet's hot keys"]"#
+    );
+
+    let lonely: Cache<u64, String> = Cache::builder("lonely")
+        .tier(Arc::new(InProcessTier::new()))
+        .backplane(Arc::new(Deaf(InProcessBackplane::new())))
+        .consistency(Consistency::Strong)
+        .heartbeat_interval(Duration::from_millis(20))
+        .membership_lease(Duration::from_millis(300))
+        .build()
+        .expect("valid");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let app = router(AdminState::builder().cache(lonely.handle()).build().expect("valid"));
+    let (s, body) = call(&app, "GET", "/readyz", None, "").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body["caches"]["lonely"]["not_met"].to_string().contains("membership lease not held"), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
