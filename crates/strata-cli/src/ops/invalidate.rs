@@ -10,22 +10,15 @@ use clap::{Args, ValueEnum};
 use strata::{Cache, Consistency, Scope};
 use strata_redis::{RedisStreamBackplane, RedisTier};
 
-use super::DEFAULT_PREFIX;
-use crate::secret::SecretUrl;
+use super::Target;
 
 /// Arguments of `strata invalidate`.
 #[derive(Debug, Args)]
 #[command(group = clap::ArgGroup::new("scope").required(true).args(["key", "tag", "all"]))]
 pub struct InvalidateArgs {
-    /// Redis URL of the fleet's L2 tier and backplane (its password is never printed).
-    #[arg(long, value_name = "URL")]
-    pub redis: SecretUrl,
-    /// The cache's namespace.
-    #[arg(long, value_name = "NS")]
-    pub namespace: String,
-    /// Key prefix of the tier and the backplane, as the fleet's builders set it.
-    #[arg(long, default_value = DEFAULT_PREFIX)]
-    pub prefix: String,
+    /// Where the namespace lives.
+    #[command(flatten)]
+    pub target: Target,
     /// Keys to invalidate, in their text form (repeat, or give several).
     #[arg(long, num_args = 1.., value_name = "K")]
     pub key: Vec<String>,
@@ -69,14 +62,14 @@ pub async fn run(args: InvalidateArgs) -> Result<()> {
         }
         Scope::Keys(args.key.clone())
     };
-    let redis = &args.redis;
+    let redis = &args.target.redis;
     let tier = RedisTier::builder(redis.expose())
-        .prefix(&args.prefix)
+        .prefix(&args.target.prefix)
         .build()
         .await
         .with_context(|| format!("cannot connect the Redis tier to {redis}"))?;
     let backplane = RedisStreamBackplane::builder(redis.expose())
-        .prefix(&args.prefix)
+        .prefix(&args.target.prefix)
         .build()
         .await
         .with_context(|| format!("cannot connect the stream backplane to {redis}"))?;
@@ -86,7 +79,7 @@ pub async fn run(args: InvalidateArgs) -> Result<()> {
         Level::Strong => Consistency::Strong,
     };
     // Keys stay text: the scope carries them as text, and members parse them.
-    let cache = Cache::<String, Vec<u8>>::builder(&args.namespace)
+    let cache = Cache::<String, Vec<u8>>::builder(&args.target.namespace)
         .tier(Arc::new(tier))
         .backplane(Arc::new(backplane))
         .consistency(consistency)
@@ -106,7 +99,7 @@ pub async fn run(args: InvalidateArgs) -> Result<()> {
         format!(
             "invalidating {} in namespace {:?} failed (L2 errors: {}, messages published: {})",
             scope.describe(),
-            args.namespace,
+            args.target.namespace,
             stats.l2_errors,
             stats.invalidations_sent
         )
@@ -116,7 +109,7 @@ pub async fn run(args: InvalidateArgs) -> Result<()> {
         Scope::Tag(tag) => format!("invalidated tag {tag:?} in L2 (its entries are no longer served)"),
         Scope::All => "invalidated the whole namespace in L2 (epoch bumped)".to_owned(),
     };
-    println!("namespace {:?} on {redis}:", args.namespace);
+    println!("namespace {:?} on {redis}:", args.target.namespace);
     println!("  l2: {what}");
     println!(
         "  backplane: published {} invalidation message(s) on stream {stream}",

@@ -9,21 +9,14 @@ use clap::Args;
 use redis::aio::MultiplexedConnection;
 use serde::Serialize;
 
-use super::{DEFAULT_PREFIX, namespace_base};
-use crate::secret::SecretUrl;
+use super::{Target, namespace_base};
 
 /// Arguments of `strata stats`.
 #[derive(Debug, Args)]
 pub struct StatsArgs {
-    /// Redis URL of the fleet's L2 tier and backplane (its password is never printed).
-    #[arg(long, value_name = "URL")]
-    pub redis: SecretUrl,
-    /// The cache's namespace.
-    #[arg(long, value_name = "NS")]
-    pub namespace: String,
-    /// Key prefix of the tier and the backplane, as the fleet's builders set it.
-    #[arg(long, default_value = DEFAULT_PREFIX)]
-    pub prefix: String,
+    /// Where the namespace lives.
+    #[command(flatten)]
+    pub target: Target,
     /// Stop counting entries after this many (the count is a `SCAN` of the namespace).
     #[arg(long, default_value_t = 1_000_000)]
     pub scan_cap: u64,
@@ -75,8 +68,8 @@ pub async fn run(args: StatsArgs) -> Result<()> {
 }
 
 async fn collect(args: &StatsArgs) -> Result<NamespaceStats> {
-    let redis = &args.redis;
-    let base = namespace_base(redis, &args.prefix, &args.namespace).await?;
+    let redis = &args.target.redis;
+    let base = namespace_base(redis, &args.target.prefix, &args.target.namespace).await?;
     let client = redis::Client::open(redis.expose()).with_context(|| format!("bad Redis URL {redis}"))?;
     let mut conn = client
         .get_multiplexed_async_connection()
@@ -86,7 +79,7 @@ async fn collect(args: &StatsArgs) -> Result<NamespaceStats> {
         redis::cmd("HGETALL").arg(format!("{base}m")).query_async(&mut conn).await.context("HGETALL meta")?;
     let field = |name: &str| meta.iter().find(|(f, _)| f == name).and_then(|(_, v)| v.parse().ok());
     let (entries, entries_capped) = count_entries(&mut conn, &base, args.scan_cap).await?;
-    let stream = format!("{}:{{bp}}", args.prefix);
+    let stream = format!("{}:{{bp}}", args.target.prefix);
     let stream_length: u64 = redis::cmd("XLEN").arg(&stream).query_async(&mut conn).await.context("XLEN")?;
     let last: Vec<StreamEntry> = redis::cmd("XREVRANGE")
         .arg(&stream)
@@ -100,7 +93,7 @@ async fn collect(args: &StatsArgs) -> Result<NamespaceStats> {
     let clients: String =
         redis::cmd("CLIENT").arg("LIST").query_async(&mut conn).await.context("CLIENT LIST")?;
     Ok(NamespaceStats {
-        namespace: args.namespace.clone(),
+        namespace: args.target.namespace.clone(),
         meta_present: !meta.is_empty(),
         clock: field("c"),
         namespace_epoch: field("n"),
