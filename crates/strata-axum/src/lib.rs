@@ -40,7 +40,9 @@
 //! Each cache pushes its counters every second as `strata_<counter>_total{namespace}`
 //! (the fields of [`strata::CacheStats`]: `strata_l1_hits_total`, `strata_misses_total`,
 //! `strata_loads_total`, `strata_invalidations_sent_total`, `strata_gaps_detected_total`,
-//! …) and `strata_load_duration_seconds`; `/metrics` adds the gauges `strata_ready`,
+//! `strata_l1_evictions_total`, …) and `strata_load_duration_seconds`; `/metrics` adds
+//! `strata_requests_total{namespace,tier,result}` (`l1`/`hit`, `l2`/`hit`, `any`/`miss`:
+//! the hit ratio by tier as dashboards chart it) and the gauges `strata_ready`,
 //! `strata_backplane_healthy`, `strata_bypassed`, `strata_warming_up`,
 //! `strata_pending_invalidations`, `strata_l2_breaker_open` (0, 0.5 half-open, 1),
 //! `strata_l1_entries` and `strata_backplane_unhealthy_seconds` (time since the

@@ -124,7 +124,16 @@ pub(crate) async fn metrics(State(state): State<AdminState>) -> Response {
             Some(_) => 1.0,
         };
         metrics::gauge!("strata_l2_breaker_open", "namespace" => ns.clone()).set(open);
-        metrics::gauge!("strata_l1_entries", "namespace" => ns).set(c.stats().l1_entries as f64);
+        let stats = c.stats();
+        metrics::gauge!("strata_l1_entries", "namespace" => ns.clone()).set(stats.l1_entries as f64);
+        // Reads by tier and result, as cache dashboards chart them (`sum by (result)`
+        // is the hit ratio); the same counts as strata_l1_hits_total & co.
+        for (tier, result, n) in
+            [("l1", "hit", stats.l1_hits), ("l2", "hit", stats.l2_hits), ("any", "miss", stats.misses)]
+        {
+            metrics::counter!("strata_requests_total", "namespace" => ns.clone(), "tier" => tier, "result" => result)
+                .absolute(n);
+        }
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], handle.render()).into_response()
 }

@@ -102,6 +102,19 @@ impl StripedCounter {
     }
 }
 
+/// A counter another component (L1's eviction hook) increments through a handle.
+#[derive(Default)]
+pub(crate) struct SharedCounter(std::sync::Arc<AtomicU64>);
+
+impl SharedCounter {
+    pub(crate) fn handle(&self) -> std::sync::Arc<AtomicU64> {
+        self.0.clone()
+    }
+    pub(crate) fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// A plain counter for paths that are not hot.
 #[derive(Default)]
 pub(crate) struct Counter(AtomicU64);
@@ -222,6 +235,8 @@ stats! {
     warm_up_keys: Counter,
     /// Warm-ups that ran out of their time budget.
     warm_up_timeouts: Counter,
+    /// Entries L1 evicted to stay within its capacity (not invalidations, not expiries).
+    l1_evictions: SharedCounter,
     /// Loads that had to wait for a permit of a load limit.
     loads_throttled: Counter,
     /// Loads refused because no permit of a load limit came within the permit wait

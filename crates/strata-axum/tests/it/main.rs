@@ -354,6 +354,12 @@ async fn metrics_parse_as_prometheus_text_over_real_http() {
     assert!(value("strata_l1_hits_total").is_some_and(|v| v >= 10.0));
     assert_eq!(value("strata_ready"), Some(1.0));
     assert_eq!(value("strata_backplane_unhealthy_seconds"), Some(0.0));
+    assert!(
+        scrape.samples.iter().any(|s| s.metric == "strata_requests_total"
+            && s.labels.get("tier") == Some("l1")
+            && s.labels.get("result") == Some("hit")),
+        "{text}"
+    );
     let family = |name: &str, tier: Option<&str>| {
         scrape
             .samples

@@ -84,8 +84,13 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
         tier: Option<Arc<dyn Tier>>,
         backplane: Option<Arc<dyn Backplane>>,
     ) -> (Arc<Self>, Lifetime) {
-        let l1 =
-            L1::with_weighter(cfg.estimated_entries, cfg.max_capacity, EntryWeighter(cfg.weigher.clone()));
+        let stats = Stats::default();
+        let l1 = L1::with_weighter(
+            cfg.estimated_entries,
+            cfg.max_capacity,
+            EntryWeighter(cfg.weigher.clone()),
+            stats.l1_evictions.handle(),
+        );
         let breaker_clock: Arc<dyn Clock> = match clock.kind() {
             ClockKind::System(c) => Arc::new(c.clone()),
             ClockKind::Custom(c) => c.clone(),
@@ -146,7 +151,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
             fleet,
             origin,
             health,
-            stats: Stats::default(),
+            stats,
             gate,
             pending: Mutex::new(Pending::default()),
             bypassed: AtomicBool::new(false),

@@ -136,13 +136,23 @@ impl BuildHasher for PassThrough {
     }
 }
 
-type Shard<K, V> = quick_cache::unsync::Cache<
-    Keyed<K>,
-    Slot<V>,
-    EntryWeighter<K, V>,
-    PassThrough,
-    quick_cache::sync::DefaultLifecycle<Keyed<K>, Slot<V>>,
->;
+type Shard<K, V> =
+    quick_cache::unsync::Cache<Keyed<K>, Slot<V>, EntryWeighter<K, V>, PassThrough, CountEvictions>;
+
+/// Counts capacity evictions (`l1_evictions`). The evicted entry is dropped where
+/// quick_cache drops it, inside the shard's write lock: a slot holds an `Arc` or a
+/// small value, so that is cheap.
+#[derive(Clone)]
+pub(crate) struct CountEvictions(Arc<AtomicU64>);
+
+impl<K, V> quick_cache::Lifecycle<K, V> for CountEvictions {
+    type RequestState = ();
+
+    #[inline]
+    fn on_evict(&self, _: &mut (), _: K, _: V) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
 
 /// L1's table: quick_cache's single-threaded cache shards, each under its own
 /// read-write lock, sharded the way `quick_cache::sync::Cache` shards.
@@ -166,6 +176,7 @@ impl<K: Hash + Eq, V: Clone> L1<K, V> {
         estimated_entries: usize,
         capacity: u64,
         weighter: EntryWeighter<K, V>,
+        evictions: Arc<AtomicU64>,
     ) -> Self {
         let cores = std::thread::available_parallelism().map_or(1, NonZero::get);
         let mut shards = (cores * 4).next_power_of_two() as u64;
@@ -184,7 +195,7 @@ impl<K: Hash + Eq, V: Clone> L1<K, V> {
                         weight.max(1),
                         weighter.clone(),
                         PassThrough,
-                        Default::default(),
+                        CountEvictions(evictions.clone()),
                     ))
                 })
                 .collect(),
@@ -256,7 +267,7 @@ mod tests {
 
     #[test]
     fn the_table_finds_what_it_stores_in_every_shard() {
-        let l1 = L1::<u64, u64>::with_weighter(20_000, 20_000, EntryWeighter(None));
+        let l1 = L1::<u64, u64>::with_weighter(20_000, 20_000, EntryWeighter(None), Arc::default());
         assert!(l1.shards.len() > 1);
         for k in 0..10_000 {
             l1.insert(k, slot(k * 2));
@@ -282,7 +293,12 @@ mod tests {
 
     #[test]
     fn the_table_stays_within_its_capacity() {
-        let l1 = L1::<String, u64>::with_weighter(100, 1_000, EntryWeighter(Some(Arc::new(|_, _| 10))));
+        let l1 = L1::<String, u64>::with_weighter(
+            100,
+            1_000,
+            EntryWeighter(Some(Arc::new(|_, _| 10))),
+            Arc::default(),
+        );
         for k in 0..10_000u64 {
             l1.insert(k.to_string(), slot(k));
         }

@@ -232,3 +232,17 @@ async fn fetch_reads_through_the_configured_loader_and_refuses_without_one() {
     let bare = manual_cache(&clock).build().expect("valid");
     assert_eq!(bare.fetch(&7).await.expect_err("no loader").kind(), ErrorKind::InvalidInput);
 }
+
+#[tokio::test]
+async fn capacity_evictions_are_counted() {
+    let cache: Cache<u64, String> = Cache::builder(NS).max_capacity(100).build().expect("valid config");
+    for k in 0..1_000u64 {
+        cache
+            .get_or_load(&k, move || async move { Ok::<_, std::io::Error>(Some(format!("v{k}"))) })
+            .await
+            .expect("load");
+    }
+    let s = cache.stats();
+    assert!(s.l1_entries <= 128, "{s:?}");
+    assert_eq!(s.l1_evictions + s.l1_entries, 1_000, "{s:?}");
+}
