@@ -139,18 +139,21 @@ impl BuildHasher for PassThrough {
 type Shard<K, V> =
     quick_cache::unsync::Cache<Keyed<K>, Slot<V>, EntryWeighter<K, V>, PassThrough, CountEvictions>;
 
-/// Counts capacity evictions (`l1_evictions`). The evicted entry is dropped where
-/// quick_cache drops it, inside the shard's write lock: a slot holds an `Arc` or a
-/// small value, so that is cheap.
+/// Counts capacity evictions (`l1_evictions`), and keeps the (at most two) evicted
+/// entries of a request in its state, as quick_cache's own sync lifecycle does, so that
+/// [`L1::insert`] drops them after the shard lock is released.
 #[derive(Clone)]
 pub(crate) struct CountEvictions(Arc<AtomicU64>);
 
 impl<K, V> quick_cache::Lifecycle<K, V> for CountEvictions {
-    type RequestState = ();
+    type RequestState = [Option<(K, V)>; 2];
 
     #[inline]
-    fn on_evict(&self, _: &mut (), _: K, _: V) {
+    fn on_evict(&self, state: &mut Self::RequestState, key: K, val: V) {
         self.0.fetch_add(1, Ordering::Relaxed);
+        if let Some(free) = state.iter_mut().find(|s| s.is_none()) {
+            *free = Some((key, val));
+        }
     }
 }
 
