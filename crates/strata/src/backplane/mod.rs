@@ -40,7 +40,7 @@ pub struct Message {
     pub sent_at_ms: u64,
 }
 
-/// A message as format 2 encoded it (no send time).
+/// A message without its send time: what every format-2 decoder reads first.
 #[derive(Deserialize)]
 struct MessageV2 {
     origin: OriginId,
@@ -78,13 +78,15 @@ pub enum MessageBody {
 
 /// The first byte of every encoded message, so the format can evolve.
 ///
-/// 2: the body of an invalidation is one [`Scope`] (1 had a variant per kind).
-/// 3: the send time (`sent_at_ms`) follows the body. Format 2 is still read, with a
-/// send time of 0, so a fleet can be upgraded one instance at a time.
-const WIRE_FORMAT: u8 = 3;
+/// 2: the body of an invalidation is one [`Scope`] (1 had a variant per kind). The send
+/// time ([`Message::sent_at_ms`]) follows the body as one more postcard varint, which a
+/// decoder that does not know it ignores (postcard reads a value and leaves what
+/// follows): senders with and without it understand each other, so a fleet can be
+/// upgraded one instance at a time.
+const WIRE_FORMAT: u8 = 2;
 
 impl Message {
-    /// Encodes the message for a wire (format byte + postcard).
+    /// Encodes the message for a wire (format byte + postcard, the send time last).
     pub fn encode(&self) -> Result<Bytes> {
         let mut out = vec![WIRE_FORMAT];
         postcard::to_io(self, &mut out)
@@ -93,19 +95,15 @@ impl Message {
     }
 
     /// Decodes a message; malformed input is an error the receiver counts and ignores.
+    /// A message without a send time (an older sender) gets `sent_at_ms` 0.
     pub fn decode(bytes: &[u8]) -> Result<Message> {
+        let malformed = |e| Error::new(ErrorKind::Codec, "malformed backplane message").with_source(e);
         match bytes.split_first() {
-            Some((&WIRE_FORMAT, rest)) => postcard::from_bytes(rest)
-                .map_err(|e| Error::new(ErrorKind::Codec, "malformed backplane message").with_source(e)),
-            Some((2, rest)) => postcard::from_bytes::<MessageV2>(rest)
-                .map(|m| Message {
-                    origin: m.origin,
-                    seq: m.seq,
-                    namespace: m.namespace,
-                    body: m.body,
-                    sent_at_ms: 0,
-                })
-                .map_err(|e| Error::new(ErrorKind::Codec, "malformed backplane message").with_source(e)),
+            Some((&WIRE_FORMAT, rest)) => {
+                let (m, rest) = postcard::take_from_bytes::<MessageV2>(rest).map_err(malformed)?;
+                let sent_at_ms = postcard::from_bytes::<u64>(rest).unwrap_or(0);
+                Ok(Message { origin: m.origin, seq: m.seq, namespace: m.namespace, body: m.body, sent_at_ms })
+            }
             Some((other, _)) => {
                 Err(Error::new(ErrorKind::Codec, format!("unknown backplane message format {other}")))
             }
@@ -168,5 +166,46 @@ pub trait Backplane: Send + Sync + 'static {
     async fn replay(&self, origin: OriginId, from_seq: u64, to_seq: u64) -> Result<Option<Vec<Message>>> {
         let _ = (origin, from_seq, to_seq);
         Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(sent_at_ms: u64) -> Message {
+        Message {
+            origin: 7,
+            seq: 42,
+            namespace: "ns".into(),
+            body: MessageBody::Invalidate(Scope::Keys(vec!["k".into()])),
+            sent_at_ms,
+        }
+    }
+
+    /// What a sender without the send time wrote: format 2, the struct, nothing after.
+    #[derive(Serialize)]
+    struct Old<'a> {
+        origin: OriginId,
+        seq: u64,
+        namespace: &'a str,
+        body: &'a MessageBody,
+    }
+
+    #[test]
+    fn old_and_new_senders_understand_each_other() {
+        let new = message(1_796_000_000_123);
+        let bytes = new.encode().expect("encode");
+        assert_eq!(Message::decode(&bytes).expect("decode"), new);
+        // A decoder that knows only the struct reads the same message from new bytes.
+        let old_view = postcard::from_bytes::<MessageV2>(&bytes[1..]).expect("an older decoder");
+        assert_eq!((old_view.origin, old_view.seq, old_view.body), (7, 42, new.body.clone()));
+        // An older sender's bytes decode with no send time.
+        let mut old = vec![WIRE_FORMAT];
+        let body = new.body.clone();
+        postcard::to_io(&Old { origin: 7, seq: 42, namespace: "ns", body: &body }, &mut old).expect("encode");
+        assert_eq!(Message::decode(&old).expect("decode"), message(0));
+        assert!(Message::decode(&[3, 0]).is_err());
+        assert!(Message::decode(&[]).is_err());
     }
 }
