@@ -381,3 +381,47 @@ async fn metrics_parse_as_prometheus_text_over_real_http() {
     assert_eq!(resp.status(), 200);
     assert_eq!(a.get_local(&3), None);
 }
+
+/// Collects what the fmt subscriber writes, for the audit test.
+#[derive(Clone, Default)]
+struct Captured(Arc<parking_lot::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+// One thread: the subscriber set for this test sees every line the handlers write.
+#[tokio::test(flavor = "current_thread")]
+async fn audit_lines_name_the_caller_and_the_scope_never_the_token() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let (hub, tier) = (InProcessBackplane::new(), InProcessTier::new());
+    let a = cache("audited", &hub, &tier).await;
+    let state =
+        AdminState::builder().cache(a.handle()).token(AdminToken::new(TOKEN)).caller_header("x-user").build();
+    let app = router(state.expect("valid"));
+    let send = |auth: &str| {
+        Request::builder()
+            .method("POST")
+            .uri("/caches/audited/invalidate")
+            .header("authorization", format!("Bearer {auth}"))
+            .header("x-user", "ops-alice")
+            .body(Body::from(r#"{"keys":["1","2"]}"#))
+            .expect("request")
+    };
+    assert_eq!(app.clone().oneshot(send("wrong-token-0123456789")).await.expect("response").status(), 401);
+    assert_eq!(app.clone().oneshot(send(TOKEN)).await.expect("response").status(), 200);
+    let log = String::from_utf8(captured.0.lock().clone()).expect("utf-8");
+    assert!(log.contains("strata::audit") && log.contains("ops-alice"), "{log}");
+    assert!(log.contains("invalidate refused"), "{log}");
+    assert!(log.contains("scope=\"keys\"") && log.contains("count=2") && log.contains("ok=true"), "{log}");
+    assert!(!log.contains(TOKEN) && !log.contains("wrong-token"), "a token in the audit log: {log}");
+}
