@@ -139,9 +139,12 @@
 //! also the namespace meta hash (the namespace goes cold) and, on the same server, the
 //! backplane stream (gaps, repaired by flushing L1). The tier reads `INFO memory` at
 //! build time and warns ([`EvictionCheck::Warn`], the default) or refuses
-//! ([`EvictionCheck::Refuse`]). The ACL user needs `+@read +@write +@scripting +@stream +@pubsub`
-//! (and `+client|setname` for the stream subscriber) on the keys and channels under
-//! the prefix.
+//! ([`EvictionCheck::Refuse`]).
+//!
+//! The least-privilege ACL is [`MINIMAL_ACL`] (commands, keys and channels under the
+//! prefix; tested with the conformance suite and a backplane round trip). A command a
+//! script needs but the user lacks fails the call with `NOPERM the Redis ACL user may
+//! not run <command>: grant +<command>`, never a silent miss.
 //!
 //! # Layout
 //!
@@ -165,6 +168,19 @@ mod integrity;
 mod reply;
 pub mod tier;
 mod tls;
+
+/// The least-privilege Redis ACL rule for the default prefix `strata` (the tier, warm-up
+/// ranking, write locks, tag pruning, and both backplanes), as `ACL SETUSER` arguments
+/// after the user, its password, `resetkeys resetchannels -@all`:
+/// `ACL SETUSER app on >PASSWORD resetkeys resetchannels -@all <MINIMAL_ACL>`. For another
+/// prefix, replace `strata:` in the key and channel patterns. `+info` is optional: the
+/// tier's eviction check is skipped (with a debug log) when it is denied. Tested by
+/// `tier::a_least_privilege_acl_user_runs_the_tier_and_the_stream_backplane`.
+pub const MINIMAL_ACL: &str = "~strata:* &strata:* +ping +info +evalsha +script|load +client|setname \
+    +time +get +set +del +unlink +incr +pexpire +pttl +exists +type \
+    +hget +hset +hmget +hgetall +hstrlen +hincrby +hdel +hlen +hrandfield +decr +xinfo \
+    +zadd +zrem +zcount +zcard +zincrby +zrevrange +zremrangebyscore +zremrangebyrank +zunionstore \
+    +xadd +xrange +xrevrange +xread +publish +subscribe";
 
 pub use backplane::BackplaneStats;
 pub use backplane::pubsub::{RedisPubSubBackplane, RedisPubSubBackplaneBuilder};

@@ -19,7 +19,7 @@
 //! rebuilt or dropped, and the entries it deleted as corrupt.
 
 use crate::tier::format::ENVELOPE_FORMAT;
-use crate::tier::lua::PRELUDE;
+use crate::tier::lua::{PCALL, PRELUDE};
 
 /// Lookup over one or more keys of a namespace.
 ///
@@ -115,7 +115,7 @@ local ek, meta, lk, xk = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local stamp = tonumber(ARGV[1])
 local clock = clock_of(meta)
 if ARGV[3] ~= '0' then
-  local own = redis.pcall('GET', lk)
+  local own = pc('GET', lk)
   if type(own) == 'table' then
     redis.call('UNLINK', lk)
     repaired = repaired + 1
@@ -123,7 +123,7 @@ if ARGV[3] ~= '0' then
     redis.call('DEL', lk)
   end
 end
-local tomb = redis.pcall('GET', xk)
+local tomb = pc('GET', xk)
 if tomb then
   local at = type(tomb) == 'string' and num(tomb)
   if not at or at > clock or redis.call('PTTL', xk) < 0 then
@@ -288,7 +288,7 @@ return {1, repaired, 0}
 ///
 /// KEYS: entry. ARGV: bytes. Returns 1 if deleted.
 const DISCARD_BODY: &str = r#"
-local cur = redis.pcall('HGET', KEYS[1], 'e')
+local cur = pc('HGET', KEYS[1], 'e')
 if type(cur) == 'string' and cur == ARGV[1] then
   redis.call('UNLINK', KEYS[1])
   return 1
@@ -300,7 +300,7 @@ return 0
 /// another type is dropped.
 /// `KEYS[1]` lease key; `ARGV[1]` lease id. Result: 1 if released.
 const RELEASE_LEASE_BODY: &str = r#"
-local held = redis.pcall('GET', KEYS[1])
+local held = pc('GET', KEYS[1])
 if type(held) == 'table' then
   redis.call('UNLINK', KEYS[1])
   return {0, 1, 0}
@@ -314,7 +314,7 @@ return {0, 0, 0}
 
 fn with_prelude(body: &str, max_tag_epochs: usize) -> String {
     format!(
-        "local ENVELOPE_FORMAT = {ENVELOPE_FORMAT}\nlocal MAX_TAG_EPOCHS = {max_tag_epochs}\n{PRELUDE}{body}"
+        "local ENVELOPE_FORMAT = {ENVELOPE_FORMAT}\nlocal MAX_TAG_EPOCHS = {max_tag_epochs}\n{PCALL}{PRELUDE}{body}"
     )
 }
 
@@ -346,8 +346,8 @@ impl TierScripts {
             invalidate_tag: redis::Script::new(&with_prelude(INVALIDATE_TAG_BODY)),
             invalidate_namespace: redis::Script::new(&with_prelude(INVALIDATE_NAMESPACE_BODY)),
             touch: redis::Script::new(&with_prelude(TOUCH_BODY)),
-            discard: redis::Script::new(DISCARD_BODY),
-            release_lease: redis::Script::new(RELEASE_LEASE_BODY),
+            discard: redis::Script::new(&format!("{PCALL}{DISCARD_BODY}")),
+            release_lease: redis::Script::new(&format!("{PCALL}{RELEASE_LEASE_BODY}")),
             lock: redis::Script::new(&with_prelude(&format!("{LOCK_PRELUDE}{LOCK_BODY}"))),
             unlock: redis::Script::new(&with_prelude(&format!("{LOCK_PRELUDE}{UNLOCK_BODY}"))),
         }

@@ -466,3 +466,52 @@ async fn two_builds_with_different_value_types_never_read_each_others_entries() 
     }
     assert_eq!(tier.stats().undecodable, 0, "no entry of either build is undecodable");
 }
+
+/// The least-privilege ACL the crate docs give: the tier's conformance suite, the
+/// warm-up ranking and a stream backplane round trip all run under it, and a command
+/// it lacks fails with an error that names the permission.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_least_privilege_acl_user_runs_the_tier_and_the_stream_backplane() {
+    let server = RedisServer::start();
+    let mut rule =
+        vec!["ACL", "SETUSER", "strata", "on", ">s3cret-acl", "resetkeys", "resetchannels", "-@all"];
+    rule.extend(strata_redis::MINIMAL_ACL.split_whitespace());
+    server.command(&rule).expect("ACL SETUSER");
+    let url = format!("redis://strata:s3cret-acl@127.0.0.1:{}", server.port());
+    let tier = RedisTier::builder(&url).build().await.expect("the tier builds under the minimal ACL");
+    conformance::run(&tier, "redis under the minimal ACL").await;
+    tier.record_hot_keys("ns", &[("k".to_owned(), 1)], 10).await.expect("ranking");
+    assert_eq!(tier.hot_keys("ns", 10).await.expect("ranking"), ["k"]);
+
+    let bp = strata_redis::RedisStreamBackplane::builder(&url).build().await.expect("backplane builds");
+    let mut sub = strata::backplane::Backplane::subscribe(&bp).await.expect("subscribe");
+    strata::backplane::Backplane::publish(&bp, &crate::support::msg(1, 1, "k")).await.expect("publish");
+    let got = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let ev = sub.recv().await.expect("event");
+            if let Some(m) = crate::support::message_of(&ev) {
+                return m.clone();
+            }
+        }
+    })
+    .await
+    .expect("delivered");
+    assert_eq!(got.seq, 1);
+
+    // A rule missing a command the scripts use: the call fails naming it, it does not
+    // read as a miss (the entry-size check runs through pcall, which swallowed it).
+    let mut short =
+        vec!["ACL", "SETUSER", "short", "on", ">s3cret-acl", "resetkeys", "resetchannels", "-@all"];
+    short.extend(strata_redis::MINIMAL_ACL.split_whitespace().filter(|c| *c != "+hstrlen"));
+    server.command(&short).expect("ACL SETUSER");
+    let short_url = format!("redis://short:s3cret-acl@127.0.0.1:{}", server.port());
+    let short_tier = RedisTier::builder(&short_url).build().await.expect("builds");
+    let err = short_tier.lookup("conf", "k1", None).await.expect_err("HSTRLEN denied");
+    assert!(err.to_string().to_lowercase().contains("hstrlen"), "{err}");
+
+    // Outside the rule: a clear NOPERM naming the command.
+    let user = redis::Client::open(url.as_str()).expect("client");
+    let mut c = user.get_multiplexed_async_connection().await.expect("connect");
+    let err = redis::cmd("FLUSHALL").query_async::<()>(&mut c).await.expect_err("not granted");
+    assert!(err.to_string().contains("flushall"), "{err}");
+}
