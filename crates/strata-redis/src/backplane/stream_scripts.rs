@@ -30,7 +30,10 @@ use crate::reply::{value_array, value_bytes, value_string, value_u64};
 ///
 /// A failed append gives its number back, so that it does not look like a trimmed
 /// entry to the subscribers.
-pub(crate) const STREAM_PUBLISH: &str = r#"
+///
+/// `allow-oom`: Redis runs it while over `maxmemory` (an invalidation refused for
+/// memory is a lost one; an entry is small and the cap trims the stream).
+pub(crate) const STREAM_PUBLISH: &str = r#"#!lua flags=allow-oom
 local restarted = 0
 local n = redis.pcall('INCR', KEYS[2])
 if type(n) ~= 'number' or n < 1 or n >= 9007199254740992 then

@@ -6,11 +6,15 @@
 //! | `maxmemory-policy` (with `maxmemory` set) | what can be evicted | effect |
 //! |---|---|---|
 //! | `noeviction`, or no `maxmemory` | nothing | writes fail when full (errors, the L2 breaker); promises hold |
-//! | `volatile-*` | keys with a TTL: entries, leases, tombstones | a lost tombstone lets a fill that began before an invalidation of its key store the old value (until the TTL); the clocks, epochs and the backplane stream (no TTL) stay |
-//! | `allkeys-*` | everything: also the namespace meta hash (the namespace goes cold: safe but costly) and, on the same server, the backplane stream and its sequence (gaps, repaired by an L1 flush) | as `volatile-*`, and more misses |
+//! | `volatile-*` | keys with a TTL: entries, leases, write-lock sets | a lost write lock lets a read during a locked write fill the old row, until the write's release invalidates it (the Strong level's window); tombstones, clocks, epochs and the backplane stream have no TTL and stay |
+//! | `allkeys-*` | everything: also the namespace meta hash (the namespace goes cold), the tombstone generations (every fill in flight is refused) and, on the same server, the backplane stream and its counter (a gap: every L1 flushed) | each loss is detected and costs misses, never a stale read; write locks as under `volatile-*` |
 //!
-//! The supported layout for the promises is a server (or a database of one) that does
-//! not evict: `noeviction` with memory to spare, or no `maxmemory`. The builder checks
+//! Invalidation scripts run with `allow-oom` (Redis 7.0+): over `maxmemory`, an
+//! invalidation is never refused; a fill is (counted in
+//! [`RedisTierStats::refused_for_memory`](crate::RedisTierStats::refused_for_memory), not an error).
+//!
+//! The layouts that keep every promise at full speed: no `maxmemory`, `noeviction`, or
+//! `volatile-*` outside the Strong level. The builder checks
 //! at build time and, by default, warns ([`EvictionCheck`]).
 
 use std::time::Duration;
@@ -37,7 +41,8 @@ pub enum EvictionCheck {
 
 impl RedisTierBuilder {
     /// What to do when the server's `maxmemory-policy` may evict the keys strata's
-    /// consistency rests on (tombstones, the namespace meta hash). Read with
+    /// consistency or its hit ratio rest on (write locks, the namespace meta hash, the
+    /// tombstones, the backplane stream). Read with
     /// `INFO memory` at build time (skipped with a debug log where the ACL user may
     /// not run it, and by `.lazy(true)`). Default: [`EvictionCheck::Warn`].
     pub fn eviction_check(mut self, check: EvictionCheck) -> Self {
@@ -70,14 +75,17 @@ impl ServerMemory {
             None
         } else if self.policy.starts_with("volatile-") {
             Some(
-                "tombstones (keys with a TTL) can be evicted, and a fill that began before an \
-                 invalidation of its key may then store the old value until its TTL",
+                "write-lock sets (keys with a TTL) can be evicted: at the Strong level a read \
+                 during a locked write may then fill the old row until the write's release \
+                 invalidates it (tombstones, clocks, epochs and the backplane stream have no TTL \
+                 and stay)",
             )
         } else {
             Some(
-                "every key can be evicted: tombstones (a fill that began before an invalidation \
-                 may then store the old value until its TTL), the namespace meta hash (the \
-                 namespace goes cold) and, on the same server, the backplane stream",
+                "every key can be evicted: a lost namespace meta hash makes the namespace cold, \
+                 lost tombstones refuse every fill in flight, and a lost backplane stream on the \
+                 same server flushes every L1 (each loss is detected and costs misses, never a \
+                 stale read); write-lock sets as under volatile-*",
             )
         }
     }
@@ -140,7 +148,7 @@ mod tests {
     fn judges_each_policy() {
         assert_eq!(memory(0, "allkeys-lru").risk(), None);
         assert_eq!(memory(1 << 20, "noeviction").risk(), None);
-        assert!(memory(1 << 20, "volatile-lru").risk().is_some_and(|r| r.contains("tombstones")));
+        assert!(memory(1 << 20, "volatile-lru").risk().is_some_and(|r| r.contains("write-lock")));
         assert!(memory(1 << 20, "allkeys-lfu").risk().is_some_and(|r| r.contains("meta hash")));
     }
 }

@@ -71,9 +71,6 @@ impl NsKeys {
     pub(crate) fn lease(&self, key: &str) -> String {
         format!("{}l:{key}", self.base)
     }
-    pub(crate) fn tomb(&self, key: &str) -> String {
-        format!("{}x:{key}", self.base)
-    }
     pub(crate) fn key_locks(&self, key: &str) -> String {
         format!("{}w:{key}", self.base)
     }

@@ -27,7 +27,7 @@ end
 "#;
 
 /// Lua helpers prepended to every tier script, after `local ENVELOPE_FORMAT = <byte>`,
-/// `local MAX_TAG_EPOCHS = <n>` and [`PCALL`].
+/// `local MAX_TAG_EPOCHS = <n>`, `local MAX_TOMBS = <n>` and [`PCALL`].
 pub(crate) const PRELUDE: &str = r#"
 local function d(x)
   return string.format('%d', x)
@@ -57,8 +57,17 @@ end
 
 -- The meta hash as this run checked it: c (clock), n (namespace epoch), l (lease
 -- counter), f (lease floor), tf (tag floor: tagged stamps below it are invalid, the
--- highest tag epoch pruned so far; see prune_tags).
+-- highest tag epoch pruned so far; see prune_tags), and the tombstone bookkeeping (see
+-- bury): xg (current generation, 0 or 1), x0 / x1 (the tick each generation started
+-- at; nil when it does not exist), xw (server ms the current one started), xf
+-- (tombstone floor: no fill with a stamp below it is stored).
 local M = nil
+
+-- The two tombstone generation hashes sit beside the meta hash `<base>m`: `<base>x0`
+-- and `<base>x1` (derived, not passed: they share the namespace's hash tag, so one slot).
+local function tomb_gen(meta, g)
+  return string.sub(meta, 1, -2) .. 'x' .. g
+end
 
 -- Creates the meta hash anew, as after a loss: the clock, the namespace epoch and the
 -- lease counter start at the server's time in microseconds, or just above `above` (the
@@ -69,9 +78,9 @@ local function new_meta(meta, above)
   local t = redis.call('TIME')
   local base = tonumber(t[1]) * 1000000 + tonumber(t[2])
   if above and above >= base then base = above + 1 end
-  redis.call('UNLINK', meta)
+  redis.call('UNLINK', meta, tomb_gen(meta, 0), tomb_gen(meta, 1))
   redis.call('HSET', meta, 'c', d(base), 'n', d(base), 'l', d(base))
-  M = {c = base, n = base, l = base, f = 0, tf = 0}
+  M = {c = base, n = base, l = base, f = 0, tf = 0, xf = 0}
   return base
 end
 
@@ -86,19 +95,29 @@ end
 -- floor above what it bounds, anything without a clock).
 local function clock_of(meta)
   if M then return M.c end
-  local r = pc('HMGET', meta, 'c', 'n', 'l', 'f', 'tf')
+  local r = pc('HMGET', meta, 'c', 'n', 'l', 'f', 'tf', 'xg', 'x0', 'x1', 'xw', 'xf')
   if r.err then return repair_meta(meta) end
   if not r[1] then
     if redis.call('EXISTS', meta) == 1 then return repair_meta(meta) end
     return new_meta(meta)
   end
   local c, n = num(r[1]), num(r[2])
-  local l, f, tf = 0, 0, 0
+  local l, f, tf, xf = 0, 0, 0, 0
   if r[3] then l = num(r[3]) end
   if r[4] then f = num(r[4]) end
   if r[5] then tf = num(r[5]) end
-  if not (c and n and l and f and tf) or n > c or f > l or tf > c then return repair_meta(meta, c) end
-  M = {c = c, n = n, l = l, f = f, tf = tf}
+  if r[10] then xf = num(r[10]) end
+  local xg, x0, x1, xw = nil, nil, nil, nil
+  if r[6] then xg = ({['0'] = 0, ['1'] = 1})[r[6]] end
+  if r[7] then x0 = num(r[7]) end
+  if r[8] then x1 = num(r[8]) end
+  if r[9] then xw = num(r[9]) end
+  if not (c and n and l and f and tf and xf) or n > c or f > l or tf > c or xf > c
+      or (r[6] and not xg) or (r[7] and (not x0 or x0 > c)) or (r[8] and (not x1 or x1 > c))
+      or (r[9] and not xw) or (xg and not ({x0, x1})[xg + 1]) then
+    return repair_meta(meta, c)
+  end
+  M = {c = c, n = n, l = l, f = f, tf = tf, xg = xg, x0 = x0, x1 = x1, xw = xw, xf = xf}
   return c
 end
 
@@ -226,7 +245,7 @@ end
 local function bump_tag(meta, tag)
   local at = tick(meta)
   redis.call('HSET', meta, 't:' .. tag, d(at))
-  if redis.call('HLEN', meta) > MAX_TAG_EPOCHS + 5 then prune_tags(meta) end
+  if redis.call('HLEN', meta) > MAX_TAG_EPOCHS + 10 then prune_tags(meta) end
   return at
 end
 
@@ -235,10 +254,97 @@ end
 -- epoch now dominates them all: the floor is at most the old clock). Returns the tick.
 local function bump_namespace(meta)
   local at = tick(meta)
-  redis.call('UNLINK', meta)
+  redis.call('UNLINK', meta, tomb_gen(meta, 0), tomb_gen(meta, 1))
   redis.call('HSET', meta, 'c', d(at), 'n', d(at), 'l', d(M.l), 'f', d(M.l))
   M.n, M.f, M.tf = at, M.l, 0
+  M.xg, M.x0, M.x1, M.xw, M.xf = nil, nil, nil, nil, 0
   return at
+end
+
+-- Key tombstones: the tick of each key's last invalidation, which a fill that took its
+-- token earlier is checked against. They live in two generation hashes without a TTL
+-- (`tomb_gen`), fields `<key>` -> tick plus `_` -> the tick the generation started
+-- at, so that eviction under `volatile-*` cannot reach them, and a loss under
+-- `allkeys-*` (or a DEL, a FLUSHALL) is seen rather than read as "never invalidated":
+-- a generation the meta hash records whose `_` is gone or wrong. A new generation
+-- starts when the current one is older than the tombstone ttl or holds MAX_TOMBS keys;
+-- the one before it is then dropped, and the floor `xf` rises to the start of the one
+-- kept: a token older than that might have needed a dropped tombstone, so it is
+-- refused (it is at least one generation old: ttl, or MAX_TOMBS invalidations).
+
+-- Forgets every tombstone behind a fresh tick: every token handed out so far is
+-- refused, as if each key had been invalidated now (a loss is never read as "no
+-- invalidation"). Counted as a repair.
+local function lose_tombs(meta)
+  local at = tick(meta)
+  redis.call('UNLINK', tomb_gen(meta, 0), tomb_gen(meta, 1))
+  redis.call('HDEL', meta, 'xg', 'x0', 'x1', 'xw')
+  redis.call('HSET', meta, 'xf', d(at))
+  M.xg, M.x0, M.x1, M.xw, M.xf = nil, nil, nil, nil, at
+  repaired = repaired + 1
+end
+
+-- True when generation `g`, which the meta hash records, is still what it wrote.
+local function gen_intact(meta, g, field)
+  local r = pc('HMGET', tomb_gen(meta, g), '_', field or '_')
+  if r.err or r[1] ~= d(M['x' .. g]) then return false, nil end
+  return true, r[2]
+end
+
+-- Starts generation `g` (emptied) at the current clock.
+local function start_gen(meta, g, wall)
+  local k = tomb_gen(meta, g)
+  redis.call('UNLINK', k)
+  redis.call('HSET', k, '_', d(M.c))
+  redis.call('HSET', meta, 'x' .. g, d(M.c), 'xg', d(g), 'xw', d(wall))
+  M['x' .. g], M.xg, M.xw = M.c, g, wall
+end
+
+-- Records that the key whose entry is `ek` was invalidated at tick `at` (taken by the
+-- caller, so at least the clock the current generation started at), rotating the
+-- generations first when the current one is older than `ms` or full.
+local function bury(meta, ek, at, ms)
+  clock_of(meta)
+  local wall = now_ms()
+  local g = M.xg
+  if g ~= nil and not gen_intact(meta, g) then
+    lose_tombs(meta)
+    g = nil
+  end
+  if g == nil then
+    start_gen(meta, 0, wall)
+    g = 0
+  elseif wall - M.xw >= tonumber(ms) or redis.call('HLEN', tomb_gen(meta, g)) > MAX_TOMBS then
+    local o = 1 - g
+    if M['x' .. o] and M['x' .. g] > M.xf then
+      M.xf = M['x' .. g]
+      redis.call('HSET', meta, 'xf', d(M.xf))
+    end
+    start_gen(meta, o, wall)
+    g = o
+  end
+  redis.call('HSET', tomb_gen(meta, g), string.sub(ek, #meta + 2), d(at))
+end
+
+-- True when the key whose entry is `ek` was invalidated after `stamp`, or may have
+-- been: the stamp is below the tombstone floor, or a generation is lost or holds
+-- something this tier did not write (then every tombstone is forgotten: lose_tombs).
+local function buried_after(meta, ek, stamp)
+  clock_of(meta)
+  if stamp < M.xf then return true end
+  local field = string.sub(ek, #meta + 2)
+  for g = 0, 1 do
+    if M['x' .. g] then
+      local ok, v = gen_intact(meta, g, field)
+      local at = v and num(v)
+      if not ok or (v and (not at or at > M.c)) then
+        lose_tombs(meta)
+        return true
+      end
+      if at and at > stamp then return true end
+    end
+  end
+  return false
 end
 
 -- True when what is stamped `s` with tags `tg` (an entry, a fill token) survived every

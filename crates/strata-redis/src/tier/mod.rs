@@ -159,6 +159,10 @@ pub struct RedisTierStats {
     /// [`integrity_keys`](RedisTierBuilder::integrity_keys)): deleted and served as
     /// misses, never returned; counted in `strata_l2_integrity_failures_total` too.
     pub integrity_failures: u64,
+    /// Fills the guard accepted that Redis refused to store for memory (over
+    /// `maxmemory` with nothing the policy may evict, e.g. `noeviction`): not stored,
+    /// not an error (the value is still served from L1).
+    pub refused_for_memory: u64,
 }
 
 #[derive(Default)]
@@ -170,6 +174,7 @@ struct Counters {
     integrity_failures: AtomicU64,
     timeouts: AtomicU64,
     errors: AtomicU64,
+    refused_for_memory: AtomicU64,
 }
 
 impl RedisTierBuilder {
@@ -260,6 +265,7 @@ impl RedisTier {
             errors: c.errors.load(Ordering::Relaxed),
             reconnects: self.inner.conn.reconnects(),
             integrity_failures: c.integrity_failures.load(Ordering::Relaxed),
+            refused_for_memory: c.refused_for_memory.load(Ordering::Relaxed),
         }
     }
 
@@ -503,7 +509,7 @@ impl RedisTier {
         let (kind, tag) = match scope {
             Scope::Keys(keys) => {
                 for k in keys {
-                    inv.key(ns.entry(k)).key(ns.lease(k)).key(ns.tomb(k)).key(ns.key_locks(k));
+                    inv.key(ns.entry(k)).key(ns.lease(k)).key(ns.key_locks(k));
                 }
                 ("k", "")
             }

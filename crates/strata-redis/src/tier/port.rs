@@ -1,6 +1,7 @@
 //! [`RedisTier`] as strata's [`Tier`]: each operation one Lua script (see
 //! `scripts.rs`), keys named as `format.rs` lays them out.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -59,7 +60,6 @@ impl Tier for RedisTier {
         inv.key(entry)
             .key(ns.meta())
             .key(ns.lease(key))
-            .key(ns.tomb(key))
             .arg(token.stamp)
             .arg(millis_at_least_one(ttl))
             .arg(token.lease.unwrap_or(0))
@@ -76,6 +76,12 @@ impl Tier for RedisTier {
         match self.run_script("redis tier fill", namespace, inv).await? {
             // 2: accepted by the guard but over the size limit, not stored.
             1 | 2 => Ok(FillOutcome::Stored),
+            // 3: accepted by the guard, but Redis is out of memory (`noeviction`, or
+            // nothing left that the policy may evict): not stored, not an L2 failure.
+            3 => {
+                self.inner.counters.refused_for_memory.fetch_add(1, Ordering::Relaxed);
+                Ok(FillOutcome::Stored)
+            }
             0 => Ok(FillOutcome::Rejected),
             _ => Err(bad_reply(ErrorKind::Tier, "redis tier fill")),
         }
@@ -95,7 +101,6 @@ impl Tier for RedisTier {
         inv.key(entry)
             .key(ns.meta())
             .key(ns.lease(key))
-            .key(ns.tomb(key))
             .arg(millis_at_least_one(ttl))
             .arg(stored)
             .arg(&tags)
@@ -113,7 +118,7 @@ impl Tier for RedisTier {
         let mut inv = self.inner.scripts.delete.prepare_invoke();
         inv.key(ns.meta());
         for k in keys {
-            inv.key(ns.entry(k)).key(ns.lease(k)).key(ns.tomb(k));
+            inv.key(ns.entry(k)).key(ns.lease(k));
         }
         inv.arg(millis_at_least_one(self.inner.tombstone_ttl));
         self.run_script("redis tier delete", namespace, inv).await?;

@@ -104,69 +104,78 @@ return out
 /// the value's tags or the namespace were, or (the version guard) when the entry
 /// stored holds a newer version and is still valid.
 ///
-/// KEYS: entry, meta, lease, tombstone.
+/// KEYS: entry, meta, lease.
 /// ARGV: stamp, ttl ms, lease id ('0' = none), e ('' = the value is over the size
 /// limit: guard only, store nothing), t, f, h, version ('' = none), tombstone ms, MAC
 /// ('' = none), then the value's tags.
-/// Result: 1 (stored), 0 (rejected) or 2 (accepted but not stored, the entry it would
-/// have replaced deleted).
+/// Result: 1 (stored), 0 (rejected), 2 (accepted but not stored, the entry it would
+/// have replaced deleted) or 3 (accepted, but Redis refused the write for memory: the
+/// entry it would have replaced deleted). The fill is the one script without
+/// `allow-oom`: it is the one that grows the data set, so under `noeviction` it must
+/// not push the server past `maxmemory`.
 const FILL_BODY: &str = r#"
-local ek, meta, lk, xk = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local ek, meta, lk = KEYS[1], KEYS[2], KEYS[3]
 local stamp = tonumber(ARGV[1])
 local clock = clock_of(meta)
-if ARGV[3] ~= '0' then
-  local own = pc('GET', lk)
-  if type(own) == 'table' then
-    redis.call('UNLINK', lk)
-    repaired = repaired + 1
-  elseif own == ARGV[3] then
-    redis.call('DEL', lk)
+-- The caller's own lease goes whatever the outcome, after the entry's write: Redis
+-- refuses a script for memory only at its first write, and that must be the entry's.
+local function done(result)
+  if ARGV[3] ~= '0' then
+    local own = pc('GET', lk)
+    if type(own) == 'table' then
+      redis.call('UNLINK', lk)
+      repaired = repaired + 1
+    elseif own == ARGV[3] then
+      redis.call('DEL', lk)
+    end
   end
+  return {result, repaired, corrupt}
 end
-local tomb = pc('GET', xk)
-if tomb then
-  local at = type(tomb) == 'string' and num(tomb)
-  if not at or at > clock or redis.call('PTTL', xk) < 0 then
-    -- Not a tombstone this tier wrote: when the key was last invalidated is unknown,
-    -- so it is invalidated now, as a delete would, which refuses every older token.
-    redis.call('SET', xk, d(tick(meta)), 'PX', ARGV[9])
-    repaired = repaired + 1
-    return {0, repaired, corrupt}
-  end
-  if at > stamp then return {0, repaired, corrupt} end
-end
+if buried_after(meta, ek, stamp) then return done(0) end
 local tg = {}
 for j = 11, #ARGV do tg[#tg + 1] = ARGV[j] end
-if not valid(stamp, tg, meta) then return {0, repaired, corrupt} end
+if not valid(stamp, tg, meta) then return done(0) end
 if ARGV[8] ~= '' then
   local held, hs, htags = read_entry(ek, meta, math.huge, false)
   if held == false then
     corrupt = 1
   elseif held and held[6] and held[6] ~= '' and valid(hs, htags, meta)
       and dec_lt(ARGV[8], held[6]) then
-    return {0, repaired, corrupt}
+    return done(0)
   end
 end
-redis.call('UNLINK', ek)
-if ARGV[4] == '' then return {2, repaired, corrupt} end
-redis.call('HSET', ek, 'e', ARGV[4], 's', ARGV[1], 't', ARGV[5], 'f', ARGV[6], 'h', ARGV[7], 'v', ARGV[8])
-if ARGV[10] ~= '' then redis.call('HSET', ek, 'm', ARGV[10]) end
+if ARGV[4] == '' then
+  redis.call('UNLINK', ek)
+  return done(2)
+end
+local function store()
+  return pc('HSET', ek, 'e', ARGV[4], 's', ARGV[1], 't', ARGV[5], 'f', ARGV[6], 'h', ARGV[7], 'v', ARGV[8])
+end
+local w = store()
+if type(w) == 'table' and w.err then
+  redis.call('UNLINK', ek)
+  if string.find(w.err, 'OOM', 1, true) then return done(3) end
+  -- Not a hash (or not one this tier wrote): replaced.
+  w = store()
+  if type(w) == 'table' and w.err then error(w) end
+end
+if ARGV[10] ~= '' then redis.call('HSET', ek, 'm', ARGV[10]) else redis.call('HDEL', ek, 'm') end
 redis.call('PEXPIRE', ek, ARGV[2])
-return {1, repaired, corrupt}
+return done(1)
 "#;
 
 /// Unconditional store. It counts as an invalidation of the key: one clock tick, a
 /// tombstone holding it, the lease voided; the entry is stamped with the tick, so no
 /// fill that began earlier can overwrite it.
 ///
-/// KEYS: entry, meta, lease, tombstone. ARGV: ttl ms, e ('' = the value is over the
-/// size limit: invalidate only), t, f, h, tombstone ms, version ('' = none), MAC ('' =
-/// none).
+/// KEYS: entry, meta, lease. ARGV: ttl ms, e ('' = the value is over the size limit:
+/// invalidate only), t, f, h, tombstone ms, version ('' = none), MAC ('' = none).
 /// Result: the stamp.
 const SET_BODY: &str = r#"
-local at = d(tick(KEYS[2]))
+local t = tick(KEYS[2])
 redis.call('UNLINK', KEYS[1], KEYS[3])
-redis.call('SET', KEYS[4], at, 'PX', ARGV[6])
+bury(KEYS[2], KEYS[1], t, ARGV[6])
+local at = d(t)
 if ARGV[2] ~= '' then
   redis.call('HSET', KEYS[1], 'e', ARGV[2], 's', at, 't', ARGV[3], 'f', ARGV[4], 'h', ARGV[5], 'v', ARGV[7])
   if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'm', ARGV[8]) end
@@ -178,15 +187,15 @@ return {tonumber(at), repaired, corrupt}
 /// Key invalidation: one clock tick, then per key: drop entry and lease, leave a
 /// tombstone holding the tick.
 ///
-/// KEYS: meta, then (entry, lease, tombstone) per key. ARGV: tombstone ms.
+/// KEYS: meta, then (entry, lease) per key. ARGV: tombstone ms.
 /// Result: the tick.
 const DELETE_BODY: &str = r#"
-local at = d(tick(KEYS[1]))
-for i = 2, #KEYS, 3 do
+local at = tick(KEYS[1])
+for i = 2, #KEYS, 2 do
   redis.call('UNLINK', KEYS[i], KEYS[i + 1])
-  redis.call('SET', KEYS[i + 2], at, 'PX', ARGV[1])
+  bury(KEYS[1], KEYS[i], at, ARGV[1])
 end
-return {tonumber(at), repaired, corrupt}
+return {at, repaired, corrupt}
 "#;
 
 /// Tag invalidation: a clock tick becomes the tag's epoch. KEYS: meta. ARGV: tag.
@@ -205,18 +214,18 @@ return {bump_namespace(KEYS[1]), repaired, corrupt}
 "#;
 
 /// Write lock: invalidates the scope (as delete, invalidate_tag or invalidate_namespace
-/// do) and adds the lock id to the scope's lock set with its expiry. Key tombstones live
-/// the lock's ttl plus the tombstone ttl, so tokens issued before the lock stay refused
-/// for as long as the lock's own poisoned ones.
+/// do) and adds the lock id to the scope's lock set with its expiry. (Tokens issued
+/// before the lock stay refused for as long as the lock's own poisoned ones: a
+/// tombstone is only forgotten behind the tombstone floor, which refuses them too.)
 ///
-/// KEYS: meta, then either (entry, lease, tombstone, key lock set) per key ('k' scope)
+/// KEYS: meta, then either (entry, lease, key lock set) per key ('k' scope)
 /// or the wide lock set ('t' and 'n' scopes).
 /// ARGV: scope ('k', 't' or 'n'), lock id, lock ms, tombstone ms, tag (scope 't').
 const LOCK_BODY: &str = r#"
 local scope, id, lock_ms, tomb_ms = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local wall = now_ms()
 local until_ms = d(wall + lock_ms)
-invalidate_scope(scope, lock_ms + tomb_ms, function(set)
+invalidate_scope(scope, tomb_ms, function(set)
   redis.call('ZREMRANGEBYSCORE', set, '-inf', d(wall))
   redis.call('ZADD', set, until_ms, id)
   if redis.call('PTTL', set) < lock_ms then redis.call('PEXPIRE', set, lock_ms) end
@@ -235,11 +244,11 @@ return {1, repaired, corrupt}
 "#;
 
 /// Shared by the lock and unlock scripts: invalidates the scope ('k': per key, drop
-/// entry and lease and leave a tombstone living at least `tomb_for` ms; 't': tag bump
+/// entry and lease and bury the key, `tomb_ms` being the generation age; 't': tag bump
 /// with `ARGV[5]`; 'n': namespace bump), calling `on_set` on each lock set it covers
 /// (once anything else found there is dropped).
 const LOCK_PRELUDE: &str = r#"
-local function invalidate_scope(scope, tomb_for, on_set)
+local function invalidate_scope(scope, tomb_ms, on_set)
   local meta = KEYS[1]
   if scope == 'n' then
     bump_namespace(meta)
@@ -250,16 +259,12 @@ local function invalidate_scope(scope, tomb_for, on_set)
     lock_set(KEYS[2])
     on_set(KEYS[2])
   else
-    local at = d(tick(meta))
-    for i = 2, #KEYS, 4 do
+    local at = tick(meta)
+    for i = 2, #KEYS, 3 do
       redis.call('UNLINK', KEYS[i], KEYS[i + 1])
-      if redis.call('PTTL', KEYS[i + 2]) < tomb_for then
-        redis.call('SET', KEYS[i + 2], at, 'PX', tomb_for)
-      else
-        redis.call('SET', KEYS[i + 2], at, 'KEEPTTL')
-      end
-      lock_set(KEYS[i + 3])
-      on_set(KEYS[i + 3])
+      bury(meta, KEYS[i], at, tomb_ms)
+      lock_set(KEYS[i + 2])
+      on_set(KEYS[i + 2])
     end
   end
 end
@@ -312,9 +317,19 @@ end
 return {0, 0, 0}
 "#;
 
+/// The most keys one tombstone generation holds before the next one starts (see
+/// `bury` in [`lua`](super::lua)): at most twice this many tombstones per namespace.
+pub(crate) const MAX_TOMBS: usize = 10_000;
+
+/// The first line of every script but the fill: Redis runs it even while the server is
+/// over `maxmemory` (Redis 7.0 and later). An invalidation refused for memory would
+/// leave a stale entry readable; what these scripts add (a tick, a tombstone, a lease,
+/// a lock id) is small, and Redis evicts before the next command.
+pub(crate) const ALLOW_OOM: &str = "#!lua flags=allow-oom\n";
+
 fn with_prelude(body: &str, max_tag_epochs: usize) -> String {
     format!(
-        "local ENVELOPE_FORMAT = {ENVELOPE_FORMAT}\nlocal MAX_TAG_EPOCHS = {max_tag_epochs}\n{PCALL}{PRELUDE}{body}"
+        "{ALLOW_OOM}local ENVELOPE_FORMAT = {ENVELOPE_FORMAT}\nlocal MAX_TAG_EPOCHS = {max_tag_epochs}\nlocal MAX_TOMBS = {MAX_TOMBS}\n{PCALL}{PRELUDE}{body}"
     )
 }
 
@@ -340,14 +355,14 @@ impl TierScripts {
         let with_prelude = |body: &str| with_prelude(body, max_tag_epochs);
         TierScripts {
             lookup: redis::Script::new(&with_prelude(LOOKUP_BODY)),
-            fill: redis::Script::new(&with_prelude(FILL_BODY)),
+            fill: redis::Script::new(with_prelude(FILL_BODY).trim_start_matches(ALLOW_OOM)),
             set: redis::Script::new(&with_prelude(SET_BODY)),
             delete: redis::Script::new(&with_prelude(DELETE_BODY)),
             invalidate_tag: redis::Script::new(&with_prelude(INVALIDATE_TAG_BODY)),
             invalidate_namespace: redis::Script::new(&with_prelude(INVALIDATE_NAMESPACE_BODY)),
             touch: redis::Script::new(&with_prelude(TOUCH_BODY)),
-            discard: redis::Script::new(&format!("{PCALL}{DISCARD_BODY}")),
-            release_lease: redis::Script::new(&format!("{PCALL}{RELEASE_LEASE_BODY}")),
+            discard: redis::Script::new(&format!("{ALLOW_OOM}{PCALL}{DISCARD_BODY}")),
+            release_lease: redis::Script::new(&format!("{ALLOW_OOM}{PCALL}{RELEASE_LEASE_BODY}")),
             lock: redis::Script::new(&with_prelude(&format!("{LOCK_PRELUDE}{LOCK_BODY}"))),
             unlock: redis::Script::new(&with_prelude(&format!("{LOCK_PRELUDE}{UNLOCK_BODY}"))),
         }

@@ -14,6 +14,7 @@ use strata_testkit::{FaultProxy, RedisServer};
 use crate::support::{LEASE, TTL, fresh, hit_value, is_miss, now, raw_conn, redis_tier, token};
 use strata::testing::conformance;
 
+mod eviction;
 mod poison;
 mod tag_pruning;
 
@@ -42,7 +43,7 @@ async fn tier_build_checks_the_eviction_policy() {
     let build = |url: String, check| async move {
         RedisTier::builder(url).prefix("ev").eviction_check(check).build().await
     };
-    for (policy, risk) in [("allkeys-lru", "meta hash"), ("volatile-lru", "tombstones")] {
+    for (policy, risk) in [("allkeys-lru", "meta hash"), ("volatile-lru", "write-lock")] {
         let server = RedisServer::builder().arg("maxmemory", "3mb").arg("maxmemory-policy", policy).start();
         let err = build(server.url(), EvictionCheck::Refuse).await.expect_err(policy);
         let msg = err.to_string();

@@ -1,0 +1,148 @@
+//! Memory pressure: what eviction (or a `DEL`, standing in for it) takes from under the
+//! fill guard never lets an old value in, and a server over `maxmemory` still takes
+//! every invalidation.
+
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use strata::Scope;
+use strata::backplane::Backplane;
+use strata::tier::{FillOutcome, Tier};
+use strata_redis::{EvictionCheck, RedisStreamBackplane, RedisTier};
+use strata_testkit::RedisServer;
+
+use crate::support::{LEASE, TTL, fresh, hit_value, msg, raw_conn, redis_tier, token};
+
+/// The Redis key `kind` of `ns` ("x0" a tombstone generation, "m" the meta hash).
+fn key_of(tier: &RedisTier, ns: &str, kind: &str) -> String {
+    let e = tier.entry_key(ns, "k");
+    format!("{}{kind}", e.strip_suffix("e:k").expect("entry keys end in e:<key>"))
+}
+
+async fn del(raw: &mut MultiplexedConnection, keys: &[String]) {
+    let _: u64 = redis::cmd("DEL").arg(keys).query_async(raw).await.expect("DEL");
+}
+
+/// The deterministic form of a tombstone lost to eviction: a fill takes its token, the
+/// key is invalidated, the tombstone is deleted, then the late fill arrives. For each
+/// way the tombstone can go (its generation, both, the meta hash with them, or aged out
+/// by two rotations of a short tombstone ttl), the fill is refused and the key reads
+/// as a miss: 0 stale entries over 40 keys each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_tombstone_never_lets_a_late_fill_in() {
+    let server = RedisServer::start();
+    let tier = redis_tier(&server, "evict").await;
+    let short = RedisTier::builder(server.url())
+        .prefix("evict2")
+        .tombstone_ttl(Duration::from_millis(30))
+        .op_timeout(Duration::from_secs(2))
+        .build()
+        .await
+        .expect("tier");
+    let mut raw = raw_conn(&server).await;
+    let mut stale = Vec::new();
+    for (case, tier) in [("generation", &tier), ("both", &tier), ("meta", &tier), ("aged out", &short)] {
+        let ns = format!("ns-{}", case.replace(' ', "-"));
+        for i in 0..40 {
+            let key = format!("k{i}");
+            let t = token(&tier.lookup(&ns, &key, LEASE).await.expect("lookup"));
+            tier.delete(&ns, std::slice::from_ref(&key)).await.expect("delete");
+            match case {
+                "generation" => del(&mut raw, &[key_of(tier, &ns, "x0")]).await,
+                "both" => del(&mut raw, &[key_of(tier, &ns, "x0"), key_of(tier, &ns, "x1")]).await,
+                "meta" => {
+                    del(&mut raw, &[key_of(tier, &ns, "m"), key_of(tier, &ns, "x0"), key_of(tier, &ns, "x1")])
+                        .await
+                }
+                _ => {
+                    // Two rotations: the generation holding the key's tombstone is dropped.
+                    for r in 0..2 {
+                        tokio::time::sleep(Duration::from_millis(40)).await;
+                        tier.delete(&ns, &[format!("other{i}-{r}")]).await.expect("delete");
+                    }
+                }
+            }
+            let outcome = tier.fill(&ns, &key, fresh("old", &[]), TTL, &t).await.expect("fill");
+            let read = hit_value(&tier.lookup(&ns, &key, None).await.expect("lookup"));
+            if outcome != FillOutcome::Rejected || read.is_some() {
+                stale.push(format!("{case} {key}: {outcome:?}, read {read:?}"));
+            }
+        }
+        // A fill that began after the loss is stored as usual.
+        let t = token(&tier.lookup(&ns, "fresh", LEASE).await.expect("lookup"));
+        assert_eq!(
+            tier.fill(&ns, "fresh", fresh("new", &[]), TTL, &t).await.expect("fill"),
+            FillOutcome::Stored
+        );
+        assert_eq!(
+            hit_value(&tier.lookup(&ns, "fresh", None).await.expect("lookup")).as_deref(),
+            Some("new")
+        );
+    }
+    eprintln!(
+        "[eviction] lost tombstones: {} stale of 160; stats {:?} / {:?}",
+        stale.len(),
+        tier.stats(),
+        short.stats()
+    );
+    assert!(stale.is_empty(), "late fills got in:\n{}", stale.join("\n"));
+}
+
+/// Puts `server` over its memory limit for good: 2 MB of keys without a TTL, then a
+/// `maxmemory` below what is used, so that no policy but `allkeys-*` can get under it
+/// and every write Redis counts as growing memory is refused.
+async fn over_the_limit(raw: &mut MultiplexedConnection) {
+    let junk = vec![b'j'; 1024];
+    for i in 0..2048 {
+        let _: () =
+            redis::cmd("SET").arg(format!("junk:{i}")).arg(&junk).query_async(raw).await.expect("SET");
+    }
+    let _: () =
+        redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg("1mb").query_async(raw).await.expect("CONFIG");
+}
+
+/// Over `maxmemory` with nothing the policy may evict (`noeviction`; `volatile-lru`
+/// with only keys without a TTL), Redis refuses writes: every invalidation still goes
+/// through (key, tag, namespace, a write lock, a backplane publish), lookups still
+/// answer, and a fill is not stored without failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidations_go_through_when_redis_is_out_of_memory() {
+    for policy in ["noeviction", "volatile-lru"] {
+        let server = RedisServer::builder().arg("maxmemory-policy", policy).start();
+        let tier = RedisTier::builder(server.url())
+            .prefix("oom")
+            .eviction_check(EvictionCheck::Skip)
+            .op_timeout(Duration::from_secs(2))
+            .build()
+            .await
+            .expect("tier");
+        let bp = RedisStreamBackplane::builder(server.url()).prefix("oom").build().await.expect("backplane");
+        let t = token(&tier.lookup("ns", "k", LEASE).await.expect("lookup"));
+        tier.fill("ns", "k", fresh("v1", &["tag"]), TTL, &t).await.expect("fill before");
+        let mut raw = raw_conn(&server).await;
+        over_the_limit(&mut raw).await;
+        let refused: redis::RedisResult<()> =
+            redis::cmd("SET").arg("probe").arg("x").query_async(&mut raw).await;
+        assert!(refused.is_err(), "{policy}: the server must be out of memory");
+
+        tier.delete("ns", &["k".to_owned()]).await.unwrap_or_else(|e| panic!("{policy}: delete: {e}"));
+        assert!(hit_value(&tier.lookup("ns", "k", None).await.expect("lookup")).is_none());
+        tier.invalidate_tag("ns", "tag").await.unwrap_or_else(|e| panic!("{policy}: tag: {e}"));
+        tier.lock("ns", &Scope::Keys(vec!["k".into()]), 9, TTL)
+            .await
+            .unwrap_or_else(|e| panic!("{policy}: lock: {e}"));
+        tier.unlock("ns", &Scope::Keys(vec!["k".into()]), 9)
+            .await
+            .unwrap_or_else(|e| panic!("{policy}: unlock: {e}"));
+        tier.invalidate_namespace("ns").await.unwrap_or_else(|e| panic!("{policy}: namespace: {e}"));
+        bp.publish(&msg(1, 1, "k")).await.unwrap_or_else(|e| panic!("{policy}: publish: {e}"));
+        let t =
+            token(&tier.lookup("ns", "k2", LEASE).await.unwrap_or_else(|e| panic!("{policy}: lookup: {e}")));
+        let before = tier.stats().refused_for_memory;
+        let out = tier.fill("ns", "k2", fresh("v2", &[]), TTL, &t).await;
+        assert_eq!(out.ok(), Some(FillOutcome::Stored), "{policy}: a fill refused for memory is no error");
+        assert_eq!(tier.stats().refused_for_memory, before + 1, "{policy}: counted");
+        assert!(hit_value(&tier.lookup("ns", "k2", None).await.expect("lookup")).is_none());
+        eprintln!("[eviction] {policy}: over maxmemory; stats {:?}", tier.stats());
+    }
+}
