@@ -376,28 +376,66 @@ local function valid(s, tg, meta)
   return true
 end
 
+-- An entry is one string (one allocation, where a hash with a field over 64 bytes
+-- costs a hash table of its fields): a head `<s>,<f>,<h>,<v>,<tags len>,<mac len>;`
+-- (stamp, soft and hard expiry in ns, the version or nothing), then the tags as the
+-- `t` field writes them, the MAC (if any) and the envelope.
+local HEAD_MAX = 128
+
+local function entry_string(s, f, h, v, t, m, e)
+  return s .. ',' .. f .. ',' .. h .. ',' .. v .. ',' .. #t .. ',' .. #m .. ';' .. t .. m .. e
+end
+
+-- The head of an entry: its six fields and the offset where the tags start, or nil.
+local function entry_head(x)
+  local semi = string.find(x, ';', 1, true)
+  if not semi or semi > HEAD_MAX then return nil end
+  local p = {}
+  for part in string.gmatch(string.sub(x, 1, semi - 1) .. ',', '([^,]*),') do p[#p + 1] = part end
+  if #p ~= 6 or not (p[5] == '0' or num(p[5])) or not (p[6] == '0' or num(p[6])) then return nil end
+  return p, semi + 1
+end
+
 -- Reads the entry at `ek`, checking every field a script or the client parses.
 -- Returns its fields {e, s, t, f, h, v, m} (e and the MAC m only `with_e`, else true
--- and nothing), its stamp and its
--- tags; nil when there is no entry; false when it was corrupt and has been deleted (the
--- caller counts it): not a hash, no or an empty envelope, an envelope over `max` bytes
--- (never read), a bad format byte, a stamp, tag list, expiry or version that does not
--- parse, a stamp above the clock.
+-- and nothing; m is nil when there is none), its stamp and its tags; nil when there is
+-- no entry; false when it was corrupt and has been deleted (the caller counts it): not
+-- a string, a head that does not parse, an empty envelope or one over `max` bytes
+-- (never read: the head is read first), a bad format byte, a stamp, tag list, expiry
+-- or version that does not parse, a stamp above the clock.
 local function read_entry(ek, meta, max, with_e)
-  local len = pc('HSTRLEN', ek, 'e')
-  if type(len) ~= 'number' or len > max or (len == 0 and redis.call('EXISTS', ek) == 1) then
+  local head = pc('GETRANGE', ek, 0, HEAD_MAX - 1)
+  if type(head) ~= 'string' then
     redis.call('UNLINK', ek)
     return false
   end
-  if len == 0 then return nil end
+  if head == '' then
+    if redis.call('EXISTS', ek) == 1 then redis.call('UNLINK', ek) return false end
+    return nil
+  end
+  local p, at = entry_head(head)
+  local tl, ml, elen = 0, 0, 0
+  if p then
+    tl, ml = tonumber(p[5]), tonumber(p[6])
+    elen = redis.call('STRLEN', ek) - (at - 1) - tl - ml
+  end
+  if not p or elen <= 0 or elen > max then
+    redis.call('UNLINK', ek)
+    return false
+  end
   local r
   if with_e then
-    r = redis.call('HMGET', ek, 'e', 's', 't', 'f', 'h', 'v', 'm')
+    local x = redis.call('GET', ek)
+    local m = nil
+    if ml > 0 then m = string.sub(x, at + tl, at + tl + ml - 1) end
+    r = {string.sub(x, at + tl + ml), p[1], string.sub(x, at, at + tl - 1), p[2], p[3], p[4], m}
   else
-    r = {true, unpack(redis.call('HMGET', ek, 's', 't', 'f', 'h', 'v'))}
+    local t = ''
+    if tl > 0 then t = redis.call('GETRANGE', ek, at - 1, at + tl - 2) end
+    r = {true, p[1], t, p[2], p[3], p[4]}
   end
   local s, tg = num(r[2]), parse_tags(r[3])
-  if not (s and tg and is_u64(r[4]) and is_u64(r[5]) and (not r[6] or r[6] == '' or is_u64(r[6])))
+  if not (s and tg and is_u64(r[4]) and is_u64(r[5]) and (r[6] == '' or is_u64(r[6])))
       or (with_e and string.byte(r[1]) ~= ENVELOPE_FORMAT) or s > clock_of(meta) then
     redis.call('UNLINK', ek)
     return false

@@ -11,7 +11,7 @@ use strata::error::{ErrorKind, Result};
 use strata::tier::{Envelope, FillOutcome, FillToken, Lookup, Tier};
 
 use super::RedisTier;
-use super::format::{NsKeys, encode_envelope, encode_tags, entry_mac, millis_at_least_one};
+use super::format::{NsKeys, encode_stored_envelope, encode_tags, entry_mac, millis_at_least_one};
 use crate::reply::bad_reply;
 
 #[async_trait]
@@ -49,7 +49,7 @@ impl Tier for RedisTier {
     ) -> Result<FillOutcome> {
         // Signed with the stamp inside: readers check that the script's stamp is this one.
         envelope.stamp = token.stamp;
-        let bytes = encode_envelope(&envelope)?;
+        let bytes = encode_stored_envelope(&envelope)?;
         // Over the size limit: the script runs the guard and stores nothing.
         let stored: &[u8] = if self.oversized(namespace, key, bytes.len()) { &[] } else { &bytes };
         let ns = NsKeys::new(&self.inner.prefix, namespace);
@@ -90,7 +90,7 @@ impl Tier for RedisTier {
     async fn set(&self, namespace: &str, key: &str, mut envelope: Envelope, ttl: Duration) -> Result<()> {
         // The script assigns the stamp; 0 inside the signed envelope says so to readers.
         envelope.stamp = 0;
-        let bytes = encode_envelope(&envelope)?;
+        let bytes = encode_stored_envelope(&envelope)?;
         // Over the size limit: the script invalidates the key and stores nothing.
         let stored: &[u8] = if self.oversized(namespace, key, bytes.len()) { &[] } else { &bytes };
         let ns = NsKeys::new(&self.inner.prefix, namespace);

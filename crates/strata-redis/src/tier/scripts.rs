@@ -148,19 +148,14 @@ if ARGV[4] == '' then
   redis.call('UNLINK', ek)
   return done(2)
 end
-local function store()
-  return pc('HSET', ek, 'e', ARGV[4], 's', ARGV[1], 't', ARGV[5], 'f', ARGV[6], 'h', ARGV[7], 'v', ARGV[8])
-end
-local w = store()
+local w = pc('SET', ek, entry_string(ARGV[1], ARGV[6], ARGV[7], ARGV[8], ARGV[5], ARGV[10], ARGV[4]), 'PX', ARGV[2])
 if type(w) == 'table' and w.err then
-  redis.call('UNLINK', ek)
-  if string.find(w.err, 'OOM', 1, true) then return done(3) end
-  -- Not a hash (or not one this tier wrote): replaced.
-  w = store()
-  if type(w) == 'table' and w.err then error(w) end
+  if string.find(w.err, 'OOM', 1, true) then
+    redis.call('UNLINK', ek)
+    return done(3)
+  end
+  error(w)
 end
-if ARGV[10] ~= '' then redis.call('HSET', ek, 'm', ARGV[10]) else redis.call('HDEL', ek, 'm') end
-redis.call('PEXPIRE', ek, ARGV[2])
 return done(1)
 "#;
 
@@ -177,9 +172,7 @@ redis.call('UNLINK', KEYS[1], KEYS[3])
 bury(KEYS[2], KEYS[1], t, ARGV[6])
 local at = d(t)
 if ARGV[2] ~= '' then
-  redis.call('HSET', KEYS[1], 'e', ARGV[2], 's', at, 't', ARGV[3], 'f', ARGV[4], 'h', ARGV[5], 'v', ARGV[7])
-  if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'm', ARGV[8]) end
-  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+  redis.call('SET', KEYS[1], entry_string(at, ARGV[4], ARGV[5], ARGV[7], ARGV[3], ARGV[8], ARGV[2]), 'PX', ARGV[1])
 end
 return {tonumber(at), repaired, corrupt}
 "#;
@@ -284,8 +277,10 @@ if not valid(s, tg, meta) then
   redis.call('UNLINK', ek)
   return {0, repaired, 0}
 end
-redis.call('HSET', ek, 'f', ARGV[1], 'h', ARGV[2])
-redis.call('PEXPIRE', ek, ARGV[3])
+local x = redis.call('GET', ek)
+local p, at = entry_head(x)
+redis.call('SET', ek, r[2] .. ',' .. ARGV[1] .. ',' .. ARGV[2] .. ',' .. p[4] .. ',' .. p[5] .. ',' .. p[6] .. ';'
+  .. string.sub(x, at), 'PX', ARGV[3])
 return {1, repaired, 0}
 "#;
 
@@ -293,8 +288,10 @@ return {1, repaired, 0}
 ///
 /// KEYS: entry. ARGV: bytes. Returns 1 if deleted.
 const DISCARD_BODY: &str = r#"
-local cur = pc('HGET', KEYS[1], 'e')
-if type(cur) == 'string' and cur == ARGV[1] then
+local cur = pc('GET', KEYS[1])
+if type(cur) ~= 'string' then return 0 end
+local p, at = entry_head(cur)
+if p and string.sub(cur, at + tonumber(p[5]) + tonumber(p[6])) == ARGV[1] then
   redis.call('UNLINK', KEYS[1])
   return 1
 end
@@ -361,7 +358,7 @@ impl TierScripts {
             invalidate_tag: redis::Script::new(&with_prelude(INVALIDATE_TAG_BODY)),
             invalidate_namespace: redis::Script::new(&with_prelude(INVALIDATE_NAMESPACE_BODY)),
             touch: redis::Script::new(&with_prelude(TOUCH_BODY)),
-            discard: redis::Script::new(&format!("{ALLOW_OOM}{PCALL}{DISCARD_BODY}")),
+            discard: redis::Script::new(&with_prelude(DISCARD_BODY)),
             release_lease: redis::Script::new(&format!("{ALLOW_OOM}{PCALL}{RELEASE_LEASE_BODY}")),
             lock: redis::Script::new(&with_prelude(&format!("{LOCK_PRELUDE}{LOCK_BODY}"))),
             unlock: redis::Script::new(&with_prelude(&format!("{LOCK_PRELUDE}{UNLOCK_BODY}"))),

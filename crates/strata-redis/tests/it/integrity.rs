@@ -10,7 +10,9 @@ use strata::tier::{FillOutcome, Tier};
 use strata_redis::{IntegrityKey, RedisTier};
 use strata_testkit::RedisServer;
 
-use crate::support::{TTL, fresh, hit_value, is_miss, raw_conn, token};
+use crate::support::{
+    TTL, fresh, hit_value, is_miss, raw_conn, read_entry, set_entry_field, token, write_entry,
+};
 
 mod backplane;
 
@@ -83,41 +85,28 @@ async fn tampering_with_tags_stamp_or_value_of_a_signed_entry_is_detected() {
     };
     // Dropping the tags from `t` would let the entry escape invalidate_tag.
     fill("tags").await;
-    let _: () = redis::cmd("HSET")
-        .arg(signed.entry_key("ns", "tags"))
-        .arg("t")
-        .arg("")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    set_entry_field(&mut conn, &signed.entry_key("ns", "tags"), "t", b"").await;
     // Raising the stamp would let it survive a tag or namespace invalidation.
     fill("stamp").await;
     let ek = signed.entry_key("ns", "stamp");
-    let s: u64 = redis::cmd("HGET").arg(&ek).arg("s").query_async(&mut conn).await.unwrap();
+    let fields = read_entry(&mut conn, &ek).await;
+    let s: u64 =
+        String::from_utf8_lossy(&fields.iter().find(|(f, _)| f == "s").expect("s").1).parse().expect("s");
     // (Below the clock, which a later invalidation moved: above it, the script itself
     // would drop the entry as corrupt.)
     signed.delete("ns", &["elsewhere".to_owned()]).await.unwrap();
-    let _: () = redis::cmd("HSET").arg(&ek).arg("s").arg(s + 1).query_async(&mut conn).await.unwrap();
+    set_entry_field(&mut conn, &ek, "s", (s + 1).to_string().as_bytes()).await;
     // A flipped byte of the envelope.
     fill("value").await;
     let ek = signed.entry_key("ns", "value");
-    let mut e: Vec<u8> = redis::cmd("HGET").arg(&ek).arg("e").query_async(&mut conn).await.unwrap();
+    let mut e = read_entry(&mut conn, &ek).await.into_iter().find(|(f, _)| f == "e").expect("e").1;
     let last = e.len() - 1;
     e[last] ^= 1;
-    let _: () = redis::cmd("HSET").arg(&ek).arg("e").arg(e).query_async(&mut conn).await.unwrap();
+    set_entry_field(&mut conn, &ek, "e", &e).await;
     // An entry copied under another key.
     fill("copy-from").await;
-    let copied: Vec<(String, Vec<u8>)> =
-        redis::cmd("HGETALL").arg(signed.entry_key("ns", "copy-from")).query_async(&mut conn).await.unwrap();
-    for (f, v) in copied {
-        let _: () = redis::cmd("HSET")
-            .arg(signed.entry_key("ns", "copy-to"))
-            .arg(f)
-            .arg(v)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    }
+    let copied = read_entry(&mut conn, &signed.entry_key("ns", "copy-from")).await;
+    write_entry(&mut conn, &signed.entry_key("ns", "copy-to"), &copied).await;
     for key in ["tags", "stamp", "value", "copy-to"] {
         let before = signed.stats().integrity_failures;
         assert!(is_miss(&signed.lookup("ns", key, None).await.unwrap()), "{key}: a miss");

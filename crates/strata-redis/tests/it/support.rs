@@ -65,9 +65,11 @@ pub async fn redis_tier(server: &RedisServer, prefix: &str) -> RedisTier {
 }
 
 pub async fn raw_conn(server: &RedisServer) -> redis::aio::MultiplexedConnection {
+    // Generous: some tests move tens of megabytes in one command on 2 busy cores.
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(20)));
     redis::Client::open(server.url())
         .expect("client")
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&config)
         .await
         .expect("raw connection")
 }
@@ -139,4 +141,76 @@ pub fn clients_named(server: &RedisServer, prefix: &str) -> Vec<(String, String)
         }
     }
     out
+}
+
+/// The fields of a stored entry string (`<s>,<f>,<h>,<v>,<tags len>,<mac len>;` then
+/// tags, MAC, envelope): `s f h v t [m] e`, as a test reads and rewrites them.
+pub fn entry_fields(raw: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let semi = raw.iter().position(|b| *b == b';').expect("an entry head");
+    let head = std::str::from_utf8(&raw[..semi]).expect("an ASCII head");
+    let p: Vec<&str> = head.split(',').collect();
+    assert_eq!(p.len(), 6, "entry head {head:?}");
+    let (tl, ml): (usize, usize) = (p[4].parse().expect("tags len"), p[5].parse().expect("mac len"));
+    let rest = &raw[semi + 1..];
+    let mut out: Vec<(String, Vec<u8>)> =
+        ["s", "f", "h", "v"].iter().zip(&p).map(|(f, v)| ((*f).to_owned(), v.as_bytes().to_vec())).collect();
+    out.push(("t".into(), rest[..tl].to_vec()));
+    if ml > 0 {
+        out.push(("m".into(), rest[tl..tl + ml].to_vec()));
+    }
+    out.push(("e".into(), rest[tl + ml..].to_vec()));
+    out
+}
+
+/// The entry string of `fields` (a field left out is written empty).
+pub fn entry_bytes(fields: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let get = |name: &str| fields.iter().find(|(f, _)| f == name).map(|(_, v)| v.clone()).unwrap_or_default();
+    let (t, m) = (get("t"), get("m"));
+    let mut out = Vec::new();
+    for f in ["s", "f", "h", "v"] {
+        out.extend_from_slice(&get(f));
+        out.push(b',');
+    }
+    out.extend_from_slice(format!("{},{};", t.len(), m.len()).as_bytes());
+    out.extend_from_slice(&t);
+    out.extend_from_slice(&m);
+    out.extend_from_slice(&get("e"));
+    out
+}
+
+/// Reads the entry at `key` as fields.
+pub async fn read_entry(raw: &mut redis::aio::MultiplexedConnection, key: &str) -> Vec<(String, Vec<u8>)> {
+    let bytes: Vec<u8> = redis::cmd("GET").arg(key).query_async(raw).await.expect("GET entry");
+    entry_fields(&bytes)
+}
+
+/// Writes `fields` as the entry at `key` (expiring in a minute).
+pub async fn write_entry(
+    raw: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+    fields: &[(String, Vec<u8>)],
+) {
+    let _: () = redis::cmd("SET")
+        .arg(key)
+        .arg(entry_bytes(fields))
+        .arg("PX")
+        .arg(60_000)
+        .query_async(raw)
+        .await
+        .expect("SET");
+}
+
+/// Rewrites one field of the entry at `key`.
+pub async fn set_entry_field(
+    raw: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+    field: &str,
+    value: &[u8],
+) {
+    let mut fields = read_entry(raw, key).await;
+    match fields.iter_mut().find(|(f, _)| f == field) {
+        Some((_, v)) => *v = value.to_vec(),
+        None => fields.push((field.to_owned(), value.to_vec())),
+    }
+    write_entry(raw, key, &fields).await;
 }

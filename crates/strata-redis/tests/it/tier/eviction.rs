@@ -146,3 +146,59 @@ async fn invalidations_go_through_when_redis_is_out_of_memory() {
         eprintln!("[eviction] {policy}: over maxmemory; stats {:?}", tier.stats());
     }
 }
+
+async fn used_memory(raw: &mut MultiplexedConnection) -> i64 {
+    let info: String = redis::cmd("INFO").arg("memory").query_async(raw).await.expect("INFO");
+    let line = info.lines().find_map(|l| l.strip_prefix("used_memory:")).expect("used_memory");
+    line.trim().parse().expect("a number")
+}
+
+/// Redis bytes per cached entry, strata against a plain `SET … PX` of the same value
+/// under a key of the same length (what a cache-aside stores), and per invalidated key
+/// (the tombstone). Printed; the assertion only guards against a regression.
+/// `cargo test -p strata-redis --test it memory_per_entry -- --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_per_entry_against_a_plain_set() {
+    const N: usize = 4000;
+    let server = RedisServer::start();
+    let tier = redis_tier(&server, "strata").await;
+    let mut raw = raw_conn(&server).await;
+    let value = "v".repeat(100);
+    // Warm the namespace's own keys (meta hash, first tombstone generation) first.
+    tier.delete("billsetting", &["warm".to_owned()]).await.expect("delete");
+    let base = used_memory(&mut raw).await;
+    for i in 0..N {
+        let key = i.to_string();
+        let t = token(&tier.lookup("billsetting", &key, None).await.expect("lookup"));
+        tier.fill("billsetting", &key, fresh(&value, &["plan"]), TTL, &t).await.expect("fill");
+    }
+    let strata = used_memory(&mut raw).await - base;
+    let keys: Vec<String> = (0..N).map(|i| i.to_string()).collect();
+    for chunk in keys.chunks(100) {
+        tier.delete("billsetting", chunk).await.expect("delete");
+    }
+    let tombs = used_memory(&mut raw).await - base;
+    let base = used_memory(&mut raw).await;
+    // The same value bytes as strata's envelope holds them, under a key as long.
+    let plain_value = vec![b'v'; 100 + 1 + 8];
+    for i in 0..N {
+        let _: () = redis::cmd("SET")
+            .arg(format!("strata:{{billsetting}}:e:{i}x"))
+            .arg(&plain_value)
+            .arg("PX")
+            .arg(60_000)
+            .query_async(&mut raw)
+            .await
+            .expect("SET");
+    }
+    let plain = used_memory(&mut raw).await - base;
+    let (per_entry, per_plain) = (strata as f64 / N as f64, plain as f64 / N as f64);
+    eprintln!(
+        "[memory] per entry: strata {per_entry:.0} B, plain SET {per_plain:.0} B ({:.2}x); per invalidated key \
+         (tombstone, entry gone) {:.0} B",
+        per_entry / per_plain,
+        tombs as f64 / N as f64
+    );
+    // 3.23x while entries were hashes (a field over 64 bytes made each a hash table).
+    assert!(per_entry < 2.0 * per_plain, "strata {per_entry:.0} B per entry against {per_plain:.0} B");
+}

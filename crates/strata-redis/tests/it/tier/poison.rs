@@ -14,7 +14,10 @@ use strata::{Cache, Scope};
 use strata_redis::RedisTier;
 use strata_testkit::RedisServer;
 
-use crate::support::{LEASE, TTL, fresh, hit_value, is_miss, now, raw_conn, redis_tier, token};
+use crate::support::{
+    LEASE, TTL, entry_bytes, fresh, hit_value, is_miss, now, raw_conn, read_entry, redis_tier,
+    set_entry_field, token, write_entry,
+};
 
 /// The Redis key `kind` of `ns` ("m" the meta hash, "l:k" the lease of key k, ...).
 fn key_of(tier: &RedisTier, ns: &str, kind: &str) -> String {
@@ -40,8 +43,7 @@ async fn cmd(raw: &mut MultiplexedConnection, args: &[&[u8]]) {
 async fn good_fields(tier: &RedisTier, raw: &mut MultiplexedConnection, ns: &str) -> Vec<(String, Vec<u8>)> {
     let t = token(&tier.lookup(ns, "model", None).await.unwrap());
     assert_eq!(tier.fill(ns, "model", fresh("model", &["x"]), TTL, &t).await.unwrap(), FillOutcome::Stored);
-    let fields: Vec<(String, Vec<u8>)> =
-        redis::cmd("HGETALL").arg(tier.entry_key(ns, "model")).query_async(raw).await.unwrap();
+    let fields = read_entry(raw, &tier.entry_key(ns, "model")).await;
     assert!(fields.iter().any(|(f, _)| f == "e"), "{fields:?}");
     fields
 }
@@ -78,19 +80,17 @@ const POISONS: &[Poison] = &[
 ];
 
 async fn plant(raw: &mut MultiplexedConnection, key: &str, good: &[(String, Vec<u8>)], poison: &Poison) {
-    let _: () = redis::cmd("DEL").arg(key).query_async(raw).await.unwrap();
-    let mut c = redis::cmd("HSET");
-    c.arg(key);
+    let mut fields = Vec::new();
     for (f, v) in good {
         if f == poison.field {
             if let Some(bad) = poison.value {
-                c.arg(f).arg(bad);
+                fields.push((f.clone(), bad.to_vec()));
             }
         } else {
-            c.arg(f).arg(v);
+            fields.push((f.clone(), v.clone()));
         }
     }
-    let _: () = c.query_async(raw).await.unwrap();
+    write_entry(raw, key, &fields).await;
 }
 
 /// Each poisoned entry, then lookups: the first is a miss with a lease in one round
@@ -452,28 +452,18 @@ async fn oversized_entry_is_a_deleted_miss_without_transfer() {
         [&[strata_redis::tier::ENVELOPE_FORMAT][..], b"\x01\x05model"].concat(),
         "postcard layout of the envelope"
     );
-    let mut head = vec![strata_redis::tier::ENVELOPE_FORMAT, 1];
+    // The entry's head and tags as a good entry has them, then the huge envelope.
+    let before_e: Vec<(String, Vec<u8>)> = good.iter().filter(|(f, _)| f != "e").cloned().collect();
+    let mut head = entry_bytes(&before_e);
+    head.extend_from_slice(&[strata_redis::tier::ENVELOPE_FORMAT, 1]);
     varint(SIZE as u64, &mut head);
-    let tmp = "big-tmp";
-    cmd(&mut raw, &[b"SET", tmp.as_bytes(), &head]).await;
-    let end = (head.len() + SIZE - 1).to_string();
-    cmd(&mut raw, &[b"SETRANGE", tmp.as_bytes(), end.as_bytes(), b"z"]).await;
-    cmd(&mut raw, &[b"APPEND", tmp.as_bytes(), &e[8..]]).await;
     let ek = tier.entry_key("ns", "big");
-    let mut copy = redis::cmd("EVAL");
-    copy.arg(
-        "redis.call('HSET', KEYS[1], 'e', redis.call('GET', KEYS[2])) redis.call('DEL', KEYS[2]) return 1",
-    )
-    .arg(2)
-    .arg(&ek)
-    .arg(tmp);
-    let _: i64 = copy.query_async(&mut raw).await.unwrap();
-    for (f, v) in &good {
-        if f != "e" {
-            let _: () = redis::cmd("HSET").arg(&ek).arg(f).arg(v).query_async(&mut raw).await.unwrap();
-        }
-    }
-    let len: u64 = redis::cmd("HSTRLEN").arg(&ek).arg("e").query_async(&mut raw).await.unwrap();
+    cmd(&mut raw, &[b"SET", ek.as_bytes(), &head]).await;
+    let end = (head.len() + SIZE - 1).to_string();
+    cmd(&mut raw, &[b"SETRANGE", ek.as_bytes(), end.as_bytes(), b"z"]).await;
+    cmd(&mut raw, &[b"APPEND", ek.as_bytes(), &e[8..]]).await;
+    cmd(&mut raw, &[b"PEXPIRE", ek.as_bytes(), b"60000"]).await;
+    let len: u64 = redis::cmd("STRLEN").arg(&ek).query_async(&mut raw).await.unwrap();
     assert!(len > SIZE as u64);
 
     let (ops, bad) = (tier.ops(), tier.stats().undecodable);
@@ -503,8 +493,8 @@ async fn poisoned_keys_do_not_open_the_caches_l2_breaker() {
     let ek = tier.entry_key("ns", "1");
     let meta = key_of(&tier, "ns", "m");
     let poisons: &[(&str, &[&[u8]])] = &[
-        ("h=-1", &[b"HSET", ek.as_bytes(), b"h", b"-1"]),
-        ("e empty", &[b"HSET", ek.as_bytes(), b"e", b""]),
+        ("h=-1", &[b"FIELD", ek.as_bytes(), b"h", b"-1"]),
+        ("e empty", &[b"FIELD", ek.as_bytes(), b"e", b""]),
         ("string meta", &[b"SET", meta.as_bytes(), b"garbage"]),
     ];
     for (name, poison) in poisons {
@@ -513,7 +503,12 @@ async fn poisoned_keys_do_not_open_the_caches_l2_breaker() {
         if poison[0] == b"SET" {
             cmd(&mut raw, &[b"DEL", poison[1]]).await;
         }
-        cmd(&mut raw, poison).await;
+        if poison[0] == b"FIELD" {
+            let field = std::str::from_utf8(poison[2]).expect("a field name");
+            set_entry_field(&mut raw, &ek, field, poison[3]).await;
+        } else {
+            cmd(&mut raw, poison).await;
+        }
         let mut errors = 0;
         for _ in 0..200 {
             cache.evict_local(&1);
