@@ -178,7 +178,7 @@ mod tls;
 /// `tier::a_least_privilege_acl_user_runs_the_tier_and_the_stream_backplane`.
 pub const MINIMAL_ACL: &str = "~strata:* &strata:* +ping +info +evalsha +script|load +client|setname \
     +time +get +set +del +unlink +incr +pexpire +pttl +exists +type \
-    +getrange +strlen +hget +hset +hmget +hgetall +hincrby +hdel +hlen +hrandfield +decr +xinfo \
+    +getrange +strlen +hget +hset +hmget +hgetall +hexists +hincrby +hdel +hlen +hrandfield +decr +xinfo \
     +zadd +zrem +zcount +zcard +zincrby +zrevrange +zremrangebyscore +zremrangebyrank +zunionstore \
     +xadd +xrange +xrevrange +xread +publish +subscribe";
 

@@ -39,6 +39,7 @@ pub struct RedisTierBuilder {
     pub(crate) reconnect_after_timeouts: u32,
     pub(crate) max_entry_bytes: usize,
     pub(crate) max_tag_epochs: usize,
+    pub(crate) legacy_tombstones: bool,
     pub(crate) integrity_keys: Option<Vec<IntegrityKey>>,
     pub(crate) eviction_check: super::eviction::EvictionCheck,
 }
@@ -51,6 +52,7 @@ impl std::fmt::Debug for RedisTierBuilder {
             .field("tombstone_ttl", &self.tombstone_ttl)
             .field("max_entry_bytes", &self.max_entry_bytes)
             .field("max_tag_epochs", &self.max_tag_epochs)
+            .field("legacy_tombstones", &self.legacy_tombstones)
             .field("integrity_keys", &self.integrity_keys.as_ref().map(Vec::len))
             .finish_non_exhaustive()
     }
@@ -66,6 +68,7 @@ impl RedisTierBuilder {
             reconnect_after_timeouts: 4,
             max_entry_bytes: DEFAULT_MAX_ENTRY_BYTES,
             max_tag_epochs: strata::tier::DEFAULT_MAX_TAG_EPOCHS,
+            legacy_tombstones: true,
             integrity_keys: None,
             eviction_check: super::eviction::EvictionCheck::default(),
         }
@@ -168,6 +171,20 @@ impl RedisTierBuilder {
     /// different one is safe, only the larger holds).
     pub fn max_tag_epochs(mut self, n: usize) -> Self {
         self.max_tag_epochs = n;
+        self
+    }
+
+    /// Also writes and reads each key tombstone where strata 0.1 kept it (a key
+    /// `…:x:<key>` with the tombstone ttl), beside the tombstone generations this release
+    /// keeps (see "Storage layout" in [`tier`](crate::tier)); default `true`.
+    ///
+    /// During a rolling deploy from 0.1, instances of both releases then refuse each
+    /// other's late fills. Once no 0.1 instance shares the server, turn it off: it saves
+    /// a key per invalidated key (about 130 bytes, for the tombstone ttl). (Entries of
+    /// the two releases are stored differently: each reads the other's as a miss, and
+    /// deletes it, for as long as both run.)
+    pub fn legacy_tombstones(mut self, on: bool) -> Self {
+        self.legacy_tombstones = on;
         self
     }
 

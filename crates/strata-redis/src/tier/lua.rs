@@ -271,6 +271,9 @@ end
 -- the one before it is then dropped, and the floor `xf` rises to the start of the one
 -- kept: a token older than that might have needed a dropped tombstone, so it is
 -- refused (it is at least one generation old: ttl, or MAX_TOMBS invalidations).
+-- With LEGACY_TOMBS, each tombstone is also written, and read, where the previous
+-- release kept it (`<base>x:<key>`, with the tombstone ttl), so that instances of both
+-- releases guard each other's fills during a rolling deploy.
 
 -- Forgets every tombstone behind a fresh tick: every token handed out so far is
 -- refused, as if each key had been invalidated now (a loss is never read as "no
@@ -323,7 +326,11 @@ local function bury(meta, ek, at, ms)
     start_gen(meta, o, wall)
     g = o
   end
-  redis.call('HSET', tomb_gen(meta, g), string.sub(ek, #meta + 2), d(at))
+  local field = string.sub(ek, #meta + 2)
+  redis.call('HSET', tomb_gen(meta, g), field, d(at))
+  if LEGACY_TOMBS then
+    redis.call('SET', string.sub(meta, 1, -2) .. 'x:' .. field, d(at), 'PX', ms)
+  end
 end
 
 -- True when the key whose entry is `ek` was invalidated after `stamp`, or may have
@@ -343,6 +350,13 @@ local function buried_after(meta, ek, stamp)
       end
       if at and at > stamp then return true end
     end
+  end
+  if LEGACY_TOMBS then
+    -- The previous release's tombstone (a key with a TTL), written by its instances
+    -- during a rolling deploy: anything there that is not a tick at or below the stamp
+    -- refuses the fill.
+    local old = pc('GET', string.sub(meta, 1, -2) .. 'x:' .. field)
+    if old and (type(old) ~= 'string' or not num(old) or num(old) > stamp) then return true end
   end
   return false
 end
@@ -406,7 +420,10 @@ end
 local function read_entry(ek, meta, max, with_e)
   local head = pc('GETRANGE', ek, 0, HEAD_MAX - 1)
   if type(head) ~= 'string' then
+    -- strata 0.1 stored entries as hashes: during a rolling deploy one is a plain miss.
+    local old = redis.call('TYPE', ek).ok == 'hash' and pc('HEXISTS', ek, 'e') == 1
     redis.call('UNLINK', ek)
+    if old then return nil end
     return false
   end
   if head == '' then

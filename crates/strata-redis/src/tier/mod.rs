@@ -192,7 +192,7 @@ impl RedisTierBuilder {
                 tombstone_ttl: self.tombstone_ttl,
                 max_entry_bytes: self.max_entry_bytes,
                 clock,
-                scripts: TierScripts::new(self.max_tag_epochs),
+                scripts: TierScripts::new(self.max_tag_epochs, self.legacy_tombstones),
                 integrity: Integrity::from_keys(self.integrity_keys.as_deref(), WHAT)?,
                 counters: Counters::default(),
             }),

@@ -324,9 +324,10 @@ pub(crate) const MAX_TOMBS: usize = 10_000;
 /// a lock id) is small, and Redis evicts before the next command.
 pub(crate) const ALLOW_OOM: &str = "#!lua flags=allow-oom\n";
 
-fn with_prelude(body: &str, max_tag_epochs: usize) -> String {
+fn with_prelude(body: &str, max_tag_epochs: usize, legacy_tombstones: bool) -> String {
     format!(
-        "{ALLOW_OOM}local ENVELOPE_FORMAT = {ENVELOPE_FORMAT}\nlocal MAX_TAG_EPOCHS = {max_tag_epochs}\nlocal MAX_TOMBS = {MAX_TOMBS}\n{PCALL}{PRELUDE}{body}"
+        "{ALLOW_OOM}local ENVELOPE_FORMAT = {ENVELOPE_FORMAT}\nlocal MAX_TAG_EPOCHS = {max_tag_epochs}\n\
+         local MAX_TOMBS = {MAX_TOMBS}\nlocal LEGACY_TOMBS = {legacy_tombstones}\n{PCALL}{PRELUDE}{body}"
     )
 }
 
@@ -348,8 +349,8 @@ pub(crate) struct TierScripts {
 impl TierScripts {
     /// The scripts of a tier that keeps at most `max_tag_epochs` tag epochs per
     /// namespace (a constant of the scripts: it never travels with a call).
-    pub(crate) fn new(max_tag_epochs: usize) -> Self {
-        let with_prelude = |body: &str| with_prelude(body, max_tag_epochs);
+    pub(crate) fn new(max_tag_epochs: usize, legacy_tombstones: bool) -> Self {
+        let with_prelude = |body: &str| with_prelude(body, max_tag_epochs, legacy_tombstones);
         TierScripts {
             lookup: redis::Script::new(&with_prelude(LOOKUP_BODY)),
             fill: redis::Script::new(with_prelude(FILL_BODY).trim_start_matches(ALLOW_OOM)),

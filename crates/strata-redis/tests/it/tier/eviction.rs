@@ -72,7 +72,8 @@ async fn a_lost_tombstone_never_lets_a_late_fill_in() {
         let t = token(&tier.lookup(&ns, "fresh", LEASE).await.expect("lookup"));
         assert_eq!(
             tier.fill(&ns, "fresh", fresh("new", &[]), TTL, &t).await.expect("fill"),
-            FillOutcome::Stored
+            FillOutcome::Stored,
+            "{case}: a fill after the loss"
         );
         assert_eq!(
             hit_value(&tier.lookup(&ns, "fresh", None).await.expect("lookup")).as_deref(),
@@ -201,4 +202,42 @@ async fn memory_per_entry_against_a_plain_set() {
     );
     // 3.23x while entries were hashes (a field over 64 bytes made each a hash table).
     assert!(per_entry < 2.0 * per_plain, "strata {per_entry:.0} B per entry against {per_plain:.0} B");
+}
+
+/// A rolling deploy from strata 0.1: its tombstones (`…:x:<key>` keys) refuse this
+/// release's late fills and this release writes them for 0.1's fills
+/// (`legacy_tombstones`, on by default); its entries (hashes) read as plain misses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tombstones_and_entries_of_the_previous_release_are_honoured() {
+    let server = RedisServer::start();
+    let tier = redis_tier(&server, "roll").await;
+    let mut raw = raw_conn(&server).await;
+    let t = token(&tier.lookup("ns", "k", LEASE).await.expect("lookup"));
+    let old_tomb = key_of(&tier, "ns", "x:k");
+    let _: () = redis::cmd("SET")
+        .arg(&old_tomb)
+        .arg(t.stamp + 1)
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(tier.fill("ns", "k", fresh("old", &[]), TTL, &t).await.unwrap(), FillOutcome::Rejected);
+    tier.delete("ns", &["j".to_owned()]).await.unwrap();
+    let n: u64 = redis::cmd("EXISTS").arg(key_of(&tier, "ns", "x:j")).query_async(&mut raw).await.unwrap();
+    assert_eq!(n, 1, "a delete writes the 0.1 tombstone too");
+    let off =
+        RedisTier::builder(server.url()).prefix("roll2").legacy_tombstones(false).build().await.unwrap();
+    off.delete("ns", &["j".to_owned()]).await.unwrap();
+    let n: u64 = redis::cmd("EXISTS").arg(key_of(&off, "ns", "x:j")).query_async(&mut raw).await.unwrap();
+    assert_eq!(n, 0, "not with legacy_tombstones(false)");
+    // A 0.1 entry: a miss, deleted, not counted as undecodable.
+    let ek = tier.entry_key("ns", "h");
+    let _: () =
+        redis::cmd("HSET").arg(&ek).arg("e").arg("x").arg("s").arg("1").query_async(&mut raw).await.unwrap();
+    let bad = tier.stats().undecodable;
+    assert!(hit_value(&tier.lookup("ns", "h", None).await.unwrap()).is_none());
+    assert_eq!(tier.stats().undecodable, bad);
+    let n: u64 = redis::cmd("EXISTS").arg(&ek).query_async(&mut raw).await.unwrap();
+    assert_eq!(n, 0);
 }
