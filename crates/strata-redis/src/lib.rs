@@ -149,7 +149,9 @@
 //! # Layout
 //!
 //! Each source module has one job, and dependencies point one way: the tier and the
-//! backplanes build on `connection` and `reply`, never on each other.
+//! backplanes build on `connection` and `reply`; a backplane knows the tier only to
+//! publish through its connection (`share_connection`), the tier never knows a
+//! backplane.
 //!
 //! | module | job |
 //! |---|---|

@@ -12,6 +12,7 @@
 //! 32-byte HMAC-SHA256 over the channel or stream name and the message; what does not
 //! verify is reported as `Malformed` (see the crate docs, "Sharing a Redis").
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -133,11 +134,40 @@ pub(crate) fn open_message(integrity: Option<&Integrity>, channel: &str, bytes: 
 /// opens the subscribers' dedicated connections.
 pub(crate) fn connect_publisher(
     options: &ConnectionOptions,
+    shared: Option<&SharedConnection>,
     what: &str,
-) -> Result<(redis::Client, ManagedConn), Error> {
+) -> Result<(redis::Client, Arc<ManagedConn>), Error> {
     let client = options.open_client(what)?;
-    let publisher = ManagedConn::new(client.clone(), options, PUBLISHER_RECONNECT_AFTER, what)?;
+    let publisher = match shared {
+        Some(s) if s.options.url == options.url && s.options.tls == options.tls => s.conn.clone(),
+        Some(s) => {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "{what}: share_connection: the tier connects to `{}`, this backplane to `{}`; \
+                     share only a connection to the same server with the same credentials",
+                    s.options.redacted_url(),
+                    options.redacted_url()
+                ),
+            ));
+        }
+        None => Arc::new(ManagedConn::new(client.clone(), options, PUBLISHER_RECONNECT_AFTER, what)?),
+    };
     Ok((client, publisher))
+}
+
+/// A tier's connection that a backplane publishes through (`share_connection`).
+#[derive(Clone)]
+pub(crate) struct SharedConnection {
+    pub(crate) conn: Arc<ManagedConn>,
+    pub(crate) options: ConnectionOptions,
+}
+
+impl SharedConnection {
+    pub(crate) fn of(tier: &crate::RedisTier) -> Self {
+        let (conn, options) = tier.shared_connection();
+        SharedConnection { conn, options: options.clone() }
+    }
 }
 
 /// Sends a `PING` on a backplane's publishing connection within `timeout`; `ping_what`

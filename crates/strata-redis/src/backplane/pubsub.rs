@@ -152,7 +152,7 @@ impl RedisPubSubBackplaneBuilder {
         }
         Backoff::check(WHAT, self.reconnect_min, self.reconnect_max)?;
         let integrity = Integrity::from_keys(self.integrity_keys.as_deref(), WHAT)?;
-        let (client, publisher) = connect_publisher(&self.connection, WHAT)?;
+        let (client, publisher) = connect_publisher(&self.connection, None, WHAT)?;
         let bp = RedisPubSubBackplane {
             inner: Arc::new(PubSubInner {
                 integrity,
@@ -176,7 +176,7 @@ struct PubSubInner {
     cfg: RedisPubSubBackplaneBuilder,
     channel: String,
     client: redis::Client,
-    publisher: ManagedConn,
+    publisher: Arc<ManagedConn>,
     stats: StatCounters,
     /// Subscribers (count of `PUBLISH` receivers) reported by the last publish.
     receivers: AtomicU64,

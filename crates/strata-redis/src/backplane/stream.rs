@@ -76,7 +76,7 @@ impl RedisStreamBackplaneBuilder {
     /// returns the backplane.
     pub async fn build(self) -> Result<RedisStreamBackplane> {
         self.check()?;
-        let (client, publisher) = connect_publisher(&self.connection, WHAT)?;
+        let (client, publisher) = connect_publisher(&self.connection, self.shared.as_ref(), WHAT)?;
         let prefix = &self.connection.prefix;
         let bp = RedisStreamBackplane {
             inner: Arc::new(StreamInner {
@@ -107,7 +107,7 @@ struct StreamInner {
     stream_key: String,
     counter_key: String,
     client: redis::Client,
-    publisher: ManagedConn,
+    publisher: Arc<ManagedConn>,
     publish_script: redis::Script,
     start_script: redis::Script,
     catch_up_script: redis::Script,

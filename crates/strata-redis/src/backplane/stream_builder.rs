@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use strata::error::{Error, ErrorKind, Result};
 
-use crate::backplane::{DEFAULT_CHANNEL_CAPACITY, DEFAULT_PUBLISH_TIMEOUT, DEFAULT_RECONNECT_BACKOFF};
+use crate::backplane::{
+    DEFAULT_CHANNEL_CAPACITY, DEFAULT_PUBLISH_TIMEOUT, DEFAULT_RECONNECT_BACKOFF, SharedConnection,
+};
 use crate::connection::{Backoff, ConnectionOptions};
 use crate::integrity::IntegrityKey;
 use crate::tls::TlsConfig;
@@ -31,6 +33,7 @@ pub struct RedisStreamBackplaneBuilder {
     pub(crate) reconnect_min: Duration,
     pub(crate) reconnect_max: Duration,
     pub(crate) integrity_keys: Option<Vec<IntegrityKey>>,
+    pub(crate) shared: Option<SharedConnection>,
 }
 
 impl std::fmt::Debug for RedisStreamBackplaneBuilder {
@@ -39,6 +42,7 @@ impl std::fmt::Debug for RedisStreamBackplaneBuilder {
             .field("connection", &self.connection)
             .field("max_len", &self.max_len)
             .field("integrity_keys", &self.integrity_keys.as_ref().map(Vec::len))
+            .field("shares_connection", &self.shared.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -56,6 +60,7 @@ impl RedisStreamBackplaneBuilder {
             reconnect_min: DEFAULT_RECONNECT_BACKOFF.0,
             reconnect_max: DEFAULT_RECONNECT_BACKOFF.1,
             integrity_keys: None,
+            shared: None,
         }
     }
 
@@ -69,6 +74,17 @@ impl RedisStreamBackplaneBuilder {
     /// the crate docs, "Sharing a Redis: integrity keys".
     pub fn integrity_keys(mut self, keys: Vec<IntegrityKey>) -> Self {
         self.integrity_keys = Some(keys);
+        self
+    }
+
+    /// Publishes through `tier`'s connection instead of opening one (subscriptions still
+    /// open their own, for their blocking reads): one connection less per instance,
+    /// about 20 KB of the server's `maxmemory` each (its client buffers), which counts
+    /// on a small server with many instances. `build` fails if the tier connects to
+    /// another URL. Publishes then queue behind the tier's calls on one connection, and
+    /// the tier's reconnect after repeated timeouts replaces it for both.
+    pub fn share_connection(mut self, tier: &crate::RedisTier) -> Self {
+        self.shared = Some(SharedConnection::of(tier));
         self
     }
 

@@ -183,10 +183,12 @@ impl RedisTierBuilder {
         self.check()?;
         let client = self.connection.open_client(WHAT)?;
         let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock::default()));
-        let conn = ManagedConn::new(client, &self.connection, self.reconnect_after_timeouts, WHAT)?;
+        let conn = Arc::new(ManagedConn::new(client, &self.connection, self.reconnect_after_timeouts, WHAT)?);
+        let shared = self.connection.clone();
         let tier = RedisTier {
             inner: Arc::new(Inner {
                 conn,
+                connection: shared,
                 prefix: self.connection.prefix,
                 op_timeout: self.op_timeout,
                 tombstone_ttl: self.tombstone_ttl,
@@ -206,7 +208,9 @@ impl RedisTierBuilder {
 }
 
 struct Inner {
-    conn: ManagedConn,
+    conn: Arc<ManagedConn>,
+    /// What `conn` connects with, for a backplane that shares it.
+    connection: crate::connection::ConnectionOptions,
     prefix: String,
     op_timeout: Duration,
     tombstone_ttl: Duration,
@@ -267,6 +271,12 @@ impl RedisTier {
             integrity_failures: c.integrity_failures.load(Ordering::Relaxed),
             refused_for_memory: c.refused_for_memory.load(Ordering::Relaxed),
         }
+    }
+
+    /// The tier's connection and its settings, for a backplane that publishes through
+    /// it (`share_connection`).
+    pub(crate) fn shared_connection(&self) -> (Arc<ManagedConn>, &crate::connection::ConnectionOptions) {
+        (self.inner.conn.clone(), &self.inner.connection)
     }
 
     /// The key prefix.

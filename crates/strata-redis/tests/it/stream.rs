@@ -528,3 +528,33 @@ async fn stream_replay_of_the_widest_range_does_not_overflow() {
     assert_eq!(bp.replay(1, 1, u64::MAX).await.unwrap(), None);
     assert_eq!(bp.replay(1, u64::MAX, u64::MAX).await.unwrap(), None);
 }
+
+/// `share_connection`: the backplane publishes through the tier's connection, so an
+/// instance holds two connections (tier, subscription) instead of three; a tier on
+/// another server is refused at build.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backplane_sharing_the_tiers_connection_opens_one_less() {
+    let server = RedisServer::start();
+    let count = || server.command(&["CLIENT", "LIST"]).expect("CLIENT LIST").lines().count();
+    let idle = count();
+    let tier = strata_redis::RedisTier::builder(server.url()).prefix("share").build().await.expect("tier");
+    let bp = RedisStreamBackplane::builder(server.url())
+        .prefix("share")
+        .share_connection(&tier)
+        .build()
+        .await
+        .expect("backplane");
+    let mut sub = bp.subscribe().await.expect("subscribe");
+    bp.publish(&msg(1, 1, "k")).await.expect("publish");
+    wait_for(&mut sub, Duration::from_secs(5), "the message", |ev| message_of(ev).is_some()).await;
+    strata::tier::Tier::lookup(&tier, "ns", "k", None).await.expect("the tier still works");
+    assert_eq!(count() - idle, 2, "tier + subscription, no publisher of its own");
+    let other = RedisServer::start();
+    let err = RedisStreamBackplane::builder(other.url())
+        .prefix("share")
+        .share_connection(&tier)
+        .build()
+        .await
+        .expect_err("another server");
+    assert!(err.to_string().contains("share_connection"), "{err}");
+}

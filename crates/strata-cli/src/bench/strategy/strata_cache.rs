@@ -108,6 +108,7 @@ async fn connect(url: &SecretUrl, prefix: &str) -> Result<(RedisTier, RedisStrea
         .with_context(|| format!("cannot connect strata's RedisTier to {url}"))?;
     let backplane = RedisStreamBackplane::builder(url.expose())
         .prefix(prefix)
+        .share_connection(&tier)
         .build()
         .await
         .with_context(|| format!("cannot connect strata's RedisStreamBackplane to {url}"))?;
