@@ -389,6 +389,9 @@ pub async fn run(args: CheckArgs) -> Result<()> {
         bound,
         linearizable: args.level == Level::Strong,
         initial,
+        // One writer, `version = version + 1`: a write whose COMMIT outcome is unknown
+        // is resolved from the versions.
+        versions_step_by_one: true,
     };
     let report = check(&config, &history, &end);
     let run = table::RunInfo {
