@@ -60,7 +60,7 @@
 //! * **Degraded mode.** While the backplane has been unhealthy longer than
 //!   `max_stale`, L1 serves no entry older than `max_stale`, and what is loaded
 //!   meanwhile lives at most `max_stale`. L2 deletes and messages that failed are
-//!   buffered and retried every 100–200 ms, the L2 deletes past the instance's L2
+//!   buffered and retried every 100 ms, the L2 deletes past the instance's L2
 //!   breaker (which guards reads: its cool-down must not keep a delete waiting once
 //!   Redis answers).
 //! * **Doubt.** Until a buffered L2 delete lands, L2 may serve the old row to any
