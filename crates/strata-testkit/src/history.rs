@@ -64,7 +64,8 @@ pub enum Op {
     InvalidationApplied,
     /// A write's invalidation that had been buffered (L2 or the backplane failed) was
     /// finally applied by the cache's retry: from the write's commit (`invoke_ns`) to
-    /// the moment the writer saw its cache's retry buffer drained (`return_ns`).
+    /// the moment the writer saw its cache's retry buffer drained, taken-out retries
+    /// included (`return_ns`: applied by then at the latest).
     InvalidationRetried,
     /// A fault injected by the nemesis (its interval is the time it was in force).
     Fault,
