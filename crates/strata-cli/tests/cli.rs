@@ -164,6 +164,10 @@ fn check_invalidated_with_a_subscriber_kill_keeps_its_promises() {
     assert_eq!(report["stale_beyond_bound"], 0, "{report:#}");
     assert_eq!(report["permanent_inconsistencies"], 0, "{report:#}");
     assert_eq!(report["lost_writes"], 0, "{report:#}");
+    assert_eq!(
+        (report["unwritten_reads"].as_u64(), report["indeterminate_writes"].as_u64()),
+        (Some(0), Some(0))
+    );
     assert_eq!(report["level"], "invalidated");
     assert_eq!(report["passed"], true);
     assert!(report["reads"].as_u64().unwrap() > 500, "{report:#}");
@@ -178,6 +182,41 @@ fn check_invalidated_with_a_subscriber_kill_keeps_its_promises() {
     for process in ["\"writer\"", "\"reader-1\"", "\"reader-3\"", "\"nemesis\""] {
         assert!(lines.contains(process), "{process} missing from the history");
     }
+}
+
+/// The Invalidated level through a Redis pause: writes whose L2 delete was refused
+/// (timed out, breaker open) are judged from their commit like every other, none is
+/// left unjudged, and their buffered invalidations are recorded when the retry
+/// applied them.
+#[test]
+fn check_invalidated_through_a_redis_pause_judges_every_write_from_its_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("check.json");
+    let history = dir.path().join("history.jsonl");
+    let out = strata(&[
+        "check",
+        "--level",
+        "invalidated",
+        "--fault",
+        "redis-pause",
+        "--duration",
+        "8",
+        "--json",
+        json.to_str().unwrap(),
+        "--history",
+        history.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "strata check failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["stale_beyond_bound"], 0, "{report:#}");
+    assert_eq!(report["unwritten_reads"], 0, "{report:#}");
+    assert_eq!(report["indeterminate_writes"], 0, "every committed write is judged: {report:#}");
+    assert!(report["buffered_invalidations"].as_u64().unwrap() > 0, "the pause buffered some: {report:#}");
+    let lines = std::fs::read_to_string(&history).unwrap();
+    assert!(lines.contains("\"commit_ns\":"), "writes carry their commit time");
+    assert!(lines.contains("\"op\":\"invalidation_retried\""), "the retries are recorded");
+    assert!(stdout.contains("writes committed (judged from the commit)"), "{stdout}");
 }
 
 /// The Strong level through a Redis pause (writes refused while their write lock cannot

@@ -96,6 +96,9 @@ pub struct CommitReport {
     pub invalidations: Vec<CacheInvalidation>,
     /// One entry per after-commit action, in registration (= execution) order.
     pub actions: Vec<ActionOutcome>,
+    /// When the database acknowledged `COMMIT`, before the invalidations ran: the
+    /// moment from which a cache's staleness bound counts.
+    pub committed_at: std::time::Instant,
 }
 
 impl CommitReport {

@@ -284,17 +284,18 @@ impl<'c, DB: SqlDatabase> Transaction<'c, DB> {
             let invalidations = run_invalidations(batches).await;
             return Err(CommitError::new(CommitOutcome::Unknown, e, invalidations));
         }
+        let committed_at = std::time::Instant::now();
         metrics::counter!("strata_sql_commits_total", "outcome" => "committed").increment(1);
         #[cfg(feature = "testing")]
         if die_after_commit {
             for batch in batches {
                 std::mem::forget(batch.lock);
             }
-            return Ok(CommitReport { invalidations: Vec::new(), actions: Vec::new() });
+            return Ok(CommitReport { invalidations: Vec::new(), actions: Vec::new(), committed_at });
         }
         let invalidations = run_invalidations(batches).await;
         let actions = run_actions(actions).await;
-        Ok(CommitReport { invalidations, actions })
+        Ok(CommitReport { invalidations, actions, committed_at })
     }
 
     fn push_action<F, Fut>(&mut self, name: Cow<'static, str>, action: F) -> &mut Self

@@ -5,40 +5,54 @@
 //!
 //! Versions are per row and strictly increasing (a version column the database bumps
 //! on every change). The rows' versions before the history began are given in
-//! [`CheckConfig::initial`]. For a key:
+//! [`CheckConfig::initial`]. Intervals are closed: two operations whose intervals
+//! touch (one returns at the very nanosecond the other is invoked) are concurrent.
+//! For a key:
 //!
-//! * A write is **completed** when it returned `ok` (committed, and its invalidation
-//!   returned). A write that returned an error is **indeterminate**: it may or may not
-//!   be visible, so reads may or may not see it, and it never makes a read stale. A
-//!   write recorded as **rolled back** ([`Op::WriteRolledBack`]) certainly changed
-//!   nothing: it is counted and otherwise ignored, so (unlike an indeterminate write
-//!   of unknown version) it excuses no read of a version nobody wrote.
-//! * A read is **stale** (`stale_any`) when it returned a version older than the newest
-//!   write of its key completed before the read was invoked.
-//! * It is **stale beyond the bound** (`stale_beyond_bound`) when it returned a version
-//!   older than the newest write completed before `invoke − bound`: the level promised
-//!   that such a write is visible by then.
-//! * The **staleness window** of a completed write W (returned at `t`) is the latest
-//!   invoke time of a read of its key that returned a version older than W, minus `t`,
-//!   or 0 if there is none (or if all such reads were invoked before `t`). The report
-//!   gives its p50, p99 and maximum over all completed writes, and the fraction of
-//!   writes whose window is at most 1 ms, 10 ms, 100 ms and 1 s (Polaris-style
-//!   "consistency within T").
+//! * A write is **committed** when its `COMMIT` succeeded (`ok`), whatever became of
+//!   its invalidation: it takes effect at its `commit_ns` (when the database
+//!   acknowledged the `COMMIT`), or at its `return_ns` when that was not recorded. An
+//!   invalidation that failed and was buffered does not excuse the cache; the level's
+//!   bound runs from the commit. A write that returned `ok: false` is
+//!   **indeterminate** (its `COMMIT`'s outcome is unknown). With
+//!   [`CheckConfig::versions_step_by_one`] the checker resolves it from the versions:
+//!   if another committed write produced the same version, or the database ends below
+//!   it, it did not commit; if no other write claims its version and the database
+//!   reached it, it committed (taking effect by its `return_ns`). What stays
+//!   unresolved is counted as **unjudged** (`indeterminate_writes`): reads may or may
+//!   not see it. A write recorded as **rolled back** ([`Op::WriteRolledBack`])
+//!   certainly changed nothing: it is counted and otherwise ignored.
+//! * A read is **stale** (`stale_any`) when it returned a version older than that of
+//!   a write committed before the read was invoked. This is the one definition of a
+//!   stale read strata's documentation uses.
+//! * It is **stale beyond the bound** (`stale_beyond_bound`) when that write committed
+//!   more than `bound` before the read was invoked: the level promised that such a
+//!   write is visible by then.
+//! * A read **of an unwritten version** (`unwritten_reads`) returned a version that no
+//!   write invoked before the read returned could have produced, and that is not the
+//!   key's initial version: a version never written, a rolled-back write's, or a
+//!   write's that had not begun. Such a read is wrong at every level, whatever other
+//!   writes are in flight. A write of unknown version may have produced any version
+//!   between the known ones around it; without a known initial version, every version
+//!   below the first known one counts as possibly initial.
+//! * The **staleness window** of a committed write W (taking effect at `t`) is the
+//!   latest invoke time of a read of its key that returned a version older than W,
+//!   minus `t`, or 0 if there is none (or if all such reads were invoked before `t`).
+//!   The report gives its p50, p99 and maximum over all committed writes, and the
+//!   fraction of writes whose window is at most 1 ms, 10 ms, 100 ms and 1 s
+//!   (Polaris-style "consistency within T").
 //! * A **permanent inconsistency** is an entry of a cache at quiescence (any instance's
 //!   L1, or L2) whose version differs from the database's.
-//! * A **lost write** is a completed write whose version is newer than the database's
+//! * A **lost write** is a committed write whose version is newer than the database's
 //!   final version of its key.
 //! * **Linearizability** (checked when asked for, i.e. for the Strong level; one writer
-//!   per key, strictly increasing versions): a read violates it if it returned
-//!   - a version older than a write completed before it was invoked (a stale read),
-//!   - a version newer than every write invoked before it returned (a read from the
-//!     future; a write whose version is unknown may have any version below the next
-//!     known one; before the first write, the initial version is the bound, and
-//!     without a known initial version such a read is not judged), or
-//!   - a version older than what a read that returned before it was invoked saw (a
-//!     new-old inversion).
-//!
-//!   Each violating read counts once.
+//!   per key, strictly increasing versions): a read violates it if it is stale, if it
+//!   is a read of an unwritten version, or if it returned a version older than what a
+//!   read that returned before it was invoked saw (a new-old inversion). Each violating
+//!   read counts once.
+//! * A write's **buffered invalidation** is one the writer's cache could not apply at
+//!   once (recorded as an [`Op::InvalidationRetried`] event when the retry applied it):
+//!   the report counts them and gives the longest time from commit to retry.
 //!
 //! Failed reads (`ok: false`) and reads without a version are counted but not judged.
 
@@ -49,6 +63,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::history::{Event, History, Op};
 
+mod linear;
+mod writes;
+
 /// How many examples of each kind of finding the report keeps.
 const EXAMPLES_PER_KIND: usize = 10;
 
@@ -58,13 +75,17 @@ pub struct CheckConfig {
     /// The consistency level's name, copied into the report.
     pub level: String,
     /// The level's documented staleness bound (with its margin): a read invoked this
-    /// long after a write completed must see it.
+    /// long after a write committed must see it.
     pub bound: Duration,
     /// Whether to check linearizability (the Strong level's promise).
     pub linearizable: bool,
     /// The rows' versions before the history began (the database as seeded): they
     /// count as written before every event of the history, but not as writes.
     pub initial: BTreeMap<u64, u64>,
+    /// Whether every committed write raises its row's version by exactly one (one
+    /// writer per key, `version = version + 1`): then an indeterminate write is
+    /// resolved from the versions (see the [module documentation](self)).
+    pub versions_step_by_one: bool,
 }
 
 /// The contents of one cache at quiescence.
@@ -101,44 +122,62 @@ pub struct Report {
     pub failed_reads: u64,
     /// Judged reads per tier they were served from (`l1`, `l2`, `db`, `unknown`).
     pub reads_by_tier: BTreeMap<String, u64>,
-    /// Completed writes.
+    /// Committed writes (recorded as committed, or resolved as such), every one
+    /// judged from its commit.
     pub writes: u64,
-    /// Writes that returned an error (they may or may not be visible).
+    /// Writes whose `COMMIT` outcome stayed unknown: never judged.
     pub indeterminate_writes: u64,
+    /// Indeterminate writes the versions resolved (committed or not).
+    #[serde(default)]
+    pub resolved_writes: u64,
     /// Writes that certainly changed nothing (rolled back, or refused before COMMIT).
     #[serde(default)]
     pub rolled_back_writes: u64,
     /// Invalidation events recorded on their own.
     pub invalidations: u64,
+    /// Committed writes whose invalidation was buffered and applied later by the retry.
+    #[serde(default)]
+    pub buffered_invalidations: u64,
+    /// The longest time from such a write's commit to its buffered invalidation's
+    /// application, in milliseconds.
+    #[serde(default)]
+    pub buffered_invalidation_max_ms: f64,
     /// History lines that could not be parsed (skipped).
     pub malformed_lines: u64,
-    /// Reads older than a write completed more than the bound before they were invoked.
+    /// Reads older than a write committed more than the bound before they were invoked.
     pub stale_beyond_bound: u64,
-    /// Reads older than a write completed before they were invoked.
+    /// Reads older than a write committed before they were invoked.
     pub stale_any: u64,
+    /// How long before the stalest read was invoked a newer version had committed, in
+    /// milliseconds (0 without stale reads).
+    #[serde(default)]
+    pub stale_read_max_ms: f64,
+    /// Reads of a version no write could have produced by the time they returned.
+    #[serde(default)]
+    pub unwritten_reads: u64,
     /// Median per-write staleness window, in milliseconds.
     pub staleness_p50_ms: f64,
     /// 99th percentile of the per-write staleness window, in milliseconds.
     pub staleness_p99_ms: f64,
     /// Largest per-write staleness window, in milliseconds.
     pub staleness_max_ms: f64,
-    /// Fraction of completed writes whose staleness window is at most 1 ms.
+    /// Fraction of committed writes whose staleness window is at most 1 ms.
     pub consistent_within_1ms: f64,
-    /// Fraction of completed writes whose staleness window is at most 10 ms.
+    /// Fraction of committed writes whose staleness window is at most 10 ms.
     pub consistent_within_10ms: f64,
-    /// Fraction of completed writes whose staleness window is at most 100 ms.
+    /// Fraction of committed writes whose staleness window is at most 100 ms.
     pub consistent_within_100ms: f64,
-    /// Fraction of completed writes whose staleness window is at most 1 s.
+    /// Fraction of committed writes whose staleness window is at most 1 s.
     pub consistent_within_1s: f64,
     /// Cached entries at quiescence that differ from the database.
     pub permanent_inconsistencies: u64,
-    /// Completed writes newer than the database's final version of their key.
+    /// Committed writes newer than the database's final version of their key.
     pub lost_writes: u64,
     /// Reads that violate linearizability; `None` when it was not checked.
     pub linearizability_violations: Option<u64>,
     /// True when nothing the level promises was violated: no stale read beyond the
-    /// bound, no permanent inconsistency, no lost write, and (when checked) no
-    /// linearizability violation.
+    /// bound, no read of an unwritten version, no permanent inconsistency, no lost
+    /// write, and (when checked) no linearizability violation.
     pub passed: bool,
     /// A few examples of each finding, for diagnosis.
     pub examples: Vec<String>,
@@ -151,12 +190,30 @@ struct Read<'a> {
     version: u64,
 }
 
+/// What became of a write, once resolved.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Fate {
+    /// Committed, taking effect at this time.
+    Committed(u64),
+    /// Certainly not committed.
+    NotCommitted,
+    /// Unknown.
+    Unknown,
+}
+
+/// A write of a key with its fate.
+#[derive(Clone, Copy)]
+struct Write<'a> {
+    ev: &'a Event,
+    fate: Fate,
+}
+
 /// Per-key view of the history.
 #[derive(Default)]
 struct KeyHistory<'a> {
     reads: Vec<Read<'a>>,
     /// Every write, sorted by invocation.
-    writes: Vec<&'a Event>,
+    writes: Vec<Write<'a>>,
 }
 
 /// Collects examples, a few per kind.
@@ -173,6 +230,11 @@ impl Examples {
             *n += 1;
             self.lines.push(format!("{kind}: {}", line()));
         }
+    }
+
+    /// A time relative to the start of the history.
+    fn at(&self, ns: u64) -> String {
+        rel(self.origin, ns)
     }
 }
 
@@ -202,17 +264,22 @@ fn fraction(count: usize, total: usize) -> f64 {
     if total == 0 { 1.0 } else { count as f64 / total as f64 }
 }
 
-/// Completed writes of one key sorted by return time, with the running maximum of
-/// their versions: answers "the newest write completed before t".
-struct Completed {
-    returns: Vec<u64>,
+/// Committed writes of one key sorted by the time they took effect, with the running
+/// maximum of their versions: answers "the newest write committed before t".
+struct Committed {
+    at: Vec<u64>,
     max_version: Vec<u64>,
 }
 
-impl Completed {
-    fn new(initial: Option<u64>, writes: &[&Event]) -> Self {
-        let mut done: Vec<(u64, u64)> =
-            writes.iter().filter(|w| w.ok).filter_map(|w| w.version.map(|v| (w.return_ns, v))).collect();
+impl Committed {
+    fn new(initial: Option<u64>, writes: &[Write<'_>]) -> Self {
+        let mut done: Vec<(u64, u64)> = writes
+            .iter()
+            .filter_map(|w| match (w.fate, w.ev.version) {
+                (Fate::Committed(t), Some(v)) => Some((t, v)),
+                _ => None,
+            })
+            .collect();
         done.sort_unstable();
         if let Some(v) = initial {
             done.insert(0, (0, v));
@@ -225,14 +292,20 @@ impl Completed {
                 max
             })
             .collect();
-        Completed { returns: done.iter().map(|&(t, _)| t).collect(), max_version }
+        Committed { at: done.iter().map(|&(t, _)| t).collect(), max_version }
     }
 
-    /// The newest version among writes that returned strictly before `t` (the initial
-    /// version counts as returned at 0).
+    /// The newest version among writes committed strictly before `t` (the initial
+    /// version counts as committed at 0).
     fn newest_before(&self, t: u64) -> Option<u64> {
-        let n = self.returns.partition_point(|&r| r < t);
+        let n = self.at.partition_point(|&c| c < t);
         n.checked_sub(1).map(|i| self.max_version[i])
+    }
+
+    /// When the write of version `v` (or the first newer one) took effect.
+    fn time_of(&self, v: u64) -> Option<u64> {
+        let i = self.max_version.partition_point(|&m| m < v);
+        self.at.get(i).copied()
     }
 }
 
@@ -244,7 +317,6 @@ pub fn check(config: &CheckConfig, history: &History, end: &Quiescence) -> Repor
     let bound_ns = nanos(config.bound);
     let origin = history.events.iter().map(|e| e.invoke_ns).min().unwrap_or(0);
     let mut ex = Examples { per_kind: HashMap::new(), lines: Vec::new(), origin };
-    let at = |ns: u64| rel(origin, ns);
     let mut report = Report {
         level: config.level.clone(),
         bound_ms: ms(bound_ns),
@@ -252,8 +324,10 @@ pub fn check(config: &CheckConfig, history: &History, end: &Quiescence) -> Repor
         ..Report::default()
     };
 
-    let mut keys: BTreeMap<u64, KeyHistory<'_>> = BTreeMap::new();
+    let mut reads: BTreeMap<u64, Vec<Read<'_>>> = BTreeMap::new();
+    let mut writes: BTreeMap<u64, Vec<&Event>> = BTreeMap::new();
     let mut faults: Vec<&Event> = Vec::new();
+    let mut retry_max = 0;
     for ev in &history.events {
         match ev.op {
             Op::Read => match (ev.ok, ev.version) {
@@ -261,23 +335,21 @@ pub fn check(config: &CheckConfig, history: &History, end: &Quiescence) -> Repor
                     report.reads += 1;
                     let tier = ev.tier.map_or("unknown", |t| t.as_str());
                     *report.reads_by_tier.entry(tier.to_owned()).or_insert(0) += 1;
-                    keys.entry(ev.key).or_default().reads.push(Read { ev, version });
+                    reads.entry(ev.key).or_default().push(Read { ev, version });
                 }
                 _ => report.failed_reads += 1,
             },
-            Op::Write => {
-                if ev.ok && ev.version.is_some() {
-                    report.writes += 1;
-                } else {
-                    report.indeterminate_writes += 1;
-                }
-                keys.entry(ev.key).or_default().writes.push(ev);
-            }
+            Op::Write => writes.entry(ev.key).or_default().push(ev),
             Op::WriteRolledBack => report.rolled_back_writes += 1,
             Op::InvalidationApplied => report.invalidations += 1,
+            Op::InvalidationRetried => {
+                report.buffered_invalidations += 1;
+                retry_max = retry_max.max(ev.return_ns.saturating_sub(ev.invoke_ns));
+            }
             Op::Fault => faults.push(ev),
         }
     }
+    report.buffered_invalidation_max_ms = ms(retry_max);
     faults.sort_by_key(|e| e.invoke_ns);
     report.faults = faults
         .iter()
@@ -285,77 +357,64 @@ pub fn check(config: &CheckConfig, history: &History, end: &Quiescence) -> Repor
             format!(
                 "{} at {} for {:.1}s",
                 f.detail,
-                at(f.invoke_ns),
+                ex.at(f.invoke_ns),
                 ms(f.return_ns.saturating_sub(f.invoke_ns)) / 1e3
             )
         })
         .collect();
 
+    let mut keys: BTreeMap<u64, KeyHistory<'_>> = BTreeMap::new();
+    for key in reads.keys().chain(writes.keys()) {
+        keys.entry(*key).or_default();
+    }
+    for (&key, kh) in &mut keys {
+        kh.reads = reads.remove(&key).unwrap_or_default();
+        let mut ws = writes.remove(&key).unwrap_or_default();
+        ws.sort_by_key(|w| (w.invoke_ns, w.return_ns));
+        kh.writes = writes::resolve(&ws, end.database.get(&key).copied(), config.versions_step_by_one);
+        for w in &kh.writes {
+            let recorded = w.ev.ok && w.ev.version.is_some();
+            match w.fate {
+                Fate::Committed(_) => report.writes += 1,
+                Fate::NotCommitted => report.rolled_back_writes += 1,
+                Fate::Unknown => report.indeterminate_writes += 1,
+            }
+            if !recorded && w.fate != Fate::Unknown {
+                report.resolved_writes += 1;
+            }
+        }
+    }
+
     let mut windows: Vec<u64> = Vec::new();
     let mut linearizability = 0u64;
-    for (&key, kh) in &mut keys {
-        kh.writes.sort_by_key(|w| (w.invoke_ns, w.return_ns));
+    for (&key, kh) in &keys {
         let initial = config.initial.get(&key).copied();
-        let completed = Completed::new(initial, &kh.writes);
-
-        // Stale reads, at zero slack and beyond the bound.
+        let committed = Committed::new(initial, &kh.writes);
+        let mut judged = Vec::with_capacity(kh.reads.len());
         for r in &kh.reads {
-            if let Some(newest) = completed.newest_before(r.ev.invoke_ns)
-                && r.version < newest
-            {
-                report.stale_any += 1;
-                ex.add("stale read", || {
+            let stale = judge_read(key, r, &committed, bound_ns, &mut report, &mut ex);
+            let unwritten = !writes::produced(r.version, initial, &kh.writes, r.ev.return_ns);
+            if unwritten {
+                report.unwritten_reads += 1;
+                let at = ex.at(r.ev.invoke_ns);
+                ex.add("unwritten version", || {
                     format!(
-                        "{} read key {key} v{} from {} at {}, v{newest} was completed before",
-                        r.ev.process,
-                        r.version,
-                        r.ev.tier.map_or("?", |t| t.as_str()),
-                        at(r.ev.invoke_ns)
-                    )
-                });
-            }
-            if let Some(newest) = completed.newest_before(r.ev.invoke_ns.saturating_sub(bound_ns))
-                && r.version < newest
-            {
-                report.stale_beyond_bound += 1;
-                let read_at = at(r.ev.invoke_ns);
-                let written = kh
-                    .writes
-                    .iter()
-                    .find(|w| w.ok && w.version == Some(newest))
-                    .map_or(String::from("?"), |w| at(w.return_ns));
-                ex.add("stale beyond bound", || {
-                    format!(
-                        "{} read key {key} v{} from {} at {read_at}, v{newest} was completed at {written}",
+                        "{} read key {key} v{} from {} at {at}: no write invoked before it returned produced it",
                         r.ev.process,
                         r.version,
                         r.ev.tier.map_or("?", |t| t.as_str()),
                     )
                 });
             }
+            judged.push(match (stale, unwritten) {
+                (Some(newest), _) => Some(format!("v{newest} was committed before it was invoked")),
+                (None, true) => Some(format!("no write invoked before it returned produced v{}", r.version)),
+                (None, false) => None,
+            });
         }
-
-        // Per-write staleness windows: reads sorted by version, with the running
-        // maximum of their invocation times.
-        let mut by_version: Vec<(u64, u64)> = kh.reads.iter().map(|r| (r.version, r.ev.invoke_ns)).collect();
-        by_version.sort_unstable();
-        let mut latest = 0;
-        let latest_invoke: Vec<u64> = by_version
-            .iter()
-            .map(|&(_, t)| {
-                latest = latest.max(t);
-                latest
-            })
-            .collect();
-        for w in kh.writes.iter().filter(|w| w.ok) {
-            let Some(v) = w.version else { continue };
-            let older = by_version.partition_point(|&(rv, _)| rv < v);
-            let window = older.checked_sub(1).map_or(0, |i| latest_invoke[i].saturating_sub(w.return_ns));
-            windows.push(window);
-        }
-
+        windows.extend(staleness_windows(kh));
         if config.linearizable {
-            linearizability += linearizability_violations(key, initial, kh, &completed, &mut ex);
+            linearizability += linear::violations(key, kh, &judged, &mut ex);
         }
     }
 
@@ -370,7 +429,88 @@ pub fn check(config: &CheckConfig, history: &History, end: &Quiescence) -> Repor
     report.consistent_within_1s = within(1_000_000_000);
     report.linearizability_violations = config.linearizable.then_some(linearizability);
 
-    // Quiescence: caches against the database, completed writes against the database.
+    quiescence(end, &keys, &mut report, &mut ex);
+
+    report.passed = report.stale_beyond_bound == 0
+        && report.unwritten_reads == 0
+        && report.permanent_inconsistencies == 0
+        && report.lost_writes == 0
+        && report.linearizability_violations.is_none_or(|n| n == 0);
+    report.examples = ex.lines;
+    report
+}
+
+/// Counts a read stale at zero slack and beyond the bound; returns the newest version
+/// committed before it was invoked when it is older than that.
+fn judge_read(
+    key: u64,
+    r: &Read<'_>,
+    committed: &Committed,
+    bound_ns: u64,
+    report: &mut Report,
+    ex: &mut Examples,
+) -> Option<u64> {
+    let newest = committed.newest_before(r.ev.invoke_ns).filter(|&n| r.version < n)?;
+    report.stale_any += 1;
+    let tier = r.ev.tier.map_or("?", |t| t.as_str());
+    let read_at = ex.at(r.ev.invoke_ns);
+    ex.add("stale read", || {
+        format!(
+            "{} read key {key} v{} from {tier} at {read_at}, v{newest} was committed before",
+            r.ev.process, r.version
+        )
+    });
+    // How long before the read the first newer version committed: the read's staleness.
+    let since = committed.time_of(r.version.saturating_add(1)).unwrap_or(r.ev.invoke_ns);
+    let age = r.ev.invoke_ns.saturating_sub(since);
+    report.stale_read_max_ms = report.stale_read_max_ms.max(ms(age));
+    if committed.newest_before(r.ev.invoke_ns.saturating_sub(bound_ns)).is_some_and(|n| r.version < n) {
+        report.stale_beyond_bound += 1;
+        let written = ex.at(since);
+        ex.add("stale beyond bound", || {
+            format!(
+                "{} read key {key} v{} from {tier} at {read_at}, a newer version was committed at {written} ({:.3} s before)",
+                r.ev.process,
+                r.version,
+                age as f64 / 1e9
+            )
+        });
+    }
+    Some(newest)
+}
+
+/// Per committed write of one key: the latest invocation of a read that returned an
+/// older version, minus the time the write took effect (0 if none later).
+fn staleness_windows(kh: &KeyHistory<'_>) -> Vec<u64> {
+    let mut by_version: Vec<(u64, u64)> = kh.reads.iter().map(|r| (r.version, r.ev.invoke_ns)).collect();
+    by_version.sort_unstable();
+    let mut latest = 0;
+    let latest_invoke: Vec<u64> = by_version
+        .iter()
+        .map(|&(_, t)| {
+            latest = latest.max(t);
+            latest
+        })
+        .collect();
+    kh.writes
+        .iter()
+        .filter_map(|w| match (w.fate, w.ev.version) {
+            (Fate::Committed(t), Some(v)) => {
+                let older = by_version.partition_point(|&(rv, _)| rv < v);
+                Some(older.checked_sub(1).map_or(0, |i| latest_invoke[i].saturating_sub(t)))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Quiescence: caches against the database, committed writes against the database.
+fn quiescence(
+    end: &Quiescence,
+    keys: &BTreeMap<u64, KeyHistory<'_>>,
+    report: &mut Report,
+    ex: &mut Examples,
+) {
     for snapshot in &end.caches {
         for &(key, cached) in &snapshot.entries {
             let db = end.database.get(&key).copied();
@@ -388,121 +528,17 @@ pub fn check(config: &CheckConfig, history: &History, end: &Quiescence) -> Repor
             }
         }
     }
-    for (&key, kh) in &keys {
-        for w in kh.writes.iter().filter(|w| w.ok) {
-            let Some(v) = w.version else { continue };
+    for (&key, kh) in keys {
+        for w in &kh.writes {
+            let (Fate::Committed(t), Some(v)) = (w.fate, w.ev.version) else { continue };
             let db = end.database.get(&key).copied();
             if db.is_none_or(|d| d < v) {
                 report.lost_writes += 1;
+                let at = ex.at(t);
                 ex.add("lost write", || {
-                    format!("key {key} v{v} completed at {}, the database ends at {db:?}", at(w.return_ns))
+                    format!("key {key} v{v} committed at {at}, the database ends at {db:?}")
                 });
             }
         }
     }
-
-    report.passed = report.stale_beyond_bound == 0
-        && report.permanent_inconsistencies == 0
-        && report.lost_writes == 0
-        && report.linearizability_violations.is_none_or(|n| n == 0);
-    report.examples = ex.lines;
-    report
-}
-
-/// Counts the reads of one key that violate linearizability (each once).
-fn linearizability_violations(
-    key: u64,
-    initial: Option<u64>,
-    kh: &KeyHistory<'_>,
-    completed: &Completed,
-    ex: &mut Examples,
-) -> u64 {
-    let writes = &kh.writes;
-    // Upper bound of what a read may see, for each prefix of writes (by invocation):
-    // the largest known version, or, if the last write of the prefix has an unknown
-    // version, the next known version minus one (unbounded if there is none).
-    let mut prefix_max = Vec::with_capacity(writes.len());
-    let mut max = initial.unwrap_or(0);
-    for w in writes {
-        if let Some(v) = w.version {
-            max = max.max(v);
-        }
-        prefix_max.push(max);
-    }
-    let upper = |n: usize| -> Option<u64> {
-        // n = number of writes invoked before the read returned.
-        let Some(last) = n.checked_sub(1).map(|i| writes[i]) else {
-            // None yet: the initial version, if known (else the read is not judged).
-            return initial.or(Some(u64::MAX));
-        };
-        if last.version.is_some() {
-            return Some(prefix_max[n - 1]);
-        }
-        writes[n..].iter().find_map(|w| w.version).map(|v| v.saturating_sub(1).max(prefix_max[n - 1]))
-    };
-
-    // Reads by return time with the running maximum version (and the read that saw
-    // it), for inversions.
-    let mut by_return: Vec<&Read<'_>> = kh.reads.iter().collect();
-    by_return.sort_unstable_by_key(|r| (r.ev.return_ns, r.version));
-    let mut newest: Option<&Read<'_>> = None;
-    let max_seen: Vec<&Read<'_>> = by_return
-        .iter()
-        .map(|&r| {
-            let n = match newest {
-                Some(n) if n.version >= r.version => n,
-                _ => r,
-            };
-            newest = Some(n);
-            n
-        })
-        .collect();
-
-    let mut violations = 0;
-    for r in &kh.reads {
-        let inv = r.ev.invoke_ns;
-        let stale = completed.newest_before(inv).filter(|&newest| r.version < newest);
-        let invoked_before = writes.partition_point(|w| w.invoke_ns < r.ev.return_ns);
-        let future = upper(invoked_before).filter(|&u| r.version > u);
-        let returned_before = by_return.partition_point(|p| p.ev.return_ns < inv);
-        let inversion =
-            returned_before.checked_sub(1).map(|i| max_seen[i]).filter(|earlier| r.version < earlier.version);
-        if stale.is_none() && future.is_none() && inversion.is_none() {
-            continue;
-        }
-        violations += 1;
-        let what = if let Some(newest) = stale {
-            format!("v{newest} was completed before it was invoked")
-        } else if let Some(u) = future {
-            format!("no write newer than v{u} was invoked before it returned")
-        } else if let Some(earlier) = inversion {
-            // Whether the newer version's write had returned ok says whether the fleet
-            // flip-flopped on a completed or on an indeterminate write.
-            let write = writes.iter().find(|w| w.version == Some(earlier.version)).map_or(
-                "written outside the history",
-                |w| {
-                    if w.ok { "a completed write" } else { "an indeterminate write" }
-                },
-            );
-            format!(
-                "{} read v{} (from {}, {write}) at {} and returned before this read was invoked",
-                earlier.ev.process,
-                earlier.version,
-                earlier.ev.tier.map_or("?", |t| t.as_str()),
-                rel(ex.origin, earlier.ev.invoke_ns),
-            )
-        } else {
-            String::new()
-        };
-        let at = rel(ex.origin, inv);
-        ex.add("not linearizable", || {
-            format!(
-                "{} read key {key} v{} from {} at {at}: {what}",
-                r.ev.process,
-                r.version,
-                r.ev.tier.map_or("?", |t| t.as_str())
-            )
-        });
-    }
-    violations
 }

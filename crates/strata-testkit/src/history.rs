@@ -4,18 +4,26 @@
 //!
 //! ```text
 //! {"process":"reader-1","key":17,"op":"read","invoke_ns":1200,"return_ns":1350,"version":4,"tier":"l1","ok":true,"detail":""}
+//! {"process":"writer","key":17,"op":"write","invoke_ns":1400,"return_ns":1500,"commit_ns":1480,"version":5,"tier":null,"ok":true,"detail":"invalidation Buffered: …"}
+//! {"process":"writer","key":17,"op":"invalidation_retried","invoke_ns":1480,"return_ns":2100,"version":5,"tier":null,"ok":true,"detail":""}
 //! ```
 //!
 //! | field | meaning |
 //! |---|---|
 //! | `process` | who did it (`writer`, `reader-1`, `nemesis`…) |
 //! | `key` | the row (0 for events about no row, such as faults) |
-//! | `op` | `read`, `write`, `write_rolled_back`, `invalidation_applied` or `fault` |
+//! | `op` | `read`, `write`, `write_rolled_back`, `invalidation_applied`, `invalidation_retried` or `fault` |
 //! | `invoke_ns`, `return_ns` | when the operation was invoked and when it returned, in nanoseconds of the system-wide monotonic clock ([`monotonic_ns`]) |
+//! | `commit_ns` | writes only, optional: when the database acknowledged the `COMMIT` (so the write committed at or before it); absent in older histories and when unknown, in which case `return_ns` stands in |
 //! | `version` | the row version read or written; `null` when unknown (failed read, write whose outcome is unknown) |
 //! | `tier` | for reads: where the value came from (`l1`, `l2`, `db`); else `null` |
-//! | `ok` | whether the operation returned successfully; a write with `ok: false` is *indeterminate* |
+//! | `ok` | whether the operation succeeded. For a write: its `COMMIT` succeeded (*committed*), whatever became of its invalidation (a buffered invalidation is named in `detail` and followed by an `invalidation_retried` event); a write with `ok: false` is *indeterminate*: the `COMMIT`'s outcome is unknown |
 //! | `detail` | free text (error message, fault description) |
+//!
+//! Histories written before `commit_ns` and `invalidation_retried` existed parse as
+//! they are (the field defaults to absent); in them a write whose invalidation failed
+//! was recorded `ok: false`, which the checker can resolve from the versions
+//! ([`CheckConfig::versions_step_by_one`](crate::CheckConfig::versions_step_by_one)).
 //!
 //! Times come from `CLOCK_MONOTONIC`, which is one clock for every process of a
 //! machine, so events recorded by different processes can be ordered against each
@@ -45,7 +53,8 @@ pub fn monotonic_ns() -> u64 {
 pub enum Op {
     /// A read of one row through a cache.
     Read,
-    /// A committed change of one row followed by its invalidation.
+    /// A change of one row: its `COMMIT`, then its invalidation. `ok` when the
+    /// `COMMIT` succeeded.
     Write,
     /// A write that certainly changed nothing: rolled back, or its COMMIT never sent
     /// (e.g. refused at the Strong level because its write lock could not be taken). It
@@ -53,6 +62,11 @@ pub enum Op {
     WriteRolledBack,
     /// An invalidation applied (e.g. the invalidation step of a write, on its own).
     InvalidationApplied,
+    /// A write's invalidation that had been buffered (L2 or the backplane failed) was
+    /// finally applied by the cache's retry: from the write's commit (`invoke_ns`) to
+    /// the moment the writer saw its cache's retry buffer drained, taken-out retries
+    /// included (`return_ns`: applied by then at the latest).
+    InvalidationRetried,
     /// A fault injected by the nemesis (its interval is the time it was in force).
     Fault,
 }
@@ -93,6 +107,10 @@ pub struct Event {
     pub invoke_ns: u64,
     /// When it returned ([`monotonic_ns`]).
     pub return_ns: u64,
+    /// Writes: when the database acknowledged the `COMMIT` ([`monotonic_ns`]), if
+    /// known. Absent from older histories.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_ns: Option<u64>,
     /// The version read or written, if known.
     #[serde(default)]
     pub version: Option<u64>,
@@ -115,6 +133,7 @@ impl Event {
             op: Op::Read,
             invoke_ns,
             return_ns,
+            commit_ns: None,
             version: Some(version),
             tier: Some(tier),
             ok: true,
@@ -122,7 +141,8 @@ impl Event {
         }
     }
 
-    /// A write of `key`: `ok` when it committed and its invalidation returned.
+    /// A write of `key`: `ok` when its `COMMIT` succeeded (see [`Event::committed_at`]
+    /// to say when).
     pub fn write(
         process: &str,
         key: u64,
@@ -137,6 +157,7 @@ impl Event {
             op: Op::Write,
             invoke_ns,
             return_ns,
+            commit_ns: None,
             version,
             tier: None,
             ok,
@@ -152,6 +173,7 @@ impl Event {
             op: Op::WriteRolledBack,
             invoke_ns,
             return_ns,
+            commit_ns: None,
             version: None,
             tier: None,
             ok: false,
@@ -167,11 +189,49 @@ impl Event {
             op: Op::Fault,
             invoke_ns,
             return_ns,
+            commit_ns: None,
             version: None,
             tier: None,
             ok: true,
             detail: detail.into(),
         }
+    }
+
+    /// The same write with the time its `COMMIT` was acknowledged.
+    #[must_use]
+    pub fn committed_at(mut self, commit_ns: u64) -> Self {
+        self.commit_ns = Some(commit_ns);
+        self
+    }
+
+    /// A write's buffered invalidation of `key` at `version`, finally applied: the
+    /// write committed at `commit_ns`, its cache's retry buffer was seen empty at
+    /// `applied_ns`.
+    pub fn invalidation_retried(
+        process: &str,
+        key: u64,
+        version: Option<u64>,
+        commit_ns: u64,
+        applied_ns: u64,
+    ) -> Self {
+        Event {
+            process: process.to_owned(),
+            key,
+            op: Op::InvalidationRetried,
+            invoke_ns: commit_ns,
+            return_ns: applied_ns,
+            commit_ns: None,
+            version,
+            tier: None,
+            ok: true,
+            detail: String::new(),
+        }
+    }
+
+    /// When a write took effect at the latest: its `commit_ns` if recorded, else its
+    /// `return_ns`.
+    pub fn effective_ns(&self) -> u64 {
+        self.commit_ns.unwrap_or(self.return_ns).min(self.return_ns)
     }
 
     /// The same event with `detail` set.

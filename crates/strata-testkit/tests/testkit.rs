@@ -320,6 +320,7 @@ mod checker {
             bound: Duration::from_millis(bound_ms),
             linearizable,
             initial: BTreeMap::new(),
+            versions_step_by_one: false,
         }
     }
 
@@ -469,7 +470,7 @@ mod checker {
         assert!(
             r.examples.iter().any(|e| e.starts_with("not linearizable:")
                 && e.contains("reader-2 read key 1 v1")
-                && e.contains("reader-1 read v2 (from db, a completed write)")),
+                && e.contains("reader-1 read v2 (from db, a committed write)")),
             "{:?}",
             r.examples
         );
@@ -483,7 +484,11 @@ mod checker {
         future.push(read("reader-1", 1, 50, 60, 2, Tier::L2));
         let r = run(future, &settled(&[(1, 2)]), 0, true);
         assert_eq!(r.linearizability_violations, Some(1), "{r:#?}");
-        assert!(r.examples.iter().any(|e| e.contains("no write newer than v1")), "{:?}", r.examples);
+        assert!(
+            r.examples.iter().any(|e| e.contains("no write invoked before it returned produced v2")),
+            "{:?}",
+            r.examples
+        );
         // Stale reads violate it too.
         let mut stale = base();
         stale.push(read("reader-1", 1, 105, 106, 1, Tier::L1));
@@ -523,6 +528,122 @@ mod checker {
             write(1, 300, 400, Some(3), true),
         ];
         assert_eq!(run(events, &settled(&[(1, 3)]), 0, true).linearizability_violations, Some(1));
+    }
+
+    /// Gap (a): a version nobody wrote is wrong at every level, even while a newer
+    /// write is in flight (before, only the Strong level looked, and only for versions
+    /// above every write begun).
+    #[test]
+    fn a_read_of_an_unwritten_version_is_flagged_while_a_newer_write_is_in_flight() {
+        let events = vec![
+            write(1, 0, 1, Some(1), true),
+            // v3 is being written from 100 ms to 300 ms; v2 was never written.
+            write(1, 100, 300, Some(3), true),
+            read("reader-1", 1, 150, 160, 2, Tier::L2),
+            // v3 itself may be seen while in flight.
+            read("reader-2", 1, 170, 180, 3, Tier::Db),
+        ];
+        for linearizable in [false, true] {
+            let r = run(events.clone(), &settled(&[(1, 3)]), 1000, linearizable);
+            assert_eq!(r.unwritten_reads, 1, "{r:#?}");
+            assert!(!r.passed);
+            assert!(
+                r.examples
+                    .iter()
+                    .any(|e| e.starts_with("unwritten version:") && e.contains("reader-1 read key 1 v2")),
+                "{:?}",
+                r.examples
+            );
+            if linearizable {
+                assert_eq!(r.linearizability_violations, Some(1));
+            }
+        }
+        // A write of unknown version in between may have produced v2.
+        let mut unknown = events;
+        unknown.insert(1, write(1, 50, 60, None, false));
+        let r = run(unknown, &settled(&[(1, 3)]), 1000, true);
+        assert_eq!((r.unwritten_reads, r.linearizability_violations), (0, Some(0)), "{r:#?}");
+    }
+
+    /// Gap (b): intervals are closed, so a read that returns at the very nanosecond a
+    /// write is invoked is concurrent with it and may return its version.
+    #[test]
+    fn a_read_returning_at_a_writes_invocation_is_concurrent_with_it() {
+        let events = vec![
+            write(1, 0, 1, Some(1), true),
+            write(1, 100, 200, Some(2), true),
+            read("reader-1", 1, 90, 100, 2, Tier::Db),
+        ];
+        let r = run(events.clone(), &settled(&[(1, 2)]), 0, true);
+        assert_eq!((r.unwritten_reads, r.linearizability_violations), (0, Some(0)), "{r:#?}");
+        assert!(r.passed, "{r:#?}");
+        // One nanosecond earlier it would be from the future.
+        let mut early = events;
+        early[2] = Event::read("reader-1", 1, at(90), at(100) - 1, 2, Tier::Db);
+        let r = run(early, &settled(&[(1, 2)]), 0, true);
+        assert_eq!((r.unwritten_reads, r.linearizability_violations), (1, Some(1)), "{r:#?}");
+    }
+
+    /// A committed write whose invalidation was buffered is judged from its commit, not
+    /// left indeterminate; its retry is counted.
+    #[test]
+    fn writes_are_judged_from_their_commit() {
+        let committed = |key, from_ms, commit_ms, to_ms, version| {
+            Event::write("writer", key, at(from_ms), at(to_ms), Some(version), true)
+                .committed_at(at(commit_ms))
+                .with_detail("invalidation Buffered: l2 delete timed out")
+        };
+        let events = vec![
+            write(1, 0, 1, Some(1), true),
+            // COMMIT acknowledged at 100 ms; the invalidation failed and returned at 300 ms.
+            committed(1, 90, 100, 300, 2),
+            Event::invalidation_retried("writer", 1, Some(2), at(100), at(2600)),
+            // Before the commit: fine. After it: stale; more than 1 s after it: beyond.
+            read("reader-1", 1, 95, 96, 1, Tier::L1),
+            read("reader-1", 1, 150, 151, 1, Tier::L1),
+            read("reader-2", 1, 1150, 1151, 1, Tier::L2),
+        ];
+        let r = run(events, &settled(&[(1, 2)]), 1000, false);
+        assert_eq!((r.writes, r.indeterminate_writes), (2, 0), "{r:#?}");
+        assert_eq!((r.stale_any, r.stale_beyond_bound), (2, 1), "{r:#?}");
+        assert_eq!(r.stale_read_max_ms, 1050.0);
+        assert_eq!(r.staleness_max_ms, 1050.0, "the window runs from the commit");
+        assert_eq!((r.buffered_invalidations, r.buffered_invalidation_max_ms), (1, 2500.0));
+        assert!(!r.passed);
+        assert!(
+            r.examples
+                .iter()
+                .any(|e| e.starts_with("stale beyond bound:") && e.contains("committed at +0.100s")),
+            "{:?}",
+            r.examples
+        );
+    }
+
+    /// With versions that step by one, what became of a write whose COMMIT outcome was
+    /// unknown follows from the other writes and the database.
+    #[test]
+    fn indeterminate_writes_are_resolved_from_the_versions() {
+        let events = vec![
+            write(1, 0, 1, Some(1), true),
+            // Unknown, but v3 followed and no other write produced v2: committed.
+            write(1, 100, 200, Some(2), false),
+            write(1, 300, 400, Some(3), true),
+            // Unknown, and a later write produced v4 too: it did not commit.
+            write(1, 500, 600, Some(4), false),
+            write(1, 700, 800, Some(4), true),
+            // Unknown and last; the database ends at v4: it did not commit.
+            write(1, 900, 1000, Some(5), false),
+            // v2 took effect by 200 ms at the latest.
+            read("reader-1", 1, 1250, 1251, 1, Tier::L1),
+        ];
+        let mut cfg = config(1000, false);
+        let r = check(&cfg, &history(events.clone()), &settled(&[(1, 4)]));
+        assert_eq!((r.writes, r.indeterminate_writes, r.resolved_writes), (3, 3, 0), "{r:#?}");
+        assert_eq!(r.stale_beyond_bound, 0, "without resolution v2 is not judged");
+        cfg.versions_step_by_one = true;
+        let r = check(&cfg, &history(events), &settled(&[(1, 4)]));
+        assert_eq!((r.writes, r.indeterminate_writes, r.resolved_writes), (4, 0, 3), "{r:#?}");
+        assert_eq!((r.rolled_back_writes, r.stale_beyond_bound), (2, 1), "{r:#?}");
     }
 
     #[test]

@@ -6,8 +6,10 @@ pub enum Consistency {
     /// No backplane: L1's TTL bounds staleness (the "local 5 s cache" baseline).
     Local,
     /// Writes through strata delete the L2 entry and broadcast the invalidation; lost
-    /// messages are detected and repaired. Bound: propagation delay while the backplane
-    /// is healthy, `max_stale` while it is not. The default when a backplane is set.
+    /// messages are detected and repaired. Bound, counted from the commit: propagation
+    /// delay while the backplane is healthy, `max_stale` (plus its detection) while it
+    /// is not or while a member's failed L2 delete waits for its retry. The default when
+    /// a backplane is set.
     #[default]
     Invalidated,
     /// Read-your-writes across the fleet: `invalidate` returns only after every live

@@ -33,15 +33,17 @@
 //!
 //! ## The consistency promise
 //!
-//! A *stale read* returns a value older than the last write committed before the read
-//! began. strata bounds them per [`Consistency`] level, provided every write goes
-//! through [`Cache::invalidate`] (or [`Cache::insert`]) after its commit, or through a
-//! change-capture path that calls it:
+//! A *stale read* returns a value older than that of a write committed before the read
+//! began; it is stale beyond a bound when that write committed more than the bound
+//! before the read began. Bounds count from the commit, not from the invalidation's
+//! return. strata bounds stale reads per [`Consistency`] level, provided every write
+//! goes through [`Cache::invalidate`] (or [`Cache::insert`]) after its commit, or
+//! through a change-capture path that calls it:
 //!
 //! | level | bound on stale reads |
 //! |---|---|
 //! | [`Consistency::Local`] | the L1 time to live (no invalidation reaches other instances) |
-//! | [`Consistency::Invalidated`] | the backplane's propagation delay while it is healthy; `max_stale` while it is not |
+//! | [`Consistency::Invalidated`] | the backplane's propagation delay while it is healthy; `max_stale` (plus the time to detect it: three heartbeat intervals) while it is not, or while a member's L2 delete waits for its retry |
 //! | [`Consistency::Strong`] | none for writes made under a [`WriteLock`] (linearizable per key); for a plain `invalidate` after a commit, until it returns; a failed L2 delete makes the cache *bypassed* (every read goes to the loader, `get` answers [`ErrorKind::Bypassed`]) until L2 is clean |
 //!
 //! What makes these bounds hold:
@@ -58,7 +60,18 @@
 //! * **Degraded mode.** While the backplane has been unhealthy longer than
 //!   `max_stale`, L1 serves no entry older than `max_stale`, and what is loaded
 //!   meanwhile lives at most `max_stale`. L2 deletes and messages that failed are
-//!   buffered and retried.
+//!   buffered and retried every 100 ms, the L2 deletes past the instance's L2
+//!   breaker (which guards reads: its cool-down must not keep a delete waiting once
+//!   Redis answers).
+//! * **Doubt.** Until a buffered L2 delete lands, L2 may serve the old row to any
+//!   instance. The instance that buffered it serves no L2 entry it covers, and its
+//!   heartbeats say one waits; every other instance then trusts no entry older than
+//!   `max_stale`, from L1 or from L2 (such an L2 hit is loaded anew, and the load's
+//!   fill replaces it; counted in [`CacheStats::l2_distrusted`]), until a plain
+//!   heartbeat says the buffer is applied. An instance that was cut off from the
+//!   backplane doubts every member it knew the same way until each has spoken again
+//!   (or has been silent for 60 heartbeat intervals and is forgotten).
+//!   [`CacheHealth::in_doubt`] shows it.
 //! * **Single-flight and leases.** Concurrent misses on a key run one load per instance,
 //!   and with a leasing tier one per fleet.
 //! * **Schema identity.** Every L2 entry carries the [schema fingerprint](schema) of the
@@ -96,9 +109,14 @@
 //!
 //! * Writes that bypass both strata and change capture are only bounded by the TTL.
 //! * When an L2 delete fails at the Invalidated level, other instances may read the old
-//!   value back from L2 until the buffered delete is retried (every 100 ms, backing off
-//!   to 2 s while L2 stays down); the retry then republishes the invalidation. At the
-//!   Strong level the cache is bypassed instead.
+//!   value back from L2 until they hear the writer's next heartbeat (one heartbeat
+//!   interval, within the bound), and after that entries younger than `max_stale`
+//!   (loaded before the commit): within `max_stale`. Not bounded: a writer that can
+//!   reach the database but not the backplane (its heartbeats cannot say a delete
+//!   waits), and a writer that dies with deletes buffered (they are lost: the old
+//!   entries stay in L2 until their TTL, or until change capture invalidates them; the
+//!   others stop doubting it once it is forgotten). At the Strong level the cache is
+//!   bypassed instead.
 //! * L1 time checks use this process's clock (1 ms resolution), L2 expiry the tier's.
 //!   An entry L1 takes from L2 counts as created at the earlier of its load (on the
 //!   clock of the instance that loaded it) and its fill here, and lives in L1 no longer

@@ -212,6 +212,10 @@ stats! {
     /// L2 entries written under another schema (another build's value type, codec or
     /// schema version): misses, left in place for that build until a fill replaces them.
     l2_schema_mismatches: Counter,
+    /// L2 hits not served because an invalidation not yet applied may cover them (an L2
+    /// delete of ours waiting for its retry, or another member's and the entry older
+    /// than `max_stale`): loaded anew, and the load's fill replaces them.
+    l2_distrusted: Counter,
     /// Values too large for L2 (kept out of it).
     oversized_values: Counter,
     /// L2 deletes or publishes that failed and were buffered for retry.

@@ -51,26 +51,39 @@ With --redis, redis-kill is skipped and redis-pause uses CLIENT PAUSE.
 
 Then the load stops, the fleet settles for max_stale + 2 s, every instance dumps what its
 L1 serves, L2 and the database are read, and the checker reports:
-  stale reads beyond the bound  reads older than a write completed more than the bound
+  stale reads beyond the bound  reads older than a write committed more than the bound
                                 before the read was invoked (must be 0)
-  stale reads (zero slack)      the same with no slack (informative)
-  staleness window              per completed write: the latest invocation of a read that
-                                still returned an older version, minus the write's return
+  stale reads (zero slack)      reads older than a write committed before the read was
+                                invoked (informative), and the stalest: how long before
+                                it a newer version had committed
+  reads of unwritten versions   reads of a version no write invoked before the read
+                                returned could have produced (must be 0, every level)
+  staleness window              per committed write: the latest invocation of a read that
+                                still returned an older version, minus the write's commit
                                 (p50 / p99 / max, and the fraction of writes within
                                 1 ms / 10 ms / 100 ms / 1 s)
   permanent inconsistencies     cached versions (any L1, or L2) that differ from the
                                 database at quiescence (must be 0)
-  lost writes                   completed writes the database does not have (must be 0)
-  linearizability violations    Strong only (must be 0): a read older than a completed
-                                write, newer than any write begun, or older than what an
-                                earlier read returned
-A write is completed when its commit and its invalidation both returned ok; a write
-that failed is indeterminate: it may be seen or not, but (Strong) once a read returned
-it, a read invoked later must not return an older version. A write that certainly
-changed nothing (rolled back, e.g. refused at Strong because its write lock could not
-be taken, or failed before COMMIT) is counted as rolled back and excuses no read.
+  lost writes                   committed writes the database does not have (must be 0)
+  linearizability violations    Strong only (must be 0): a stale read, a read of an
+                                unwritten version, or a read older than what a read that
+                                returned before it was invoked saw
+A stale read is one definition everywhere (strata's docs, the README, this checker): it
+returns a version older than that of a write committed before the read was invoked.
+A write is committed when its COMMIT succeeded, whatever became of its invalidation, and
+is judged from the moment the database acknowledged the COMMIT (recorded as commit_ns);
+an invalidation that was buffered (L2 or the backplane failed) excuses nothing, and its
+later application by the cache's retry is recorded (invalidation_retried) and reported.
+A write whose COMMIT outcome is unknown (the connection failed during COMMIT) is resolved
+from the versions (one writer, version = version + 1): committed if no other write
+produced its version and the database reached it, else not; what cannot be resolved is
+left unjudged (it may be seen or not) and counted. A write that certainly changed
+nothing (rolled back, e.g. refused at Strong because its write lock could not be taken,
+or failed before COMMIT) is counted as rolled back and excuses no read. Intervals are
+closed: a read that returns at the very nanosecond a write is invoked is concurrent
+with it.
 
-The bound:
+The bound (counted from the commit):
   invalidated  max_stale + 3 × heartbeat_interval (the unhealthy-detection time)
                + 250 ms margin; with the defaults 1000 + 750 + 250 = 2000 ms
   strong       0 (read-your-writes once invalidate returned) + 1 ms measurement margin
@@ -389,6 +402,9 @@ pub async fn run(args: CheckArgs) -> Result<()> {
         bound,
         linearizable: args.level == Level::Strong,
         initial,
+        // One writer, `version = version + 1`: a write whose COMMIT outcome is unknown
+        // is resolved from the versions.
+        versions_step_by_one: true,
     };
     let report = check(&config, &history, &end);
     let run = table::RunInfo {

@@ -60,12 +60,29 @@ pub fn render(r: &Report, run: &RunInfo<'_>) -> String {
     let rows: Vec<(String, String, &str)> = vec![
         ("reads".into(), format!("{} ({tiers})", r.reads), ""),
         ("failed reads".into(), r.failed_reads.to_string(), ""),
-        ("writes completed".into(), r.writes.to_string(), ""),
-        ("writes indeterminate".into(), r.indeterminate_writes.to_string(), ""),
+        ("writes committed (judged from the commit)".into(), r.writes.to_string(), ""),
+        (
+            "writes left unjudged (COMMIT outcome unknown)".into(),
+            format!("{} ({} resolved from the versions)", r.indeterminate_writes, r.resolved_writes),
+            "",
+        ),
         ("writes rolled back (never visible)".into(), r.rolled_back_writes.to_string(), ""),
+        (
+            "invalidations buffered, then retried".into(),
+            format!(
+                "{} (longest commit → applied {:.0} ms)",
+                r.buffered_invalidations, r.buffered_invalidation_max_ms
+            ),
+            "",
+        ),
         ("ticks skipped (overload)".into(), skipped.to_string(), ""),
         ("stale reads beyond bound".into(), r.stale_beyond_bound.to_string(), verdict(r.stale_beyond_bound)),
-        ("stale reads (zero slack)".into(), r.stale_any.to_string(), ""),
+        (
+            "stale reads (zero slack)".into(),
+            format!("{} (stalest {:.0} ms after a newer commit)", r.stale_any, r.stale_read_max_ms),
+            "",
+        ),
+        ("reads of unwritten versions".into(), r.unwritten_reads.to_string(), verdict(r.unwritten_reads)),
         (
             "staleness p50 / p99 / max".into(),
             format!("{:.3} / {:.3} / {:.3} ms", r.staleness_p50_ms, r.staleness_p99_ms, r.staleness_max_ms),

@@ -28,7 +28,7 @@ use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use sqlx::postgres::PgPool;
 use strata::Cache;
-use strata_sql::CommitOutcome;
+use strata_sql::{CommitOutcome, InvalidationState};
 use strata_testkit::{CacheSnapshot, Event, Op, Recorder, Tier, monotonic_ns};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines, Stdin};
 use tokio::sync::{Semaphore, watch};
@@ -242,6 +242,7 @@ fn failed_read(name: &str, key: u64, invoke: u64, done: u64, detail: String) -> 
         op: Op::Read,
         invoke_ns: invoke,
         return_ns: done,
+        commit_ns: None,
         version: None,
         tier: None,
         ok: false,
@@ -269,6 +270,7 @@ async fn write_load(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut skipped = 0;
     let mut last = tokio::time::Instant::now();
+    let mut retries = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -278,11 +280,50 @@ async fn write_load(
         skipped += (now.duration_since(last).as_nanos() / period.as_nanos().max(1)).saturating_sub(1) as u64;
         last = now;
         let key = setup::pick_key(&mut rng, args.keys);
-        for event in write_one(&args.name, key, &cache, &pool, lease).await {
-            let _ = recorder.record(&scrubbed(event));
+        let written = write_one(&args.name, key, &cache, &pool, lease).await;
+        for event in &written.events {
+            let _ = recorder.record(&scrubbed(event.clone()));
+        }
+        if let Some(commit_ns) = written.buffered_since {
+            let (cache, recorder, name) = (cache.clone(), recorder.clone(), args.name.clone());
+            let version = written.events.first().and_then(|e| e.version);
+            retries.spawn(async move {
+                if let Some(applied) = buffer_drained(&cache).await {
+                    let event = Event::invalidation_retried(&name, key, version, commit_ns, applied);
+                    let _ = recorder.record(&event);
+                }
+            });
         }
     }
+    // The buffered invalidations of the last writes, retried after the load stopped.
+    let _ = tokio::time::timeout(RETRY_WATCH, async { while retries.join_next().await.is_some() {} }).await;
     skipped
+}
+
+/// How long the writer watches, after the load, for its buffered invalidations to be
+/// applied.
+const RETRY_WATCH: Duration = Duration::from_secs(10);
+
+/// Waits until the cache's retry buffer is empty (every invalidation buffered so far,
+/// including one being retried, has reached L2 and the backplane) and returns when it
+/// saw that; `None` if it did not within [`RETRY_WATCH`].
+async fn buffer_drained(cache: &Cache<u64, Row>) -> Option<u64> {
+    let deadline = tokio::time::Instant::now() + RETRY_WATCH;
+    while tokio::time::Instant::now() < deadline {
+        if cache.pending_invalidations() == 0 {
+            return Some(monotonic_ns());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    None
+}
+
+/// What [`write_one`] recorded, and whether the write's invalidation was buffered.
+struct Written {
+    /// The write (first), and its invalidation.
+    events: Vec<Event>,
+    /// When the write committed, if its invalidation was buffered for the retry.
+    buffered_since: Option<u64>,
 }
 
 /// How long the writer waits for `commit()` (the COMMIT plus the invalidation, which at
@@ -294,20 +335,18 @@ fn commit_budget(lease: Duration) -> Duration {
 /// One write through strata-sql's transaction helper: `UPDATE … SET version = version
 /// + 1 … RETURNING version` (bounded by [`DB_TIMEOUT`]), `tx.invalidate(cache, key)`,
 /// `tx.commit()` (which commits, then invalidates, and invalidates too when the
-/// outcome of the COMMIT is unknown; at the Strong level it takes the write lock
-/// before COMMIT and rolls back when it cannot). Returns the events recording it: the write, and
-/// an `invalidation_applied` event spanning the `commit()` call.
+/// outcome of the COMMIT is unknown; it takes the write lock before COMMIT, and at the
+/// Strong level rolls back when it cannot). Returns the events recording it: the
+/// write, and an `invalidation_applied` event spanning the `commit()` call.
 ///
-/// A write is `ok` only when it committed and its invalidation is done. One that
-/// certainly rolled back is recorded as `write_rolled_back`. If `commit()` does not return
-/// within its budget, the key is invalidated by hand, since the COMMIT may have landed.
-async fn write_one(
-    name: &str,
-    key: u64,
-    cache: &Cache<u64, Row>,
-    pool: &PgPool,
-    lease: Duration,
-) -> Vec<Event> {
+/// A write is `ok` when its COMMIT succeeded, whatever became of its invalidation; it
+/// carries the time the COMMIT was acknowledged (`commit_ns`), from which the checker
+/// judges it. An invalidation that was buffered is named in the write's detail and
+/// its `invalidation_applied` event is not ok. One that certainly rolled back is
+/// recorded as `write_rolled_back`. If `commit()` does not return within its budget,
+/// the key is invalidated by hand, since the COMMIT may have landed (its outcome is
+/// unknown: `ok: false`).
+async fn write_one(name: &str, key: u64, cache: &Cache<u64, Row>, pool: &PgPool, lease: Duration) -> Written {
     let invoke = monotonic_ns();
     let begun = tokio::time::timeout(DB_TIMEOUT, async {
         let mut tx = strata_sql::begin(pool).await?;
@@ -321,37 +360,35 @@ async fn write_one(
         Ok::<_, sqlx::Error>((tx, v as u64))
     })
     .await;
+    let rolled_back = |detail: String| Written {
+        events: vec![Event::write_rolled_back(name, key, invoke, monotonic_ns()).with_detail(detail)],
+        buffered_since: None,
+    };
     let (mut tx, version) = match begun {
         Ok(Ok(started)) => started,
         // Nothing was committed (no COMMIT was sent; dropping the transaction rolls it
         // back).
-        Ok(Err(e)) => {
-            return vec![
-                Event::write_rolled_back(name, key, invoke, monotonic_ns())
-                    .with_detail(format!("update failed: {e}")),
-            ];
-        }
-        Err(_) => {
-            return vec![
-                Event::write_rolled_back(name, key, invoke, monotonic_ns())
-                    .with_detail(format!("update took more than {DB_TIMEOUT:?}")),
-            ];
-        }
+        Ok(Err(e)) => return rolled_back(format!("update failed: {e}")),
+        Err(_) => return rolled_back(format!("update took more than {DB_TIMEOUT:?}")),
     };
     tx.invalidate(cache, &key);
     let committing = monotonic_ns();
     let outcome = tokio::time::timeout(commit_budget(lease), tx.commit()).await;
+    let mut commit_ns = None;
+    let mut buffered = false;
     let (version, ok, invalidated, detail) = match outcome {
         Ok(Ok(report)) => {
+            // `Instant` is CLOCK_MONOTONIC too: the commit's age, taken from now.
+            commit_ns = Some(monotonic_ns().saturating_sub(duration_ns(report.committed_at.elapsed())));
             let problems: Vec<String> = report
                 .failed_invalidations()
                 .map(|i| {
+                    buffered |= i.state == InvalidationState::Buffered;
                     let error = i.error.as_ref().map_or(String::new(), |e| format!(": {e}"));
                     format!("invalidation {:?}{error}", i.state)
                 })
                 .collect();
-            let done = problems.is_empty();
-            (Some(version), done, done, problems.join("; "))
+            (Some(version), true, problems.is_empty(), problems.join("; "))
         }
         Err(_) => {
             let by_hand = cache.invalidate(&key).await;
@@ -370,21 +407,27 @@ async fn write_one(
     };
     let done = monotonic_ns();
     // Only a certain rollback leaves the write without a version.
-    let write = match version {
+    let mut write = match version {
         None => Event::write_rolled_back(name, key, invoke, done),
         Some(_) => Event::write(name, key, invoke, done, version, ok),
     }
     .with_detail(detail.clone());
+    write.commit_ns = commit_ns;
     let invalidation = Event {
         process: name.to_owned(),
         key,
         op: Op::InvalidationApplied,
         invoke_ns: committing,
         return_ns: done,
+        commit_ns: None,
         version,
         tier: None,
         ok: invalidated,
         detail: if invalidated { String::new() } else { detail },
     };
-    vec![write, invalidation]
+    Written { events: vec![write, invalidation], buffered_since: commit_ns.filter(|_| buffered) }
+}
+
+fn duration_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }

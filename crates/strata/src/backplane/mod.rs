@@ -61,7 +61,8 @@ pub fn now_ms() -> u64 {
 pub enum MessageBody {
     /// Drop what `Scope` covers.
     Invalidate(Scope),
-    /// Liveness: the origin is alive and its last sequence number is `seq`.
+    /// Liveness: the origin is alive and its last sequence number is `seq`; none of its
+    /// invalidations waits in its retry buffer.
     Heartbeat,
     /// Strong level: an L2 delete failed, so L2 may hold stale entries. Receivers
     /// bypass the cache until they have cleaned L2 themselves (a namespace bump).
@@ -74,6 +75,13 @@ pub enum MessageBody {
         /// Its sequence number acknowledged.
         seq: u64,
     },
+    /// Liveness, like [`MessageBody::Heartbeat`], from an origin some of whose L2
+    /// invalidations wait in its retry buffer (the delete failed, after its commit): L2
+    /// may still hold what they cover. Receivers trust no entry older than `max_stale`,
+    /// from L1 or L2, until the origin sends a plain heartbeat again. (Last, so that the
+    /// other variants keep their encoding; a receiver that does not know it counts it
+    /// as malformed and ignores it.)
+    BufferedHeartbeat,
 }
 
 /// The first byte of every encoded message, so the format can evolve.
@@ -111,15 +119,15 @@ impl Message {
         }
     }
 
-    /// True for heartbeats.
+    /// True for heartbeats (plain or buffered).
     pub fn is_heartbeat(&self) -> bool {
-        matches!(self.body, MessageBody::Heartbeat)
+        matches!(self.body, MessageBody::Heartbeat | MessageBody::BufferedHeartbeat)
     }
 
     /// True for messages that invalidate nothing and use no sequence number of their
     /// own (heartbeats and acknowledgements).
     pub fn is_control(&self) -> bool {
-        matches!(self.body, MessageBody::Heartbeat | MessageBody::Ack { .. })
+        matches!(self.body, MessageBody::Heartbeat | MessageBody::BufferedHeartbeat | MessageBody::Ack { .. })
     }
 }
 

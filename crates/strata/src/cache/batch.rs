@@ -143,7 +143,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
                 for (j, lookup) in lookups.into_iter().enumerate() {
                     match lookup {
                         Lookup::Hit(env) => {
-                            let replace = self.replacement_token(&env);
+                            let replace = self.replacement_token(&loadings[j].key_str, &env);
                             match self.fill_from_l2(&loadings[j], env).await {
                                 Some(value) => {
                                     let _ = led[j].lead.tx.send(Some(Ok(value)));

@@ -154,8 +154,29 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
     /// no write lock poisons it: under a lock, a lookup can only hit an entry inserted
     /// after the lock invalidated the key, by a writer stating the committed row, so a
     /// load that starts after such a hit reads that row too.
-    pub(crate) fn replacement_token(&self, env: &Envelope) -> Option<FillToken> {
-        (env.schema != self.cfg.schema).then_some(FillToken { stamp: env.stamp, lease: None, leader: true })
+    ///
+    /// An entry this instance does not trust ([`Inner::l2_distrusts`]) is replaced the
+    /// same way, by a load that starts after the lookup.
+    pub(crate) fn replacement_token(&self, key_str: &str, env: &Envelope) -> Option<FillToken> {
+        (env.schema != self.cfg.schema || self.l2_distrusts(key_str, env)).then_some(FillToken {
+            stamp: env.stamp,
+            lease: None,
+            leader: true,
+        })
+    }
+
+    /// Whether an L2 hit must not be served: an L2 invalidation of ours that covers it
+    /// waits for its retry (the delete failed after a commit, so the entry may be the
+    /// old row), or another member said it has one waiting and the entry is older than
+    /// `max_stale` (see the fleet's doubt). Either is then a miss, loaded anew.
+    pub(crate) fn l2_distrusts(&self, key_str: &str, env: &Envelope) -> bool {
+        if self.health.is_doubted() {
+            let now = self.now();
+            if now.since(env.created.min(now)) > self.cfg.max_stale {
+                return true;
+            }
+        }
+        self.pending.lock().covers(key_str, &env.tags)
     }
 
     /// Stores `entry` in L1 unless an invalidation since `start` forbids it, the

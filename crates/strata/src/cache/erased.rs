@@ -51,6 +51,11 @@ pub struct CacheHealth {
     pub l2_breaker: Option<BreakerState>,
     /// Invalidations waiting to be retried against L2 or the backplane.
     pub pending_invalidations: usize,
+    /// Below the Strong level: another member said an L2 invalidation of its own waits
+    /// for its retry, or this instance has not heard from every member since it was cut
+    /// off from the backplane. Entries older than `max_stale` are not served from L1
+    /// or L2 meanwhile (they are loaded anew).
+    pub in_doubt: bool,
     /// Warm-up is still preloading the fleet's hot keys (never true without warm-up).
     pub warming_up: bool,
     /// How long the backplane has been unhealthy (zero while it is healthy): past
@@ -115,6 +120,7 @@ impl<K: CacheKey, V: CacheValue> ErasedCache for Inner<K, V> {
             closed: self.is_closed(),
             l2_breaker: self.l2.as_ref().map(|l2| l2.breaker().state()),
             pending_invalidations: self.pending.lock().len(),
+            in_doubt: self.health.is_doubted(),
             warming_up: self.warming_up.load(Ordering::SeqCst),
             backplane_unhealthy_for: self
                 .health

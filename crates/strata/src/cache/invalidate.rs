@@ -228,64 +228,99 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
 
     /// Retries buffered invalidations: L2 first (so a reader woken by the message cannot
     /// refill from a stale L2 entry), then messages.
+    ///
+    /// The L2 calls go past this instance's L2 breaker (bounded by the L2 timeout): the
+    /// breaker guards the read path, and a cool-down that outlasts the outage kept the
+    /// delete waiting while the other instances, whose breakers had closed, read the
+    /// old row back from L2 (2.9 s after Redis was back, in a `strata check` run). The
+    /// retry task calls this every few hundred milliseconds, so the first call after
+    /// Redis answers again applies the buffer.
     pub(crate) async fn retry_pending(&self) {
         let scopes = {
             let mut p = self.pending.lock();
             if p.is_empty() {
                 return;
             }
-            p.take_l2()
+            let scopes = p.take_l2();
+            p.l2_in_flight += scopes.len();
+            scopes
         };
-        if let Some(l2) = &self.l2 {
-            for (i, scope) in scopes.iter().enumerate() {
-                let call = l2.tier().invalidate(l2.ns(), scope);
-                let res = if *scope == Scope::All {
-                    // Past the breaker: a forced-open breaker must not block the very
-                    // call that makes L2 clean again.
-                    l2.call_past_breaker(l2_call_name(scope), call).await
-                } else {
-                    l2.call(l2_call_name(scope), &self.stats, call).await
-                };
-                if res.is_err() {
-                    let mut p = self.pending.lock();
-                    for s in &scopes[i..] {
-                        p.add_l2(s);
-                    }
-                    return;
-                }
-                if *scope == Scope::All {
-                    l2.reset_if_forced_open();
-                    if self.bypassed.swap(false, Ordering::SeqCst) {
-                        // L2 is clean now; what L1 held was flushed when we began to bypass.
-                        self.flush_l1();
-                        tracing::info!(namespace = %self.cfg.namespace, "l2 cleaned by a namespace bump; cache no longer bypassed");
+        let taken = scopes.len();
+        let applied = self.retry_l2(&scopes).await;
+        {
+            let mut p = self.pending.lock();
+            for s in &scopes[applied..] {
+                p.add_l2(s);
+            }
+            if applied == scopes.len() && self.l2.is_some() {
+                // L2 is clean only now. Until now any instance, this one included, could
+                // read the old value back from L2 into its L1 after the first message
+                // evicted it (or a fill that predates the invalidation could reach L2
+                // before the delete did). So drop such copies (below), and tell the
+                // fleet again: queued before the in-flight count drops, so that the
+                // buffer never looks empty in between.
+                for scope in &scopes {
+                    if p.push_message(MessageBody::Invalidate(scope.clone())) {
+                        self.stats.pending_collapsed.incr();
                     }
                 }
             }
+            p.l2_in_flight -= taken;
+        }
+        if applied < scopes.len() {
+            return;
+        }
+        if self.l2.is_some() {
             self.retry_unlocks().await;
-            // L2 is clean only now. Until now any instance, this one included, could read
-            // the old value back from L2 into its L1 after the first message evicted it
-            // (or a fill that predates the invalidation could reach L2 before the delete
-            // did). So drop such copies here, and tell the fleet again.
-            for scope in scopes {
-                self.drop_local(&scope, None);
-                self.buffer_messages(|p| p.push_message(MessageBody::Invalidate(scope)));
+            for scope in &scopes {
+                self.drop_local(scope, None);
             }
         }
         let Some(fleet) = &self.fleet else {
             self.pending.lock().clear_messages();
             return;
         };
-        let messages = self.pending.lock().take_messages();
+        let messages = {
+            let mut p = self.pending.lock();
+            let messages = p.take_messages();
+            p.messages_in_flight += messages.len();
+            messages
+        };
+        let taken = messages.len();
         let mut iter = messages.into_iter();
         while let Some(body) = iter.next() {
             // A probe: the first of these to succeed is what tells callers the
             // backplane is back.
             if fleet.send(&body, &self.stats, Attempt::Probe).await.is_err() {
-                self.buffer_messages(|p| p.requeue_messages(std::iter::once(body).chain(iter)));
+                self.buffer_messages(|p| {
+                    p.messages_in_flight -= taken;
+                    p.requeue_messages(std::iter::once(body).chain(iter))
+                });
                 return;
             }
         }
+        self.pending.lock().messages_in_flight -= taken;
+    }
+
+    /// The L2 part of [`Inner::retry_pending`]: applies `scopes` in order, past the
+    /// breaker, and returns how many were applied (all of them without a tier).
+    async fn retry_l2(&self, scopes: &[Scope]) -> usize {
+        let Some(l2) = &self.l2 else { return scopes.len() };
+        for (i, scope) in scopes.iter().enumerate() {
+            let call = l2.tier().invalidate(l2.ns(), scope);
+            if l2.call_past_breaker(l2_call_name(scope), call).await.is_err() {
+                return i;
+            }
+            if *scope == Scope::All {
+                l2.reset_if_forced_open();
+                if self.bypassed.swap(false, Ordering::SeqCst) {
+                    // L2 is clean now; what L1 held was flushed when we began to bypass.
+                    self.flush_l1();
+                    tracing::info!(namespace = %self.cfg.namespace, "l2 cleaned by a namespace bump; cache no longer bypassed");
+                }
+            }
+        }
+        scopes.len()
     }
 
     /// Releases the write locks whose release failed (past the breaker, like the

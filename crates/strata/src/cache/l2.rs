@@ -70,9 +70,11 @@ impl L2 {
         res
     }
 
-    /// One L2 call past the breaker (still bounded by the timeout): for the namespace
-    /// bump that makes a bypassed cache clean again, which a forced-open breaker must
-    /// not block.
+    /// One L2 call past the breaker (still bounded by the timeout): for the retry of
+    /// buffered invalidations, which must not wait for this instance's breaker to
+    /// close while other instances, whose breakers closed sooner, read what they cover
+    /// back from L2; and for the namespace bump that makes a bypassed cache clean again,
+    /// which a forced-open breaker must not block.
     pub(crate) async fn call_past_breaker<T>(
         &self,
         what: &str,

@@ -159,7 +159,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
         let lease = Some(self.cfg.hard_timeout);
         match l2.call("lookup", &self.stats, l2.tier().lookup(l2.ns(), key_str, lease)).await {
             Ok(Lookup::Hit(env)) => {
-                let replace = self.replacement_token(&env);
+                let replace = self.replacement_token(key_str, &env);
                 if let Some(value) = self.fill_from_l2(loading, env).await {
                     return Ok(value);
                 }
@@ -185,7 +185,13 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
     }
 
     /// An L2 hit: decoded into L1; `None` when undecodable (deleted and counted).
+    /// An entry this instance does not trust ([`Inner::l2_distrusts`]) is `None` too,
+    /// and left in place for the load's fill to replace.
     pub(crate) async fn fill_from_l2(&self, loading: &Loading<K>, env: Envelope) -> Option<Option<V>> {
+        if self.l2_distrusts(&loading.key_str, &env) {
+            self.stats.l2_distrusted.incr();
+            return None;
+        }
         let entry = self.entry_from_envelope(&loading.key_str, env, loading.start).await?;
         self.stats.l2_hits.incr();
         self.record_hit_age("l2", entry.meta.created(), self.now());
@@ -381,7 +387,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
             pause = (pause * 2).min(Duration::from_millis(20));
             match l2.call("lookup", &self.stats, l2.tier().lookup(l2.ns(), &loading.key_str, None)).await {
                 Ok(Lookup::Hit(env)) => {
-                    let replace = self.replacement_token(&env);
+                    let replace = self.replacement_token(&loading.key_str, &env);
                     if let Some(value) = self.fill_from_l2(loading, env).await {
                         return Ok(value);
                     }

@@ -26,6 +26,11 @@ pub(crate) struct Pending {
     /// Write locks whose release failed: (scope, lock id). They would expire anyway;
     /// releasing them lets their keys be cached again sooner.
     pub(crate) unlocks: Vec<(Scope, u64)>,
+    /// L2 invalidations taken out by a retry that has not finished: still not applied,
+    /// so still announced as buffered (see [`Pending::l2_buffered`]).
+    pub(crate) l2_in_flight: usize,
+    /// Messages taken out by a retry that has not finished sending them.
+    pub(crate) messages_in_flight: usize,
 }
 
 impl Pending {
@@ -37,9 +42,21 @@ impl Pending {
         self.l2_keys.is_empty() && self.l2_tags.is_empty() && !self.l2_all
     }
 
-    /// How many invalidations wait (L2 keys, tags and namespace, and messages).
+    /// How many invalidations wait (L2 keys, tags and namespace, and messages),
+    /// counting those a retry has taken out and not yet applied.
     pub(crate) fn len(&self) -> usize {
-        self.l2_keys.len() + self.l2_tags.len() + usize::from(self.l2_all) + self.messages.len()
+        self.l2_keys.len()
+            + self.l2_tags.len()
+            + usize::from(self.l2_all)
+            + self.messages.len()
+            + self.l2_in_flight
+            + self.messages_in_flight
+    }
+
+    /// Whether an L2 invalidation waits or is being retried: L2 may still hold what it
+    /// covers, which this instance's heartbeats tell the fleet.
+    pub(crate) fn l2_buffered(&self) -> bool {
+        !self.l2_is_empty() || self.l2_in_flight > 0
     }
 
     /// Buffers a message that could not be published. Returns true when the buffer

@@ -87,16 +87,25 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
     }
 
     /// While the backplane has been unhealthy longer than `max_stale`, entries older
-    /// than `max_stale` are not served; at the Strong level, nothing is served while
-    /// this instance's membership lease is not held.
+    /// than `max_stale` are not served, nor at all while another member may have an L2
+    /// delete buffered (the doubt: no grace then, the write it covers committed
+    /// before we heard of it); at the Strong level, nothing is served while this
+    /// instance's membership lease is not held.
     #[inline]
     fn within_max_stale(&self, meta: &Meta, now: Timestamp) -> bool {
         if self.cfg.is_strong() && !self.own_lease_held(now) {
             return false;
         }
-        let Some(since) = self.health.unhealthy_since() else { return true };
+        let doubted = self.health.is_doubted();
+        let unhealthy = self.health.unhealthy_since();
+        if !doubted && unhealthy.is_none() {
+            return true;
+        }
         let max = self.cfg.max_stale;
-        now.since(since) <= max || now.since(meta.created()) <= max
+        if now.since(meta.created()) <= max {
+            return true;
+        }
+        !doubted && unhealthy.is_some_and(|since| now.since(since) <= max)
     }
 
     #[cold]

@@ -231,7 +231,11 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
     /// so it sees that invalidation's floor, as it would have seen its epoch.
     pub(crate) fn publish_fast_floor(&self) {
         self.fast_floor.publish(|| {
-            if self.cfg.is_strong() || self.health.unhealthy_since().is_some() || self.is_closed() {
+            if self.cfg.is_strong()
+                || self.health.unhealthy_since().is_some()
+                || self.health.is_doubted()
+                || self.is_closed()
+            {
                 u64::MAX
             } else {
                 Slot::<V>::floor(self.guards.namespace_epoch())

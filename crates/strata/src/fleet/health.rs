@@ -17,6 +17,11 @@ pub(crate) struct Health {
     /// When this instance last received its own heartbeat back through the backplane:
     /// the end-to-end proof that the backplane delivers.
     last_own_heartbeat: AtomicU64,
+    /// Set while some member may have committed a write whose L2 invalidation is not
+    /// applied yet: it said so in its heartbeat, or this instance has not heard from it
+    /// since it was cut off itself. Entries older than `max_stale` are not trusted
+    /// then, from L1 or L2. Kept by the listener.
+    doubted: AtomicBool,
 }
 
 impl Health {
@@ -61,6 +66,18 @@ impl Health {
         self.unhealthy_since
             .compare_exchange(0, since.as_nanos().max(1), Ordering::SeqCst, Ordering::SeqCst)
             .is_ok()
+    }
+
+    /// Whether an invalidation another member could not apply yet may cover what L1 or
+    /// L2 holds (see `doubted`).
+    #[inline]
+    pub(crate) fn is_doubted(&self) -> bool {
+        self.doubted.load(Ordering::SeqCst)
+    }
+
+    /// Sets the doubt; true when that changed the state.
+    pub(crate) fn set_doubted(&self, doubted: bool) -> bool {
+        self.doubted.swap(doubted, Ordering::SeqCst) != doubted
     }
 
     /// When this instance last heard its own heartbeat back.

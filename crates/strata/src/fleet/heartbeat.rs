@@ -21,8 +21,15 @@ pub(crate) async fn run<H: Host>(host: Arc<H>, mut stop: Stop) {
             _ = stop.stopped() => return,
         }
         // A failed heartbeat shows up below as our own heartbeat not coming back. It is
-        // sent even while publishes fail: its success is what ends the outage.
-        let _ = fleet.send_control(MessageBody::Heartbeat, Attempt::Probe).await;
+        // sent even while publishes fail: its success is what ends the outage. Below the
+        // Strong level (which bypasses the cache instead) it says whether an L2 delete
+        // of ours waits for its retry: the others then trust no old entry meanwhile.
+        let body = if !fleet.config().strong && host.l2_buffered() {
+            MessageBody::BufferedHeartbeat
+        } else {
+            MessageBody::Heartbeat
+        };
+        let _ = fleet.send_control(body, Attempt::Probe).await;
         let now = host.now();
         let last = host.health().last_own_heartbeat();
         let missed = now.since(last) > every.saturating_mul(MISSED_HEARTBEATS);

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::doubt::Doubts;
 use super::sequence::{MAX_REPLAY, Origins, Position, replay_covers};
 use super::{Attempt, Fleet, Host, mark_healthy, mark_unhealthy};
 use crate::backplane::{BackplaneEvent, Message, MessageBody, OriginId};
@@ -19,6 +20,8 @@ struct Listener<'a, H> {
     fleet: &'a Fleet,
     origins: Origins,
     disconnected: bool,
+    /// Below the Strong level: the members that may have L2 deletes buffered.
+    doubts: Doubts,
 }
 
 /// Subscribes (again after every loss) and handles events until stopped.
@@ -26,7 +29,13 @@ pub(crate) async fn run<H: Host>(host: Arc<H>, mut stop: Stop) {
     let Some(fleet) = host.fleet() else { return };
     let namespace = fleet.config().namespace.clone();
     let strong = fleet.config().strong;
-    let mut l = Listener { host: &*host, fleet, origins: Origins::default(), disconnected: false };
+    let mut l = Listener {
+        host: &*host,
+        fleet,
+        origins: Origins::default(),
+        disconnected: false,
+        doubts: Doubts::default(),
+    };
     let mut backoff = Duration::from_millis(10);
     loop {
         let sub = tokio::select! {
@@ -50,6 +59,7 @@ pub(crate) async fn run<H: Host>(host: Arc<H>, mut stop: Stop) {
         // Whatever was published before this subscription could not reach us: start from
         // a clean L1, and refuse the fills of loads that began before it.
         host.flush_local();
+        l.cut_off_ended();
         l.disconnected = false;
         if !strong {
             // At the Strong level the lease starts only with our first heartbeat heard back.
@@ -85,6 +95,7 @@ impl<H: Host> Listener<'_, H> {
             }
             BackplaneEvent::Resumed { complete } => {
                 self.disconnected = false;
+                self.cut_off_ended();
                 if !complete {
                     host.stats().repairs_flushed.incr();
                     host.flush_local();
@@ -98,6 +109,7 @@ impl<H: Host> Listener<'_, H> {
                 host.stats().gaps_detected.incr();
                 host.stats().repairs_flushed.incr();
                 host.flush_local();
+                self.cut_off_ended();
             }
             BackplaneEvent::Malformed => host.stats().malformed_messages.incr(),
         }
@@ -110,6 +122,9 @@ impl<H: Host> Listener<'_, H> {
             return;
         }
         let now = host.now();
+        let forget_after = cfg.heartbeat_interval.saturating_mul(FORGET_AFTER_HEARTBEATS);
+        self.doubts.expire(now, forget_after);
+        self.sync_doubt();
         if m.origin == cfg.origin {
             if m.seq > self.fleet.last_seq() {
                 // A number we never used: not ours, and no proof that the backplane
@@ -129,7 +144,11 @@ impl<H: Host> Listener<'_, H> {
                 }
                 host.health().set_last_own_heartbeat(now);
                 if !self.disconnected {
+                    let was_cut_off = host.health().unhealthy_since().is_some();
                     mark_healthy(host);
+                    if was_cut_off {
+                        self.cut_off_ended();
+                    }
                 }
             }
             return;
@@ -154,7 +173,9 @@ impl<H: Host> Listener<'_, H> {
             self.fleet.members().heard(m.origin, now, acked);
         }
         match &m.body {
-            MessageBody::Heartbeat => host.stats().heartbeats_received.incr(),
+            MessageBody::Heartbeat | MessageBody::BufferedHeartbeat => {
+                host.stats().heartbeats_received.incr()
+            }
             MessageBody::Ack { .. } => {}
             body => {
                 host.stats().invalidations_received.incr();
@@ -166,11 +187,38 @@ impl<H: Host> Listener<'_, H> {
         if let Some((from, to)) = tracked.missed {
             self.repair(m.origin, from, to).await;
         }
+        if !cfg.strong {
+            if m.body == MessageBody::BufferedHeartbeat {
+                self.doubts.doubt(m.origin, now);
+            } else {
+                self.doubts.heard(m.origin, now, m.body == MessageBody::Heartbeat);
+            }
+            self.sync_doubt();
+        }
         if cfg.strong && !m.is_control() {
             // Even for a number not believed yet: its repair ran above.
             self.acknowledge(m.origin, m.seq).await;
         }
-        self.origins.prune(now, cfg.heartbeat_interval.saturating_mul(FORGET_AFTER_HEARTBEATS));
+        self.origins.prune(now, forget_after);
+    }
+
+    /// This instance heard nothing for a while (an unhealthy spell, a lost or new
+    /// subscription): any member may have buffered an L2 delete meanwhile, and said so
+    /// in heartbeats it missed. Below the Strong level (which bypasses the cache
+    /// instead), it doubts every member it knows until each has spoken again.
+    fn cut_off_ended(&mut self) {
+        if self.fleet.config().strong {
+            return;
+        }
+        self.doubts.doubt_all(self.origins.heard());
+        self.sync_doubt();
+    }
+
+    /// Publishes the doubt to the read path.
+    fn sync_doubt(&self) {
+        if self.host.health().set_doubted(self.doubts.any()) {
+            self.host.health_changed();
+        }
     }
 
     /// Strong level: tells `origin` that everything it sent up to `seq` is applied here
@@ -228,7 +276,7 @@ impl<H: Host> Listener<'_, H> {
                     self.host.bypass();
                 }
             }
-            MessageBody::Heartbeat | MessageBody::Ack { .. } => {}
+            MessageBody::Heartbeat | MessageBody::BufferedHeartbeat | MessageBody::Ack { .. } => {}
         }
     }
 }

@@ -14,6 +14,7 @@
 //! The fleet does not know the cache it serves: it reaches it through [`Host`], which
 //! the cache implements. The cache spawns the tasks.
 
+mod doubt;
 mod health;
 pub(crate) mod heartbeat;
 pub(crate) mod listener;
@@ -47,6 +48,9 @@ pub(crate) trait Host: Send + Sync + 'static {
     fn apply_remote(&self, scope: &Scope);
     /// Drops every local copy and refuses the fills in flight: the repair of a gap.
     fn flush_local(&self);
+    /// Whether an L2 invalidation of this instance waits in its retry buffer (its
+    /// heartbeats then say so).
+    fn l2_buffered(&self) -> bool;
     /// Strong level: another member's L2 delete failed; bypass the cache until L2 is
     /// clean.
     fn bypass(&self);

@@ -138,6 +138,11 @@ impl Origins {
         Tracked { missed, suspicious }
     }
 
+    /// Every origin tracked, with when it was last heard.
+    pub(crate) fn heard(&self) -> impl Iterator<Item = (OriginId, Timestamp)> + '_ {
+        self.map.iter().map(|(&id, o)| (id, o.last_heard))
+    }
+
     /// Forgets the origins not heard for `forget_after`, once there are many.
     pub(crate) fn prune(&mut self, now: Timestamp, forget_after: Duration) {
         if self.map.len() > MAX_ORIGINS {

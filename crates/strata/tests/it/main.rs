@@ -6,6 +6,7 @@
 //! One module per area; `support` holds the helpers they share.
 
 mod api;
+mod buffered;
 mod config;
 mod conformance;
 mod fail_safe;

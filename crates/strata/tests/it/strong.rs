@@ -124,9 +124,9 @@ async fn strong_level_cleans_l2_before_the_next_invalidation_goes_out() {
 }
 
 /// A real in-process tier seen through one instance's own (breakable) connection.
-struct OwnConnection {
-    tier: InProcessTier,
-    down: std::sync::atomic::AtomicBool,
+pub(crate) struct OwnConnection {
+    pub(crate) tier: InProcessTier,
+    pub(crate) down: std::sync::atomic::AtomicBool,
 }
 
 impl OwnConnection {
