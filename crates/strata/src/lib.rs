@@ -153,7 +153,11 @@ mod fleet;
 mod l1;
 mod shutdown;
 mod stats;
+mod sync;
 mod tag_epochs;
+
+#[cfg(test)]
+mod model_check;
 
 pub mod backplane;
 pub mod breaker;
