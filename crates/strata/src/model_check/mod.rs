@@ -40,7 +40,7 @@ fn lead() -> XFetchLead {
     XFetchLead::new(0)
 }
 
-/// Random schedules per scenario (and PCT schedules, half as many): 1 000 unless
+/// PCT schedules per scenario (and random ones, half as many): 1 000 unless
 /// `STRATA_SHUTTLE_ITERATIONS` says otherwise.
 pub(super) fn iterations() -> usize {
     std::env::var("STRATA_SHUTTLE_ITERATIONS").ok().and_then(|s| s.parse().ok()).unwrap_or(1_000)
