@@ -2,12 +2,12 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
-use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use crate::error::Result;
+use crate::sync::{AtomicU64, Mutex};
 
 /// The result every waiter of a load receives.
 pub(crate) type Shared<V> = Option<Result<Option<V>>>;
@@ -105,6 +105,23 @@ impl<K: Hash + Eq + Clone, V> Drop for FinishOnDrop<'_, K, V> {
     fn drop(&mut self) {
         self.flights.finish(self.key, self.id);
     }
+}
+
+/// Hands a load's result to the callers waiting for it. When the soft timeout already
+/// answered them with a fail-safe copy, this changes nothing (their answer stands).
+///
+/// An early refresh answers too: nobody waits for it when it starts, but a read that
+/// misses while it runs (the entry expired or was evicted meanwhile) joins it, and
+/// would otherwise get "load was abandoned" when its sender is dropped.
+pub(crate) fn complete<V>(tx: &watch::Sender<Shared<V>>, result: Result<Option<V>>) {
+    tx.send_if_modified(|cur| {
+        if cur.is_none() {
+            *cur = Some(result);
+            true
+        } else {
+            false
+        }
+    });
 }
 
 /// Waits for a flight's result.

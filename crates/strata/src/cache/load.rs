@@ -6,7 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::flight::{FinishOnDrop, FlightKind, Lead};
+use super::flight::{self, FinishOnDrop, FlightKind, Lead};
 use super::state::Inner;
 use crate::clock::{ClockKind, duration_nanos};
 use crate::error::{Error, Result};
@@ -125,18 +125,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
             }
             (r, _) => r,
         };
-        if kind == FlightKind::Refresh {
-            return;
-        }
-        // If the soft timeout already answered, this only updates late subscribers.
-        tx.send_if_modified(|cur| {
-            if cur.is_none() {
-                *cur = Some(result);
-                true
-            } else {
-                false
-            }
-        });
+        flight::complete(&tx, result);
     }
 
     /// The L2 part of a load: `Ok` with the value when L2 (or the lease holder's fill)

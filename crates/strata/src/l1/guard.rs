@@ -10,12 +10,11 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use parking_lot::{Mutex, RwLock};
-
 use crate::clock::Timestamp;
+use crate::sync::{AtomicBool, AtomicU64, Mutex, RwLock};
 use crate::tag_epochs::TagEpochs;
 
 const SHARDS: usize = 64;

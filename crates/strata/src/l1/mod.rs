@@ -15,15 +15,16 @@ use std::num::NonZero;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 
-use parking_lot::{Mutex, RwLock};
 use quick_cache::{Equivalent, Weighter};
+
+use crate::sync::{Mutex, RwLock};
 
 /// What the fast path requires of a slot's fill sequence ([`Slot::is_fast_hit`]), so
 /// that a hit reads one word for every cache-wide condition: the namespace epoch as a
 /// [`Slot::floor`], or `u64::MAX` (no slot) while the owner wants every read to take
 /// the slow path (the Strong level, an unhealthy backplane, a closed cache).
 pub(crate) struct FastFloor {
-    word: AtomicU64,
+    word: crate::sync::AtomicU64,
     /// Serialises [`FastFloor::publish`], so that the last to run stores the floor of
     /// the last state.
     serial: Mutex<()>,
@@ -31,7 +32,7 @@ pub(crate) struct FastFloor {
 
 impl FastFloor {
     pub(crate) fn new(floor: u64) -> Self {
-        FastFloor { word: AtomicU64::new(floor), serial: Mutex::new(()) }
+        FastFloor { word: crate::sync::AtomicU64::new(floor), serial: Mutex::new(()) }
     }
 
     /// The floor, read under the shard lock by every hit.

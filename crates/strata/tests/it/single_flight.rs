@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use strata::Cache;
 use strata::backplane::Mode;
+use strata::{Cache, Clock};
 use tokio::sync::Semaphore;
 
 use crate::support::{NS, eventually, fleet};
@@ -101,4 +101,57 @@ async fn fleet_lease_lets_one_instance_load_while_the_others_wait_for_its_fill()
     }
     eprintln!("fleet stampede: 4 caches x 16 tasks, loader calls = {}", calls.load(Ordering::SeqCst));
     assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+/// A read that misses while an early refresh runs (the entry expired meanwhile) joins
+/// the refresh's flight, and gets the refreshed value: not "load was abandoned", which
+/// it got while a refresh handed its result to nobody (found by the shuttle model
+/// check of single-flight, `model_check` in the crate).
+#[tokio::test]
+async fn a_read_that_joins_an_early_refresh_gets_the_refreshed_value() {
+    let clock = strata::testing::ManualClock::new();
+    let ttl = Duration::from_secs(60);
+    let delta = Duration::from_millis(100);
+    let cache: Cache<u64, String> = Cache::builder(NS)
+        .clock(Arc::new(clock.clone()))
+        .ttl_jitter(0.0)
+        .ttl(ttl)
+        .early_refresh(1000.0)
+        .build()
+        .expect("valid");
+    let c = clock.clone();
+    let first = cache
+        .get_or_load(&1, move || async move {
+            c.advance(delta);
+            Ok::<_, io::Error>(Some("v1".to_string()))
+        })
+        .await
+        .expect("load");
+    assert_eq!(first.as_deref(), Some("v1"));
+    // Just before expiry with a large β: this hit starts a refresh, which waits.
+    clock.set(clock.now().saturating_add(ttl).saturating_sub(Duration::from_millis(1)));
+    let gate = Arc::new(Semaphore::new(0));
+    let g = gate.clone();
+    let hit = cache
+        .get_or_load(&1, move || async move {
+            g.acquire().await.expect("gate").forget();
+            Ok::<_, io::Error>(Some("v2".to_string()))
+        })
+        .await
+        .expect("hit");
+    assert_eq!(hit.as_deref(), Some("v1"));
+    eventually("the refresh started", || cache.stats().loads == 2).await;
+    // The entry expires while the refresh runs: the next read misses and joins it.
+    clock.advance(Duration::from_secs(1));
+    let reader = {
+        let cache = cache.clone();
+        tokio::spawn(async move {
+            cache.get_or_load(&1, || async { Ok::<_, io::Error>(Some("not called".to_string())) }).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    gate.add_permits(1);
+    let read = reader.await.expect("task").expect("the refresh's result, not an error");
+    assert_eq!(read.as_deref(), Some("v2"));
+    assert_eq!(cache.stats().loads, 2, "the read joined the refresh");
 }
