@@ -89,11 +89,21 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
         // L2, and the fleet-wide lease.
         let (token, stale_l2) = match self.read_l2_for_load(&loading, kind).await {
             Ok(value) => {
+                // Forgotten before answering: a read that starts once the answer is out
+                // must not join a flight that is over (it would get this value, read
+                // before whatever committed since, while other readers already see it).
+                self.flights.finish(&key, lead.id);
                 let _ = tx.send(Some(Ok(value)));
                 return;
             }
             Err(t) => t,
         };
+        if token.as_ref().is_some_and(FillToken::is_poisoned) {
+            // A write lock covers the key: its commit may land while this load runs, and
+            // a read that starts after it must load for itself, not join a load that
+            // may have read the row before it.
+            self.flights.finish(&key, lead.id);
+        }
 
         let fallback = self.fail_safe_copy(stale_l1, stale_l2, &loading).await;
         let soft = match (self.cfg.soft_timeout, &fallback) {
@@ -125,6 +135,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
             }
             (r, _) => r,
         };
+        self.flights.finish(&key, lead.id);
         flight::complete(&tx, result);
     }
 
