@@ -9,10 +9,11 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `…:m` | hash, no TTL | `c` invalidation clock, `n` namespace epoch, `l` lease counter, `f` lease floor, `tf` tag floor, `t:<tag>` clock value of the tag's last invalidation (at most [`max_tag_epochs`](RedisTierBuilder::max_tag_epochs) tags) |
-//! | `…:e:<key>` | hash, PX = entry ttl | `e` envelope (format byte `2` + postcard of [`Envelope`]), `s` stamp, `t` tags (`<byte len>:<tag>` repeated), `f` soft expiry, `h` hard expiry (ns since the epoch, decimal), `v` row version (decimal, or empty), `m` the entry's MAC (only with [`integrity_keys`](RedisTierBuilder::integrity_keys)) |
+//! | `…:m` | hash, no TTL | `c` invalidation clock, `n` namespace epoch, `l` lease counter, `f` lease floor, `tf` tag floor, `t:<tag>` clock value of the tag's last invalidation (at most [`max_tag_epochs`](RedisTierBuilder::max_tag_epochs) tags); the tombstone bookkeeping: `xg` current generation (0/1), `x0`/`x1` the tick each generation started at, `xw` when the current one started (server ms), `xf` tombstone floor |
+//! | `…:e:<key>` | string, PX = entry ttl | a head `<s>,<f>,<h>,<v>,<tags len>,<mac len>;` (stamp; soft and hard expiry in ns since the epoch; row version or nothing; all decimal), then the tags (`<byte len>:<tag>` repeated), the MAC (only with [`integrity_keys`](RedisTierBuilder::integrity_keys)) and the envelope (format byte `2` + postcard of [`Envelope`]). One string: a hash holding a field over 64 bytes becomes a hash table of every field (796 bytes per entry against 373 for this, and 240 for a plain `SET` of the same value: `tier::eviction::memory_per_entry_against_a_plain_set`) |
 //! | `…:l:<key>` | string, PX = lease ttl | the id of the lease holder |
-//! | `…:x:<key>` | string, PX = tombstone ttl | the clock tick of the key's last invalidation |
+//! | `…:x0`, `…:x1` | hash, no TTL | the two tombstone generations: `<key>` → the clock tick of the key's last invalidation, `_` → the tick the generation started at |
+//! | `…:x:<key>` | string, PX = tombstone ttl | strata 0.1's tombstone, written and read only with [`legacy_tombstones`](RedisTierBuilder::legacy_tombstones) (the default) |
 //! | `…:w:<key>` | sorted set, PX = lock ttl | write locks on the key: lock id → expiry (server ms) |
 //! | `…:w` | sorted set, PX = lock ttl | write locks on a tag or the whole namespace |
 //!
@@ -40,13 +41,14 @@
 //!   stale fallback. On a miss the script reads the clock (the token's stamp) and,
 //!   when asked, takes the lease with `SET PX` unless a live lease (id above the lease
 //!   floor) is held.
-//! - **fill**: release the caller's own lease, then refuse if a tombstone newer than the
-//!   token's stamp exists, or the namespace or one of the value's tags was invalidated
-//!   since the stamp; otherwise store the entry stamped with the token's stamp.
+//! - **fill**: refuse if the token's stamp is below the tombstone floor, a tombstone
+//!   newer than the stamp exists, a tombstone generation was lost, or the namespace or
+//!   one of the value's tags was invalidated since the stamp; otherwise store the entry
+//!   stamped with the token's stamp; release the caller's own lease either way.
 //! - **set**: counts as an invalidation of the key (clock tick, tombstone, lease
 //!   voided), then stores the entry stamped with the tick.
 //! - **delete**: one clock tick (`HINCRBY`), then per key: delete entry and lease,
-//!   leave a tombstone holding the tick.
+//!   leave a tombstone holding the tick in the current generation.
 //! - **invalidate_tag**: a clock tick becomes the tag's epoch. When the namespace then
 //!   holds more than [`max_tag_epochs`](RedisTierBuilder::max_tag_epochs) tag epochs, the
 //!   older half is dropped and the tag floor `tf` rises to the newest epoch dropped;
@@ -91,13 +93,32 @@
 //! These repairs are counted in `strata_l2_repaired_total` and
 //! [`RedisTierStats::repaired`] and logged.
 //!
+//! # Tombstones
+//!
+//! A tombstone must outlive every fill token issued before it, and an evicted one must
+//! never read as "never invalidated". So tombstones live in two generation hashes
+//! without a TTL (`volatile-*` eviction cannot reach them); a generation is replaced
+//! when it is older than the tombstone ttl or holds 10,000 keys, and the one before it
+//! is then dropped with the tombstone floor `xf` raised to where the kept one starts: a
+//! token older than that is refused (it is at least a generation old). A generation the
+//! meta hash records but whose `_` is gone (evicted under `allkeys-*`, deleted) or
+//! wrong means tombstones were lost: all are forgotten behind a floor at a fresh tick,
+//! so every fill in flight is refused (a repair), never let in (test: `tier::eviction`).
+//!
+//! # Memory pressure
+//!
+//! Every script but the fill runs with `#!lua flags=allow-oom` (Redis 7.0 or later):
+//! over `maxmemory` with nothing the policy may evict (`noeviction`, or `volatile-*`
+//! with the memory held by keys without a TTL and by clients), Redis refuses writes,
+//! and an invalidation refused is a stale entry left readable. The fill's first write
+//! is its entry's, so Redis can refuse it: it is then not stored and counted in
+//! [`RedisTierStats::refused_for_memory`], not an error. Test:
+//! `tier::eviction::invalidations_go_through_when_redis_is_out_of_memory`.
+//!
 //! # Eviction policy
 //!
-//! Entries and leases may be evicted freely. Tombstones may not: one must outlive the
-//! fills it guards, and Redis's approximated LRU/LFU do evict young keys under memory
-//! pressure (measured: 1,286 tombstones and 241 meta hashes evicted in 15 s at 3 MB
-//! with `allkeys-lru`). `eviction.rs` has the table of what each policy puts at risk;
-//! the builder reads `INFO memory` and warns, or refuses ([`EvictionCheck`]).
+//! Entries and leases may be evicted freely; `eviction.rs` tabulates what each policy
+//! costs; the builder reads `INFO memory` and warns, or refuses ([`EvictionCheck`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
