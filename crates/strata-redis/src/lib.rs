@@ -164,6 +164,9 @@
 
 mod backplane;
 mod connection;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod integrity;
 mod reply;
 pub mod tier;

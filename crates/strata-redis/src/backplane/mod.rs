@@ -25,7 +25,7 @@ use crate::integrity::{Integrity, open_opt, seal_opt};
 pub mod pubsub;
 pub mod stream;
 mod stream_builder;
-mod stream_scripts;
+pub(crate) mod stream_scripts;
 
 /// Default bounds of a subscriber's reconnect backoff (jittered).
 pub(crate) const DEFAULT_RECONNECT_BACKOFF: (Duration, Duration) =
