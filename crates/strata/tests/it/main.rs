@@ -5,6 +5,10 @@
 //!
 //! One module per area; `support` holds the helpers they share.
 
+// Records the largest allocation per thread, for `hostile_bytes`.
+#[global_allocator]
+static ALLOC: strata_testkit::alloc::PeakAlloc = strata_testkit::alloc::PeakAlloc;
+
 mod api;
 mod config;
 mod conformance;
@@ -13,6 +17,7 @@ mod fill_guard;
 mod fleet;
 mod fleet_hardening;
 mod hardening;
+mod hostile_bytes;
 mod model;
 mod overload;
 mod schema;
