@@ -166,6 +166,9 @@
 
 mod backplane;
 mod connection;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod integrity;
 mod reply;
 pub mod tier;
@@ -192,3 +195,9 @@ pub use connection::ConnectionOptions;
 pub use integrity::{IntegrityKey, MIN_INTEGRITY_KEY_BYTES};
 pub use tier::{EvictionCheck, RedisTier, RedisTierBuilder, RedisTierStats};
 pub use tls::TlsConfig;
+
+// Records the largest allocation per thread, for the unit tests of what a decoder
+// allocates when a length prefix claims gigabytes (`backplane::tests`).
+#[cfg(test)]
+#[global_allocator]
+static ALLOC: strata_testkit::alloc::PeakAlloc = strata_testkit::alloc::PeakAlloc;

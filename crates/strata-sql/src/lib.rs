@@ -204,6 +204,9 @@ mod batch;
 mod capture;
 mod db;
 mod error;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod listener;
 mod report;
 mod tx;

@@ -60,6 +60,7 @@
 //! redis.restart(); // same port, empty data set
 //! ```
 
+pub mod alloc;
 mod call_log;
 pub mod checker;
 pub mod history;

@@ -26,7 +26,7 @@ use crate::integrity::{Integrity, open_opt, seal_opt};
 pub mod pubsub;
 pub mod stream;
 mod stream_builder;
-mod stream_scripts;
+pub(crate) mod stream_scripts;
 
 /// Default bounds of a subscriber's reconnect backoff (jittered).
 pub(crate) const DEFAULT_RECONNECT_BACKOFF: (Duration, Duration) =
@@ -195,4 +195,80 @@ pub(crate) async fn ping_publisher(
             )
         })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backplane::stream_scripts::{parse_entries, parse_xread};
+    use strata::Scope;
+    use strata::backplane::MessageBody;
+    use strata_testkit::alloc::largest_allocation;
+
+    /// serde's cap on what a sequence's length claim preallocates.
+    const MAX_PREALLOC: usize = 1 << 20;
+
+    fn integrity() -> Integrity {
+        Integrity::from_keys(Some(&[crate::IntegrityKey::new(vec![7; 32])]), "test")
+            .expect("a valid key")
+            .expect("keys set")
+    }
+
+    /// A Pub/Sub payload or a stream entry's `m` field whose key count claims
+    /// gigabytes is malformed, and opening it allocates at most serde's cap, with or
+    /// without integrity keys (the MAC is checked first, over the bytes as they are).
+    #[test]
+    fn a_message_claiming_gigabytes_does_not_allocate_them() {
+        let m = Message {
+            origin: 7,
+            seq: 1,
+            namespace: "ns".into(),
+            body: MessageBody::Invalidate(Scope::Keys(vec!["k".into()])),
+            sent_at_ms: 0,
+        };
+        let i = integrity();
+        let good = seal_message(Some(&i), "ch", &m).expect("seals");
+        assert_eq!(open_message(Some(&i), "ch", &good), Some(m.clone()));
+        // The key count (1) sits before `1, b'k'`: claim 2^32 - 1 keys instead.
+        let plain = m.encode().expect("encodes").to_vec();
+        let at = plain.windows(2).rposition(|w| w == [1, 1]).expect("the key count");
+        let mut huge = plain[..at].to_vec();
+        huge.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f, 1, b'k']);
+        let (opened, largest) = largest_allocation(|| open_message(None, "ch", &huge));
+        assert_eq!(opened, None);
+        assert!(largest <= MAX_PREALLOC, "allocated {largest} bytes");
+        let sealed = i.seal(MESSAGE_DOMAIN, b"ch", &huge);
+        let (opened, largest) = largest_allocation(|| open_message(Some(&i), "ch", &sealed));
+        assert_eq!(opened, None, "a signed but malformed message is still malformed");
+        assert!(largest <= MAX_PREALLOC, "allocated {largest} bytes");
+    }
+
+    /// What the backplanes read goes through the client's RESP parser first: array and
+    /// string lengths that claim gigabytes fail on the missing bytes without being
+    /// allocated.
+    #[test]
+    fn a_reply_claiming_gigabytes_does_not_allocate_them() {
+        for reply in [
+            &b"*4294967295\r\n"[..],
+            b"*2\r\n$4294967295\r\nab\r\n",
+            b"*1\r\n*2\r\n$3\r\n1-1\r\n*9223372036854775807\r\n$1\r\nm\r\n",
+            b"%4294967295\r\n",
+            b"~4294967295\r\n",
+            b"$9223372036854775807\r\nabc\r\n",
+        ] {
+            let (parsed, largest) = largest_allocation(|| redis::parse_redis_value(reply));
+            assert!(parsed.is_err(), "{:?} parsed", String::from_utf8_lossy(reply));
+            assert!(
+                largest <= MAX_PREALLOC,
+                "{:?}: allocated {largest} bytes",
+                String::from_utf8_lossy(reply)
+            );
+        }
+        // What does parse is read without surprises.
+        let ok = redis::parse_redis_value(b"*1\r\n*2\r\n$3\r\n1-1\r\n*2\r\n$1\r\nm\r\n$1\r\nx\r\n")
+            .expect("parses");
+        let entries = parse_entries(&ok).expect("entries");
+        assert_eq!(entries[0].message.as_deref(), Some(&b"x"[..]));
+        assert!(parse_xread(&ok).is_none(), "not an XREAD reply");
+    }
 }

@@ -146,7 +146,7 @@ use crate::tier::scripts::TierScripts;
 
 mod builder;
 mod eviction;
-mod format;
+pub(crate) mod format;
 mod hot_keys;
 mod lua;
 mod port;

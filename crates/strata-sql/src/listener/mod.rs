@@ -11,8 +11,8 @@
 //! | `outbox.rs` | reading the outbox by snapshot, pruning it, checking wake-ups |
 //! | `notification.rs` | a notification classified, and the changes read applied to the caches |
 
-mod notification;
-mod outbox;
+pub(crate) mod notification;
+pub(crate) mod outbox;
 mod run;
 mod state;
 

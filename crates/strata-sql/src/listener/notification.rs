@@ -49,8 +49,13 @@ pub(crate) enum Notice {
     Other,
 }
 
+/// Reads a payload. A wake-up is a transaction id in canonical decimal, as the trigger
+/// writes it (no sign, no leading zero): `05` is not a second name for transaction 5.
 pub(crate) fn classify(payload: &str) -> Notice {
-    let digits = !payload.is_empty() && payload.len() <= 20 && payload.bytes().all(|b| b.is_ascii_digit());
+    let digits = !payload.is_empty()
+        && payload.len() <= 20
+        && payload.bytes().all(|b| b.is_ascii_digit())
+        && (payload.len() == 1 || !payload.starts_with('0'));
     if digits && let Ok(xid) = payload.parse() {
         return Notice::Wake(xid);
     }
@@ -165,6 +170,16 @@ mod tests {
             r#"{"op":"PONG","listener":"x","nonce":1}"#,
             "[1,2]",
         ] {
+            assert_eq!(classify(other), Notice::Other, "{other:?}");
+        }
+    }
+
+    /// Found by the `pg_notify` fuzz target: a leading zero was read as a wake-up.
+    #[test]
+    fn wake_ups_are_canonical_decimals() {
+        assert_eq!(classify("0"), Notice::Wake(0));
+        assert_eq!(classify("10"), Notice::Wake(10));
+        for other in ["05", "00", "018446744073709551615", "0x5"] {
             assert_eq!(classify(other), Notice::Other, "{other:?}");
         }
     }

@@ -5,6 +5,10 @@
 //!
 //! One module per area; `support` holds the helpers they share.
 
+// Records the largest allocation per thread, for `hostile_bytes`.
+#[global_allocator]
+static ALLOC: strata_testkit::alloc::PeakAlloc = strata_testkit::alloc::PeakAlloc;
+
 mod api;
 mod buffered;
 mod config;
@@ -14,6 +18,7 @@ mod fill_guard;
 mod fleet;
 mod fleet_hardening;
 mod hardening;
+mod hostile_bytes;
 mod model;
 mod overload;
 mod schema;
