@@ -121,6 +121,18 @@ fn payment_short_bench() {
     assert!(stdout.contains("consumer stale"));
 }
 
+/// `--redis-config` sets up the Redis the check starts; a setting without `=` or next
+/// to `--redis` is refused with a message that says how to write it.
+#[test]
+fn check_redis_config_is_checked() {
+    let out = strata(&["check", "--redis-config", "maxmemory"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NAME=VALUE"), "{out:?}");
+    let out = strata(&["check", "--redis", "redis://127.0.0.1:1", "--redis-config", "maxmemory=3mb"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"), "{out:?}");
+}
+
 #[test]
 fn redis_only_strategy_needs_redis() {
     let out = strata(&["bench", "--strategies", "redis-global", "--duration", "1"]);

@@ -128,6 +128,11 @@ pub struct CheckArgs {
     /// Use this Redis instead of starting one (`redis://…`).
     #[arg(long)]
     pub redis: Option<SecretUrl>,
+    /// A setting of the Redis the check starts, as it is configured in production
+    /// (repeatable), e.g. `--redis-config maxmemory=3mb --redis-config
+    /// maxmemory-policy=allkeys-lru`; kept across the kill fault's restart.
+    #[arg(long = "redis-config", value_name = "NAME=VALUE", conflicts_with = "redis")]
+    pub redis_config: Vec<String>,
     /// Use this Postgres database instead of starting a server (`postgres://…`); the
     /// table `strata_check` in it is dropped and recreated.
     #[arg(long)]
@@ -262,7 +267,14 @@ async fn start_servers(args: &CheckArgs) -> Result<Servers> {
         Some(url) => (None, url.clone()),
         None => {
             eprintln!("strata check: starting redis-server ...");
-            let server = tokio::task::spawn_blocking(|| RedisServer::builder().try_start())
+            let mut builder = RedisServer::builder();
+            for setting in &args.redis_config {
+                let Some((name, value)) = setting.split_once('=') else {
+                    anyhow::bail!("--redis-config {setting:?}: write NAME=VALUE, e.g. maxmemory=3mb");
+                };
+                builder = builder.arg(name, value);
+            }
+            let server = tokio::task::spawn_blocking(move || builder.try_start())
                 .await
                 .context("redis start task")?
                 .context("cannot start redis-server (apt-get install redis-server?)")?;
