@@ -225,6 +225,8 @@ impl World {
         if let Ok(value) = result {
             self.fill_l1(value, start);
         }
+        // As `run_flight` does: forgotten before the answer goes out.
+        self.flights.finish(&KEY, lead.id);
         flight::complete(&lead.tx, result);
     }
 
