@@ -69,6 +69,16 @@ local function tomb_gen(meta, g)
   return string.sub(meta, 1, -2) .. 'x' .. g
 end
 
+-- The key of the entry `ek` (`<base>e:<key>`), as tombstones name it.
+local function tomb_field(meta, ek)
+  return string.sub(ek, #meta + 2)
+end
+
+-- strata 0.1's tombstone of that key (LEGACY_TOMBS).
+local function legacy_tomb(meta, field)
+  return string.sub(meta, 1, -2) .. 'x:' .. field
+end
+
 -- Creates the meta hash anew, as after a loss: the clock, the namespace epoch and the
 -- lease counter start at the server's time in microseconds, or just above `above` (the
 -- clock it replaces, when that was still readable). Clocks start there and tick once
@@ -326,10 +336,10 @@ local function bury(meta, ek, at, ms)
     start_gen(meta, o, wall)
     g = o
   end
-  local field = string.sub(ek, #meta + 2)
+  local field = tomb_field(meta, ek)
   redis.call('HSET', tomb_gen(meta, g), field, d(at))
   if LEGACY_TOMBS then
-    redis.call('SET', string.sub(meta, 1, -2) .. 'x:' .. field, d(at), 'PX', ms)
+    redis.call('SET', legacy_tomb(meta, field), d(at), 'PX', ms)
   end
 end
 
@@ -339,7 +349,7 @@ end
 local function buried_after(meta, ek, stamp)
   clock_of(meta)
   if stamp < M.xf then return true end
-  local field = string.sub(ek, #meta + 2)
+  local field = tomb_field(meta, ek)
   for g = 0, 1 do
     if M['x' .. g] then
       local ok, v = gen_intact(meta, g, field)
@@ -355,7 +365,7 @@ local function buried_after(meta, ek, stamp)
     -- The previous release's tombstone (a key with a TTL), written by its instances
     -- during a rolling deploy: anything there that is not a tick at or below the stamp
     -- refuses the fill.
-    local old = pc('GET', string.sub(meta, 1, -2) .. 'x:' .. field)
+    local old = pc('GET', legacy_tomb(meta, field))
     if old and (type(old) ~= 'string' or not num(old) or num(old) > stamp) then return true end
   end
   return false

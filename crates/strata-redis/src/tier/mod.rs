@@ -57,8 +57,8 @@
 //! - **invalidate_namespace**: a clock tick becomes the namespace epoch; leases granted
 //!   so far are voided (lease floor); the tag epochs are dropped, since the namespace
 //!   epoch dominates them. Old entries stay until they expire but are never served.
-//! - **touch**: validate as lookup does (all but the envelope's format byte: it does
-//!   not read the envelope), then move the expiries and `PEXPIRE`.
+//! - **touch**: validate as lookup does, then rewrite the entry with the new expiries
+//!   and `PX` (an entry is one string: it is read once and written once).
 //! - **lock** / **unlock** (write locks, see [`Tier::lock`](strata::tier::Tier::lock)): invalidate the scope as
 //!   delete / invalidate_tag / invalidate_namespace do and add / remove the lock id.
 //!   While a live lock covers a key, lookup hands out tokens with stamp 0, which every

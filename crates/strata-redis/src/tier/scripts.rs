@@ -270,17 +270,14 @@ end
 /// Result: 1 (extended) or 0 (no valid entry).
 const TOUCH_BODY: &str = r#"
 local ek, meta = KEYS[1], KEYS[2]
-local r, s, tg = read_entry(ek, meta, tonumber(ARGV[4]), false)
+local r, s, tg = read_entry(ek, meta, tonumber(ARGV[4]), true)
 if r == false then return {0, repaired, 1} end
 if not r then return {0, repaired, 0} end
 if not valid(s, tg, meta) then
   redis.call('UNLINK', ek)
   return {0, repaired, 0}
 end
-local x = redis.call('GET', ek)
-local p, at = entry_head(x)
-redis.call('SET', ek, r[2] .. ',' .. ARGV[1] .. ',' .. ARGV[2] .. ',' .. p[4] .. ',' .. p[5] .. ',' .. p[6] .. ';'
-  .. string.sub(x, at), 'PX', ARGV[3])
+redis.call('SET', ek, entry_string(r[2], ARGV[1], ARGV[2], r[6], r[3], r[7] or '', r[1]), 'PX', ARGV[3])
 return {1, repaired, 0}
 "#;
 

@@ -64,6 +64,13 @@ pub async fn redis_tier(server: &RedisServer, prefix: &str) -> RedisTier {
         .expect("build redis tier")
 }
 
+/// The Redis key `kind` of `ns` ("m" the meta hash, "l:k" the lease of key k, "x0" a
+/// tombstone generation, ...).
+pub fn key_of(tier: &RedisTier, ns: &str, kind: &str) -> String {
+    let e = tier.entry_key(ns, "k");
+    format!("{}{kind}", e.strip_suffix("e:k").expect("entry keys end in e:<key>"))
+}
+
 pub async fn raw_conn(server: &RedisServer) -> redis::aio::MultiplexedConnection {
     // Generous: some tests move tens of megabytes in one command on 2 busy cores.
     let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(20)));

@@ -11,13 +11,7 @@ use strata::tier::{FillOutcome, Tier};
 use strata_redis::{EvictionCheck, RedisStreamBackplane, RedisTier};
 use strata_testkit::RedisServer;
 
-use crate::support::{LEASE, TTL, fresh, hit_value, msg, raw_conn, redis_tier, token};
-
-/// The Redis key `kind` of `ns` ("x0" a tombstone generation, "m" the meta hash).
-fn key_of(tier: &RedisTier, ns: &str, kind: &str) -> String {
-    let e = tier.entry_key(ns, "k");
-    format!("{}{kind}", e.strip_suffix("e:k").expect("entry keys end in e:<key>"))
-}
+use crate::support::{LEASE, TTL, fresh, hit_value, key_of, msg, raw_conn, redis_tier, token};
 
 async fn del(raw: &mut MultiplexedConnection, keys: &[String]) {
     let _: u64 = redis::cmd("DEL").arg(keys).query_async(raw).await.expect("DEL");

@@ -15,16 +15,9 @@ use strata_redis::RedisTier;
 use strata_testkit::RedisServer;
 
 use crate::support::{
-    LEASE, TTL, entry_bytes, fresh, hit_value, is_miss, now, raw_conn, read_entry, redis_tier,
+    LEASE, TTL, entry_bytes, fresh, hit_value, is_miss, key_of, now, raw_conn, read_entry, redis_tier,
     set_entry_field, token, write_entry,
 };
-
-/// The Redis key `kind` of `ns` ("m" the meta hash, "l:k" the lease of key k, ...).
-fn key_of(tier: &RedisTier, ns: &str, kind: &str) -> String {
-    let e = tier.entry_key(ns, "k");
-    let base = e.strip_suffix("e:k").expect("entry keys end in e:<key>");
-    format!("{base}{kind}")
-}
 
 async fn exists(raw: &mut MultiplexedConnection, key: &str) -> bool {
     let n: u64 = redis::cmd("EXISTS").arg(key).query_async(raw).await.unwrap();
@@ -161,8 +154,8 @@ async fn poisoned_entries_under_touch_lookup_many_and_fill() {
     for poison in POISONS {
         let name = poison.name;
         let ek = tier.entry_key("ns", "k");
-        // touch: false, counted, deleted. It does not read the envelope, so the format
-        // byte is left to the next lookup.
+        // touch: false, counted, deleted. (A bad format byte may also be left to the
+        // next lookup: a touch need not decode the envelope.)
         plant(&mut raw, &ek, &good, poison).await;
         let bad = tier.stats().undecodable;
         match tier.touch("ns", "k", now().saturating_add(TTL), TTL).await {
