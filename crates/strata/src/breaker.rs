@@ -282,7 +282,8 @@ impl CircuitBreaker {
 
     /// Runs `call` through the breaker: refused when open, outcome recorded. Only
     /// transient errors (timeouts, unreachable server) count as failures; a decode
-    /// error says nothing about the endpoint's health.
+    /// error says nothing about the endpoint's health, nor does
+    /// [`ErrorKind::ShardDown`] (one shard of a sharded endpoint).
     pub async fn call<T, F>(&self, call: F) -> Result<T>
     where
         F: std::future::Future<Output = Result<T>>,
@@ -291,7 +292,9 @@ impl CircuitBreaker {
         let mut guard = Abandoned { breaker: self, armed: true };
         let out = call.await;
         guard.armed = false;
-        self.record(out.as_ref().map_or_else(|e| !e.is_transient(), |_| true));
+        // A shard of a sharded tier down says nothing about the rest of it: the shard's
+        // own breaker counts it.
+        self.record(out.as_ref().map_or_else(|e| !e.is_transient() || e.is_shard_down(), |_| true));
         out
     }
 

@@ -34,6 +34,11 @@ pub enum ErrorKind {
     /// [`LoadLimiter`](crate::LoadLimiter)) and none finished within the permit wait:
     /// the loader was not called. The message names the limit.
     Overloaded,
+    /// One shard of a [`ShardedTier`](crate::ShardedTier) failed (or its breaker is
+    /// open) while others are healthy: the call was applied where it could be.
+    /// Transient — the cache retries an invalidation until every shard took it — and
+    /// not held against the cache's L2 breaker: each shard has a breaker of its own.
+    ShardDown,
 }
 
 impl ErrorKind {
@@ -50,6 +55,7 @@ impl ErrorKind {
             ErrorKind::Bypassed => "cache bypassed",
             ErrorKind::Rejected => "rejected",
             ErrorKind::Overloaded => "overloaded",
+            ErrorKind::ShardDown => "shard down",
         }
     }
 }
@@ -123,7 +129,13 @@ impl Error {
                 | ErrorKind::CircuitOpen
                 | ErrorKind::Bypassed
                 | ErrorKind::Overloaded
+                | ErrorKind::ShardDown
         )
+    }
+
+    /// True when one shard of a sharded tier failed while others are healthy.
+    pub fn is_shard_down(&self) -> bool {
+        self.kind == ErrorKind::ShardDown
     }
 
     /// True for timeouts.

@@ -38,9 +38,11 @@
 #[cfg(feature = "testing")]
 pub mod conformance;
 mod in_process;
+pub mod sharded;
 
 pub use crate::tag_epochs::{DEFAULT_MAX_TAG_EPOCHS, MIN_MAX_TAG_EPOCHS};
 pub use in_process::InProcessTier;
+pub use sharded::{ShardedTier, ShardedTierBuilder};
 
 use std::time::Duration;
 
