@@ -180,7 +180,7 @@
 //! | `cache` | the [`Cache`] handle, its [`CacheBuilder`], the read path (probe, single-flight, loads, batch reads, fail-safe), the write path (one invalidation algorithm for every [`Scope`], its retry buffer, [`WriteLock`]s), the L2 call wrapper (the one owner of the L2 breaker and timeout), the type-erased [`CacheHandle`], and the only place that spawns tasks |
 //! | `fleet` | the fleet protocol: publishing with sequence numbers, Strong membership and acknowledgements, the listener (apply, gap detection, repair, health), the heartbeat; it reaches the cache through a small trait |
 //! | `l1` | the in-process table (sharded quick_cache), slot packing, the fast path's floor, the fill guards (tombstones, tag and namespace epochs) |
-//! | [`tier`] | the L2 port ([`Tier`](tier::Tier)) with its fill-guard contract, the in-process tier, and the conformance suite every tier must pass (feature `testing`) |
+//! | [`tier`] | the L2 port ([`Tier`](tier::Tier)) with its fill-guard contract, the in-process tier, the [`ShardedTier`] combinator (one sharding rule for a Redis Cluster's virtual shards and a ring of servers: rendezvous placement, per-shard fill-guard domains, breakers, gutter, hot-key copies), and the conformance suite every tier must pass (feature `testing`) |
 //! | [`backplane`] | the backplane port ([`Backplane`](backplane::Backplane), [`Message`](backplane::Message)) and the in-process backplane |
 //! | [`scope`] | [`Scope`]: these keys, one tag, or the namespace, used everywhere an invalidation travels |
 //! | [`consistency`] | the [`Consistency`] levels |
@@ -242,4 +242,4 @@ pub use loader::{BoxError, Loader, loader_fn};
 pub use overload::LoadLimiter;
 pub use scope::Scope;
 pub use stats::CacheStats;
-pub use tier::InProcessTier;
+pub use tier::{InProcessTier, ShardedTier};

@@ -27,11 +27,13 @@ pub(crate) fn sampled() -> bool {
 }
 
 impl<K: CacheKey, V: CacheValue> Inner<K, V> {
-    /// Records the age of what L1 holds for `key` (a sampled hit).
+    /// Records the age of what L1 holds for `key` (a sampled hit). The look does not
+    /// count as a use of the key: the hit already did, and a second one on sampled
+    /// hits only would make eviction depend on the sampling.
     #[cold]
     #[inline(never)]
     pub(crate) fn record_l1_hit_age(&self, key: &K, now: Timestamp) {
-        if let Some(created) = self.l1.read(key, |slot| slot.meta(self.xfetch_lead).created()) {
+        if let Some(created) = self.l1.inspect(key, |slot| slot.meta(self.xfetch_lead).created()) {
             self.record_hit_age("l1", created, now);
         }
     }

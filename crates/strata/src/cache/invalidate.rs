@@ -118,10 +118,11 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
         (wide != 0 && Timestamp(wide) >= since) || self.guards.tombstoned_since(key, since)
     }
 
-    /// Removes `key` from L1 under its tombstone.
+    /// Drops `key`'s L1 entry under the fill guards' tombstone (L1 leaves one of its own
+    /// in the entry's place, so that the key keeps its standing: see `L1::invalidate`).
     pub(crate) fn evict_key(&self, key: &K, now: Timestamp) {
         self.guards.invalidate_key(key, now, || {
-            self.l1.remove(key);
+            self.l1.invalidate(key);
             self.flights.detach(key);
         });
     }

@@ -129,6 +129,6 @@ impl<K: CacheKey, V: CacheValue> Cache<K, V> {
     /// eviction would). Loads in flight are unaffected; use [`Cache::invalidate`] after a
     /// write.
     pub fn evict_local(&self, key: &K) {
-        self.inner.l1.remove(key);
+        self.inner.l1.invalidate(key);
     }
 }

@@ -134,7 +134,7 @@ impl World {
     /// guard's lock.
     pub(super) fn invalidate_key(&self, version: u64) {
         self.guards.invalidate_key(&KEY, self.now(), || {
-            self.l1.remove(&KEY);
+            self.l1.invalidate(&KEY);
             self.flights.detach(&KEY);
         });
         self.invalidation_returned(version);
@@ -157,9 +157,10 @@ impl World {
         self.invalidation_returned(version);
     }
 
-    /// A capacity eviction: the entry goes, and no tombstone is left.
+    /// A capacity eviction: the entry goes (as `Inner::evict_key` drops it), and no guard
+    /// tombstone is left.
     pub(super) fn evict(&self) {
-        self.l1.remove(&KEY);
+        self.l1.invalidate(&KEY);
     }
 
     /// `Inner::probe`: the fast path (the slot and the floor, under the shard lock),
