@@ -10,6 +10,10 @@
 //!   same port, `pause` (SIGSTOP) / `resume` (SIGCONT), raw RESP
 //!   [`command`](RedisServer::command)s for `CLIENT KILL`, `CONFIG SET` and
 //!   friends.
+//! - [`RedisCluster`]: a Redis Cluster of local `redis-server` processes (3 masters
+//!   with 1 replica each by default), created with `redis-cli --cluster create`;
+//!   `kill` (SIGKILL), `pause`/`resume`, `restart` of one node, the master of a slot
+//!   or key, and [`wait_healthy`](RedisCluster::wait_healthy) after a failover.
 //! - [`PostgresServer`]: `initdb` + `postgres` in a temporary directory on a
 //!   random port, `trust` authentication, durability off; `kill`, `restart`,
 //!   `pause`, `resume`, [`psql`](PostgresServer::psql),
@@ -40,10 +44,11 @@
 //! | variable | meaning |
 //! |---|---|
 //! | `STRATA_REDIS_SERVER` | path of the `redis-server` binary (default: `redis-server` from `PATH`) |
+//! | `STRATA_REDIS_CLI` | path of the `redis-cli` binary that creates a [`RedisCluster`] (default: `redis-cli` from `PATH`) |
 //! | `STRATA_PG_BIN` | directory holding `postgres`, `initdb`, `psql`, `pg_isready` (default: `pg_config --bindir`, else the newest `/usr/lib/postgresql/*/bin`, else `PATH`) |
 //! | `STRATA_PG_NO_TEMPLATE` | `1`: run `initdb` for every [`PostgresServer`] instead of copying a cached template data directory from `$TMPDIR/strata-testkit/` |
 //!
-//! Missing binaries: on Debian, `apt-get install redis-server postgresql`.
+//! Missing binaries: on Debian, `apt-get install redis-server redis-tools postgresql`.
 //!
 //! # Example
 //!
@@ -68,6 +73,7 @@ mod postgres;
 mod process;
 mod proxy;
 mod redis;
+mod redis_cluster;
 mod sys;
 
 pub use call_log::CallLog;
@@ -76,3 +82,4 @@ pub use history::{Event, History, Op, Recorder, Tier, monotonic_ns};
 pub use postgres::{PG_BIN_ENV, PG_NO_TEMPLATE_ENV, PostgresServer, PostgresServerBuilder};
 pub use proxy::{Direction, FaultProxy, Faults, ProxyStats};
 pub use redis::{REDIS_SERVER_ENV, RedisServer, RedisServerBuilder};
+pub use redis_cluster::{CLUSTER_SLOTS, REDIS_CLI_ENV, RedisCluster, RedisClusterBuilder, Role, key_slot};

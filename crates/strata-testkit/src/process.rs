@@ -117,11 +117,21 @@ pub(crate) fn signal(proc: Option<&mut Proc>, what: &str, sig: libc::c_int) -> i
 pub(crate) fn start_on_free_port(
     what: &str,
     attempts: usize,
+    attempt: impl FnMut(u16) -> Result<(), StartError>,
+) -> io::Result<()> {
+    start_on_port_from(what, attempts, free_port, attempt)
+}
+
+/// [`start_on_free_port`] with the ports picked by `pick` (e.g. [`free_port_pair`]).
+pub(crate) fn start_on_port_from(
+    what: &str,
+    attempts: usize,
+    pick: fn() -> io::Result<u16>,
     mut attempt: impl FnMut(u16) -> Result<(), StartError>,
 ) -> io::Result<()> {
     let mut last_err = None;
     for _ in 0..attempts {
-        match attempt(free_port()?) {
+        match attempt(pick()?) {
             Ok(()) => return Ok(()),
             Err(StartError::PortInUse(e)) => last_err = Some(e),
             Err(StartError::Other(e)) => return Err(e),
@@ -168,6 +178,23 @@ pub(crate) fn port_in_use(e: &StartError) -> bool {
 pub(crate) fn free_port() -> io::Result<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
     Ok(listener.local_addr()?.port())
+}
+
+/// Offset of a Redis Cluster node's bus port from its client port.
+pub(crate) const CLUSTER_BUS_OFFSET: u16 = 10_000;
+
+/// A port `p` such that `p` and `p + 10000` (a Redis Cluster node's bus port) were
+/// both free a moment ago on 127.0.0.1.
+pub(crate) fn free_port_pair() -> io::Result<u16> {
+    for _ in 0..200 {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        let port = listener.local_addr()?.port();
+        let Some(bus) = port.checked_add(CLUSTER_BUS_OFFSET) else { continue };
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, bus)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::AddrInUse, "no free port p with p + 10000 free on 127.0.0.1"))
 }
 
 /// Looks `name` up in `PATH`.

@@ -42,11 +42,20 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct RedisServerBuilder {
     args: Vec<(String, String)>,
     startup_timeout: Duration,
+    /// Pick a port whose cluster bus port (+10000) is free too.
+    pub(crate) cluster_bus: bool,
+    /// SIGKILL the server when the thread that (re)starts it exits.
+    pub(crate) die_with_parent: bool,
 }
 
 impl Default for RedisServerBuilder {
     fn default() -> Self {
-        Self { args: Vec::new(), startup_timeout: Duration::from_secs(10) }
+        Self {
+            args: Vec::new(),
+            startup_timeout: Duration::from_secs(10),
+            cluster_bus: false,
+            die_with_parent: false,
+        }
     }
 }
 
@@ -98,11 +107,13 @@ impl RedisServerBuilder {
             stdio_path: dir.path().join("redis.stdio.log"),
             args: self.args,
             startup_timeout: self.startup_timeout,
+            die_with_parent: self.die_with_parent,
             port: 0,
             proc: None,
             dir,
         };
-        process::start_on_free_port("redis-server", PORT_ATTEMPTS, |port| {
+        let pick = if self.cluster_bus { process::free_port_pair } else { process::free_port };
+        process::start_on_port_from("redis-server", PORT_ATTEMPTS, pick, |port| {
             server.port = port;
             server.spawn_and_wait()
         })?;
@@ -124,6 +135,7 @@ pub struct RedisServer {
     stdio_path: PathBuf,
     args: Vec<(String, String)>,
     startup_timeout: Duration,
+    die_with_parent: bool,
     port: u16,
     proc: Option<Proc>,
     // Dropped last (fields drop in declaration order, after `Drop::drop`).
@@ -280,7 +292,11 @@ impl RedisServer {
         let stdio =
             OpenOptions::new().create(true).append(true).open(&self.stdio_path).map_err(StartError::Other)?;
         let stdio_err = stdio.try_clone().map_err(StartError::Other)?;
-        let child = Command::new(&self.bin)
+        let mut command = Command::new(&self.bin);
+        if self.die_with_parent {
+            crate::sys::die_with_parent(&mut command);
+        }
+        let child = command
             .arg(&self.conf)
             .current_dir(self.dir.path())
             .stdin(Stdio::null())

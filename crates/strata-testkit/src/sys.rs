@@ -21,3 +21,21 @@ pub(crate) fn euid() -> u32 {
 pub(crate) fn is_root() -> bool {
     euid() == 0
 }
+
+/// Makes the process `cmd` spawns receive SIGKILL when the thread that spawns it exits
+/// (Linux `PR_SET_PDEATHSIG`): a server spawned from a thread that lives as long as
+/// the process dies with the process, even when no destructor runs.
+pub(crate) fn die_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec and only calls
+    // prctl(2), which is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        });
+    }
+}
