@@ -1,16 +1,12 @@
 //! Connections to Redis: the settings every builder shares ([`ConnectionOptions`]),
 //! opening clients from URLs (passwords redacted from every message), mapping redis-rs
-//! errors into strata's, reconnect backoff, and [`ManagedConn`], the self-replacing
-//! connection of the tier and of the backplanes' publishers.
+//! errors into strata's, and reconnect backoff. The connection calls go through is in
+//! `cluster` (one server or a Redis Cluster) and `managed` (the self-replacing one).
 
-use std::future::Future;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use parking_lot::RwLock;
 use rand::Rng;
 use redis::RedisError;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use strata::error::{Error, ErrorKind};
 
 use crate::tls::TlsConfig;
@@ -51,6 +47,11 @@ pub struct ConnectionOptions {
     /// Do not contact the server in `build` (default `false`: `build` sends a `PING` and
     /// fails if the server is unreachable or refuses the credentials).
     pub lazy: bool,
+    /// The seed nodes of a Redis Cluster (URLs as for `url`, with the same credentials
+    /// and TLS mode), from which the cluster's topology is discovered; empty (the
+    /// default) for one server at `url`. [`ConnectionOptions::cluster`] sets it, and
+    /// `url` to the first node (shown in messages).
+    pub cluster_nodes: Vec<String>,
 }
 
 impl ConnectionOptions {
@@ -62,7 +63,22 @@ impl ConnectionOptions {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             tls: None,
             lazy: false,
+            cluster_nodes: Vec::new(),
         }
+    }
+
+    /// Settings for a Redis Cluster reached through `nodes` (one or more of its nodes;
+    /// the rest is discovered), with every other field at its default.
+    pub fn cluster(nodes: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        let cluster_nodes: Vec<String> = nodes.into_iter().map(Into::into).collect();
+        let mut options = Self::new(cluster_nodes.first().cloned().unwrap_or_default());
+        options.cluster_nodes = cluster_nodes;
+        options
+    }
+
+    /// Whether these settings address a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        !self.cluster_nodes.is_empty()
     }
 
     /// The URL with its password, and anything else that may be secret, replaced by
@@ -93,12 +109,16 @@ impl ConnectionOptions {
                 format!("{what}: connect_timeout is zero; use for example 1s"),
             ));
         }
+        if self.url.is_empty() {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "{what}: no Redis URL given; use redis://host:port (for a Redis Cluster, \
+                     the URL of at least one of its nodes)"
+                ),
+            ));
+        }
         Ok(())
-    }
-
-    /// Opens a redis-rs client for the URL, with an error that says how to fix a bad one.
-    pub(crate) fn open_client(&self, what: &str) -> Result<redis::Client, Error> {
-        open_client(&self.url, what, self.tls.as_ref())
     }
 }
 
@@ -110,6 +130,7 @@ impl std::fmt::Debug for ConnectionOptions {
             .field("connect_timeout", &self.connect_timeout)
             .field("tls", &self.tls)
             .field("lazy", &self.lazy)
+            .field("cluster_nodes", &self.cluster_nodes.iter().map(|u| redact_url(u)).collect::<Vec<_>>())
             .finish()
     }
 }
@@ -175,7 +196,7 @@ fn redact_host_and_rest(s: &str) -> String {
     out
 }
 
-fn bad_url(what: &str, shown: &str, e: RedisError) -> Error {
+pub(crate) fn bad_url(what: &str, shown: &str, e: RedisError) -> Error {
     Error::new(
         ErrorKind::InvalidInput,
         format!(
@@ -188,7 +209,7 @@ fn bad_url(what: &str, shown: &str, e: RedisError) -> Error {
 }
 
 /// Opens a redis-rs client for `url`, with an error that says how to fix a bad URL.
-fn open_client(url: &str, what: &str, tls: Option<&TlsConfig>) -> Result<redis::Client, Error> {
+pub(crate) fn open_client(url: &str, what: &str, tls: Option<&TlsConfig>) -> Result<redis::Client, Error> {
     let shown = redact_url(url);
     let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
     match scheme {
@@ -291,170 +312,6 @@ impl Backoff {
     }
 }
 
-/// A [`ConnectionManager`] that is replaced by a fresh one after repeated timeouts:
-/// a connection to a peer that vanished without a reset (a paused server, a dropped
-/// network path) never reports an error by itself.
-///
-/// A call its caller abandons before Redis answered (its future dropped, as the cache
-/// does at its `l2_timeout`) counts like a timeout: the cache gives up long before the
-/// tier's response timeout, so without this a connection that stopped answering would
-/// never be replaced while a cache uses the tier.
-pub(crate) struct ManagedConn {
-    client: redis::Client,
-    config: ConnectionManagerConfig,
-    conn: RwLock<ConnectionManager>,
-    shown_url: String,
-    consecutive_timeouts: AtomicU32,
-    reconnect_after: u32,
-    reconnects: AtomicU64,
-    abandoned: AtomicU64,
-}
-
-/// How a [`ManagedConn::call`] ended, for the caller's counters.
-pub(crate) enum CallError {
-    /// The call did not finish within its timeout.
-    Timeout(Error),
-    /// Redis or the connection returned an error.
-    Failed(Error),
-}
-
-impl CallError {
-    pub(crate) fn into_error(self) -> Error {
-        match self {
-            CallError::Timeout(e) | CallError::Failed(e) => e,
-        }
-    }
-}
-
-/// Notes a call as abandoned when dropped before [`InFlight::finish`].
-struct InFlight<'a> {
-    conn: &'a ManagedConn,
-    what: &'a str,
-    finished: bool,
-}
-
-impl InFlight<'_> {
-    fn finish(mut self) {
-        self.finished = true;
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        if !self.finished {
-            self.conn.abandoned.fetch_add(1, Ordering::Relaxed);
-            self.conn.note_timeout(self.what);
-        }
-    }
-}
-
-impl ManagedConn {
-    /// A lazy connection to `options.url` through `client` (opened from the same
-    /// options): nothing is sent before the first call.
-    pub(crate) fn new(
-        client: redis::Client,
-        options: &ConnectionOptions,
-        reconnect_after: u32,
-        what: &str,
-    ) -> Result<Self, Error> {
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(options.connect_timeout))
-            .set_response_timeout(None)
-            .set_min_delay(Duration::from_millis(10))
-            .set_max_delay(Duration::from_millis(500))
-            .set_number_of_retries(3);
-        let shown_url = options.redacted_url();
-        let conn = Self::manager(&client, &config, &shown_url, what)?;
-        Ok(ManagedConn {
-            client,
-            config,
-            conn: RwLock::new(conn),
-            shown_url,
-            consecutive_timeouts: AtomicU32::new(0),
-            reconnect_after: reconnect_after.max(1),
-            reconnects: AtomicU64::new(0),
-            abandoned: AtomicU64::new(0),
-        })
-    }
-
-    fn manager(
-        client: &redis::Client,
-        config: &ConnectionManagerConfig,
-        shown: &str,
-        what: &str,
-    ) -> Result<ConnectionManager, Error> {
-        ConnectionManager::new_lazy_with_config(client.clone(), config.clone()).map_err(|e| {
-            Error::new(ErrorKind::InvalidInput, format!("{what}: cannot set up a connection to `{shown}`"))
-                .with_source(e)
-        })
-    }
-
-    /// The URL with the password redacted.
-    pub(crate) fn shown_url(&self) -> &str {
-        &self.shown_url
-    }
-
-    /// A handle to the current connection.
-    pub(crate) fn get(&self) -> ConnectionManager {
-        self.conn.read().clone()
-    }
-
-    /// How many times the connection was replaced.
-    pub(crate) fn reconnects(&self) -> u64 {
-        self.reconnects.load(Ordering::Relaxed)
-    }
-
-    /// How many calls were abandoned by their caller before Redis answered.
-    pub(crate) fn abandoned(&self) -> u64 {
-        self.abandoned.load(Ordering::Relaxed)
-    }
-
-    /// Runs `f` on the connection with `timeout`; errors are mapped to `kind`.
-    pub(crate) async fn call<T, F, Fut>(
-        &self,
-        timeout: Duration,
-        kind: ErrorKind,
-        what: &'static str,
-        f: F,
-    ) -> Result<T, CallError>
-    where
-        F: FnOnce(ConnectionManager) -> Fut,
-        Fut: Future<Output = redis::RedisResult<T>>,
-    {
-        let in_flight = InFlight { conn: self, what, finished: false };
-        let out = tokio::time::timeout(timeout, f(self.get())).await;
-        in_flight.finish();
-        match out {
-            Ok(Ok(v)) => {
-                self.consecutive_timeouts.store(0, Ordering::Relaxed);
-                Ok(v)
-            }
-            Ok(Err(e)) => Err(CallError::Failed(map_redis_error(kind, what, e))),
-            Err(_) => {
-                self.note_timeout(what);
-                Err(CallError::Timeout(Error::timeout(what, timeout)))
-            }
-        }
-    }
-
-    fn note_timeout(&self, what: &str) {
-        let n = self.consecutive_timeouts.fetch_add(1, Ordering::Relaxed) + 1;
-        // A new manager spawns a task, which needs a runtime; a call dropped outside one
-        // (a runtime shutting down) leaves the replacement to the next timeout.
-        if n >= self.reconnect_after && tokio::runtime::Handle::try_current().is_ok() {
-            self.consecutive_timeouts.store(0, Ordering::Relaxed);
-            if let Ok(m) = Self::manager(&self.client, &self.config, &self.shown_url, what) {
-                *self.conn.write() = m;
-                self.reconnects.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    url = %self.shown_url,
-                    "{what}: replacing the redis connection after {n} consecutive timeouts"
-                );
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -544,7 +401,7 @@ mod tests {
             assert_hidden(&format!("{:?}", RedisTier::builder(*url)), url, secret);
             assert_hidden(&format!("{:?}", RedisStreamBackplane::builder(*url)), url, secret);
             assert_hidden(&format!("{:?}", RedisPubSubBackplane::builder(*url)), url, secret);
-            if let Err(e) = options.open_client("test") {
+            if let Err(e) = crate::cluster::Connector::open(&options, "test") {
                 assert_hidden(&format!("{e} {e:?}"), url, secret);
             }
             let tier = RedisTier::builder(*url).connect_timeout(short).build().await;

@@ -3,7 +3,7 @@
 //!
 //! | type | port | what it is |
 //! |---|---|---|
-//! | [`RedisTier`] | [`Tier`](strata::tier::Tier) | L2 on one Redis server: fill guards, leases, tombstones, O(1) tag and namespace invalidation, each operation one Lua script |
+//! | [`RedisTier`] | [`Tier`](strata::tier::Tier) | L2 on one Redis server or a Redis Cluster: fill guards, leases, tombstones, O(1) tag and namespace invalidation, each operation one Lua script |
 //! | [`RedisStreamBackplane`] | [`Backplane`](strata::backplane::Backplane) | the default backplane: a capped Redis Stream; replays what a subscriber missed |
 //! | [`RedisPubSubBackplane`] | [`Backplane`](strata::backplane::Backplane) | Redis Pub/Sub: cheaper, at most once, nothing replayed |
 //!
@@ -77,6 +77,64 @@
 //! receiver in the process) drops messages and reports `Lost` rather than growing
 //! memory. `replay` always answers `Ok(None)`. Staleness bound: the propagation delay
 //! when healthy; `max_stale` otherwise.
+//!
+//! # Redis Cluster
+//!
+//! [`RedisTier::cluster_builder`] and [`RedisStreamBackplane::cluster_builder`] take the
+//! URLs of one or more nodes of a Redis Cluster (same credentials, TLS mode and
+//! certificates as for one server; the other nodes are discovered) and talk to it
+//! through redis-rs's cluster connection, which routes each script by its first key,
+//! follows `MOVED`/`ASK` and refreshes its slot map when a node fails. Its client is
+//! set up for a cache: 2 retries after a connection error with 10–100 ms waits (not
+//! redis-rs's 16 retries of at least 1.28 s), each connection attempt bounded by
+//! `connect_timeout`, no response timeout of its own (the tier's `op_timeout`, the
+//! cache's `l2_timeout` and the backplane's timeouts bound every call). The Pub/Sub
+//! backplane refuses a cluster (classic Pub/Sub is broadcast to every node and not
+//! replayed).
+//!
+//! **Layout.** The keys are the same as on one server (see [`tier`]): every key of a
+//! namespace carries the hash tag `{<namespace>}`, so every script touches one slot
+//! and a batch lookup ([`RedisTier::lookup_many`]) is one script on one node; the
+//! namespace lives on the master that serves that slot ([`key_slot`] of any of its
+//! keys). To spread a large namespace over the masters, split it into shards, each
+//! its own namespace (own meta hash, clock and epochs), named by
+//! [`cluster_shard_namespace`]: shard `i` of `n` lands in the `i`-th `n`-th of the
+//! slots; [`RedisTier::cluster_shards`] builds the
+//! [`ShardedTier`](strata::ShardedTier) that does it ([`ClusterSlots`]). The build's checks run on every master: `PING` (reachability, credentials)
+//! and `INFO memory` (the eviction policy; the worst one found is reported). Beyond
+//! [`MINIMAL_ACL`], the ACL user needs `+cluster|slots` (the client reads the topology
+//! with `CLUSTER SLOTS`).
+//!
+//! **The stream** `{prefix}:{bp}` and its counter share the hash tag `bp` (slot 5087,
+//! whatever the prefix): they live on the master that serves slot 5087. Publishes go
+//! through the cluster connection; each subscriber reads with `XREAD BLOCK` on a
+//! dedicated cluster connection of its own, named on the stream's node.
+//!
+//! **What a failover does** (a master killed; its replica promoted after
+//! `cluster-node-timeout` and an election, 2–3 s with a 1 s node timeout):
+//! - *Tier*: calls to the failed master's slots fail (connection errors, or the cache's
+//!   `l2_timeout`) until the promotion, then succeed by themselves with the slot map
+//!   refreshed; no reconnect by hand. The cache's L2 breaker opens meanwhile and reads
+//!   fall back as during any Redis outage. Other masters' namespaces are not affected.
+//!   Writes the old master acknowledged but had not replicated are lost with it
+//!   (Redis replication is asynchronous): an entry, a lease, a tombstone or the meta
+//!   hash may go back in time. A meta hash that is lost makes the namespace cold. A
+//!   clock that went back cannot let a late fill in: the clock ticks to the server's
+//!   time in microseconds, so an invalidation after the failover ticks above every
+//!   stamp the old master handed out. An invalidation itself that was lost stays lost,
+//!   unless [`RedisTierBuilder::wait_for_replicas`] made the tier acknowledge it only
+//!   once a replica had it (then it failed, and the cache retried it on the new
+//!   master). Over a [`ShardedTier`](strata::ShardedTier), only the shards on the failed
+//!   master are affected, and for 2 s after a shard's last failure its entries older
+//!   than that failure are read as misses.
+//! - *Stream*: publishes fail until the promotion; the subscribers report
+//!   `Disconnected`, reconnect to the new master and read on from the last entry they
+//!   saw: what the replica holds is replayed (`Resumed { complete: true }`). Entries the
+//!   old master acknowledged but had not replicated are gone: the counter on the new
+//!   master is then below the last number a subscriber read, or the next entries skip
+//!   numbers, which the reader reports as `Lost` then `Resumed { complete: false }`, and
+//!   the core flushes its L1; the per-origin sequence numbers and heartbeats catch the
+//!   rest. Test: `cluster::cluster_failover_of_a_master`.
 //!
 //! # Tag epochs are bounded
 //!
@@ -155,21 +213,25 @@
 //!
 //! | module | job |
 //! |---|---|
-//! | [`tier`] | [`RedisTier`]: its connection, counters and `build`; inside, `tier::port` (the [`Tier`](strata::tier::Tier) implementation), `tier::builder` ([`RedisTierBuilder`]'s settings and checks), `tier::format` (key names, the stored envelope, the lookup reply), `tier::lua` (the checks every script shares: strict numbers, the meta hash read and repaired) and `tier::scripts` (the Lua scripts, with the fill's version guard) |
+//! | [`tier`] | [`RedisTier`]: its connection, counters and `build`; inside, `tier::port` (the [`Tier`](strata::tier::Tier) implementation), `tier::builder` ([`RedisTierBuilder`]'s settings and checks), `tier::startup` and `tier::eviction` (the build's checks), `tier::slots` (cluster hash slots, [`cluster_shard_namespace`]), `tier::format` (key names, the stored envelope, the lookup reply), `tier::lua` (the checks every script shares: strict numbers, the meta hash read and repaired) and `tier::scripts` (the Lua scripts, with the fill's version guard) |
 //! | `backplane` | what both backplanes share: [`BackplaneStats`], the publishing connection, reconnect defaults |
 //! | [`stream`] | [`RedisStreamBackplane`] (`backplane/stream.rs`, with `stream_builder.rs` and `stream_scripts.rs` beside it) |
 //! | [`pubsub`] | [`RedisPubSubBackplane`] and its builder (`backplane/pubsub.rs`) |
-//! | `connection` | [`ConnectionOptions`], the settings every builder shares; opening clients from URLs, password redaction, error mapping, reconnect backoff, and the connection that replaces itself after repeated timeouts |
+//! | `connection` | [`ConnectionOptions`], the settings every builder shares; opening clients from URLs, password redaction, error mapping, reconnect backoff |
+//! | `cluster` | the connection every call goes through, to one server or to a Redis Cluster, and the client that opens it |
+//! | `managed` | the connection that replaces itself after repeated timeouts (the tier's, the publishers') |
 //! | `reply` | reading values out of Redis replies |
 //! | `integrity` | [`IntegrityKey`]: the optional HMAC-SHA256 of entries and messages |
 //! | `tls` | [`TlsConfig`] |
 
 mod backplane;
+mod cluster;
 mod connection;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
 mod integrity;
+mod managed;
 mod reply;
 pub mod tier;
 mod tls;
@@ -193,7 +255,10 @@ pub use backplane::stream::{RedisStreamBackplane, RedisStreamBackplaneBuilder};
 pub use backplane::{pubsub, stream};
 pub use connection::ConnectionOptions;
 pub use integrity::{IntegrityKey, MIN_INTEGRITY_KEY_BYTES};
-pub use tier::{EvictionCheck, RedisTier, RedisTierBuilder, RedisTierStats};
+pub use tier::{
+    ClusterSlots, DEFAULT_CLUSTER_SHARDS, EvictionCheck, RedisTier, RedisTierBuilder, RedisTierStats,
+    cluster_shard_namespace, key_slot,
+};
 pub use tls::TlsConfig;
 
 // Records the largest allocation per thread, for the unit tests of what a decoder

@@ -20,8 +20,10 @@ use redis::Value;
 use strata::backplane::{BackplaneEvent, Message};
 use strata::error::{Error, ErrorKind};
 
-use crate::connection::{ConnectionOptions, ManagedConn};
+use crate::cluster::Connector;
+use crate::connection::ConnectionOptions;
 use crate::integrity::{Integrity, open_opt, seal_opt};
+use crate::managed::ManagedConn;
 
 pub mod pubsub;
 pub mod stream;
@@ -136,10 +138,16 @@ pub(crate) fn connect_publisher(
     options: &ConnectionOptions,
     shared: Option<&SharedConnection>,
     what: &str,
-) -> Result<(redis::Client, Arc<ManagedConn>), Error> {
-    let client = options.open_client(what)?;
+) -> Result<(Connector, Arc<ManagedConn>), Error> {
+    let client = Connector::open(options, what)?;
     let publisher = match shared {
-        Some(s) if s.options.url == options.url && s.options.tls == options.tls => s.conn.clone(),
+        Some(s)
+            if s.options.url == options.url
+                && s.options.tls == options.tls
+                && s.options.cluster_nodes == options.cluster_nodes =>
+        {
+            s.conn.clone()
+        }
         Some(s) => {
             return Err(Error::new(
                 ErrorKind::InvalidInput,

@@ -34,8 +34,9 @@ use crate::backplane::{
     BackplaneStats, DEFAULT_CHANNEL_CAPACITY, DEFAULT_PUBLISH_TIMEOUT, DEFAULT_RECONNECT_BACKOFF,
     StatCounters, connect_publisher, open_message, ping_publisher, seal_message,
 };
-use crate::connection::{Backoff, ConnectionOptions, ManagedConn, map_redis_error};
+use crate::connection::{Backoff, ConnectionOptions, map_redis_error};
 use crate::integrity::{Integrity, IntegrityKey};
+use crate::managed::ManagedConn;
 use crate::tls::TlsConfig;
 
 /// Names the backplane in errors.
@@ -151,8 +152,20 @@ impl RedisPubSubBackplaneBuilder {
             );
         }
         Backoff::check(WHAT, self.reconnect_min, self.reconnect_max)?;
+        if self.connection.is_cluster() {
+            return invalid(
+                "redis pub/sub backplane: Redis Cluster is not supported (classic Pub/Sub \
+                 fans every message out to every node, and nothing is replayed); use \
+                 RedisStreamBackplane::cluster_builder on a cluster"
+                    .into(),
+            );
+        }
         let integrity = Integrity::from_keys(self.integrity_keys.as_deref(), WHAT)?;
-        let (client, publisher) = connect_publisher(&self.connection, None, WHAT)?;
+        let (connector, publisher) = connect_publisher(&self.connection, None, WHAT)?;
+        let client = connector
+            .single()
+            .cloned()
+            .ok_or_else(|| Error::new(ErrorKind::InvalidInput, "redis pub/sub backplane: one server only"))?;
         let bp = RedisPubSubBackplane {
             inner: Arc::new(PubSubInner {
                 integrity,

@@ -13,6 +13,10 @@
 //! a quiet period look the same). An entry without a readable `n` (not written by
 //! this backplane) is delivered without taking part in the numbering.
 //!
+//! On a Redis Cluster both keys carry the hash tag `bp` and live on the master that
+//! serves its slot; each subscriber reads on a dedicated cluster connection (see the
+//! crate docs, "Redis Cluster", for what a failover of that master does).
+//!
 //! # Repairs
 //!
 //! Whoever can write under the prefix can leave the keys where no publish succeeds
@@ -54,7 +58,6 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use redis::Value;
-use redis::aio::MultiplexedConnection;
 use strata::backplane::{Backplane, BackplaneEvent, Message, OriginId, Subscription};
 use strata::error::{Error, ErrorKind, Result};
 use tokio::sync::mpsc;
@@ -67,8 +70,10 @@ use crate::backplane::stream_scripts::{
     publish_repairs,
 };
 use crate::backplane::{StatCounters, connect_publisher, open_message, ping_publisher, seal_message};
-use crate::connection::{Backoff, ManagedConn, map_redis_error};
+use crate::cluster::{Connector, RedisConn};
+use crate::connection::{Backoff, map_redis_error};
 use crate::integrity::Integrity;
+use crate::managed::ManagedConn;
 use crate::reply::{bad_reply, value_array, value_string, value_u64};
 
 impl RedisStreamBackplaneBuilder {
@@ -106,7 +111,7 @@ struct StreamInner {
     cfg: RedisStreamBackplaneBuilder,
     stream_key: String,
     counter_key: String,
-    client: redis::Client,
+    client: Connector,
     publisher: Arc<ManagedConn>,
     publish_script: redis::Script,
     start_script: redis::Script,
@@ -142,6 +147,16 @@ impl RedisStreamBackplane {
         RedisStreamBackplaneBuilder::new(url)
     }
 
+    /// Starts building a backplane on a Redis Cluster reached through `nodes` (the URLs
+    /// of one or more of its nodes). The stream and its counter live in the slot of the
+    /// hash tag `bp`, on whichever master serves it; see the crate docs, "Redis
+    /// Cluster", for what a failover of that master does.
+    pub fn cluster_builder(
+        nodes: impl IntoIterator<Item = impl Into<String>>,
+    ) -> RedisStreamBackplaneBuilder {
+        RedisStreamBackplaneBuilder::new("").connection(crate::ConnectionOptions::cluster(nodes))
+    }
+
     /// The stream's key.
     pub fn stream_key(&self) -> &str {
         &self.inner.stream_key
@@ -169,35 +184,19 @@ impl RedisStreamBackplane {
     }
 
     /// Opens a dedicated subscriber connection and names it.
-    async fn connect(&self, name: &str) -> Result<MultiplexedConnection> {
-        let cfg = &self.inner.cfg;
-        let conn_cfg = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(cfg.connection.connect_timeout))
-            .set_response_timeout(None);
-        let mut conn = match tokio::time::timeout(
-            cfg.connection.connect_timeout + cfg.op_timeout,
-            self.inner.client.get_multiplexed_async_connection_with_config(&conn_cfg),
+    async fn connect(&self, name: &str) -> Result<RedisConn> {
+        let (cfg, key) = (&self.inner.cfg, &self.inner.stream_key);
+        let limit = cfg.connection.connect_timeout + cfg.op_timeout;
+        let c = &self.inner.client;
+        c.dedicated_named(
+            cfg.connection.connect_timeout,
+            limit,
+            name,
+            key,
+            cfg.read_grace,
+            "redis stream subscriber",
         )
         .await
-        {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                return Err(map_redis_error(ErrorKind::Backplane, "redis stream subscriber connect", e));
-            }
-            Err(_) => {
-                return Err(Error::timeout(
-                    "redis stream subscriber connect",
-                    cfg.connection.connect_timeout,
-                ));
-            }
-        };
-        let mut setname = redis::cmd("CLIENT");
-        setname.arg("SETNAME").arg(name);
-        match tokio::time::timeout(cfg.read_grace, setname.query_async::<Value>(&mut conn)).await {
-            Ok(Ok(_)) => Ok(conn),
-            Ok(Err(e)) => Err(map_redis_error(ErrorKind::Backplane, "redis stream subscriber setname", e)),
-            Err(_) => Err(Error::timeout("redis stream subscriber setname", cfg.read_grace)),
-        }
     }
 
     /// Scans the stream backwards, at most the whole (capped) stream.
@@ -397,7 +396,7 @@ impl StreamReader {
         Ok(gap)
     }
 
-    async fn run(mut self, conn: MultiplexedConnection) {
+    async fn run(mut self, conn: RedisConn) {
         let mut conn = Some(conn);
         loop {
             let mut c = match conn.take() {
@@ -420,7 +419,7 @@ impl StreamReader {
     }
 
     /// Reconnects with backoff and catches up; `None` when the receiver is gone.
-    async fn reconnect(&mut self) -> Option<MultiplexedConnection> {
+    async fn reconnect(&mut self) -> Option<RedisConn> {
         let started = Instant::now();
         loop {
             let delay = self.backoff.next_delay();
@@ -462,11 +461,7 @@ impl StreamReader {
 
     /// Delivers everything after the last id, reading a stream that was deleted or
     /// re-created below that id from its start; returns whether nothing was lost.
-    async fn catch_up(
-        &mut self,
-        c: &mut MultiplexedConnection,
-        gaps: Gaps,
-    ) -> std::result::Result<bool, Stop> {
+    async fn catch_up(&mut self, c: &mut RedisConn, gaps: Gaps) -> std::result::Result<bool, Stop> {
         let mut complete = true;
         let inner = self.bp.inner.clone();
         loop {
@@ -547,7 +542,7 @@ impl StreamReader {
         }
     }
 
-    async fn read_loop(&mut self, c: &mut MultiplexedConnection) -> Stop {
+    async fn read_loop(&mut self, c: &mut RedisConn) -> Stop {
         let inner = self.bp.inner.clone();
         let block_ms = u64::try_from(inner.cfg.block.as_millis()).unwrap_or(u64::MAX).max(1);
         let limit = inner.cfg.block + inner.cfg.read_grace;

@@ -42,6 +42,7 @@ pub struct RedisTierBuilder {
     pub(crate) legacy_tombstones: bool,
     pub(crate) integrity_keys: Option<Vec<IntegrityKey>>,
     pub(crate) eviction_check: super::eviction::EvictionCheck,
+    pub(crate) wait_for_replicas: Option<(u32, Duration)>,
 }
 
 impl std::fmt::Debug for RedisTierBuilder {
@@ -71,6 +72,7 @@ impl RedisTierBuilder {
             legacy_tombstones: true,
             integrity_keys: None,
             eviction_check: super::eviction::EvictionCheck::default(),
+            wait_for_replicas: None,
         }
     }
 
@@ -210,6 +212,25 @@ impl RedisTierBuilder {
         self
     }
 
+    /// Acknowledges an invalidation (delete, tag or namespace bump, write lock, `set`)
+    /// only once `replicas` replicas of its master have it, waiting at most `timeout`
+    /// (Redis `WAIT`); otherwise the call fails and the cache retries it. Default: off.
+    ///
+    /// Redis replicates asynchronously: without this, an invalidation the master
+    /// acknowledged but had not yet sent to a replica is lost if that replica is
+    /// promoted (a failover), and the entry it deleted comes back until its TTL. With
+    /// it, such an invalidation reports failure and is retried on the new master. The
+    /// price: each invalidation waits for a replica's acknowledgement (a round trip
+    /// between the servers), the connection's other calls queue behind a `WAIT` that
+    /// times out, and while fewer than `replicas` replicas are in sync, invalidations
+    /// fail (reads stay correct; the Strong level refuses writes). Keep `timeout`
+    /// short, such as 20 ms. A least-privilege ACL user needs `+wait` beyond
+    /// [`MINIMAL_ACL`](crate::MINIMAL_ACL).
+    pub fn wait_for_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.wait_for_replicas = Some((replicas, timeout));
+        self
+    }
+
     /// Checks the settings, with an error that says how to fix a bad one.
     pub(crate) fn check(&self) -> Result<()> {
         let invalid = |what: String| Err(Error::new(ErrorKind::InvalidInput, what));
@@ -242,6 +263,15 @@ impl RedisTierBuilder {
                  in Redis, from 16 to 100,000 (a pruning runs in one script); the default is \
                  10,000",
                 self.max_tag_epochs
+            ));
+        }
+        if let Some((n, t)) = self.wait_for_replicas
+            && (n == 0 || t.is_zero() || t >= self.op_timeout)
+        {
+            return invalid(format!(
+                "redis tier: wait_for_replicas({n}, {t:?}) needs at least 1 replica and a timeout \
+                 above zero and below op_timeout ({:?}), such as wait_for_replicas(1, 20ms)",
+                self.op_timeout
             ));
         }
         Ok(())

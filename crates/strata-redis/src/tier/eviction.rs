@@ -101,18 +101,26 @@ impl RedisTier {
             redis::cmd("INFO").arg("memory").query_async::<Value>(&mut c).await
         })
         .await;
-        let text = match info {
-            Ok(Ok(Value::BulkString(b))) => String::from_utf8_lossy(&b).into_owned(),
-            Ok(Ok(Value::VerbatimString { text, .. })) => text,
+        // One server answers with its text; a cluster connection sends INFO to every
+        // master and answers with each one's text by address.
+        let texts = match info {
+            Ok(Ok(v)) => info_texts(&v),
             other => {
                 tracing::debug!(result = ?other.map(|r| r.map(|_| ())), "redis tier: cannot read INFO memory; eviction not checked");
                 return Ok(());
             }
         };
-        let Some(memory) = ServerMemory::parse(&text) else { return Ok(()) };
-        let Some(risk) = memory.risk() else { return Ok(()) };
+        let Some((memory, risk)) = texts
+            .iter()
+            .filter_map(|t| ServerMemory::parse(t))
+            .filter_map(|m| m.risk().map(|r| (m, r)))
+            .max_by_key(|(m, _)| m.policy.starts_with("allkeys-"))
+        else {
+            return Ok(());
+        };
+        let on = if self.inner.conn.is_cluster() { "a node of the cluster at " } else { "" };
         let message = format!(
-            "redis tier: `{}` evicts under memory pressure (maxmemory {} bytes, maxmemory-policy {}): {risk}; \
+            "redis tier: {on}`{}` evicts under memory pressure (maxmemory {} bytes, maxmemory-policy {}): {risk}; \
              run strata's tier on a server or database with maxmemory-policy noeviction and memory to spare \
              (or no maxmemory), or build with .eviction_check(EvictionCheck::Skip) to accept it",
             self.inner.conn.shown_url(),
@@ -126,6 +134,18 @@ impl RedisTier {
                 Ok(())
             }
         }
+    }
+}
+
+/// The `INFO` texts in a reply: one server's, or each node's in a cluster's map.
+fn info_texts(v: &Value) -> Vec<String> {
+    match v {
+        Value::BulkString(b) => vec![String::from_utf8_lossy(b).into_owned()],
+        Value::VerbatimString { text, .. } => vec![text.clone()],
+        Value::SimpleString(s) => vec![s.clone()],
+        Value::Map(pairs) => pairs.iter().flat_map(|(_, v)| info_texts(v)).collect(),
+        Value::Array(items) => items.iter().flat_map(info_texts).collect(),
+        _ => Vec::new(),
     }
 }
 

@@ -131,11 +131,19 @@ local function clock_of(meta)
   return c
 end
 
--- Advances the clock; returns the new value.
+-- Advances the clock to the server's time in microseconds, or by one if it is already
+-- there; returns the new value. A clock kept at the time (it only runs ahead at over a
+-- million invalidations a second) means an invalidation made after a failover ticks
+-- above every stamp the old master handed out, even if the replica it promoted missed
+-- the old master's last ticks: its tombstone refuses their fills.
 local function tick(meta)
   clock_of(meta)
-  M.c = redis.call('HINCRBY', meta, 'c', 1)
-  return M.c
+  local t = redis.call('TIME')
+  local at = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  if at <= M.c then at = M.c + 1 end
+  redis.call('HSET', meta, 'c', d(at))
+  M.c = at
+  return at
 end
 
 -- Parses the `t` field: each tag written as <byte length>:<tag>. nil if malformed.

@@ -1,4 +1,5 @@
-//! [`RedisTier`]: the L2 [`Tier`](strata::tier::Tier) on a standalone Redis/Valkey server.
+//! [`RedisTier`]: the L2 [`Tier`](strata::tier::Tier) on a standalone Redis/Valkey server
+//! or a Redis Cluster (see the crate docs, "Redis Cluster").
 //!
 //! # Storage layout
 //!
@@ -125,15 +126,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis::Value;
-use redis::aio::ConnectionManager;
 use strata::Scope;
 use strata::clock::{Clock, SystemClock};
-use strata::error::{Error, ErrorKind, Result};
+use strata::error::{ErrorKind, Result};
 use strata::tier::{Envelope, Lookup};
 
+use crate::cluster::{Connector, RedisConn};
 pub use crate::connection::DEFAULT_PREFIX;
-use crate::connection::{CallError, ManagedConn};
 use crate::integrity::Integrity;
+use crate::managed::{CallError, ManagedConn};
 use crate::reply::bad_reply;
 use crate::tier::builder::WHAT;
 pub use crate::tier::builder::{DEFAULT_MAX_ENTRY_BYTES, DEFAULT_OP_TIMEOUT, RedisTierBuilder};
@@ -143,6 +144,7 @@ use crate::tier::format::{
     NsKeys, Opened, RawLookup, Stored, millis_at_least_one, parse_lookup_reply, parse_script_reply,
 };
 use crate::tier::scripts::TierScripts;
+pub use crate::tier::slots::{ClusterSlots, DEFAULT_CLUSTER_SHARDS, cluster_shard_namespace, key_slot};
 
 mod builder;
 mod eviction;
@@ -150,7 +152,10 @@ pub(crate) mod format;
 mod hot_keys;
 mod lua;
 mod port;
+mod replication;
 mod scripts;
+mod slots;
+mod startup;
 
 /// Counters of a [`RedisTier`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -202,7 +207,7 @@ impl RedisTierBuilder {
     /// Checks the settings, connects (unless lazy) and returns the tier.
     pub async fn build(self) -> Result<RedisTier> {
         self.check()?;
-        let client = self.connection.open_client(WHAT)?;
+        let client = Connector::open(&self.connection, WHAT)?;
         let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock::default()));
         let conn = Arc::new(ManagedConn::new(client, &self.connection, self.reconnect_after_timeouts, WHAT)?);
         let shared = self.connection.clone();
@@ -218,6 +223,7 @@ impl RedisTierBuilder {
                 scripts: TierScripts::new(self.max_tag_epochs, self.legacy_tombstones),
                 integrity: Integrity::from_keys(self.integrity_keys.as_deref(), WHAT)?,
                 counters: Counters::default(),
+                wait_for_replicas: self.wait_for_replicas,
             }),
         };
         if !self.connection.lazy {
@@ -241,6 +247,8 @@ struct Inner {
     /// Entry MACs, when integrity keys are set.
     integrity: Option<Integrity>,
     counters: Counters,
+    /// `WAIT` after invalidations: replicas and timeout.
+    wait_for_replicas: Option<(u32, Duration)>,
 }
 
 /// The L2 tier on Redis/Valkey: implements the full fill-guard contract of [`Tier`](strata::tier::Tier)
@@ -271,6 +279,26 @@ impl RedisTier {
     /// ACL credentials, percent-encoded.
     pub fn builder(url: impl Into<String>) -> RedisTierBuilder {
         RedisTierBuilder::new(url)
+    }
+
+    /// Starts building a tier on a Redis Cluster reached through `nodes`: the URLs of
+    /// one or more of its nodes (as for [`builder`](Self::builder), all with the same
+    /// credentials and TLS mode; the other nodes are discovered). Every key of a
+    /// namespace shares the namespace's hash tag, so a namespace lives on the master of
+    /// one slot; spread a large one over the masters with
+    /// [`cluster_shard_namespace`]. See the crate docs,
+    /// "Redis Cluster".
+    pub fn cluster_builder(nodes: impl IntoIterator<Item = impl Into<String>>) -> RedisTierBuilder {
+        RedisTierBuilder::new("").connection(crate::ConnectionOptions::cluster(nodes))
+    }
+
+    /// A [`ShardedTier`](strata::ShardedTier) builder splitting this tier into `shards`
+    /// virtual shards named by [`ClusterSlots`]: on a Cluster, each namespace's keys
+    /// spread over every master, each shard keeping its own clock and epochs in its own
+    /// slot ([`DEFAULT_CLUSTER_SHARDS`] is a good count). Add hot-key copies or a gutter
+    /// on the builder, then `build()`.
+    pub fn cluster_shards(self, shards: usize) -> strata::tier::ShardedTierBuilder {
+        strata::ShardedTier::builder().virtual_shards(std::sync::Arc::new(self), shards, ClusterSlots)
     }
 
     /// Redis round trips made so far.
@@ -328,55 +356,10 @@ impl RedisTier {
         Ok(())
     }
 
-    async fn check_server(&self, timeout: Duration) -> Result<()> {
-        let shown = self.inner.conn.shown_url();
-        let mut c = self.inner.conn.get();
-        let ping =
-            tokio::time::timeout(timeout, async { redis::cmd("PING").query_async::<Value>(&mut c).await })
-                .await;
-        match ping {
-            Err(_) => {
-                return Err(Error::new(
-                    ErrorKind::Timeout,
-                    format!(
-                        "redis tier: no answer from `{shown}` within {timeout:?}; check that \
-                         the server runs and the host/port are right, or build with .lazy(true) \
-                         to start without it"
-                    ),
-                ));
-            }
-            Ok(Err(e)) => {
-                let hint = if e.kind() == redis::ErrorKind::AuthenticationFailed
-                    || e.code() == Some("NOAUTH")
-                    || e.code() == Some("WRONGPASS")
-                {
-                    "check the ACL user and password in the URL \
-                     (redis://user:password@host:port, percent-encoded)"
-                } else if e.to_string().contains("certificate") {
-                    "the server's TLS certificate is not trusted: give its CA with \
-                     .tls(TlsConfig::with_root_cert(pem)), or check the host name in the URL"
-                } else if e.code() == Some("NOPERM") {
-                    "the ACL user lacks permissions: it needs +@read +@write +@scripting \
-                     and the keys under the prefix"
-                } else {
-                    "check that the server runs and the URL's host/port/db are right, or \
-                     build with .lazy(true) to start without it"
-                };
-                return Err(Error::new(
-                    ErrorKind::Tier,
-                    format!("redis tier: cannot use `{shown}`: {e}; {hint}"),
-                )
-                .with_source(e));
-            }
-            Ok(Ok(_)) => {}
-        }
-        Ok(())
-    }
-
     /// Runs one Redis call with the response timeout, counting it.
     async fn run<T, F, Fut>(&self, what: &'static str, f: F) -> Result<T>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(RedisConn) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         let inner = &self.inner;
@@ -436,7 +419,12 @@ impl RedisTier {
         inv: redis::ScriptInvocation<'_>,
     ) -> Result<u64> {
         let v: Value = self.run(what, |mut c| async move { inv.invoke_async(&mut c).await }).await?;
-        let r = parse_script_reply(&v).ok_or_else(|| bad_reply(ErrorKind::Tier, what))?;
+        self.finish_script(what, namespace, &v)
+    }
+
+    /// Counts what a script found corrupt and returns its result.
+    fn finish_script(&self, what: &'static str, namespace: &str, v: &Value) -> Result<u64> {
+        let r = parse_script_reply(v).ok_or_else(|| bad_reply(ErrorKind::Tier, what))?;
         self.count_repaired(namespace, r.repaired);
         self.count_undecodable(namespace, r.corrupt);
         Ok(r.result)

@@ -109,7 +109,7 @@ impl Tier for RedisTier {
             .arg(millis_at_least_one(self.inner.tombstone_ttl))
             .arg(envelope.version.map_or_else(String::new, |v| v.to_string()))
             .arg(mac.as_ref().map_or(&[][..], |m| &m[..]));
-        self.run_script("redis tier set", namespace, inv).await?;
+        self.run_invalidation("redis tier set", namespace, ns.meta(), inv).await?;
         Ok(())
     }
 
@@ -121,7 +121,7 @@ impl Tier for RedisTier {
             inv.key(ns.entry(k)).key(ns.lease(k));
         }
         inv.arg(millis_at_least_one(self.inner.tombstone_ttl));
-        self.run_script("redis tier delete", namespace, inv).await?;
+        self.run_invalidation("redis tier delete", namespace, ns.meta(), inv).await?;
         Ok(())
     }
 
@@ -138,7 +138,7 @@ impl Tier for RedisTier {
         let ns = NsKeys::new(&self.inner.prefix, namespace);
         let mut inv = self.inner.scripts.invalidate_tag.prepare_invoke();
         inv.key(ns.meta()).arg(tag);
-        self.run_script("redis tier invalidate_tag", namespace, inv).await?;
+        self.run_invalidation("redis tier invalidate_tag", namespace, ns.meta(), inv).await?;
         Ok(())
     }
 
@@ -146,19 +146,31 @@ impl Tier for RedisTier {
         let ns = NsKeys::new(&self.inner.prefix, namespace);
         let mut inv = self.inner.scripts.invalidate_namespace.prepare_invoke();
         inv.key(ns.meta());
-        self.run_script("redis tier invalidate_namespace", namespace, inv).await?;
+        self.run_invalidation("redis tier invalidate_namespace", namespace, ns.meta(), inv).await?;
         Ok(())
     }
 
     async fn lock(&self, namespace: &str, scope: &Scope, id: u64, ttl: Duration) -> Result<()> {
         let inv = self.lock_invocation(&self.inner.scripts.lock, namespace, scope, id, ttl);
-        self.run_script("redis tier lock", namespace, inv).await?;
+        self.run_invalidation(
+            "redis tier lock",
+            namespace,
+            NsKeys::new(&self.inner.prefix, namespace).meta(),
+            inv,
+        )
+        .await?;
         Ok(())
     }
 
     async fn unlock(&self, namespace: &str, scope: &Scope, id: u64) -> Result<()> {
         let inv = self.lock_invocation(&self.inner.scripts.unlock, namespace, scope, id, Duration::ZERO);
-        self.run_script("redis tier unlock", namespace, inv).await?;
+        self.run_invalidation(
+            "redis tier unlock",
+            namespace,
+            NsKeys::new(&self.inner.prefix, namespace).meta(),
+            inv,
+        )
+        .await?;
         Ok(())
     }
 

@@ -11,9 +11,11 @@
 // Helpers shared by the tests (not `#[test]` fns themselves) unwrap too.
 #![allow(clippy::unwrap_used)]
 
+mod cluster;
 mod fleet;
 mod integrity;
 mod pubsub;
+mod ring;
 mod stream;
 mod support;
 mod tier;

@@ -16,6 +16,7 @@ use strata::testing::conformance;
 
 mod eviction;
 mod poison;
+mod replication;
 mod tag_pruning;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
