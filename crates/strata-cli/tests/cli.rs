@@ -152,19 +152,20 @@ fn help_states_defaults_and_metrics() {
 
 /// A very short torture run: the fleet (four processes) over real Redis and Postgres,
 /// the backplane subscribers killed once, and the checker's verdict.
-#[test]
-fn check_invalidated_with_a_subscriber_kill_keeps_its_promises() {
+/// Runs `strata check --level LEVEL --fault FAULT --duration SECS` with a JSON report and
+/// a history file; checks that it exited 0 and returns the report, stdout and history.
+fn check_run(level: &str, fault: &str, secs: &str) -> (Value, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("check.json");
     let history = dir.path().join("history.jsonl");
     let out = strata(&[
         "check",
         "--level",
-        "invalidated",
+        level,
         "--fault",
-        "subscriber-kill",
+        fault,
         "--duration",
-        "5",
+        secs,
         "--json",
         json.to_str().unwrap(),
         "--history",
@@ -173,6 +174,12 @@ fn check_invalidated_with_a_subscriber_kill_keeps_its_promises() {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "strata check failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    (report, stdout, std::fs::read_to_string(&history).unwrap())
+}
+
+#[test]
+fn check_invalidated_with_a_subscriber_kill_keeps_its_promises() {
+    let (report, stdout, lines) = check_run("invalidated", "subscriber-kill", "5");
     assert_eq!(report["stale_beyond_bound"], 0, "{report:#}");
     assert_eq!(report["permanent_inconsistencies"], 0, "{report:#}");
     assert_eq!(report["lost_writes"], 0, "{report:#}");
@@ -190,7 +197,6 @@ fn check_invalidated_with_a_subscriber_kill_keeps_its_promises() {
     assert!(faults[0].as_str().unwrap().starts_with("subscriber-kill ("), "{report:#}");
     assert!(stdout.contains("stale reads beyond bound") && stdout.contains("result: PASS"), "{stdout}");
     // The merged history holds every process's lines and the fault.
-    let lines = std::fs::read_to_string(&history).unwrap();
     for process in ["\"writer\"", "\"reader-1\"", "\"reader-3\"", "\"nemesis\""] {
         assert!(lines.contains(process), "{process} missing from the history");
     }
@@ -202,30 +208,11 @@ fn check_invalidated_with_a_subscriber_kill_keeps_its_promises() {
 /// applied them.
 #[test]
 fn check_invalidated_through_a_redis_pause_judges_every_write_from_its_commit() {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("check.json");
-    let history = dir.path().join("history.jsonl");
-    let out = strata(&[
-        "check",
-        "--level",
-        "invalidated",
-        "--fault",
-        "redis-pause",
-        "--duration",
-        "8",
-        "--json",
-        json.to_str().unwrap(),
-        "--history",
-        history.to_str().unwrap(),
-    ]);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "strata check failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let (report, stdout, lines) = check_run("invalidated", "redis-pause", "8");
     assert_eq!(report["stale_beyond_bound"], 0, "{report:#}");
     assert_eq!(report["unwritten_reads"], 0, "{report:#}");
     assert_eq!(report["indeterminate_writes"], 0, "every committed write is judged: {report:#}");
     assert!(report["buffered_invalidations"].as_u64().unwrap() > 0, "the pause buffered some: {report:#}");
-    let lines = std::fs::read_to_string(&history).unwrap();
     assert!(lines.contains("\"commit_ns\":"), "writes carry their commit time");
     assert!(lines.contains("\"op\":\"invalidation_retried\""), "the retries are recorded");
     assert!(stdout.contains("writes committed (judged from the commit)"), "{stdout}");
@@ -235,22 +222,7 @@ fn check_invalidated_through_a_redis_pause_judges_every_write_from_its_commit() 
 /// be taken): no stale read, and the history linearizable per key.
 #[test]
 fn check_strong_with_a_redis_pause_is_linearizable() {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("check.json");
-    let out = strata(&[
-        "check",
-        "--level",
-        "strong",
-        "--fault",
-        "redis-pause",
-        "--duration",
-        "6",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "strata check failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let (report, _, _) = check_run("strong", "redis-pause", "6");
     assert_eq!(report["level"], "strong");
     assert_eq!(report["stale_beyond_bound"], 0, "{report:#}");
     assert_eq!(report["permanent_inconsistencies"], 0, "{report:#}");

@@ -13,6 +13,7 @@ pub mod db;
 pub mod freshness;
 pub mod join;
 pub mod plot;
+pub mod redis_nodes;
 pub mod report;
 pub mod runner;
 pub mod scenario;
@@ -29,6 +30,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use self::db::Db;
+use self::redis_nodes::NodesReport;
 use self::report::{BenchReport, StrategyReport};
 use self::runner::RunConfig;
 use self::schedule::{Schedule, ScheduleParams};
@@ -160,6 +162,27 @@ pub struct BenchArgs {
     /// (`CacheBuilder::warm_up`), so that `--join-at` shows a warm join.
     #[arg(long)]
     pub warm_up: bool,
+    /// Standalone Redis servers (comma-separated URLs) used as one sharded ring:
+    /// strata runs a `ShardedTier` over them (gutter on), redis-global routes each key
+    /// to the same server; the stream backplane lives on the first. Excludes --redis.
+    #[arg(long, value_delimiter = ',', value_name = "URLS", conflicts_with = "redis")]
+    pub redis_ring: Option<Vec<SecretUrl>>,
+    /// A Redis Cluster (comma-separated node URLs; give every master, whose counters
+    /// the report reads): strata runs a `ShardedTier` of 64 virtual shards spread over
+    /// the slots, redis-global a plain cluster client. Excludes --redis and --redis-ring.
+    #[arg(long, value_delimiter = ',', value_name = "URLS", conflicts_with_all = ["redis", "redis_ring"])]
+    pub redis_cluster: Option<Vec<SecretUrl>>,
+    /// strata over a ring: put the backplane stream on this server instead of the
+    /// ring's first (its commands are then not in the per-server counts).
+    #[arg(long, value_name = "URL", requires = "redis_ring")]
+    pub redis_backplane: Option<SecretUrl>,
+    /// strata over a ring or a Cluster: how many shards hold a hot key (1 = no copies).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub hot_key_copies: usize,
+    /// The hottest key (key 0) takes this fraction of all requests on top of the Zipf
+    /// draw (e.g. 0.3: a hot-key skew), 0 to 1.
+    #[arg(long, default_value_t = 0.0, value_name = "F")]
+    pub hot_key_share: f64,
 }
 
 /// Runs `strata bench`.
@@ -180,6 +203,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         keys: args.keys,
         zipf: args.zipf,
         write_ratio,
+        hot_key_share: args.hot_key_share,
         instances: args.instances,
         seed: args.seed,
     };
@@ -197,6 +221,10 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         run_id,
         seed: args.seed,
         warm_up: args.warm_up,
+        nodes: args.redis_ring.clone().or_else(|| args.redis_cluster.clone()).unwrap_or_default(),
+        cluster: args.redis_cluster.is_some(),
+        backplane: args.redis_backplane.clone(),
+        hot_key_copies: args.hot_key_copies,
     };
     let run_config = RunConfig {
         max_in_flight: args.max_in_flight,
@@ -226,14 +254,15 @@ pub async fn run(args: BenchArgs) -> Result<()> {
 }
 
 fn choose_strategies(args: &BenchArgs) -> Result<Vec<StrategyKind>> {
+    let has_redis = args.redis.is_some() || args.redis_ring.is_some() || args.redis_cluster.is_some();
     let mut kinds: Vec<StrategyKind> = match &args.strategies {
         Some(list) => list.clone(),
-        None => StrategyKind::ALL.into_iter().filter(|k| !k.needs_redis() || args.redis.is_some()).collect(),
+        None => StrategyKind::ALL.into_iter().filter(|k| !k.needs_redis() || has_redis).collect(),
     };
     kinds.sort();
     kinds.dedup();
-    if let Some(k) = kinds.iter().find(|k| k.needs_redis() && args.redis.is_none()) {
-        bail!("strategy {k} needs --redis URL");
+    if let Some(k) = kinds.iter().find(|k| k.needs_redis() && !has_redis) {
+        bail!("strategy {k} needs --redis URL, --redis-ring URLS or --redis-cluster URLS");
     }
     if kinds.is_empty() {
         bail!("no strategy to run");
@@ -251,11 +280,14 @@ async fn run_strategies(
     for &kind in kinds {
         fleet.db.reset().await?;
         let strategy = strategy::build(kind, fleet).await.with_context(|| format!("cannot start {kind}"))?;
+        let urls = fleet.redis_urls().unwrap_or_default();
+        let nodes_before = redis_nodes::sample(&urls).await?;
         let progress = progress_bar(kind, schedule.requests.len() as u64);
         let outcome = runner::run(strategy.clone(), schedule, run_config, &progress, &fleet.db).await;
         progress.finish_and_clear();
         let db_counts = fleet.db.counts();
         let tiers = strategy.tier_counts();
+        let nodes_after = redis_nodes::sample(&urls).await?;
         let closed = strategy.close().await;
         let outcome = outcome.with_context(|| format!("{kind} did not complete"))?;
         closed.with_context(|| format!("cannot clean up after {kind}"))?;
@@ -266,7 +298,10 @@ async fn run_strategies(
                 secret::scrub(e)
             );
         }
-        let row = StrategyReport::new(strategy.as_ref(), &outcome, db_counts, tiers, report);
+        let mut row = StrategyReport::new(strategy.as_ref(), &outcome, db_counts, tiers, report);
+        if !urls.is_empty() {
+            row.redis_nodes = Some(NodesReport::between(&nodes_before, &nodes_after, row.elapsed_s));
+        }
         eprintln!("{}", row.summary_line());
         report.strategies.push(row);
     }

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use super::db::DbCounts;
 use super::join::JoinReport;
+use super::redis_nodes::NodesReport;
 use super::runner::Outcome;
 use super::schedule::{Schedule, ScheduleParams};
 use super::strategy::{Strategy, TierCounts};
@@ -142,6 +143,9 @@ pub struct StrategyReport {
     /// `--join-at`: what the instance joining mid-run cost the database.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub join: Option<JoinReport>,
+    /// With Redis: what each server executed, and its CPU seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_nodes: Option<NodesReport>,
 }
 
 fn us(h: &Histogram<u64>, q: f64) -> f64 {
@@ -319,6 +323,11 @@ impl BenchReport {
                 let _ = writeln!(out, "{}", join.line(&s.name));
             }
         }
+        for s in &self.strategies {
+            if let Some(nodes) = &s.redis_nodes {
+                let _ = writeln!(out, "{}", nodes.line(&s.name));
+            }
+        }
         out
     }
 }
@@ -395,6 +404,7 @@ impl StrategyReport {
             details: strategy.details(),
             db_reads_per_second: outcome.db_reads_per_second.clone(),
             join: outcome.rejoin.as_ref().map(|r| JoinReport::new(r, &outcome.db_reads_per_second)),
+            redis_nodes: None,
         }
     }
 

@@ -52,6 +52,9 @@ pub struct ScheduleParams {
     pub zipf: f64,
     /// Fraction of requests that are writes.
     pub write_ratio: f64,
+    /// Fraction of requests sent to the hottest key on top of the Zipf draw (a hot-key
+    /// skew; 0 for none).
+    pub hot_key_share: f64,
     /// Number of app instances.
     pub instances: u32,
     /// The seed.
@@ -84,6 +87,11 @@ impl Schedule {
             p.write_ratio
         );
         ensure!(
+            (0.0..=1.0).contains(&p.hot_key_share),
+            "--hot-key-share must be in 0..=1, got {}",
+            p.hot_key_share
+        );
+        ensure!(
             p.scenario != Scenario::Payment || p.instances >= 2,
             "the payment scenario needs at least 2 instances (the consumer reads on another instance than the writer)"
         );
@@ -99,7 +107,12 @@ impl Schedule {
             if t >= end {
                 break;
             }
-            let key = zipf.sample(rng.random());
+            // The skew draws only when asked, so schedules without it stay as they were.
+            let key = if p.hot_key_share > 0.0 && rng.random::<f64>() < p.hot_key_share {
+                0
+            } else {
+                zipf.sample(rng.random())
+            };
             let instance = rng.random_range(0..p.instances);
             let op = if rng.random::<f64>() < p.write_ratio {
                 let value = rng.random_range(0..VALUES);
@@ -215,6 +228,7 @@ mod tests {
 
     fn params(seed: u64) -> ScheduleParams {
         ScheduleParams {
+            hot_key_share: 0.0,
             scenario: Scenario::Payment,
             duration: Duration::from_secs(3),
             rate: 1000.0,

@@ -18,13 +18,13 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use strata_testkit::{
-    CacheSnapshot, CheckConfig, FaultProxy, History, PostgresServer, Quiescence, Recorder, RedisServer,
-    check, monotonic_ns,
+    CacheSnapshot, CheckConfig, FaultProxy, History, PostgresServer, Quiescence, Recorder, RedisCluster,
+    RedisServer, check, monotonic_ns,
 };
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
-use self::nemesis::{FaultArg, Nemesis};
+use self::nemesis::{Fault, FaultArg, Nemesis};
 use self::setup::{Level, Timing};
 use self::worker::Role;
 use crate::secret::{self, DATABASE_URL_ENV, REDIS_URL_ENV, SecretUrl};
@@ -47,7 +47,15 @@ Faults (one at a time, evenly spread over --duration, each bounded):
   subscriber-kill  CLIENT KILL the backplane subscriber connections (named strata-bp-*)
   db-down          the database unreachable through a TCP fault proxy for 2 s
   all              each of the above once, in that order
+  failover         (--cluster) kill -9 the master serving the backplane stream's slot;
+                   its replica takes over; the node is restarted and rejoins as a replica
 With --redis, redis-kill is skipped and redis-pause uses CLIENT PAUSE.
+  node-restart     (--ring) kill -9 ring node 1, restart it empty after 3 s
+With --ring, the check starts 3 more redis-servers and every instance shards L2 over
+them (a ShardedTier with a 5 s gutter); the backplane stays on the first Redis.
+With --cluster, the check starts a Redis Cluster (3 masters, 3 replicas) and every
+instance shards its namespace over 64 virtual shards spread over the slots
+(RedisTier::cluster_shards); the faults are failover and db-down.
 
 Then the load stops, the fleet settles for max_stale + 2 s, every instance dumps what its
 L1 serves, L2 and the database are read, and the checker reports:
@@ -128,6 +136,20 @@ pub struct CheckArgs {
     /// Use this Redis instead of starting one (`redis://…`).
     #[arg(long)]
     pub redis: Option<SecretUrl>,
+    /// Run on a Redis Cluster the check starts (3 masters, each with a replica): every
+    /// instance shards its namespace over 64 virtual shards spread over the slots, the
+    /// backplane stream lives on one master. Enables `--fault failover`.
+    #[arg(long, conflicts_with_all = ["redis", "redis_config"])]
+    pub cluster: bool,
+    /// Shard L2 over a ring of 3 standalone Redis servers the check starts (a
+    /// `ShardedTier` with a gutter); the backplane stays on its own Redis. Enables
+    /// `--fault node-restart`.
+    #[arg(long, conflicts_with_all = ["redis", "cluster"])]
+    pub ring: bool,
+    /// With --cluster: invalidations are acknowledged once a replica has them
+    /// (`RedisTierBuilder::wait_for_replicas(1, 20ms)`).
+    #[arg(long, requires = "cluster")]
+    pub wait_for_replicas: bool,
     /// A setting of the Redis the check starts, as it is configured in production
     /// (repeatable), e.g. `--redis-config maxmemory=3mb --redis-config
     /// maxmemory-policy=allkeys-lru`; kept across the kill fault's restart.
@@ -194,6 +216,7 @@ impl WorkerProc {
 struct Launch<'a> {
     args: &'a CheckArgs,
     redis: &'a SecretUrl,
+    ring: Option<&'a SecretUrl>,
     prefix: &'a str,
     database: &'a SecretUrl,
     db_via: String,
@@ -240,6 +263,7 @@ impl Launch<'_> {
             .args(["--name", &name])
             .args(["--level", self.args.level.name()])
             .args(["--prefix", self.prefix])
+            .args(self.args.cluster.then_some("--cluster"))
             .args(["--db-via", &self.db_via])
             .args(["--keys", &self.args.keys.to_string()])
             .args(["--rate", &rate.to_string()])
@@ -250,6 +274,12 @@ impl Launch<'_> {
             .args(["--seed", &(self.args.seed.wrapping_mul(1000) + u64::from(index)).to_string()])
             .env(REDIS_URL_ENV, self.redis.expose())
             .env(DATABASE_URL_ENV, self.database.expose());
+        if let Some(ring) = self.ring {
+            cmd.env(setup::RING_URLS_ENV, ring.expose());
+        }
+        if self.args.wait_for_replicas {
+            cmd.env(setup::WAIT_FOR_REPLICAS_ENV, "1");
+        }
         cmd
     }
 }
@@ -257,14 +287,30 @@ impl Launch<'_> {
 /// Servers started for the run (dropped, and so killed, at the end).
 struct Servers {
     redis: Option<RedisServer>,
+    cluster: Option<RedisCluster>,
+    /// `--ring`: the ring's servers and their URLs.
+    ring: Vec<RedisServer>,
+    ring_url: Option<SecretUrl>,
     postgres: Option<PostgresServer>,
     redis_url: SecretUrl,
     database_url: SecretUrl,
 }
 
 async fn start_servers(args: &CheckArgs) -> Result<Servers> {
+    let mut cluster = None;
     let (redis, redis_url) = match &args.redis {
         Some(url) => (None, url.clone()),
+        None if args.cluster => {
+            eprintln!("strata check: starting a Redis Cluster (3 masters, 3 replicas) ...");
+            let c =
+                tokio::task::spawn_blocking(|| RedisCluster::builder().masters(3).replicas(1).try_start())
+                    .await
+                    .context("redis cluster start task")?
+                    .context("cannot start a Redis Cluster (apt-get install redis-server redis-tools?)")?;
+            let url = SecretUrl::new(c.urls().join(","));
+            cluster = Some(c);
+            (None, url)
+        }
         None => {
             eprintln!("strata check: starting redis-server ...");
             let mut builder = RedisServer::builder();
@@ -297,7 +343,20 @@ async fn start_servers(args: &CheckArgs) -> Result<Servers> {
             (Some(server), SecretUrl::new(url))
         }
     };
-    Ok(Servers { redis, postgres, redis_url, database_url })
+    let mut ring = Vec::new();
+    if args.ring {
+        eprintln!("strata check: starting a ring of 3 redis-servers ...");
+        for _ in 0..3 {
+            let server = tokio::task::spawn_blocking(|| RedisServer::builder().try_start())
+                .await
+                .context("redis start task")?
+                .context("cannot start redis-server (apt-get install redis-server?)")?;
+            ring.push(server);
+        }
+    }
+    let ring_url = (!ring.is_empty())
+        .then(|| SecretUrl::new(ring.iter().map(RedisServer::url).collect::<Vec<_>>().join(",")));
+    Ok(Servers { redis, cluster, ring, ring_url, postgres, redis_url, database_url })
 }
 
 /// Runs `strata check`.
@@ -311,6 +370,18 @@ pub async fn run(args: CheckArgs) -> Result<()> {
     let settle = timing.max_stale + Duration::from_secs(2);
     let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
 
+    let faults = args.fault.faults();
+    if args.cluster
+        && faults.iter().any(|f| matches!(f, Fault::RedisKill | Fault::RedisPause | Fault::SubscriberKill))
+    {
+        bail!("--cluster runs the faults failover and db-down; {} needs one Redis", args.fault.name());
+    }
+    if !args.ring && faults.contains(&Fault::NodeRestart) {
+        bail!("--fault node-restart needs --ring (a ring of servers, one of which restarts)");
+    }
+    if !args.cluster && faults.contains(&Fault::Failover) {
+        bail!("--fault failover needs --cluster (a Redis Cluster whose master can fail over)");
+    }
     let mut servers = start_servers(&args).await?;
     let db = setup::connect(&servers.database_url, None, 2).await?;
     setup::create_table(&db, args.keys).await?;
@@ -329,6 +400,7 @@ pub async fn run(args: CheckArgs) -> Result<()> {
     let launch = Launch {
         args: &args,
         redis: &servers.redis_url,
+        ring: servers.ring_url.as_ref(),
         prefix: &prefix,
         database: &servers.database_url,
         db_via: proxy.addr().to_string(),
@@ -348,9 +420,10 @@ pub async fn run(args: CheckArgs) -> Result<()> {
         w.send("start").await?;
     }
     let start = tokio::time::Instant::now();
-    let faults = args.fault.faults();
     let mut nemesis = Nemesis {
         redis: servers.redis.as_mut(),
+        cluster: servers.cluster.as_mut(),
+        ring: &mut servers.ring,
         redis_url: &servers.redis_url,
         proxy: &proxy,
         recorder: recorder.clone(),
@@ -385,7 +458,7 @@ pub async fn run(args: CheckArgs) -> Result<()> {
             bail!("{} failed ({status}): {}", w.name, w.stderr_tail());
         }
     }
-    let l2 = setup::l2_reader(&servers.redis_url, &prefix).await?;
+    let l2 = setup::l2_reader(&servers.redis_url, args.cluster, servers.ring_url.as_ref(), &prefix).await?;
     let mut l2_entries = Vec::new();
     for key in 1..=args.keys {
         if let Some(row) = l2.get(&key).await.with_context(|| format!("reading key {key} from L2"))? {
@@ -433,6 +506,8 @@ pub async fn run(args: CheckArgs) -> Result<()> {
     }
     cleanup(&servers, &prefix, &db).await;
     drop(servers.redis.take());
+    drop(servers.cluster.take());
+    servers.ring.clear();
     if !report.passed {
         bail!("consistency check failed at the {} level", report.level);
     }
@@ -441,7 +516,7 @@ pub async fn run(args: CheckArgs) -> Result<()> {
 
 /// Leaves an external Redis and database as they were (best effort).
 async fn cleanup(servers: &Servers, prefix: &str, db: &sqlx::PgPool) {
-    if servers.redis.is_none() {
+    if servers.redis.is_none() && servers.cluster.is_none() {
         let _ = setup::delete_prefix(&servers.redis_url, prefix).await;
     }
     if servers.postgres.is_none() {
@@ -475,6 +550,7 @@ mod tests {
         let launch = Launch {
             args: &cli.args,
             redis: &redis,
+            ring: Some(&redis),
             prefix: "p",
             database: &database,
             db_via: "127.0.0.1:1".into(),

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
-use strata_testkit::{Event, FaultProxy, Recorder, RedisServer, monotonic_ns};
+use strata_testkit::{Event, FaultProxy, Recorder, RedisCluster, RedisServer, key_slot, monotonic_ns};
 use tokio::time::Instant;
 
 use crate::secret::SecretUrl;
@@ -32,6 +32,12 @@ pub enum FaultArg {
     DbDown,
     /// Each of the above once, in that order.
     All,
+    /// `--cluster` only: `kill -9` the master serving the backplane stream's slot (and
+    /// a share of every namespace's shards); its replica takes over; the killed node is
+    /// restarted and rejoins as a replica.
+    Failover,
+    /// `--ring` only: `kill -9` ring node 1, restart it empty after 3 s.
+    NodeRestart,
 }
 
 /// One fault.
@@ -45,6 +51,10 @@ pub enum Fault {
     SubscriberKill,
     /// See [`FaultArg::DbDown`].
     DbDown,
+    /// See [`FaultArg::Failover`].
+    Failover,
+    /// See [`FaultArg::NodeRestart`].
+    NodeRestart,
 }
 
 impl FaultArg {
@@ -57,6 +67,8 @@ impl FaultArg {
             FaultArg::SubscriberKill => vec![Fault::SubscriberKill],
             FaultArg::DbDown => vec![Fault::DbDown],
             FaultArg::All => vec![Fault::RedisKill, Fault::RedisPause, Fault::SubscriberKill, Fault::DbDown],
+            FaultArg::Failover => vec![Fault::Failover],
+            FaultArg::NodeRestart => vec![Fault::NodeRestart],
         }
     }
 
@@ -69,6 +81,8 @@ impl FaultArg {
             FaultArg::SubscriberKill => "subscriber-kill",
             FaultArg::DbDown => "db-down",
             FaultArg::All => "all",
+            FaultArg::Failover => "failover",
+            FaultArg::NodeRestart => "node-restart",
         }
     }
 }
@@ -81,6 +95,8 @@ impl Fault {
             Fault::RedisPause => "redis-pause",
             Fault::SubscriberKill => "subscriber-kill",
             Fault::DbDown => "db-down",
+            Fault::Failover => "failover",
+            Fault::NodeRestart => "node-restart",
         }
     }
 }
@@ -89,6 +105,10 @@ impl Fault {
 pub struct Nemesis<'a> {
     /// The Redis server, when `strata check` started it (kill and SIGSTOP need it).
     pub redis: Option<&'a mut RedisServer>,
+    /// The Redis Cluster, when `strata check --cluster` started it.
+    pub cluster: Option<&'a mut RedisCluster>,
+    /// The ring's servers, when `strata check --ring` started them.
+    pub ring: &'a mut Vec<RedisServer>,
     /// The Redis URL (for `CLIENT` commands).
     pub redis_url: &'a SecretUrl,
     /// The proxy between the instances and the database.
@@ -147,6 +167,41 @@ impl Nemesis<'_> {
                     self.redis_command(&["CLIENT", "KILL", "ID", id]).await?;
                 }
                 Ok(format!("subscriber-kill ({} strata-bp connections)", ids.len()))
+            }
+            Fault::Failover => {
+                let Some(cluster) = self.cluster.as_deref_mut() else {
+                    return Ok("failover skipped (needs --cluster)".into());
+                };
+                let slot = key_slot(b"{bp}");
+                let victim = tokio::task::block_in_place(|| cluster.master_for_slot(slot))
+                    .context("CLUSTER NODES")?
+                    .ok_or_else(|| anyhow!("no master serves slot {slot}"))?;
+                let killed = std::time::Instant::now();
+                tokio::task::block_in_place(|| cluster.kill(victim));
+                tokio::task::block_in_place(|| cluster.try_wait_healthy(Duration::from_secs(30)))
+                    .context("the cluster did not recover from the failover")?;
+                let ok_after = killed.elapsed();
+                tokio::task::block_in_place(|| cluster.restart(victim));
+                tokio::task::block_in_place(|| cluster.try_wait_healthy(Duration::from_secs(30)))
+                    .context("the cluster did not take the restarted node back")?;
+                Ok(format!(
+                    "failover (kill -9 master node {victim}, which served the stream's slot {slot}; \
+                     cluster_state ok with its replica promoted after {:.2} s; restarted after {:.2} s)",
+                    ok_after.as_secs_f64(),
+                    killed.elapsed().as_secs_f64()
+                ))
+            }
+            Fault::NodeRestart => {
+                let Some(node) = self.ring.get_mut(1) else {
+                    return Ok("node-restart skipped (needs --ring)".into());
+                };
+                node.kill();
+                tokio::time::sleep(REDIS_DOWN).await;
+                tokio::task::block_in_place(|| node.try_restart()).context("cannot restart ring node 1")?;
+                Ok(format!(
+                    "node-restart (ring node 1 SIGKILLed, restarted empty after {} s)",
+                    REDIS_DOWN.as_secs()
+                ))
             }
             Fault::DbDown => {
                 self.proxy.blackhole(true);

@@ -5,9 +5,10 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow};
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use strata::tier::Tier;
 use strata::{Cache, Consistency};
 use strata_redis::{RedisStreamBackplane, RedisTier};
 
@@ -113,28 +114,94 @@ pub struct Row {
     pub payload: String,
 }
 
-/// Builds one instance's cache on its own Redis connections (as a separate process
-/// would have), at `level`, with the row version declared.
-pub async fn build_cache(
+/// Set (by `strata check --wait-for-replicas`) in the workers' environment: the
+/// Cluster tier acknowledges invalidations once a replica has them.
+pub const WAIT_FOR_REPLICAS_ENV: &str = "STRATA_CHECK_WAIT_FOR_REPLICAS";
+
+/// Set (by `strata check --ring`) in the workers' environment: the ring's servers,
+/// comma-separated (the stream backplane stays on the one Redis).
+pub const RING_URLS_ENV: &str = "STRATA_CHECK_RING_URLS";
+
+/// One instance's L2 tier: a `RedisTier` on `redis`, or with `cluster` (`redis` then
+/// lists the Cluster's nodes, comma-separated) a `ShardedTier` of 64 virtual shards
+/// over a Cluster `RedisTier`. The tier's own response timeout stays a backstop (1 s);
+/// the cache's l2_timeout bounds each L2 call.
+async fn tier(
     redis: &SecretUrl,
     prefix: &str,
-    level: Level,
-    timing: Timing,
-) -> Result<Cache<u64, Row>> {
-    // The tier's own response timeout stays a backstop (1 s); the cache's l2_timeout
-    // bounds each L2 call.
+    cluster: bool,
+    ring: Option<&SecretUrl>,
+) -> Result<(Arc<dyn Tier>, Option<RedisTier>)> {
+    if let Some(ring) = ring {
+        // A ring of standalone servers, named by position, with a gutter.
+        let mut builder = strata::ShardedTier::builder()
+            .gutter(Duration::from_secs(5))
+            .shard_timeout(L2_TIMEOUT.mul_f64(0.8));
+        for (i, url) in ring.expose().split(',').enumerate() {
+            let t = RedisTier::builder(url)
+                .prefix(prefix)
+                .build()
+                .await
+                .with_context(|| format!("cannot connect the RedisTier to ring node {i}"))?;
+            builder = builder.shard(format!("node-{i}"), Arc::new(t));
+        }
+        let sharded = builder.build().map_err(|e| anyhow!("cannot build the ring: {e}"))?;
+        return Ok((Arc::new(sharded), None));
+    }
+    if cluster {
+        let nodes: Vec<String> = redis.expose().split(',').map(str::to_owned).collect();
+        let mut builder = RedisTier::cluster_builder(nodes).prefix(prefix);
+        if std::env::var_os(WAIT_FOR_REPLICAS_ENV).is_some() {
+            builder = builder.wait_for_replicas(1, Duration::from_millis(20));
+        }
+        let tier = builder
+            .build()
+            .await
+            .with_context(|| format!("cannot connect the RedisTier to the Cluster at {redis}"))?;
+        let sharded = tier
+            .clone()
+            .cluster_shards(strata_redis::DEFAULT_CLUSTER_SHARDS)
+            // Below the cache's l2_timeout, so a dead master is its shards' breakers'
+            // business, not the whole tier's.
+            .shard_timeout(L2_TIMEOUT.mul_f64(0.8))
+            .build()
+            .map_err(|e| anyhow!("cannot shard over the Cluster: {e}"))?;
+        return Ok((Arc::new(sharded), Some(tier)));
+    }
     let tier = RedisTier::builder(redis.expose())
         .prefix(prefix)
         .build()
         .await
         .with_context(|| format!("cannot connect the RedisTier to {redis}"))?;
-    let backplane = RedisStreamBackplane::builder(redis.expose())
-        .prefix(prefix)
-        .build()
-        .await
-        .with_context(|| format!("cannot connect the RedisStreamBackplane to {redis}"))?;
+    Ok((Arc::new(tier), None))
+}
+
+/// Builds one instance's cache on its own Redis connections (as a separate process
+/// would have), at `level`, with the row version declared.
+pub async fn build_cache(
+    redis: &SecretUrl,
+    cluster: bool,
+    ring: Option<&SecretUrl>,
+    prefix: &str,
+    level: Level,
+    timing: Timing,
+) -> Result<Cache<u64, Row>> {
+    let (tier, cluster_tier) = tier(redis, prefix, cluster, ring).await?;
+    let backplane = match &cluster_tier {
+        Some(ct) => RedisStreamBackplane::cluster_builder(redis.expose().split(',').map(str::to_owned))
+            .prefix(prefix)
+            .share_connection(ct)
+            .build()
+            .await
+            .with_context(|| format!("cannot connect the RedisStreamBackplane to the Cluster at {redis}"))?,
+        None => RedisStreamBackplane::builder(redis.expose())
+            .prefix(prefix)
+            .build()
+            .await
+            .with_context(|| format!("cannot connect the RedisStreamBackplane to {redis}"))?,
+    };
     Cache::builder(NAMESPACE)
-        .tier(Arc::new(tier))
+        .tier(tier)
         .backplane(Arc::new(backplane))
         .consistency(level.consistency())
         .max_stale(timing.max_stale)
@@ -149,14 +216,15 @@ pub async fn build_cache(
 }
 
 /// A cache on L2 only (no backplane, empty L1): `get` on it reads what L2 holds.
-pub async fn l2_reader(redis: &SecretUrl, prefix: &str) -> Result<Cache<u64, Row>> {
-    let tier = RedisTier::builder(redis.expose())
-        .prefix(prefix)
-        .build()
-        .await
-        .with_context(|| format!("cannot connect a RedisTier to {redis}"))?;
+pub async fn l2_reader(
+    redis: &SecretUrl,
+    cluster: bool,
+    ring: Option<&SecretUrl>,
+    prefix: &str,
+) -> Result<Cache<u64, Row>> {
+    let (tier, _) = tier(redis, prefix, cluster, ring).await?;
     Cache::builder(NAMESPACE)
-        .tier(Arc::new(tier))
+        .tier(tier)
         .l2_timeout(Duration::from_secs(1))
         .loader_hard_timeout(HARD_TIMEOUT)
         .ttl(TTL)

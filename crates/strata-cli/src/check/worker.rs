@@ -65,6 +65,9 @@ pub struct WorkerArgs {
     /// Key prefix of the run in Redis.
     #[arg(long)]
     pub prefix: String,
+    /// The Redis URL lists a Cluster's nodes (comma-separated).
+    #[arg(long)]
+    pub cluster: bool,
     /// Reach Postgres through this `host:port` (the fault proxy).
     #[arg(long)]
     pub db_via: Option<String>,
@@ -128,7 +131,9 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
     };
     let (redis, database) = (url_from_env(REDIS_URL_ENV)?, url_from_env(DATABASE_URL_ENV)?);
     let pool = setup::connect(&database, args.db_via.as_deref(), pool_size).await?;
-    let cache = setup::build_cache(&redis, &args.prefix, args.level, timing).await?;
+    let ring = std::env::var(setup::RING_URLS_ENV).ok().map(SecretUrl::new);
+    let cache =
+        setup::build_cache(&redis, args.cluster, ring.as_ref(), &args.prefix, args.level, timing).await?;
     tokio::time::timeout(Duration::from_secs(30), cache.ready())
         .await
         .map_err(|_| anyhow!("the cache was not ready within 30 s"))?;

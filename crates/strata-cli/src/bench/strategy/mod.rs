@@ -145,6 +145,28 @@ pub struct FleetConfig {
     pub seed: u64,
     /// `--warm-up`: strata's caches rank their hot keys and a joining one preloads them.
     pub warm_up: bool,
+    /// `--redis-ring` (standalone servers that strata shards over with a `ShardedTier`
+    /// and redis-global routes to by the same placement) or `--redis-cluster` (the
+    /// Cluster's nodes).
+    pub nodes: Vec<SecretUrl>,
+    /// True when `nodes` are a Redis Cluster's (`--redis-cluster`).
+    pub cluster: bool,
+    /// `--redis-backplane`: the ring's stream backplane on its own server.
+    pub backplane: Option<SecretUrl>,
+    /// `--hot-key-copies`: how many servers of the ring hold a hot key (strata).
+    pub hot_key_copies: usize,
+}
+
+impl FleetConfig {
+    /// The Redis servers the shared tier lives on: `--redis`, the ring's or the
+    /// Cluster's.
+    pub fn redis_urls(&self) -> Option<Vec<SecretUrl>> {
+        match (&self.redis, self.nodes.is_empty()) {
+            (Some(url), _) => Some(vec![url.clone()]),
+            (None, false) => Some(self.nodes.clone()),
+            (None, true) => None,
+        }
+    }
 }
 
 /// TTL of the per-instance cache of `local-ttl` (the "Caffeine 5 s" baseline).
@@ -181,11 +203,13 @@ pub async fn delete_prefix(url: &SecretUrl, prefix: &str) -> Result<()> {
             .await
             .context("Redis SCAN failed during cleanup")?;
         if !keys.is_empty() {
-            redis::cmd("UNLINK")
-                .arg(&keys)
-                .query_async::<i64>(&mut conn)
-                .await
-                .context("Redis UNLINK failed")?;
+            // One UNLINK per key: on a Cluster node, one command over keys of several
+            // slots is refused (CROSSSLOT).
+            let mut pipe = redis::pipe();
+            for k in &keys {
+                pipe.cmd("UNLINK").arg(k).ignore();
+            }
+            pipe.query_async::<()>(&mut conn).await.context("Redis UNLINK failed")?;
         }
         if next == 0 {
             return Ok(());

@@ -1,6 +1,7 @@
 //! `redis-global`: plain cache-aside on one Redis with redis-rs. Every read is a `GET`;
 //! a miss loads from the DB and `SET`s with the 24 h TTL; a write commits, then `DEL`s.
-//! No local cache, no single-flight, no fill guard.
+//! No local cache, no single-flight, no fill guard. Over `--redis-ring`, each key goes to
+//! the server strata's `ShardedTier` would put it on (the same rendezvous placement).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,34 +9,58 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use async_trait::async_trait;
+use strata::tier::sharded::Placement;
 
 use super::{FleetConfig, INVALIDATED_TTL, Strategy, TierCounts, delete_prefix};
 use crate::bench::db::{Db, Row};
 use crate::secret::SecretUrl;
 
-/// Cache-aside on one Redis shared by the fleet (instances differ only by name).
+/// Cache-aside on one Redis (or a ring) shared by the fleet (instances differ only by
+/// name).
 pub struct RedisGlobal {
     db: Arc<Db>,
-    conn: redis::aio::ConnectionManager,
-    url: SecretUrl,
+    conns: Vec<redis::aio::ConnectionManager>,
+    /// With `--redis-cluster`: the cluster client's connection (redis-rs routes by key).
+    cluster: Option<redis::cluster_async::ClusterConnection>,
+    placement: Placement,
+    urls: Vec<SecretUrl>,
     prefix: String,
     ops: AtomicU64,
     hits: AtomicU64,
 }
 
 impl RedisGlobal {
-    /// Connects to `--redis`.
+    /// Connects to `--redis` (or to every server of `--redis-ring`).
     pub async fn connect(cfg: &FleetConfig) -> Result<RedisGlobal> {
-        let url = cfg.redis.as_ref().context("redis-global needs --redis URL")?;
-        let client = redis::Client::open(url.expose()).with_context(|| format!("bad Redis URL {url}"))?;
-        let conn = client
-            .get_connection_manager()
-            .await
-            .with_context(|| format!("cannot connect to Redis at {url}"))?;
+        let urls = cfg.redis_urls().context("redis-global needs --redis, --redis-ring or --redis-cluster")?;
+        let mut conns = Vec::with_capacity(urls.len());
+        let cluster = if cfg.cluster {
+            let client = redis::cluster::ClusterClient::new(
+                urls.iter().map(|u| u.expose().to_owned()).collect::<Vec<String>>(),
+            )
+            .context("bad Redis Cluster URLs")?;
+            Some(client.get_async_connection().await.context("cannot connect to the Redis Cluster")?)
+        } else {
+            None
+        };
+        if !cfg.cluster {
+            for url in &urls {
+                let client =
+                    redis::Client::open(url.expose()).with_context(|| format!("bad Redis URL {url}"))?;
+                let conn = client
+                    .get_connection_manager()
+                    .await
+                    .with_context(|| format!("cannot connect to Redis at {url}"))?;
+                conns.push(conn);
+            }
+        }
+        let names: Vec<String> = (0..urls.len()).map(|i| format!("node-{i}")).collect();
         Ok(RedisGlobal {
             db: cfg.db.clone(),
-            conn,
-            url: url.clone(),
+            conns,
+            cluster,
+            placement: Placement::new(&names),
+            urls,
             prefix: format!("{}:redis-global:", cfg.run_id),
             ops: AtomicU64::new(0),
             hits: AtomicU64::new(0),
@@ -44,6 +69,14 @@ impl RedisGlobal {
 
     fn key(&self, key: u64) -> String {
         format!("{}{key}", self.prefix)
+    }
+
+    /// Runs `cmd` on the server holding `key`.
+    async fn query<T: redis::FromRedisValue>(&self, key: u64, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+        match &self.cluster {
+            Some(c) => cmd.query_async(&mut c.clone()).await,
+            None => cmd.query_async(&mut self.conns[self.placement.shard_of(&key.to_string())].clone()).await,
+        }
     }
 }
 
@@ -62,11 +95,10 @@ impl Strategy for RedisGlobal {
     }
 
     async fn read(&self, _instance: usize, key: u64) -> Result<Row> {
-        let mut conn = self.conn.clone();
         let name = self.key(key);
         self.ops.fetch_add(1, Ordering::Relaxed);
         let cached: Option<Vec<u8>> =
-            redis::cmd("GET").arg(&name).query_async(&mut conn).await.context("Redis GET failed")?;
+            self.query(key, redis::cmd("GET").arg(&name)).await.context("Redis GET failed")?;
         if let Some(bytes) = cached
             && let Ok(row) = serde_json::from_slice::<Row>(&bytes)
         {
@@ -76,26 +108,19 @@ impl Strategy for RedisGlobal {
         let row = self.db.read(key).await?;
         let bytes = serde_json::to_vec(&row)?;
         self.ops.fetch_add(1, Ordering::Relaxed);
-        redis::cmd("SET")
-            .arg(&name)
-            .arg(bytes)
-            .arg("EX")
-            .arg(INVALIDATED_TTL.as_secs())
-            .query_async::<()>(&mut conn)
-            .await
-            .context("Redis SET failed")?;
+        self.query::<()>(
+            key,
+            redis::cmd("SET").arg(&name).arg(bytes).arg("EX").arg(INVALIDATED_TTL.as_secs()),
+        )
+        .await
+        .context("Redis SET failed")?;
         Ok(row)
     }
 
     async fn write(&self, _instance: usize, key: u64, value: &str) -> Result<u64> {
         let version = self.db.write(key, value).await?;
-        let mut conn = self.conn.clone();
         self.ops.fetch_add(1, Ordering::Relaxed);
-        redis::cmd("DEL")
-            .arg(self.key(key))
-            .query_async::<i64>(&mut conn)
-            .await
-            .context("Redis DEL failed")?;
+        self.query::<i64>(key, redis::cmd("DEL").arg(self.key(key))).await.context("Redis DEL failed")?;
         Ok(version)
     }
 
@@ -109,6 +134,9 @@ impl Strategy for RedisGlobal {
 
     async fn close(&self) -> Result<()> {
         // Remove this run's keys (not counted: cleanup is not part of the workload).
-        delete_prefix(&self.url, &self.prefix).await
+        for url in &self.urls {
+            delete_prefix(url, &self.prefix).await?;
+        }
+        Ok(())
     }
 }

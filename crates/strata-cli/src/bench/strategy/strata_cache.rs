@@ -2,7 +2,9 @@
 //! L1, sharing one L2 tier and one backplane: `InProcessTier` + `InProcessBackplane`
 //! (one connection per instance) by default; with `--redis`, a `RedisTier` and a
 //! `RedisStreamBackplane` per instance (each with its own connections, as separate
-//! processes would have), all under a prefix unique to the run.
+//! processes would have), all under a prefix unique to the run; with `--redis-ring`, a
+//! `ShardedTier` per instance over one `RedisTier` per server (with a gutter, and
+//! `--hot-key-copies`), the stream backplane on the first server.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +14,7 @@ use async_trait::async_trait;
 use parking_lot::{Mutex, RwLock};
 use strata::backplane::Backplane;
 use strata::tier::Tier;
-use strata::{Cache, Consistency, InProcessBackplane, InProcessTier, WarmUp};
+use strata::{Cache, Consistency, InProcessBackplane, InProcessTier, ShardedTier, WarmUp};
 use strata_redis::{RedisStreamBackplane, RedisTier};
 
 use super::{FleetConfig, INVALIDATED_TTL, Strategy, TierCounts, delete_prefix};
@@ -27,11 +29,23 @@ enum Remote {
         hub: InProcessBackplane,
     },
     Redis {
-        url: SecretUrl,
+        /// The servers (one, or the ring's).
+        urls: Vec<SecretUrl>,
         prefix: String,
+        /// Every `RedisTier` (one per instance and server).
         tiers: Mutex<Vec<RedisTier>>,
+        /// The instances' sharded tiers (ring only).
+        sharded: Mutex<Vec<Arc<ShardedTier>>>,
         backplanes: Mutex<Vec<RedisStreamBackplane>>,
     },
+}
+
+/// One instance's connections to Redis.
+struct Connected {
+    tier: Arc<dyn Tier>,
+    tiers: Vec<RedisTier>,
+    sharded: Option<Arc<ShardedTier>>,
+    backplane: RedisStreamBackplane,
 }
 
 /// A fleet of strata caches.
@@ -49,7 +63,7 @@ impl StrataCache {
     /// Builds one cache per instance and waits until every one is ready (subscribed).
     pub async fn start(cfg: &FleetConfig) -> Result<StrataCache> {
         let mut caches = Vec::with_capacity(cfg.instances);
-        let remote = match &cfg.redis {
+        let remote = match cfg.redis_urls() {
             None => {
                 let tier = InProcessTier::new();
                 let hub = InProcessBackplane::new();
@@ -58,20 +72,23 @@ impl StrataCache {
                 }
                 Remote::InProcess { tier, hub }
             }
-            Some(url) => {
+            Some(urls) => {
                 let prefix = cfg.run_id.clone();
-                let mut tiers = Vec::with_capacity(cfg.instances);
+                let mut tiers = Vec::new();
+                let mut sharded = Vec::new();
                 let mut backplanes = Vec::with_capacity(cfg.instances);
                 for i in 0..cfg.instances {
-                    let (tier, backplane) = connect(url, &prefix).await?;
-                    caches.push(build_cache(cfg, i, Arc::new(tier.clone()), Arc::new(backplane.clone()))?);
-                    tiers.push(tier);
-                    backplanes.push(backplane);
+                    let c = connect(&urls, &prefix, cfg).await?;
+                    caches.push(build_cache(cfg, i, c.tier, Arc::new(c.backplane.clone()))?);
+                    tiers.extend(c.tiers);
+                    sharded.extend(c.sharded);
+                    backplanes.push(c.backplane);
                 }
                 Remote::Redis {
-                    url: url.clone(),
+                    urls,
                     prefix,
                     tiers: Mutex::new(tiers),
+                    sharded: Mutex::new(sharded),
                     backplanes: Mutex::new(backplanes),
                 }
             }
@@ -100,19 +117,67 @@ impl StrataCache {
     }
 }
 
-async fn connect(url: &SecretUrl, prefix: &str) -> Result<(RedisTier, RedisStreamBackplane)> {
-    let tier = RedisTier::builder(url.expose())
+async fn connect_one(url: &SecretUrl, prefix: &str) -> Result<RedisTier> {
+    RedisTier::builder(url.expose())
         .prefix(prefix)
         .build()
         .await
-        .with_context(|| format!("cannot connect strata's RedisTier to {url}"))?;
-    let backplane = RedisStreamBackplane::builder(url.expose())
-        .prefix(prefix)
-        .share_connection(&tier)
-        .build()
-        .await
-        .with_context(|| format!("cannot connect strata's RedisStreamBackplane to {url}"))?;
-    Ok((tier, backplane))
+        .with_context(|| format!("cannot connect strata's RedisTier to {url}"))
+}
+
+/// One instance's tier (a `RedisTier`; a `ShardedTier` over one per server of a ring,
+/// or over the Cluster's virtual shards) and stream backplane (on the first server, or
+/// the Cluster, sharing the tier's connection).
+async fn connect(urls: &[SecretUrl], prefix: &str, cfg: &FleetConfig) -> Result<Connected> {
+    let first = urls.first().ok_or_else(|| anyhow!("no Redis URL"))?;
+    if cfg.cluster {
+        let tier = RedisTier::cluster_builder(urls.iter().map(|u| u.expose().to_owned()))
+            .prefix(prefix)
+            .build()
+            .await
+            .with_context(|| format!("cannot connect strata's RedisTier to the Cluster at {first}"))?;
+        let backplane = RedisStreamBackplane::cluster_builder(urls.iter().map(|u| u.expose().to_owned()))
+            .prefix(prefix)
+            .share_connection(&tier)
+            .build()
+            .await
+            .with_context(|| {
+                format!("cannot connect strata's RedisStreamBackplane to the Cluster at {first}")
+            })?;
+        let sharded = tier
+            .clone()
+            .cluster_shards(strata_redis::DEFAULT_CLUSTER_SHARDS)
+            .hot_key_copies(cfg.hot_key_copies)
+            .build()
+            .map_err(|e| anyhow!("cannot shard over the Cluster: {e}"))?;
+        let sharded = Arc::new(sharded);
+        return Ok(Connected { tier: sharded.clone(), tiers: vec![tier], sharded: Some(sharded), backplane });
+    }
+    let mut tiers = Vec::with_capacity(urls.len());
+    for url in urls {
+        tiers.push(connect_one(url, prefix).await?);
+    }
+    let backplane = match &cfg.backplane {
+        Some(url) => RedisStreamBackplane::builder(url.expose()).prefix(prefix).build().await,
+        None => {
+            RedisStreamBackplane::builder(first.expose())
+                .prefix(prefix)
+                .share_connection(&tiers[0])
+                .build()
+                .await
+        }
+    };
+    let backplane = backplane.with_context(|| "cannot connect strata's RedisStreamBackplane".to_owned())?;
+    if urls.len() == 1 {
+        return Ok(Connected { tier: Arc::new(tiers[0].clone()), tiers, sharded: None, backplane });
+    }
+    let mut ring = ShardedTier::builder().gutter(Duration::from_secs(10)).hot_key_copies(cfg.hot_key_copies);
+    for (i, t) in tiers.iter().enumerate() {
+        // Named by position: every instance lists the servers in the same order.
+        ring = ring.shard(format!("node-{i}"), Arc::new(t.clone()));
+    }
+    let sharded = Arc::new(ring.build().map_err(|e| anyhow!("cannot build the ring: {e}"))?);
+    Ok(Connected { tier: sharded.clone(), tiers, sharded: Some(sharded), backplane })
 }
 
 #[async_trait]
@@ -149,12 +214,12 @@ impl Strategy for StrataCache {
             Remote::InProcess { tier, hub } => {
                 build_cache(&self.cfg, instance, Arc::new(tier.clone()), Arc::new(hub.connect()))?
             }
-            Remote::Redis { url, prefix, tiers, backplanes } => {
-                let (tier, backplane) = connect(url, prefix).await?;
-                let cache =
-                    build_cache(&self.cfg, instance, Arc::new(tier.clone()), Arc::new(backplane.clone()))?;
-                tiers.lock().push(tier);
-                backplanes.lock().push(backplane);
+            Remote::Redis { urls, prefix, tiers, sharded, backplanes } => {
+                let c = connect(urls, prefix, &self.cfg).await?;
+                let cache = build_cache(&self.cfg, instance, c.tier, Arc::new(c.backplane.clone()))?;
+                tiers.lock().extend(c.tiers);
+                sharded.lock().extend(c.sharded);
+                backplanes.lock().push(c.backplane);
                 cache
             }
         };
@@ -205,8 +270,22 @@ impl Strategy for StrataCache {
                 sum.insert("tier_ops".into(), tier.ops().into());
                 sum.insert("backplane_published".into(), hub.published().into());
             }
-            Remote::Redis { tiers, backplanes, .. } => {
+            Remote::Redis { tiers, sharded, backplanes, .. } => {
                 sum.insert("tier_ops".into(), tiers.lock().iter().map(RedisTier::ops).sum::<u64>().into());
+                let (mut copy_reads, mut gutter_reads, mut copies_filled) = (0, 0, 0);
+                for t in sharded.lock().iter() {
+                    let stats = t.stats();
+                    copies_filled += stats.copies_filled;
+                    for s in &stats.shards {
+                        copy_reads += s.copy_reads;
+                        gutter_reads += s.gutter_reads;
+                    }
+                }
+                if !sharded.lock().is_empty() {
+                    sum.insert("ring_copy_reads".into(), copy_reads.into());
+                    sum.insert("ring_gutter_reads".into(), gutter_reads.into());
+                    sum.insert("ring_copies_filled".into(), copies_filled.into());
+                }
                 let backplanes = backplanes.lock();
                 let bp = backplanes.iter().map(RedisStreamBackplane::stats);
                 let (published, delivered) = bp.fold((0, 0), |(p, d), s| (p + s.published, d + s.delivered));
@@ -221,8 +300,10 @@ impl Strategy for StrataCache {
         for c in self.all_caches() {
             c.shutdown().await;
         }
-        if let Remote::Redis { url, prefix, .. } = &self.remote {
-            delete_prefix(url, prefix).await?;
+        if let Remote::Redis { urls, prefix, .. } = &self.remote {
+            for url in urls.iter().chain(&self.cfg.backplane) {
+                delete_prefix(url, prefix).await?;
+            }
         }
         Ok(())
     }
