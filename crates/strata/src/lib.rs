@@ -216,6 +216,7 @@ pub mod overload;
 pub mod schema;
 pub mod scope;
 pub mod tier;
+pub mod write_behind;
 
 /// Test fixtures: a manual clock, and the conformance suite every [`Tier`]
 /// implementation must pass. Behind the `testing` feature.
@@ -223,6 +224,7 @@ pub mod tier;
 pub mod testing {
     pub use crate::clock::ManualClock;
     pub use crate::tier::conformance;
+    pub use crate::write_behind::conformance as queue_conformance;
 }
 
 pub use backplane::InProcessBackplane;
@@ -243,3 +245,6 @@ pub use overload::LoadLimiter;
 pub use scope::Scope;
 pub use stats::CacheStats;
 pub use tier::{InProcessTier, ShardedTier};
+pub use write_behind::{
+    InProcessQueue, Sink, SinkError, SinkItem, WhenFull, WriteBehind, WriteBehindConfig, WriteBehindQueue,
+};

@@ -46,7 +46,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
             for _ in &missing {
                 self.stats.misses.incr();
             }
-            return Ok(out);
+            return self.with_waiting_saves(keys, &missing, out).await;
         };
         if missing.is_empty() {
             return Ok(out);
@@ -65,6 +65,23 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
                     }
                 }
                 Lookup::Miss { .. } => self.stats.misses.incr(),
+            }
+        }
+        self.with_waiting_saves(keys, &missing, out).await
+    }
+
+    /// `out` with the waiting write-behind saves of the `missing` keys L2 did not answer.
+    async fn with_waiting_saves(
+        &self,
+        keys: &[K],
+        missing: &[usize],
+        mut out: Vec<Option<V>>,
+    ) -> Result<Vec<Option<V>>> {
+        if self.write_behind.is_some() {
+            for &i in missing {
+                if out[i].is_none() {
+                    out[i] = self.waiting_value(&keys[i]).await?;
+                }
             }
         }
         Ok(out)
@@ -169,16 +186,18 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
         }
         // The loader, once for every key L2 did not answer.
         let keys: Vec<K> = to_load.iter().map(|&j| led[j].key.clone()).collect();
-        let loaded = self.call_loader(loader.load_many(&keys), None).await.and_then(|(values, nanos)| {
-            if values.len() == keys.len() {
-                Ok((values, nanos))
-            } else {
-                Err(Error::new(
-                    ErrorKind::Loader,
-                    format!("load_many returned {} values for {} keys", values.len(), keys.len()),
-                ))
-            }
-        });
+        let loaded = self.call_loader(self.load_many_waiting_first(&keys, &*loader), None).await.and_then(
+            |(values, nanos)| {
+                if values.len() == keys.len() {
+                    Ok((values, nanos))
+                } else {
+                    Err(Error::new(
+                        ErrorKind::Loader,
+                        format!("load_many returned {} values for {} keys", values.len(), keys.len()),
+                    ))
+                }
+            },
+        );
         let mut led: Vec<Option<Led<K, V>>> = led.into_iter().map(Some).collect();
         match loaded {
             Ok((values, load_nanos)) => {

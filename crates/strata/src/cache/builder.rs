@@ -25,10 +25,8 @@ use crate::scope::Scope;
 use crate::tag_epochs::DEFAULT_MAX_TAG_EPOCHS;
 use crate::tier::Tier;
 
-/// Builds a [`Cache`]. Create it with [`Cache::builder`].
-///
-/// Every duration setting is at most 365 days; [`build`](Self::build) names the setting
-/// that is out of range and gives its range.
+/// Builds a [`Cache`]. Create it with [`Cache::builder`]. Every duration setting is at
+/// most 365 days; [`build`](Self::build) names a setting out of range and its range.
 #[must_use = "a builder does nothing until build() is called"]
 pub struct CacheBuilder<K, V> {
     namespace: String,
@@ -67,6 +65,7 @@ pub struct CacheBuilder<K, V> {
     clock: ClockSource,
     seed: Option<u64>,
     warm_up: Option<WarmUp>,
+    pub(super) write_behind: Option<crate::write_behind::WriteBehindConfig<K, V>>,
     _types: PhantomData<fn() -> (K, V)>,
 }
 
@@ -117,12 +116,12 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
             clock: ClockSource::system(),
             seed: None,
             warm_up: None,
+            write_behind: None,
             _types: PhantomData,
         }
     }
 
-    /// L1 capacity: entries, or total weight when a [`CacheBuilder::weigher`] is set.
-    /// Default 10 000.
+    /// L1 capacity: entries, or total weight with a [`CacheBuilder::weigher`]. Default 10 000.
     pub fn max_capacity(mut self, capacity: u64) -> Self {
         self.max_capacity = capacity;
         self
@@ -417,7 +416,7 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
             seed: self.seed,
             warm_up: self.warm_up,
         };
-        let (inner, lifetime) = Inner::new(config, self.clock, self.tier, self.backplane);
+        let (inner, lifetime) = Inner::new(config, self.clock, self.tier, self.backplane, self.write_behind);
         if tokio::runtime::Handle::try_current().is_ok() {
             tasks::spawn(&inner);
         } else {
@@ -576,6 +575,7 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
                 "build the cache from async code running on tokio",
             ));
         }
+        self.write_behind.as_ref().map_or(Ok(()), |w| w.check())?;
         self.breaker.validate()?;
         self.load.validate()
     }

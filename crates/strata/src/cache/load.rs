@@ -118,7 +118,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
             }
             _ => None,
         };
-        let result = match self.call_loader(loader(), soft).await {
+        let result = match self.call_loader(self.load_one(&loading.key_str, loader()), soft).await {
             Ok((value, load_nanos)) => {
                 self.store_loaded(&loading, value.clone(), token.as_ref(), load_nanos).await;
                 Ok(value)
@@ -259,13 +259,14 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
     }
 
     /// Reads through to the loader without caching (the bypassed cache's reads).
-    pub(crate) async fn load_direct<F, Fut, E>(&self, loader: F) -> Result<Option<V>>
+    pub(crate) async fn load_direct<F, Fut, E>(&self, key: &K, loader: F) -> Result<Option<V>>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = std::result::Result<Option<V>, E>>,
         E: Into<BoxError>,
     {
-        self.call_loader(loader(), None).await.map(|(value, _)| value)
+        let key_str = key.to_key_string();
+        self.call_loader(self.load_one(&key_str, loader()), None).await.map(|(value, _)| value)
     }
 
     /// Serves a fail-safe copy and re-arms it for the throttle period so that the next

@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `mod.rs` | the handle: construction, introspection, readiness, shutdown, write locks |
 //! | `read.rs`, `write.rs` | the handle's read and write methods |
-//! | `builder.rs`, `config.rs` | the builder and the validated configuration it produces |
+//! | `builder.rs`, `builder_load.rs`, `builder_write.rs`, `config.rs` | the builder and the validated configuration it produces |
 //! | `state.rs` | the state every handle and task shares ([`Inner`](state::Inner)) |
 //! | `probe.rs` | the L1 side of a read: the hit path, `max_stale`, XFetch |
 //! | `flight.rs`, `load.rs`, `batch.rs` | single-flight, one key's load, batch reads |
@@ -20,6 +20,7 @@
 pub(crate) mod batch;
 pub(crate) mod builder;
 pub(crate) mod builder_load;
+pub(crate) mod builder_write;
 pub(crate) mod config;
 pub(crate) mod entry;
 pub(crate) mod erased;
@@ -141,6 +142,13 @@ impl<K: CacheKey, V: CacheValue> Cache<K, V> {
     /// probe should wait for it.
     pub async fn ready(&self) {
         self.inner.wait_ready().await;
+    }
+
+    /// The write-behind side of this cache (save, flush, dead letters), when it was
+    /// built with [`CacheBuilder::write_behind`](crate::CacheBuilder::write_behind).
+    pub fn write_behind(&self) -> Option<crate::write_behind::WriteBehind<K, V>> {
+        let wb = self.inner.write_behind.clone()?;
+        Some(crate::write_behind::WriteBehind::new(self.clone(), wb))
     }
 
     /// This cache without its key and value types: for code that serves many caches

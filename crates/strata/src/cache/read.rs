@@ -56,7 +56,7 @@ impl<K: CacheKey, V: CacheValue> Cache<K, V> {
         }
         let Some(l2) = &inner.l2 else {
             inner.stats.misses.incr();
-            return Ok(None);
+            return inner.waiting_value(key).await;
         };
         let loading = Loading::new(key.clone(), inner.guards.start(now));
         let lookup =
@@ -67,7 +67,7 @@ impl<K: CacheKey, V: CacheValue> Cache<K, V> {
             return Ok(value);
         }
         inner.stats.misses.incr();
-        Ok(None)
+        inner.waiting_value(key).await
     }
 
     /// Reads `key`, loading it with `loader` on a miss.
@@ -108,7 +108,7 @@ impl<K: CacheKey, V: CacheValue> Cache<K, V> {
         inner.note_read(key);
         if inner.is_bypassed() {
             inner.stats.bypassed_reads.incr();
-            return inner.load_direct(loader).await;
+            return inner.load_direct(key, loader).await;
         }
         let stale = match inner.probe(key, now) {
             Probe::Fresh(value, refresh) => {
@@ -163,7 +163,8 @@ impl<K: CacheKey, V: CacheValue> Cache<K, V> {
         }
         if inner.is_bypassed() {
             inner.stats.bypassed_reads.incr();
-            return inner.call_loader(loader.load_many(keys), None).await.map(|(values, _)| values);
+            let load = inner.load_many_waiting_first(keys, &*loader);
+            return inner.call_loader(load, None).await.map(|(values, _)| values);
         }
         inner.get_or_load_many(keys, loader).await
     }

@@ -74,6 +74,8 @@ pub(crate) struct Inner<K, V> {
     pub(crate) xfetch_lead: XFetchLead,
     pub(crate) rng: Mutex<SmallRng>,
     pub(crate) stop: Stop,
+    /// Write-behind's settings, counters and flusher state; `None` without it.
+    pub(crate) write_behind: Option<Arc<crate::write_behind::Shared<K, V>>>,
 }
 
 impl<K: CacheKey, V: CacheValue> Inner<K, V> {
@@ -83,6 +85,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
         clock: ClockSource,
         tier: Option<Arc<dyn Tier>>,
         backplane: Option<Arc<dyn Backplane>>,
+        write_behind: Option<crate::write_behind::WriteBehindConfig<K, V>>,
     ) -> (Arc<Self>, Lifetime) {
         let stats = Stats::default();
         let l1 = L1::with_weighter(
@@ -161,6 +164,8 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
             warming_up: AtomicBool::new(warming_up),
             rng: Mutex::new(rng),
             stop,
+            write_behind: write_behind
+                .map(|w| Arc::new(crate::write_behind::Shared::new(w, format!("{origin:016x}")))),
         });
         (inner, Lifetime { stop: stop_tx })
     }

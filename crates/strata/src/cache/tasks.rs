@@ -48,6 +48,9 @@ pub(crate) fn spawn<K: CacheKey, V: CacheValue>(inner: &Arc<Inner<K, V>>) {
         tokio::spawn(retry(inner.clone()));
     }
     tokio::spawn(export(inner.clone()));
+    if inner.write_behind.as_ref().is_some_and(|w| w.cfg.run_flusher) {
+        tokio::spawn(crate::write_behind::run_flusher(inner.clone()));
+    }
     if inner.cfg.warm_up.is_some() {
         tokio::spawn(inner.clone().warm_up());
         tokio::spawn(report_hot_keys(inner.clone()));

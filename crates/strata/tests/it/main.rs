@@ -29,4 +29,5 @@ mod strong;
 mod support;
 mod tag_pruning;
 mod warm_up;
+mod write_behind;
 mod write_lock;
