@@ -121,6 +121,57 @@ fn payment_short_bench() {
     assert!(stdout.contains("consumer stale"));
 }
 
+#[test]
+fn drafts_short_bench() {
+    let dir = tempfile::tempdir().unwrap();
+    let (json, svg) = (dir.path().join("drafts.json"), dir.path().join("drafts.svg"));
+    let out = strata(&[
+        "bench",
+        "--scenario",
+        "drafts",
+        "--duration",
+        "3",
+        "--instances",
+        "3",
+        "--users",
+        "100",
+        "--flush-delay",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+        "--plot",
+        svg.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "drafts bench failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["scenario"], "drafts");
+    for name in ["write-through", "naive-write-behind", "strata"] {
+        let s = strategy(&report, name);
+        for field in [
+            "db_writes",
+            "db_writes_per_s",
+            "save_p99_us",
+            "read_your_writes_violations",
+            "lost_saves",
+            "flush_lag_p99_ms",
+        ] {
+            assert!(s[field].is_number(), "{name}.{field} missing: {s:#}");
+        }
+        assert_eq!(s["errors"], 0, "{name}: {s:#}");
+    }
+    let (strata_s, through) = (strategy(&report, "strata"), strategy(&report, "write-through"));
+    assert_eq!(strata_s["lost_saves"], 0, "{strata_s:#}");
+    assert_eq!(strata_s["read_your_writes_violations"], 0, "{strata_s:#}");
+    assert_eq!(through["lost_saves"], 0, "{through:#}");
+    assert!(
+        strata_s["db_writes"].as_u64().unwrap() < through["db_writes"].as_u64().unwrap(),
+        "write-behind writes fewer rows: {report:#}"
+    );
+    assert!(stdout.contains("naive-write-behind") && stdout.contains("lost"), "{stdout}");
+    assert!(std::fs::read_to_string(&svg).unwrap().contains("drafts"));
+}
+
 /// `--redis-config` sets up the Redis the check starts; a setting without `=` or next
 /// to `--redis` is refused with a message that says how to write it.
 #[test]

@@ -51,8 +51,10 @@ pub struct DbCounts {
     pub hottest_reads: u64,
 }
 
-enum Pool {
+pub(super) enum Pool {
+    /// SQLite.
     Sqlite(SqlitePool),
+    /// Postgres.
     Postgres(PgPool),
 }
 
@@ -86,65 +88,16 @@ impl Db {
         let (column, initial) = match scenario {
             Scenario::Billsetting => ("plan", "basic"),
             Scenario::Payment => ("status", "PENDING"),
+            Scenario::Drafts => ("body", ""),
         };
-        // `url` formats redacted; `raw` is for sqlx alone.
-        let (pool, table, description, dir) = match url.map(|u| (u, u.expose())) {
-            None => {
-                let dir = tempfile::tempdir().context("cannot create a temporary directory for SQLite")?;
-                let path = dir.path().join("bench.db");
-                let options = SqliteConnectOptions::new()
-                    .filename(&path)
-                    .create_if_missing(true)
-                    .journal_mode(SqliteJournalMode::Wal)
-                    .synchronous(SqliteSynchronous::Normal)
-                    .busy_timeout(Duration::from_secs(10));
-                let pool = SqlitePoolOptions::new()
-                    .max_connections(SQLITE_POOL)
-                    .acquire_timeout(Duration::from_secs(30))
-                    .connect_with(options)
-                    .await
-                    .with_context(|| format!("cannot open SQLite database {}", path.display()))?;
-                let description = format!("SQLite (WAL, pool of {SQLITE_POOL}) in {}", dir.path().display());
-                (Pool::Sqlite(pool), scenario.name().to_owned(), description, Some(dir))
-            }
-            Some((url, raw)) if raw.starts_with("postgres://") || raw.starts_with("postgresql://") => {
-                let pool = PgPoolOptions::new()
-                    .max_connections(POSTGRES_POOL)
-                    .acquire_timeout(Duration::from_secs(30))
-                    .connect(raw)
-                    .await
-                    .with_context(|| format!("cannot connect to Postgres at {url}"))?;
-                let table = format!("strata_bench_{}_{:08x}", scenario.name(), rand::random::<u32>());
-                let description = format!("Postgres (pool of {POSTGRES_POOL}), table {table}");
-                (Pool::Postgres(pool), table, description, None)
-            }
-            Some((url, raw)) if raw.starts_with("sqlite:") => {
-                let options = SqliteConnectOptions::from_str(raw)
-                    .with_context(|| format!("bad SQLite URL {url}"))?
-                    .create_if_missing(true)
-                    .journal_mode(SqliteJournalMode::Wal)
-                    .synchronous(SqliteSynchronous::Normal)
-                    .busy_timeout(Duration::from_secs(10));
-                let pool = SqlitePoolOptions::new()
-                    .max_connections(SQLITE_POOL)
-                    .connect_with(options)
-                    .await
-                    .with_context(|| format!("cannot open SQLite database {url}"))?;
-                let table = format!("strata_bench_{}_{:08x}", scenario.name(), rand::random::<u32>());
-                let description = format!("SQLite (WAL, pool of {SQLITE_POOL}) {url}, table {table}");
-                (Pool::Sqlite(pool), table, description, None)
-            }
-            Some((url, _)) => {
-                return Err(anyhow!("--database {url}: expected a postgres:// or sqlite: URL"));
-            }
-        };
+        let (pool, table, description, dir) = open_pool(url, scenario.name()).await?;
         let read_sql: Arc<str> = format!("SELECT {column}, version FROM {table} WHERE id = $1").into();
         let write_sql: Arc<str> = match scenario {
             Scenario::Payment => format!(
                 "UPDATE {table} SET {column} = CASE WHEN {column} = 'PENDING' THEN $1 ELSE 'PENDING' END, \
                  version = version + 1 WHERE id = $2 RETURNING version"
             ),
-            Scenario::Billsetting => {
+            Scenario::Billsetting | Scenario::Drafts => {
                 format!(
                     "UPDATE {table} SET {column} = $1, version = version + 1 WHERE id = $2 RETURNING version"
                 )
@@ -288,4 +241,65 @@ impl Db {
         }
         Ok(())
     }
+}
+
+/// Opens the pool `--database` names (a SQLite file in a new temporary directory when
+/// none): the pool, the table name to use for `name`, a description for the report, and
+/// the directory to keep while the pool lives.
+pub(super) async fn open_pool(
+    url: Option<&SecretUrl>,
+    name: &str,
+) -> Result<(Pool, String, String, Option<tempfile::TempDir>)> {
+    // `url` formats redacted; `raw` is for sqlx alone.
+    let opened = match url.map(|u| (u, u.expose())) {
+        None => {
+            let dir = tempfile::tempdir().context("cannot create a temporary directory for SQLite")?;
+            let path = dir.path().join("bench.db");
+            let options = SqliteConnectOptions::new()
+                .filename(&path)
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(10));
+            let pool = SqlitePoolOptions::new()
+                .max_connections(SQLITE_POOL)
+                .acquire_timeout(Duration::from_secs(30))
+                .connect_with(options)
+                .await
+                .with_context(|| format!("cannot open SQLite database {}", path.display()))?;
+            let description = format!("SQLite (WAL, pool of {SQLITE_POOL}) in {}", dir.path().display());
+            (Pool::Sqlite(pool), name.to_owned(), description, Some(dir))
+        }
+        Some((url, raw)) if raw.starts_with("postgres://") || raw.starts_with("postgresql://") => {
+            let pool = PgPoolOptions::new()
+                .max_connections(POSTGRES_POOL)
+                .acquire_timeout(Duration::from_secs(30))
+                .connect(raw)
+                .await
+                .with_context(|| format!("cannot connect to Postgres at {url}"))?;
+            let table = format!("strata_bench_{}_{:08x}", name, rand::random::<u32>());
+            let description = format!("Postgres (pool of {POSTGRES_POOL}), table {table}");
+            (Pool::Postgres(pool), table, description, None)
+        }
+        Some((url, raw)) if raw.starts_with("sqlite:") => {
+            let options = SqliteConnectOptions::from_str(raw)
+                .with_context(|| format!("bad SQLite URL {url}"))?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(10));
+            let pool = SqlitePoolOptions::new()
+                .max_connections(SQLITE_POOL)
+                .connect_with(options)
+                .await
+                .with_context(|| format!("cannot open SQLite database {url}"))?;
+            let table = format!("strata_bench_{}_{:08x}", name, rand::random::<u32>());
+            let description = format!("SQLite (WAL, pool of {SQLITE_POOL}) {url}, table {table}");
+            (Pool::Sqlite(pool), table, description, None)
+        }
+        Some((url, _)) => {
+            return Err(anyhow!("--database {url}: expected a postgres:// or sqlite: URL"));
+        }
+    };
+    Ok(opened)
 }

@@ -10,6 +10,11 @@ pub enum Scenario {
     /// reads, plus a downstream consumer that reads the row on another instance as soon
     /// as it receives the "status changed" event (emitted after the invalidation).
     Payment,
+    /// Draft autosave (write-heavy): users save a draft every 1–2 s while active, with a
+    /// heartbeat, and read it from another device now and then; the strategies are
+    /// write-through, the seed's naive write-behind and strata's write-behind
+    /// (`strata::write_behind`). See `strata bench --scenario drafts --help`.
+    Drafts,
 }
 
 impl Scenario {
@@ -18,6 +23,7 @@ impl Scenario {
         match self {
             Scenario::Billsetting => "billsetting",
             Scenario::Payment => "payment",
+            Scenario::Drafts => "drafts",
         }
     }
 
@@ -26,6 +32,7 @@ impl Scenario {
         match self {
             Scenario::Billsetting => ["basic", "pro", "team", "enterprise"],
             Scenario::Payment => ["COMPLETED", "COMPLETED", "COMPLETED", "FAILED"],
+            Scenario::Drafts => ["draft", "draft", "draft", "draft"],
         }
     }
 
@@ -34,6 +41,7 @@ impl Scenario {
         match self {
             Scenario::Billsetting => 0.002,
             Scenario::Payment => 0.05,
+            Scenario::Drafts => 1.0,
         }
     }
 }
