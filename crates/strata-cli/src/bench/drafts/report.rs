@@ -8,8 +8,8 @@ use anyhow::{Result, anyhow};
 use plotters::prelude::*;
 use serde::Serialize;
 
-use super::Outcome;
 use super::db::DraftsDb;
+use super::runner::Outcome;
 use super::schedule::DraftParams;
 use crate::bench::redis_nodes::NodesReport;
 
