@@ -178,9 +178,9 @@ async fn write_claimed<K: CacheKey, V: CacheValue>(
                 sent.push(save);
             }
             (None, _) => {
-                fail(inner, wb, &save, "the key does not parse as this cache's key type", true).await?
+                fail(inner, wb, &save, "the key does not parse as this cache's key type", true, false).await?
             }
-            (_, Err(e)) => fail(inner, wb, &save, &format!("the value does not decode: {e}"), true).await?,
+            (_, Err(e)) => fail(inner, wb, &save, &format!("the value does not decode: {e}"), true, false).await?,
         }
     }
     if items.is_empty() {
@@ -193,6 +193,10 @@ async fn write_claimed<K: CacheKey, V: CacheValue>(
     // abandoned (another instance would take the keys; the sequence guard makes the two
     // writes harmless, but there is no point in racing).
     let limit = wb.cfg.claim_lease.mul_f64(0.75);
+    // A whole call that failed transiently (the database unreachable, the sink timed
+    // out) says nothing against any one key: those keys back off but are never
+    // dead-lettered for it, however long the outage lasts.
+    let mut whole_call_down = false;
     let outcomes: Vec<std::result::Result<(), SinkError>> =
         match tokio::time::timeout(limit, wb.cfg.sink.write_batch(&items)).await {
             Ok(Ok(outcomes)) if outcomes.len() == items.len() => outcomes,
@@ -202,6 +206,7 @@ async fn write_claimed<K: CacheKey, V: CacheValue>(
             }
             Ok(Err(e)) => {
                 let (msg, permanent) = (e.to_string(), e.is_permanent());
+                whole_call_down = !permanent;
                 items
                     .iter()
                     .map(|_| {
@@ -214,6 +219,7 @@ async fn write_claimed<K: CacheKey, V: CacheValue>(
                     .collect()
             }
             Err(_) => {
+                whole_call_down = true;
                 let msg = format!("the sink did not answer within {limit:?}");
                 items.iter().map(|_| Err(SinkError::transient(msg.clone()))).collect()
             }
@@ -232,7 +238,7 @@ async fn write_claimed<K: CacheKey, V: CacheValue>(
                     incr(&wb.counters.newer_during_flush, 1);
                 }
             }
-            Err(e) => fail(inner, wb, save, &e.to_string(), e.is_permanent()).await?,
+            Err(e) => fail(inner, wb, save, &e.to_string(), e.is_permanent(), whole_call_down).await?,
         }
     }
     Ok(())
@@ -244,13 +250,15 @@ async fn fail<K: CacheKey, V: CacheValue>(
     save: &QueuedSave,
     error: &str,
     permanent: bool,
+    outage: bool,
 ) -> Result<()> {
     let ns = &inner.cfg.namespace;
     let backoff = wb.backoff(save.attempts.saturating_add(1));
+    let max_attempts = if outage { u32::MAX } else { wb.cfg.max_attempts };
     let outcome = wb
         .cfg
         .queue
-        .retry(ns, &wb.owner, &save.key, save.seq, backoff, error, wb.cfg.max_attempts, permanent)
+        .retry(ns, &wb.owner, &save.key, save.seq, backoff, error, max_attempts, permanent)
         .await
         .inspect_err(|_| incr(&wb.counters.queue_errors, 1))?;
     match outcome {

@@ -19,11 +19,13 @@
 //! - Saves to a waiting key replace its value: 100 saves between two flushes are one
 //!   database write. A key is due `flush_delay` after it *first* became dirty, so a key
 //!   saved every second still reaches the database within `flush_delay` plus a flush.
-//! - Failed writes are retried with exponential back-off and jitter; after
-//!   `max_attempts` (or at once, for a [permanent](SinkError::permanent) error) the key
-//!   goes to the dead letters, stays readable, is counted, and can be requeued
-//!   ([`WriteBehind::requeue_dead`], `strata write-behind requeue`). One poison key never
-//!   blocks the others.
+//! - Failed writes are retried with exponential back-off and jitter. A sink call that
+//!   failed as a whole with a transient error (the database unreachable, a timeout)
+//!   backs its keys off but never dead-letters them, however long the outage; a key
+//!   whose own write failed `max_attempts` times (or once, with a
+//!   [permanent](SinkError::permanent) error) goes to the dead letters, stays
+//!   readable, is counted, and can be requeued ([`WriteBehind::requeue_dead`],
+//!   `strata write-behind requeue`). One poison key never blocks the others.
 //! - Past [`QueueLimits`], `save` fails with [`ErrorKind::Rejected`](crate::ErrorKind)
 //!   or, with [`WhenFull::WriteThrough`], writes through the sink itself.
 //!
