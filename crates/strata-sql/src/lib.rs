@@ -209,6 +209,7 @@ mod error;
 pub mod fuzzing;
 mod listener;
 mod report;
+mod sink;
 mod tx;
 
 pub use capture::{
@@ -219,4 +220,5 @@ pub use db::SqlDatabase;
 pub use error::{CommitCause, CommitError, CommitOutcome, Error, ErrorKind};
 pub use listener::{ChangeListener, ChangeListenerBuilder, ChangeListenerStats};
 pub use report::{ActionOutcome, BoxError, CacheInvalidation, CommitReport, InvalidationState};
+pub use sink::{UpsertSink, UpsertTable, classify_error, sink_error};
 pub use tx::{ActionOutput, ActionPanicked, Transaction, begin};
