@@ -3,7 +3,8 @@
 //! [sqlx] integration for [strata]: invalidate cache entries **after** a transaction
 //! commits, run after-commit actions (domain events) **after** the invalidation, and
 //! capture changes made behind the application's back with Postgres
-//! `LISTEN`/`NOTIFY`. Works with Postgres and SQLite.
+//! `LISTEN`/`NOTIFY`, and write strata's write-behind saves to a table with a
+//! ready-made upsert sink. Works with Postgres and SQLite.
 //!
 //! ## Invalidate after commit
 //!
@@ -194,6 +195,113 @@
 //! The trigger SQL is in [`CHANGE_CAPTURE_FUNCTION_SQL`] and
 //! [`change_capture_trigger_sql`] for teams that apply their own migrations.
 //!
+//! ## Write-behind sinks
+//!
+//! strata's write-behind ([`strata::WriteBehindConfig`]) writes saves to the database
+//! through a [`strata::Sink`]. [`UpsertSink`] is a ready one for a table holding a key,
+//! a value and the save's sequence number:
+//!
+//! ```sql
+//! -- Postgres
+//! CREATE TABLE drafts (id BIGINT PRIMARY KEY, body TEXT NOT NULL, seq BIGINT NOT NULL);
+//! -- SQLite (3.24 or later for the upsert; sqlx bundles a recent one)
+//! CREATE TABLE drafts (id INTEGER PRIMARY KEY, body TEXT NOT NULL, seq INTEGER NOT NULL);
+//! ```
+//!
+//! ```no_run
+//! # use std::sync::Arc;
+//! # use std::time::Duration;
+//! # async fn example(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+//! let table = strata_sql::UpsertTable::new("drafts", "id", "body", "seq")?;
+//! let sink = strata_sql::UpsertSink::postgres(pool, table);
+//! let drafts: strata::Cache<i64, String> = strata::Cache::builder("drafts")
+//!     .tier(Arc::new(strata::InProcessTier::new()))
+//!     .write_behind(
+//!         strata::WriteBehindConfig::new(Arc::new(strata::InProcessQueue::new()), sink)
+//!             .flush_delay(Duration::from_secs(5)),
+//!     )
+//!     .build()?;
+//! let wb = drafts.write_behind().expect("configured above");
+//! wb.save(7, "Dear board,".to_owned()).await?; // readable now, in the table within ~5 s
+//! # Ok(()) }
+//! ```
+//!
+//! Each batch is one statement,
+//! `INSERT … ON CONFLICT (id) DO UPDATE SET body = excluded.body, seq = excluded.seq
+//! WHERE stored.seq < excluded.seq`: **the sequence guard**. The flusher may write a
+//! batch twice (a retry after a timeout that had in fact committed, a claim that ran
+//! out while its holder was still writing and another instance took the keys), and a
+//! late write must not undo a newer one: with the guard, a row only ever moves
+//! forward, and the late batch succeeds without changing it. The sequence is the
+//! queue's `u64` clock in microseconds, kept increasing per key; it fits in a
+//! `BIGINT` for the next 290,000 years, and one that does not (a corrupt queue) is
+//! converted with `i64::try_from` and refused as a permanent error.
+//!
+//! Errors are classified by [`classify_error`]: the database unreachable, a deadlock or
+//! serialization failure, SQLite busy are transient (the flusher retries with
+//! back-off); a constraint violation, a bad value, a missing table or column are
+//! permanent (the save goes to the dead letters). A batch refused with a permanent
+//! error is written again row by row, so only the offending rows are dead-lettered.
+//! Values stored in another form than the cache's (a struct kept as JSON text) take a
+//! mapping: [`UpsertSink::with_mapping`].
+//!
+//! ### A sink for another table shape
+//!
+//! For a table with several value columns, implement [`strata::Sink`] yourself, keeping
+//! the guard, and classify errors with [`sink_error`]:
+//!
+//! ```no_run
+//! // CREATE TABLE profiles (user_id BIGINT PRIMARY KEY, name TEXT NOT NULL,
+//! //                        bio TEXT NOT NULL, seq BIGINT NOT NULL);
+//! use strata::{Sink, SinkError, SinkItem};
+//!
+//! #[derive(Clone)]
+//! struct Profile {
+//!     name: String,
+//!     bio: String,
+//! }
+//!
+//! struct ProfileSink {
+//!     pool: sqlx::PgPool,
+//! }
+//!
+//! #[async_trait::async_trait]
+//! impl Sink<i64, Profile> for ProfileSink {
+//!     async fn write_batch(
+//!         &self,
+//!         items: &[SinkItem<i64, Profile>],
+//!     ) -> Result<Vec<Result<(), SinkError>>, SinkError> {
+//!         // Four parameters a row: the flusher's batches (at most 10,000 keys) stay
+//!         // under Postgres's 65,535.
+//!         let mut seqs = Vec::with_capacity(items.len());
+//!         for item in items {
+//!             seqs.push(i64::try_from(item.seq).map_err(SinkError::permanent)?);
+//!         }
+//!         let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(
+//!             "INSERT INTO profiles AS stored (user_id, name, bio, seq) ",
+//!         );
+//!         q.push_values(items.iter().zip(&seqs), |mut row, (item, seq)| {
+//!             row.push_bind(item.key)
+//!                 .push_bind(&item.value.name)
+//!                 .push_bind(&item.value.bio)
+//!                 .push_bind(*seq);
+//!         });
+//!         q.push(
+//!             " ON CONFLICT (user_id) DO UPDATE \
+//!              SET name = excluded.name, bio = excluded.bio, seq = excluded.seq \
+//!              WHERE stored.seq < excluded.seq",
+//!         );
+//!         q.build().execute(&self.pool).await.map_err(strata_sql::sink_error)?;
+//!         Ok(items.iter().map(|_| Ok(())).collect())
+//!     }
+//! }
+//! ```
+//!
+//! An `Err` from `write_batch` applies to every item: here a permanent one (a row
+//! breaking a constraint) dead-letters the whole batch. Where single rows can be
+//! refused, do as [`UpsertSink`] does: after a permanent failure, write the rows one
+//! statement each and return one outcome per item.
+//!
 //! ## Errors
 //!
 //! Commits fail with [`CommitError`], which says whether the database committed and
@@ -209,6 +317,7 @@ mod error;
 pub mod fuzzing;
 mod listener;
 mod report;
+mod sink;
 mod tx;
 
 pub use capture::{
@@ -219,4 +328,5 @@ pub use db::SqlDatabase;
 pub use error::{CommitCause, CommitError, CommitOutcome, Error, ErrorKind};
 pub use listener::{ChangeListener, ChangeListenerBuilder, ChangeListenerStats};
 pub use report::{ActionOutcome, BoxError, CacheInvalidation, CommitReport, InvalidationState};
+pub use sink::{UpsertSink, UpsertTable, classify_error, sink_error};
 pub use tx::{ActionOutput, ActionPanicked, Transaction, begin};
