@@ -235,6 +235,7 @@ mod managed;
 mod reply;
 pub mod tier;
 mod tls;
+mod write_behind;
 
 /// The least-privilege Redis ACL rule for the default prefix `strata` (the tier, warm-up
 /// ranking, write locks, tag pruning, and both backplanes), as `ACL SETUSER` arguments
@@ -260,6 +261,9 @@ pub use tier::{
     cluster_shard_namespace, key_slot,
 };
 pub use tls::TlsConfig;
+pub use write_behind::{
+    DEFAULT_QUEUE_GROUPS, Durability, RedisQueueCounters, RedisWriteBehindQueue, RedisWriteBehindQueueBuilder,
+};
 
 // Records the largest allocation per thread, for the unit tests of what a decoder
 // allocates when a length prefix claims gigabytes (`backplane::tests`).
