@@ -250,6 +250,18 @@ pub const MINIMAL_ACL: &str = "~strata:* &strata:* +ping +info +evalsha +script|
     +zadd +zrem +zcount +zcard +zincrby +zrevrange +zremrangebyscore +zremrangebyrank +zunionstore \
     +xadd +xrange +xrevrange +xread +publish +subscribe";
 
+/// The least-privilege Redis ACL rule for [`RedisWriteBehindQueue`] alone, with the
+/// default prefix `strata`, as `ACL SETUSER` arguments after the user, its password,
+/// `resetkeys resetchannels -@all` (combine it with [`MINIMAL_ACL`] for a user that also
+/// runs the tier and the backplanes). `+info` is optional (the eviction check is skipped,
+/// with a warning, where it is denied). Add `+wait` for [`Durability::Replicas`], and
+/// `+config|get` for [`Durability::AppendFsync`] (without it the build falls back to
+/// `INFO persistence`, which shows whether the AOF is on but not its fsync policy), and
+/// on a Redis Cluster `+cluster|slots`. Tested by
+/// `write_behind::write_behind_under_a_least_privilege_acl_user`.
+pub const WRITE_BEHIND_ACL: &str = "~strata:* +ping +info +evalsha +script|load +time +type +exists \
+    +unlink +hmget +hset +hdel +hstrlen +zadd +zrem +zscore +zcard +zrange +zrangebyscore +xadd";
+
 pub use backplane::BackplaneStats;
 pub use backplane::pubsub::{RedisPubSubBackplane, RedisPubSubBackplaneBuilder};
 pub use backplane::stream::{RedisStreamBackplane, RedisStreamBackplaneBuilder};

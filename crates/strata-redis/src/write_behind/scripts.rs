@@ -203,7 +203,7 @@ local function read_rec(g, key)
   elseif ok and (rec.st == 'd' or (rec.st == 'c' and type(rec.o) == 'string')) then
     local at = redis.call('ZSCORE', g.s, key)
     rec.at = at and tonumber(at)
-    ok = rec.at ~= nil
+    ok = rec.at and true
     if ok and redis.call('ZREM', g.x, key) > 0 then repaired = repaired + 1 end
   else
     ok = false
@@ -341,15 +341,16 @@ if rec.s ~= seq then
 end
 local a = rec.a + 1
 if permanent or a >= max_attempts then
+  -- History for operators, first: a denied XADD fails the call before anything changed.
+  -- Best effort otherwise (capped, and nothing reads it back).
+  pc('XADD', g.h, 'MAXLEN', '~', '10000', '*', 'key', key, 'seq', d(seq), 'attempts', d(a), 'error', err,
+    'at', d(NOW))
   redis.call('HSET', rec.rk, 'a', d(a), 'st', 'x', 'e', err, 'xs', d(seq), 'xa', d(NOW))
   redis.call('HDEL', rec.rk, 'o', 'r')
   redis.call('ZREM', g.s, key)
   redis.call('ZREM', g.d, key)
   redis.call('ZADD', g.x, d(NOW), key)
   bump(g, 0, 0, #rec.v)
-  -- History for operators; best effort (capped, and nothing reads it back).
-  pc('XADD', g.h, 'MAXLEN', '~', '10000', '*', 'key', key, 'seq', d(seq), 'attempts', d(a), 'error', err,
-    'at', d(NOW))
   return {2, a, repaired, dropped}
 end
 redis.call('HSET', rec.rk, 'a', d(a))
