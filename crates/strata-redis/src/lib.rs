@@ -6,6 +6,7 @@
 //! | [`RedisTier`] | [`Tier`](strata::tier::Tier) | L2 on one Redis server or a Redis Cluster: fill guards, leases, tombstones, O(1) tag and namespace invalidation, each operation one Lua script |
 //! | [`RedisStreamBackplane`] | [`Backplane`](strata::backplane::Backplane) | the default backplane: a capped Redis Stream; replays what a subscriber missed |
 //! | [`RedisPubSubBackplane`] | [`Backplane`](strata::backplane::Backplane) | Redis Pub/Sub: cheaper, at most once, nothing replayed |
+//! | [`RedisWriteBehindQueue`] | [`WriteBehindQueue`](strata::write_behind::WriteBehindQueue) | the durable write-behind queue, shared by the fleet: coalesced saves, due times, leased claims, dead letters |
 //!
 //! All three are configured from a URL: `redis://[user:password@]host[:port][/db]`
 //! (user and password are ACL credentials, percent-encoded), or `rediss://…` for TLS
@@ -136,6 +137,83 @@
 //!   the core flushes its L1; the per-origin sequence numbers and heartbeats catch the
 //!   rest. Test: `cluster::cluster_failover_of_a_master`.
 //!
+//! # Write-behind queue
+//!
+//! [`RedisWriteBehindQueue`] keeps strata's write-behind saves in Redis until a flusher
+//! has written them to the database; it behaves exactly like strata's in-process
+//! reference queue (the tests run the queue conformance suite on one server, on a
+//! Cluster and under [`WRITE_BEHIND_ACL`]).
+//!
+//! **Layout.** A namespace's queue is split into [`groups`](RedisWriteBehindQueueBuilder::groups)
+//! (default 16); a key belongs to group FNV-1a(key) mod G. Group `g` of namespace `ns`
+//! lives under `<prefix>:{<tag>}:q:`, where the tag is
+//! [`cluster_shard_namespace`]`("wb:<ns>", g, G)`: one hash tag per group, so every
+//! script touches one slot, and group `g` lands in the `g`-th `G`-th of the slots, so
+//! on a Cluster the groups spread over the masters. Per group:
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `…q:r:<key>` | hash | one record per waiting key: `v` value, `s` sequence, `a` failed attempts, `d` dirty since (ms), `st` state (`d` due, `c` claimed, `x` dead), `o` claim owner, `r` when it was saved again during its claim; dead letters also `e` error, `xs` failed sequence, `xa` when |
+//! | `…q:s` | sorted set | the schedule: every due or claimed key, score = due time, or claim end while claimed (a claim that runs out is therefore due again: how another instance takes over a dead one's claims) |
+//! | `…q:d` | sorted set | the dirty index: every live key by dirty-since time (`stats`' oldest save) |
+//! | `…q:x` | sorted set | the dead letters, by when they died (oldest first) |
+//! | `…q:c` | hash | counters: `n` records, `b` bytes of values, `db` bytes of dead ones, `q` the last sequence |
+//! | `…q:h` | stream | dead-letter history for operators (`key`, `seq`, `attempts`, `error`, `at`), `MAXLEN ~ 10000`; never read back |
+//!
+//! No queue key ever gets a TTL. Every time is the server's (`TIME` inside the
+//! scripts), so instance clocks do not matter. A sequence is max(server time in µs,
+//! the group's last sequence + 1): it grows per key even after the key's record was
+//! deleted, and even if the server's clock steps back.
+//!
+//! **Scripts.** Each port method is one Lua script on the key's group (`save`,
+//! `pending_value`, `ack`, `retry`, `release`, and `make_due` / `requeue_dead` of one
+//! key); `ack` is conditional on the sequence, in the script, so a save that lands
+//! during a flush is never lost. `stats`, `dead_letters` and `make_due` /
+//! `requeue_dead` of every key fan out: one script over every group on one server, one
+//! per group (concurrently) on a Cluster. `claim_due` visits the groups from a random
+//! one until it has `max` keys: one script on one server, one call per group visited
+//! on a Cluster (an idle poll costs G calls there). Every value a script reads is
+//! checked: a record whose value is readable but whose other fields are not canonical
+//! is repaired (kept, due at once, fresh sequence: the value is someone's latest save,
+//! so it is written rather than lost); a record without a readable value is dropped;
+//! counters that do not parse are recounted from the indexes; an index key of the
+//! wrong type is dropped (its keys are indexed again when next read). These are
+//! counted in [`RedisQueueCounters`] and logged; a script never fails on what it reads.
+//!
+//! **Limits.** [`QueueLimits`](strata::write_behind::QueueLimits) bound a namespace.
+//! On one server they are exact: a save of a new key sums the counters of every group
+//! (there are no slots to respect). On a Cluster no script may read another group's
+//! slot, so each group holds its share, the bound divided by G rounded up: the
+//! namespace holds at most about the bound, but a busy group may refuse a new key while
+//! others have room (use `groups(1)` where an exact bound matters more than spreading).
+//!
+//! **Durability** ([`Durability`], on the builder):
+//! - [`Acknowledged`](Durability::Acknowledged) (default): the save returned once Redis
+//!   applied it. A `kill -9` of Redis loses what was not yet persisted: with AOF
+//!   `everysec` about the last second, with RDB snapshots everything since the last
+//!   one, without persistence everything. A failover loses what the replica lacked.
+//! - [`Replicas`](Durability::Replicas): `WAIT n timeout` after the save; fewer
+//!   confirmations fail the save (kind `Tier`, transient, naming how many confirmed;
+//!   retrying is harmless since saves coalesce). Survives the loss of the master when a
+//!   confirming replica is promoted. Needs `+wait`.
+//! - [`AppendFsync`](Durability::AppendFsync): `build` requires `appendonly yes` and
+//!   `appendfsync always` on every master serving the queue (`CONFIG GET`, or where the
+//!   ACL denies it, `INFO persistence`), and fails with the fix otherwise. Redis then
+//!   fsyncs the AOF before it answers, so a save survives `kill -9` (or a power loss)
+//!   and a restart from the AOF. Redis 7.0 has no `WAITAOF` (added in 7.2), so the
+//!   queue relies on the server's setting rather than a per-call wait.
+//!
+//! **Eviction.** `build` reads `INFO memory`: with `maxmemory` set and an `allkeys-*`
+//! policy Redis may evict queue records, acknowledged saves lost without a trace, so
+//! the build fails (message naming the policy and the fix) unless
+//! [`allow_eviction_risk`](RedisWriteBehindQueueBuilder::allow_eviction_risk) turns it
+//! into a warning. `noeviction` and `volatile-*` are fine: no queue key has a TTL.
+//! Under `noeviction` over `maxmemory`, saves fail (the save script grows the data
+//! set) while every other script runs with `allow-oom`, so flushers still drain.
+//!
+//! **ACL.** [`WRITE_BEHIND_ACL`] lists the commands (plus `+wait`, `+config|get` and
+//! `+cluster|slots` where needed, see there).
+//!
 //! # Tag epochs are bounded
 //!
 //! Each `invalidate_tag` of a new tag leaves its epoch in the namespace's meta hash. At
@@ -200,7 +278,8 @@
 //! ([`EvictionCheck::Refuse`]).
 //!
 //! The least-privilege ACL is [`MINIMAL_ACL`] (commands, keys and channels under the
-//! prefix; tested with the conformance suite and a backplane round trip). A command a
+//! prefix; tested with the conformance suite and a backplane round trip), and
+//! [`WRITE_BEHIND_ACL`] for the write-behind queue. A command a
 //! script needs but the user lacks fails the call with `NOPERM the Redis ACL user may
 //! not run <command>: grant +<command>`, never a silent miss.
 //!
@@ -223,6 +302,7 @@
 //! | `reply` | reading values out of Redis replies |
 //! | `integrity` | [`IntegrityKey`]: the optional HMAC-SHA256 of entries and messages |
 //! | `tls` | [`TlsConfig`] |
+//! | `write_behind` | [`RedisWriteBehindQueue`]: `mod.rs` (the queue, its counters), `builder.rs` ([`RedisWriteBehindQueueBuilder`], [`Durability`]), `checks.rs` (`build` and its server checks), `layout.rs` (groups and key names), `port.rs` (the port implementation) and `scripts.rs` (the Lua scripts) |
 
 mod backplane;
 mod cluster;
@@ -235,6 +315,7 @@ mod managed;
 mod reply;
 pub mod tier;
 mod tls;
+mod write_behind;
 
 /// The least-privilege Redis ACL rule for the default prefix `strata` (the tier, warm-up
 /// ranking, write locks, tag pruning, and both backplanes), as `ACL SETUSER` arguments
@@ -249,6 +330,18 @@ pub const MINIMAL_ACL: &str = "~strata:* &strata:* +ping +info +evalsha +script|
     +zadd +zrem +zcount +zcard +zincrby +zrevrange +zremrangebyscore +zremrangebyrank +zunionstore \
     +xadd +xrange +xrevrange +xread +publish +subscribe";
 
+/// The least-privilege Redis ACL rule for [`RedisWriteBehindQueue`] alone, with the
+/// default prefix `strata`, as `ACL SETUSER` arguments after the user, its password,
+/// `resetkeys resetchannels -@all` (combine it with [`MINIMAL_ACL`] for a user that also
+/// runs the tier and the backplanes). `+info` is optional (the eviction check is skipped,
+/// with a warning, where it is denied). Add `+wait` for [`Durability::Replicas`], and
+/// `+config|get` for [`Durability::AppendFsync`] (without it the build falls back to
+/// `INFO persistence`, which shows whether the AOF is on but not its fsync policy), and
+/// on a Redis Cluster `+cluster|slots`. Tested by
+/// `write_behind::write_behind_under_a_least_privilege_acl_user`.
+pub const WRITE_BEHIND_ACL: &str = "~strata:* +ping +info +evalsha +script|load +time +type +exists \
+    +unlink +hmget +hset +hdel +hstrlen +zadd +zrem +zscore +zcard +zrange +zrangebyscore +xadd";
+
 pub use backplane::BackplaneStats;
 pub use backplane::pubsub::{RedisPubSubBackplane, RedisPubSubBackplaneBuilder};
 pub use backplane::stream::{RedisStreamBackplane, RedisStreamBackplaneBuilder};
@@ -260,6 +353,9 @@ pub use tier::{
     cluster_shard_namespace, key_slot,
 };
 pub use tls::TlsConfig;
+pub use write_behind::{
+    DEFAULT_QUEUE_GROUPS, Durability, RedisQueueCounters, RedisWriteBehindQueue, RedisWriteBehindQueueBuilder,
+};
 
 // Records the largest allocation per thread, for the unit tests of what a decoder
 // allocates when a length prefix claims gigabytes (`backplane::tests`).

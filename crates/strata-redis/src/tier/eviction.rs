@@ -138,7 +138,7 @@ impl RedisTier {
 }
 
 /// The `INFO` texts in a reply: one server's, or each node's in a cluster's map.
-fn info_texts(v: &Value) -> Vec<String> {
+pub(crate) fn info_texts(v: &Value) -> Vec<String> {
     match v {
         Value::BulkString(b) => vec![String::from_utf8_lossy(b).into_owned()],
         Value::VerbatimString { text, .. } => vec![text.clone()],

@@ -62,6 +62,10 @@ impl NsKeys {
         base.push_str("}:");
         NsKeys { base }
     }
+    /// `<prefix>:{<namespace>}:`, what every key name of the namespace starts with.
+    pub(crate) fn base(&self) -> &str {
+        &self.base
+    }
     pub(crate) fn meta(&self) -> String {
         format!("{}m", self.base)
     }

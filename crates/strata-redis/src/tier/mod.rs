@@ -147,10 +147,10 @@ use crate::tier::scripts::TierScripts;
 pub use crate::tier::slots::{ClusterSlots, DEFAULT_CLUSTER_SHARDS, cluster_shard_namespace, key_slot};
 
 mod builder;
-mod eviction;
+pub(crate) mod eviction;
 pub(crate) mod format;
 mod hot_keys;
-mod lua;
+pub(crate) mod lua;
 mod port;
 mod replication;
 mod scripts;

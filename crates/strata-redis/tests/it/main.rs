@@ -20,3 +20,4 @@ mod stream;
 mod support;
 mod tier;
 mod tls;
+mod write_behind;
