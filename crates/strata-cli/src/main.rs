@@ -38,6 +38,9 @@ enum Command {
     /// One instance of a `strata check` fleet (started by `strata check`).
     #[command(hide = true)]
     CheckWorker(check::worker::WorkerArgs),
+    /// One instance of a `strata check --workload drafts` fleet.
+    #[command(hide = true)]
+    CheckDraftsWorker(check::drafts::worker::DraftsWorkerArgs),
 }
 
 fn main() -> ExitCode {
@@ -64,5 +67,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Invalidate(args) => runtime.block_on(ops::invalidate::run(args)),
         Command::Stats(args) => runtime.block_on(ops::stats::run(args)),
         Command::CheckWorker(args) => runtime.block_on(check::worker::run(args)),
+        Command::CheckDraftsWorker(args) => runtime.block_on(check::drafts::worker::run(args)),
     }
 }

@@ -172,6 +172,42 @@ fn drafts_short_bench() {
     assert!(std::fs::read_to_string(&svg).unwrap().contains("drafts"));
 }
 
+#[test]
+fn check_drafts_loses_no_acknowledged_save_under_every_fault_at_fsync() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("drafts-check.json");
+    let out = strata(&[
+        "check",
+        "--workload",
+        "drafts",
+        "--level",
+        "invalidated",
+        "--fault",
+        "all",
+        "--durability",
+        "fsync",
+        "--duration",
+        "20",
+        "--read-rate",
+        "100",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "check failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let v = &report["verdict"];
+    assert_eq!(report["faults"], serde_json::json!(["instance-kill", "redis-kill", "db-down"]), "{report:#}");
+    assert!(v["acknowledged_saves"].as_u64().unwrap() > 100, "{v:#}");
+    assert_eq!(v["lost_saves"], 0, "{v:#}");
+    assert_eq!(v["unknown_rows"], 0, "{v:#}");
+    assert_eq!(v["read_your_writes_violations"], 0, "{v:#}");
+    assert_eq!(v["poison_dead_lettered"], true, "{v:#}");
+    assert_eq!(v["unexpected_dead_letters"], 0, "{v:#}");
+    assert_eq!(v["left_pending"], 0, "{v:#}");
+    assert!(stdout.contains("PASS"), "{stdout}");
+}
+
 /// `--redis-config` sets up the Redis the check starts; a setting without `=` or next
 /// to `--redis` is refused with a message that says how to write it.
 #[test]

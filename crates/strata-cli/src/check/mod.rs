@@ -4,14 +4,15 @@
 //! history, and the history, the database and the caches at quiescence are judged by
 //! the checker of `strata-testkit` ([`strata_testkit::checker`]).
 
+pub mod drafts;
 pub mod nemesis;
+pub mod proc;
 pub mod setup;
 pub mod table;
 pub mod worker;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,13 +22,13 @@ use strata_testkit::{
     CacheSnapshot, CheckConfig, FaultProxy, History, PostgresServer, Quiescence, Recorder, RedisCluster,
     RedisServer, check, monotonic_ns,
 };
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::process::Command;
 
 use self::nemesis::{Fault, FaultArg, Nemesis};
+use self::proc::WorkerProc;
 use self::setup::{Level, Timing};
 use self::worker::Role;
-use crate::secret::{self, DATABASE_URL_ENV, REDIS_URL_ENV, SecretUrl};
+use crate::secret::{DATABASE_URL_ENV, REDIS_URL_ENV, SecretUrl};
 
 const ABOUT: &str = "Consistency torture run: a fleet under faults, a recorded history, a checker";
 
@@ -76,6 +77,24 @@ L1 serves, L2 and the database are read, and the checker reports:
   linearizability violations    Strong only (must be 0): a stale read, a read of an
                                 unwritten version, or a read older than what a read that
                                 returned before it was invoked saw
+--workload drafts (write-behind under faults): every instance saves the drafts it owns
+(write-behind on a RedisWriteBehindQueue at --durability acknowledged|replicas|fsync,
+flushed by every instance through strata-sql's UpsertSink into Postgres, flush delay 1 s,
+claims held 3 s) and reads any draft (get_or_load), --read-rate operations per second
+each, 60 % saves; draft 1 is a poison key the table's CHECK constraint refuses. The queue
+has a Redis of its own (AOF with appendfsync always at fsync; a replica at replicas), the
+tier and backplane another. Faults: instance-kill (kill -9 instance 1, a new one in its
+place after 1 s), redis-kill (kill -9 the queue's Redis, restart after 3 s: from its AOF
+at fsync, empty otherwise; skipped at replicas, which needs a failover this run does not
+orchestrate), db-down (10 s blackhole), all (each
+once). Then the load stops, one instance drains the queue, and the check reports
+acknowledged saves lost (a draft whose row is older than its last acknowledged save),
+rows no save produced, read-your-writes violations beyond the level's bound, the dead
+letters (the poison draft must be there, no other), what still waits, and the longest a
+save waited. Losses after redis-kill at durability acknowledged are allowed by that level
+and reported as such. E.g.
+  strata check --workload drafts --level invalidated --fault all --durability fsync
+
 A stale read is one definition everywhere (strata's docs, the README, this checker): it
 returns a version older than that of a write committed before the read was invoked.
 A write is committed when its COMMIT succeeded, whatever became of its invalidation, and
@@ -168,48 +187,22 @@ pub struct CheckArgs {
     /// Seed of the key choices.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// What the fleet does: `rows` (versioned rows read and written through the cache)
+    /// or `drafts` (write-behind saves and reads; see below).
+    #[arg(long, value_enum, default_value = "rows")]
+    pub workload: Workload,
+    /// `--workload drafts`: when the queue acknowledges a save.
+    #[arg(long, value_enum, default_value = "fsync")]
+    pub durability: drafts::worker::DurabilityArg,
 }
 
-/// A worker process and its line protocol.
-struct WorkerProc {
-    name: String,
-    child: Child,
-    stdin: ChildStdin,
-    lines: Lines<BufReader<ChildStdout>>,
-    stderr: PathBuf,
-    history: PathBuf,
-}
-
-impl WorkerProc {
-    async fn send(&mut self, command: &str) -> Result<()> {
-        self.stdin
-            .write_all(format!("{command}\n").as_bytes())
-            .await
-            .with_context(|| format!("{} does not listen: {}", self.name, self.stderr_tail()))?;
-        self.stdin.flush().await.with_context(|| format!("{} does not listen", self.name))
-    }
-
-    /// Waits for a line starting with `word`; returns the rest.
-    async fn expect(&mut self, word: &str, within: Duration) -> Result<String> {
-        let line = tokio::time::timeout(within, self.lines.next_line())
-            .await
-            .map_err(|_| {
-                anyhow!("{} did not say {word} within {within:?}: {}", self.name, self.stderr_tail())
-            })?
-            .with_context(|| format!("reading from {}", self.name))?
-            .ok_or_else(|| anyhow!("{} exited before saying {word}: {}", self.name, self.stderr_tail()))?;
-        match line.strip_prefix(word) {
-            Some(rest) => Ok(rest.trim().to_owned()),
-            None => bail!("{} said {line:?}, expected {word}", self.name),
-        }
-    }
-
-    fn stderr_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
-        let start = text.len().saturating_sub(2000);
-        let start = (start..text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
-        format!("its stderr ends with:\n{}", secret::scrub(&text[start..]))
-    }
+/// The `--workload` choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Workload {
+    /// Versioned rows: a writer and readers, judged for staleness.
+    Rows,
+    /// Write-behind drafts: saves and reads, judged for lost saves.
+    Drafts,
 }
 
 /// Everything a worker needs to be started.
@@ -227,15 +220,7 @@ impl Launch<'_> {
     fn spawn(&self, role: Role, index: u32) -> Result<WorkerProc> {
         let (name, history, stderr) = self.files(role, index);
         let exe = std::env::current_exe().context("cannot find this executable to start workers")?;
-        let mut cmd = self.command(exe, role, index);
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr).context("cannot create a worker's stderr file")?)
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().with_context(|| format!("cannot start {name}"))?;
-        let stdin = child.stdin.take().ok_or_else(|| anyhow!("no stdin for {name}"))?;
-        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout for {name}"))?;
-        Ok(WorkerProc { name, child, stdin, lines: BufReader::new(stdout).lines(), stderr, history })
+        WorkerProc::start(name, self.command(exe, role, index), stderr, history)
     }
 
     /// A worker's name, history file and stderr file.
@@ -370,7 +355,13 @@ pub async fn run(args: CheckArgs) -> Result<()> {
     let settle = timing.max_stale + Duration::from_secs(2);
     let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
 
+    if args.workload == Workload::Drafts {
+        return drafts::run(args).await;
+    }
     let faults = args.fault.faults();
+    if faults.contains(&Fault::InstanceKill) {
+        bail!("--fault instance-kill is part of --workload drafts");
+    }
     if args.cluster
         && faults.iter().any(|f| matches!(f, Fault::RedisKill | Fault::RedisPause | Fault::SubscriberKill))
     {

@@ -38,6 +38,9 @@ pub enum FaultArg {
     Failover,
     /// `--ring` only: `kill -9` ring node 1, restart it empty after 3 s.
     NodeRestart,
+    /// `--workload drafts` only: `kill -9` an instance (holding flush claims) and start
+    /// a new one in its place after 1 s.
+    InstanceKill,
 }
 
 /// One fault.
@@ -55,6 +58,8 @@ pub enum Fault {
     Failover,
     /// See [`FaultArg::NodeRestart`].
     NodeRestart,
+    /// See [`FaultArg::InstanceKill`].
+    InstanceKill,
 }
 
 impl FaultArg {
@@ -69,6 +74,7 @@ impl FaultArg {
             FaultArg::All => vec![Fault::RedisKill, Fault::RedisPause, Fault::SubscriberKill, Fault::DbDown],
             FaultArg::Failover => vec![Fault::Failover],
             FaultArg::NodeRestart => vec![Fault::NodeRestart],
+            FaultArg::InstanceKill => vec![Fault::InstanceKill],
         }
     }
 
@@ -83,6 +89,7 @@ impl FaultArg {
             FaultArg::All => "all",
             FaultArg::Failover => "failover",
             FaultArg::NodeRestart => "node-restart",
+            FaultArg::InstanceKill => "instance-kill",
         }
     }
 }
@@ -97,6 +104,7 @@ impl Fault {
             Fault::DbDown => "db-down",
             Fault::Failover => "failover",
             Fault::NodeRestart => "node-restart",
+            Fault::InstanceKill => "instance-kill",
         }
     }
 }
@@ -191,6 +199,7 @@ impl Nemesis<'_> {
                     killed.elapsed().as_secs_f64()
                 ))
             }
+            Fault::InstanceKill => Ok("instance-kill skipped (a --workload drafts fault)".into()),
             Fault::NodeRestart => {
                 let Some(node) = self.ring.get_mut(1) else {
                     return Ok("node-restart skipped (needs --ring)".into());

@@ -46,6 +46,7 @@ pub(crate) struct Counters {
     pub(crate) retries: AtomicU64,
     pub(crate) dead_lettered: AtomicU64,
     pub(crate) queue_errors: AtomicU64,
+    pub(crate) invalidations_buffered: AtomicU64,
     /// Flush lags (ms from the first unwritten save to its write), the last
     /// [`LAG_SAMPLES`].
     pub(crate) lags: Mutex<Lags>,
@@ -180,7 +181,9 @@ async fn write_claimed<K: CacheKey, V: CacheValue>(
             (None, _) => {
                 fail(inner, wb, &save, "the key does not parse as this cache's key type", true, false).await?
             }
-            (_, Err(e)) => fail(inner, wb, &save, &format!("the value does not decode: {e}"), true, false).await?,
+            (_, Err(e)) => {
+                fail(inner, wb, &save, &format!("the value does not decode: {e}"), true, false).await?
+            }
         }
     }
     if items.is_empty() {

@@ -49,6 +49,8 @@ pub struct WriteBehindStats {
     pub dead_lettered: u64,
     /// Queue calls that failed.
     pub queue_errors: u64,
+    /// Saves acknowledged although their invalidation had to be buffered (below Strong).
+    pub invalidations_buffered: u64,
     /// Keys this instance holds claims on now.
     pub claimed: u64,
     /// Flush lag (first unwritten save to its write), p50 / p99 / max in ms, over the
@@ -95,9 +97,13 @@ impl<K: CacheKey, V: CacheValue> WriteBehind<K, V> {
     ///
     /// Fails with `InvalidInput` (oversized value), `Rejected` (queue full, with
     /// [`WhenFull::Reject`]), `Shutdown`, or the queue's error; then nothing was saved.
-    /// If the save was queued but its invalidation failed, the error says so: the value
-    /// is saved (it will be written) and the cache has made itself safe as after any
-    /// failed invalidation.
+    /// If the save was queued but its invalidation failed: below the Strong level the
+    /// save is acknowledged all the same (the invalidation is buffered and retried, and
+    /// the other instances stop trusting their copies within `max_stale`: the level's
+    /// bound, counted in [`WriteBehindStats::invalidations_buffered`]); at the Strong
+    /// level the error is returned (the value is saved and will be written, but its
+    /// fleet-wide visibility was not confirmed; the cache has made itself safe as after
+    /// any failed invalidation).
     pub async fn save(&self, key: K, value: V) -> Result<u64> {
         let inner = &self.cache.inner;
         let wb = self.shared();
@@ -130,8 +136,19 @@ impl<K: CacheKey, V: CacheValue> WriteBehind<K, V> {
         // Invalidated, not stored: the next read anywhere finds the value in the queue
         // (ordered by sequence there), whereas concurrent saves storing their values
         // in L2 could land in the opposite order of their sequences.
-        inner.invalidate(&Scope::Keys(vec![key_str]), Some(std::slice::from_ref(&key))).await?;
-        Ok(seq)
+        match inner.invalidate(&Scope::Keys(vec![key_str]), Some(std::slice::from_ref(&key))).await {
+            Ok(()) => Ok(seq),
+            // Below Strong, a failed invalidation is buffered and retried while the
+            // other instances detect the gap and stop trusting their copies within
+            // `max_stale`: the level's bound holds, and the save itself is durable, so
+            // it is acknowledged (failing it would only make the client save again).
+            Err(e) if !inner.cfg.is_strong() && !e.is_invalid_input() && !e.is_shutdown() => {
+                wb.counters.invalidations_buffered.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(namespace = %inner.cfg.namespace, error = %e, "write-behind save: invalidation buffered");
+                Ok(seq)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     async fn write_through(&self, key: K, value: V, seq: u64) -> Result<()> {
@@ -205,6 +222,7 @@ impl<K: CacheKey, V: CacheValue> WriteBehind<K, V> {
             retries: get(&c.retries),
             dead_lettered: get(&c.dead_lettered),
             queue_errors: get(&c.queue_errors),
+            invalidations_buffered: get(&c.invalidations_buffered),
             claimed: self.shared().claimed.load(Ordering::SeqCst),
             flush_lag_p50_ms: lags.percentile(50.0),
             flush_lag_p99_ms: lags.percentile(99.0),
