@@ -35,6 +35,8 @@ enum Command {
     Invalidate(ops::invalidate::InvalidateArgs),
     /// Show what Redis holds for a namespace: epochs, entries, the backplane stream.
     Stats(ops::stats::StatsArgs),
+    /// A namespace's write-behind queue: what waits, the dead letters, requeue them.
+    WriteBehind(ops::write_behind::WriteBehindArgs),
     /// One instance of a `strata check` fleet (started by `strata check`).
     #[command(hide = true)]
     CheckWorker(check::worker::WorkerArgs),
@@ -66,6 +68,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Check(args) => runtime.block_on(check::run(args)),
         Command::Invalidate(args) => runtime.block_on(ops::invalidate::run(args)),
         Command::Stats(args) => runtime.block_on(ops::stats::run(args)),
+        Command::WriteBehind(args) => runtime.block_on(ops::write_behind::run(args)),
         Command::CheckWorker(args) => runtime.block_on(check::worker::run(args)),
         Command::CheckDraftsWorker(args) => runtime.block_on(check::drafts::worker::run(args)),
     }

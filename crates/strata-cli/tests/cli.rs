@@ -472,3 +472,79 @@ fn invalidate_all_at_strong_is_acknowledged_and_errors_are_clear() {
     assert!(!closed.status.success());
     assert!(stderr.contains("cannot connect") && !stderr.contains("hunter2"), "{stderr}");
 }
+
+/// A sink that refuses key 13 permanently and writes nothing else anywhere.
+struct RefuseThirteen;
+
+#[async_trait::async_trait]
+impl strata::Sink<u64, String> for RefuseThirteen {
+    async fn write_batch(
+        &self,
+        items: &[strata::SinkItem<u64, String>],
+    ) -> Result<Vec<Result<(), strata::SinkError>>, strata::SinkError> {
+        Ok(items
+            .iter()
+            .map(|i| {
+                if i.key == 13 {
+                    Err(strata::SinkError::permanent("row 13 violates a constraint"))
+                } else {
+                    Ok(())
+                }
+            })
+            .collect())
+    }
+}
+
+/// `strata write-behind dead` lists what the fleet's flusher gave up on, `requeue` puts
+/// it back, `pending` counts it.
+#[test]
+fn write_behind_dead_letters_are_listed_and_requeued() {
+    let redis = strata_testkit::RedisServer::start();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let queue = strata_redis::RedisWriteBehindQueue::builder(redis.url()).build().await.unwrap();
+        let cache: strata::Cache<u64, String> = strata::Cache::builder("drafts")
+            .tier(std::sync::Arc::new(strata::InProcessTier::new()))
+            .write_behind(
+                strata::WriteBehindConfig::new(std::sync::Arc::new(queue), RefuseThirteen).run_flusher(false),
+            )
+            .build()
+            .unwrap();
+        let wb = cache.write_behind().unwrap();
+        wb.save(13, "poison".into()).await.unwrap();
+        wb.save(14, "fine".into()).await.unwrap();
+        assert_eq!(wb.flush_all().await.unwrap(), 1, "13 stays, as a dead letter");
+        let cli = |args: &[&str]| {
+            let mut all = vec!["write-behind", "--redis", &redis.url(), "--namespace", "drafts", "--json"]
+                .into_iter()
+                .map(String::from)
+                .collect::<Vec<_>>();
+            all.extend(args.iter().map(|s| s.to_string()));
+            strata_async(all)
+        };
+        let out = cli(&["dead"]).await;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        let dead: Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(dead.as_array().unwrap().len(), 1, "{dead:#}");
+        assert_eq!(dead[0]["key"], "13");
+        assert!(dead[0]["error"].as_str().unwrap().contains("constraint"), "{dead:#}");
+        let pending: Value = serde_json::from_slice(&cli(&["pending"]).await.stdout).unwrap();
+        assert_eq!(
+            (pending["pending"].as_u64(), pending["dead"].as_u64()),
+            (Some(0), Some(1)),
+            "{pending:#}"
+        );
+        let requeued: Value = serde_json::from_slice(&cli(&["requeue", "--key", "13"]).await.stdout).unwrap();
+        assert_eq!(requeued["requeued"], 1, "{requeued:#}");
+        let pending: Value = serde_json::from_slice(&cli(&["pending"]).await.stdout).unwrap();
+        assert_eq!(
+            (pending["pending"].as_u64(), pending["dead"].as_u64()),
+            (Some(1), Some(0)),
+            "{pending:#}"
+        );
+        let refused = cli(&["requeue"]).await;
+        assert!(!refused.status.success());
+        assert!(String::from_utf8_lossy(&refused.stderr).contains("--key KEY, or --all"));
+    });
+}

@@ -128,6 +128,18 @@
 //! * After [`Cache::shutdown`] nothing is served by any handle; invalidations still
 //!   reach L2 and the backplane but are not acknowledged (`Shutdown` at the Strong level).
 //!
+//! ## Write-behind
+//!
+//! With [`CacheBuilder::write_behind`], [`WriteBehind::save`] returns once the value is
+//! durable in the [`WriteBehindQueue`] (at the queue's level: `strata_redis`'s
+//! `Durability`; [`InProcessQueue`] keeps it in this process only) and the key is
+//! invalidated like any write. From then on reads anywhere return it (or a later save)
+//! within the level's bound, never the database's older row: a load of a missing key
+//! asks the queue first. An acknowledged save reaches the database at least once, in
+//! sequence order per key (the sink's sequence guard makes replays and late batches
+//! harmless), unless the queue loses it (its durability level says when) or it is
+//! dead-lettered (it then stays readable until requeued). See [`write_behind`].
+//!
 //! ## Model-checked: single-flight and the fill guards
 //!
 //! The unit tests (part of `cargo test`, module `model_check`) run the real
@@ -181,6 +193,7 @@
 //! | `fleet` | the fleet protocol: publishing with sequence numbers, Strong membership and acknowledgements, the listener (apply, gap detection, repair, health), the heartbeat; it reaches the cache through a small trait |
 //! | `l1` | the in-process table (sharded quick_cache), slot packing, the fast path's floor, the fill guards (tombstones, tag and namespace epochs) |
 //! | [`tier`] | the L2 port ([`Tier`](tier::Tier)) with its fill-guard contract, the in-process tier, the [`ShardedTier`] combinator (one sharding rule for a Redis Cluster's virtual shards and a ring of servers: rendezvous placement, per-shard fill-guard domains, breakers, gutter, hot-key copies), and the conformance suite every tier must pass (feature `testing`) |
+//! | [`write_behind`] | write-behind: the [`WriteBehind`] handle, the flusher, the queue port ([`WriteBehindQueue`], with [`InProcessQueue`] and its conformance suite) and the [`Sink`] port |
 //! | [`backplane`] | the backplane port ([`Backplane`](backplane::Backplane), [`Message`](backplane::Message)) and the in-process backplane |
 //! | [`scope`] | [`Scope`]: these keys, one tag, or the namespace, used everywhere an invalidation travels |
 //! | [`consistency`] | the [`Consistency`] levels |

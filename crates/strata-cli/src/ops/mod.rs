@@ -1,8 +1,10 @@
-//! Ops commands for a running fleet: `strata invalidate` (after manual DML) and
-//! `strata stats` (a quick look at a namespace from a shell).
+//! Ops commands for a running fleet: `strata invalidate` (after manual DML),
+//! `strata stats` (a quick look at a namespace from a shell) and `strata write-behind`
+//! (the write-behind queue: what waits, the dead letters, requeueing them).
 
 pub mod invalidate;
 pub mod stats;
+pub mod write_behind;
 
 use anyhow::{Context, Result};
 use strata_redis::RedisTier;

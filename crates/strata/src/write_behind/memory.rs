@@ -106,7 +106,7 @@ impl InProcessQueue {
         Self::with_clock(Arc::new(SystemClock::default()))
     }
 
-    /// An empty queue on `clock` (a [`ManualClock`](crate::clock::ManualClock) in tests).
+    /// An empty queue on `clock` (a manual clock in tests: `strata::testing::ManualClock`).
     pub fn with_clock(clock: Arc<dyn Clock>) -> Self {
         InProcessQueue { clock, state: Mutex::new(State::default()) }
     }

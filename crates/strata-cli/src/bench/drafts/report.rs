@@ -223,7 +223,8 @@ impl DraftsReport {
             out,
             "\nx fewer: write-through's DB writes/s divided by the strategy's. lost: users whose row, after a drain, \
              is not the last save they were told succeeded. RYW viol: reads on another instance older than a save \
-             acknowledged before the read began. lag: acknowledgement to database row."
+             acknowledged before the read began. lag: acknowledgement to database row. Redis cmd/s: \
+             commands the server executed (INFO; commands run inside scripts count too), during the run."
         );
         out
     }

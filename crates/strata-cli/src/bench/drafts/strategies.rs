@@ -9,7 +9,8 @@
 //!   writes it to the database and `SREM`s the id: no claims, no sequence guard, no
 //!   durability. On Redis with `--redis`; in this process's memory otherwise;
 //! * `strata`: `strata::write_behind` over the same caches (`InProcessQueue`, or a
-//!   `RedisWriteBehindQueue` with `--redis`), flushed through a sequence-guarded upsert.
+//!   `RedisWriteBehindQueue` at durability `Acknowledged` with `--redis`, on the same
+//!   server), flushed through a sequence-guarded upsert.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -193,7 +194,13 @@ impl StrataDrafts {
     pub async fn start(f: &DraftFleet) -> Result<StrataDrafts> {
         let queue: Arc<dyn WriteBehindQueue> = match &f.redis {
             None => Arc::new(InProcessQueue::new()),
-            Some(_) => return Err(anyhow!("strata drafts over Redis: not yet")),
+            Some(url) => Arc::new(
+                strata_redis::RedisWriteBehindQueue::builder(url.expose())
+                    .prefix(format!("{}:strata", f.run_id))
+                    .build()
+                    .await
+                    .context("RedisWriteBehindQueue")?,
+            ),
         };
         let mut caches = Vec::new();
         for (tier, bp) in remote(f, "strata").await? {
@@ -278,14 +285,15 @@ impl NaiveWriteBehind {
             let n = f.instances.max(1);
             let every = f.flush_delay.saturating_mul(n as u32);
             let (store, db) = (store.clone(), f.db.clone());
-            let phase = f.flush_delay.saturating_mul(i as u32);
+            // Instance i scans first at (i + 1) × the flush delay.
+            let first = f.flush_delay.saturating_mul(i as u32 + 1);
             schedulers.push(tokio::spawn(async move {
-                tokio::time::sleep(phase).await;
+                tokio::time::sleep(first).await;
                 loop {
-                    tokio::time::sleep(every).await;
                     if let Err(e) = flush_dirty(&store, &db).await {
                         eprintln!("naive-write-behind: scheduler: {e:#}");
                     }
+                    tokio::time::sleep(every).await;
                 }
             }));
         }

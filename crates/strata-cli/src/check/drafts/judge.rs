@@ -32,6 +32,10 @@ pub struct DraftsVerdict {
     /// Reads older than a save acknowledged before they were invoked at all (zero
     /// slack; informative at the Invalidated level, whose bound allows propagation).
     pub read_your_writes_zero_slack: u64,
+    /// Reads older than a save acknowledged before the queue's Redis was killed at a
+    /// durability level that does not survive it (`acknowledged`), invoked after the
+    /// kill: the level's documented loss, made visible (not counted as violations).
+    pub read_your_writes_after_queue_loss: u64,
     /// Drafts whose row equals their last acknowledged save (or a later attempted one).
     pub rows_matching: u64,
     /// Drafts with at least one acknowledged save.
@@ -51,7 +55,14 @@ pub struct DraftsVerdict {
 }
 
 /// Judges `ops` against `rows` (draft → revision in the table).
-pub fn judge(ops: &[Op], rows: &HashMap<i64, u64>, poison: i64, bound: Duration) -> DraftsVerdict {
+/// `losses` are the times (CLOCK_MONOTONIC ns) the queue may have lost what it held.
+pub fn judge(
+    ops: &[Op],
+    rows: &HashMap<i64, u64>,
+    poison: i64,
+    bound: Duration,
+    losses: &[u64],
+) -> DraftsVerdict {
     let bound_ns = u64::try_from(bound.as_nanos()).unwrap_or(u64::MAX);
     let mut v = DraftsVerdict::default();
     // Per draft: acknowledged saves as (returned at, revision), sorted by return.
@@ -111,7 +122,17 @@ pub fn judge(ops: &[Op], rows: &HashMap<i64, u64>, poison: i64, bound: Duration)
         }
         let n = saves.partition_point(|&(d, _)| d.saturating_add(bound_ns) < op.i);
         if n > 0 && op.rev < saves[n - 1].1 {
-            v.read_your_writes_violations += 1;
+            // The newest save the read had to see: acknowledged before a loss the level
+            // allows, the read after it?
+            let must = saves[n - 1].1;
+            let acked_at =
+                acked.get(&op.k).and_then(|s| s.iter().find(|&&(_, rev)| rev == must)).map(|&(d, _)| d);
+            let lost_by_level = acked_at.is_some_and(|d| losses.iter().any(|&t| d < t && t <= op.i));
+            if lost_by_level {
+                v.read_your_writes_after_queue_loss += 1;
+            } else {
+                v.read_your_writes_violations += 1;
+            }
         }
     }
     for (k, saves) in &running {
@@ -159,7 +180,7 @@ mod tests {
             op("read", 2, 30, 42, 50, true),
         ];
         let rows: HashMap<i64, u64> = [(2, 30), (3, 0)].into_iter().collect();
-        let v = judge(&ops, &rows, 1, Duration::ZERO);
+        let v = judge(&ops, &rows, 1, Duration::ZERO, &[]);
         assert_eq!(v.read_your_writes_violations, 1);
         assert_eq!((v.lost_saves, v.lost_examples.clone()), (1, vec![(3, 50, 0)]));
         assert_eq!((v.rows_matching, v.acknowledged_saves, v.failed_saves), (1, 3, 1));

@@ -193,6 +193,8 @@ pub async fn run(args: CheckArgs) -> Result<()> {
     let duration = Duration::from_secs(args.duration);
     let gap = duration / (faults.len() as u32 + 1);
     let mut notes = Vec::new();
+    // When the queue's Redis died at a level that does not survive it.
+    let mut losses = Vec::new();
     for (i, fault) in faults.iter().enumerate() {
         tokio::time::sleep_until(start + gap * (i as u32 + 1)).await;
         eprintln!("strata check: fault {} ...", fault.name());
@@ -218,17 +220,34 @@ pub async fn run(args: CheckArgs) -> Result<()> {
                 continue;
             }
             Fault::RedisKill => {
+                // What the queue holds as it dies: lost with it unless the level keeps
+                // it (the AOF at fsync).
+                let waiting = queue.stats(NAMESPACE).await.map(|s| s.pending).unwrap_or(0);
+                if args.durability == DurabilityArg::Acknowledged {
+                    losses.push(strata_testkit::monotonic_ns());
+                }
                 redis.kill();
                 tokio::time::sleep(REDIS_DOWN).await;
                 tokio::task::block_in_place(|| redis.try_restart()).context("cannot restart Redis")?;
-                format!(
-                    "redis-kill: the queue's Redis SIGKILLed, restarted after {} s {}",
-                    REDIS_DOWN.as_secs(),
-                    if args.durability == DurabilityArg::Fsync {
-                        "from its AOF"
-                    } else {
-                        "empty (no persistence)"
+                let how = if args.durability == DurabilityArg::Fsync {
+                    "from its AOF"
+                } else {
+                    "empty (no persistence)"
+                };
+                // Asked until the restarted server has loaded its AOF and answers.
+                let mut after = None;
+                for _ in 0..50 {
+                    if let Ok(s) = queue.stats(NAMESPACE).await {
+                        after = Some(s.pending);
+                        break;
                     }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                let after = after.map_or("unknown".to_owned(), |n| n.to_string());
+                format!(
+                    "redis-kill: the queue's Redis SIGKILLed with {waiting} drafts' saves waiting, restarted after {} s \
+                     {how}, {after} waiting then",
+                    REDIS_DOWN.as_secs()
                 )
             }
             Fault::DbDown => {
@@ -284,7 +303,7 @@ pub async fn run(args: CheckArgs) -> Result<()> {
         heartbeat: Duration::from_millis(args.heartbeat_ms),
     }
     .bound(args.level);
-    let mut verdict = judge(&ops, &rows, POISON, bound);
+    let mut verdict = judge(&ops, &rows, POISON, bound, &losses);
     verdict.dead_letters = dead.iter().map(|d| (d.key.clone(), d.attempts, d.error.clone())).collect();
     verdict.poison_dead_lettered = dead.iter().any(|d| d.key == POISON.to_string());
     verdict.unexpected_dead_letters = dead.iter().filter(|d| d.key != POISON.to_string()).count() as u64;
