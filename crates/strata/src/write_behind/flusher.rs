@@ -15,6 +15,9 @@ use crate::cache::state::Inner;
 use crate::error::{Error, ErrorKind, Result};
 use crate::key::{CacheKey, CacheValue};
 
+/// How often the counters and the queue's figures go to the `metrics` recorder.
+const EXPORT_EVERY: Duration = Duration::from_secs(1);
+
 /// Flush lags kept for the percentile in [`stats`](super::WriteBehind::stats).
 const LAG_SAMPLES: usize = 4096;
 
@@ -113,7 +116,12 @@ pub(crate) async fn run<K: CacheKey, V: CacheValue>(inner: Arc<Inner<K, V>>) {
     let Some(wb) = inner.write_behind.as_ref() else { return };
     let mut stop = inner.stop.clone();
     let every = wb.cfg.effective_poll_interval();
+    let mut exported = std::time::Instant::now();
     loop {
+        if exported.elapsed() >= EXPORT_EVERY {
+            exported = std::time::Instant::now();
+            export(&inner, wb).await;
+        }
         if !wb.stopping.load(Ordering::SeqCst)
             && let Err(e) = flush_due(&inner).await
         {
@@ -124,6 +132,30 @@ pub(crate) async fn run<K: CacheKey, V: CacheValue>(inner: Arc<Inner<K, V>>) {
             _ = wb.wake.notified() => {}
             _ = tokio::time::sleep(every) => {}
         }
+    }
+}
+
+/// Pushes this instance's counters and the namespace's queue figures to `metrics`:
+/// `strata_write_behind_{saves,coalesced,db_writes,retries,dead_lettered}_total`, and the
+/// gauges `strata_write_behind_{pending,pending_bytes,dead,oldest_pending_seconds}`.
+async fn export<K: CacheKey, V: CacheValue>(inner: &Inner<K, V>, wb: &Shared<K, V>) {
+    let ns = inner.cfg.namespace.clone();
+    let c = &wb.counters;
+    for (name, counter) in [
+        ("strata_write_behind_saves_total", &c.saves),
+        ("strata_write_behind_coalesced_total", &c.coalesced),
+        ("strata_write_behind_db_writes_total", &c.db_writes),
+        ("strata_write_behind_retries_total", &c.retries),
+        ("strata_write_behind_dead_lettered_total", &c.dead_lettered),
+    ] {
+        metrics::counter!(name, "namespace" => ns.clone()).absolute(counter.load(Ordering::Relaxed));
+    }
+    if let Ok(q) = wb.cfg.queue.stats(&ns).await {
+        metrics::gauge!("strata_write_behind_pending", "namespace" => ns.clone()).set(q.pending as f64);
+        metrics::gauge!("strata_write_behind_pending_bytes", "namespace" => ns.clone()).set(q.pending_bytes as f64);
+        metrics::gauge!("strata_write_behind_dead", "namespace" => ns.clone()).set(q.dead as f64);
+        let oldest = q.oldest_ms.map_or(0.0, |o| q.now_ms.saturating_sub(o) as f64 / 1e3);
+        metrics::gauge!("strata_write_behind_oldest_pending_seconds", "namespace" => ns).set(oldest);
     }
 }
 

@@ -28,6 +28,15 @@
 //!   `strata write-behind requeue`). One poison key never blocks the others.
 //! - Past [`QueueLimits`], `save` fails with [`ErrorKind::Rejected`](crate::ErrorKind)
 //!   or, with [`WhenFull::WriteThrough`], writes through the sink itself.
+//! - [`WriteBehind::shutdown`] writes what is due within a deadline and stops this
+//!   instance's flusher; what is left stays in the queue for the other instances.
+//! - Observability: [`WriteBehind::stats`] (saves, coalesced saves — the database writes
+//!   saved —, rows written, batches, retries, dead letters, flush lag p50/p99/max),
+//!   [`WriteBehind::pending`] (the queue: waiting keys and bytes, the oldest save, dead
+//!   letters), and through `metrics` every second:
+//!   `strata_write_behind_{saves,coalesced,db_writes,retries,dead_lettered}_total`, the
+//!   gauges `strata_write_behind_{pending,pending_bytes,dead,oldest_pending_seconds}`
+//!   and the histogram `strata_write_behind_batch_size`, all labelled by `namespace`.
 //!
 //! **What is promised.** An acknowledged save reaches the database at least once, in
 //! sequence order per key (the sink's sequence guard makes replays harmless), unless
