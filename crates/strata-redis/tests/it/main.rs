@@ -21,3 +21,4 @@ mod support;
 mod tier;
 mod tls;
 mod write_behind;
+mod write_behind_cache;
