@@ -152,7 +152,8 @@ async fn export<K: CacheKey, V: CacheValue>(inner: &Inner<K, V>, wb: &Shared<K, 
     }
     if let Ok(q) = wb.cfg.queue.stats(&ns).await {
         metrics::gauge!("strata_write_behind_pending", "namespace" => ns.clone()).set(q.pending as f64);
-        metrics::gauge!("strata_write_behind_pending_bytes", "namespace" => ns.clone()).set(q.pending_bytes as f64);
+        metrics::gauge!("strata_write_behind_pending_bytes", "namespace" => ns.clone())
+            .set(q.pending_bytes as f64);
         metrics::gauge!("strata_write_behind_dead", "namespace" => ns.clone()).set(q.dead as f64);
         let oldest = q.oldest_ms.map_or(0.0, |o| q.now_ms.saturating_sub(o) as f64 / 1e3);
         metrics::gauge!("strata_write_behind_oldest_pending_seconds", "namespace" => ns).set(oldest);
