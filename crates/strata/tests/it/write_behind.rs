@@ -28,8 +28,10 @@ struct Table {
     calls: Arc<AtomicU64>,
     /// Keys refused permanently.
     poison: Arc<Mutex<Vec<u64>>>,
-    /// While set, every call fails transiently.
+    /// While set, every call fails transiently as a whole (the database unreachable).
     down: Arc<std::sync::atomic::AtomicBool>,
+    /// Keys whose own write fails transiently (a lock timeout on that row).
+    flaky: Arc<Mutex<Vec<u64>>>,
     /// When set, each call waits for a permit.
     gate: Arc<Mutex<Option<Arc<Semaphore>>>>,
 }
@@ -55,10 +57,14 @@ impl Sink<u64, String> for Table {
             return Err(SinkError::transient("database unreachable"));
         }
         let poison = self.poison.lock().clone();
+        let flaky = self.flaky.lock().clone();
         let mut rows = self.rows.lock();
         Ok(items
             .iter()
             .map(|item| {
+                if flaky.contains(&item.key) {
+                    return Err(SinkError::transient(format!("row {} is locked", item.key)));
+                }
                 if poison.contains(&item.key) {
                     return Err(SinkError::permanent(format!("row {} violates a constraint", item.key)));
                 }
@@ -246,11 +252,26 @@ async fn failing_writes_are_retried_then_dead_lettered_without_blocking_others()
         "a dead letter stays readable"
     );
 
-    // Transient failures: retried with back-off, dead after max_attempts.
+    // A database down as a whole: retried with back-off, never dead-lettered.
     f.table.down.store(true, Ordering::SeqCst);
+    wb.save(16, "w".into()).await.expect("save");
+    wb.flush(&16).await.expect("flush");
+    let calls = f.table.calls.load(Ordering::SeqCst);
+    eventually("several attempts while the database is down", || {
+        f.table.calls.load(Ordering::SeqCst) >= calls + 5
+    })
+    .await;
+    assert_eq!(wb.dead_letters(10).await.expect("dead").len(), 1, "an outage dead-letters nothing");
+    f.table.down.store(false, Ordering::SeqCst);
+    eventually("written once the database is back", || f.table.row(16).is_some()).await;
+
+    // One row's own transient failures: retried with back-off, dead after max_attempts.
+    f.table.flaky.lock().push(15);
+    let calls = f.table.calls.load(Ordering::SeqCst);
     wb.save(15, "v".into()).await.expect("save");
     wb.flush(&15).await.expect("flush");
-    eventually("three attempts, then the dead letters", || f.table.calls.load(Ordering::SeqCst) >= 4).await;
+    eventually("three attempts, then the dead letters", || f.table.calls.load(Ordering::SeqCst) >= calls + 3)
+        .await;
     let queue = f.queue.clone();
     for _ in 0..200 {
         if queue.dead_letters(NS, 10).await.expect("dead").len() == 2 {
@@ -261,7 +282,7 @@ async fn failing_writes_are_retried_then_dead_lettered_without_blocking_others()
     assert_eq!(wb.dead_letters(10).await.expect("dead").len(), 2, "15 joined the dead letters");
     assert!(wb.stats().retries >= 2, "retried before giving up: {:?}", wb.stats());
     // Fixed, requeued, written.
-    f.table.down.store(false, Ordering::SeqCst);
+    f.table.flaky.lock().clear();
     f.table.poison.lock().clear();
     assert_eq!(wb.requeue_dead(None).await.expect("requeue"), 2);
     wb.flush_all().await.expect("flush");
