@@ -196,6 +196,15 @@ fn main() {
     write("pg_notify", "snapshot", b"\x01100:105:101,103");
     write("pg_notify", "snapshot-empty", b"\x01100:100:");
 
+    // Admin invalidation bodies: each accepted scope, and refusals.
+    write("admin_invalidate_body", "keys", br#"{"keys":["1","2"]}"#);
+    write("admin_invalidate_body", "tag", br#"{"tag":"tenant:7"}"#);
+    write("admin_invalidate_body", "all", br#"{"all":true}"#);
+    write("admin_invalidate_body", "all_false", br#"{"all":false}"#);
+    write("admin_invalidate_body", "empty", br#"{"keys":[]}"#);
+    write("admin_invalidate_body", "two", br#"{"keys":["a"],"tag":"t"}"#);
+    write("admin_invalidate_body", "unknown", br#"{"keys":["\u00e9"],"extra":1}"#);
+
     // A history as the checker's processes write it.
     let history = History {
         events: vec![

@@ -57,6 +57,8 @@
 //! The recorder decides the buckets: `PrometheusBuilder::set_buckets` for histograms,
 //! summaries (quantiles) otherwise.
 
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod routes;
 mod state;
 

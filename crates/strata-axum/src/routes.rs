@@ -15,7 +15,7 @@ use strata::{BreakerState, CacheHandle, CacheHealth, Scope};
 use crate::state::AdminState;
 
 /// Most keys one call may invalidate.
-const MAX_KEYS: usize = 10_000;
+pub(crate) const MAX_KEYS: usize = 10_000;
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
@@ -182,6 +182,14 @@ impl InvalidateBody {
     }
 }
 
+/// Reads the body of `POST /caches/{ns}/invalidate` (bytes from the network): the scope
+/// it names, or the problem to answer with 400.
+pub(crate) fn parse_invalidate_body(body: &[u8]) -> Result<Scope, String> {
+    let parsed: InvalidateBody =
+        serde_json::from_slice(body).map_err(|e| format!("the body is not the JSON expected: {e}"))?;
+    parsed.scope()
+}
+
 fn bearer(headers: &HeaderMap) -> Option<&[u8]> {
     let v = headers.get(header::AUTHORIZATION)?.as_bytes();
     v.strip_prefix(b"Bearer ").or_else(|| v.strip_prefix(b"bearer "))
@@ -222,11 +230,7 @@ pub(crate) async fn invalidate(
     let Some(cache) = inner.caches.get(&ns) else {
         return error(StatusCode::NOT_FOUND, format!("no cache with namespace {ns:?}"));
     };
-    let parsed: InvalidateBody = match serde_json::from_slice(&body) {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("the body is not the JSON expected: {e}")),
-    };
-    let scope = match parsed.scope() {
+    let scope = match parse_invalidate_body(&body) {
         Ok(s) => s,
         Err(problem) => return error(StatusCode::BAD_REQUEST, problem),
     };
