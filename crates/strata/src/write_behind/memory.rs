@@ -180,10 +180,10 @@ impl WriteBehindQueue for InProcessQueue {
                         attempts: 0,
                         dirty_since_ms: now,
                         redirtied_ms: None,
-                        state: RecordState::Dead,
+                        state: RecordState::Due(due),
                     },
                 );
-                n.set_state(key, RecordState::Due(due));
+                n.schedule.insert((due, key.to_owned()));
                 Ok(SaveOutcome::Queued { seq, replaced: false })
             }
         }

@@ -262,7 +262,7 @@ fn draw(report: &DraftsReport, root: &DrawingArea<SVGBackend<'_>, plotters::coor
         .y_label_area_size(56)
         .build_cartesian_2d(0..max_x, 0..max_y + max_y / 10 + 1)?;
     chart.configure_mesh().x_desc("second of the run").y_desc("rows written / s").draw()?;
-    for (i, s) in report.strategies.iter().enumerate() {
+    for s in &report.strategies {
         let color = match s.name {
             "write-through" => RGBColor(214, 39, 40),
             "naive-write-behind" => RGBColor(230, 145, 30),
@@ -276,7 +276,6 @@ fn draw(report: &DraftsReport, root: &DrawingArea<SVGBackend<'_>, plotters::coor
                 s.name, s.lost_saves, s.read_your_writes_violations
             ))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
-        let _ = i;
     }
     chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
     Ok(())

@@ -210,13 +210,11 @@ pub async fn run(args: CheckArgs) -> Result<()> {
                 fresh.expect("ready", Duration::from_secs(60)).await?;
                 fresh.send("start").await?;
                 let old = std::mem::replace(&mut workers[victim], fresh);
-                let gone = old.history.clone();
                 notes.push(format!(
                     "instance-kill: {} killed (SIGKILL), {} started after 1 s",
                     old.name, workers[victim].name
                 ));
                 workers.push(old);
-                let _ = gone;
                 continue;
             }
             Fault::RedisKill => {
