@@ -6,7 +6,7 @@
 //! drops, delays, reorders or cuts what that connection receives, so every repair path
 //! of the core can be driven deterministically.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
-use super::{Backplane, BackplaneEvent, Message, OriginId, Subscription};
+use super::{Backplane, BackplaneEvent, Beat, Message, MessageBody, OriginId, Subscription, now_ms};
 use crate::error::{Error, ErrorKind, Result};
 
 /// How a hub behaves after a subscriber was cut off.
@@ -35,11 +35,42 @@ const LOG_CAPACITY: usize = 10_000;
 /// is told it lost messages instead of growing memory without limit.
 const SUBSCRIBER_CAPACITY: usize = 4096;
 
+/// Heartbeats older than this many of their intervals leave the digest.
+const DIGEST_KEEP_INTERVALS: u32 = 8;
+
 struct Hub {
     mode: Mode,
-    subscribers: Mutex<Vec<mpsc::UnboundedSender<Message>>>,
+    /// Each subscription, with the origin it subscribed as (for `publish_to`).
+    subscribers: Mutex<Vec<(Option<OriginId>, mpsc::UnboundedSender<Message>)>>,
     log: Mutex<VecDeque<Message>>,
     published: AtomicU64,
+    delivered: AtomicU64,
+    /// Per namespace, the latest heartbeat of each origin and when the last digest
+    /// went out.
+    beats: Mutex<HashMap<String, BeatTable>>,
+}
+
+#[derive(Default)]
+struct BeatTable {
+    latest: HashMap<OriginId, (Beat, tokio::time::Instant)>,
+    last_digest: Option<tokio::time::Instant>,
+}
+
+impl Hub {
+    /// Sends `message` to every subscription (or to those of origin `to`), under the
+    /// lock so that every subscriber sees messages in one global order.
+    fn deliver(&self, message: &Message, to: Option<OriginId>) {
+        let mut subs = self.subscribers.lock();
+        let mut sent = 0;
+        subs.retain(|(me, tx)| {
+            if to.is_some() && *me != to {
+                return true;
+            }
+            sent += 1;
+            tx.send(message.clone()).is_ok()
+        });
+        self.delivered.fetch_add(sent, Ordering::Relaxed);
+    }
 }
 
 /// Faults applied to what one connection receives (and whether it can publish).
@@ -123,6 +154,8 @@ impl InProcessBackplane {
                 subscribers: Mutex::new(Vec::new()),
                 log: Mutex::new(VecDeque::new()),
                 published: AtomicU64::new(0),
+                delivered: AtomicU64::new(0),
+                beats: Mutex::new(HashMap::new()),
             }),
             faults: Arc::new(FaultControl::default()),
         }
@@ -138,9 +171,35 @@ impl InProcessBackplane {
         &self.faults
     }
 
-    /// How many messages were published on the hub (heartbeats included).
+    /// How many messages were published on the hub (heartbeats, digests and
+    /// acknowledgements included).
     pub fn published(&self) -> u64 {
         self.hub.published.load(Ordering::Relaxed)
+    }
+
+    /// How many messages the hub handed to subscriptions (one per subscription a
+    /// message reached), before each connection's faults: what a fleet's backplane
+    /// traffic costs its receivers.
+    pub fn delivered(&self) -> u64 {
+        self.hub.delivered.load(Ordering::Relaxed)
+    }
+
+    fn check_connected(&self) -> Result<()> {
+        if self.faults.disconnected.load(Ordering::SeqCst) {
+            return Err(Error::new(
+                ErrorKind::Backplane,
+                "in-process backplane connection is cut (injected)",
+            ));
+        }
+        Ok(())
+    }
+
+    async fn subscribe_for(&self, me: Option<OriginId>) -> Result<Subscription> {
+        let (raw_tx, raw_rx) = mpsc::unbounded_channel();
+        self.hub.subscribers.lock().push((me, raw_tx));
+        let (tx, rx) = mpsc::channel(SUBSCRIBER_CAPACITY);
+        tokio::spawn(forward(raw_rx, tx, self.faults.clone(), self.hub.mode));
+        Ok(rx)
     }
 }
 
@@ -154,12 +213,7 @@ impl Backplane for InProcessBackplane {
     }
 
     async fn publish(&self, message: &Message) -> Result<()> {
-        if self.faults.disconnected.load(Ordering::SeqCst) {
-            return Err(Error::new(
-                ErrorKind::Backplane,
-                "in-process backplane connection is cut (injected)",
-            ));
-        }
+        self.check_connected()?;
         self.hub.published.fetch_add(1, Ordering::Relaxed);
         if self.hub.mode == Mode::Stream && !message.is_control() {
             let mut log = self.hub.log.lock();
@@ -168,30 +222,70 @@ impl Backplane for InProcessBackplane {
             }
             log.push_back(message.clone());
         }
-        // Send under the lock so every subscriber sees messages in one global order.
-        let mut subs = self.hub.subscribers.lock();
-        subs.retain(|tx| tx.send(message.clone()).is_ok());
+        self.hub.deliver(message, None);
+        Ok(())
+    }
+
+    /// Keeps the beat, and sends every namespace member's latest as one digest when
+    /// the last went out an interval ago or more.
+    async fn heartbeat(&self, message: &Message, beat: u64, interval: Duration) -> Result<()> {
+        self.check_connected()?;
+        self.hub.published.fetch_add(1, Ordering::Relaxed);
+        let now = tokio::time::Instant::now();
+        let digest = {
+            let mut tables = self.hub.beats.lock();
+            let table = tables.entry(message.namespace.clone()).or_default();
+            let buffered = message.body == MessageBody::BufferedHeartbeat;
+            let entry = Beat { origin: message.origin, seq: message.seq, beat, buffered, age_ms: 0 };
+            table.latest.insert(message.origin, (entry, now));
+            // Nine tenths, so that jitter never skips an interval's digest.
+            let due = table.last_digest.is_none_or(|at| now.duration_since(at) >= interval * 9 / 10);
+            if !due {
+                return Ok(());
+            }
+            table.last_digest = Some(now);
+            let keep = interval.saturating_mul(DIGEST_KEEP_INTERVALS);
+            table.latest.retain(|_, (_, at)| now.duration_since(*at) <= keep);
+            let beats = table
+                .latest
+                .values()
+                .map(|(b, at)| Beat {
+                    age_ms: u64::try_from(now.duration_since(*at).as_millis()).unwrap_or(u64::MAX),
+                    ..b.clone()
+                })
+                .collect();
+            Message {
+                origin: 0,
+                seq: 0,
+                namespace: message.namespace.clone(),
+                body: MessageBody::Digest(beats),
+                sent_at_ms: now_ms(),
+            }
+        };
+        self.hub.deliver(&digest, None);
+        Ok(())
+    }
+
+    async fn publish_to(&self, to: OriginId, message: &Message) -> Result<()> {
+        self.check_connected()?;
+        self.hub.published.fetch_add(1, Ordering::Relaxed);
+        self.hub.deliver(message, Some(to));
         Ok(())
     }
 
     async fn subscribe(&self) -> Result<Subscription> {
-        let (raw_tx, raw_rx) = mpsc::unbounded_channel();
-        self.hub.subscribers.lock().push(raw_tx);
-        let (tx, rx) = mpsc::channel(SUBSCRIBER_CAPACITY);
-        tokio::spawn(forward(raw_rx, tx, self.faults.clone(), self.hub.mode));
-        Ok(rx)
+        self.subscribe_for(None).await
+    }
+
+    async fn subscribe_as(&self, me: OriginId) -> Result<Subscription> {
+        self.subscribe_for(Some(me)).await
     }
 
     async fn replay(&self, origin: OriginId, from_seq: u64, to_seq: u64) -> Result<Option<Vec<Message>>> {
         if self.hub.mode != Mode::Stream {
             return Ok(None);
         }
-        if self.faults.disconnected.load(Ordering::SeqCst) {
-            return Err(Error::new(
-                ErrorKind::Backplane,
-                "in-process backplane connection is cut (injected)",
-            ));
-        }
+        self.check_connected()?;
         let log = self.hub.log.lock();
         let found: Vec<Message> = log
             .iter()

@@ -82,6 +82,43 @@ pub enum MessageBody {
     /// other variants keep their encoding; a receiver that does not know it counts it
     /// as malformed and ignores it.)
     BufferedHeartbeat,
+    /// The latest heartbeat of every origin the backplane heard lately, sent once per
+    /// heartbeat interval by a backplane that aggregates them ([`Backplane::heartbeat`]):
+    /// each receiver gets one message per interval instead of one per member. Its own
+    /// origin and sequence number are 0: it speaks for the origins it lists. (Last, like
+    /// `BufferedHeartbeat`: an older receiver counts it as malformed.)
+    Digest(Vec<Beat>),
+}
+
+/// One origin's latest heartbeat, as a [`MessageBody::Digest`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Beat {
+    /// Whose heartbeat.
+    pub origin: OriginId,
+    /// Its last sequence number, as in [`MessageBody::Heartbeat`].
+    pub seq: u64,
+    /// Counts the origin's heartbeats: a digest that repeats an entry whose count did
+    /// not change (the origin has not beaten since, or is gone) tells nothing new.
+    pub beat: u64,
+    /// Some of its L2 invalidations wait in its retry buffer
+    /// ([`MessageBody::BufferedHeartbeat`]).
+    pub buffered: bool,
+    /// How long before the digest was sent the backplane received this heartbeat, in
+    /// ms (by the backplane's clock; Redis's, for a Redis backplane).
+    pub age_ms: u64,
+}
+
+impl Beat {
+    /// The heartbeat message this entry stands for, in `namespace`.
+    pub fn to_message(&self, namespace: &str, sent_at_ms: u64) -> Message {
+        Message {
+            origin: self.origin,
+            seq: self.seq,
+            namespace: namespace.to_owned(),
+            body: if self.buffered { MessageBody::BufferedHeartbeat } else { MessageBody::Heartbeat },
+            sent_at_ms,
+        }
+    }
 }
 
 /// The first byte of every encoded message, so the format can evolve.
@@ -125,9 +162,15 @@ impl Message {
     }
 
     /// True for messages that invalidate nothing and use no sequence number of their
-    /// own (heartbeats and acknowledgements).
+    /// own (heartbeats, digests of them and acknowledgements).
     pub fn is_control(&self) -> bool {
-        matches!(self.body, MessageBody::Heartbeat | MessageBody::BufferedHeartbeat | MessageBody::Ack { .. })
+        matches!(
+            self.body,
+            MessageBody::Heartbeat
+                | MessageBody::BufferedHeartbeat
+                | MessageBody::Ack { .. }
+                | MessageBody::Digest(_)
+        )
     }
 }
 
@@ -168,6 +211,35 @@ pub trait Backplane: Send + Sync + 'static {
     /// Opens a subscription that receives every message published after it starts,
     /// including this process's own (receivers skip their own by origin id).
     async fn subscribe(&self) -> Result<Subscription>;
+
+    /// Sends this instance's heartbeat: `message` is a [`MessageBody::Heartbeat`] or
+    /// [`MessageBody::BufferedHeartbeat`] carrying its last sequence number, `beat`
+    /// counts its heartbeats (1, 2, 3…), and it beats every `interval`.
+    ///
+    /// The default publishes it to every subscriber: in a fleet of N, N² deliveries
+    /// per interval. A backplane that can aggregate keeps each origin's latest beat and
+    /// delivers them all as one [`MessageBody::Digest`] per interval and namespace (N
+    /// deliveries), listing only origins heard within the last few intervals and each
+    /// entry's age; the receivers then hear a heartbeat when an origin's count changed.
+    async fn heartbeat(&self, message: &Message, beat: u64, interval: std::time::Duration) -> Result<()> {
+        let _ = (beat, interval);
+        self.publish(message).await
+    }
+
+    /// Sends `message` to the subscription of origin `to` only (a Strong-level
+    /// acknowledgement). The default publishes it to everyone, who skip what is not
+    /// addressed to them.
+    async fn publish_to(&self, to: OriginId, message: &Message) -> Result<()> {
+        let _ = to;
+        self.publish(message).await
+    }
+
+    /// Like [`Backplane::subscribe`], for origin `me`: the subscription also receives
+    /// what [`Backplane::publish_to`] addresses to `me`. The default is `subscribe`.
+    async fn subscribe_as(&self, me: OriginId) -> Result<Subscription> {
+        let _ = me;
+        self.subscribe().await
+    }
 
     /// Asks for messages `from_seq..=to_seq` of `origin` again. `Ok(None)` means the
     /// backplane cannot replay (the receiver flushes instead).

@@ -48,8 +48,9 @@ pub struct CacheBuilder<K, V> {
     l2_timeout: Duration,
     lease_wait: Duration,
     max_value_bytes: usize,
-    heartbeat_interval: Duration,
-    membership_lease: Duration,
+    pub(super) heartbeat_interval: Duration,
+    pub(super) broadcast_heartbeats: bool,
+    pub(super) membership_lease: Duration,
     write_lock_ttl: Duration,
     max_tag_epochs: usize,
     tags: Option<TagFn<K, V>>,
@@ -100,6 +101,7 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
             lease_wait: Duration::from_millis(500),
             max_value_bytes: 1 << 20,
             heartbeat_interval: Duration::from_secs(1),
+            broadcast_heartbeats: false,
             membership_lease: Duration::from_secs(5),
             write_lock_ttl: Duration::from_secs(30),
             max_tag_epochs: DEFAULT_MAX_TAG_EPOCHS,
@@ -246,21 +248,6 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
         self
     }
 
-    /// How often this instance publishes a heartbeat on the backplane. Default 1 s.
-    pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
-        self.heartbeat_interval = interval;
-        self
-    }
-
-    /// Strong level: how long a member counts as live after it was last heard on the
-    /// backplane. `invalidate` waits at most this long for a silent member; a member that
-    /// has not received its own heartbeat back for half of it stops serving L1. Must be
-    /// at least four heartbeat intervals. Default 5 s.
-    pub fn membership_lease(mut self, lease: Duration) -> Self {
-        self.membership_lease = lease;
-        self
-    }
-
     /// How long a write lock ([`Cache::lock_for_write`]) holds at most if it is never
     /// released (its writer crashed or lost L2). A write must commit within the first
     /// half of it ([`WriteLock::is_valid`](crate::WriteLock::is_valid)); while a lock
@@ -401,6 +388,7 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
             lease_wait: self.lease_wait,
             max_value_bytes: self.max_value_bytes,
             heartbeat_interval: self.heartbeat_interval,
+            broadcast_heartbeats: self.broadcast_heartbeats,
             membership_lease: self.membership_lease,
             write_lock_ttl: self.write_lock_ttl,
             max_tag_epochs: self.max_tag_epochs,

@@ -66,6 +66,8 @@ pub(crate) struct Config<K, V> {
     pub(crate) lease_wait: Duration,
     pub(crate) max_value_bytes: usize,
     pub(crate) heartbeat_interval: Duration,
+    /// See [`CacheBuilder::broadcast_heartbeats`](super::builder::CacheBuilder::broadcast_heartbeats).
+    pub(crate) broadcast_heartbeats: bool,
     pub(crate) membership_lease: Duration,
     pub(crate) write_lock_ttl: Duration,
     pub(crate) max_tag_epochs: usize,

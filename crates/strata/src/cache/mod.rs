@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `mod.rs` | the handle: construction, introspection, readiness, shutdown, write locks |
 //! | `read.rs`, `write.rs` | the handle's read and write methods |
-//! | `builder.rs`, `builder_load.rs`, `builder_write.rs`, `config.rs` | the builder and the validated configuration it produces |
+//! | `builder.rs`, `builder_fleet.rs`, `builder_load.rs`, `builder_write.rs`, `config.rs` | the builder and the validated configuration it produces |
 //! | `state.rs` | the state every handle and task shares ([`Inner`](state::Inner)) |
 //! | `probe.rs` | the L1 side of a read: the hit path, `max_stale`, XFetch |
 //! | `flight.rs`, `load.rs`, `batch.rs` | single-flight, one key's load, batch reads |
@@ -19,6 +19,7 @@
 
 pub(crate) mod batch;
 pub(crate) mod builder;
+pub(crate) mod builder_fleet;
 pub(crate) mod builder_load;
 pub(crate) mod builder_write;
 pub(crate) mod config;

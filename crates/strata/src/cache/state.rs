@@ -132,6 +132,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
                     heartbeat_interval: cfg.heartbeat_interval,
                     membership_lease: cfg.membership_lease,
                     timeout: cfg.backplane_timeout(),
+                    addressed: !cfg.broadcast_heartbeats,
                 },
             )
         });

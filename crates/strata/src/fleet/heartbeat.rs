@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::{Attempt, Host, mark_unhealthy};
+use super::{Host, mark_unhealthy};
 use crate::backplane::MessageBody;
 use crate::shutdown::Stop;
 
@@ -29,7 +29,7 @@ pub(crate) async fn run<H: Host>(host: Arc<H>, mut stop: Stop) {
         } else {
             MessageBody::Heartbeat
         };
-        let _ = fleet.send_control(body, Attempt::Probe).await;
+        let _ = fleet.send_heartbeat(body).await;
         let now = host.now();
         let last = host.health().last_own_heartbeat();
         let missed = now.since(last) > every.saturating_mul(MISSED_HEARTBEATS);

@@ -3,17 +3,21 @@
 //! backplane can, else a flush), and keeps the backplane's health. At the Strong level
 //! it also tracks the members and acknowledges what it applied.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::doubt::Doubts;
 use super::sequence::{MAX_REPLAY, Origins, Position, replay_covers};
-use super::{Attempt, Fleet, Host, mark_healthy, mark_unhealthy};
-use crate::backplane::{BackplaneEvent, Message, MessageBody, OriginId};
+use super::{Fleet, Host, mark_healthy, mark_unhealthy};
+use crate::backplane::{BackplaneEvent, Beat, Message, MessageBody, OriginId};
 use crate::shutdown::Stop;
 
 /// Origins not heard from for this many heartbeat intervals are forgotten.
 const FORGET_AFTER_HEARTBEATS: u32 = 60;
+/// A digest's entry older than this many heartbeat intervals is not a sign of life:
+/// a live origin beats every interval, so its entry is younger than one (plus delays).
+const FRESH_BEAT_INTERVALS: u32 = 3;
 
 struct Listener<'a, H> {
     host: &'a H,
@@ -22,6 +26,9 @@ struct Listener<'a, H> {
     disconnected: bool,
     /// Below the Strong level: the members that may have L2 deletes buffered.
     doubts: Doubts,
+    /// Each origin's heartbeat count in the last digest: an entry whose count did not
+    /// change since is not heard again.
+    beats: HashMap<OriginId, u64>,
 }
 
 /// Subscribes (again after every loss) and handles events until stopped.
@@ -35,11 +42,12 @@ pub(crate) async fn run<H: Host>(host: Arc<H>, mut stop: Stop) {
         origins: Origins::default(),
         disconnected: false,
         doubts: Doubts::default(),
+        beats: HashMap::new(),
     };
     let mut backoff = Duration::from_millis(10);
     loop {
         let sub = tokio::select! {
-            s = fleet.backplane().subscribe() => s,
+            s = fleet.backplane().subscribe_as(fleet.config().origin) => s,
             _ = stop.stopped() => return,
         };
         let mut sub = match sub {
@@ -116,11 +124,42 @@ impl<H: Host> Listener<'_, H> {
     }
 
     async fn on_message(&mut self, m: Message) {
-        let host = self.host;
-        let cfg = self.fleet.config();
-        if m.namespace != cfg.namespace {
+        if m.namespace != self.fleet.config().namespace {
             return;
         }
+        match m.body {
+            MessageBody::Digest(beats) => {
+                for beat in self.fresh_beats(beats) {
+                    self.on_one(beat.to_message(&m.namespace, m.sent_at_ms)).await;
+                }
+            }
+            _ => self.on_one(m).await,
+        }
+    }
+
+    /// The entries of a digest that are news: younger than a few intervals, with a
+    /// count that changed since the last digest (which, like a replayed heartbeat, may
+    /// be a late one). Remembers the counts of this one, which forgets the origins it
+    /// no longer lists.
+    fn fresh_beats(&mut self, beats: Vec<Beat>) -> Vec<Beat> {
+        let cfg = self.fleet.config();
+        let fresh_ms = cfg.heartbeat_interval.saturating_mul(FRESH_BEAT_INTERVALS).as_millis();
+        let last = std::mem::take(&mut self.beats);
+        let mut fresh = Vec::new();
+        for b in beats {
+            if self.beats.insert(b.origin, b.beat).is_some() {
+                continue; // listed twice: a forged or corrupt digest; the first counts
+            }
+            if last.get(&b.origin) != Some(&b.beat) && u128::from(b.age_ms) <= fresh_ms {
+                fresh.push(b);
+            }
+        }
+        fresh
+    }
+
+    async fn on_one(&mut self, m: Message) {
+        let host = self.host;
+        let cfg = self.fleet.config();
         let now = host.now();
         let forget_after = cfg.heartbeat_interval.saturating_mul(FORGET_AFTER_HEARTBEATS);
         self.doubts.expire(now, forget_after);
@@ -161,7 +200,14 @@ impl<H: Host> Listener<'_, H> {
             self.apply(&m.body);
             return;
         };
-        let tracked = self.origins.track(m.origin, pos, now);
+        // An acknowledgement addressed to us may travel apart from the origin's messages
+        // (its own channel), so it can arrive before the invalidation it follows: its
+        // sequence number says nothing about what we missed.
+        let tracked = if matches!(m.body, MessageBody::Ack { .. }) {
+            super::sequence::Tracked { missed: None, suspicious: false }
+        } else {
+            self.origins.track(m.origin, pos, now)
+        };
         if tracked.suspicious {
             host.stats().suspicious_messages.incr();
         }
@@ -176,7 +222,7 @@ impl<H: Host> Listener<'_, H> {
             MessageBody::Heartbeat | MessageBody::BufferedHeartbeat => {
                 host.stats().heartbeats_received.incr()
             }
-            MessageBody::Ack { .. } => {}
+            MessageBody::Ack { .. } | MessageBody::Digest(_) => {}
             body => {
                 host.stats().invalidations_received.incr();
                 // Applying an invalidation twice is harmless, so apply before any repair.
@@ -224,8 +270,7 @@ impl<H: Host> Listener<'_, H> {
     /// Strong level: tells `origin` that everything it sent up to `seq` is applied here
     /// (repairs included, since they ran before this).
     async fn acknowledge(&self, origin: OriginId, seq: u64) {
-        let ack = MessageBody::Ack { to: origin, seq };
-        if let Err(e) = self.fleet.send_control(ack, Attempt::UnlessDown).await {
+        if let Err(e) = self.fleet.send_ack(origin, seq).await {
             // The origin waits until our lease lapses instead; by then we serve no L1.
             tracing::warn!(error = %e, origin, seq, "acknowledgement not sent");
         }
@@ -276,7 +321,10 @@ impl<H: Host> Listener<'_, H> {
                     self.host.bypass();
                 }
             }
-            MessageBody::Heartbeat | MessageBody::BufferedHeartbeat | MessageBody::Ack { .. } => {}
+            MessageBody::Heartbeat
+            | MessageBody::BufferedHeartbeat
+            | MessageBody::Ack { .. }
+            | MessageBody::Digest(_) => {}
         }
     }
 }

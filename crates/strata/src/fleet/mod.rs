@@ -83,6 +83,10 @@ pub(crate) struct FleetConfig {
     pub(crate) membership_lease: Duration,
     /// Timeout of one publish or replay.
     pub(crate) timeout: Duration,
+    /// Heartbeats through [`Backplane::heartbeat`] and acknowledgements through
+    /// [`Backplane::publish_to`] (N deliveries per interval where the backplane
+    /// aggregates); off, both are broadcast, as earlier releases did.
+    pub(crate) addressed: bool,
 }
 
 /// How long a caller's message waits for the publisher before it is buffered instead.
@@ -118,6 +122,8 @@ pub(crate) struct Fleet {
     /// (see [`Fleet::send`]). Taken under `publisher` by a publish, without it by a
     /// message refused before it got there.
     last_seq: AtomicU64,
+    /// This instance's heartbeats so far (the count a digest carries).
+    beats: AtomicU64,
     /// The publish breaker: set when a publish failed, cleared when one succeeded.
     down: AtomicBool,
     members: Members,
@@ -130,6 +136,7 @@ impl Fleet {
             cfg,
             publisher: tokio::sync::Mutex::new(()),
             last_seq: AtomicU64::new(0),
+            beats: AtomicU64::new(0),
             down: AtomicBool::new(false),
             members: Members::default(),
         }
@@ -185,6 +192,45 @@ impl Fleet {
         };
         let msg = self.message(self.last_seq(), body);
         self.publish_bounded(&msg, "backplane control message").await
+    }
+
+    /// Sends a heartbeat (a control message, see [`Fleet::send_control`]) through
+    /// [`Backplane::heartbeat`], which may aggregate it with the other members'.
+    pub(crate) async fn send_heartbeat(&self, body: MessageBody) -> Result<()> {
+        if !self.cfg.addressed {
+            return self.send_control(body, Attempt::Probe).await;
+        }
+        let _publisher = self.publisher.lock().await;
+        let msg = self.message(self.last_seq(), body);
+        let beat = self.beats.fetch_add(1, Ordering::SeqCst).saturating_add(1);
+        let interval = self.cfg.heartbeat_interval;
+        let res = match tokio::time::timeout(self.cfg.timeout, self.backplane.heartbeat(&msg, beat, interval))
+            .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(Error::timeout("backplane heartbeat", self.cfg.timeout)),
+        };
+        self.note_publish(&res);
+        res
+    }
+
+    /// Sends a Strong-level acknowledgement to `to` alone (to everyone when not
+    /// addressed). It carries the last sequence number like any control message.
+    pub(crate) async fn send_ack(&self, to: OriginId, seq: u64) -> Result<()> {
+        let body = MessageBody::Ack { to, seq };
+        if !self.cfg.addressed {
+            return self.send_control(body, Attempt::UnlessDown).await;
+        }
+        let Some(_publisher) = self.publisher_for(Attempt::UnlessDown).await else {
+            return Err(self.refusal());
+        };
+        let msg = self.message(self.last_seq(), body);
+        let res = match tokio::time::timeout(self.cfg.timeout, self.backplane.publish_to(to, &msg)).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::timeout("backplane acknowledgement", self.cfg.timeout)),
+        };
+        self.note_publish(&res);
+        res
     }
 
     /// The publisher lock, or `None` when a fail-fast attempt must not wait for it.
@@ -249,13 +295,18 @@ impl Fleet {
             Ok(r) => r,
             Err(_) => Err(Error::timeout(what, self.cfg.timeout)),
         };
+        self.note_publish(&res);
+        res
+    }
+
+    /// Keeps the publish breaker after a publish (of any kind) returned `res`.
+    fn note_publish(&self, res: &Result<()>) {
         let was_down = self.down.swap(res.is_err(), Ordering::SeqCst);
-        match (&res, was_down) {
+        match (res, was_down) {
             (Err(e), false) => tracing::warn!(error = %e, namespace = %self.cfg.namespace,
                 "backplane publish failed; invalidations are buffered without waiting until one succeeds"),
             (Ok(()), true) => tracing::info!(namespace = %self.cfg.namespace, "backplane publishes again"),
             _ => {}
         }
-        res
     }
 }

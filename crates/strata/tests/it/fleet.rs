@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use strata::InProcessBackplane;
 use strata::backplane::Mode;
 use strata::testing::ManualClock;
 use strata::{BreakerConfig, BreakerState, Cache, ErrorKind};
@@ -223,4 +224,99 @@ async fn a_cancelled_probe_does_not_keep_the_breaker_open() {
     // The next call probes, and its success closes the breaker.
     breaker.call(async { Ok::<_, strata::Error>(()) }).await.expect("probe allowed");
     assert_eq!(breaker.state(), BreakerState::Closed);
+}
+
+// ---------------------------------------------------------------------------------
+// Liveness cost: heartbeats in one digest per interval, acknowledgements addressed
+
+/// `n` caches on one in-process hub, heartbeating every 20 ms (Strong when `strong`),
+/// all ready and heard by each other.
+async fn hub_fleet(n: usize, broadcast: bool, strong: bool) -> (InProcessBackplane, Vec<Cache<u64, String>>) {
+    let hub = InProcessBackplane::new();
+    let tier = strata::tier::InProcessTier::new();
+    let mut caches = Vec::new();
+    for _ in 0..n {
+        let mut b = Cache::builder(crate::support::NS)
+            .tier(Arc::new(tier.clone()))
+            .backplane(Arc::new(hub.connect()))
+            .heartbeat_interval(Duration::from_millis(20))
+            .broadcast_heartbeats(broadcast);
+        if strong {
+            b = b.consistency(strata::Consistency::Strong).membership_lease(Duration::from_millis(300));
+        }
+        caches.push(b.build().expect("valid"));
+    }
+    for c in &caches {
+        tokio::time::timeout(Duration::from_secs(5), c.ready()).await.expect("ready");
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    (hub, caches)
+}
+
+/// The hub's deliveries per heartbeat interval of an idle fleet of `n`.
+async fn idle_deliveries_per_interval(n: usize, broadcast: bool) -> f64 {
+    const INTERVALS: u32 = 25;
+    let (hub, caches) = hub_fleet(n, broadcast, false).await;
+    let before = hub.delivered();
+    let heard: Vec<u64> = caches.iter().map(|c| c.stats().heartbeats_received).collect();
+    tokio::time::sleep(Duration::from_millis(20) * INTERVALS).await;
+    let per_interval = (hub.delivered() - before) as f64 / f64::from(INTERVALS);
+    // Everyone still hears everyone, and its own heartbeat comes back.
+    for (c, before) in caches.iter().zip(heard) {
+        let got = c.stats().heartbeats_received - before;
+        assert!(got >= (n as u64 - 1) * 5, "heard {got} heartbeats in {INTERVALS} intervals");
+        assert!(c.health().backplane_healthy);
+    }
+    per_interval
+}
+
+/// The liveness and loss detection of an idle fleet cost each instance one delivery
+/// per interval (the digest), not one per member; with `broadcast_heartbeats` (the
+/// earlier protocol) every heartbeat reaches every instance. Counts, not timings: the
+/// bounds leave room for a busy machine's late timers on either side.
+#[tokio::test]
+async fn idle_heartbeats_cost_n_deliveries_per_interval_not_n_squared() {
+    const N: usize = 12;
+    let digest = idle_deliveries_per_interval(N, false).await;
+    let broadcast = idle_deliveries_per_interval(N, true).await;
+    eprintln!("{N} idle instances: {digest:.1} deliveries per interval (digest), {broadcast:.1} (broadcast)");
+    assert!(digest <= 2.0 * N as f64, "digest: {digest} deliveries per interval");
+    assert!(broadcast >= (N * N) as f64 / 2.0, "broadcast: {broadcast} deliveries per interval");
+}
+
+/// At the Strong level an invalidation's acknowledgements reach its origin only: one
+/// invalidation in a fleet of N costs N deliveries (the message) plus N - 1 (the
+/// acknowledgements), where broadcasting them cost N each.
+#[tokio::test]
+async fn strong_acknowledgements_are_addressed_to_the_origin() {
+    const N: usize = 8;
+    const WRITES: u64 = 40;
+    for broadcast in [false, true] {
+        let (hub, caches) = hub_fleet(N, broadcast, true).await;
+        let t = std::time::Instant::now();
+        let before = hub.delivered();
+        for k in 0..WRITES {
+            let origin = &caches[(k % N as u64) as usize];
+            tokio::time::timeout(Duration::from_secs(5), origin.invalidate(&k))
+                .await
+                .expect("acknowledged within the lease")
+                .expect("invalidate");
+        }
+        // Heartbeats and digests go on meanwhile: at most N + 1 deliveries per 20 ms
+        // interval (the digest) or N² (broadcast), subtracted as an upper bound.
+        let intervals = (t.elapsed().as_millis() / 20 + 1) as u64;
+        let idle = if broadcast { intervals * (N * N) as u64 } else { intervals * (N as u64 + 1) };
+        let per_write = (hub.delivered() - before).saturating_sub(idle) as f64 / WRITES as f64;
+        let total = (hub.delivered() - before) as f64 / WRITES as f64;
+        eprintln!(
+            "strong, broadcast {broadcast}: {total:.1} deliveries per write ({per_write:.1} beyond heartbeats)"
+        );
+        if !broadcast {
+            // N for the invalidation, N - 1 acknowledgements: 2N - 1, plus heartbeats.
+            assert!(total < (N * N) as f64, "{total} deliveries per write");
+        }
+        for c in &caches {
+            assert!(c.stats().invalidations_received >= WRITES - WRITES / N as u64, "{:?}", c.stats());
+        }
+    }
 }
