@@ -7,7 +7,7 @@ use strata::backplane::Message;
 use strata::error::Result;
 use strata::tier::Envelope;
 
-use crate::backplane::stream_scripts::{StreamId, parse_entries, parse_xread, publish_repairs};
+use crate::backplane::stream_scripts::{StreamId, parse_entries, parse_xread_streams, publish_repairs};
 use crate::backplane::{open_message, seal_message};
 use crate::integrity::{Integrity, IntegrityKey};
 use crate::tier::format::{self, Opened, RawLookup, Stored};
@@ -96,9 +96,9 @@ pub fn stream_entries(v: &Value) -> Option<Vec<Entry>> {
     parse_entries(v).map(entries)
 }
 
-/// Reads an `XREAD` reply of one stream.
+/// Reads an `XREAD` reply (of one stream or several), every stream's entries in turn.
 pub fn xread(v: &Value) -> Option<Vec<Entry>> {
-    parse_xread(v).map(entries)
+    parse_xread_streams(v).map(|streams| streams.into_iter().flat_map(|(_, e)| entries(e)).collect())
 }
 
 /// Parses a stream id and gives it back displayed, with its successor and predecessor.

@@ -28,6 +28,9 @@ use crate::managed::ManagedConn;
 pub mod pubsub;
 pub mod stream;
 mod stream_builder;
+mod stream_digest;
+mod stream_inner;
+mod stream_reader;
 pub(crate) mod stream_scripts;
 
 /// Default bounds of a subscriber's reconnect backoff (jittered).
@@ -208,7 +211,7 @@ pub(crate) async fn ping_publisher(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backplane::stream_scripts::{parse_entries, parse_xread};
+    use crate::backplane::stream_scripts::{parse_entries, parse_xread_streams};
     use strata::Scope;
     use strata::backplane::MessageBody;
     use strata_testkit::alloc::largest_allocation;
@@ -277,6 +280,6 @@ mod tests {
             .expect("parses");
         let entries = parse_entries(&ok).expect("entries");
         assert_eq!(entries[0].message.as_deref(), Some(&b"x"[..]));
-        assert!(parse_xread(&ok).is_none(), "not an XREAD reply");
+        assert!(parse_xread_streams(&ok).is_none(), "not an XREAD reply");
     }
 }

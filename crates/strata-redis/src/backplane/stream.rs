@@ -54,27 +54,33 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::Value;
-use strata::backplane::{Backplane, BackplaneEvent, Message, OriginId, Subscription};
+use strata::backplane::{Backplane, Message, OriginId, Subscription};
 use strata::error::{Error, ErrorKind, Result};
 use tokio::sync::mpsc;
 
 pub use crate::backplane::BackplaneStats;
 use crate::backplane::stream_builder::WHAT;
 pub use crate::backplane::stream_builder::{DEFAULT_MAX_LEN, RedisStreamBackplaneBuilder};
+use crate::backplane::stream_digest::{DIGEST_VARIANT, KEEP_INTERVALS, STREAM_HEARTBEAT, beat_head};
+use crate::backplane::stream_inner::StreamInner;
+use crate::backplane::stream_reader::StreamReader;
 use crate::backplane::stream_scripts::{
-    RawEntry, STREAM_CATCH_UP, STREAM_PUBLISH, STREAM_START, StreamId, parse_entries, parse_xread,
-    publish_repairs,
+    STREAM_CATCH_UP, STREAM_PUBLISH, STREAM_START, StreamId, parse_entries, publish_repairs,
 };
 use crate::backplane::{StatCounters, connect_publisher, open_message, ping_publisher, seal_message};
-use crate::cluster::{Connector, RedisConn};
 use crate::connection::{Backoff, map_redis_error};
 use crate::integrity::Integrity;
-use crate::managed::ManagedConn;
 use crate::reply::{bad_reply, value_array, value_string, value_u64};
+
+/// Entries kept in an origin's acknowledgement stream (approximately).
+const ACK_STREAM_LEN: u64 = 256;
+/// How long an acknowledgement stream outlives its last entry: an origin gone for
+/// this long leaves nothing behind.
+const ACK_STREAM_KEEP: Duration = Duration::from_secs(60);
 
 impl RedisStreamBackplaneBuilder {
     /// Checks the settings, connects the publishing connection (unless lazy) and
@@ -92,6 +98,7 @@ impl RedisStreamBackplaneBuilder {
                 publish_script: redis::Script::new(STREAM_PUBLISH),
                 start_script: redis::Script::new(STREAM_START),
                 catch_up_script: redis::Script::new(STREAM_CATCH_UP),
+                heartbeat_script: redis::Script::new(STREAM_HEARTBEAT),
                 instance: rand::random::<u32>(),
                 next_subscription: AtomicU64::new(1),
                 stats: StatCounters::default(),
@@ -105,21 +112,6 @@ impl RedisStreamBackplaneBuilder {
         }
         Ok(bp)
     }
-}
-
-struct StreamInner {
-    cfg: RedisStreamBackplaneBuilder,
-    stream_key: String,
-    counter_key: String,
-    client: Connector,
-    publisher: Arc<ManagedConn>,
-    publish_script: redis::Script,
-    start_script: redis::Script,
-    catch_up_script: redis::Script,
-    instance: u32,
-    next_subscription: AtomicU64,
-    stats: StatCounters,
-    integrity: Option<Integrity>,
 }
 
 /// The Redis Stream backplane: durable, replayable invalidations (see the module
@@ -173,30 +165,37 @@ impl RedisStreamBackplane {
         self.inner.stats.snapshot()
     }
 
-    /// Counts and reports a repair made by the publish script.
-    fn repaired(&self, what: &str) {
-        self.inner.stats.repairs.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("strata_backplane_repairs_total", "backplane" => "redis-stream").increment(1);
-        tracing::warn!(
-            "redis stream backplane: {what} (no publish could succeed; does something else write \
-             under the prefix?); subscribers that missed messages because of it report Lost"
-        );
-    }
-
-    /// Opens a dedicated subscriber connection and names it.
-    async fn connect(&self, name: &str) -> Result<RedisConn> {
-        let (cfg, key) = (&self.inner.cfg, &self.inner.stream_key);
-        let limit = cfg.connection.connect_timeout + cfg.op_timeout;
-        let c = &self.inner.client;
-        c.dedicated_named(
-            cfg.connection.connect_timeout,
-            limit,
+    /// Opens a subscription (reading the acknowledgements addressed to `me` too).
+    async fn open_subscription(&self, me: Option<OriginId>) -> Result<Subscription> {
+        let k = self.inner.next_subscription.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{}-{k}", self.client_name_prefix());
+        let mut conn = self.inner.connect(&name).await?;
+        let inner = &self.inner;
+        let mut inv = inner.start_script.prepare_invoke();
+        inv.key(&inner.stream_key).key(&inner.counter_key);
+        let v: Value = match tokio::time::timeout(inner.cfg.read_grace, inv.invoke_async(&mut conn)).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => return Err(map_redis_error(ErrorKind::Backplane, "redis stream subscribe", e)),
+            Err(_) => return Err(Error::timeout("redis stream subscribe", inner.cfg.read_grace)),
+        };
+        // A counter that is not a number gives no starting point: the first numbered
+        // entry read becomes it (the next publish restarts such a counter anyway).
+        let (last_id, last_n) = value_array(&v)
+            .and_then(|a| Some((StreamId::parse(&value_string(a.first()?)?)?, value_u64(a.get(1)?))))
+            .ok_or_else(|| bad_reply(ErrorKind::Backplane, "redis stream subscribe"))?;
+        let (tx, rx) = mpsc::channel(inner.cfg.channel_capacity);
+        let reader = StreamReader {
+            inner: self.inner.clone(),
+            tx,
             name,
-            key,
-            cfg.read_grace,
-            "redis stream subscriber",
-        )
-        .await
+            last_id,
+            last_n,
+            backoff: Backoff::new(inner.cfg.reconnect_min, inner.cfg.reconnect_max),
+            // A new origin's ack stream: everything in it is for this subscription.
+            acks: me.map(|me| (inner.ack_key(me), StreamId::ZERO)),
+        };
+        tokio::spawn(reader.run(conn));
+        Ok(rx)
     }
 
     /// Scans the stream backwards, at most the whole (capped) stream.
@@ -280,39 +279,77 @@ impl Backplane for RedisStreamBackplane {
             .map_err(|e| e.into_error())?;
         inner.stats.published.fetch_add(1, Ordering::Relaxed);
         for what in publish_repairs(&v, &inner.stream_key, &inner.counter_key) {
-            self.repaired(&what);
+            self.inner.repaired(&what);
         }
         Ok(())
     }
 
     async fn subscribe(&self) -> Result<Subscription> {
-        let k = self.inner.next_subscription.fetch_add(1, Ordering::Relaxed);
-        let name = format!("{}-{k}", self.client_name_prefix());
-        let mut conn = self.connect(&name).await?;
+        self.open_subscription(None).await
+    }
+
+    async fn subscribe_as(&self, me: OriginId) -> Result<Subscription> {
+        self.open_subscription(Some(me)).await
+    }
+
+    async fn heartbeat(&self, message: &Message, beat: u64, interval: Duration) -> Result<()> {
         let inner = &self.inner;
-        let mut inv = inner.start_script.prepare_invoke();
-        inv.key(&inner.stream_key).key(&inner.counter_key);
-        let v: Value = match tokio::time::timeout(inner.cfg.read_grace, inv.invoke_async(&mut conn)).await {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => return Err(map_redis_error(ErrorKind::Backplane, "redis stream subscribe", e)),
-            Err(_) => return Err(Error::timeout("redis stream subscribe", inner.cfg.read_grace)),
-        };
-        // A counter that is not a number gives no starting point: the first numbered
-        // entry read becomes it (the next publish restarts such a counter anyway).
-        let (last_id, last_n) = value_array(&v)
-            .and_then(|a| Some((StreamId::parse(&value_string(a.first()?)?)?, value_u64(a.get(1)?))))
-            .ok_or_else(|| bad_reply(ErrorKind::Backplane, "redis stream subscribe"))?;
-        let (tx, rx) = mpsc::channel(inner.cfg.channel_capacity);
-        let reader = StreamReader {
-            bp: self.clone(),
-            tx,
-            name,
-            last_id,
-            last_n,
-            backoff: Backoff::new(inner.cfg.reconnect_min, inner.cfg.reconnect_max),
-        };
-        tokio::spawn(reader.run(conn));
-        Ok(rx)
+        if inner.integrity.is_some() {
+            // A digest built in Redis could not carry a MAC (see `stream_digest`).
+            return self.publish(message).await;
+        }
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut inv = inner.heartbeat_script.prepare_invoke();
+        inv.key(&inner.stream_key)
+            .key(&inner.counter_key)
+            .key(inner.beats_key(&message.namespace))
+            .arg(format!("{:x}", message.origin))
+            .arg(beat_head(message, beat)?)
+            .arg(ms(interval))
+            .arg(ms(interval.saturating_mul(KEEP_INTERVALS)))
+            .arg(inner.cfg.max_len)
+            .arg(&message.namespace)
+            .arg(DIGEST_VARIANT);
+        let appended: i64 = inner
+            .publisher
+            .call(inner.cfg.op_timeout, ErrorKind::Backplane, "redis stream heartbeat", |mut c| async move {
+                inv.invoke_async(&mut c).await
+            })
+            .await
+            .map_err(|e| e.into_error())?;
+        inner.stats.published.fetch_add(u64::try_from(appended).unwrap_or(0), Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn publish_to(&self, to: OriginId, message: &Message) -> Result<()> {
+        let inner = &self.inner;
+        let key = inner.ack_key(to);
+        let bytes = seal_message(inner.integrity.as_ref(), &key, message)?;
+        // Kept a while, so that a reader reconnecting still finds them; the origin
+        // reads them as they come, so a short stream is enough.
+        let keep_ms = u64::try_from(ACK_STREAM_KEEP.as_millis()).unwrap_or(u64::MAX);
+        let mut pipe = redis::pipe();
+        pipe.cmd("XADD")
+            .arg(&key)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(ACK_STREAM_LEN)
+            .arg("*")
+            .arg("m")
+            .arg(&bytes[..]);
+        pipe.ignore().cmd("PEXPIRE").arg(&key).arg(keep_ms).ignore();
+        inner
+            .publisher
+            .call(
+                inner.cfg.op_timeout,
+                ErrorKind::Backplane,
+                "redis stream acknowledgement",
+                |mut c| async move { pipe.query_async::<()>(&mut c).await },
+            )
+            .await
+            .map_err(|e| e.into_error())?;
+        inner.stats.published.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     async fn replay(&self, origin: OriginId, from_seq: u64, to_seq: u64) -> Result<Option<Vec<Message>>> {
@@ -320,275 +357,5 @@ impl Backplane for RedisStreamBackplane {
             return Ok(Some(Vec::new()));
         }
         self.scan_for(origin, from_seq, to_seq).await
-    }
-}
-
-/// Why the reader stopped reading on its connection.
-enum Stop {
-    /// The receiver was dropped: end the task.
-    Closed,
-    /// The connection failed: reconnect.
-    Failed(Error),
-}
-
-/// What a catch-up read does with a loss it finds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Gaps {
-    /// Returns it: after a reconnect the caller sends `Lost` then
-    /// `Resumed { complete: false }`.
-    Collect,
-    /// Sends `Lost` where it is found: the subscription is connected.
-    Report,
-}
-
-struct StreamReader {
-    bp: RedisStreamBackplane,
-    tx: mpsc::Sender<BackplaneEvent>,
-    name: String,
-    last_id: StreamId,
-    /// The number of the last numbered entry read, or of the counter when the
-    /// reader started or found entries gone; `None` when the counter could not be
-    /// read (the next numbered entry then sets it).
-    last_n: Option<u64>,
-    backoff: Backoff,
-}
-
-impl StreamReader {
-    async fn send(&self, ev: BackplaneEvent) -> std::result::Result<(), Stop> {
-        self.bp.inner.stats.count(&ev, "redis-stream");
-        self.tx.send(ev).await.map_err(|_| Stop::Closed)
-    }
-
-    /// Delivers one entry; returns true when it revealed a gap.
-    async fn deliver(&mut self, e: RawEntry, gaps: Gaps) -> std::result::Result<bool, Stop> {
-        let mut gap = false;
-        let (integrity, stream) = (self.bp.inner.integrity.as_ref(), &self.bp.inner.stream_key);
-        let message = e.message.as_deref().and_then(|b| open_message(integrity, stream, b));
-        // Unverified entries have no say in the numbering: a forged number would fake a loss.
-        if let Some(n) = e.number.filter(|_| message.is_some() || integrity.is_none()) {
-            // No successor to u64::MAX (an entry numbered by hand): whatever follows is a gap.
-            if let Some(last) = self.last_n
-                && last.checked_add(1) != Some(n)
-            {
-                tracing::warn!(
-                    subscriber = %self.name,
-                    last_seen = last,
-                    got = n,
-                    "redis stream backplane: entries this subscriber had not read are gone (trimmed, \
-                     or the stream or its counter replaced)"
-                );
-                gap = true;
-                if gaps == Gaps::Report {
-                    self.send(BackplaneEvent::Lost).await?;
-                }
-            }
-            self.last_n = Some(n);
-        }
-        self.last_id = e.id;
-        let ev = match message {
-            Some(m) => BackplaneEvent::Message(m),
-            None => {
-                tracing::warn!(subscriber = %self.name, id = %self.last_id, "redis stream backplane: malformed entry skipped");
-                BackplaneEvent::Malformed
-            }
-        };
-        self.send(ev).await?;
-        Ok(gap)
-    }
-
-    async fn run(mut self, conn: RedisConn) {
-        let mut conn = Some(conn);
-        loop {
-            let mut c = match conn.take() {
-                Some(c) => c,
-                None => match self.reconnect().await {
-                    Some(c) => c,
-                    None => return,
-                },
-            };
-            match self.read_loop(&mut c).await {
-                Stop::Closed => return,
-                Stop::Failed(e) => {
-                    tracing::warn!(subscriber = %self.name, error = %e, "redis stream backplane: subscription lost");
-                    if self.send(BackplaneEvent::Disconnected).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Reconnects with backoff and catches up; `None` when the receiver is gone.
-    async fn reconnect(&mut self) -> Option<RedisConn> {
-        let started = Instant::now();
-        loop {
-            let delay = self.backoff.next_delay();
-            tokio::select! {
-                _ = self.tx.closed() => return None,
-                _ = tokio::time::sleep(delay) => {}
-            }
-            let mut c = match self.bp.connect(&self.name).await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::debug!(subscriber = %self.name, error = %e, "redis stream backplane: reconnect failed");
-                    continue;
-                }
-            };
-            match self.catch_up(&mut c, Gaps::Collect).await {
-                Ok(complete) => {
-                    self.backoff.reset();
-                    tracing::info!(
-                        subscriber = %self.name,
-                        complete,
-                        after = ?started.elapsed(),
-                        "redis stream backplane: subscription resumed"
-                    );
-                    if !complete && self.send(BackplaneEvent::Lost).await.is_err() {
-                        return None;
-                    }
-                    if self.send(BackplaneEvent::Resumed { complete }).await.is_err() {
-                        return None;
-                    }
-                    return Some(c);
-                }
-                Err(Stop::Closed) => return None,
-                Err(Stop::Failed(e)) => {
-                    tracing::debug!(subscriber = %self.name, error = %e, "redis stream backplane: catch-up failed");
-                }
-            }
-        }
-    }
-
-    /// Delivers everything after the last id, reading a stream that was deleted or
-    /// re-created below that id from its start; returns whether nothing was lost.
-    async fn catch_up(&mut self, c: &mut RedisConn, gaps: Gaps) -> std::result::Result<bool, Stop> {
-        let mut complete = true;
-        let inner = self.bp.inner.clone();
-        loop {
-            // After the largest id nothing can come: read nothing, but still look at
-            // the stream's last id and the counter.
-            let from = self.last_id.successor().map(|id| id.to_string()).unwrap_or_default();
-            let mut inv = inner.catch_up_script.prepare_invoke();
-            inv.key(&inner.stream_key).key(&inner.counter_key).arg(from).arg(inner.cfg.batch);
-            let v: Value = match tokio::time::timeout(inner.cfg.read_grace, inv.invoke_async(c)).await {
-                Ok(Ok(v)) => v,
-                Ok(Err(e)) => {
-                    return Err(Stop::Failed(map_redis_error(
-                        ErrorKind::Backplane,
-                        "redis stream catch-up",
-                        e,
-                    )));
-                }
-                Err(_) => {
-                    return Err(Stop::Failed(Error::timeout("redis stream catch-up", inner.cfg.read_grace)));
-                }
-            };
-            // The counter may hold anything someone wrote: unreadable, it tells nothing
-            // (and the next publish restarts it).
-            let parsed = value_array(&v).and_then(|a| {
-                let last = value_string(a.get(2)?)?;
-                let last = if last.is_empty() { None } else { Some(StreamId::parse(&last)?) };
-                Some((value_u64(a.first()?), parse_entries(a.get(1)?)?, last))
-            });
-            let Some((counter, entries, stream_last)) = parsed else {
-                return Err(Stop::Failed(bad_reply(ErrorKind::Backplane, "redis stream catch-up")));
-            };
-            let full = entries.len() >= inner.cfg.batch;
-            for e in entries {
-                if self.deliver(e, gaps).await? {
-                    complete = false;
-                }
-            }
-            if full {
-                continue;
-            }
-            if self.last_id != StreamId::ZERO && stream_last.is_none_or(|last| last < self.last_id) {
-                // The stream this reader was reading is gone: every entry a new one
-                // holds, or gets, has an id below the last one read. Read it from the
-                // start; the numbers tell what was missed.
-                tracing::warn!(
-                    subscriber = %self.name,
-                    last_read = %self.last_id,
-                    stream_last = %stream_last.map_or("none".to_owned(), |id| id.to_string()),
-                    "redis stream backplane: the stream was deleted or re-created below this \
-                     subscriber's position; reading the new one from its start"
-                );
-                self.last_id = StreamId::ZERO;
-                if stream_last.is_some() {
-                    continue;
-                }
-            }
-            if let Some(counter) = counter {
-                if let Some(last) = self.last_n
-                    && last != counter
-                {
-                    // Entries numbered after the last one seen are gone (the stream was
-                    // deleted or trimmed to nothing), or the counter went back (Redis
-                    // lost data, or someone reset it).
-                    tracing::warn!(
-                        subscriber = %self.name,
-                        counter,
-                        last_seen = last,
-                        "redis stream backplane: entries missing after the last one read"
-                    );
-                    complete = false;
-                    if gaps == Gaps::Report {
-                        self.send(BackplaneEvent::Lost).await?;
-                    }
-                }
-                self.last_n = Some(counter);
-            }
-            return Ok(complete);
-        }
-    }
-
-    async fn read_loop(&mut self, c: &mut RedisConn) -> Stop {
-        let inner = self.bp.inner.clone();
-        let block_ms = u64::try_from(inner.cfg.block.as_millis()).unwrap_or(u64::MAX).max(1);
-        let limit = inner.cfg.block + inner.cfg.read_grace;
-        loop {
-            let last_id = self.last_id.to_string();
-            let read = async {
-                redis::cmd("XREAD")
-                    .arg("COUNT")
-                    .arg(inner.cfg.batch)
-                    .arg("BLOCK")
-                    .arg(block_ms)
-                    .arg("STREAMS")
-                    .arg(&inner.stream_key)
-                    .arg(last_id)
-                    .query_async::<Value>(c)
-                    .await
-            };
-            let r = tokio::select! {
-                _ = self.tx.closed() => return Stop::Closed,
-                r = tokio::time::timeout(limit, read) => r,
-            };
-            let v = match r {
-                Ok(Ok(v)) => v,
-                Ok(Err(e)) => {
-                    return Stop::Failed(map_redis_error(ErrorKind::Backplane, "redis stream read", e));
-                }
-                Err(_) => return Stop::Failed(Error::timeout("redis stream read", limit)),
-            };
-            let Some(entries) = parse_xread(&v) else {
-                return Stop::Failed(bad_reply(ErrorKind::Backplane, "redis stream read"));
-            };
-            if entries.is_empty() {
-                // A quiet block time: either nothing was published, or entries were
-                // deleted after the last one read, or the stream was re-created below
-                // this reader's position (XREAD would wait forever). Only a look at the
-                // stream and the counter tells these apart.
-                if let Err(stop) = self.catch_up(c, Gaps::Report).await {
-                    return stop;
-                }
-                continue;
-            }
-            for e in entries {
-                if let Err(stop) = self.deliver(e, Gaps::Report).await {
-                    return stop;
-                }
-            }
-        }
     }
 }

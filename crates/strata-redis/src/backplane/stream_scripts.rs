@@ -218,21 +218,19 @@ fn take_field(entry: &mut RawEntry, k: &Value, v: &Value) {
     }
 }
 
-/// Parses an `XREAD` reply for one stream (nil when the block time passed).
-pub(crate) fn parse_xread(v: &Value) -> Option<Vec<RawEntry>> {
+/// Parses an `XREAD` reply of several streams: each stream's key and entries (only
+/// the streams that had any; a nil reply is none).
+pub(crate) fn parse_xread_streams(v: &Value) -> Option<Vec<(String, Vec<RawEntry>)>> {
     match v {
         Value::Nil => Some(Vec::new()),
-        Value::Map(kv) => match kv.first() {
-            Some((_, entries)) => parse_entries(entries),
-            None => Some(Vec::new()),
-        },
-        other => {
-            let streams = value_array(other)?;
-            match streams.first() {
-                None => Some(Vec::new()),
-                Some(s) => parse_entries(value_array(s)?.get(1)?),
-            }
-        }
+        Value::Map(kv) => kv.iter().map(|(k, e)| Some((value_string(k)?, parse_entries(e)?))).collect(),
+        other => value_array(other)?
+            .iter()
+            .map(|s| {
+                let s = value_array(s)?;
+                Some((value_string(s.first()?)?, parse_entries(s.get(1)?)?))
+            })
+            .collect(),
     }
 }
 

@@ -20,6 +20,7 @@ use tokio::sync::oneshot;
 use crate::support;
 
 mod invalidation;
+mod liveness;
 mod outage;
 mod stampede;
 mod subscriber_faults;
