@@ -48,8 +48,15 @@
 //! Both deliver every message published after `subscribe` returned, to every
 //! subscriber (the publisher's own included), in publish order, and report what they
 //! know about losses through [`BackplaneEvent`](strata::backplane::BackplaneEvent).
-//! The core tracks per-origin sequence numbers and heartbeats on top (heartbeats are
-//! published like any message), which catches the losses a backplane cannot see.
+//! The core tracks per-origin sequence numbers and heartbeats on top, which catches
+//! the losses a backplane cannot see. On the stream, heartbeats are kept in a hash per
+//! namespace (`{prefix}:{bp}:beats:<namespace>`, expiring once its members are gone) and
+//! appended as one digest entry per heartbeat interval, so a fleet of N reads one entry
+//! per interval instead of N; Strong acknowledgements go to their origin's own stream
+//! (`{prefix}:{bp}:ack:<origin>`, capped, expiring a minute after its last entry), read
+//! in the same `XREAD` as the shared stream. On Pub/Sub both are published to every
+//! subscriber (N² deliveries per interval), and so they are on the stream with
+//! integrity keys (a digest built in Redis could not be sealed).
 //!
 //! **Stream** ([`RedisStreamBackplane`], the default). A publish returns once Redis
 //! has appended the message to the stream `{prefix}:{bp}` (with AOF `appendfsync

@@ -126,6 +126,14 @@ impl<K: CacheKey, V: CacheValue> Cache<K, V> {
         };
         let (rx, lead) = inner.flights.join_or_lead(key);
         if let Some(lead) = lead {
+            // A load of the key may have finished between the probe and `join_or_lead`
+            // (it fills L1, then forgets its flight): look again before loading twice.
+            if let Probe::Fresh(value, _) = inner.probe(key, inner.clock.now()) {
+                inner.flights.finish(key, lead.id);
+                flight::complete(&lead.tx, Ok(value.clone()));
+                inner.stats.l1_hits.incr();
+                return Ok(value);
+            }
             inner.spawn_flight(key, lead, loader, stale, FlightKind::Read);
         }
         flight::wait(rx).await

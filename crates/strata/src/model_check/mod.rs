@@ -65,6 +65,8 @@ pub(super) struct World {
     /// How many loader calls run at this moment, and the most at once.
     running: AtomicU64,
     most_running: AtomicU64,
+    /// Loader calls in all.
+    loads: AtomicU64,
     /// Whether values carry [`TAG`].
     tagged: bool,
     /// Whether the loader fails.
@@ -86,6 +88,7 @@ impl World {
             clock: AtomicU64::new(1_700_000_000_000_000_000),
             running: AtomicU64::new(0),
             most_running: AtomicU64::new(0),
+            loads: AtomicU64::new(0),
             tagged,
             failing: AtomicBool::new(false),
             tasks: Mutex::new(Vec::new()),
@@ -111,6 +114,10 @@ impl World {
 
     pub(super) fn most_running(&self) -> u64 {
         self.most_running.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn loads(&self) -> u64 {
+        self.loads.load(Ordering::SeqCst)
     }
 
     pub(super) fn fail_loads(&self) {
@@ -194,6 +201,12 @@ impl World {
         }
         let (rx, lead) = self.flights.join_or_lead(&KEY);
         if let Some(lead) = lead {
+            // As `get_or_load` does: a flight that finished since the probe filled L1.
+            if let Some(value) = self.probe(self.now()) {
+                self.flights.finish(&KEY, lead.id);
+                flight::complete(&lead.tx, Ok(value));
+                return Ok(value);
+            }
             self.spawn_flight(lead, FlightKind::Read);
         }
         flight::wait(rx).await
@@ -233,6 +246,7 @@ impl World {
 
     /// The loader: reads the row, which may change meanwhile.
     async fn load(&self) -> Result<Option<u64>> {
+        self.loads.fetch_add(1, Ordering::SeqCst);
         let now_running = self.running.fetch_add(1, Ordering::SeqCst) + 1;
         self.most_running.fetch_max(now_running, Ordering::SeqCst);
         shuttle::future::yield_now().await;
