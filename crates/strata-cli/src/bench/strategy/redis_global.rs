@@ -2,6 +2,10 @@
 //! a miss loads from the DB and `SET`s with the 24 h TTL; a write commits, then `DEL`s.
 //! No local cache, no single-flight, no fill guard. Over `--redis-ring`, each key goes to
 //! the server strata's `ShardedTier` would put it on (the same rendezvous placement).
+//! Each instance has its own connection to each server (and its own cluster client), as
+//! separate app processes would, and as strata's instances do: one multiplexed
+//! connection shared by the whole fleet would batch its commands into fewer writes
+//! and flatter it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,13 +19,14 @@ use super::{FleetConfig, INVALIDATED_TTL, Strategy, TierCounts, delete_prefix};
 use crate::bench::db::{Db, Row};
 use crate::secret::SecretUrl;
 
-/// Cache-aside on one Redis (or a ring) shared by the fleet (instances differ only by
-/// name).
+/// Cache-aside on one Redis (or a ring) shared by the fleet.
 pub struct RedisGlobal {
     db: Arc<Db>,
-    conns: Vec<redis::aio::ConnectionManager>,
-    /// With `--redis-cluster`: the cluster client's connection (redis-rs routes by key).
-    cluster: Option<redis::cluster_async::ClusterConnection>,
+    /// Per instance, a connection to each server.
+    conns: Vec<Vec<redis::aio::ConnectionManager>>,
+    /// With `--redis-cluster`: per instance, its cluster client's connection (redis-rs
+    /// routes by key).
+    cluster: Vec<redis::cluster_async::ClusterConnection>,
     placement: Placement,
     urls: Vec<SecretUrl>,
     prefix: String,
@@ -33,17 +38,20 @@ impl RedisGlobal {
     /// Connects to `--redis` (or to every server of `--redis-ring`).
     pub async fn connect(cfg: &FleetConfig) -> Result<RedisGlobal> {
         let urls = cfg.redis_urls().context("redis-global needs --redis, --redis-ring or --redis-cluster")?;
-        let mut conns = Vec::with_capacity(urls.len());
-        let cluster = if cfg.cluster {
-            let client = redis::cluster::ClusterClient::new(
-                urls.iter().map(|u| u.expose().to_owned()).collect::<Vec<String>>(),
-            )
-            .context("bad Redis Cluster URLs")?;
-            Some(client.get_async_connection().await.context("cannot connect to the Redis Cluster")?)
-        } else {
-            None
-        };
-        if !cfg.cluster {
+        let mut conns = Vec::with_capacity(cfg.instances);
+        let mut cluster = Vec::new();
+        for _ in 0..cfg.instances.max(1) {
+            if cfg.cluster {
+                let client = redis::cluster::ClusterClient::new(
+                    urls.iter().map(|u| u.expose().to_owned()).collect::<Vec<String>>(),
+                )
+                .context("bad Redis Cluster URLs")?;
+                cluster.push(
+                    client.get_async_connection().await.context("cannot connect to the Redis Cluster")?,
+                );
+                continue;
+            }
+            let mut mine = Vec::with_capacity(urls.len());
             for url in &urls {
                 let client =
                     redis::Client::open(url.expose()).with_context(|| format!("bad Redis URL {url}"))?;
@@ -51,8 +59,9 @@ impl RedisGlobal {
                     .get_connection_manager()
                     .await
                     .with_context(|| format!("cannot connect to Redis at {url}"))?;
-                conns.push(conn);
+                mine.push(conn);
             }
+            conns.push(mine);
         }
         let names: Vec<String> = (0..urls.len()).map(|i| format!("node-{i}")).collect();
         Ok(RedisGlobal {
@@ -71,12 +80,18 @@ impl RedisGlobal {
         format!("{}{key}", self.prefix)
     }
 
-    /// Runs `cmd` on the server holding `key`.
-    async fn query<T: redis::FromRedisValue>(&self, key: u64, cmd: &redis::Cmd) -> redis::RedisResult<T> {
-        match &self.cluster {
-            Some(c) => cmd.query_async(&mut c.clone()).await,
-            None => cmd.query_async(&mut self.conns[self.placement.shard_of(&key.to_string())].clone()).await,
+    /// Runs `cmd` on the server holding `key`, through `instance`'s connection.
+    async fn query<T: redis::FromRedisValue>(
+        &self,
+        instance: usize,
+        key: u64,
+        cmd: &redis::Cmd,
+    ) -> redis::RedisResult<T> {
+        if !self.cluster.is_empty() {
+            return cmd.query_async(&mut self.cluster[instance % self.cluster.len()].clone()).await;
         }
+        let mine = &self.conns[instance % self.conns.len()];
+        cmd.query_async(&mut mine[self.placement.shard_of(&key.to_string())].clone()).await
     }
 }
 
@@ -94,11 +109,11 @@ impl Strategy for RedisGlobal {
         true
     }
 
-    async fn read(&self, _instance: usize, key: u64) -> Result<Row> {
+    async fn read(&self, instance: usize, key: u64) -> Result<Row> {
         let name = self.key(key);
         self.ops.fetch_add(1, Ordering::Relaxed);
         let cached: Option<Vec<u8>> =
-            self.query(key, redis::cmd("GET").arg(&name)).await.context("Redis GET failed")?;
+            self.query(instance, key, redis::cmd("GET").arg(&name)).await.context("Redis GET failed")?;
         if let Some(bytes) = cached
             && let Ok(row) = serde_json::from_slice::<Row>(&bytes)
         {
@@ -109,6 +124,7 @@ impl Strategy for RedisGlobal {
         let bytes = serde_json::to_vec(&row)?;
         self.ops.fetch_add(1, Ordering::Relaxed);
         self.query::<()>(
+            instance,
             key,
             redis::cmd("SET").arg(&name).arg(bytes).arg("EX").arg(INVALIDATED_TTL.as_secs()),
         )
@@ -117,10 +133,12 @@ impl Strategy for RedisGlobal {
         Ok(row)
     }
 
-    async fn write(&self, _instance: usize, key: u64, value: &str) -> Result<u64> {
+    async fn write(&self, instance: usize, key: u64, value: &str) -> Result<u64> {
         let version = self.db.write(key, value).await?;
         self.ops.fetch_add(1, Ordering::Relaxed);
-        self.query::<i64>(key, redis::cmd("DEL").arg(self.key(key))).await.context("Redis DEL failed")?;
+        self.query::<i64>(instance, key, redis::cmd("DEL").arg(self.key(key)))
+            .await
+            .context("Redis DEL failed")?;
         Ok(version)
     }
 
