@@ -54,9 +54,10 @@
 //! appended as one digest entry per heartbeat interval, so a fleet of N reads one entry
 //! per interval instead of N; Strong acknowledgements go to their origin's own stream
 //! (`{prefix}:{bp}:ack:<origin>`, capped, expiring a minute after its last entry), read
-//! in the same `XREAD` as the shared stream. On Pub/Sub both are published to every
-//! subscriber (N² deliveries per interval), and so they are on the stream with
-//! integrity keys (a digest built in Redis could not be sealed).
+//! in the same `XREAD` as the shared stream. On Pub/Sub the digest is published on the
+//! channel and acknowledgements on the origin's own channel (`{prefix}:bp:ack:<origin>`,
+//! subscribed on the same connection). With integrity keys heartbeats are published one
+//! by one (N² deliveries per interval): a digest built in Redis could not be sealed.
 //!
 //! **Stream** ([`RedisStreamBackplane`], the default). A publish returns once Redis
 //! has appended the message to the stream `{prefix}:{bp}` (with AOF `appendfsync

@@ -59,7 +59,7 @@
 //!   flushing L1 (counted in [`CacheStats::repairs_flushed`]).
 //! * **Liveness at O(N).** Heartbeats go through
 //!   [`Backplane::heartbeat`](backplane::Backplane::heartbeat): the in-process and Redis
-//!   stream backplanes keep each member's latest and deliver them all as one
+//!   stream and Pub/Sub backplanes keep each member's latest and deliver them all as one
 //!   [`Digest`](backplane::MessageBody::Digest) per interval, so an idle fleet of N
 //!   costs N deliveries per interval, not N² (20 instances: 18 instead of 360 per second
 //!   in-process; 50: 45 instead of 2,320; `cargo run --release -p strata-redis --example
@@ -67,8 +67,8 @@
 //!   changed and it is younger than three intervals, so the gap detection, the
 //!   doubt and the Strong membership read it exactly as they read heartbeats. Strong
 //!   acknowledgements go to their origin alone ([`Backplane::publish_to`](backplane::Backplane::publish_to)):
-//!   an invalidation costs 2N − 1 deliveries instead of N². Backplanes that do neither
-//!   (Redis Pub/Sub, a backplane of your own) fall back to broadcasting, and
+//!   an invalidation costs 2N − 1 deliveries instead of N². A backplane that does
+//!   neither (one of your own) falls back to broadcasting, and
 //!   [`CacheBuilder::broadcast_heartbeats`] does so on purpose while a fleet is upgraded
 //!   from a release that knows no digests.
 //! * **Degraded mode.** While the backplane has been unhealthy longer than

@@ -25,10 +25,11 @@ use crate::connection::ConnectionOptions;
 use crate::integrity::{Integrity, open_opt, seal_opt};
 use crate::managed::ManagedConn;
 
+mod digest;
 pub mod pubsub;
 pub mod stream;
 mod stream_builder;
-mod stream_digest;
+
 mod stream_inner;
 mod stream_reader;
 pub(crate) mod stream_scripts;

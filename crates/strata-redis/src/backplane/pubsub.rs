@@ -3,7 +3,11 @@
 //!
 //! Publishing is `PUBLISH {prefix}:bp <message>` on a shared connection. Each
 //! [`Backplane::subscribe`] opens a dedicated RESP2 Pub/Sub connection, `SUBSCRIBE`s
-//! to the channel and forwards what arrives. The subscriber also `PING`s its
+//! to the channel (with [`Backplane::subscribe_as`], also to the origin's own
+//! `{prefix}:bp:ack:<origin>`, where Strong acknowledgements addressed to it are
+//! published) and forwards what arrives. Heartbeats are kept in a hash per namespace
+//! (`{prefix}:bp:beats:<namespace>`) and published as one digest per interval by the
+//! script that keeps them (see the stream backplane's docs). The subscriber also `PING`s its
 //! connection every `ping_interval`; a ping that does not answer in time counts as a
 //! lost connection (a paused server or a dead network path never closes the socket).
 //!
@@ -25,11 +29,12 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use futures::StreamExt;
 use redis::Value;
-use strata::backplane::{Backplane, BackplaneEvent, Message, Subscription};
+use strata::backplane::{Backplane, BackplaneEvent, Message, OriginId, Subscription};
 use strata::error::{Error, ErrorKind, Result};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
+use crate::backplane::digest::{DIGEST_VARIANT, KEEP_INTERVALS, beat_head, pubsub_heartbeat};
 use crate::backplane::{
     BackplaneStats, DEFAULT_CHANNEL_CAPACITY, DEFAULT_PUBLISH_TIMEOUT, DEFAULT_RECONNECT_BACKOFF,
     StatCounters, connect_publisher, open_message, ping_publisher, seal_message,
@@ -174,6 +179,7 @@ impl RedisPubSubBackplaneBuilder {
                 publisher,
                 stats: StatCounters::default(),
                 receivers: AtomicU64::new(0),
+                heartbeat_script: redis::Script::new(&pubsub_heartbeat()),
                 cfg: self,
             }),
         };
@@ -194,6 +200,15 @@ struct PubSubInner {
     /// Subscribers (count of `PUBLISH` receivers) reported by the last publish.
     receivers: AtomicU64,
     integrity: Option<Integrity>,
+    /// `digest::pubsub_heartbeat`.
+    heartbeat_script: redis::Script,
+}
+
+impl PubSubInner {
+    /// The channel of the acknowledgements addressed to `origin`.
+    fn ack_channel(&self, origin: OriginId) -> String {
+        format!("{}:ack:{origin:x}", self.channel)
+    }
 }
 
 /// The Redis Pub/Sub backplane (see the module docs): at-most-once delivery, losses
@@ -246,7 +261,9 @@ impl RedisPubSubBackplane {
         self.inner.receivers.load(Ordering::Relaxed)
     }
 
-    async fn connect(&self) -> Result<redis::aio::PubSub> {
+    /// A dedicated connection subscribed to the channel (and to `me`'s acknowledgement
+    /// channel).
+    async fn connect(&self, me: Option<OriginId>) -> Result<redis::aio::PubSub> {
         let cfg = &self.inner.cfg;
         let limit = cfg.connection.connect_timeout + cfg.op_timeout;
         let mut ps = match tokio::time::timeout(limit, self.inner.client.get_async_pubsub()).await {
@@ -254,7 +271,9 @@ impl RedisPubSubBackplane {
             Ok(Err(e)) => return Err(map_redis_error(ErrorKind::Backplane, "redis pub/sub connect", e)),
             Err(_) => return Err(Error::timeout("redis pub/sub connect", limit)),
         };
-        match tokio::time::timeout(cfg.ping_timeout, ps.subscribe(&self.inner.channel)).await {
+        let mut channels = vec![self.inner.channel.clone()];
+        channels.extend(me.map(|me| self.inner.ack_channel(me)));
+        match tokio::time::timeout(cfg.ping_timeout, ps.subscribe(channels)).await {
             Ok(Ok(())) => Ok(ps),
             Ok(Err(e)) => Err(map_redis_error(ErrorKind::Backplane, "redis pub/sub subscribe", e)),
             Err(_) => Err(Error::timeout("redis pub/sub subscribe", cfg.ping_timeout)),
@@ -285,10 +304,70 @@ impl Backplane for RedisPubSubBackplane {
     }
 
     async fn subscribe(&self) -> Result<Subscription> {
-        let ps = self.connect().await?;
+        self.open_subscription(None).await
+    }
+
+    async fn subscribe_as(&self, me: OriginId) -> Result<Subscription> {
+        self.open_subscription(Some(me)).await
+    }
+
+    async fn publish_to(&self, to: OriginId, message: &Message) -> Result<()> {
+        let inner = &self.inner;
+        let channel = inner.ack_channel(to);
+        let bytes = seal_message(inner.integrity.as_ref(), &channel, message)?;
+        inner
+            .publisher
+            .call(
+                inner.cfg.op_timeout,
+                ErrorKind::Backplane,
+                "redis pub/sub acknowledgement",
+                |mut c| async move {
+                    redis::cmd("PUBLISH").arg(channel).arg(&bytes[..]).query_async::<u64>(&mut c).await
+                },
+            )
+            .await
+            .map_err(|e| e.into_error())?;
+        inner.stats.published.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn heartbeat(&self, message: &Message, beat: u64, interval: Duration) -> Result<()> {
+        let inner = &self.inner;
+        if inner.integrity.is_some() {
+            // A digest built in Redis could not carry a MAC (see `digest`).
+            return self.publish(message).await;
+        }
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut inv = inner.heartbeat_script.prepare_invoke();
+        inv.key(format!("{}:beats:{}", inner.channel, message.namespace))
+            .arg(format!("{:x}", message.origin))
+            .arg(beat_head(message, beat)?)
+            .arg(ms(interval))
+            .arg(ms(interval.saturating_mul(KEEP_INTERVALS)))
+            .arg(0)
+            .arg(&message.namespace)
+            .arg(DIGEST_VARIANT)
+            .arg(&inner.channel);
+        let published: i64 = inner
+            .publisher
+            .call(inner.cfg.op_timeout, ErrorKind::Backplane, "redis pub/sub heartbeat", |mut c| async move {
+                inv.invoke_async(&mut c).await
+            })
+            .await
+            .map_err(|e| e.into_error())?;
+        inner.stats.published.fetch_add(u64::try_from(published).unwrap_or(0), Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl RedisPubSubBackplane {
+    /// Opens a subscription (with `me`'s acknowledgements too).
+    async fn open_subscription(&self, me: Option<OriginId>) -> Result<Subscription> {
+        let ps = self.connect(me).await?;
         let (tx, rx) = mpsc::channel(self.inner.cfg.channel_capacity);
         let reader = PubSubReader {
             bp: self.clone(),
+            me,
             tx,
             lost_pending: false,
             backoff: Backoff::new(self.inner.cfg.reconnect_min, self.inner.cfg.reconnect_max),
@@ -300,6 +379,8 @@ impl Backplane for RedisPubSubBackplane {
 
 struct PubSubReader {
     bp: RedisPubSubBackplane,
+    /// The origin whose acknowledgements the subscription also receives.
+    me: Option<OriginId>,
     tx: mpsc::Sender<BackplaneEvent>,
     /// Messages were dropped because the channel was full; `Lost` is owed.
     lost_pending: bool,
@@ -394,7 +475,8 @@ impl PubSubReader {
                         return Ok(());
                     };
                     let integrity = self.bp.inner.integrity.as_ref();
-                    let ev = match open_message(integrity, &self.bp.inner.channel, msg.get_payload_bytes()) {
+                    let channel = msg.get_channel_name();
+                    let ev = match open_message(integrity, channel, msg.get_payload_bytes()) {
                         Some(m) => BackplaneEvent::Message(m),
                         None => BackplaneEvent::Malformed,
                     };
@@ -425,7 +507,7 @@ impl PubSubReader {
                 _ = self.tx.closed() => return None,
                 _ = tokio::time::sleep(delay) => {}
             }
-            match self.bp.connect().await {
+            match self.bp.connect(self.me).await {
                 Ok(ps) => {
                     self.backoff.reset();
                     tracing::info!(after = ?started.elapsed(), "redis pub/sub backplane: resubscribed");

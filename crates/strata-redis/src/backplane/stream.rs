@@ -63,9 +63,9 @@ use strata::error::{Error, ErrorKind, Result};
 use tokio::sync::mpsc;
 
 pub use crate::backplane::BackplaneStats;
+use crate::backplane::digest::{DIGEST_VARIANT, KEEP_INTERVALS, beat_head, stream_heartbeat};
 use crate::backplane::stream_builder::WHAT;
 pub use crate::backplane::stream_builder::{DEFAULT_MAX_LEN, RedisStreamBackplaneBuilder};
-use crate::backplane::stream_digest::{DIGEST_VARIANT, KEEP_INTERVALS, STREAM_HEARTBEAT, beat_head};
 use crate::backplane::stream_inner::StreamInner;
 use crate::backplane::stream_reader::StreamReader;
 use crate::backplane::stream_scripts::{
@@ -98,7 +98,7 @@ impl RedisStreamBackplaneBuilder {
                 publish_script: redis::Script::new(STREAM_PUBLISH),
                 start_script: redis::Script::new(STREAM_START),
                 catch_up_script: redis::Script::new(STREAM_CATCH_UP),
-                heartbeat_script: redis::Script::new(STREAM_HEARTBEAT),
+                heartbeat_script: redis::Script::new(&stream_heartbeat()),
                 instance: rand::random::<u32>(),
                 next_subscription: AtomicU64::new(1),
                 stats: StatCounters::default(),
@@ -295,7 +295,7 @@ impl Backplane for RedisStreamBackplane {
     async fn heartbeat(&self, message: &Message, beat: u64, interval: Duration) -> Result<()> {
         let inner = &self.inner;
         if inner.integrity.is_some() {
-            // A digest built in Redis could not carry a MAC (see `stream_digest`).
+            // A digest built in Redis could not carry a MAC (see `digest`).
             return self.publish(message).await;
         }
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1);

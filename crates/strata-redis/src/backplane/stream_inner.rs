@@ -23,7 +23,7 @@ pub(crate) struct StreamInner {
     pub(crate) publish_script: redis::Script,
     pub(crate) start_script: redis::Script,
     pub(crate) catch_up_script: redis::Script,
-    /// `stream_digest::STREAM_HEARTBEAT`.
+    /// `digest::STREAM_HEARTBEAT`.
     pub(crate) heartbeat_script: redis::Script,
     pub(crate) instance: u32,
     pub(crate) next_subscription: AtomicU64,
@@ -54,7 +54,7 @@ impl StreamInner {
         format!("{}:ack:{origin:x}", self.stream_key)
     }
 
-    /// The hash of the latest heartbeats in `namespace` (see `stream_digest`).
+    /// The hash of the latest heartbeats in `namespace` (see `digest`).
     pub(crate) fn beats_key(&self, namespace: &str) -> String {
         format!("{}:beats:{namespace}", self.stream_key)
     }

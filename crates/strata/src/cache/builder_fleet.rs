@@ -15,7 +15,7 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
     /// Sends every heartbeat and Strong-level acknowledgement to every member, as
     /// releases before the heartbeat digest did. Off by default: heartbeats go through
     /// [`Backplane::heartbeat`](crate::backplane::Backplane::heartbeat), which the
-    /// in-process and Redis stream backplanes aggregate into one digest per interval
+    /// in-process and Redis backplanes aggregate into one digest per interval
     /// (each instance receives one message per interval, not one per member), and
     /// acknowledgements only to the instance that waits for them. Turn it on while a
     /// fleet is upgraded from an earlier release (which understands neither), then off.

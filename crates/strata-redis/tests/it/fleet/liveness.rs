@@ -140,3 +140,58 @@ async fn strong_acknowledgements_travel_in_the_origins_stream() {
         assert!(ttl > 0, "{k} expires once its origin is gone");
     }
 }
+
+/// On Pub/Sub too: one digest published per interval, acknowledgements published on
+/// the origin's own channel (so a Strong invalidation returns once every member
+/// acknowledged, and its acknowledgements are not published on the shared channel).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_publishes_one_digest_per_interval_and_addresses_acknowledgements() {
+    const N: usize = 4;
+    let server = RedisServer::start();
+    let mut fleet = Vec::new();
+    for _ in 0..N {
+        let tier = RedisTier::builder(server.url()).prefix("fleet").build().await.expect("tier");
+        let bp = strata_redis::RedisPubSubBackplane::builder(server.url()).build().await.expect("pubsub");
+        let cache = Cache::<u64, String>::builder(NS)
+            .tier(Arc::new(tier))
+            .backplane(Arc::new(bp))
+            .heartbeat_interval(Duration::from_millis(50))
+            .consistency(Consistency::Strong)
+            .membership_lease(Duration::from_millis(1000))
+            .build()
+            .expect("cache");
+        tokio::time::timeout(Duration::from_secs(5), cache.ready()).await.expect("ready");
+        fleet.push(cache);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let publishes = |server: &RedisServer| -> u64 {
+        let info = server.command(&["INFO", "commandstats"]).expect("INFO");
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_publish:calls="))
+            .and_then(|v| v.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let before = publishes(&server);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let idle = publishes(&server) - before;
+    eprintln!("[liveness] {N} idle members on Pub/Sub: {idle} publishes in 20 intervals");
+    assert!(idle <= 40, "{idle} publishes in 20 intervals (broadcast would be {})", N * 20);
+    for c in &fleet {
+        assert!(c.health().backplane_healthy, "its own heartbeat comes back in the digest");
+    }
+    let before = publishes(&server);
+    for (i, c) in fleet.iter().enumerate() {
+        tokio::time::timeout(Duration::from_secs(3), c.invalidate(&(i as u64)))
+            .await
+            .expect("every member acknowledged")
+            .expect("invalidate");
+    }
+    let writes = publishes(&server) - before;
+    eprintln!("[liveness] {N} Strong invalidations: {writes} publishes (digests included)");
+    // Each invalidation: one publish, N - 1 acknowledgements (plus the interval's digests).
+    assert!(writes >= (N * N) as u64, "{writes}");
+    // ... each acknowledgement on its origin's channel, which only that origin reads.
+    let channels = server.command(&["PUBSUB", "CHANNELS", "*:ack:*"]).expect("PUBSUB CHANNELS");
+    let acks = channels.lines().filter(|l| l.contains(":ack:")).count();
+    assert_eq!(acks, N, "one acknowledgement channel per member: {channels}");
+}

@@ -1,10 +1,10 @@
-//! Heartbeats on the stream backplane, aggregated in Redis: each instance's heartbeat
-//! is kept in a hash per namespace (`<stream>:beats:<namespace>`, one field per origin)
-//! and, at most once per heartbeat interval, the script that keeps one appends a
-//! [`MessageBody::Digest`](strata::backplane::MessageBody::Digest) of all of them to the
-//! stream, numbered like any entry. Each subscriber then reads one entry per interval
-//! instead of one per member: a fleet of N costs N script calls and N deliveries per
-//! interval, not N².
+//! Heartbeats on the Redis backplanes, aggregated in Redis: each instance's heartbeat
+//! is kept in a hash per namespace (`<stream or channel>:beats:<namespace>`, one field
+//! per origin) and, at most once per heartbeat interval, the script that keeps one
+//! appends to the stream (numbered like any entry) or publishes on the channel a
+//! [`MessageBody::Digest`](strata::backplane::MessageBody::Digest) of all of them. Each
+//! subscriber then receives one message per interval instead of one per member: a
+//! fleet of N costs N script calls and N deliveries per interval, not N².
 //!
 //! The digest is encoded here, in Lua, in the format the core decodes (postcard: the
 //! format byte, origin 0, sequence 0, the namespace, the body's variant and its list,
@@ -29,17 +29,20 @@ pub(crate) fn beat_head(message: &Message, beat: u64) -> Result<Vec<u8>> {
         .map_err(|e| Error::new(ErrorKind::Codec, "cannot encode a heartbeat").with_source(e))
 }
 
-/// Keeps one heartbeat and appends a digest when one is due.
+/// Keeps one heartbeat and builds a digest when one is due (the body both heartbeat
+/// scripts share: [`STREAM_HEARTBEAT`] appends the digest, [`PUBSUB_HEARTBEAT`]
+/// publishes it).
 ///
-/// KEYS: stream, counter, beats hash. ARGV: origin (hex), entry head (bytes), interval
-/// ms, keep ms, stream max len, namespace, digest variant. Returns 1 when it appended
-/// a digest, 0 when none was due.
+/// The beats hash is the last key. ARGV: origin (hex), entry head (bytes), interval
+/// ms, keep ms, stream max len (unused on Pub/Sub), namespace, digest variant, channel
+/// (Pub/Sub only). Ends with `msg` (the digest) built, or returns 0 when none is due.
 ///
 /// Times are the server's (`TIME`), so every instance's beats age by one clock. A
 /// digest is due when the last one (field `_`) is nine tenths of an interval old, or
 /// in the future (the server's clock went back). The hash expires after the keep
 /// time, so a namespace whose members are gone leaves nothing behind.
-pub(crate) const STREAM_HEARTBEAT: &str = r#"#!lua flags=allow-oom
+const DIGEST_BODY: &str = r#"
+local beats = KEYS[#KEYS]
 local function varint(n)
   local out = {}
   repeat
@@ -53,13 +56,13 @@ end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local interval, keep = tonumber(ARGV[3]), tonumber(ARGV[4])
-if redis.call('TYPE', KEYS[3]).ok ~= 'hash' then redis.call('DEL', KEYS[3]) end
-redis.call('HSET', KEYS[3], ARGV[1], string.format('%d', now) .. ':' .. ARGV[2])
-redis.call('PEXPIRE', KEYS[3], keep)
-local last = tonumber(redis.call('HGET', KEYS[3], '_') or '')
+if redis.call('TYPE', beats).ok ~= 'hash' then redis.call('DEL', beats) end
+redis.call('HSET', beats, ARGV[1], string.format('%d', now) .. ':' .. ARGV[2])
+redis.call('PEXPIRE', beats, keep)
+local last = tonumber(redis.call('HGET', beats, '_') or '')
 if last and last <= now and now - last < interval * 9 / 10 then return 0 end
-redis.call('HSET', KEYS[3], '_', string.format('%d', now))
-local all = redis.call('HGETALL', KEYS[3])
+redis.call('HSET', beats, '_', string.format('%d', now))
+local all = redis.call('HGETALL', beats)
 local parts, drop = {}, {}
 for i = 1, #all, 2 do
   local f, v = all[i], all[i + 1]
@@ -73,10 +76,18 @@ for i = 1, #all, 2 do
     end
   end
 end
-if #drop > 0 then redis.call('HDEL', KEYS[3], unpack(drop)) end
+if #drop > 0 then redis.call('HDEL', beats, unpack(drop)) end
 local ns = ARGV[6]
 local msg = '\2\0\0' .. varint(#ns) .. ns .. varint(tonumber(ARGV[7])) .. varint(#parts)
   .. table.concat(parts) .. varint(now)
+"#;
+
+/// The stream's heartbeat: [`DIGEST_BODY`], then the digest numbered and appended like
+/// a publish. KEYS: stream, counter, beats hash. Returns 1 when it appended a digest.
+pub(crate) fn stream_heartbeat() -> String {
+    format!(
+        "#!lua flags=allow-oom\n{DIGEST_BODY}{}",
+        r#"
 local n = redis.pcall('INCR', KEYS[2])
 if type(n) ~= 'number' or n < 1 or n >= 9007199254740992 then
   -- A counter INCR refuses: the next publish repairs it (and the stream).
@@ -88,7 +99,15 @@ if type(added) == 'table' and added.err then
   return added
 end
 return 1
-"#;
+"#
+    )
+}
+
+/// Pub/Sub's heartbeat: [`DIGEST_BODY`], then the digest published on the channel
+/// (`ARGV[8]`). KEYS: beats hash. Returns 1 when it published a digest.
+pub(crate) fn pubsub_heartbeat() -> String {
+    format!("#!lua flags=allow-oom\n{DIGEST_BODY}\nredis.call('PUBLISH', ARGV[8], msg)\nreturn 1\n")
+}
 
 #[cfg(test)]
 mod tests {
