@@ -28,6 +28,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a seed scenario against several caching strategies, side by side.
+    // A variant's doc comment would replace the long help `BenchArgs` carries: restate it.
+    #[command(long_about = bench::LONG_ABOUT, after_long_help = bench::AFTER_LONG_HELP)]
     Bench(bench::BenchArgs),
     /// Consistency torture run: a fleet under faults, a recorded history, a checker.
     Check(check::CheckArgs),

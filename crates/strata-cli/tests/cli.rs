@@ -97,6 +97,13 @@ fn check_common(report: &Value, stdout: &str, scenario: &str) {
     );
     assert!(strata["hit_rate"].as_f64().unwrap() > 0.5);
     assert!(strata["redis_ops_per_s"].as_f64().unwrap() > 0.0, "strata's in-process tier ops are counted");
+    // The table names each strategy's level and has a column of failed requests.
+    let header = stdout.lines().find(|l| l.starts_with("strategy")).unwrap();
+    assert!(header.contains("level") && header.contains("failed"), "{header}");
+    assert!(
+        stdout.contains("ttl 5s")
+            && stdout.contains(if scenario == "payment" { "strong" } else { "invalidated" })
+    );
 }
 
 #[test]
@@ -232,9 +239,36 @@ fn help_states_defaults_and_metrics() {
     let out = strata(&["bench", "--help"]);
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    for needle in ["[default: 15]", "[default: 20]", "[default: 2000]", "compulsory", "hot loads/reload"] {
+    // The long help (strategies, every column, run time) is the one `--help` prints.
+    for needle in [
+        "[default: 15]",
+        "[default: 20]",
+        "[default: 2000]",
+        "compulsory",
+        "hot loads/reload",
+        "Strategies (in run order)",
+    ] {
         assert!(help.contains(needle), "--help lacks {needle:?}:\n{help}");
     }
+}
+
+/// A file that could not be written at the end, or a Redis nobody answers at, fails
+/// the run before any load, with a message that names the argument.
+#[test]
+fn bad_outputs_and_unreachable_servers_fail_before_the_run() {
+    let out = strata(&["bench", "--plot", "/nonexistent-dir/plot.svg"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--plot /nonexistent-dir/plot.svg"), "{err}");
+    assert!(!err.contains("done:"), "no strategy ran: {err}");
+    // A port nothing listens on (bound, then closed).
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("redis://127.0.0.1:{port}/");
+    let out = strata(&["bench", "--redis", &url]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach Redis"), "{err}");
+    assert!(!err.contains("done:"), "no strategy ran: {err}");
 }
 
 /// A very short torture run: the fleet (four processes) over real Redis and Postgres,

@@ -44,7 +44,8 @@ pub use self::scenario::Scenario;
 
 const ABOUT: &str = "Run a seed scenario against several caching strategies, side by side";
 
-const LONG_ABOUT: &str = "\
+/// `strata bench --help`: what runs, in which order, against what.
+pub const LONG_ABOUT: &str = "\
 Run a seed scenario against several caching strategies, one after another, against the
 same database contents (reset between strategies) and the same seeded request schedule.
 
@@ -64,7 +65,8 @@ strategy's invalidation, on the instance the schedule names. The load is open-lo
 arrivals at --rate over the whole fleet, Zipf-distributed keys (key 0 hottest, the same
 distribution for reads and writes), a uniformly random instance per request.";
 
-const AFTER_LONG_HELP: &str = "\
+/// `strata bench --help`: run times and what every column means.
+pub const AFTER_LONG_HELP: &str = "\
 Defaults: the 4 embedded strategies take about 60 s (4 x 15 s plus setup) on 2 cores;
 with --redis, 5 strategies, about 80 s.
 
@@ -221,6 +223,16 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     if !(args.duration > 0.0 && args.duration.is_finite()) {
         bail!("--duration must be a positive number of seconds, got {}", args.duration);
     }
+    for (path, what) in [(&args.json, "--json"), (&args.plot, "--plot")] {
+        if let Some(path) = path {
+            check_writable(path, what)?;
+        }
+    }
+    let servers =
+        args.redis.iter().chain(args.redis_ring.iter().flatten()).chain(args.redis_cluster.iter().flatten());
+    for url in servers.chain(args.redis_backplane.iter()) {
+        check_redis(url).await?;
+    }
     if args.scenario == Scenario::Drafts {
         return drafts::run(&args).await;
     }
@@ -243,8 +255,15 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     };
     let kinds = choose_strategies(&args)?;
     let schedule = Schedule::generate(&params)?;
-    let db =
-        Arc::new(Db::open(args.database.as_ref(), args.scenario, args.keys, schedule.hottest_key()).await?);
+    let db = match tokio::time::timeout(
+        REACH_TIMEOUT * 2,
+        Db::open(args.database.as_ref(), args.scenario, args.keys, schedule.hottest_key()),
+    )
+    .await
+    {
+        Ok(db) => Arc::new(db?),
+        Err(_) => bail!("cannot open the database: no connection within {:?}", REACH_TIMEOUT * 2),
+    };
     let run_id = format!("strata-bench:{}:{:08x}", std::process::id(), rand::random::<u32>());
     let fleet = FleetConfig {
         db: db.clone(),
@@ -284,8 +303,49 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     if let Some(path) = &args.plot {
         plot::write_svg(&report, path)?;
     }
+    let failed: Vec<String> = report
+        .strategies
+        .iter()
+        .filter(|s| s.errors > 0)
+        .map(|s| format!("{} ({})", s.name, s.errors))
+        .collect();
+    if !failed.is_empty() {
+        bail!(
+            "requests failed in {}: the figures above understate what those strategies cost",
+            failed.join(", ")
+        );
+    }
     Ok(())
 }
+
+/// Fails at once, before minutes of load, when `path` could not be written at the end.
+fn check_writable(path: &std::path::Path, what: &str) -> Result<()> {
+    let existed = path.exists();
+    std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| {
+        format!("{what} {}: cannot be written (does its directory exist?)", path.display())
+    })?;
+    if !existed {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}
+
+/// Fails within seconds when a Redis server given is not reachable.
+async fn check_redis(url: &SecretUrl) -> Result<()> {
+    let client = redis::Client::open(url.expose()).with_context(|| format!("bad Redis URL {url}"))?;
+    let ping = async {
+        let mut c = client.get_multiplexed_async_connection().await?;
+        redis::cmd("PING").query_async::<String>(&mut c).await
+    };
+    match tokio::time::timeout(REACH_TIMEOUT, ping).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => bail!("cannot reach Redis at {url}: {}", secret::scrub(&e.to_string())),
+        Err(_) => bail!("cannot reach Redis at {url}: no answer within {REACH_TIMEOUT:?}"),
+    }
+}
+
+/// How long the argument checks wait for a server.
+const REACH_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn choose_strategies(args: &BenchArgs) -> Result<Vec<StrategyKind>> {
     let has_redis = args.redis.is_some() || args.redis_ring.is_some() || args.redis_cluster.is_some();

@@ -148,6 +148,19 @@ pub struct StrategyReport {
     pub redis_nodes: Option<NodesReport>,
 }
 
+/// The consistency level a strategy runs at, for the table's `level` column.
+fn level_of(strategy: &str, payment: bool) -> &'static str {
+    match strategy {
+        "none" => "no cache",
+        "local-ttl" => "ttl 5s",
+        "redis-global" => "delete",
+        "near-pubsub" | "multi-tier" => "best effort",
+        "strata" if payment => "strong",
+        "strata" => "invalidated",
+        _ => "-",
+    }
+}
+
 fn us(h: &Histogram<u64>, q: f64) -> f64 {
     if h.is_empty() { 0.0 } else { h.value_at_quantile(q) as f64 / 1000.0 }
 }
@@ -232,12 +245,15 @@ impl BenchReport {
     /// The results as an aligned text table (with a two-line header of parameters).
     pub fn table(&self) -> String {
         let payment = self.scenario == "payment";
+        // Without Redis the column counts the in-process tier's and backplane's calls.
+        let on_redis = self.redis.is_some() || self.strategies.iter().any(|s| s.redis_nodes.is_some());
         let mut header = vec![
             "strategy",
+            "level",
             "DB reads/s",
             "x bound",
             "DB writes/s",
-            "Redis ops/s",
+            if on_redis { "Redis ops/s" } else { "shared-tier ops/s" },
             "hit %",
             "L1 %",
             "L2 %",
@@ -250,13 +266,15 @@ impl BenchReport {
         if payment {
             header.push("consumer stale");
         }
-        header.extend(["hot loads/reload", "dropped"]);
+        header.extend(["hot loads/reload", "dropped", "failed"]);
         let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| (*s).to_owned()).collect()];
         for s in &self.strategies {
             let mut row = vec![
                 s.name.clone(),
+                level_of(&s.name, payment).to_owned(),
                 format!("{:.1}", s.db_reads_per_s),
-                format!("{:.2}", s.db_reads_over_compulsory),
+                // Three decimals: 0.998 must not read as the bound itself.
+                format!("{:.3}", s.db_reads_over_compulsory),
                 format!("{:.1}", s.db_writes_per_s),
                 format!("{:.1}", s.redis_ops_per_s),
                 format!("{:.2}", s.hit_rate * 100.0),
@@ -271,8 +289,11 @@ impl BenchReport {
             if payment {
                 row.push(format!("{}/{}", s.consumer_stale_reads, s.consumer_reads));
             }
-            row.push(s.hottest_key_loads_per_expiry.map_or_else(|| "-".to_owned(), |r| format!("{r:.2}")));
+            // A run whose requests failed may never have loaded the key: no figure.
+            let hot = s.hottest_key_loads_per_expiry.filter(|_| s.errors == 0 || s.hottest_key_db_reads > 0);
+            row.push(hot.map_or_else(|| "-".to_owned(), |r| format!("{r:.2}")));
             row.push(s.dropped_requests.to_string());
+            row.push(s.errors.to_string());
             rows.push(row);
         }
         let widths: Vec<usize> = (0..rows[0].len())
@@ -316,6 +337,28 @@ impl BenchReport {
                  (scheduled time -> task running): p50 <= {} us, p99 <= {} us",
                 latency(p50),
                 latency(p99)
+            );
+        }
+        let service: Vec<String> = self
+            .strategies
+            .iter()
+            .map(|s| format!("{} {}/{}", s.name, latency(s.service_p50_us), latency(s.service_p99_us)))
+            .collect();
+        let _ =
+            writeln!(out, "# read service time p50/p99 us (task running -> answer): {}", service.join(", "));
+        let _ = writeln!(
+            out,
+            "# level: ttl 5s = copies up to 5 s old, no invalidation; delete = one shared copy, deleted \
+             after the write; best effort = invalidation broadcast, no fill guard, no gap repair; \
+             invalidated / strong = strata's levels (stale by at most the propagation delay / linearizable)"
+        );
+        for s in self.strategies.iter().filter(|s| s.errors > 0) {
+            let _ = writeln!(
+                out,
+                "# FAILED: {}: {} requests failed; first error: {}",
+                s.name,
+                s.errors,
+                s.first_error.as_deref().unwrap_or("-")
             );
         }
         for s in &self.strategies {
