@@ -80,6 +80,12 @@ fn check_common(report: &Value, stdout: &str, scenario: &str) {
             assert!(s[field].is_number(), "{name}.{field} missing: {s:#}");
         }
         assert_eq!(s["errors"], 0, "{name} had errors: {s:#}");
+        for window in ["cold", "steady"] {
+            for field in ["db_reads_per_s", "x_bound", "redis_ops_per_request", "hit_rate", "stale_reads"] {
+                assert!(s[window][field].is_number(), "{name}.{window}.{field} missing: {s:#}");
+            }
+        }
+        assert!(s["steady"]["steady"].is_boolean(), "{s:#}");
         assert!(s["p50_us"].as_f64().unwrap() > 0.0);
         assert!(s["p50_us"].as_f64().unwrap() <= s["p99_us"].as_f64().unwrap());
         assert!(stdout.lines().any(|l| l.starts_with(name)), "{name} has a row in the table:\n{stdout}");
@@ -97,6 +103,13 @@ fn check_common(report: &Value, stdout: &str, scenario: &str) {
     );
     assert!(strata["hit_rate"].as_f64().unwrap() > 0.5);
     assert!(strata["redis_ops_per_s"].as_f64().unwrap() > 0.0, "strata's in-process tier ops are counted");
+    // Warm, strata loads far less than cold, and never more than its bound says.
+    let (cold, steady) = (&strata["cold"], &strata["steady"]);
+    assert!(
+        steady["db_reads_per_s"].as_f64().unwrap() < cold["db_reads_per_s"].as_f64().unwrap(),
+        "{strata:#}"
+    );
+    assert!(stdout.contains("# steady window"), "{stdout}");
     // The table names each strategy's level and has a column of failed requests.
     let header = stdout.lines().find(|l| l.starts_with("strategy")).unwrap();
     assert!(header.contains("level") && header.contains("failed"), "{header}");

@@ -19,6 +19,7 @@ pub mod report;
 pub mod runner;
 pub mod scenario;
 pub mod schedule;
+pub mod steady;
 pub mod strategy;
 
 use std::io::IsTerminal;
@@ -67,8 +68,16 @@ distribution for reads and writes), a uniformly random instance per request.";
 
 /// `strata bench --help`: run times and what every column means.
 pub const AFTER_LONG_HELP: &str = "\
-Defaults: the 4 embedded strategies take about 60 s (4 x 15 s plus setup) on 2 cores;
-with --redis, 5 strategies, about 80 s.
+Defaults: each strategy runs a cold window (--duration, every cache empty), a warm-up
+(--steady-after seconds of traffic, default twice --duration, replayed 8x faster and not
+counted), then a steady window as long as the cold one; the 4 embedded strategies take
+about 2.5 min (4 x (15 + 3.75 + 15) s plus setup) on 2 cores, 5 with --redis about 3 min.
+The main table is the cold start; the steady table after it gives per strategy DB reads/s,
+x bound (the compulsory reads of a cache that served everything before), shared-tier ops
+per request, hit %, stale and failed requests, DB reads/s in the first and last thirds of
+the window and whether they agree (within 10 %, or within twice their Poisson noise:
+'steady', else DRIFTING); the JSON has the same as each strategy's `cold` and `steady`
+objects (with Redis CPU seconds and commands/s under --redis).
 
 Metrics (per strategy):
   DB reads/s, DB writes/s   statements run on the database, divided by --duration
@@ -209,6 +218,11 @@ pub struct BenchArgs {
     /// draw (e.g. 0.3: a hot-key skew), 0 to 1.
     #[arg(long, default_value_t = 0.0, value_name = "F")]
     pub hot_key_share: f64,
+    /// Seconds of traffic replayed (uncounted, 8x faster than real time) after the cold
+    /// window, before the steady window is measured [default: twice --duration]; 0
+    /// measures the cold start alone.
+    #[arg(long, value_name = "SECS")]
+    pub steady_after: Option<f64>,
     /// drafts: users, one draft each.
     #[arg(long, default_value_t = 1000, value_name = "N")]
     pub users: u64,
@@ -255,6 +269,12 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     };
     let kinds = choose_strategies(&args)?;
     let schedule = Schedule::generate(&params)?;
+    let warm_up = match args.steady_after {
+        Some(s) if s >= 0.0 && s.is_finite() => Duration::from_secs_f64(s),
+        Some(s) => bail!("--steady-after must be a number of seconds ≥ 0, got {s}"),
+        None => params.duration * 2,
+    };
+    let plan = if warm_up.is_zero() { None } else { Some(steady::Plan::new(&params, &schedule, warm_up)?) };
     let db = match tokio::time::timeout(
         REACH_TIMEOUT * 2,
         Db::open(args.database.as_ref(), args.scenario, args.keys, schedule.hottest_key()),
@@ -288,7 +308,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let mut report = BenchReport::new(&params, &schedule, db.description(), args.redis.as_ref());
     eprintln!("{}", report.headline());
 
-    let result = run_strategies(&kinds, &fleet, &schedule, &run_config, &mut report).await;
+    let result = run_strategies(&kinds, &fleet, &schedule, plan.as_ref(), &run_config, &mut report).await;
     drop(fleet);
     if let Some(db) = Arc::into_inner(db) {
         db.close().await?;
@@ -296,6 +316,14 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     result?;
 
     print!("{}", report.table());
+    let rows: Vec<_> = report
+        .strategies
+        .iter()
+        .filter_map(|s| Some((s.name.as_str(), s.cold.as_ref()?, s.steady.as_ref()?)))
+        .collect();
+    if !rows.is_empty() {
+        print!("{}", steady::table(&rows, warm_up));
+    }
     if let Some(path) = &args.json {
         let json = serde_json::to_string_pretty(&report).context("cannot encode the JSON report")?;
         std::fs::write(path, json + "\n").with_context(|| format!("cannot write {}", path.display()))?;
@@ -368,6 +396,7 @@ async fn run_strategies(
     kinds: &[StrategyKind],
     fleet: &FleetConfig,
     schedule: &Schedule,
+    plan: Option<&steady::Plan>,
     run_config: &RunConfig,
     report: &mut BenchReport,
 ) -> Result<()> {
@@ -382,8 +411,14 @@ async fn run_strategies(
         let db_counts = fleet.db.counts();
         let tiers = strategy.tier_counts();
         let nodes_after = redis_nodes::sample(&urls).await?;
+        let steady = match (&outcome, plan) {
+            (Ok(_), Some(plan)) => Some(steady::measure(&strategy, plan, run_config, &fleet.db, &urls).await),
+            _ => None,
+        };
         let closed = strategy.close().await;
         let outcome = outcome.with_context(|| format!("{kind} did not complete"))?;
+        let steady =
+            steady.transpose().with_context(|| format!("{kind}: the steady window did not complete"))?;
         closed.with_context(|| format!("cannot clean up after {kind}"))?;
         if let Some(e) = &outcome.first_error {
             eprintln!(
@@ -396,6 +431,15 @@ async fn run_strategies(
         if !urls.is_empty() {
             row.redis_nodes = Some(NodesReport::between(&nodes_before, &nodes_after, row.elapsed_s));
         }
+        row.cold = Some(steady::Window::new(
+            &outcome,
+            db_counts,
+            tiers,
+            report.compulsory_db_reads,
+            report.duration_s,
+            row.redis_nodes.as_ref(),
+        ));
+        row.steady = steady;
         eprintln!("{}", row.summary_line());
         report.strategies.push(row);
     }

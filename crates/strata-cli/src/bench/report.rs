@@ -12,6 +12,7 @@ use super::join::JoinReport;
 use super::redis_nodes::NodesReport;
 use super::runner::Outcome;
 use super::schedule::{Schedule, ScheduleParams};
+use super::steady::Window;
 use super::strategy::{Strategy, TierCounts};
 use crate::secret::{self, SecretUrl};
 
@@ -146,6 +147,12 @@ pub struct StrategyReport {
     /// With Redis: what each server executed, and its CPU seconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_nodes: Option<NodesReport>,
+    /// The cold start (the figures above, summarised like `steady`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cold: Option<Window>,
+    /// The steady window, after the warm-up (see `bench::steady`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steady: Option<Window>,
 }
 
 /// The consistency level a strategy runs at, for the table's `level` column.
@@ -308,6 +315,7 @@ impl BenchReport {
             self.database,
             self.redis.as_deref().map(|r| format!("; redis: {r}")).unwrap_or_default(),
         );
+        let _ = writeln!(out, "# cold start: every strategy starts with empty caches");
         for (i, row) in rows.iter().enumerate() {
             let mut line = String::new();
             for (c, cell) in row.iter().enumerate() {
@@ -448,6 +456,8 @@ impl StrategyReport {
             db_reads_per_second: outcome.db_reads_per_second.clone(),
             join: outcome.rejoin.as_ref().map(|r| JoinReport::new(r, &outcome.db_reads_per_second)),
             redis_nodes: None,
+            cold: None,
+            steady: None,
         }
     }
 
