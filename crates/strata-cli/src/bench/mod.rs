@@ -57,6 +57,9 @@ Strategies (in run order):
   strata        strata::Cache per instance, InProcessTier + InProcessBackplane
                 (RedisTier + RedisStreamBackplane with --redis); 24 h TTL; payment uses
                 Consistency::Strong
+  multi-tier    the published crate multi-tier-cache 0.6: per instance a CacheManager with
+                invalidation (moka L1, Redis L2, Pub/Sub), get_or_compute_typed on read,
+                invalidate after the DB write; 24 h TTL (--redis only)
 
 Every instance is a separate cache handle with its own local cache. A write runs
 UPDATE ... SET ..., version = version + 1 ... RETURNING version on the database, then the
@@ -291,12 +294,19 @@ fn choose_strategies(args: &BenchArgs) -> Result<Vec<StrategyKind>> {
     let has_redis = args.redis.is_some() || args.redis_ring.is_some() || args.redis_cluster.is_some();
     let mut kinds: Vec<StrategyKind> = match &args.strategies {
         Some(list) => list.clone(),
-        None => StrategyKind::ALL.into_iter().filter(|k| !k.needs_redis() || has_redis).collect(),
+        None => StrategyKind::ALL
+            .into_iter()
+            .filter(|k| !k.needs_redis() || has_redis)
+            .filter(|k| !k.needs_single_redis() || args.redis.is_some())
+            .collect(),
     };
     kinds.sort();
     kinds.dedup();
     if let Some(k) = kinds.iter().find(|k| k.needs_redis() && !has_redis) {
         bail!("strategy {k} needs --redis URL, --redis-ring URLS or --redis-cluster URLS");
+    }
+    if let Some(k) = kinds.iter().find(|k| k.needs_single_redis() && args.redis.is_none()) {
+        bail!("strategy {k} needs --redis URL (one server)");
     }
     if kinds.is_empty() {
         bail!("no strategy to run");
