@@ -38,7 +38,7 @@ pub struct MultiTier {
     /// Behind a lock only so that `rejoin` can replace an instance.
     managers: RwLock<Vec<Arc<CacheManager>>>,
     /// Counters of the instances replaced by `rejoin`.
-    retired: Mutex<TierCounts>,
+    retired: Mutex<Snapshot>,
     url: SecretUrl,
     prefix: String,
     channel: String,
@@ -54,7 +54,7 @@ impl MultiTier {
         let fleet = MultiTier {
             db: cfg.db.clone(),
             managers: RwLock::new(Vec::new()),
-            retired: Mutex::new(TierCounts::default()),
+            retired: Mutex::new(Snapshot::default()),
             prefix: format!("{}:multi-tier:", cfg.run_id),
             channel: format!("{}:multi-tier:invalidate", cfg.run_id),
             url,
@@ -120,28 +120,63 @@ impl MultiTier {
     }
 }
 
-/// What the crate's counters say about one instance. Remote commands are estimated
-/// from them (the crate does not count its Redis calls): every L1 miss that leads a
-/// load sends GET + PTTL (one pipeline, counted as 2); a DB load then PSETEX; an
-/// `invalidate` DEL + PUBLISH; each invalidation received DEL again.
-fn counts(manager: &CacheManager) -> TierCounts {
-    let stats = manager.get_stats();
-    let inval = manager.invalidation_stats().unwrap_or_default();
-    TierCounts {
-        l1_hits: stats.l1_hits,
-        l2_hits: stats.l2_hits,
-        remote_ops: 2 * (stats.l2_hits + stats.misses)
-            + stats.misses
-            + 2 * inval.messages_sent
-            + inval.messages_received,
+/// The crate's counters of one instance or more.
+#[derive(Debug, Clone, Copy, Default)]
+struct Snapshot {
+    tiers: TierCounts,
+    requests: u64,
+    misses: u64,
+    promotions: u64,
+    sent: u64,
+    received: u64,
+}
+
+impl Snapshot {
+    /// Reads one instance's counters. Remote commands are estimated from them (the
+    /// crate does not count its Redis calls): every L1 miss that leads a load sends GET
+    /// and PTTL (one pipeline, counted as 2); a DB load then PSETEX; an `invalidate` DEL
+    /// and PUBLISH; each invalidation received DEL again.
+    fn of(manager: &CacheManager) -> Snapshot {
+        let stats = manager.get_stats();
+        let inval = manager.invalidation_stats().unwrap_or_default();
+        Snapshot {
+            tiers: TierCounts {
+                l1_hits: stats.l1_hits,
+                l2_hits: stats.l2_hits,
+                remote_ops: 2 * (stats.l2_hits + stats.misses)
+                    + stats.misses
+                    + 2 * inval.messages_sent
+                    + inval.messages_received,
+            },
+            requests: stats.total_requests,
+            misses: stats.misses,
+            promotions: stats.promotions as u64,
+            sent: inval.messages_sent,
+            received: inval.messages_received,
+        }
+    }
+
+    fn add(self, o: Snapshot) -> Snapshot {
+        Snapshot {
+            tiers: TierCounts {
+                l1_hits: self.tiers.l1_hits + o.tiers.l1_hits,
+                l2_hits: self.tiers.l2_hits + o.tiers.l2_hits,
+                remote_ops: self.tiers.remote_ops + o.tiers.remote_ops,
+            },
+            requests: self.requests + o.requests,
+            misses: self.misses + o.misses,
+            promotions: self.promotions + o.promotions,
+            sent: self.sent + o.sent,
+            received: self.received + o.received,
+        }
     }
 }
 
-fn add(a: TierCounts, b: TierCounts) -> TierCounts {
-    TierCounts {
-        l1_hits: a.l1_hits + b.l1_hits,
-        l2_hits: a.l2_hits + b.l2_hits,
-        remote_ops: a.remote_ops + b.remote_ops,
+impl MultiTier {
+    /// The counters of every instance so far, retired ones included.
+    fn snapshot(&self) -> Snapshot {
+        let live = self.managers.read().iter().fold(Snapshot::default(), |acc, m| acc.add(Snapshot::of(m)));
+        self.retired.lock().add(live)
     }
 }
 
@@ -178,8 +213,7 @@ impl Strategy for MultiTier {
     }
 
     fn tier_counts(&self) -> TierCounts {
-        let live = self.managers.read().iter().fold(TierCounts::default(), |acc, m| add(acc, counts(m)));
-        add(*self.retired.lock(), live)
+        self.snapshot().tiers
     }
 
     async fn rejoin(&self, instance: usize) -> Result<()> {
@@ -192,37 +226,29 @@ impl Strategy for MultiTier {
         self.wait_subscribers(|s| s > n).await?;
         let old = std::mem::replace(&mut self.managers.write()[instance], new);
         // The old one's subscriber stops when the last request holding it returns.
-        let retired = add(*self.retired.lock(), counts(&old));
+        let retired = self.retired.lock().add(Snapshot::of(&old));
         *self.retired.lock() = retired;
         Ok(())
     }
 
     fn details(&self) -> Option<serde_json::Value> {
-        let managers = self.managers.read();
-        let (mut requests, mut misses, mut promotions, mut sent, mut received) = (0, 0, 0, 0, 0);
-        for m in managers.iter() {
-            let s = m.get_stats();
-            requests += s.total_requests;
-            misses += s.misses;
-            promotions += s.promotions as u64;
-            let i = m.invalidation_stats().unwrap_or_default();
-            sent += i.messages_sent;
-            received += i.messages_received;
-        }
+        let s = self.snapshot();
         Some(serde_json::json!({
             "crate": "multi-tier-cache 0.6",
-            "live_instances_only": true,
-            "total_requests": requests,
-            "misses": misses,
-            "promotions": promotions,
-            "invalidations_sent": sent,
-            "invalidations_received": received,
+            "requests": s.requests,
+            "misses": s.misses,
+            "promotions": s.promotions,
+            "invalidations_sent": s.sent,
+            "invalidations_received": s.received,
         }))
     }
 
     async fn close(&self) -> Result<()> {
-        // Dropping a manager shuts its subscriber down.
-        self.managers.write().clear();
+        // Dropping a manager shuts its subscriber down; its counters stay for the report.
+        let live: Vec<Arc<CacheManager>> = std::mem::take(&mut *self.managers.write());
+        let total = live.iter().fold(*self.retired.lock(), |acc, m| acc.add(Snapshot::of(m)));
+        *self.retired.lock() = total;
+        drop(live);
         delete_prefix(&self.url, &self.prefix).await
     }
 }
