@@ -69,7 +69,7 @@ distribution for reads and writes), a uniformly random instance per request.";
 
 const AFTER_LONG_HELP: &str = "\
 Defaults: the 4 embedded strategies take about 60 s (4 x 15 s plus setup) on 2 cores;
-with --redis, 5 strategies, about 80 s.
+with --redis, 6 strategies, about 100 s.
 
 Metrics (per strategy):
   DB reads/s, DB writes/s   statements run on the database, divided by --duration
