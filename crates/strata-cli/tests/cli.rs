@@ -247,6 +247,41 @@ fn redis_only_strategy_needs_redis() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs --redis"));
 }
 
+/// `multi-tier` (the crate `multi-tier-cache`) runs a short bench on a Redis of its own,
+/// is reported, serves reads from its tiers, reads nothing stale and leaves no key.
+#[test]
+fn multi_tier_short_bench() {
+    let redis = strata_testkit::RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("mtc.json");
+    let (url, json_arg) = (redis.url(), json.to_str().unwrap());
+    let out = strata(&[
+        "bench",
+        "--redis",
+        &url,
+        "--strategies",
+        "multi-tier",
+        "--duration",
+        "2",
+        "--instances",
+        "3",
+        "--rate",
+        "300",
+        "--keys",
+        "200",
+        "--json",
+        json_arg,
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let s = strategy(&report, "multi-tier");
+    assert_eq!(s["stale_reads"], 0, "{s:#}");
+    assert!(s["l1_hit_rate"].as_f64().unwrap() > 0.3 && s["redis_ops"].as_u64().unwrap() > 0, "{s:#}");
+    let mut conn = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).unwrap();
+    assert!(keys.is_empty(), "left behind: {keys:?}");
+}
+
 #[test]
 fn help_states_defaults_and_metrics() {
     let out = strata(&["bench", "--help"]);

@@ -127,12 +127,15 @@ fn bench_errors_show_no_password() {
         (format!("redis://alice:{ALICE_PASSWORD}@127.0.0.1:{port}/0"), "redis-global"),
         (format!("redis://alice:{ALICE_PASSWORD}@127.0.0.1:{port}/0"), "strata"),
         (format!("redis://alice:{ALICE_PASSWORD}@127.0.0.1:{port}/0"), "near-pubsub"),
+        (format!("redis://alice:{ALICE_PASSWORD}@127.0.0.1:{port}/0"), "multi-tier"),
         // A wrong password (the right one with a suffix): AUTH fails.
         (format!("redis://alice:{ALICE_ENCODED}x@127.0.0.1:{port}/0"), "redis-global"),
         (format!("redis://alice:{ALICE_ENCODED}x@127.0.0.1:{port}/0"), "strata"),
         (format!("redis://:{DEFAULT_PASSWORD}x@127.0.0.1:{port}/0"), "near-pubsub"),
+        (format!("redis://alice:{ALICE_ENCODED}x@127.0.0.1:{port}/0"), "multi-tier"),
         // Nothing listens.
         (format!("redis://:{DEFAULT_PASSWORD}@127.0.0.1:1/0"), "strata"),
+        (format!("redis://:{DEFAULT_PASSWORD}@127.0.0.1:1/0"), "multi-tier"),
         // Not a URL.
         (format!("{DEFAULT_PASSWORD}@127.0.0.1:{port}"), "redis-global"),
     ];

@@ -59,6 +59,9 @@ Strategies (in run order):
   strata        strata::Cache per instance, InProcessTier + InProcessBackplane
                 (RedisTier + RedisStreamBackplane with --redis); 24 h TTL; payment uses
                 Consistency::Strong
+  multi-tier    the published crate multi-tier-cache 0.6: per instance a CacheManager with
+                invalidation (moka L1, Redis L2, Pub/Sub), get_or_compute_typed on read,
+                invalidate after the DB write; 24 h TTL (--redis only)
 
 Every instance is a separate cache handle with its own local cache. A write runs
 UPDATE ... SET ..., version = version + 1 ... RETURNING version on the database, then the
@@ -71,7 +74,8 @@ pub const AFTER_LONG_HELP: &str = "\
 Defaults: each strategy runs a cold window (--duration, every cache empty), a warm-up
 (--steady-after seconds of traffic, default twice --duration, replayed 8x faster and not
 counted), then a steady window as long as the cold one; the 4 embedded strategies take
-about 2.5 min (4 x (15 + 3.75 + 15) s plus setup) on 2 cores, 5 with --redis about 3 min.
+about 2.5 min (4 x (15 + 3.75 + 15) s plus setup) on 2 cores; with --redis, 6 strategies,
+about 4 min.
 The main table is the cold start; the steady table after it gives per strategy DB reads/s,
 x bound (the compulsory reads of a cache that served everything before), shared-tier ops
 per request, hit %, stale and failed requests, DB reads/s in the first and last thirds of
@@ -379,12 +383,19 @@ fn choose_strategies(args: &BenchArgs) -> Result<Vec<StrategyKind>> {
     let has_redis = args.redis.is_some() || args.redis_ring.is_some() || args.redis_cluster.is_some();
     let mut kinds: Vec<StrategyKind> = match &args.strategies {
         Some(list) => list.clone(),
-        None => StrategyKind::ALL.into_iter().filter(|k| !k.needs_redis() || has_redis).collect(),
+        None => StrategyKind::ALL
+            .into_iter()
+            .filter(|k| !k.needs_redis() || has_redis)
+            .filter(|k| !k.needs_single_redis() || args.redis.is_some())
+            .collect(),
     };
     kinds.sort();
     kinds.dedup();
     if let Some(k) = kinds.iter().find(|k| k.needs_redis() && !has_redis) {
         bail!("strategy {k} needs --redis URL, --redis-ring URLS or --redis-cluster URLS");
+    }
+    if let Some(k) = kinds.iter().find(|k| k.needs_single_redis() && args.redis.is_none()) {
+        bail!("strategy {k} needs --redis URL (one server)");
     }
     if kinds.is_empty() {
         bail!("no strategy to run");

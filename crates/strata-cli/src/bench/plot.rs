@@ -41,6 +41,7 @@ fn color(name: &str) -> RGBColor {
         "redis-global" => RGBColor(214, 39, 40),
         "near-pubsub" => RGBColor(120, 80, 190),
         "strata" => RGBColor(30, 140, 70),
+        "multi-tier" => RGBColor(23, 190, 207),
         _ => RGBColor(31, 119, 180),
     }
 }
@@ -324,6 +325,7 @@ fn short(name: &str) -> String {
     match name {
         "redis-global" => "redis-gl".to_owned(),
         "near-pubsub" => "near-pub".to_owned(),
+        "multi-tier" => "multi-t".to_owned(),
         other => other.to_owned(),
     }
 }

@@ -3,6 +3,7 @@
 //! rows of the benchmark's table.
 
 mod local_ttl;
+mod multi_tier;
 mod near_pubsub;
 mod no_cache;
 mod redis_global;
@@ -16,6 +17,7 @@ use anyhow::{Context, Result};
 use async_trait::async_trait;
 
 pub use local_ttl::LocalTtl;
+pub use multi_tier::MultiTier;
 pub use near_pubsub::NearPubSub;
 pub use no_cache::NoCache;
 pub use redis_global::RedisGlobal;
@@ -91,16 +93,20 @@ pub enum StrategyKind {
     NearPubsub,
     /// The strata library.
     Strata,
+    /// The published crate `multi-tier-cache` (moka L1 + Redis L2 + Pub/Sub
+    /// invalidation), one cache manager per instance (needs `--redis`).
+    MultiTier,
 }
 
 impl StrategyKind {
     /// Every strategy, in run order.
-    pub const ALL: [StrategyKind; 5] = [
+    pub const ALL: [StrategyKind; 6] = [
         StrategyKind::None,
         StrategyKind::LocalTtl,
         StrategyKind::RedisGlobal,
         StrategyKind::NearPubsub,
         StrategyKind::Strata,
+        StrategyKind::MultiTier,
     ];
 
     /// The name used in reports and on the command line.
@@ -111,12 +117,19 @@ impl StrategyKind {
             StrategyKind::RedisGlobal => "redis-global",
             StrategyKind::NearPubsub => "near-pubsub",
             StrategyKind::Strata => "strata",
+            StrategyKind::MultiTier => "multi-tier",
         }
     }
 
     /// Whether it can only run against a real Redis.
     pub fn needs_redis(self) -> bool {
-        self == StrategyKind::RedisGlobal
+        matches!(self, StrategyKind::RedisGlobal | StrategyKind::MultiTier)
+    }
+
+    /// Whether it can only run against one Redis server (`--redis`, not a ring or a
+    /// Cluster): `multi-tier-cache` has no sharding.
+    pub fn needs_single_redis(self) -> bool {
+        self == StrategyKind::MultiTier
     }
 }
 
@@ -183,6 +196,7 @@ pub async fn build(kind: StrategyKind, cfg: &FleetConfig) -> Result<Arc<dyn Stra
         StrategyKind::RedisGlobal => Arc::new(RedisGlobal::connect(cfg).await?),
         StrategyKind::NearPubsub => Arc::new(NearPubSub::start(cfg).await?),
         StrategyKind::Strata => Arc::new(StrataCache::start(cfg).await?),
+        StrategyKind::MultiTier => Arc::new(MultiTier::start(cfg).await?),
     })
 }
 
