@@ -32,9 +32,9 @@
 //! that loops on `XREAD COUNT c BLOCK b STREAMS key <last id>`, starting at the
 //! stream's last entry at subscribe time. When the connection fails (or a read does
 //! not answer within the block time plus a grace period) it emits
-//! [`BackplaneEvent::Disconnected`], reconnects with jittered exponential backoff,
+//! [`BackplaneEvent::Disconnected`](strata::backplane::BackplaneEvent::Disconnected), reconnects with jittered exponential backoff,
 //! reads everything after the last id it saw (delivering it), and then emits
-//! [`BackplaneEvent::Resumed`] with `complete: true`, or [`BackplaneEvent::Lost`]
+//! [`BackplaneEvent::Resumed`](strata::backplane::BackplaneEvent::Resumed) with `complete: true`, or [`BackplaneEvent::Lost`](strata::backplane::BackplaneEvent::Lost)
 //! followed by `Resumed { complete: false }` when entries it had not read were
 //! trimmed (or the counter went backwards: Redis lost data). A gap seen while
 //! connected (a reader slower than the cap) emits `Lost` alone.
