@@ -22,6 +22,28 @@ pub(crate) const DIGEST_VARIANT: u32 = 5;
 /// Heartbeats older than this many intervals leave the hash and the digest.
 pub(crate) const KEEP_INTERVALS: u32 = 8;
 
+/// Adds the heartbeat scripts' ARGV for `message` (see [`DIGEST_BODY`]) to `inv`, whose
+/// keys the caller has set.
+pub(crate) fn heartbeat_args(
+    inv: &mut redis::ScriptInvocation<'_>,
+    message: &Message,
+    beat: u64,
+    interval: std::time::Duration,
+    max_len: u64,
+    channel: &str,
+) -> Result<()> {
+    let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1);
+    inv.arg(format!("{:x}", message.origin))
+        .arg(beat_head(message, beat)?)
+        .arg(ms(interval))
+        .arg(ms(interval.saturating_mul(KEEP_INTERVALS)))
+        .arg(max_len)
+        .arg(&message.namespace)
+        .arg(DIGEST_VARIANT)
+        .arg(channel);
+    Ok(())
+}
+
 /// The bytes of a digest entry before its age: origin, sequence, count, buffered.
 pub(crate) fn beat_head(message: &Message, beat: u64) -> Result<Vec<u8>> {
     let buffered = message.body == MessageBody::BufferedHeartbeat;

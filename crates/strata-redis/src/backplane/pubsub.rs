@@ -34,7 +34,7 @@ use strata::error::{Error, ErrorKind, Result};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
-use crate::backplane::digest::{DIGEST_VARIANT, KEEP_INTERVALS, beat_head, pubsub_heartbeat};
+use crate::backplane::digest::{heartbeat_args, pubsub_heartbeat};
 use crate::backplane::{
     BackplaneStats, DEFAULT_CHANNEL_CAPACITY, DEFAULT_PUBLISH_TIMEOUT, DEFAULT_RECONNECT_BACKOFF,
     StatCounters, connect_publisher, open_message, ping_publisher, seal_message,
@@ -337,17 +337,9 @@ impl Backplane for RedisPubSubBackplane {
             // A digest built in Redis could not carry a MAC (see `digest`).
             return self.publish(message).await;
         }
-        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1);
         let mut inv = inner.heartbeat_script.prepare_invoke();
-        inv.key(format!("{}:beats:{}", inner.channel, message.namespace))
-            .arg(format!("{:x}", message.origin))
-            .arg(beat_head(message, beat)?)
-            .arg(ms(interval))
-            .arg(ms(interval.saturating_mul(KEEP_INTERVALS)))
-            .arg(0)
-            .arg(&message.namespace)
-            .arg(DIGEST_VARIANT)
-            .arg(&inner.channel);
+        inv.key(format!("{}:beats:{}", inner.channel, message.namespace));
+        heartbeat_args(&mut inv, message, beat, interval, 0, &inner.channel)?;
         let published: i64 = inner
             .publisher
             .call(inner.cfg.op_timeout, ErrorKind::Backplane, "redis pub/sub heartbeat", |mut c| async move {

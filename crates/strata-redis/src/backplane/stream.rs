@@ -63,7 +63,7 @@ use strata::error::{Error, ErrorKind, Result};
 use tokio::sync::mpsc;
 
 pub use crate::backplane::BackplaneStats;
-use crate::backplane::digest::{DIGEST_VARIANT, KEEP_INTERVALS, beat_head, stream_heartbeat};
+use crate::backplane::digest::{heartbeat_args, stream_heartbeat};
 use crate::backplane::stream_builder::WHAT;
 pub use crate::backplane::stream_builder::{DEFAULT_MAX_LEN, RedisStreamBackplaneBuilder};
 use crate::backplane::stream_inner::StreamInner;
@@ -298,18 +298,9 @@ impl Backplane for RedisStreamBackplane {
             // A digest built in Redis could not carry a MAC (see `digest`).
             return self.publish(message).await;
         }
-        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1);
         let mut inv = inner.heartbeat_script.prepare_invoke();
-        inv.key(&inner.stream_key)
-            .key(&inner.counter_key)
-            .key(inner.beats_key(&message.namespace))
-            .arg(format!("{:x}", message.origin))
-            .arg(beat_head(message, beat)?)
-            .arg(ms(interval))
-            .arg(ms(interval.saturating_mul(KEEP_INTERVALS)))
-            .arg(inner.cfg.max_len)
-            .arg(&message.namespace)
-            .arg(DIGEST_VARIANT);
+        inv.key(&inner.stream_key).key(&inner.counter_key).key(inner.beats_key(&message.namespace));
+        heartbeat_args(&mut inv, message, beat, interval, inner.cfg.max_len, "")?;
         let appended: i64 = inner
             .publisher
             .call(inner.cfg.op_timeout, ErrorKind::Backplane, "redis stream heartbeat", |mut c| async move {
