@@ -103,6 +103,7 @@ fn check_common(report: &Value, stdout: &str, scenario: &str) {
     );
     assert!(strata["hit_rate"].as_f64().unwrap() > 0.5);
     assert!(strata["redis_ops_per_s"].as_f64().unwrap() > 0.0, "strata's in-process tier ops are counted");
+    assert!(strata["propagation_lag"]["writes"].is_number(), "{strata:#}");
     // Warm, strata loads far less than cold, and never more than its bound says.
     let (cold, steady) = (&strata["cold"], &strata["steady"]);
     assert!(

@@ -13,6 +13,7 @@ pub mod db;
 pub mod drafts;
 pub mod freshness;
 pub mod join;
+pub mod lag;
 pub mod plot;
 pub mod redis_nodes;
 pub mod report;
@@ -111,6 +112,11 @@ Metrics (per strategy):
   compulsory DB reads       what a perfect fleet-shared cache must load: first reads of each
                             distinct key + writes followed by a later read of the same key
   dropped                   requests not started because --max-in-flight were running
+  failed                    requests that returned an error (the run then exits non-zero)
+  propagation lag           near-pubsub and strata (footer, JSON propagation_lag and the
+                            windows' propagation_lag_p99_us): from a write's return on its
+                            instance to the moment every other instance dropped its copy
+                            (0 when they all had before it returned, as at Strong)
 
 --join-at SECS replaces instance 0 by a new one (empty local cache; strata: a new Cache,
 ready once subscribed, and warmed up with --warm-up) SECS into the run. The footer then
@@ -421,6 +427,7 @@ async fn run_strategies(
         progress.finish_and_clear();
         let db_counts = fleet.db.counts();
         let tiers = strategy.tier_counts();
+        let lag = strategy.propagation();
         let nodes_after = redis_nodes::sample(&urls).await?;
         let steady = match (&outcome, plan) {
             (Ok(_), Some(plan)) => Some(steady::measure(&strategy, plan, run_config, &fleet.db, &urls).await),
@@ -442,14 +449,17 @@ async fn run_strategies(
         if !urls.is_empty() {
             row.redis_nodes = Some(NodesReport::between(&nodes_before, &nodes_after, row.elapsed_s));
         }
-        row.cold = Some(steady::Window::new(
+        let mut cold = steady::Window::new(
             &outcome,
             db_counts,
             tiers,
             report.compulsory_db_reads,
             report.duration_s,
             row.redis_nodes.as_ref(),
-        ));
+        );
+        cold.propagation_lag_p99_us = lag.map(|l| l.p99_us);
+        row.cold = Some(cold);
+        row.propagation_lag = lag;
         row.steady = steady;
         eprintln!("{}", row.summary_line());
         report.strategies.push(row);

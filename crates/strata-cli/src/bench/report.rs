@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use super::db::DbCounts;
 use super::join::JoinReport;
+use super::lag::LagSummary;
 use super::redis_nodes::NodesReport;
 use super::runner::Outcome;
 use super::schedule::{Schedule, ScheduleParams};
@@ -147,6 +148,10 @@ pub struct StrategyReport {
     /// With Redis: what each server executed, and its CPU seconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_nodes: Option<NodesReport>,
+    /// Write completed → every other instance dropped its copy, over the cold window
+    /// (strategies that invalidate local copies).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub propagation_lag: Option<LagSummary>,
     /// The cold start (the figures above, summarised like `steady`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cold: Option<Window>,
@@ -354,6 +359,30 @@ impl BenchReport {
             .collect();
         let _ =
             writeln!(out, "# read service time p50/p99 us (task running -> answer): {}", service.join(", "));
+        let lags: Vec<String> = self
+            .strategies
+            .iter()
+            .filter_map(|s| {
+                let l = s.propagation_lag?;
+                Some(format!(
+                    "{} {}/{}/{}/{} ({} writes, {} incomplete)",
+                    s.name,
+                    latency(l.p50_us),
+                    latency(l.p99_us),
+                    latency(l.p999_us),
+                    latency(l.max_us),
+                    l.writes,
+                    l.incomplete
+                ))
+            })
+            .collect();
+        if !lags.is_empty() {
+            let _ = writeln!(
+                out,
+                "# propagation lag p50/p99/p99.9/max us (write returned -> every other instance dropped its copy): {}",
+                lags.join(", ")
+            );
+        }
         let _ = writeln!(
             out,
             "# level: ttl 5s = copies up to 5 s old, no invalidation; delete = one shared copy, deleted \
@@ -456,6 +485,7 @@ impl StrategyReport {
             db_reads_per_second: outcome.db_reads_per_second.clone(),
             join: outcome.rejoin.as_ref().map(|r| JoinReport::new(r, &outcome.db_reads_per_second)),
             redis_nodes: None,
+            propagation_lag: None,
             cold: None,
             steady: None,
         }

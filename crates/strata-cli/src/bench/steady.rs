@@ -56,6 +56,10 @@ pub struct Window {
     /// Redis commands executed per second in the window (with Redis).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_commands_per_s: Option<f64>,
+    /// Write returned → every other instance dropped its copy, 99th percentile
+    /// (strategies that invalidate local copies).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub propagation_lag_p99_us: Option<f64>,
     /// Steady window only: DB reads/s in its first and last thirds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub thirds_db_reads_per_s: Option<(f64, f64)>,
@@ -89,6 +93,7 @@ impl Window {
             dropped: outcome.dropped,
             redis_cpu_s: nodes.map(|n| n.cpu_s_total),
             redis_commands_per_s: nodes.map(|n| n.commands_per_s),
+            propagation_lag_p99_us: None,
             thirds_db_reads_per_s: None,
             steady: None,
         }
@@ -157,6 +162,7 @@ pub async fn measure(
     let quiet = ProgressBar::hidden();
     let no_join = RunConfig { join_at: None, ..config.clone() };
     runner::run(strategy.clone(), &plan.warm_up, &no_join, &quiet, db).await?;
+    let _ = strategy.propagation(); // the warm-up's
     let db_before = db.counts();
     let tiers_before = strategy.tier_counts();
     let nodes_before = redis_nodes::sample(urls).await?;
@@ -176,6 +182,7 @@ pub async fn measure(
         remote_ops: tiers_after.remote_ops.saturating_sub(tiers_before.remote_ops),
     };
     let mut window = Window::new(&outcome, db_delta, tiers_delta, plan.compulsory, secs, nodes.as_ref());
+    window.propagation_lag_p99_us = strategy.propagation().map(|l| l.p99_us);
     let (first, last) = thirds(&outcome.db_reads_per_second);
     window.thirds_db_reads_per_s = Some((first, last));
     window.steady = Some(agree(first, last, secs / 3.0));

@@ -1,9 +1,11 @@
 //! The builder's fleet-protocol settings: heartbeats and the Strong level's membership.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::builder::CacheBuilder;
 use crate::key::{CacheKey, CacheValue};
+use crate::scope::Scope;
 
 impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
     /// How often this instance publishes a heartbeat on the backplane. Default 1 s.
@@ -30,6 +32,16 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
     /// at least four heartbeat intervals. Default 5 s.
     pub fn membership_lease(mut self, lease: Duration) -> Self {
         self.membership_lease = lease;
+        self
+    }
+
+    /// Runs on this instance after it applied an invalidation another instance sent
+    /// (its local copies of what `Scope` covers are gone), on the backplane listener's
+    /// task: keep it short. For observability, e.g. measuring how long invalidations
+    /// take to reach the fleet; [`after_invalidate`](Self::after_invalidate) is the
+    /// hook for this instance's own invalidations. Default: none.
+    pub fn after_remote_invalidation(mut self, hook: impl Fn(&Scope) + Send + Sync + 'static) -> Self {
+        self.remote_hooks.push(Arc::new(hook));
         self
     }
 }

@@ -75,6 +75,8 @@ pub(crate) struct Config<K, V> {
     pub(crate) tags: Option<TagFn<K, V>>,
     pub(crate) version: Option<VersionFn<V>>,
     pub(crate) hooks: Vec<InvalidateHook>,
+    /// Run after an invalidation another instance sent was applied here.
+    pub(crate) remote_hooks: Vec<InvalidateHook>,
     pub(crate) loader: Option<Arc<dyn Loader<K, V>>>,
     pub(crate) codec: Arc<dyn Codec<V>>,
     /// The schema fingerprint of this cache's entries (see `crate::schema`).
@@ -123,6 +125,7 @@ impl<K, V> std::fmt::Debug for Config<K, V> {
             .field("loader", &self.loader.is_some())
             .field("schema", &format_args!("{:016x}", self.schema))
             .field("hooks", &self.hooks.len())
+            .field("remote_hooks", &self.remote_hooks.len())
             .field("warm_up", &self.warm_up)
             .finish_non_exhaustive()
     }

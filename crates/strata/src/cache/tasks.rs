@@ -127,6 +127,9 @@ impl<K: CacheKey, V: CacheValue> Host for Inner<K, V> {
         for _ in 0..malformed {
             self.stats.malformed_messages.incr();
         }
+        for hook in &self.cfg.remote_hooks {
+            hook(scope);
+        }
     }
 
     fn flush_local(&self) {

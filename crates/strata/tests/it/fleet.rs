@@ -320,3 +320,35 @@ async fn strong_acknowledgements_are_addressed_to_the_origin() {
         }
     }
 }
+
+/// `after_remote_invalidation` runs on the instances that applied another's
+/// invalidation, once L1 no longer holds the key; never on the writer itself.
+#[tokio::test]
+async fn the_remote_invalidation_hook_runs_where_an_invalidation_was_applied() {
+    let hub = InProcessBackplane::new();
+    let tier = strata::tier::InProcessTier::new();
+    let seen: Vec<Arc<std::sync::Mutex<Vec<String>>>> = (0..3).map(|_| Arc::default()).collect();
+    let mut caches: Vec<Cache<u64, String>> = Vec::new();
+    for log in &seen {
+        let log = log.clone();
+        let cache = Cache::builder(crate::support::NS)
+            .tier(Arc::new(tier.clone()))
+            .backplane(Arc::new(hub.connect()))
+            .heartbeat_interval(Duration::from_millis(20))
+            .after_remote_invalidation(move |scope| log.lock().unwrap().push(format!("{scope:?}")))
+            .build()
+            .expect("valid");
+        cache.ready().await;
+        caches.push(cache);
+    }
+    let db = Db::with(&[(1, "v1")]);
+    for c in &caches {
+        c.get_or_load(&1, db.loader(1)).await.expect("load");
+    }
+    caches[0].invalidate(&1).await.expect("invalidate");
+    for (c, log) in caches.iter().zip(&seen).skip(1) {
+        eventually("applied", || !log.lock().unwrap().is_empty()).await;
+        assert_eq!(c.get_local(&1), None, "the hook runs once the copy is gone");
+    }
+    assert!(seen[0].lock().unwrap().is_empty(), "not on the writer");
+}

@@ -24,6 +24,7 @@ pub use redis_global::RedisGlobal;
 pub use strata_cache::StrataCache;
 
 use super::db::{Db, Row};
+use super::lag::LagSummary;
 use super::scenario::Scenario;
 use crate::secret::SecretUrl;
 
@@ -67,6 +68,13 @@ pub trait Strategy: Send + Sync {
     async fn rejoin(&self, instance: usize) -> Result<()> {
         let _ = instance;
         Ok(())
+    }
+
+    /// The propagation lag of the writes since the last call (and starts over), for
+    /// strategies whose instances drop copies on another's invalidation; `None` for the
+    /// others.
+    fn propagation(&self) -> Option<LagSummary> {
+        None
     }
 
     /// Strategy-specific counters for the JSON report (strata: its `CacheStats`, summed

@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 
 use super::{FleetConfig, INVALIDATED_TTL, Strategy, TierCounts, read_through_local};
 use crate::bench::db::{Db, Row};
+use crate::bench::lag::{LagSummary, LagTracker};
 
 /// Capacity of the in-process broadcast channel; a slower receiver loses messages.
 const BROADCAST_CAPACITY: usize = 1024;
@@ -39,6 +40,7 @@ pub struct NearPubSub {
     listeners: Mutex<Vec<JoinHandle<()>>>,
     l1_hits: AtomicU64,
     publishes: AtomicU64,
+    lag: Arc<LagTracker>,
 }
 
 impl NearPubSub {
@@ -49,11 +51,13 @@ impl NearPubSub {
             .map(|_| Cache::builder().max_capacity(cfg.capacity).time_to_live(INVALIDATED_TTL).build())
             .collect();
         let mut listeners = Vec::with_capacity(caches.len());
+        let lag = Arc::new(LagTracker::new(cfg.instances)?);
         let bus = match &cfg.redis {
             None => {
                 let (tx, _) = broadcast::channel(BROADCAST_CAPACITY);
-                for cache in &caches {
-                    listeners.push(tokio::spawn(listen_in_process(tx.subscribe(), cache.clone())));
+                for (i, cache) in caches.iter().enumerate() {
+                    let applied = Applied { lag: lag.clone(), instance: i };
+                    listeners.push(tokio::spawn(listen_in_process(tx.subscribe(), cache.clone(), applied)));
                 }
                 Bus::InProcess(tx)
             }
@@ -61,13 +65,14 @@ impl NearPubSub {
                 let client =
                     redis::Client::open(url.expose()).with_context(|| format!("bad Redis URL {url}"))?;
                 let channel = format!("{}:near-pubsub", cfg.run_id);
-                for cache in &caches {
+                for (i, cache) in caches.iter().enumerate() {
+                    let applied = Applied { lag: lag.clone(), instance: i };
                     let mut pubsub = client
                         .get_async_pubsub()
                         .await
                         .with_context(|| format!("cannot open a Pub/Sub connection to {url}"))?;
                     pubsub.subscribe(&channel).await.context("SUBSCRIBE failed")?;
-                    listeners.push(tokio::spawn(listen_redis(pubsub, cache.clone())));
+                    listeners.push(tokio::spawn(listen_redis(pubsub, cache.clone(), applied)));
                 }
                 let conn = client
                     .get_connection_manager()
@@ -83,14 +88,24 @@ impl NearPubSub {
             listeners: Mutex::new(listeners),
             l1_hits: AtomicU64::new(0),
             publishes: AtomicU64::new(0),
+            lag,
         })
     }
 }
 
-async fn listen_in_process(mut rx: broadcast::Receiver<u64>, cache: Cache<u64, Row>) {
+/// Tells the lag tracker which instance a listener serves.
+struct Applied {
+    lag: Arc<LagTracker>,
+    instance: usize,
+}
+
+async fn listen_in_process(mut rx: broadcast::Receiver<u64>, cache: Cache<u64, Row>, applied: Applied) {
     loop {
         match rx.recv().await {
-            Ok(key) => cache.invalidate(&key).await,
+            Ok(key) => {
+                cache.invalidate(&key).await;
+                applied.lag.applied(applied.instance, key);
+            }
             // Naive: what was missed is simply gone.
             Err(broadcast::error::RecvError::Lagged(_)) => continue,
             Err(broadcast::error::RecvError::Closed) => return,
@@ -98,12 +113,13 @@ async fn listen_in_process(mut rx: broadcast::Receiver<u64>, cache: Cache<u64, R
     }
 }
 
-async fn listen_redis(mut pubsub: redis::aio::PubSub, cache: Cache<u64, Row>) {
+async fn listen_redis(mut pubsub: redis::aio::PubSub, cache: Cache<u64, Row>, applied: Applied) {
     let mut messages = pubsub.on_message();
     while let Some(msg) = messages.next().await {
         // Naive: a payload that does not parse is ignored.
         if let Ok(key) = msg.get_payload::<u64>() {
             cache.invalidate(&key).await;
+            applied.lag.applied(applied.instance, key);
         }
     }
 }
@@ -126,7 +142,12 @@ impl Strategy for NearPubSub {
         read_through_local(&self.caches, &self.l1_hits, &self.db, instance, key).await
     }
 
+    fn propagation(&self) -> Option<LagSummary> {
+        Some(self.lag.take())
+    }
+
     async fn write(&self, instance: usize, key: u64, value: &str) -> Result<u64> {
+        self.lag.write_started(instance, key);
         let version = self.db.write(key, value).await?;
         if let Some(cache) = self.caches.get(instance) {
             cache.invalidate(&key).await;
@@ -147,6 +168,7 @@ impl Strategy for NearPubSub {
                     .context("PUBLISH failed")?;
             }
         }
+        self.lag.write_done(key);
         Ok(version)
     }
 

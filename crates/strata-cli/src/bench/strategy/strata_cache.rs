@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow};
 use async_trait::async_trait;
 use parking_lot::{Mutex, RwLock};
+use strata::Scope;
 use strata::backplane::Backplane;
 use strata::tier::Tier;
 use strata::{Cache, Consistency, InProcessBackplane, InProcessTier, ShardedTier, WarmUp};
@@ -19,6 +20,7 @@ use strata_redis::{RedisStreamBackplane, RedisTier};
 
 use super::{FleetConfig, INVALIDATED_TTL, Strategy, TierCounts, delete_prefix};
 use crate::bench::db::{Db, Row};
+use crate::bench::lag::{LagSummary, LagTracker};
 use crate::bench::scenario::Scenario;
 use crate::secret::SecretUrl;
 
@@ -57,18 +59,20 @@ pub struct StrataCache {
     retired: Mutex<Vec<Cache<u64, Row>>>,
     remote: Remote,
     cfg: FleetConfig,
+    lag: Arc<LagTracker>,
 }
 
 impl StrataCache {
     /// Builds one cache per instance and waits until every one is ready (subscribed).
     pub async fn start(cfg: &FleetConfig) -> Result<StrataCache> {
         let mut caches = Vec::with_capacity(cfg.instances);
+        let lag = Arc::new(LagTracker::new(cfg.instances)?);
         let remote = match cfg.redis_urls() {
             None => {
                 let tier = InProcessTier::new();
                 let hub = InProcessBackplane::new();
                 for i in 0..cfg.instances {
-                    caches.push(build_cache(cfg, i, Arc::new(tier.clone()), Arc::new(hub.connect()))?);
+                    caches.push(build_cache(cfg, &lag, i, Arc::new(tier.clone()), Arc::new(hub.connect()))?);
                 }
                 Remote::InProcess { tier, hub }
             }
@@ -79,7 +83,7 @@ impl StrataCache {
                 let mut backplanes = Vec::with_capacity(cfg.instances);
                 for i in 0..cfg.instances {
                     let c = connect(&urls, &prefix, cfg).await?;
-                    caches.push(build_cache(cfg, i, c.tier, Arc::new(c.backplane.clone()))?);
+                    caches.push(build_cache(cfg, &lag, i, c.tier, Arc::new(c.backplane.clone()))?);
                     tiers.extend(c.tiers);
                     sharded.extend(c.sharded);
                     backplanes.push(c.backplane);
@@ -102,6 +106,7 @@ impl StrataCache {
             retired: Mutex::new(Vec::new()),
             remote,
             cfg: cfg.clone(),
+            lag,
         })
     }
 
@@ -204,19 +209,26 @@ impl Strategy for StrataCache {
     }
 
     async fn write(&self, instance: usize, key: u64, value: &str) -> Result<u64> {
+        self.lag.write_started(instance, key);
         let version = self.db.write(key, value).await?;
         self.cache(instance)?.invalidate(&key).await?;
+        self.lag.write_done(key);
         Ok(version)
+    }
+
+    fn propagation(&self) -> Option<LagSummary> {
+        Some(self.lag.take())
     }
 
     async fn rejoin(&self, instance: usize) -> Result<()> {
         let cache = match &self.remote {
             Remote::InProcess { tier, hub } => {
-                build_cache(&self.cfg, instance, Arc::new(tier.clone()), Arc::new(hub.connect()))?
+                build_cache(&self.cfg, &self.lag, instance, Arc::new(tier.clone()), Arc::new(hub.connect()))?
             }
             Remote::Redis { urls, prefix, tiers, sharded, backplanes } => {
                 let c = connect(urls, prefix, &self.cfg).await?;
-                let cache = build_cache(&self.cfg, instance, c.tier, Arc::new(c.backplane.clone()))?;
+                let cache =
+                    build_cache(&self.cfg, &self.lag, instance, c.tier, Arc::new(c.backplane.clone()))?;
                 tiers.lock().extend(c.tiers);
                 sharded.lock().extend(c.sharded);
                 backplanes.lock().push(c.backplane);
@@ -312,11 +324,20 @@ impl Strategy for StrataCache {
 /// One instance's cache.
 fn build_cache(
     cfg: &FleetConfig,
+    lag: &Arc<LagTracker>,
     instance: usize,
     tier: Arc<dyn Tier>,
     backplane: Arc<dyn Backplane>,
 ) -> Result<Cache<u64, Row>> {
+    let lag = lag.clone();
     let mut builder = Cache::<u64, Row>::builder(cfg.scenario.name())
+        .after_remote_invalidation(move |scope| {
+            if let Scope::Keys(keys) = scope {
+                for key in keys.iter().filter_map(|k| k.parse::<u64>().ok()) {
+                    lag.applied(instance, key);
+                }
+            }
+        })
         .tier(tier)
         .backplane(backplane)
         .max_capacity(cfg.capacity)
