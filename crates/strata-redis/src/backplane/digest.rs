@@ -13,8 +13,14 @@
 //! appends the entry's age. With integrity keys the digest could not be sealed (the
 //! keys are not in Redis), so heartbeats are then published one by one instead.
 
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
 use strata::backplane::{Message, MessageBody};
 use strata::error::{Error, ErrorKind, Result};
+
+use crate::backplane::StatCounters;
+use crate::managed::ManagedConn;
 
 /// The variant index of `MessageBody::Digest` in the wire format (the enum's order).
 pub(crate) const DIGEST_VARIANT: u32 = 5;
@@ -23,16 +29,17 @@ pub(crate) const DIGEST_VARIANT: u32 = 5;
 pub(crate) const KEEP_INTERVALS: u32 = 8;
 
 /// Adds the heartbeat scripts' ARGV for `message` (see [`DIGEST_BODY`]) to `inv`, whose
-/// keys the caller has set.
+/// keys the caller has set: `max_len` is the stream's cap (0 on Pub/Sub), `channel` the
+/// Pub/Sub channel ('' on the stream).
 pub(crate) fn heartbeat_args(
     inv: &mut redis::ScriptInvocation<'_>,
     message: &Message,
     beat: u64,
-    interval: std::time::Duration,
+    interval: Duration,
     max_len: u64,
     channel: &str,
 ) -> Result<()> {
-    let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1);
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1);
     inv.arg(format!("{:x}", message.origin))
         .arg(beat_head(message, beat)?)
         .arg(ms(interval))
@@ -41,6 +48,23 @@ pub(crate) fn heartbeat_args(
         .arg(&message.namespace)
         .arg(DIGEST_VARIANT)
         .arg(channel);
+    Ok(())
+}
+
+/// Runs a heartbeat script prepared with [`heartbeat_args`] on the publishing
+/// connection; a digest it sent counts as published.
+pub(crate) async fn invoke_heartbeat(
+    inv: redis::ScriptInvocation<'_>,
+    publisher: &ManagedConn,
+    op_timeout: Duration,
+    what: &'static str,
+    stats: &StatCounters,
+) -> Result<()> {
+    let sent: i64 = publisher
+        .call(op_timeout, ErrorKind::Backplane, what, |mut c| async move { inv.invoke_async(&mut c).await })
+        .await
+        .map_err(|e| e.into_error())?;
+    stats.published.fetch_add(u64::try_from(sent).unwrap_or(0), Ordering::Relaxed);
     Ok(())
 }
 
@@ -78,8 +102,13 @@ end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local interval, keep = tonumber(ARGV[3]), tonumber(ARGV[4])
-if redis.call('TYPE', beats).ok ~= 'hash' then redis.call('DEL', beats) end
-redis.call('HSET', beats, ARGV[1], string.format('%d', now) .. ':' .. ARGV[2])
+local entry = string.format('%d', now) .. ':' .. ARGV[2]
+local set = redis.pcall('HSET', beats, ARGV[1], entry)
+if type(set) == 'table' and set.err then
+  -- Not a hash (anyone who can write under the prefix chooses): replaced.
+  redis.call('DEL', beats)
+  redis.call('HSET', beats, ARGV[1], entry)
+end
 redis.call('PEXPIRE', beats, keep)
 local last = tonumber(redis.call('HGET', beats, '_') or '')
 if last and last <= now and now - last < interval * 9 / 10 then return 0 end

@@ -34,7 +34,7 @@ use strata::error::{Error, ErrorKind, Result};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
-use crate::backplane::digest::{heartbeat_args, pubsub_heartbeat};
+use crate::backplane::digest::{heartbeat_args, invoke_heartbeat, pubsub_heartbeat};
 use crate::backplane::{
     BackplaneStats, DEFAULT_CHANNEL_CAPACITY, DEFAULT_PUBLISH_TIMEOUT, DEFAULT_RECONNECT_BACKOFF,
     StatCounters, connect_publisher, open_message, ping_publisher, seal_message,
@@ -340,15 +340,8 @@ impl Backplane for RedisPubSubBackplane {
         let mut inv = inner.heartbeat_script.prepare_invoke();
         inv.key(format!("{}:beats:{}", inner.channel, message.namespace));
         heartbeat_args(&mut inv, message, beat, interval, 0, &inner.channel)?;
-        let published: i64 = inner
-            .publisher
-            .call(inner.cfg.op_timeout, ErrorKind::Backplane, "redis pub/sub heartbeat", |mut c| async move {
-                inv.invoke_async(&mut c).await
-            })
-            .await
-            .map_err(|e| e.into_error())?;
-        inner.stats.published.fetch_add(u64::try_from(published).unwrap_or(0), Ordering::Relaxed);
-        Ok(())
+        let what = "redis pub/sub heartbeat";
+        invoke_heartbeat(inv, &inner.publisher, inner.cfg.op_timeout, what, &inner.stats).await
     }
 }
 

@@ -63,7 +63,7 @@ use strata::error::{Error, ErrorKind, Result};
 use tokio::sync::mpsc;
 
 pub use crate::backplane::BackplaneStats;
-use crate::backplane::digest::{heartbeat_args, stream_heartbeat};
+use crate::backplane::digest::{heartbeat_args, invoke_heartbeat, stream_heartbeat};
 use crate::backplane::stream_builder::WHAT;
 pub use crate::backplane::stream_builder::{DEFAULT_MAX_LEN, RedisStreamBackplaneBuilder};
 use crate::backplane::stream_inner::StreamInner;
@@ -301,15 +301,8 @@ impl Backplane for RedisStreamBackplane {
         let mut inv = inner.heartbeat_script.prepare_invoke();
         inv.key(&inner.stream_key).key(&inner.counter_key).key(inner.beats_key(&message.namespace));
         heartbeat_args(&mut inv, message, beat, interval, inner.cfg.max_len, "")?;
-        let appended: i64 = inner
-            .publisher
-            .call(inner.cfg.op_timeout, ErrorKind::Backplane, "redis stream heartbeat", |mut c| async move {
-                inv.invoke_async(&mut c).await
-            })
-            .await
-            .map_err(|e| e.into_error())?;
-        inner.stats.published.fetch_add(u64::try_from(appended).unwrap_or(0), Ordering::Relaxed);
-        Ok(())
+        let what = "redis stream heartbeat";
+        invoke_heartbeat(inv, &inner.publisher, inner.cfg.op_timeout, what, &inner.stats).await
     }
 
     async fn publish_to(&self, to: OriginId, message: &Message) -> Result<()> {

@@ -204,14 +204,7 @@ impl Fleet {
         let msg = self.message(self.last_seq(), body);
         let beat = self.beats.fetch_add(1, Ordering::SeqCst).saturating_add(1);
         let interval = self.cfg.heartbeat_interval;
-        let res = match tokio::time::timeout(self.cfg.timeout, self.backplane.heartbeat(&msg, beat, interval))
-            .await
-        {
-            Ok(r) => r,
-            Err(_) => Err(Error::timeout("backplane heartbeat", self.cfg.timeout)),
-        };
-        self.note_publish(&res);
-        res
+        self.bounded(self.backplane.heartbeat(&msg, beat, interval), "backplane heartbeat").await
     }
 
     /// Sends a Strong-level acknowledgement to `to` alone (to everyone when not
@@ -225,12 +218,7 @@ impl Fleet {
             return Err(self.refusal());
         };
         let msg = self.message(self.last_seq(), body);
-        let res = match tokio::time::timeout(self.cfg.timeout, self.backplane.publish_to(to, &msg)).await {
-            Ok(r) => r,
-            Err(_) => Err(Error::timeout("backplane acknowledgement", self.cfg.timeout)),
-        };
-        self.note_publish(&res);
-        res
+        self.bounded(self.backplane.publish_to(to, &msg), "backplane acknowledgement").await
     }
 
     /// The publisher lock, or `None` when a fail-fast attempt must not wait for it.
@@ -291,22 +279,23 @@ impl Fleet {
 
     /// Publishes within the backplane timeout, and keeps the publish breaker.
     async fn publish_bounded(&self, msg: &Message, what: &str) -> Result<()> {
-        let res = match tokio::time::timeout(self.cfg.timeout, self.backplane.publish(msg)).await {
+        self.bounded(self.backplane.publish(msg), what).await
+    }
+
+    /// Runs one send of any kind (publish, heartbeat, acknowledgement) within the
+    /// backplane timeout, and keeps the publish breaker with its outcome.
+    async fn bounded(&self, send: impl std::future::Future<Output = Result<()>>, what: &str) -> Result<()> {
+        let res = match tokio::time::timeout(self.cfg.timeout, send).await {
             Ok(r) => r,
             Err(_) => Err(Error::timeout(what, self.cfg.timeout)),
         };
-        self.note_publish(&res);
-        res
-    }
-
-    /// Keeps the publish breaker after a publish (of any kind) returned `res`.
-    fn note_publish(&self, res: &Result<()>) {
         let was_down = self.down.swap(res.is_err(), Ordering::SeqCst);
-        match (res, was_down) {
+        match (&res, was_down) {
             (Err(e), false) => tracing::warn!(error = %e, namespace = %self.cfg.namespace,
                 "backplane publish failed; invalidations are buffered without waiting until one succeeds"),
             (Ok(()), true) => tracing::info!(namespace = %self.cfg.namespace, "backplane publishes again"),
             _ => {}
         }
+        res
     }
 }
