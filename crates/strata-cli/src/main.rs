@@ -30,7 +30,7 @@ enum Command {
     /// Run a seed scenario against several caching strategies, side by side.
     // A variant's doc comment would replace the long help `BenchArgs` carries: restate it.
     #[command(long_about = bench::LONG_ABOUT, after_long_help = bench::AFTER_LONG_HELP)]
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
     /// Consistency torture run: a fleet under faults, a recorded history, a checker.
     Check(check::CheckArgs),
     /// Invalidate keys, a tag or a whole namespace across a running fleet (after manual DML).
@@ -66,7 +66,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .build()
         .map_err(|e| anyhow::anyhow!("cannot start the tokio runtime: {e}"))?;
     match cli.command {
-        Command::Bench(args) => runtime.block_on(bench::run(args)),
+        Command::Bench(args) => runtime.block_on(bench::run(*args)),
         Command::Check(args) => runtime.block_on(check::run(args)),
         Command::Invalidate(args) => runtime.block_on(ops::invalidate::run(args)),
         Command::Stats(args) => runtime.block_on(ops::stats::run(args)),

@@ -296,6 +296,7 @@ fn help_states_defaults_and_metrics() {
         "compulsory",
         "hot loads/reload",
         "Strategies (in run order)",
+        "--bulk-invalidate-at SECS invalidates everything",
     ] {
         assert!(help.contains(needle), "--help lacks {needle:?}:\n{help}");
     }
@@ -318,6 +319,76 @@ fn bad_outputs_and_unreachable_servers_fail_before_the_run() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot reach Redis"), "{err}");
     assert!(!err.contains("done:"), "no strategy ran: {err}");
+}
+
+/// Events in a window of their own, after the steady one: a cold join, a warm join and
+/// a bulk invalidation, with a TTL short enough that the hottest key expires inside it.
+/// The JSON has every strategy's timeline, the events and the hot key's reloads; the
+/// footer a line per event; `--timeline` an SVG of it.
+#[test]
+fn events_on_a_timeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let (json, svg) = (dir.path().join("events.json"), dir.path().join("timeline.svg"));
+    let out = strata(&[
+        "bench",
+        "--duration",
+        "2",
+        "--steady-after",
+        "1",
+        "--instances",
+        "3",
+        "--rate",
+        "300",
+        "--keys",
+        "200",
+        "--write-ratio",
+        "0",
+        "--ttl",
+        "0.4",
+        "--join-at",
+        "0.3",
+        "--warm-join-at",
+        "0.8",
+        "--bulk-invalidate-at",
+        "1.3",
+        "--strategies",
+        "local-ttl,strata",
+        "--json",
+        json.to_str().unwrap(),
+        "--timeline",
+        svg.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "strata bench failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for name in ["local-ttl", "strata"] {
+        let t = &strategy(&report, name)["timeline"];
+        assert_eq!(t["window"], "events", "{t:#}");
+        for series in ["db_reads", "hot_key_db_reads", "shared_tier_ops", "read_p99_us"] {
+            assert!(t[series].as_array().unwrap().len() >= 2, "{name}.{series}: {t:#}");
+        }
+        let kinds: Vec<&str> =
+            t["events"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
+        assert_eq!(kinds, ["cold-join", "warm-join", "bulk-invalidation"], "{t:#}");
+        assert_eq!(t["events"][2]["applied"], name == "strata", "only strata can flush everything: {t:#}");
+        assert!(strategy(&report, name)["join"]["peak_db_reads_per_s"].is_number());
+    }
+    let strata = &strategy(&report, "strata")["timeline"];
+    let expiries = &strata["hot_key_expiries"];
+    assert!(expiries["count"].as_u64().unwrap() >= 1, "a 0.4 s TTL expires within 2 s: {strata:#}");
+    // One fleet-shared copy: an expiry is reloaded by one instance under its lease (2
+    // leaves room for an early refresh racing the expiry).
+    assert!(expiries["max_loads"].as_u64().unwrap() <= 2, "{strata:#}");
+    for needle in [
+        "strata       cold join at 0.3 s",
+        "warm join at 0.8 s",
+        "local-ttl    bulk invalidation at 1.3 s: not supported",
+    ] {
+        assert!(stdout.contains(needle), "{needle:?} missing:\n{stdout}");
+    }
+    assert!(stdout.contains("hottest key expired"), "{stdout}");
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("events window") && svg.contains("bulk invalidation"));
 }
 
 /// A very short torture run: the fleet (four processes) over real Redis and Postgres,

@@ -7,7 +7,7 @@
 
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use serde::{Deserialize, Serialize};
@@ -38,7 +38,13 @@ struct Counters {
     reads: AtomicU64,
     writes: AtomicU64,
     hottest_reads: AtomicU64,
+    /// When each `SELECT` of the hottest key was issued (the timeline's hot-key loads),
+    /// at most [`MAX_HOTTEST_TIMES`].
+    hottest_times: parking_lot::Mutex<Vec<Instant>>,
 }
+
+/// Hot-key read instants kept per run: enough for any bench window, bounded memory.
+const MAX_HOTTEST_TIMES: usize = 1 << 20;
 
 /// A snapshot of the DB counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -175,6 +181,7 @@ impl Db {
         self.counters.reads.store(0, Ordering::SeqCst);
         self.counters.writes.store(0, Ordering::SeqCst);
         self.counters.hottest_reads.store(0, Ordering::SeqCst);
+        self.counters.hottest_times.lock().clear();
         Ok(())
     }
 
@@ -187,11 +194,20 @@ impl Db {
         }
     }
 
+    /// When the hottest key was read from the database at or after `since`.
+    pub fn hottest_reads_since(&self, since: Instant) -> Vec<Instant> {
+        self.counters.hottest_times.lock().iter().copied().filter(|t| *t >= since).collect()
+    }
+
     /// `SELECT`s one row.
     pub async fn read(&self, key: u64) -> Result<Row> {
         self.counters.reads.fetch_add(1, Ordering::Relaxed);
         if key == self.hottest {
             self.counters.hottest_reads.fetch_add(1, Ordering::Relaxed);
+            let mut times = self.counters.hottest_times.lock();
+            if times.len() < MAX_HOTTEST_TIMES {
+                times.push(Instant::now());
+            }
         }
         let sql = &self.read_sql;
         let id = i64::try_from(key).context("key out of range")?;

@@ -11,8 +11,8 @@
 
 pub mod db;
 pub mod drafts;
+pub mod events;
 pub mod freshness;
-pub mod join;
 pub mod lag;
 pub mod plot;
 pub mod redis_nodes;
@@ -22,6 +22,8 @@ pub mod scenario;
 pub mod schedule;
 pub mod steady;
 pub mod strategy;
+pub mod timeline;
+pub mod timeline_plot;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -33,11 +35,13 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use self::db::Db;
+use self::events::{Event, EventKind};
 use self::redis_nodes::NodesReport;
 use self::report::{BenchReport, StrategyReport};
 use self::runner::RunConfig;
 use self::schedule::{Schedule, ScheduleParams};
 use self::strategy::{FleetConfig, StrategyKind};
+use self::timeline::Timeline;
 use crate::secret::{self, SecretUrl};
 
 // The children take `Scenario` from its own file, never from here, so that this
@@ -118,12 +122,28 @@ Metrics (per strategy):
                             instance to the moment every other instance dropped its copy
                             (0 when they all had before it returned, as at Strong)
 
---join-at SECS replaces instance 0 by a new one (empty local cache; strata: a new Cache,
-ready once subscribed, and warmed up with --warm-up) SECS into the run. The footer then
-gives, per strategy: the new instance's time to ready, the mean DB reads/s over the 3 s
-before it served, the peak DB reads/s in the 3 s after, and the DB reads in those 3 s
-beyond the rate before. The JSON has the per-second DB reads of every strategy
-(db_reads_per_second) and a join object.
+Events and the timeline. --join-at SECS replaces instance 0 by a new one with an empty
+local cache (strata: a new Cache, served once ready; --warm-up makes it warm up), --warm-join-at
+SECS replaces instance 1 by one that warms up before it serves (strata's WarmUp; the others
+have none and join cold), --bulk-invalidate-at SECS invalidates everything cached (strata:
+invalidate_all, a namespace bump; near-pubsub: a clear broadcast; redis-global: every key
+deleted; multi-tier: invalidate_pattern; local-ttl and none cannot). With any of them each
+strategy runs a third window as long as the others after the steady one (another seed), and
+the events happen in it, SECS from its start: a fleet that has been running, and neither
+measured window disturbed (with --steady-after 0 they happen in the cold window). --ttl SECS
+sets the TTL of the invalidated caches (default 24 h; local-ttl keeps its 5 s) so that the
+hottest key expires inside the window. The footer gives per strategy and event: the time it
+took effect (a join: the new instance ready), the mean DB reads/s over the 3 s before, the
+peak DB reads/s in that second and the 2 after, the DB reads in those 3 s beyond the rate
+before, and the hottest key's DB loads from the event to 3 s after it; and the hottest key's
+expiries: a reload (its DB reads no more than 250 ms apart) that follows no write of it
+(for strategies that invalidate) and no event within 250 ms, with its DB loads (1 is one
+fleet-shared copy; N instances expiring on their own give N). The JSON has a timeline per
+strategy (window, per-second db_reads, hot_key_db_reads, shared_tier_ops, read_p99_us,
+events, hot_key_reloads with their causes, hot_key_expiries) and join (the first join);
+--timeline FILE draws the per-second series of every strategy over a shared time axis,
+the events as dashed lines and the expiries as dots. Without events, the timeline is the
+steady window's.
 
 --scenario drafts (write-heavy: draft autosave) has its own schedule and strategies.
 --users users (default 1000) each save a draft (about 200 bytes) every 1-2 s through their
@@ -198,11 +218,28 @@ pub struct BenchArgs {
     /// Writes an SVG chart comparing the strategies to FILE.
     #[arg(long, value_name = "FILE")]
     pub plot: Option<PathBuf>,
-    /// Replaces instance 0 by a new one (empty local cache) SECS into the run, as a
-    /// restart or scale-out does; the table's footer gives what it cost the database
-    /// (DB reads/s before, the peak after, the extra reads in 3 s) per strategy.
+    /// Writes an SVG timeline of the measured window to FILE: DB reads/s, the hottest
+    /// key's DB loads, shared-tier ops/s and read p99 per second for every strategy,
+    /// with the events marked.
+    #[arg(long, value_name = "FILE")]
+    pub timeline: Option<PathBuf>,
+    /// Replaces instance 0 by a new one (empty local cache) SECS into the events window
+    /// (a third one, after the steady window; the cold one with --steady-after 0), as a
+    /// restart or scale-out does; the footer gives what it cost per strategy.
     #[arg(long, value_name = "SECS")]
     pub join_at: Option<f64>,
+    /// Replaces instance 1 by a new one SECS into the events window that warms up
+    /// before it serves (strata's `WarmUp`; the other strategies join cold).
+    #[arg(long, value_name = "SECS")]
+    pub warm_join_at: Option<f64>,
+    /// Invalidates everything cached SECS into the events window (strata:
+    /// `invalidate_all`).
+    #[arg(long, value_name = "SECS")]
+    pub bulk_invalidate_at: Option<f64>,
+    /// TTL of the invalidated caches (near-pubsub, strata, redis-global, multi-tier)
+    /// [default: 24 h], e.g. 5 to see the hottest key expire inside the window.
+    #[arg(long, value_name = "SECS")]
+    pub ttl: Option<f64>,
     /// strata only: rank hot keys and preload them when an instance joins
     /// (`CacheBuilder::warm_up`), so that `--join-at` shows a warm join.
     #[arg(long)]
@@ -247,7 +284,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     if !(args.duration > 0.0 && args.duration.is_finite()) {
         bail!("--duration must be a positive number of seconds, got {}", args.duration);
     }
-    for (path, what) in [(&args.json, "--json"), (&args.plot, "--plot")] {
+    for (path, what) in [(&args.json, "--json"), (&args.plot, "--plot"), (&args.timeline, "--timeline")] {
         if let Some(path) = path {
             check_writable(path, what)?;
         }
@@ -260,10 +297,11 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     if args.scenario == Scenario::Drafts {
         return drafts::run(&args).await;
     }
-    let join_at = match args.join_at {
-        Some(s) if s >= 0.0 && s < args.duration => Some(Duration::from_secs_f64(s)),
-        Some(s) => bail!("--join-at must be between 0 and --duration ({}), got {s}", args.duration),
-        None => None,
+    let events = events(&args)?;
+    let ttl = match args.ttl {
+        None => strategy::INVALIDATED_TTL,
+        Some(s) if s >= 0.001 && s.is_finite() => Duration::from_secs_f64(s),
+        Some(s) => bail!("--ttl must be a number of seconds ≥ 0.001, got {s}"),
     };
     let write_ratio = args.write_ratio.unwrap_or_else(|| args.scenario.default_write_ratio());
     let params = ScheduleParams {
@@ -284,7 +322,11 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         Some(s) => bail!("--steady-after must be a number of seconds ≥ 0, got {s}"),
         None => params.duration * 2,
     };
-    let plan = if warm_up.is_zero() { None } else { Some(steady::Plan::new(&params, &schedule, warm_up)?) };
+    let plan = if warm_up.is_zero() {
+        None
+    } else {
+        Some(steady::Plan::new(&params, &schedule, warm_up, !events.is_empty())?)
+    };
     let db = match tokio::time::timeout(
         REACH_TIMEOUT * 2,
         Db::open(args.database.as_ref(), args.scenario, args.keys, schedule.hottest_key()),
@@ -308,12 +350,14 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         cluster: args.redis_cluster.is_some(),
         backplane: args.redis_backplane.clone(),
         hot_key_copies: args.hot_key_copies,
+        warm_joins: args.warm_join_at.is_some(),
+        ttl,
     };
     let run_config = RunConfig {
         max_in_flight: args.max_in_flight,
         drain_timeout: Duration::from_secs(60),
         values: args.scenario.values(),
-        join_at,
+        events,
     };
     let mut report = BenchReport::new(&params, &schedule, db.description(), args.redis.as_ref());
     eprintln!("{}", report.headline());
@@ -340,6 +384,9 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     }
     if let Some(path) = &args.plot {
         plot::write_svg(&report, path)?;
+    }
+    if let Some(path) = &args.timeline {
+        timeline_plot::write_svg(&report, path)?;
     }
     let failed: Vec<String> = report
         .strategies
@@ -380,6 +427,29 @@ async fn check_redis(url: &SecretUrl) -> Result<()> {
         Ok(Err(e)) => bail!("cannot reach Redis at {url}: {}", secret::scrub(&e.to_string())),
         Err(_) => bail!("cannot reach Redis at {url}: no answer within {REACH_TIMEOUT:?}"),
     }
+}
+
+/// The events asked for, checked to fall inside the window.
+fn events(args: &BenchArgs) -> Result<Vec<Event>> {
+    let asked = [
+        (args.join_at, EventKind::ColdJoin, "--join-at"),
+        (args.warm_join_at, EventKind::WarmJoin, "--warm-join-at"),
+        (args.bulk_invalidate_at, EventKind::BulkInvalidation, "--bulk-invalidate-at"),
+    ];
+    let mut events = Vec::new();
+    for (at, kind, flag) in asked {
+        match at {
+            Some(s) if s >= 0.0 && s < args.duration => {
+                events.push(Event { kind, at: Duration::from_secs_f64(s) })
+            }
+            Some(s) => bail!("{flag} must be between 0 and --duration ({}), got {s}", args.duration),
+            None => {}
+        }
+    }
+    if args.warm_join_at.is_some() && args.instances < 2 {
+        bail!("--warm-join-at replaces instance 1: it needs --instances 2 or more");
+    }
+    Ok(events)
 }
 
 /// How long the argument checks wait for a server.
@@ -423,20 +493,41 @@ async fn run_strategies(
         let urls = fleet.redis_urls().unwrap_or_default();
         let nodes_before = redis_nodes::sample(&urls).await?;
         let progress = progress_bar(kind, schedule.requests.len() as u64);
-        let outcome = runner::run(strategy.clone(), schedule, run_config, &progress, &fleet.db).await;
+        // The events happen in a window of their own after the steady one, when there is
+        // one.
+        let cold_config = match plan {
+            Some(_) => RunConfig { events: Vec::new(), ..run_config.clone() },
+            None => run_config.clone(),
+        };
+        let outcome = runner::run(strategy.clone(), schedule, &cold_config, &progress, &fleet.db).await;
         progress.finish_and_clear();
         let db_counts = fleet.db.counts();
         let tiers = strategy.tier_counts();
         let lag = strategy.propagation();
         let nodes_after = redis_nodes::sample(&urls).await?;
-        let steady = match (&outcome, plan) {
-            (Ok(_), Some(plan)) => Some(steady::measure(&strategy, plan, run_config, &fleet.db, &urls).await),
-            _ => None,
+        let (steady, events) = match (&outcome, plan) {
+            (Ok(_), Some(plan)) => {
+                let steady = steady::measure(&strategy, plan, run_config, &fleet.db, &urls).await;
+                let events = match &steady {
+                    Ok(_) => steady::events(&strategy, plan, run_config, &fleet.db).await,
+                    Err(_) => Ok(None),
+                };
+                (Some(steady), events)
+            }
+            _ => (None, Ok(None)),
         };
         let closed = strategy.close().await;
         let outcome = outcome.with_context(|| format!("{kind} did not complete"))?;
         let steady =
             steady.transpose().with_context(|| format!("{kind}: the steady window did not complete"))?;
+        let events = events.with_context(|| format!("{kind}: the events window did not complete"))?;
+        let (caches, invalidates) = (strategy.ttl().is_some(), strategy.invalidates());
+        let timeline = match (&events, &steady) {
+            (Some(events), _) => Timeline::new("events", events, caches, invalidates),
+            (None, Some((_, steady_outcome))) => Timeline::new("steady", steady_outcome, caches, invalidates),
+            (None, None) => Timeline::new("cold", &outcome, caches, invalidates),
+        };
+        let steady = steady.map(|(window, _)| window);
         closed.with_context(|| format!("cannot clean up after {kind}"))?;
         if let Some(e) = &outcome.first_error {
             eprintln!(
@@ -461,6 +552,7 @@ async fn run_strategies(
         row.cold = Some(cold);
         row.propagation_lag = lag;
         row.steady = steady;
+        row.set_timeline(timeline);
         eprintln!("{}", row.summary_line());
         report.strategies.push(row);
     }

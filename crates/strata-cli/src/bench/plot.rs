@@ -34,7 +34,7 @@ const PANEL_HEIGHT: u32 = 330;
 const HEADER_HEIGHT: u32 = 112;
 
 /// The color of a strategy, the same in every panel.
-fn color(name: &str) -> RGBColor {
+pub(crate) fn color(name: &str) -> RGBColor {
     match name {
         "none" => RGBColor(127, 127, 127),
         "local-ttl" => RGBColor(230, 145, 30),
@@ -53,7 +53,7 @@ fn light(c: RGBColor) -> RGBColor {
 }
 
 /// A number in at most ~4 characters.
-fn compact(v: f64) -> String {
+pub(crate) fn compact(v: f64) -> String {
     let a = v.abs();
     if a == 0.0 {
         "0".to_owned()
@@ -158,6 +158,19 @@ fn panels(report: &BenchReport) -> Vec<Panel> {
             scale: Scale::Log { reference: None },
         },
     ];
+    if s.iter().any(|r| r.propagation_lag.is_some()) {
+        let lag = values(|r| r.propagation_lag.as_ref().map_or(0.0, |l| l.p99_us / 1e3));
+        out.push(Panel {
+            title: "propagation lag p99 (write returned -> all dropped)".to_owned(),
+            unit: "milliseconds, log",
+            labels: s
+                .iter()
+                .map(|r| r.propagation_lag.as_ref().map_or_else(|| "n/a".to_owned(), |l| age(l.p99_us / 1e3)))
+                .collect(),
+            values: lag,
+            scale: Scale::Log { reference: None },
+        });
+    }
     if report.scenario == "payment" {
         out.push(Panel {
             title: "consumer stale reads (after the event)".to_owned(),

@@ -8,13 +8,14 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use super::db::DbCounts;
-use super::join::JoinReport;
+use super::events::{EventKind, EventReport};
 use super::lag::LagSummary;
 use super::redis_nodes::NodesReport;
 use super::runner::Outcome;
 use super::schedule::{Schedule, ScheduleParams};
 use super::steady::Window;
 use super::strategy::{Strategy, TierCounts};
+use super::timeline::Timeline;
 use crate::secret::{self, SecretUrl};
 
 /// The whole run: parameters, the schedule's totals and one entry per strategy.
@@ -142,9 +143,14 @@ pub struct StrategyReport {
     pub details: Option<serde_json::Value>,
     /// DB reads in each second of the run.
     pub db_reads_per_second: Vec<u64>,
-    /// `--join-at`: what the instance joining mid-run cost the database.
+    /// `--join-at` (or `--warm-join-at`): what the instance joining mid-run cost the
+    /// database (the first join of `timeline.events`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub join: Option<JoinReport>,
+    pub join: Option<EventReport>,
+    /// The window the events happened in (the steady one, or the cold one with
+    /// `--steady-after 0`), second by second.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<Timeline>,
     /// With Redis: what each server executed, and its CPU seconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_nodes: Option<NodesReport>,
@@ -399,8 +405,8 @@ impl BenchReport {
             );
         }
         for s in &self.strategies {
-            if let Some(join) = &s.join {
-                let _ = writeln!(out, "{}", join.line(&s.name));
+            for line in s.timeline.iter().flat_map(|t| t.lines(&s.name)) {
+                let _ = writeln!(out, "{line}");
             }
         }
         for s in &self.strategies {
@@ -483,12 +489,24 @@ impl StrategyReport {
             elapsed_s: outcome.elapsed.as_secs_f64(),
             details: strategy.details(),
             db_reads_per_second: outcome.db_reads_per_second.clone(),
-            join: outcome.rejoin.as_ref().map(|r| JoinReport::new(r, &outcome.db_reads_per_second)),
+            join: None,
+            timeline: None,
             redis_nodes: None,
             propagation_lag: None,
             cold: None,
             steady: None,
         }
+    }
+
+    /// Keeps the timeline of the window the events happened in (and its first join as
+    /// `join`).
+    pub fn set_timeline(&mut self, timeline: Timeline) {
+        self.join = timeline
+            .events
+            .iter()
+            .find(|e| matches!(e.kind, EventKind::ColdJoin | EventKind::WarmJoin))
+            .cloned();
+        self.timeline = Some(timeline);
     }
 
     /// One line for stderr once the strategy is done.

@@ -18,6 +18,7 @@ use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::db::Db;
+use super::events::{Event, EventKind, Happened};
 use super::freshness::Ledger;
 use super::schedule::{Op, Request, Schedule};
 use super::strategy::Strategy;
@@ -39,17 +40,8 @@ pub struct RunConfig {
     pub drain_timeout: Duration,
     /// The value each write sets, by the schedule's value index.
     pub values: [&'static str; 4],
-    /// `--join-at`: when instance 0 is replaced by a new one, from the first request.
-    pub join_at: Option<Duration>,
-}
-
-/// What `--join-at` did.
-#[derive(Debug, Clone, Copy)]
-pub struct Rejoin {
-    /// When the new instance was started, from the first scheduled request.
-    pub at: Duration,
-    /// How long it took to be ready (and to take over from the old one).
-    pub ready_after: Duration,
+    /// What to do to the fleet during the run (`--join-at` and the like).
+    pub events: Vec<Event>,
 }
 
 /// Staleness seen by one class of reads.
@@ -103,8 +95,17 @@ pub struct Outcome {
     pub elapsed: Duration,
     /// Database reads in each second of the run (the last one may be partial).
     pub db_reads_per_second: Vec<u64>,
-    /// The instance replacement, when `--join-at` asked for one and it happened.
-    pub rejoin: Option<Rejoin>,
+    /// Shared-tier and backplane calls in each second of the run.
+    pub tier_ops_per_second: Vec<u64>,
+    /// Read latency p99 of the requests scheduled in each second, microseconds (0 for
+    /// a second without reads).
+    pub read_p99_us_per_second: Vec<f64>,
+    /// When the hottest key was read from the database, from the first request.
+    pub hot_loads: Vec<Duration>,
+    /// The hottest key's writes: (start, return), from the first request.
+    pub hot_writes: Vec<(Duration, Duration)>,
+    /// The events carried out, in the order they were asked for.
+    pub events: Vec<Happened>,
 }
 
 impl Outcome {
@@ -131,6 +132,12 @@ struct Shared {
     errors: AtomicU64,
     first_error: Mutex<Option<String>>,
     last_done: Mutex<Option<Instant>>,
+    /// The run's first scheduled start.
+    t0: Instant,
+    hottest: u64,
+    /// Read latency of the requests scheduled in each second.
+    read_latency_per_second: Mutex<Vec<Histogram<u64>>>,
+    hot_writes: Mutex<Vec<(Duration, Duration)>>,
 }
 
 fn histogram() -> Result<Histogram<u64>> {
@@ -174,6 +181,7 @@ impl Shared {
             Ok(row) => {
                 self.read_latency.lock().saturating_record(nanos(end.saturating_duration_since(due)));
                 self.read_service.lock().saturating_record(nanos(end.saturating_duration_since(started)));
+                self.record_per_second(due, end);
                 let stale = self.ledger.check(start, row.version);
                 let mut s = if consumer { self.consumer.lock() } else { self.ui.lock() };
                 s.reads += 1;
@@ -186,6 +194,20 @@ impl Shared {
         }
     }
 
+    fn record_per_second(&self, due: Instant, end: Instant) {
+        let second = due.saturating_duration_since(self.t0).as_secs() as usize;
+        let mut per_second = self.read_latency_per_second.lock();
+        while per_second.len() <= second {
+            // Two significant digits: a per-second p99 needs no more, and it keeps a
+            // long run's histograms small.
+            match Histogram::new_with_bounds(1, MAX_LATENCY_NS, 2) {
+                Ok(h) => per_second.push(h),
+                Err(_) => return,
+            }
+        }
+        per_second[second].saturating_record(nanos(end.saturating_duration_since(due)));
+    }
+
     async fn write(
         self: Arc<Self>,
         req: Request,
@@ -194,13 +216,17 @@ impl Shared {
         due: Instant,
         permit: OwnedSemaphorePermit,
     ) {
-        self.started(due);
+        let started = self.started(due);
         let text = self.values.get(usize::from(value)).copied().unwrap_or("basic");
         let result = self.strategy.write(req.instance as usize, req.key, text).await;
         let end = Instant::now();
         self.done(end);
         match result {
             Ok(version) => {
+                if req.key == self.hottest {
+                    let since = |t: Instant| t.saturating_duration_since(self.t0);
+                    self.hot_writes.lock().push((since(started), since(end)));
+                }
                 // Commit and invalidation have returned: from now on, reads must see it.
                 self.ledger.complete(req.key, version, end);
                 self.writes.fetch_add(1, Ordering::Relaxed);
@@ -228,6 +254,7 @@ pub async fn run(
     progress: &ProgressBar,
     db: &Arc<Db>,
 ) -> Result<Outcome> {
+    let t0 = Instant::now() + LEAD_IN;
     let shared = Arc::new(Shared {
         strategy: strategy.clone(),
         ledger: Ledger::new(schedule.keys),
@@ -242,23 +269,21 @@ pub async fn run(
         errors: AtomicU64::new(0),
         first_error: Mutex::new(None),
         last_done: Mutex::new(None),
+        t0,
+        hottest: schedule.hottest_key(),
+        read_latency_per_second: Mutex::new(Vec::new()),
+        hot_writes: Mutex::new(Vec::new()),
     });
     let max_in_flight = config.max_in_flight.clamp(1, Semaphore::MAX_PERMITS);
     let permits = Arc::new(Semaphore::new(max_in_flight));
     let handle = tokio::runtime::Handle::current();
     let requests: Arc<[Request]> = schedule.requests.clone().into();
-    let t0 = Instant::now() + LEAD_IN;
-    // The database's read counter at t0 and at every whole second after it.
-    let samples = Arc::new(Mutex::new(vec![db.counts().reads]));
-    let timeline = tokio::spawn(sample_db_reads(db.clone(), t0, samples.clone()));
-    let rejoin = config.join_at.map(|at| {
-        let strategy = strategy.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep_until((t0 + at).into()).await;
-            let started = Instant::now();
-            strategy.rejoin(0).await.map(|()| Rejoin { at, ready_after: started.elapsed() })
-        })
-    });
+    // The database's read counter and the tier's calls at t0 and at every whole second
+    // after it.
+    let samples = Arc::new(Mutex::new(vec![(db.counts().reads, strategy.tier_counts().remote_ops)]));
+    let timeline = tokio::spawn(sample_counters(db.clone(), strategy.clone(), t0, samples.clone()));
+    let events: Vec<_> =
+        config.events.iter().map(|e| tokio::spawn(carry_out(strategy.clone(), *e, t0))).collect();
 
     let dispatcher = {
         let shared = shared.clone();
@@ -310,15 +335,25 @@ pub async fn run(
         ),
     }
 
-    let rejoin = match rejoin {
-        Some(task) => Some(task.await.context("the rejoin task panicked")?.context("rejoining instance 0")?),
-        None => None,
-    };
+    let mut happened = Vec::with_capacity(events.len());
+    for task in events {
+        happened.push(task.await.context("an event's task panicked")??);
+    }
     timeline.abort();
     let mut cumulative = samples.lock().clone();
     // The partial last second, up to now.
-    cumulative.push(db.counts().reads);
-    let db_reads_per_second = cumulative.windows(2).map(|w| w[1].saturating_sub(w[0])).collect();
+    cumulative.push((db.counts().reads, strategy.tier_counts().remote_ops));
+    let db_reads_per_second = cumulative.windows(2).map(|w| w[1].0.saturating_sub(w[0].0)).collect();
+    let tier_ops_per_second = cumulative.windows(2).map(|w| w[1].1.saturating_sub(w[0].1)).collect();
+    let read_p99_us_per_second = shared
+        .read_latency_per_second
+        .lock()
+        .iter()
+        .map(|h| if h.is_empty() { 0.0 } else { h.value_at_quantile(0.99) as f64 / 1e3 })
+        .collect();
+    let hot_loads = db.hottest_reads_since(t0).into_iter().map(|t| t.saturating_duration_since(t0)).collect();
+    let mut hot_writes = shared.hot_writes.lock().clone();
+    hot_writes.sort();
     let elapsed = shared.last_done.lock().map_or(Duration::ZERO, |l| l.saturating_duration_since(t0));
     let outcome = Outcome {
         read_latency: shared.read_latency.lock().clone(),
@@ -334,19 +369,46 @@ pub async fn run(
         max_dispatch_lag,
         elapsed,
         db_reads_per_second,
-        rejoin,
+        tier_ops_per_second,
+        read_p99_us_per_second,
+        hot_loads,
+        hot_writes,
+        events: happened,
     };
     Ok(outcome)
 }
 
-/// Appends the database's read counter to `samples` at every whole second after `t0`,
-/// until aborted.
-async fn sample_db_reads(db: Arc<Db>, t0: Instant, samples: Arc<Mutex<Vec<u64>>>) {
+/// Appends the database's read counter and the strategy's tier calls to `samples` at
+/// every whole second after `t0`, until aborted.
+async fn sample_counters(
+    db: Arc<Db>,
+    strategy: Arc<dyn Strategy>,
+    t0: Instant,
+    samples: Arc<Mutex<Vec<(u64, u64)>>>,
+) {
     for second in 1u32.. {
         tokio::time::sleep_until((t0 + Duration::from_secs(u64::from(second))).into()).await;
-        samples.lock().push(db.counts().reads);
+        let sample = (db.counts().reads, strategy.tier_counts().remote_ops);
+        samples.lock().push(sample);
     }
 }
+
+/// Carries out `event` at its time.
+async fn carry_out(strategy: Arc<dyn Strategy>, event: Event, t0: Instant) -> Result<Happened> {
+    tokio::time::sleep_until((t0 + event.at).into()).await;
+    let started = Instant::now();
+    let applied = match event.kind {
+        EventKind::ColdJoin => strategy.rejoin(0, false).await.map(|()| true),
+        EventKind::WarmJoin => strategy.rejoin(WARM_JOINER, true).await.map(|()| true),
+        EventKind::BulkInvalidation => strategy.invalidate_all().await,
+    }
+    .with_context(|| format!("{} at {:?}", event.kind.label(), event.at))?;
+    Ok(Happened { kind: event.kind, at: event.at, took: started.elapsed(), applied })
+}
+
+/// The instance a warm join replaces (instance 0 is the cold join's; a fleet of one
+/// has only it).
+const WARM_JOINER: usize = 1;
 
 /// Sleeps until shortly before `due`, then yields until it.
 fn wait_until(due: Instant) {

@@ -108,11 +108,15 @@ pub struct Plan {
     pub steady: Schedule,
     /// The steady window's compulsory DB reads, given everything before it.
     pub compulsory: u64,
+    /// With events (`--join-at` and the like): a third window as long, after the
+    /// steady one, that they happen in (so that they disturb neither measurement).
+    pub events: Option<Schedule>,
 }
 
 impl Plan {
-    /// `warm_up` seconds of traffic after `cold`, then a window as long as the cold one.
-    pub fn new(params: &ScheduleParams, cold: &Schedule, warm_up: Duration) -> Result<Plan> {
+    /// `warm_up` seconds of traffic after `cold`, then a window as long as the cold one
+    /// (and another for `events`).
+    pub fn new(params: &ScheduleParams, cold: &Schedule, warm_up: Duration, events: bool) -> Result<Plan> {
         let warm = ScheduleParams {
             duration: warm_up.div_f64(WARM_UP_SPEED).max(Duration::from_millis(100)),
             rate: params.rate * WARM_UP_SPEED,
@@ -123,7 +127,12 @@ impl Plan {
         let warm_up = Schedule::generate(&warm)?;
         let steady = Schedule::generate(&steady)?;
         let compulsory = compulsory_after(&[cold, &warm_up], &steady);
-        Ok(Plan { warm_up, steady, compulsory })
+        let events = if events {
+            Some(Schedule::generate(&ScheduleParams { seed: params.seed.wrapping_add(3), ..params.clone() })?)
+        } else {
+            None
+        };
+        Ok(Plan { warm_up, steady, compulsory, events })
     }
 }
 
@@ -151,22 +160,22 @@ fn compulsory_after(before: &[&Schedule], this: &Schedule) -> u64 {
 }
 
 /// Runs the warm-up and measures the steady window of `strategy`, built and already
-/// run through the cold window.
+/// run through the cold window (without `config`'s events).
 pub async fn measure(
     strategy: &Arc<dyn Strategy>,
     plan: &Plan,
     config: &RunConfig,
     db: &Arc<Db>,
     urls: &[SecretUrl],
-) -> Result<Window> {
+) -> Result<(Window, Outcome)> {
     let quiet = ProgressBar::hidden();
-    let no_join = RunConfig { join_at: None, ..config.clone() };
-    runner::run(strategy.clone(), &plan.warm_up, &no_join, &quiet, db).await?;
+    let no_events = RunConfig { events: Vec::new(), ..config.clone() };
+    runner::run(strategy.clone(), &plan.warm_up, &no_events, &quiet, db).await?;
     let _ = strategy.propagation(); // the warm-up's
     let db_before = db.counts();
     let tiers_before = strategy.tier_counts();
     let nodes_before = redis_nodes::sample(urls).await?;
-    let outcome = runner::run(strategy.clone(), &plan.steady, &no_join, &quiet, db).await?;
+    let outcome = runner::run(strategy.clone(), &plan.steady, &no_events, &quiet, db).await?;
     let (db_after, tiers_after) = (db.counts(), strategy.tier_counts());
     let nodes_after = redis_nodes::sample(urls).await?;
     let secs = plan.steady.requests.last().map_or(1.0, |r| r.at.as_secs_f64()).max(1.0);
@@ -186,7 +195,19 @@ pub async fn measure(
     let (first, last) = thirds(&outcome.db_reads_per_second);
     window.thirds_db_reads_per_s = Some((first, last));
     window.steady = Some(agree(first, last, secs / 3.0));
-    Ok(window)
+    Ok((window, outcome))
+}
+
+/// Runs the events window of `plan` (if it has one), with `config`'s events.
+pub async fn events(
+    strategy: &Arc<dyn Strategy>,
+    plan: &Plan,
+    config: &RunConfig,
+    db: &Arc<Db>,
+) -> Result<Option<Outcome>> {
+    let Some(schedule) = &plan.events else { return Ok(None) };
+    let _ = strategy.propagation(); // the steady window's, already reported
+    runner::run(strategy.clone(), schedule, config, &ProgressBar::hidden(), db).await.map(Some)
 }
 
 /// Mean DB reads/s of the first and of the last third of a per-second series.

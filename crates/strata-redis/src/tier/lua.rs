@@ -419,13 +419,11 @@ local function entry_string(s, f, h, v, t, m, e)
 end
 
 -- The head of an entry: its six fields and the offset where the tags start, or nil.
+-- One anchored match (no iterator, no copy of the head) reads and splits it.
 local function entry_head(x)
-  local semi = string.find(x, ';', 1, true)
-  if not semi or semi > HEAD_MAX then return nil end
-  local p = {}
-  for part in string.gmatch(string.sub(x, 1, semi - 1) .. ',', '([^,]*),') do p[#p + 1] = part end
-  if #p ~= 6 or not (p[5] == '0' or num(p[5])) or not (p[6] == '0' or num(p[6])) then return nil end
-  return p, semi + 1
+  local s, f, h, v, t, m, at = string.match(x, '^([^,;]*),([^,;]*),([^,;]*),([^,;]*),(%d+),(%d+);()')
+  if not s or at - 1 > HEAD_MAX or not (t == '0' or num(t)) or not (m == '0' or num(m)) then return nil end
+  return {s, f, h, v, t, m}, at
 end
 
 -- Reads the entry at `ek`, checking every field a script or the client parses.
@@ -436,7 +434,19 @@ end
 -- (never read: the head is read first), a bad format byte, a stamp, tag list, expiry
 -- or version that does not parse, a stamp above the clock.
 local function read_entry(ek, meta, max, with_e)
-  local head = pc('GETRANGE', ek, 0, HEAD_MAX - 1)
+  -- With the envelope: an entry no longer than `max` is read whole, in one call after
+  -- its length (the hit path's cost); a longer one is looked at head first, so that an
+  -- oversized value is never copied into the script.
+  local x = nil
+  if with_e then
+    local len = pc('STRLEN', ek)
+    if len == 0 then
+      if redis.call('EXISTS', ek) == 1 then redis.call('UNLINK', ek) return false end
+      return nil
+    end
+    if type(len) == 'number' and len <= max then x = redis.call('GET', ek) end
+  end
+  local head = x or pc('GETRANGE', ek, 0, HEAD_MAX - 1)
   if type(head) ~= 'string' then
     -- strata 0.1 stored entries as hashes: during a rolling deploy one is a plain miss.
     local old = redis.call('TYPE', ek).ok == 'hash' and pc('HEXISTS', ek, 'e') == 1
@@ -452,7 +462,7 @@ local function read_entry(ek, meta, max, with_e)
   local tl, ml, elen = 0, 0, 0
   if p then
     tl, ml = tonumber(p[5]), tonumber(p[6])
-    elen = redis.call('STRLEN', ek) - (at - 1) - tl - ml
+    elen = (x and #x or redis.call('STRLEN', ek)) - (at - 1) - tl - ml
   end
   if not p or elen <= 0 or elen > max then
     redis.call('UNLINK', ek)
@@ -460,7 +470,7 @@ local function read_entry(ek, meta, max, with_e)
   end
   local r
   if with_e then
-    local x = redis.call('GET', ek)
+    x = x or redis.call('GET', ek)
     local m = nil
     if ml > 0 then m = string.sub(x, at + tl, at + tl + ml - 1) end
     r = {string.sub(x, at + tl + ml), p[1], string.sub(x, at, at + tl - 1), p[2], p[3], p[4], m}

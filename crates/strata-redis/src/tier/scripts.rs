@@ -42,13 +42,20 @@ local lease_ms = tonumber(ARGV[1]) or 0
 local now = ARGV[2]
 local max = tonumber(ARGV[3])
 clock_of(meta)
-local wall = now_ms()
-local wide = locked(KEYS[2], wall)
+-- The write locks matter to misses only (a locked key's token is poisoned): a hit
+-- costs the meta hash and its entry, nothing more.
+local wall, wide = nil, false
+local function poisoned(wk)
+  if not wall then
+    wall = now_ms()
+    wide = locked(KEYS[2], wall)
+  end
+  return wide or locked(wk, wall)
+end
 local out = {}
 local unlocked = {}
 for i = 1, (#KEYS - 2) / 3 do
   local ek, lk, wk = KEYS[3 * i], KEYS[3 * i + 1], KEYS[3 * i + 2]
-  local poisoned = wide or locked(wk, wall)
   local discard = ARGV[3 + i] or ''
   local corrupt = 0
   local hit = nil
@@ -89,7 +96,7 @@ for i = 1, (#KEYS - 2) / 3 do
       miss[10], miss[11] = stale[3], stale[7]
     end
     out[i] = miss
-    if not poisoned then unlocked[#unlocked + 1] = miss end
+    if not poisoned(wk) then unlocked[#unlocked + 1] = miss end
   end
 end
 -- Tokens carry the clock as it is after every check: a meta hash rebuilt on the way

@@ -56,7 +56,7 @@ impl Strategy for LocalTtl {
         TierCounts { l1_hits: self.l1_hits.load(Ordering::Relaxed), ..TierCounts::default() }
     }
 
-    async fn rejoin(&self, instance: usize) -> Result<()> {
+    async fn rejoin(&self, instance: usize, _warm: bool) -> Result<()> {
         if let Some(cache) = self.caches.get(instance) {
             cache.invalidate_all();
         }

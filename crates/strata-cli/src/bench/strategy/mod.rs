@@ -64,10 +64,19 @@ pub trait Strategy: Send + Sync {
 
     /// Replaces instance `instance` by a new one that starts with an empty local cache
     /// (`--join-at`: a restart or a scale-out in the middle of the run); returns once
-    /// the new instance serves. Default: the strategy keeps nothing per instance.
-    async fn rejoin(&self, instance: usize) -> Result<()> {
-        let _ = instance;
+    /// the new instance serves. `warm` (`--warm-join-at`): the new instance warms up
+    /// before it serves, where the strategy can. Default: the strategy keeps nothing
+    /// per instance.
+    async fn rejoin(&self, instance: usize, warm: bool) -> Result<()> {
+        let _ = (instance, warm);
         Ok(())
+    }
+
+    /// Invalidates everything cached, on every instance (`--bulk-invalidate-at`: a
+    /// namespace or tag flush). Returns false when the strategy has no such operation
+    /// (the default).
+    async fn invalidate_all(&self) -> Result<bool> {
+        Ok(false)
     }
 
     /// The propagation lag of the writes since the last call (and starts over), for
@@ -176,6 +185,12 @@ pub struct FleetConfig {
     pub backplane: Option<SecretUrl>,
     /// `--hot-key-copies`: how many servers of the ring hold a hot key (strata).
     pub hot_key_copies: usize,
+    /// `--warm-join-at` was given: strata's caches rank their hot keys from the start,
+    /// so that the warm joiner has something to preload.
+    pub warm_joins: bool,
+    /// `--ttl`: how long the invalidated caches (near-pubsub, strata, redis-global,
+    /// multi-tier) keep a copy [default: [`INVALIDATED_TTL`]].
+    pub ttl: Duration,
 }
 
 impl FleetConfig {

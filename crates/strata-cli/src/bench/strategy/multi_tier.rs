@@ -25,7 +25,7 @@ use multi_tier_cache::{
 };
 use parking_lot::{Mutex, RwLock};
 
-use super::{FleetConfig, INVALIDATED_TTL, Strategy, TierCounts, delete_prefix};
+use super::{FleetConfig, Strategy, TierCounts, delete_prefix};
 use crate::bench::db::{Db, Row};
 use crate::secret::SecretUrl;
 
@@ -43,6 +43,7 @@ pub struct MultiTier {
     prefix: String,
     channel: String,
     capacity: u64,
+    ttl: Duration,
 }
 
 impl MultiTier {
@@ -59,6 +60,7 @@ impl MultiTier {
             channel: format!("{}:multi-tier:invalidate", cfg.run_id),
             url,
             capacity: cfg.capacity,
+            ttl: cfg.ttl,
         };
         let mut managers = Vec::with_capacity(cfg.instances);
         for _ in 0..cfg.instances {
@@ -73,8 +75,8 @@ impl MultiTier {
     async fn manager(&self) -> Result<Arc<CacheManager>> {
         let l1 = L1Cache::new(MokaCacheConfig {
             max_capacity: self.capacity,
-            time_to_live: INVALIDATED_TTL,
-            time_to_idle: INVALIDATED_TTL,
+            time_to_live: self.ttl,
+            time_to_idle: self.ttl,
         })
         .map_err(|e| anyhow!("cannot build the moka L1: {e}"))?;
         let l2 = L2Cache::with_url(self.url.expose())
@@ -187,7 +189,7 @@ impl Strategy for MultiTier {
     }
 
     fn ttl(&self) -> Option<Duration> {
-        Some(INVALIDATED_TTL)
+        Some(self.ttl)
     }
 
     fn invalidates(&self) -> bool {
@@ -198,7 +200,7 @@ impl Strategy for MultiTier {
         let manager = self.instance(instance)?;
         let db = self.db.clone();
         manager
-            .get_or_compute_typed(&self.key(key), CacheStrategy::Custom(INVALIDATED_TTL), || async move {
+            .get_or_compute_typed(&self.key(key), CacheStrategy::Custom(self.ttl), || async move {
                 db.read(key).await.map_err(|e| CacheError::BackendError(format!("{e:#}")))
             })
             .await
@@ -216,7 +218,17 @@ impl Strategy for MultiTier {
         self.snapshot().tiers
     }
 
-    async fn rejoin(&self, instance: usize) -> Result<()> {
+    async fn invalidate_all(&self) -> Result<bool> {
+        let manager = self.instance(0)?;
+        let pattern = format!("{}*", self.prefix);
+        manager
+            .invalidate_pattern(&pattern)
+            .await
+            .map_err(|e| anyhow!("multi-tier invalidate_pattern failed: {e}"))?;
+        Ok(true)
+    }
+
+    async fn rejoin(&self, instance: usize, _warm: bool) -> Result<()> {
         let n = self.managers.read().len();
         if instance >= n {
             bail!("no instance {instance}");

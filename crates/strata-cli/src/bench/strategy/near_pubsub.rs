@@ -17,12 +17,15 @@ use parking_lot::Mutex;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
-use super::{FleetConfig, INVALIDATED_TTL, Strategy, TierCounts, read_through_local};
+use super::{FleetConfig, Strategy, TierCounts, read_through_local};
 use crate::bench::db::{Db, Row};
 use crate::bench::lag::{LagSummary, LagTracker};
 
 /// Capacity of the in-process broadcast channel; a slower receiver loses messages.
 const BROADCAST_CAPACITY: usize = 1024;
+/// The broadcast that clears every instance's cache (`--bulk-invalidate-at`): no row
+/// has this key.
+const CLEAR_ALL: u64 = u64::MAX;
 
 /// How invalidations travel.
 enum Bus {
@@ -41,6 +44,7 @@ pub struct NearPubSub {
     l1_hits: AtomicU64,
     publishes: AtomicU64,
     lag: Arc<LagTracker>,
+    ttl: Duration,
 }
 
 impl NearPubSub {
@@ -48,7 +52,7 @@ impl NearPubSub {
     /// listening.
     pub async fn start(cfg: &FleetConfig) -> Result<NearPubSub> {
         let caches: Vec<Cache<u64, Row>> = (0..cfg.instances)
-            .map(|_| Cache::builder().max_capacity(cfg.capacity).time_to_live(INVALIDATED_TTL).build())
+            .map(|_| Cache::builder().max_capacity(cfg.capacity).time_to_live(cfg.ttl).build())
             .collect();
         let mut listeners = Vec::with_capacity(caches.len());
         let lag = Arc::new(LagTracker::new(cfg.instances)?);
@@ -89,7 +93,39 @@ impl NearPubSub {
             l1_hits: AtomicU64::new(0),
             publishes: AtomicU64::new(0),
             lag,
+            ttl: cfg.ttl,
         })
+    }
+
+    /// Tells every instance (the writer's included) to drop `key`.
+    async fn publish(&self, key: u64) -> Result<()> {
+        self.publishes.fetch_add(1, Ordering::Relaxed);
+        match &self.bus {
+            Bus::InProcess(tx) => {
+                // Err only when no instance listens; nothing to tell then.
+                let _ = tx.send(key);
+            }
+            Bus::Redis { conn, channel } => {
+                let mut conn = conn.clone();
+                redis::cmd("PUBLISH")
+                    .arg(channel)
+                    .arg(key)
+                    .query_async::<i64>(&mut conn)
+                    .await
+                    .context("PUBLISH failed")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Drops what a broadcast names from `cache`.
+async fn apply(cache: &Cache<u64, Row>, key: u64, applied: &Applied) {
+    if key == CLEAR_ALL {
+        cache.invalidate_all();
+    } else {
+        cache.invalidate(&key).await;
+        applied.lag.applied(applied.instance, key);
     }
 }
 
@@ -102,10 +138,7 @@ struct Applied {
 async fn listen_in_process(mut rx: broadcast::Receiver<u64>, cache: Cache<u64, Row>, applied: Applied) {
     loop {
         match rx.recv().await {
-            Ok(key) => {
-                cache.invalidate(&key).await;
-                applied.lag.applied(applied.instance, key);
-            }
+            Ok(key) => apply(&cache, key, &applied).await,
             // Naive: what was missed is simply gone.
             Err(broadcast::error::RecvError::Lagged(_)) => continue,
             Err(broadcast::error::RecvError::Closed) => return,
@@ -118,8 +151,7 @@ async fn listen_redis(mut pubsub: redis::aio::PubSub, cache: Cache<u64, Row>, ap
     while let Some(msg) = messages.next().await {
         // Naive: a payload that does not parse is ignored.
         if let Ok(key) = msg.get_payload::<u64>() {
-            cache.invalidate(&key).await;
-            applied.lag.applied(applied.instance, key);
+            apply(&cache, key, &applied).await;
         }
     }
 }
@@ -131,7 +163,7 @@ impl Strategy for NearPubSub {
     }
 
     fn ttl(&self) -> Option<Duration> {
-        Some(INVALIDATED_TTL)
+        Some(self.ttl)
     }
 
     fn invalidates(&self) -> bool {
@@ -152,22 +184,7 @@ impl Strategy for NearPubSub {
         if let Some(cache) = self.caches.get(instance) {
             cache.invalidate(&key).await;
         }
-        self.publishes.fetch_add(1, Ordering::Relaxed);
-        match &self.bus {
-            Bus::InProcess(tx) => {
-                // Err only when no instance listens; nothing to tell then.
-                let _ = tx.send(key);
-            }
-            Bus::Redis { conn, channel } => {
-                let mut conn = conn.clone();
-                redis::cmd("PUBLISH")
-                    .arg(channel)
-                    .arg(key)
-                    .query_async::<i64>(&mut conn)
-                    .await
-                    .context("PUBLISH failed")?;
-            }
-        }
+        self.publish(key).await?;
         self.lag.write_done(key);
         Ok(version)
     }
@@ -180,7 +197,12 @@ impl Strategy for NearPubSub {
         }
     }
 
-    async fn rejoin(&self, instance: usize) -> Result<()> {
+    async fn invalidate_all(&self) -> Result<bool> {
+        self.publish(CLEAR_ALL).await?;
+        Ok(true)
+    }
+
+    async fn rejoin(&self, instance: usize, _warm: bool) -> Result<()> {
         // The listener stays subscribed: a restarted instance resubscribes before it
         // serves, and its cache is what starts empty.
         if let Some(cache) = self.caches.get(instance) {

@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 use async_trait::async_trait;
 use strata::tier::sharded::Placement;
 
-use super::{FleetConfig, INVALIDATED_TTL, Strategy, TierCounts, delete_prefix};
+use super::{FleetConfig, Strategy, TierCounts, delete_prefix};
 use crate::bench::db::{Db, Row};
 use crate::secret::SecretUrl;
 
@@ -30,6 +30,7 @@ pub struct RedisGlobal {
     placement: Placement,
     urls: Vec<SecretUrl>,
     prefix: String,
+    ttl: Duration,
     ops: AtomicU64,
     hits: AtomicU64,
 }
@@ -71,6 +72,7 @@ impl RedisGlobal {
             placement: Placement::new(&names),
             urls,
             prefix: format!("{}:redis-global:", cfg.run_id),
+            ttl: cfg.ttl,
             ops: AtomicU64::new(0),
             hits: AtomicU64::new(0),
         })
@@ -102,7 +104,7 @@ impl Strategy for RedisGlobal {
     }
 
     fn ttl(&self) -> Option<Duration> {
-        Some(INVALIDATED_TTL)
+        Some(self.ttl)
     }
 
     fn invalidates(&self) -> bool {
@@ -126,7 +128,7 @@ impl Strategy for RedisGlobal {
         self.query::<()>(
             instance,
             key,
-            redis::cmd("SET").arg(&name).arg(bytes).arg("EX").arg(INVALIDATED_TTL.as_secs()),
+            redis::cmd("SET").arg(&name).arg(bytes).arg("PX").arg(self.ttl.as_millis().max(1) as u64),
         )
         .await
         .context("Redis SET failed")?;
@@ -148,6 +150,15 @@ impl Strategy for RedisGlobal {
             l2_hits: self.hits.load(Ordering::Relaxed),
             remote_ops: self.ops.load(Ordering::Relaxed),
         }
+    }
+
+    async fn invalidate_all(&self) -> Result<bool> {
+        // What an operator's flush does: every cached row deleted (the SCAN and the
+        // UNLINKs are not counted as the workload's ops).
+        for url in &self.urls {
+            delete_prefix(url, &self.prefix).await?;
+        }
+        Ok(true)
     }
 
     async fn close(&self) -> Result<()> {

@@ -18,7 +18,7 @@ use strata::tier::Tier;
 use strata::{Cache, Consistency, InProcessBackplane, InProcessTier, ShardedTier, WarmUp};
 use strata_redis::{RedisStreamBackplane, RedisTier};
 
-use super::{FleetConfig, INVALIDATED_TTL, Strategy, TierCounts, delete_prefix};
+use super::{FleetConfig, Strategy, TierCounts, delete_prefix};
 use crate::bench::db::{Db, Row};
 use crate::bench::lag::{LagSummary, LagTracker};
 use crate::bench::scenario::Scenario;
@@ -64,7 +64,9 @@ pub struct StrataCache {
 
 impl StrataCache {
     /// Builds one cache per instance and waits until every one is ready (subscribed).
-    pub async fn start(cfg: &FleetConfig) -> Result<StrataCache> {
+    pub async fn start(fleet: &FleetConfig) -> Result<StrataCache> {
+        // A warm join needs the fleet's ranking of hot keys from the start.
+        let cfg = &FleetConfig { warm_up: fleet.warm_up || fleet.warm_joins, ..fleet.clone() };
         let mut caches = Vec::with_capacity(cfg.instances);
         let lag = Arc::new(LagTracker::new(cfg.instances)?);
         let remote = match cfg.redis_urls() {
@@ -105,7 +107,7 @@ impl StrataCache {
             caches: RwLock::new(caches),
             retired: Mutex::new(Vec::new()),
             remote,
-            cfg: cfg.clone(),
+            cfg: fleet.clone(),
             lag,
         })
     }
@@ -192,7 +194,7 @@ impl Strategy for StrataCache {
     }
 
     fn ttl(&self) -> Option<Duration> {
-        Some(INVALIDATED_TTL)
+        Some(self.cfg.ttl)
     }
 
     fn invalidates(&self) -> bool {
@@ -220,15 +222,22 @@ impl Strategy for StrataCache {
         Some(self.lag.take())
     }
 
-    async fn rejoin(&self, instance: usize) -> Result<()> {
+    async fn invalidate_all(&self) -> Result<bool> {
+        // A namespace bump: every instance's L1 and the shared L2 at once.
+        self.cache(0)?.invalidate_all().await?;
+        Ok(true)
+    }
+
+    async fn rejoin(&self, instance: usize, warm: bool) -> Result<()> {
+        // --warm-up makes every join warm; otherwise only the warm join's instance.
+        let cfg = FleetConfig { warm_up: warm || self.cfg.warm_up, ..self.cfg.clone() };
         let cache = match &self.remote {
             Remote::InProcess { tier, hub } => {
-                build_cache(&self.cfg, &self.lag, instance, Arc::new(tier.clone()), Arc::new(hub.connect()))?
+                build_cache(&cfg, &self.lag, instance, Arc::new(tier.clone()), Arc::new(hub.connect()))?
             }
             Remote::Redis { urls, prefix, tiers, sharded, backplanes } => {
-                let c = connect(urls, prefix, &self.cfg).await?;
-                let cache =
-                    build_cache(&self.cfg, &self.lag, instance, c.tier, Arc::new(c.backplane.clone()))?;
+                let c = connect(urls, prefix, &cfg).await?;
+                let cache = build_cache(&cfg, &self.lag, instance, c.tier, Arc::new(c.backplane.clone()))?;
                 tiers.lock().extend(c.tiers);
                 sharded.lock().extend(c.sharded);
                 backplanes.lock().push(c.backplane);
@@ -341,7 +350,7 @@ fn build_cache(
         .tier(tier)
         .backplane(backplane)
         .max_capacity(cfg.capacity)
-        .ttl(INVALIDATED_TTL)
+        .ttl(cfg.ttl)
         .version(|row: &Row| Some(row.version))
         .seed(cfg.seed.wrapping_add(instance as u64));
     if cfg.warm_up {
