@@ -19,6 +19,7 @@ pub struct NodeSample {
     script_calls: u64,
     script_usec: u64,
     script_failed: u64,
+    noscript: u64,
 }
 
 /// Reads every server's counters.
@@ -34,6 +35,7 @@ pub async fn sample(urls: &[SecretUrl]) -> Result<Vec<NodeSample>> {
             .arg("stats")
             .arg("cpu")
             .arg("commandstats")
+            .arg("errorstats")
             .query_async(&mut conn)
             .await
             .with_context(|| format!("INFO failed on {url}"))?;
@@ -66,6 +68,12 @@ fn parse(info: &str) -> NodeSample {
         sample.script_usec += stat("usec");
         sample.script_failed += stat("failed_calls") + stat("rejected_calls");
     }
+    // errorstat_NOSCRIPT:count=N — a script's first call on a server that does not
+    // hold it yet; the client loads it and calls again.
+    sample.noscript = field("errorstat_NOSCRIPT")
+        .and_then(|v| v.strip_prefix("count="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     sample
 }
 
@@ -88,6 +96,9 @@ pub struct NodesReport {
     pub script_us_per_call: f64,
     /// Script calls that failed or were rejected on the server.
     pub script_failed_calls: u64,
+    /// Of the failures, `NOSCRIPT` replies: a script's first call on a server that did
+    /// not hold it yet, which the client answers by loading it (harmless).
+    pub script_noscript: u64,
 }
 
 impl NodesReport {
@@ -108,6 +119,7 @@ impl NodesReport {
             script_calls,
             script_us_per_call: if script_calls > 0 { script_usec as f64 / script_calls as f64 } else { 0.0 },
             script_failed_calls: delta(|s| s.script_failed),
+            script_noscript: delta(|s| s.noscript),
             commands_per_s: if secs > 0.0 { total as f64 / secs } else { 0.0 },
             commands_max_over_mean: if mean > 0.0 { max / mean } else { 0.0 },
             cpu_s_total: cpu_s.iter().sum(),
@@ -122,8 +134,8 @@ impl NodesReport {
         let cpu: Vec<String> = self.cpu_s.iter().map(|c| format!("{c:.2}")).collect();
         let scripts = if self.script_calls > 0 {
             format!(
-                "; {} script calls, {:.1} us each, {} failed on the server",
-                self.script_calls, self.script_us_per_call, self.script_failed_calls
+                "; {} script calls, {:.1} us each, {} failed on the server ({} NOSCRIPT: first calls, loaded and retried)",
+                self.script_calls, self.script_us_per_call, self.script_failed_calls, self.script_noscript
             )
         } else {
             String::new()
@@ -155,7 +167,8 @@ mod tests {
             parse(
                 "total_commands_processed:400\r\nused_cpu_sys:2.0\r\nused_cpu_user:2.5\r\n# Commandstats\r\n\
                  cmdstat_evalsha:calls=10,usec=250,usec_per_call=25.00,rejected_calls=1,failed_calls=2\r\n\
-                 cmdstat_get:calls=5,usec=5,usec_per_call=1.00,rejected_calls=0,failed_calls=0\r\n",
+                 cmdstat_get:calls=5,usec=5,usec_per_call=1.00,rejected_calls=0,failed_calls=0\r\n\
+                 errorstat_NOSCRIPT:count=2\r\n",
             ),
             parse("total_commands_processed:150\r\nused_cpu_sys:0.75\r\nused_cpu_user:0.75\r\n"),
         ];
@@ -166,6 +179,10 @@ mod tests {
         assert!((r.commands_per_s - 200.0).abs() < 1e-9);
         assert_eq!((r.script_calls, r.script_failed_calls), (10, 3));
         assert!((r.script_us_per_call - 25.0).abs() < 1e-9);
-        assert!(r.line("strata").contains("10 script calls, 25.0 us each, 3 failed"), "{}", r.line("strata"));
+        assert!(
+            r.line("strata").contains("10 script calls, 25.0 us each, 3 failed on the server (2 NOSCRIPT"),
+            "{}",
+            r.line("strata")
+        );
     }
 }
