@@ -309,9 +309,15 @@ impl Strategy for StrataCache {
                 }
                 let backplanes = backplanes.lock();
                 let bp = backplanes.iter().map(RedisStreamBackplane::stats);
-                let (published, delivered) = bp.fold((0, 0), |(p, d), s| (p + s.published, d + s.delivered));
+                let (mut published, mut delivered, mut lost, mut disconnects) = (0, 0, 0, 0);
+                for s in bp {
+                    (published, delivered) = (published + s.published, delivered + s.delivered);
+                    (lost, disconnects) = (lost + s.lost, disconnects + s.disconnects);
+                }
                 sum.insert("backplane_published".into(), published.into());
                 sum.insert("backplane_delivered".into(), delivered.into());
+                sum.insert("backplane_lost".into(), lost.into());
+                sum.insert("backplane_disconnects".into(), disconnects.into());
             }
         }
         Some(serde_json::Value::Object(sum))
