@@ -353,6 +353,8 @@ fn events_on_a_timeline() {
         "1.3",
         "--strategies",
         "local-ttl,strata",
+        "--l2-timeout",
+        "200",
         "--json",
         json.to_str().unwrap(),
         "--timeline",

@@ -240,6 +240,10 @@ pub struct BenchArgs {
     /// [default: 24 h], e.g. 5 to see the hottest key expire inside the window.
     #[arg(long, value_name = "SECS")]
     pub ttl: Option<f64>,
+    /// strata only: the timeout of each L2 call, milliseconds [default: the library's,
+    /// 50]; an overloaded machine crosses 50 ms, and each timeout counts as an outage.
+    #[arg(long, value_name = "MS")]
+    pub l2_timeout: Option<u64>,
     /// strata only: rank hot keys and preload them when an instance joins
     /// (`CacheBuilder::warm_up`), so that `--join-at` shows a warm join.
     #[arg(long)]
@@ -351,6 +355,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         backplane: args.redis_backplane.clone(),
         hot_key_copies: args.hot_key_copies,
         warm_joins: args.warm_join_at.is_some(),
+        l2_timeout: args.l2_timeout.map(Duration::from_millis),
         ttl,
     };
     let run_config = RunConfig {

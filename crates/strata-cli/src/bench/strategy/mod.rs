@@ -188,6 +188,8 @@ pub struct FleetConfig {
     /// `--warm-join-at` was given: strata's caches rank their hot keys from the start,
     /// so that the warm joiner has something to preload.
     pub warm_joins: bool,
+    /// `--l2-timeout`: strata's timeout of each L2 call [default: the library's].
+    pub l2_timeout: Option<Duration>,
     /// `--ttl`: how long the invalidated caches (near-pubsub, strata, redis-global,
     /// multi-tier) keep a copy [default: [`INVALIDATED_TTL`]].
     pub ttl: Duration,

@@ -359,6 +359,9 @@ fn build_cache(
         .ttl(cfg.ttl)
         .version(|row: &Row| Some(row.version))
         .seed(cfg.seed.wrapping_add(instance as u64));
+    if let Some(timeout) = cfg.l2_timeout {
+        builder = builder.l2_timeout(timeout);
+    }
     if cfg.warm_up {
         // Reports every second: the bench's runs last seconds, not hours.
         builder = builder.warm_up(WarmUp::new().report_every(Duration::from_secs(1)));
