@@ -122,10 +122,10 @@ struct Shared {
     strategy: Arc<dyn Strategy>,
     ledger: Ledger,
     values: [&'static str; 4],
-    read_latency: Mutex<Histogram<u64>>,
+    /// A read's latencies, under one lock (taken once per read).
+    reads: Mutex<ReadLatencies>,
     write_latency: Mutex<Histogram<u64>>,
     start_delay: Mutex<Histogram<u64>>,
-    read_service: Mutex<Histogram<u64>>,
     writes: AtomicU64,
     ui: Mutex<Staleness>,
     consumer: Mutex<Staleness>,
@@ -135,9 +135,33 @@ struct Shared {
     /// The run's first scheduled start.
     t0: Instant,
     hottest: u64,
-    /// Read latency of the requests scheduled in each second.
-    read_latency_per_second: Mutex<Vec<Histogram<u64>>>,
     hot_writes: Mutex<Vec<(Duration, Duration)>>,
+}
+
+/// What each successful read records.
+struct ReadLatencies {
+    /// From the scheduled start.
+    latency: Histogram<u64>,
+    /// From the task's start.
+    service: Histogram<u64>,
+    /// From the scheduled start, by the second it was scheduled in.
+    per_second: Vec<Histogram<u64>>,
+}
+
+impl ReadLatencies {
+    fn record(&mut self, second: usize, latency: u64, service: u64) {
+        self.latency.saturating_record(latency);
+        self.service.saturating_record(service);
+        while self.per_second.len() <= second {
+            // Two significant digits: a per-second p99 needs no more, and it keeps a
+            // long run's histograms small.
+            match Histogram::new_with_bounds(1, MAX_LATENCY_NS, 2) {
+                Ok(h) => self.per_second.push(h),
+                Err(_) => return,
+            }
+        }
+        self.per_second[second].saturating_record(latency);
+    }
 }
 
 fn histogram() -> Result<Histogram<u64>> {
@@ -179,9 +203,12 @@ impl Shared {
         self.done(end);
         match result {
             Ok(row) => {
-                self.read_latency.lock().saturating_record(nanos(end.saturating_duration_since(due)));
-                self.read_service.lock().saturating_record(nanos(end.saturating_duration_since(started)));
-                self.record_per_second(due, end);
+                let second = due.saturating_duration_since(self.t0).as_secs() as usize;
+                let (latency, service) = (
+                    nanos(end.saturating_duration_since(due)),
+                    nanos(end.saturating_duration_since(started)),
+                );
+                self.reads.lock().record(second, latency, service);
                 let stale = self.ledger.check(start, row.version);
                 let mut s = if consumer { self.consumer.lock() } else { self.ui.lock() };
                 s.reads += 1;
@@ -192,20 +219,6 @@ impl Shared {
             }
             Err(e) => self.fail(e.context(format!("read of row {key} on instance {instance}"))),
         }
-    }
-
-    fn record_per_second(&self, due: Instant, end: Instant) {
-        let second = due.saturating_duration_since(self.t0).as_secs() as usize;
-        let mut per_second = self.read_latency_per_second.lock();
-        while per_second.len() <= second {
-            // Two significant digits: a per-second p99 needs no more, and it keeps a
-            // long run's histograms small.
-            match Histogram::new_with_bounds(1, MAX_LATENCY_NS, 2) {
-                Ok(h) => per_second.push(h),
-                Err(_) => return,
-            }
-        }
-        per_second[second].saturating_record(nanos(end.saturating_duration_since(due)));
     }
 
     async fn write(
@@ -259,10 +272,13 @@ pub async fn run(
         strategy: strategy.clone(),
         ledger: Ledger::new(schedule.keys),
         values: config.values,
-        read_latency: Mutex::new(histogram()?),
+        reads: Mutex::new(ReadLatencies {
+            latency: histogram()?,
+            service: histogram()?,
+            per_second: Vec::new(),
+        }),
         write_latency: Mutex::new(histogram()?),
         start_delay: Mutex::new(histogram()?),
-        read_service: Mutex::new(histogram()?),
         writes: AtomicU64::new(0),
         ui: Mutex::new(Staleness::default()),
         consumer: Mutex::new(Staleness::default()),
@@ -271,7 +287,6 @@ pub async fn run(
         last_done: Mutex::new(None),
         t0,
         hottest: schedule.hottest_key(),
-        read_latency_per_second: Mutex::new(Vec::new()),
         hot_writes: Mutex::new(Vec::new()),
     });
     let max_in_flight = config.max_in_flight.clamp(1, Semaphore::MAX_PERMITS);
@@ -345,9 +360,9 @@ pub async fn run(
     cumulative.push((db.counts().reads, strategy.tier_counts().remote_ops));
     let db_reads_per_second = cumulative.windows(2).map(|w| w[1].0.saturating_sub(w[0].0)).collect();
     let tier_ops_per_second = cumulative.windows(2).map(|w| w[1].1.saturating_sub(w[0].1)).collect();
-    let read_p99_us_per_second = shared
-        .read_latency_per_second
-        .lock()
+    let reads = shared.reads.lock();
+    let read_p99_us_per_second = reads
+        .per_second
         .iter()
         .map(|h| if h.is_empty() { 0.0 } else { h.value_at_quantile(0.99) as f64 / 1e3 })
         .collect();
@@ -356,10 +371,10 @@ pub async fn run(
     hot_writes.sort();
     let elapsed = shared.last_done.lock().map_or(Duration::ZERO, |l| l.saturating_duration_since(t0));
     let outcome = Outcome {
-        read_latency: shared.read_latency.lock().clone(),
+        read_latency: reads.latency.clone(),
         write_latency: shared.write_latency.lock().clone(),
         start_delay: shared.start_delay.lock().clone(),
-        read_service: shared.read_service.lock().clone(),
+        read_service: reads.service.clone(),
         writes: shared.writes.load(Ordering::SeqCst),
         ui: *shared.ui.lock(),
         consumer: *shared.consumer.lock(),

@@ -206,7 +206,6 @@ pub async fn events(
     db: &Arc<Db>,
 ) -> Result<Option<Outcome>> {
     let Some(schedule) = &plan.events else { return Ok(None) };
-    let _ = strategy.propagation(); // the steady window's, already reported
     runner::run(strategy.clone(), schedule, config, &ProgressBar::hidden(), db).await.map(Some)
 }
 
