@@ -254,7 +254,7 @@
 //! **Does not protect against**:
 //! - *Deletes and guard state.* Entries, the meta hash, tombstones, leases, the stream
 //!   and its counter are not signed: deleting or rewriting them costs misses, a cold
-//!   namespace, or a `Lost` and an L1 flush (an `INCR` of the stream counter, or a
+//!   namespace, or a `Lost` (an L1 flush where messages are missing; an `INCR` of the stream counter, or a
 //!   message signed with another key appended through the publish script, uses an entry
 //!   number: a loss for every reader). Availability, not the rows served, except as
 //!   below.

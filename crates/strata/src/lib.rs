@@ -56,7 +56,15 @@
 //! * **No silent loss.** Every message carries its origin and a per-origin sequence
 //!   number; heartbeats carry the last one. A gap, a lost subscription or a missed
 //!   heartbeat is detected and repaired: by replay where the backplane can, else by
-//!   flushing L1 (counted in [`CacheStats::repairs_flushed`]).
+//!   flushing L1 (counted in [`CacheStats::repairs_flushed`]). A loss the backplane
+//!   itself reports (a stream's entries trimmed or evicted before they were read, its
+//!   counter restarted) is checked the same way below the Strong level: until every
+//!   member heard in the last three heartbeat intervals has shown, by a message sent
+//!   after the loss, that nothing of its is missing (or had its gap repaired), the
+//!   backplane counts as unhealthy (the `max_stale` bound); a member that does not show
+//!   it within three intervals costs a flush. Most such losses cost nothing
+//!   ([`CacheStats::repairs_verified`]); at the Strong level, which must not
+//!   acknowledge over a hole, a reported loss flushes L1.
 //! * **Liveness at O(N).** Heartbeats go through
 //!   [`Backplane::heartbeat`](backplane::Backplane::heartbeat): the in-process and Redis
 //!   stream and Pub/Sub backplanes keep each member's latest and deliver them all as one

@@ -199,6 +199,10 @@ stats! {
     repairs_replayed: Counter,
     /// Gaps repaired by flushing L1.
     repairs_flushed: Counter,
+    /// Losses the backplane reported (entries trimmed or evicted before they were read,
+    /// a sequence counter restarted) that every live member's sequence numbers then
+    /// showed cost nothing of theirs: L1 kept, no flush.
+    repairs_verified: Counter,
     /// Malformed backplane messages skipped.
     malformed_messages: Counter,
     /// Backplane messages whose fields no live instance would send (origin 0, a

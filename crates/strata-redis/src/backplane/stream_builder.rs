@@ -103,7 +103,8 @@ impl RedisStreamBackplaneBuilder {
 
     /// Approximate cap of the stream, in entries (default 100 000). A subscriber away
     /// for longer than the stream takes to receive this many messages comes back to a
-    /// gap (`Lost`, then a flush by the core); so does `replay` for older messages.
+    /// gap (`Lost`: the core then flushes L1 if a member's sequence numbers show that
+    /// something of its is missing); so does `replay` for older messages.
     pub fn max_len(mut self, n: u64) -> Self {
         self.max_len = n;
         self

@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | `noeviction`, or no `maxmemory` | nothing | writes fail when full (errors, the L2 breaker); promises hold |
 //! | `volatile-*` | keys with a TTL: entries, leases, write-lock sets | a lost write lock lets a read during a locked write fill the old row, until the write's release invalidates it (the Strong level's window); tombstones, clocks, epochs and the backplane stream have no TTL and stay |
-//! | `allkeys-*` | everything: also the namespace meta hash (the namespace goes cold), the tombstone generations (every fill in flight is refused) and, on the same server, the backplane stream and its counter (a gap: every L1 flushed) | each loss is detected and costs misses, never a stale read; write locks as under `volatile-*` |
+//! | `allkeys-*` | everything: also the namespace meta hash (the namespace goes cold), the tombstone generations (every fill in flight is refused) and, on the same server, the backplane stream and its counter (a `Lost`: each reader that had not read a message the stream took flushes its L1; the others keep theirs once every member's sequence numbers show nothing missing) | each loss is detected and costs misses, never a stale read; write locks as under `volatile-*` |
 //!
 //! Invalidation scripts run with `allow-oom` (Redis 7.0+): over `maxmemory`, an
 //! invalidation is never refused; a fill is (counted in
@@ -16,6 +16,13 @@
 //! The layouts that keep every promise at full speed: no `maxmemory`, `noeviction`, or
 //! `volatile-*` outside the Strong level. The builder checks
 //! at build time and, by default, warns ([`EvictionCheck`]).
+//!
+//! A small `maxmemory` also pays costs that are not entries: Redis 7.0+ keeps a latency
+//! histogram of ~24 KB for every command it has run (`latency-tracking yes`, the
+//! default), and strata's scripts run about [`COMMANDS_USED`] distinct commands: ~0.6 MB
+//! that stays until `CONFIG RESETSTAT`. Under 16 MB the build warns about it (a note,
+//! never a refusal): `CONFIG SET latency-tracking no` then `CONFIG RESETSTAT` gives it
+//! back to the entries.
 
 use std::time::Duration;
 
@@ -51,6 +58,31 @@ impl RedisTierBuilder {
     }
 }
 
+/// Distinct commands the tier and the stream backplane run (their scripts' inner
+/// commands included), each with its own latency histogram on Redis 7.0+.
+pub(crate) const COMMANDS_USED: u64 = 25;
+/// Bytes of one latency histogram (Redis 7.0, 1 ns – 1 s at 2 significant digits),
+/// measured with `MEMORY STATS` before and after `CONFIG RESETSTAT`.
+const HISTOGRAM_BYTES: u64 = 24_600;
+/// Below this `maxmemory` the histograms are worth a note.
+const SMALL_MAXMEMORY: u64 = 16 << 20;
+
+/// The note on the latency histograms for a server with `maxmemory` (0: none) whose
+/// `INFO latencystats` lists commands (`tracking`), or `None` where they do not matter.
+pub(crate) fn histogram_note(maxmemory: u64, tracking: bool) -> Option<String> {
+    if !tracking || maxmemory == 0 || maxmemory >= SMALL_MAXMEMORY {
+        return None;
+    }
+    let bytes = COMMANDS_USED * HISTOGRAM_BYTES;
+    Some(format!(
+        "latency-tracking is on: Redis keeps a ~24 KB histogram for each command it has run, \
+         ~{} KB for strata's {COMMANDS_USED} commands, {:.0} % of maxmemory {maxmemory} bytes that entries \
+         cannot use; on a server this small run `CONFIG SET latency-tracking no` and `CONFIG RESETSTAT`",
+        bytes / 1000,
+        bytes as f64 * 100.0 / maxmemory as f64
+    ))
+}
+
 /// The server's memory limit and eviction policy, as `INFO memory` tells.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ServerMemory {
@@ -84,8 +116,9 @@ impl ServerMemory {
             Some(
                 "every key can be evicted: a lost namespace meta hash makes the namespace cold, \
                  lost tombstones refuse every fill in flight, and a lost backplane stream on the \
-                 same server flushes every L1 (each loss is detected and costs misses, never a \
-                 stale read); write-lock sets as under volatile-*",
+                 same server flushes the L1 of every reader that had not read all of it (each \
+                 loss is detected and costs misses, never a stale read); write-lock sets as under \
+                 volatile-*",
             )
         }
     }
@@ -110,9 +143,12 @@ impl RedisTier {
                 return Ok(());
             }
         };
-        let Some((memory, risk)) = texts
-            .iter()
-            .filter_map(|t| ServerMemory::parse(t))
+        let memories: Vec<ServerMemory> = texts.iter().filter_map(|t| ServerMemory::parse(t)).collect();
+        if let Some(small) = memories.iter().map(|m| m.maxmemory).filter(|m| *m > 0).min() {
+            self.note_histograms(small, timeout).await;
+        }
+        let Some((memory, risk)) = memories
+            .into_iter()
             .filter_map(|m| m.risk().map(|r| (m, r)))
             .max_by_key(|(m, _)| m.policy.starts_with("allkeys-"))
         else {
@@ -133,6 +169,26 @@ impl RedisTier {
                 tracing::warn!("{message}");
                 Ok(())
             }
+        }
+    }
+}
+
+impl RedisTier {
+    /// Warns when the latency histograms take a share of a small `maxmemory` worth
+    /// knowing (see the module docs); silent where `INFO latencystats` is refused.
+    async fn note_histograms(&self, maxmemory: u64, timeout: Duration) {
+        if histogram_note(maxmemory, true).is_none() {
+            return;
+        }
+        let mut c = self.inner.conn.get();
+        let info = tokio::time::timeout(timeout, async {
+            redis::cmd("INFO").arg("latencystats").query_async::<Value>(&mut c).await
+        })
+        .await;
+        let Ok(Ok(v)) = info else { return };
+        let tracking = info_texts(&v).iter().any(|t| t.contains("latency_percentiles_usec_"));
+        if let Some(note) = histogram_note(maxmemory, tracking) {
+            tracing::warn!("redis tier: `{}`: {note}", self.inner.conn.shown_url());
         }
     }
 }
@@ -162,6 +218,15 @@ mod tests {
         let info = "# Memory\r\nused_memory:1000\r\nmaxmemory:3145728\r\nmaxmemory_human:3.00M\r\nmaxmemory_policy:allkeys-lru\r\n";
         assert_eq!(ServerMemory::parse(info), Some(memory(3_145_728, "allkeys-lru")));
         assert_eq!(ServerMemory::parse("# Memory\r\n"), None);
+    }
+
+    #[test]
+    fn notes_the_latency_histograms_on_a_small_server_only() {
+        let note = histogram_note(3 << 20, true).expect("3 MB");
+        assert!(note.contains("latency-tracking no") && note.contains("20 %"), "{note}");
+        assert_eq!(histogram_note(3 << 20, false), None, "tracking off");
+        assert_eq!(histogram_note(0, true), None, "no maxmemory");
+        assert_eq!(histogram_note(1 << 30, true), None, "1 GB");
     }
 
     #[test]

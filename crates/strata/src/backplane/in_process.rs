@@ -74,17 +74,43 @@ impl Hub {
 }
 
 /// Faults applied to what one connection receives (and whether it can publish).
-#[derive(Default)]
 pub struct FaultControl {
     drop_next: AtomicU64,
     delay_micros: AtomicU64,
     reorder: AtomicBool,
     disconnected: AtomicBool,
+    /// Messages to drop before reporting `Lost` (`u64::MAX`: no loss to report).
+    lose_next: AtomicU64,
     changed: tokio::sync::Notify,
     dropped: AtomicU64,
 }
 
+impl Default for FaultControl {
+    fn default() -> Self {
+        FaultControl {
+            drop_next: AtomicU64::new(0),
+            delay_micros: AtomicU64::new(0),
+            reorder: AtomicBool::new(false),
+            disconnected: AtomicBool::new(false),
+            lose_next: AtomicU64::new(NO_LOSS),
+            changed: tokio::sync::Notify::new(),
+            dropped: AtomicU64::new(0),
+        }
+    }
+}
+
+/// `lose_next` when no loss is to be reported.
+const NO_LOSS: u64 = u64::MAX;
+
 impl FaultControl {
+    /// Drops the next `n` messages this connection would receive and reports
+    /// [`BackplaneEvent::Lost`] before the one after them, as a Redis stream reader does
+    /// when entries it had not read were trimmed or evicted. `n = 0` reports a loss that
+    /// took nothing (a stream's counter restarted, entries gone that were read already).
+    pub fn lose_next(&self, n: u64) {
+        self.lose_next.store(n.min(NO_LOSS - 1), Ordering::SeqCst);
+    }
+
     /// Silently drops the next `n` messages this connection would receive.
     pub fn drop_next(&self, n: u64) {
         self.drop_next.store(n, Ordering::SeqCst);
@@ -120,6 +146,24 @@ impl FaultControl {
         self.set_delay(Duration::ZERO);
         self.set_reorder(false);
         self.set_disconnected(false);
+        self.lose_next.store(NO_LOSS, Ordering::SeqCst);
+    }
+
+    /// Whether `Lost` is due before this message (false), or it is dropped for a loss
+    /// (true). Reports the loss on `out` when due.
+    async fn take_loss(&self, out: &mpsc::Sender<BackplaneEvent>) -> LossStep {
+        let step = self
+            .lose_next
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| match n {
+                NO_LOSS => None,
+                0 => Some(NO_LOSS),
+                n => Some(n - 1),
+            })
+            .map_or(LossStep::Deliver, |n| if n == 0 { LossStep::Report } else { LossStep::Drop });
+        if step == LossStep::Report && out.send(BackplaneEvent::Lost).await.is_err() {
+            return LossStep::Gone;
+        }
+        step
     }
 
     fn take_drop(&self) -> bool {
@@ -334,6 +378,14 @@ async fn forward(
             }
             continue;
         }
+        match faults.take_loss(&out).await {
+            LossStep::Drop => {
+                faults.dropped.fetch_add(1, Ordering::SeqCst);
+                continue;
+            }
+            LossStep::Gone => return,
+            LossStep::Deliver | LossStep::Report => {}
+        }
         if faults.take_drop() {
             faults.dropped.fetch_add(1, Ordering::SeqCst);
             continue;
@@ -361,6 +413,19 @@ async fn forward(
             }
         }
     }
+}
+
+/// What `lose_next` does to one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LossStep {
+    /// Nothing: deliver it.
+    Deliver,
+    /// Drop it: lost.
+    Drop,
+    /// `Lost` was reported before it: deliver it.
+    Report,
+    /// The receiver is gone.
+    Gone,
 }
 
 /// Emits Disconnected/Resumed when the cut state changed. False when the receiver is gone.

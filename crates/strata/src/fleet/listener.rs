@@ -9,8 +9,10 @@ use std::time::Duration;
 
 use super::doubt::Doubts;
 use super::sequence::{MAX_REPLAY, Origins, Position, replay_covers};
+use super::verify::{VERIFY_INTERVALS, Verification, Via};
 use super::{Fleet, Host, mark_healthy, mark_unhealthy};
 use crate::backplane::{BackplaneEvent, Beat, Message, MessageBody, OriginId};
+use crate::clock::Timestamp;
 use crate::shutdown::Stop;
 
 /// Origins not heard from for this many heartbeat intervals are forgotten.
@@ -29,6 +31,11 @@ struct Listener<'a, H> {
     /// Each origin's heartbeat count in the last digest: an entry whose count did not
     /// change since is not heard again.
     beats: HashMap<OriginId, u64>,
+    /// Below the Strong level: a loss the backplane reported, being verified per origin
+    /// instead of flushed (see `verify`).
+    verifying: Option<Verification>,
+    /// When the last message was read: nothing read before it can have been lost.
+    last_read: Timestamp,
 }
 
 /// Subscribes (again after every loss) and handles events until stopped.
@@ -43,6 +50,8 @@ pub(crate) async fn run<H: Host>(host: Arc<H>, mut stop: Stop) {
         disconnected: false,
         doubts: Doubts::default(),
         beats: HashMap::new(),
+        verifying: None,
+        last_read: host.now(),
     };
     let mut backoff = Duration::from_millis(10);
     loop {
@@ -67,6 +76,8 @@ pub(crate) async fn run<H: Host>(host: Arc<H>, mut stop: Stop) {
         // Whatever was published before this subscription could not reach us: start from
         // a clean L1, and refuse the fills of loads that began before it.
         host.flush_local();
+        l.verifying = None;
+        l.last_read = host.now();
         l.cut_off_ended();
         l.disconnected = false;
         if !strong {
@@ -76,8 +87,13 @@ pub(crate) async fn run<H: Host>(host: Arc<H>, mut stop: Stop) {
         mark_healthy(&*host);
         host.health().set_subscribed();
         loop {
+            let deadline = l.verifying.as_ref().map(Verification::deadline);
             let ev = tokio::select! {
                 ev = sub.recv() => ev,
+                _ = until(deadline) => {
+                    l.verification_timed_out();
+                    continue;
+                }
                 _ = stop.stopped() => return,
             };
             match ev {
@@ -95,7 +111,10 @@ impl<H: Host> Listener<'_, H> {
     async fn handle(&mut self, ev: BackplaneEvent) {
         let host = self.host;
         match ev {
-            BackplaneEvent::Message(m) => self.on_message(m).await,
+            BackplaneEvent::Message(m) => {
+                self.last_read = host.now();
+                self.on_message(m).await;
+            }
             BackplaneEvent::Disconnected => {
                 host.stats().gaps_detected.incr();
                 self.disconnected = true;
@@ -106,17 +125,18 @@ impl<H: Host> Listener<'_, H> {
                 self.cut_off_ended();
                 if !complete {
                     host.stats().repairs_flushed.incr();
-                    host.flush_local();
+                    self.flush();
                 }
                 if !self.fleet.config().strong {
                     host.health().set_last_own_heartbeat(host.now());
                 }
-                mark_healthy(host);
+                if self.verifying.is_none() {
+                    mark_healthy(host);
+                }
             }
             BackplaneEvent::Lost => {
                 host.stats().gaps_detected.incr();
-                host.stats().repairs_flushed.incr();
-                host.flush_local();
+                self.on_lost();
                 self.cut_off_ended();
             }
             BackplaneEvent::Malformed => host.stats().malformed_messages.incr(),
@@ -129,11 +149,88 @@ impl<H: Host> Listener<'_, H> {
         }
         match m.body {
             MessageBody::Digest(beats) => {
+                let listed: Vec<OriginId> = beats.iter().map(|b| b.origin).collect();
                 for beat in self.fresh_beats(beats) {
-                    self.on_one(beat.to_message(&m.namespace, m.sent_at_ms)).await;
+                    let origin = beat.origin;
+                    if self.on_one(beat.to_message(&m.namespace, m.sent_at_ms)).await {
+                        self.verified(origin, Via::Digest);
+                    }
+                }
+                if let Some(v) = &mut self.verifying {
+                    v.listed(listed.into_iter());
                 }
             }
-            _ => self.on_one(m).await,
+            _ => {
+                let origin = m.origin;
+                if self.on_one(m).await {
+                    self.verified(origin, Via::Message);
+                }
+            }
+        }
+    }
+
+    /// A loss the backplane reported. At the Strong level (which acknowledges what it
+    /// applied, and must not acknowledge over a hole) L1 is flushed; below it, each live
+    /// origin's next message shows whether any of its messages went (see `verify`).
+    fn on_lost(&mut self) {
+        let host = self.host;
+        let cfg = self.fleet.config();
+        if cfg.strong {
+            host.stats().repairs_flushed.incr();
+            self.flush();
+            return;
+        }
+        let now = host.now();
+        let live_within = cfg.heartbeat_interval.saturating_mul(VERIFY_INTERVALS);
+        let live = self
+            .origins
+            .heard()
+            .filter(|(_, at)| now.since(*at) <= live_within)
+            .map(|(o, _)| o)
+            .collect::<Vec<_>>();
+        let deadline = tokio::time::Instant::now() + live_within;
+        match &mut self.verifying {
+            Some(v) => v.another_loss(live.into_iter(), deadline),
+            None => self.verifying = Some(Verification::new(live.into_iter(), deadline)),
+        }
+        mark_unhealthy(host, self.last_read);
+        self.end_verification_if_done();
+    }
+
+    /// `origin` showed, by a message sent after the loss being verified, that none of
+    /// its messages was lost.
+    fn verified(&mut self, origin: OriginId, via: Via) {
+        if let Some(v) = &mut self.verifying {
+            v.heard(origin, via);
+            self.end_verification_if_done();
+        }
+    }
+
+    fn end_verification_if_done(&mut self) {
+        if self.verifying.as_ref().is_some_and(Verification::done) {
+            self.verifying = None;
+            self.host.stats().repairs_verified.incr();
+            if !self.disconnected {
+                mark_healthy(self.host);
+            }
+        }
+    }
+
+    /// Some live origin was not heard in time after a loss: what it sent may be lost.
+    fn verification_timed_out(&mut self) {
+        tracing::info!(
+            namespace = %self.fleet.config().namespace,
+            "backplane loss not verified in time: flushing L1"
+        );
+        self.host.stats().repairs_flushed.incr();
+        self.flush();
+    }
+
+    /// Flushes L1, which also ends a verification: nothing L1 holds now predates a loss.
+    fn flush(&mut self) {
+        self.host.flush_local();
+        if self.verifying.take().is_some() && !self.disconnected {
+            mark_healthy(self.host);
         }
     }
 
@@ -157,7 +254,10 @@ impl<H: Host> Listener<'_, H> {
         fresh
     }
 
-    async fn on_one(&mut self, m: Message) {
+    /// Handles one message (a digest's entry as the heartbeat it stands for). True when
+    /// it shows that none of its origin's messages up to it is missing here (tracked
+    /// without a gap, or its gap replayed), for the verification of a loss.
+    async fn on_one(&mut self, m: Message) -> bool {
         let host = self.host;
         let cfg = self.fleet.config();
         let now = host.now();
@@ -169,7 +269,7 @@ impl<H: Host> Listener<'_, H> {
                 // A number we never used: not ours, and no proof that the backplane
                 // delivers what we send.
                 host.stats().suspicious_messages.incr();
-                return;
+                return false;
             }
             if m.is_heartbeat() {
                 if cfg.strong
@@ -182,7 +282,7 @@ impl<H: Host> Listener<'_, H> {
                     host.flush_local();
                 }
                 host.health().set_last_own_heartbeat(now);
-                if !self.disconnected {
+                if !self.disconnected && self.verifying.is_none() {
                     let was_cut_off = host.health().unhealthy_since().is_some();
                     mark_healthy(host);
                     if was_cut_off {
@@ -190,7 +290,7 @@ impl<H: Host> Listener<'_, H> {
                     }
                 }
             }
-            return;
+            return false;
         }
         let Some(pos) = Position::of(&m, cfg.origin, self.fleet.last_seq()) else {
             // No live instance sends this. What it invalidates is dropped (once too
@@ -198,12 +298,13 @@ impl<H: Host> Listener<'_, H> {
             // sequence number, no sign of life, no acknowledgement.
             host.stats().suspicious_messages.incr();
             self.apply(&m.body);
-            return;
+            return false;
         };
         // An acknowledgement addressed to us may travel apart from the origin's messages
         // (its own channel), so it can arrive before the invalidation it follows: its
         // sequence number says nothing about what we missed.
-        let tracked = if matches!(m.body, MessageBody::Ack { .. }) {
+        let is_ack = matches!(m.body, MessageBody::Ack { .. });
+        let tracked = if is_ack {
             super::sequence::Tracked { missed: None, suspicious: false }
         } else {
             self.origins.track(m.origin, pos, now)
@@ -230,8 +331,9 @@ impl<H: Host> Listener<'_, H> {
                 record_lag(&cfg.namespace, m.sent_at_ms);
             }
         }
+        let mut in_order = !is_ack && !tracked.suspicious;
         if let Some((from, to)) = tracked.missed {
-            self.repair(m.origin, from, to).await;
+            in_order &= self.repair(m.origin, from, to).await;
         }
         if !cfg.strong {
             if m.body == MessageBody::BufferedHeartbeat {
@@ -246,6 +348,7 @@ impl<H: Host> Listener<'_, H> {
             self.acknowledge(m.origin, m.seq).await;
         }
         self.origins.prune(now, forget_after);
+        in_order
     }
 
     /// This instance heard nothing for a while (an unhealthy spell, a lost or new
@@ -276,8 +379,8 @@ impl<H: Host> Listener<'_, H> {
         }
     }
 
-    /// Repairs a gap: replays `from..=to` where the backplane can, else flushes.
-    async fn repair(&mut self, origin: OriginId, from: u64, to: u64) {
+    /// Repairs a gap: replays `from..=to` where the backplane can (true), else flushes.
+    async fn repair(&mut self, origin: OriginId, from: u64, to: u64) -> bool {
         let host = self.host;
         let cfg = self.fleet.config();
         host.stats().gaps_detected.incr();
@@ -298,19 +401,22 @@ impl<H: Host> Listener<'_, H> {
             }
             covers
         });
-        match replay {
+        let replayed = match replay {
             Some(messages) => {
                 for m in &messages {
                     self.apply(&m.body);
                 }
                 host.stats().repairs_replayed.incr();
+                true
             }
             None => {
                 host.stats().repairs_flushed.incr();
-                host.flush_local();
+                self.flush();
+                false
             }
-        }
+        };
         tracing::info!(namespace = %cfg.namespace, origin, from, to, "backplane gap repaired");
+        replayed
     }
 
     fn apply(&self, body: &MessageBody) {
@@ -326,6 +432,14 @@ impl<H: Host> Listener<'_, H> {
             | MessageBody::Ack { .. }
             | MessageBody::Digest(_) => {}
         }
+    }
+}
+
+/// Waits until `deadline`, or forever without one.
+async fn until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -20,6 +20,7 @@ pub(crate) mod heartbeat;
 pub(crate) mod listener;
 mod membership;
 mod sequence;
+mod verify;
 
 pub(crate) use health::Health;
 

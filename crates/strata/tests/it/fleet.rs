@@ -93,6 +93,76 @@ async fn a_lost_last_message_is_detected_by_the_next_heartbeat() {
     assert_eq!(b.get_local(&1), None);
 }
 
+// A stream reports `Lost` when entries it had not delivered are gone (trimmed, the
+// stream or its counter evicted). Below the Strong level each live origin's next
+// message shows whether any of its messages went: L1 is kept when none did.
+
+#[tokio::test]
+async fn a_reported_loss_that_took_nothing_keeps_l1() {
+    let f = fleet(3, Mode::Stream, None).await;
+    let b = &f.caches[1];
+    let db = Db::with(&[(1, "one"), (2, "two")]);
+    for k in [1, 2] {
+        b.get_or_load(&k, db.loader(k)).await.expect("load");
+    }
+    eventually("both others heard", || b.stats().heartbeats_received >= 4).await;
+    f.conns[1].faults().lose_next(0);
+    eventually("verified", || b.stats().repairs_verified == 1).await;
+    let s = b.stats();
+    assert_eq!((s.gaps_detected, s.repairs_flushed), (1, 0), "{s:?}");
+    assert_eq!(b.get_local(&1).as_deref(), Some("one"), "L1 kept");
+    assert!(b.is_backplane_healthy());
+    // An invalidation still reaches it afterwards.
+    f.caches[0].invalidate(&2).await.expect("invalidate");
+    eventually("applied", || b.get_local(&2).is_none()).await;
+}
+
+#[tokio::test]
+async fn a_reported_loss_that_took_an_invalidation_is_repaired() {
+    let f = fleet(2, Mode::Stream, None).await;
+    let (a, b) = (&f.caches[0], &f.caches[1]);
+    let db = Db::with(&[(1, "one"), (2, "two")]);
+    for k in [1, 2] {
+        b.get_or_load(&k, db.loader(k)).await.expect("load");
+    }
+    eventually("a heard", || b.stats().heartbeats_received >= 2).await;
+    f.conns[1].faults().lose_next(1);
+    a.invalidate(&1).await.expect("invalidate");
+    // The loss is reported before a's next message (a digest); a's beat after it shows
+    // the gap, which the stream replays.
+    eventually("repaired", || b.get_local(&1).is_none()).await;
+    eventually("verified", || b.stats().repairs_verified == 1).await;
+    let s = b.stats();
+    assert_eq!((s.repairs_replayed, s.repairs_flushed), (1, 0), "{s:?}");
+    assert_eq!(b.get_local(&2).as_deref(), Some("two"), "only what was lost is dropped");
+}
+
+#[tokio::test]
+async fn a_reported_loss_is_flushed_when_a_live_member_falls_silent() {
+    let f = fleet(3, Mode::Stream, None).await;
+    let b = &f.caches[1];
+    let db = Db::with(&[(1, "one")]);
+    b.get_or_load(&1, db.loader(1)).await.expect("load");
+    eventually("both others heard", || b.stats().heartbeats_received >= 4).await;
+    // c can no longer publish: it cannot show that nothing of its was lost.
+    f.conns[2].faults().set_disconnected(true);
+    f.conns[1].faults().lose_next(0);
+    eventually("flushed", || b.stats().repairs_flushed == 1).await;
+    assert_eq!(b.get_local(&1), None);
+    assert_eq!(b.stats().repairs_verified, 0);
+    f.conns[2].faults().clear();
+}
+
+#[tokio::test]
+async fn a_reported_loss_flushes_at_the_strong_level() {
+    let (_tier, conns, caches) = crate::support::strong_fleet(2).await;
+    let b = &caches[1];
+    eventually("lease held", || b.stats().heartbeats_received >= 2).await;
+    conns[1].faults().lose_next(0);
+    eventually("flushed", || b.stats().repairs_flushed >= 1).await;
+    assert_eq!(b.stats().repairs_verified, 0);
+}
+
 #[tokio::test]
 async fn reordered_and_delayed_messages_still_evict_everything() {
     let f = fleet(2, Mode::Stream, None).await;
