@@ -43,7 +43,7 @@
 //! | level | bound on stale reads |
 //! |---|---|
 //! | [`Consistency::Local`] | the L1 time to live (no invalidation reaches other instances) |
-//! | [`Consistency::Invalidated`] | the backplane's propagation delay while it is healthy; `max_stale` (plus the time to detect it: three heartbeat intervals) while it is not, or while a member's L2 delete waits for its retry |
+//! | [`Consistency::Invalidated`] | the backplane's propagation delay while it is healthy; `max_stale` (plus the time to detect it: three heartbeat intervals) while it is not, while a member's L2 delete waits for its retry, or for a row loaded with L2 failing under a write lock whose writer died before its release |
 //! | [`Consistency::Strong`] | none for writes made under a [`WriteLock`] (linearizable per key); for a plain `invalidate` after a commit, until it returns; a failed L2 delete makes the cache *bypassed* (every read goes to the loader, `get` answers [`ErrorKind::Bypassed`]) until L2 is clean |
 //!
 //! What makes these bounds hold:
@@ -115,10 +115,14 @@
 //!   a lock in L2 (which poisons every fill token handed out while it holds, so nothing
 //!   read before the commit can be stored there, even after the lock expired) and, at
 //!   the Strong level, waits for the fleet's acknowledgements; [`WriteLock::release`]
-//!   invalidates L2 again after the commit. A value loaded with a poisoned token, or
-//!   (L2 failing) soon after an invalidation of its key, a tag or the namespace was
-//!   heard, is kept out of L1 too unless L2 took it: a writer dying after its commit
-//!   leaves no instance serving the row read under its lock. With L1 filled only from L2 at the Strong
+//!   invalidates L2 again after the commit. A value loaded with a poisoned token is
+//!   kept out of L1 too unless L2 took it, and one loaded while L2 was failing, within
+//!   `write_lock_ttl` of an invalidation of its key, a tag or the namespace heard here,
+//!   lives in L1 for `max_stale` at most ([`CacheStats::l1_fills_shortened`]): a writer
+//!   dying after its commit leaves no instance serving the row read under its lock for
+//!   longer than that (keeping such loads out of L1 altogether, as before, sent every
+//!   read of the keys written lately, the hot ones, to the database for as long as L2
+//!   failed). With L1 filled only from L2 at the Strong
 //!   level, no read can return the old row once any read returned the new one: reads
 //!   and writes are linearizable per key (checked by `strata check --level strong`).
 //! * **Strong acknowledgements.** At [`Consistency::Strong`], `invalidate` waits until

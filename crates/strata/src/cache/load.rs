@@ -335,15 +335,25 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
         if !filled {
             self.release_lease(key_str, token).await;
         }
+        let mut entry = self.make_entry(value, now, load_nanos, loading.start, tags);
         if !stored_in_l2 && self.keep_out_of_l1(loading, token) {
-            self.stats.l1_fills_skipped.incr();
-            return;
+            if self.cfg.is_strong() || token.is_some() {
+                self.stats.l1_fills_skipped.incr();
+                return;
+            }
+            // L2 failed, and a write lock may cover the key (its invalidation was heard
+            // lately): the value may be the row as it was before a commit under way.
+            // Kept for `max_stale` at most, which bounds it if the writer dies before its
+            // release; skipping L1 instead would send every read of the keys written
+            // lately, the hot ones, to the database for as long as L2 fails.
+            entry.meta.cap_life(now.saturating_add(self.cfg.max_stale));
+            self.stats.l1_fills_shortened.incr();
         }
-        let entry = self.make_entry(value, now, load_nanos, loading.start, tags);
         self.fill_l1(&loading.key, entry, loading.start);
     }
 
-    /// Whether a value L2 did not take must stay out of L1 too: it may have been read
+    /// Whether a value L2 did not take must stay out of L1 too (or, without a fill token,
+    /// stay there briefly): it may have been read
     /// under a write lock, before a write that commits after the load, and L1 would
     /// serve it after the commit until its TTL if the writer died before releasing the
     /// lock (no second invalidation would follow). At the Strong level L1 holds only

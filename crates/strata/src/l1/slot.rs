@@ -94,6 +94,16 @@ impl Meta {
         self.set_usable_until(usable);
     }
 
+    /// Ends the entry's life by `until` at the latest, fail-safe use included.
+    pub(crate) fn cap_life(&mut self, until: Timestamp) {
+        if self.fresh_until > until {
+            self.set_fresh_until(until);
+        }
+        if self.usable_until() > until {
+            self.set_usable_until(until);
+        }
+    }
+
     #[inline]
     pub(crate) fn is_stale_copy(&self) -> bool {
         self.bits & STALE_BIT != 0

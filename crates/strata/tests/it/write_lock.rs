@@ -153,29 +153,40 @@ async fn tokens_handed_out_under_a_write_lock_never_fill_even_after_it_expired()
 
 /// Invalidated level, L2 unreachable from the reader while a writer holds a lock (taken
 /// before L2 failed): the reader's load gets no fill token that could say "poisoned",
-/// so the recent invalidation it heard stands in for it. The old row it read must not
-/// stay in its L1 when the writer commits and dies without releasing the lock.
+/// so the recent invalidation it heard stands in for it. The old row it read stays in
+/// its L1 for `max_stale` at most (not its TTL): that bounds it when the writer commits
+/// and dies without releasing the lock, and the hot keys (the ones written lately) are
+/// not sent to the database on every read for as long as L2 fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_load_without_l2_under_a_heard_write_lock_stays_out_of_l1() {
-    let f = crate::support::fleet(2, strata::backplane::Mode::Stream, None).await;
+async fn a_load_without_l2_under_a_heard_write_lock_stays_in_l1_for_max_stale_at_most() {
+    let clock = strata::testing::ManualClock::new();
+    let f = crate::support::fleet(2, strata::backplane::Mode::Stream, Some(clock.clone())).await;
     let (writer, reader) = (&f.caches[0], &f.caches[1]);
     let db = Db::with(&[(1, "v1"), (2, "w1")]);
     let lock = writer.lock_for_write([strata::Scope::key(&1u64)]).await.expect("lock");
     eventually("the lock's invalidation heard", || reader.stats().invalidations_applied >= 1).await;
 
     f.tier.set_available(false);
-    let skipped = reader.stats().l1_fills_skipped;
+    let before = reader.stats();
     assert_eq!(reader.get_or_load(&1, db.loader(1)).await.expect("read").as_deref(), Some("v1"));
-    assert_eq!(reader.get_local(&1), None, "read under a heard lock without L2: not cached");
-    assert_eq!(reader.stats().l1_fills_skipped, skipped + 1);
-    // A key nobody wrote lately is still cached while L2 is down.
+    assert_eq!(reader.get_local(&1).as_deref(), Some("v1"), "kept, briefly");
+    let s = reader.stats();
+    assert_eq!(
+        (s.l1_fills_shortened, s.l1_fills_skipped),
+        (before.l1_fills_shortened + 1, before.l1_fills_skipped)
+    );
+    // A key nobody wrote lately is cached for its TTL while L2 is down.
     assert_eq!(reader.get_or_load(&2, db.loader(2)).await.expect("read").as_deref(), Some("w1"));
-    assert_eq!(reader.get_local(&2).as_deref(), Some("w1"), "unrelated keys keep L1: {:?}", reader.stats());
+    assert_eq!(reader.stats().l1_fills_shortened, s.l1_fills_shortened, "unrelated keys keep their TTL");
 
     // COMMIT, then the writer dies: no release, no second invalidation.
     db.set(1, "v2");
     std::mem::forget(lock);
     f.tier.set_available(true);
+    // max_stale is 2 s in this fleet: the old row is gone from L1 after it.
+    clock.advance(std::time::Duration::from_millis(2001));
+    assert_eq!(reader.get_local(&1), None, "gone after max_stale");
+    assert_eq!(reader.get_local(&2).as_deref(), Some("w1"), "still cached");
     assert_eq!(reader.get_or_load(&1, db.loader(1)).await.expect("read").as_deref(), Some("v2"));
     assert_eq!(writer.get_or_load(&1, db.loader(1)).await.expect("read").as_deref(), Some("v2"));
 }
