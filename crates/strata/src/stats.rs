@@ -183,6 +183,9 @@ stats! {
     early_refreshes: Counter,
     /// Times the XFetch rule fired on a hit (a refresh starts unless one is running).
     early_refresh_decisions: Counter,
+    /// Early refreshes answered by an L2 entry fresher than the copy (another instance
+    /// had refreshed it), not by the loader.
+    early_refreshes_from_l2: Counter,
     /// Reads that waited for another fleet member's fill instead of loading.
     lease_waits: Counter,
     /// Invalidation messages published.

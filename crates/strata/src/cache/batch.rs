@@ -104,9 +104,9 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
             let stale = match self.probe(key, now) {
                 Probe::Fresh(value, refresh) => {
                     self.stats.l1_hits.incr();
-                    if refresh {
+                    if let Some(fresh_until) = refresh {
                         let (loader, k) = (loader.clone(), key.clone());
-                        self.spawn_refresh(key, move || async move { loader.load(&k).await });
+                        self.spawn_refresh(key, fresh_until, move || async move { loader.load(&k).await });
                     }
                     out[i] = value;
                     continue;

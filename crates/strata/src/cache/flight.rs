@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 
 use tokio::sync::watch;
 
+use crate::clock::Timestamp;
 use crate::error::Result;
 use crate::sync::{AtomicU64, Mutex};
 
@@ -18,8 +19,9 @@ pub(crate) enum FlightKind {
     /// A read that missed: callers wait for it; it may take the fleet's load lease and
     /// answer from L2 or with a fail-safe copy.
     Read,
-    /// An early refresh (XFetch) of an entry still being served: nobody waits for it.
-    Refresh,
+    /// An early refresh (XFetch) of an entry still being served, fresh until the time
+    /// it carries: nobody waits for it.
+    Refresh(Timestamp),
 }
 
 struct Flight<V> {

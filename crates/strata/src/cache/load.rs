@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::flight::{self, FinishOnDrop, FlightKind, Lead};
 use super::state::Inner;
-use crate::clock::{ClockKind, duration_nanos};
+use crate::clock::{ClockKind, Timestamp, duration_nanos};
 use crate::error::{Error, Result};
 use crate::key::{CacheKey, CacheValue};
 use crate::l1::{Entry, LoadStart};
@@ -43,7 +43,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
         Fut: Future<Output = std::result::Result<Option<V>, E>> + Send + 'static,
         E: Into<BoxError> + Send + 'static,
     {
-        if kind == FlightKind::Refresh {
+        if matches!(kind, FlightKind::Refresh(_)) {
             self.stats.early_refreshes.incr();
         }
         let inner = self.clone();
@@ -51,8 +51,9 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
         tokio::spawn(async move { inner.run_flight(key, lead, loader, stale, kind).await });
     }
 
-    /// XFetch decided on a refresh: starts one unless a load of `key` is running.
-    pub(crate) fn spawn_refresh<F, Fut, E>(self: &Arc<Self>, key: &K, loader: F)
+    /// XFetch decided on a refresh of a copy fresh until `fresh_until`: starts one
+    /// unless a load of `key` is running.
+    pub(crate) fn spawn_refresh<F, Fut, E>(self: &Arc<Self>, key: &K, fresh_until: Timestamp, loader: F)
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = std::result::Result<Option<V>, E>> + Send + 'static,
@@ -62,7 +63,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
             return;
         }
         if let (_, Some(lead)) = self.flights.join_or_lead(key) {
-            self.spawn_flight(key, lead, loader, None, FlightKind::Refresh);
+            self.spawn_flight(key, lead, loader, None, FlightKind::Refresh(fresh_until));
         }
     }
 
@@ -148,13 +149,28 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
     ) -> std::result::Result<Option<V>, (Option<FillToken>, Option<Envelope>)> {
         let Some(l2) = &self.l2 else { return Err((None, None)) };
         let key_str = &loading.key_str;
-        if kind == FlightKind::Refresh {
+        if let FlightKind::Refresh(fresh_until) = kind {
             let lookup = l2.call("lookup", &self.stats, l2.tier().lookup(l2.ns(), key_str, None)).await;
-            let token = match lookup {
-                Ok(Lookup::Miss { token, .. }) => Some(token),
-                _ => None,
+            return match lookup {
+                Ok(Lookup::Miss { token, .. }) => Err((Some(token), None)),
+                Ok(Lookup::Hit(env)) => {
+                    // An entry fresh for longer than our copy: another instance refreshed
+                    // it already (or L1's TTL is the shorter one). Taken instead of a load,
+                    // so that a fleet whose copies near expiry together loads about once.
+                    let token = FillToken { stamp: env.stamp, lease: None, leader: true };
+                    if env.soft_expiry > fresh_until
+                        && self.replacement_token(key_str, &env).is_none()
+                        && let Some(value) = self.fill_from_l2(loading, env).await
+                    {
+                        self.stats.early_refreshes_from_l2.incr();
+                        return Ok(value);
+                    }
+                    // As old as our copy: refresh it for the fleet too. A token from the
+                    // entry's stamp is as safe as the lookup's (see `replacement_token`).
+                    Err((Some(token), None))
+                }
+                Err(_) => Err((None, None)),
             };
-            return Err((token, None));
         }
         let lease = Some(self.cfg.hard_timeout);
         match l2.call("lookup", &self.stats, l2.tier().lookup(l2.ns(), key_str, lease)).await {

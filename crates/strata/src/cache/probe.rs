@@ -11,8 +11,9 @@ use crate::l1::{Entry, Meta, Slot};
 /// Where a read found its value. `Fresh` carries only the value, so the hit path moves
 /// as little as possible.
 pub(crate) enum Probe<V> {
-    /// The value, and whether XFetch asks for a background refresh.
-    Fresh(Option<V>, bool),
+    /// The value, and, when XFetch asks for a background refresh, until when the copy
+    /// is fresh (the refresh takes an L2 entry that outlives it instead of loading).
+    Fresh(Option<V>, Option<Timestamp>),
     /// Expired, but usable by fail-safe.
     Stale(Entry<V>),
     Absent,
@@ -32,7 +33,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
     pub(crate) fn probe(&self, key: &K, now: Timestamp) -> Probe<V> {
         match self.l1.read(key, |slot| self.look(slot, now)) {
             None => Probe::Absent,
-            Some(Look::Fast(value)) => Probe::Fresh(value, false),
+            Some(Look::Fast(value)) => Probe::Fresh(value, None),
             Some(Look::Slow(slot)) => self.probe_slow(&slot, now),
         }
     }
@@ -81,7 +82,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
                 self.stats.stale_served.incr();
             }
             let refresh = self.in_xfetch_window(&meta, now) && self.xfetch_fires(&meta, now);
-            return Probe::Fresh(slot.value().cloned(), refresh);
+            return Probe::Fresh(slot.value().cloned(), refresh.then_some(meta.fresh_until));
         }
         if now < meta.usable_until() { Probe::Stale(slot.to_entry(self.xfetch_lead)) } else { Probe::Absent }
     }

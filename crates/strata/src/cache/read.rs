@@ -116,8 +116,8 @@ impl<K: CacheKey, V: CacheValue> Cache<K, V> {
                 if hit_age::sampled() {
                     inner.record_l1_hit_age(key, now);
                 }
-                if refresh {
-                    inner.spawn_refresh(key, loader);
+                if let Some(fresh_until) = refresh {
+                    inner.spawn_refresh(key, fresh_until, loader);
                 }
                 return Ok(value);
             }

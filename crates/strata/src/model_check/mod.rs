@@ -218,7 +218,7 @@ impl World {
             return;
         }
         if let (_, Some(lead)) = self.flights.join_or_lead(&KEY) {
-            self.spawn_flight(lead, FlightKind::Refresh);
+            self.spawn_flight(lead, FlightKind::Refresh(crate::clock::Timestamp(0)));
         }
     }
 

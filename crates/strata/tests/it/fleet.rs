@@ -422,3 +422,60 @@ async fn the_remote_invalidation_hook_runs_where_an_invalidation_was_applied() {
     }
     assert!(seen[0].lock().unwrap().is_empty(), "not on the writer");
 }
+
+/// Copies of a hot key loaded together expire together: the first instance whose
+/// XFetch fires refreshes it for the fleet (its load's fill replaces the L2 entry), and
+/// the others' refreshes take that entry instead of loading again.
+#[tokio::test]
+async fn early_refreshes_of_a_fleet_load_about_once() {
+    let clock = ManualClock::new();
+    let tier = strata::InProcessTier::with_config(
+        strata::tier::TierConfig::default(),
+        Arc::new(clock.clone()) as Arc<dyn strata::Clock>,
+    );
+    let hub = InProcessBackplane::new();
+    let mut caches = Vec::new();
+    for _ in 0..4 {
+        let cache: Cache<u64, String> = Cache::builder("ns")
+            .tier(Arc::new(tier.clone()))
+            .backplane(Arc::new(hub.connect()))
+            .clock(Arc::new(clock.clone()))
+            .ttl(Duration::from_secs(2))
+            .ttl_jitter(0.0)
+            .early_refresh(1000.0)
+            .build()
+            .expect("valid");
+        cache.ready().await;
+        caches.push(cache);
+    }
+    let loads = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let load = |c: &ManualClock| {
+        let (c, loads) = (c.clone(), loads.clone());
+        move || async move {
+            loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            c.advance(Duration::from_millis(100)); // the load's Δ for XFetch
+            Ok::<_, std::io::Error>(Some("v".to_string()))
+        }
+    };
+    for c in &caches {
+        c.get_or_load(&1, load(&clock)).await.expect("load");
+    }
+    assert_eq!(loads.load(std::sync::atomic::Ordering::SeqCst), 1, "one load, then L2 hits");
+    // 100 ms before expiry, Δβ = 100 s: XFetch fires on every hit.
+    clock.advance(Duration::from_millis(1800));
+    let done = || {
+        loads.load(std::sync::atomic::Ordering::SeqCst)
+            + caches.iter().map(|c| c.stats().early_refreshes_from_l2).sum::<u64>()
+    };
+    for c in &caches {
+        let before = done();
+        c.get_or_load(&1, load(&clock)).await.expect("hit");
+        eventually("the refresh finished", || done() > before && c.stats().loads_in_flight == 0).await;
+    }
+    let from_l2: u64 = caches.iter().map(|c| c.stats().early_refreshes_from_l2).sum();
+    assert_eq!(
+        (loads.load(std::sync::atomic::Ordering::SeqCst), from_l2),
+        (2, 3),
+        "the first refresh loads, the other three take its entry"
+    );
+}
