@@ -207,6 +207,11 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
     /// XFetch β: on a hit, refresh in the background when
     /// `now − Δ·β·ln(rand()) ≥ expiry`, Δ being the last load's duration. 0 disables
     /// early refresh; larger values refresh earlier. Default 1.0.
+    ///
+    /// A refresh looks in L2 first: an entry fresh for longer than the copy (another
+    /// instance refreshed it, or L1's TTL is the shorter) is taken instead of loading
+    /// ([`CacheStats::early_refreshes_from_l2`](crate::CacheStats::early_refreshes_from_l2)); one as old as the copy is loaded anew and
+    /// replaced in L2, so the copies of a fleet that expire together cost about one load.
     pub fn early_refresh(mut self, beta: f64) -> Self {
         self.early_refresh_beta = beta;
         self
