@@ -389,6 +389,14 @@ impl BenchReport {
                 lags.join(", ")
             );
         }
+        let repairs: Vec<String> = self.strategies.iter().filter_map(repairs_line).collect();
+        if !repairs.is_empty() {
+            let _ = writeln!(
+                out,
+                "# gaps in the invalidations (messages or stream entries lost): {}",
+                repairs.join(", ")
+            );
+        }
         let _ = writeln!(
             out,
             "# level: ttl 5s = copies up to 5 s old, no invalidation; delete = one shared copy, deleted \
@@ -525,6 +533,22 @@ impl StrategyReport {
             },
         )
     }
+}
+
+/// How a strategy's instances repaired what they missed, from its details (strata's
+/// counters): `None` when nothing was missed.
+fn repairs_line(s: &StrategyReport) -> Option<String> {
+    let d = s.details.as_ref()?;
+    let n = |k: &str| d.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    let (gaps, flushed, replayed, verified) =
+        (n("gaps_detected"), n("repairs_flushed"), n("repairs_replayed"), n("repairs_verified"));
+    (gaps > 0).then(|| {
+        format!(
+            "{} {gaps} detected, repaired by {flushed} L1 flushes and {replayed} replays; {verified} checks \
+             of reported stream losses found nothing missing",
+            s.name
+        )
+    })
 }
 
 #[cfg(test)]
