@@ -14,29 +14,44 @@ fn strata(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_strata")).args(args).output().expect("the strata binary runs")
 }
 
+/// Runs `strata ARGS`, checks that it exited 0, and returns the JSON report it wrote to
+/// `json` and its stdout.
+fn run_with_report(args: &[&str], json: &Path) -> (Value, String) {
+    let out = strata(args);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "strata {} failed:\n{stdout}\n{}",
+        args[0],
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    (report, stdout)
+}
+
 fn short_bench(scenario: &str, dir: &Path) -> (Value, String) {
     let json = dir.join(format!("{scenario}.json"));
     let svg = dir.join(format!("{scenario}.svg"));
-    let out = strata(&[
-        "bench",
-        "--scenario",
-        scenario,
-        "--duration",
-        "2",
-        "--instances",
-        "3",
-        "--rate",
-        "300",
-        "--keys",
-        "200",
-        "--json",
-        json.to_str().unwrap(),
-        "--plot",
-        svg.to_str().unwrap(),
-    ]);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "strata bench failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let (report, stdout) = run_with_report(
+        &[
+            "bench",
+            "--scenario",
+            scenario,
+            "--duration",
+            "2",
+            "--instances",
+            "3",
+            "--rate",
+            "300",
+            "--keys",
+            "200",
+            "--json",
+            json.to_str().unwrap(),
+            "--plot",
+            svg.to_str().unwrap(),
+        ],
+        &json,
+    );
     let svg = std::fs::read_to_string(&svg).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains(scenario), "the plot is an SVG naming the scenario");
     (report, stdout)
@@ -146,26 +161,26 @@ fn payment_short_bench() {
 fn drafts_short_bench() {
     let dir = tempfile::tempdir().unwrap();
     let (json, svg) = (dir.path().join("drafts.json"), dir.path().join("drafts.svg"));
-    let out = strata(&[
-        "bench",
-        "--scenario",
-        "drafts",
-        "--duration",
-        "3",
-        "--instances",
-        "3",
-        "--users",
-        "100",
-        "--flush-delay",
-        "1",
-        "--json",
-        json.to_str().unwrap(),
-        "--plot",
-        svg.to_str().unwrap(),
-    ]);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "drafts bench failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let (report, stdout) = run_with_report(
+        &[
+            "bench",
+            "--scenario",
+            "drafts",
+            "--duration",
+            "3",
+            "--instances",
+            "3",
+            "--users",
+            "100",
+            "--flush-delay",
+            "1",
+            "--json",
+            json.to_str().unwrap(),
+            "--plot",
+            svg.to_str().unwrap(),
+        ],
+        &json,
+    );
     assert_eq!(report["scenario"], "drafts");
     for name in ["write-through", "naive-write-behind", "strata"] {
         let s = strategy(&report, name);
@@ -197,26 +212,26 @@ fn drafts_short_bench() {
 fn check_drafts_loses_no_acknowledged_save_under_every_fault_at_fsync() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("drafts-check.json");
-    let out = strata(&[
-        "check",
-        "--workload",
-        "drafts",
-        "--level",
-        "invalidated",
-        "--fault",
-        "all",
-        "--durability",
-        "fsync",
-        "--duration",
-        "20",
-        "--read-rate",
-        "100",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "check failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let (report, stdout) = run_with_report(
+        &[
+            "check",
+            "--workload",
+            "drafts",
+            "--level",
+            "invalidated",
+            "--fault",
+            "all",
+            "--durability",
+            "fsync",
+            "--duration",
+            "20",
+            "--read-rate",
+            "100",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        &json,
+    );
     let v = &report["verdict"];
     assert_eq!(report["faults"], serde_json::json!(["instance-kill", "redis-kill", "db-down"]), "{report:#}");
     assert!(v["acknowledged_saves"].as_u64().unwrap() > 100, "{v:#}");
@@ -256,25 +271,26 @@ fn multi_tier_short_bench() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("mtc.json");
     let (url, json_arg) = (redis.url(), json.to_str().unwrap());
-    let out = strata(&[
-        "bench",
-        "--redis",
-        &url,
-        "--strategies",
-        "multi-tier",
-        "--duration",
-        "2",
-        "--instances",
-        "3",
-        "--rate",
-        "300",
-        "--keys",
-        "200",
-        "--json",
-        json_arg,
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let (report, _) = run_with_report(
+        &[
+            "bench",
+            "--redis",
+            &url,
+            "--strategies",
+            "multi-tier",
+            "--duration",
+            "2",
+            "--instances",
+            "3",
+            "--rate",
+            "300",
+            "--keys",
+            "200",
+            "--json",
+            json_arg,
+        ],
+        &json,
+    );
     let s = strategy(&report, "multi-tier");
     assert_eq!(s["stale_reads"], 0, "{s:#}");
     assert!(s["l1_hit_rate"].as_f64().unwrap() > 0.3 && s["redis_ops"].as_u64().unwrap() > 0, "{s:#}");
@@ -329,40 +345,40 @@ fn bad_outputs_and_unreachable_servers_fail_before_the_run() {
 fn events_on_a_timeline() {
     let dir = tempfile::tempdir().unwrap();
     let (json, svg) = (dir.path().join("events.json"), dir.path().join("timeline.svg"));
-    let out = strata(&[
-        "bench",
-        "--duration",
-        "2",
-        "--steady-after",
-        "1",
-        "--instances",
-        "3",
-        "--rate",
-        "300",
-        "--keys",
-        "200",
-        "--write-ratio",
-        "0",
-        "--ttl",
-        "0.4",
-        "--join-at",
-        "0.3",
-        "--warm-join-at",
-        "0.8",
-        "--bulk-invalidate-at",
-        "1.3",
-        "--strategies",
-        "local-ttl,strata",
-        "--l2-timeout",
-        "200",
-        "--json",
-        json.to_str().unwrap(),
-        "--timeline",
-        svg.to_str().unwrap(),
-    ]);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "strata bench failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let (report, stdout) = run_with_report(
+        &[
+            "bench",
+            "--duration",
+            "2",
+            "--steady-after",
+            "1",
+            "--instances",
+            "3",
+            "--rate",
+            "300",
+            "--keys",
+            "200",
+            "--write-ratio",
+            "0",
+            "--ttl",
+            "0.4",
+            "--join-at",
+            "0.3",
+            "--warm-join-at",
+            "0.8",
+            "--bulk-invalidate-at",
+            "1.3",
+            "--strategies",
+            "local-ttl,strata",
+            "--l2-timeout",
+            "200",
+            "--json",
+            json.to_str().unwrap(),
+            "--timeline",
+            svg.to_str().unwrap(),
+        ],
+        &json,
+    );
     for name in ["local-ttl", "strata"] {
         let t = &strategy(&report, name)["timeline"];
         assert_eq!(t["window"], "events", "{t:#}");
@@ -406,22 +422,22 @@ fn check_run(level: &str, fault: &str, secs: &str) -> (Value, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("check.json");
     let history = dir.path().join("history.jsonl");
-    let out = strata(&[
-        "check",
-        "--level",
-        level,
-        "--fault",
-        fault,
-        "--duration",
-        secs,
-        "--json",
-        json.to_str().unwrap(),
-        "--history",
-        history.to_str().unwrap(),
-    ]);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "strata check failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let (report, stdout) = run_with_report(
+        &[
+            "check",
+            "--level",
+            level,
+            "--fault",
+            fault,
+            "--duration",
+            secs,
+            "--json",
+            json.to_str().unwrap(),
+            "--history",
+            history.to_str().unwrap(),
+        ],
+        &json,
+    );
     (report, stdout, std::fs::read_to_string(&history).unwrap())
 }
 

@@ -70,7 +70,7 @@ const SMALL_MAXMEMORY: u64 = 16 << 20;
 /// The note on the latency histograms for a server with `maxmemory` (0: none) whose
 /// `INFO latencystats` lists commands (`tracking`), or `None` where they do not matter.
 pub(crate) fn histogram_note(maxmemory: u64, tracking: bool) -> Option<String> {
-    if !tracking || maxmemory == 0 || maxmemory >= SMALL_MAXMEMORY {
+    if !tracking || !histograms_matter(maxmemory) {
         return None;
     }
     let bytes = COMMANDS_USED * HISTOGRAM_BYTES;
@@ -81,6 +81,11 @@ pub(crate) fn histogram_note(maxmemory: u64, tracking: bool) -> Option<String> {
         bytes / 1000,
         bytes as f64 * 100.0 / maxmemory as f64
     ))
+}
+
+/// Whether a `maxmemory` (0: none) is small enough for the histograms to matter.
+fn histograms_matter(maxmemory: u64) -> bool {
+    maxmemory != 0 && maxmemory < SMALL_MAXMEMORY
 }
 
 /// The server's memory limit and eviction policy, as `INFO memory` tells.
@@ -177,7 +182,7 @@ impl RedisTier {
     /// Warns when the latency histograms take a share of a small `maxmemory` worth
     /// knowing (see the module docs); silent where `INFO latencystats` is refused.
     async fn note_histograms(&self, maxmemory: u64, timeout: Duration) {
-        if histogram_note(maxmemory, true).is_none() {
+        if !histograms_matter(maxmemory) {
             return;
         }
         let mut c = self.inner.conn.get();

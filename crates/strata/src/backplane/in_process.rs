@@ -74,33 +74,17 @@ impl Hub {
 }
 
 /// Faults applied to what one connection receives (and whether it can publish).
+#[derive(Default)]
 pub struct FaultControl {
     drop_next: AtomicU64,
     delay_micros: AtomicU64,
     reorder: AtomicBool,
     disconnected: AtomicBool,
-    /// Messages to drop before reporting `Lost` (`u64::MAX`: no loss to report).
+    /// 0: no loss to report; n + 1: drop n messages, then report `Lost`.
     lose_next: AtomicU64,
     changed: tokio::sync::Notify,
     dropped: AtomicU64,
 }
-
-impl Default for FaultControl {
-    fn default() -> Self {
-        FaultControl {
-            drop_next: AtomicU64::new(0),
-            delay_micros: AtomicU64::new(0),
-            reorder: AtomicBool::new(false),
-            disconnected: AtomicBool::new(false),
-            lose_next: AtomicU64::new(NO_LOSS),
-            changed: tokio::sync::Notify::new(),
-            dropped: AtomicU64::new(0),
-        }
-    }
-}
-
-/// `lose_next` when no loss is to be reported.
-const NO_LOSS: u64 = u64::MAX;
 
 impl FaultControl {
     /// Drops the next `n` messages this connection would receive and reports
@@ -108,7 +92,7 @@ impl FaultControl {
     /// when entries it had not read were trimmed or evicted. `n = 0` reports a loss that
     /// took nothing (a stream's counter restarted, entries gone that were read already).
     pub fn lose_next(&self, n: u64) {
-        self.lose_next.store(n.min(NO_LOSS - 1), Ordering::SeqCst);
+        self.lose_next.store(n.saturating_add(1), Ordering::SeqCst);
     }
 
     /// Silently drops the next `n` messages this connection would receive.
@@ -146,20 +130,16 @@ impl FaultControl {
         self.set_delay(Duration::ZERO);
         self.set_reorder(false);
         self.set_disconnected(false);
-        self.lose_next.store(NO_LOSS, Ordering::SeqCst);
+        self.lose_next.store(0, Ordering::SeqCst);
     }
 
-    /// Whether `Lost` is due before this message (false), or it is dropped for a loss
-    /// (true). Reports the loss on `out` when due.
+    /// What `lose_next` does to the next message; reports the loss on `out` when it is
+    /// due.
     async fn take_loss(&self, out: &mpsc::Sender<BackplaneEvent>) -> LossStep {
         let step = self
             .lose_next
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| match n {
-                NO_LOSS => None,
-                0 => Some(NO_LOSS),
-                n => Some(n - 1),
-            })
-            .map_or(LossStep::Deliver, |n| if n == 0 { LossStep::Report } else { LossStep::Drop });
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .map_or(LossStep::Deliver, |n| if n == 1 { LossStep::Report } else { LossStep::Drop });
         if step == LossStep::Report && out.send(BackplaneEvent::Lost).await.is_err() {
             return LossStep::Gone;
         }

@@ -15,6 +15,17 @@ use crate::l1::{Entry, LoadStart};
 use crate::loader::BoxError;
 use crate::tier::{Envelope, FillOutcome, FillToken, Lookup};
 
+/// How a loaded value L2 did not take goes into L1 (see `Inner::l1_admission`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum L1Admission {
+    /// For its TTL.
+    Full,
+    /// For `max_stale` at most.
+    Brief,
+    /// Not at all.
+    Refused,
+}
+
 /// One key being loaded: what every step of a flight needs to know about it.
 pub(crate) struct Loading<K> {
     pub(crate) key: K,
@@ -159,14 +170,14 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
                     // so that a fleet whose copies near expiry together loads about once.
                     let token = FillToken { stamp: env.stamp, lease: None, leader: true };
                     if env.soft_expiry > fresh_until
-                        && self.replacement_token(key_str, &env).is_none()
                         && let Some(value) = self.fill_from_l2(loading, env).await
                     {
                         self.stats.early_refreshes_from_l2.incr();
                         return Ok(value);
                     }
-                    // As old as our copy: refresh it for the fleet too. A token from the
-                    // entry's stamp is as safe as the lookup's (see `replacement_token`).
+                    // As old as our copy, or not one we can serve (another schema,
+                    // distrusted): loaded anew, and replaced for the fleet too. A token from
+                    // the entry's stamp is as safe as the lookup's (see `replacement_token`).
                     Err((Some(token), None))
                 }
                 Err(_) => Err((None, None)),
@@ -351,38 +362,39 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
         if !filled {
             self.release_lease(key_str, token).await;
         }
+        let admission = if stored_in_l2 { L1Admission::Full } else { self.l1_admission(loading, token) };
+        if admission == L1Admission::Refused {
+            self.stats.l1_fills_skipped.incr();
+            return;
+        }
         let mut entry = self.make_entry(value, now, load_nanos, loading.start, tags);
-        if !stored_in_l2 && self.keep_out_of_l1(loading, token) {
-            if self.cfg.is_strong() || token.is_some() {
-                self.stats.l1_fills_skipped.incr();
-                return;
-            }
-            // L2 failed, and a write lock may cover the key (its invalidation was heard
-            // lately): the value may be the row as it was before a commit under way.
-            // Kept for `max_stale` at most, which bounds it if the writer dies before its
-            // release; skipping L1 instead would send every read of the keys written
-            // lately, the hot ones, to the database for as long as L2 fails.
+        if admission == L1Admission::Brief {
             entry.meta.cap_life(now.saturating_add(self.cfg.max_stale));
             self.stats.l1_fills_shortened.incr();
         }
         self.fill_l1(&loading.key, entry, loading.start);
     }
 
-    /// Whether a value L2 did not take must stay out of L1 too (or, without a fill token,
-    /// stay there briefly): it may have been read
-    /// under a write lock, before a write that commits after the load, and L1 would
-    /// serve it after the commit until its TTL if the writer died before releasing the
-    /// lock (no second invalidation would follow). At the Strong level L1 holds only
-    /// what L2 returned or accepted; at the others, a poisoned token says a lock
-    /// covered the key, and without a token (L2 failed) a recent invalidation of the
-    /// key, a tag or the namespace stands in for the lock L2 could not report.
-    fn keep_out_of_l1(&self, loading: &Loading<K>, token: Option<&FillToken>) -> bool {
+    /// How a value L2 did not take goes into L1. It may have been read under a write
+    /// lock, before a write that commits after the load, and L1 would serve it after the
+    /// commit until its TTL if the writer died before releasing the lock (no second
+    /// invalidation would follow). At the Strong level L1 holds only what L2 returned or
+    /// accepted; at the others a poisoned token says a lock covered the key (refused),
+    /// and without a token (L2 failed) a recent invalidation of the key, a tag or the
+    /// namespace stands in for the lock L2 could not report: kept for `max_stale` at
+    /// most, which bounds it if the writer dies before its release (refusing it instead
+    /// sent every read of the keys written lately, the hot ones, to the database for as
+    /// long as L2 failed).
+    fn l1_admission(&self, loading: &Loading<K>, token: Option<&FillToken>) -> L1Admission {
         if self.cfg.is_strong() {
-            return true;
+            return L1Admission::Refused;
         }
         match token {
-            Some(token) => token.is_poisoned(),
-            None => self.l2.is_some() && self.invalidated_recently(&loading.key, loading.start),
+            Some(token) if token.is_poisoned() => L1Admission::Refused,
+            None if self.l2.is_some() && self.invalidated_recently(&loading.key, loading.start) => {
+                L1Admission::Brief
+            }
+            _ => L1Admission::Full,
         }
     }
 
