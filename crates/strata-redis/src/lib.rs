@@ -40,7 +40,8 @@
 //! errors to [`ErrorKind::Tier`](strata::error::ErrorKind::Tier). An entry that cannot
 //! be decoded is a miss: deleted, counted (`strata_l2_undecodable_total`,
 //! [`RedisTierStats::undecodable`]), never an error. [`RedisTier::lookup_many`] reads a
-//! batch of keys in one round trip; [`RedisTier::ops`] counts round trips for the
+//! batch of keys in one round trip when all are fresh hits, two otherwise (a plain read,
+//! then the lookup script for the rest); [`RedisTier::ops`] counts round trips for the
 //! benchmark's "Redis ops/s".
 //!
 //! # What each backplane promises

@@ -178,6 +178,17 @@ impl Stored {
         }
     }
 
+    /// An entry read outside a script (see [`plain_read`](super::plain_read)): the
+    /// envelope, (stamp, soft, hard expiry), the `t` field and the MAC.
+    pub(crate) fn from_parts(
+        bytes: Vec<u8>,
+        fields: (u64, u64, u64),
+        tags: Vec<u8>,
+        mac: Option<Vec<u8>>,
+    ) -> Stored {
+        Stored { bytes, fields: Some(fields), tags, mac }
+    }
+
     fn parse(items: &[Value]) -> Option<Stored> {
         let bytes = value_bytes(items.first()?)?.to_vec();
         let field = |i: usize| items.get(i).and_then(value_u64);

@@ -11,7 +11,7 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `…:m` | hash, no TTL | `c` invalidation clock, `n` namespace epoch, `l` lease counter, `f` lease floor, `tf` tag floor, `t:<tag>` clock value of the tag's last invalidation (at most [`max_tag_epochs`](RedisTierBuilder::max_tag_epochs) tags); the tombstone bookkeeping: `xg` current generation (0/1), `x0`/`x1` the tick each generation started at, `xw` when the current one started (server ms), `xf` tombstone floor |
-//! | `…:e:<key>` | string, PX = entry ttl | a head `<s>,<f>,<h>,<v>,<tags len>,<mac len>;` (stamp; soft and hard expiry in ns since the epoch; row version or nothing; all decimal), then the tags (`<byte len>:<tag>` repeated), the MAC (only with [`integrity_keys`](RedisTierBuilder::integrity_keys)) and the envelope (format byte `2` + postcard of [`Envelope`]). One string: a hash holding a field over 64 bytes becomes a hash table of every field (796 bytes per entry against 373 for this, and 240 for a plain `SET` of the same value: `tier::eviction::memory_per_entry_against_a_plain_set`) |
+//! | `…:e:<key>` | string, PX = entry ttl | a head `<s>,<f>,<h>,<v>,<tags len>,<mac len>;` (stamp; soft and hard expiry in ns since the epoch; row version or nothing; all decimal), then the tags (`<byte len>:<tag>` repeated), the MAC (only with [`integrity_keys`](RedisTierBuilder::integrity_keys)) and the envelope (format byte `2` + postcard of [`Envelope`](strata::tier::Envelope)). One string: a hash holding a field over 64 bytes becomes a hash table of every field (796 bytes per entry against 373 for this, and 240 for a plain `SET` of the same value: `tier::eviction::memory_per_entry_against_a_plain_set`) |
 //! | `…:l:<key>` | string, PX = lease ttl | the id of the lease holder |
 //! | `…:x0`, `…:x1` | hash, no TTL | the two tombstone generations: `<key>` → the clock tick of the key's last invalidation, `_` → the tick the generation started at |
 //! | `…:x:<key>` | string, PX = tombstone ttl | strata 0.1's tombstone, written and read only with [`legacy_tombstones`](RedisTierBuilder::legacy_tombstones) (the default) |
@@ -34,9 +34,15 @@
 //!
 //! # Scripts
 //!
-//! Each operation is one Lua script, so Redis applies it atomically:
+//! Each operation is one Lua script, so Redis applies it atomically, but for a lookup's
+//! hits:
 //!
-//! - **lookup** (one or many keys): read the entry, check its stamp against the
+//! - **lookup** (one or many keys): first a plain read, one pipelined round trip of a
+//!   `GETRANGE` per entry (bounded) and an `HMGET` of the meta hash, checked in the client exactly as
+//!   the script checks (see `plain_read.rs` for why that answers what the script would):
+//!   a fresh, valid, untagged entry is a hit without a script (a script call costs Redis
+//!   20–30 µs of CPU, a `GETRANGE` under 1 µs); a miss costs this round trip more. Every other key goes to the lookup script:
+//!   read the entry, check its stamp against the
 //!   namespace epoch and the epochs of its tags; an invalid entry is deleted and is a
 //!   miss; a valid entry past its soft expiry is a miss that carries the entry as a
 //!   stale fallback. On a miss the script reads the clock (the token's stamp) and,
@@ -67,12 +73,13 @@
 //!
 //! # Undecodable entries
 //!
-//! An entry that is not a hash, has no or an empty envelope, a bad format byte, a
+//! An entry that is not a string, has no or an empty envelope, a bad format byte, a
 //! stamp, tag list, expiry or version that is not a canonical decimal in range, a stamp
 //! above the clock, or is larger than
-//! [`max_entry_bytes`](RedisTierBuilder::max_entry_bytes) (checked with `HSTRLEN`
-//! before it is read, so it is never transferred) is found by the script itself and
-//! costs no extra round trip. The postcard inside the envelope is decoded in Rust: an
+//! [`max_entry_bytes`](RedisTierBuilder::max_entry_bytes) (the plain read asks for at
+//! most that many bytes and the head, the script checks `STRLEN` before reading, so it
+//! is never transferred whole) is left by the plain read to the script, which finds
+//! it. The postcard inside the envelope is decoded in Rust: an
 //! entry that fails there is read once more with its bytes, and the script deletes it
 //! if it still holds them and answers a miss either way. Every such entry is a miss:
 //! deleted, counted in `strata_l2_undecodable_total` and
@@ -129,7 +136,6 @@ use redis::Value;
 use strata::Scope;
 use strata::clock::{Clock, SystemClock};
 use strata::error::{ErrorKind, Result};
-use strata::tier::{Envelope, Lookup};
 
 use crate::cluster::{Connector, RedisConn};
 pub use crate::connection::DEFAULT_PREFIX;
@@ -140,9 +146,7 @@ use crate::tier::builder::WHAT;
 pub use crate::tier::builder::{DEFAULT_MAX_ENTRY_BYTES, DEFAULT_OP_TIMEOUT, RedisTierBuilder};
 pub use crate::tier::eviction::EvictionCheck;
 pub use crate::tier::format::ENVELOPE_FORMAT;
-use crate::tier::format::{
-    NsKeys, Opened, RawLookup, Stored, millis_at_least_one, parse_lookup_reply, parse_script_reply,
-};
+use crate::tier::format::{NsKeys, millis_at_least_one, parse_script_reply};
 use crate::tier::scripts::TierScripts;
 pub use crate::tier::slots::{ClusterSlots, DEFAULT_CLUSTER_SHARDS, cluster_shard_namespace, key_slot};
 
@@ -150,7 +154,9 @@ mod builder;
 pub(crate) mod eviction;
 pub(crate) mod format;
 mod hot_keys;
+mod lookup;
 pub(crate) mod lua;
+mod plain_read;
 mod port;
 mod replication;
 mod scripts;
@@ -430,89 +436,6 @@ impl RedisTier {
         Ok(r.result)
     }
 
-    /// Reads several keys of one namespace in one script run (one round trip). Each
-    /// key's answer is what [`Tier::lookup`](strata::tier::Tier::lookup) would return for it; with `lease`, a
-    /// lease is tried for every missing key.
-    pub async fn lookup_many(
-        &self,
-        namespace: &str,
-        keys: &[String],
-        lease: Option<Duration>,
-    ) -> Result<Vec<Lookup>> {
-        if keys.is_empty() {
-            return Ok(Vec::new());
-        }
-        let ns = NsKeys::new(&self.inner.prefix, namespace);
-        let lease_ms = lease.map_or(0, millis_at_least_one);
-        let mut results: Vec<Option<Lookup>> = vec![None; keys.len()];
-        let mut pending: Vec<usize> = (0..keys.len()).collect();
-        let mut discard: Vec<Vec<u8>> = vec![Vec::new(); keys.len()];
-        // Two passes at most: the script checks every field but the postcard inside the
-        // envelope, so a hit may still not decode here. The second pass sends its bytes
-        // back; the script deletes the entry if it still holds them, and answers a miss
-        // for that key either way.
-        for pass in 0..2 {
-            let raw = self.lookup_raw(&ns, namespace, keys, &pending, &discard, lease_ms).await?;
-            let mut next = Vec::new();
-            for (&i, r) in pending.iter().zip(raw) {
-                match r {
-                    RawLookup::Miss { token, corrupt, stale } => {
-                        if corrupt {
-                            self.count_undecodable(namespace, 1);
-                        }
-                        let stale = match stale.map(|s| (self.open(&ns, namespace, &keys[i], &s), s)) {
-                            None => None,
-                            Some((Some(env), _)) => Some(env),
-                            Some((None, s)) => {
-                                // The lease (if any) is already ours: drop the entry
-                                // without asking for another one.
-                                self.discard_entry(&ns, &keys[i], s.bytes).await;
-                                None
-                            }
-                        };
-                        results[i] = Some(Lookup::Miss { token, stale });
-                    }
-                    RawLookup::Hit(s) => match self.open(&ns, namespace, &keys[i], &s) {
-                        Some(env) => results[i] = Some(Lookup::Hit(env)),
-                        None if pass == 0 => {
-                            discard[i] = s.bytes;
-                            next.push(i);
-                        }
-                        // The script answers a miss for every key it was asked to discard.
-                        None => return Err(bad_reply(ErrorKind::Tier, "redis tier lookup")),
-                    },
-                }
-            }
-            if next.is_empty() {
-                break;
-            }
-            pending = next;
-        }
-        results
-            .into_iter()
-            .map(|r| r.ok_or_else(|| bad_reply(ErrorKind::Tier, "redis tier lookup")))
-            .collect()
-    }
-
-    /// Verifies and decodes an entry the lookup script returned; `None` (counted and
-    /// logged: undecodable, or forged when integrity keys are set) for a miss.
-    fn open(&self, ns: &NsKeys, namespace: &str, key: &str, s: &Stored) -> Option<Envelope> {
-        match s.open(self.inner.integrity.as_ref(), &ns.entry(key)) {
-            Opened::Valid(env) => return Some(env),
-            Opened::Undecodable => {
-                self.count_undecodable(namespace, 1);
-                tracing::warn!(namespace, key, "undecodable l2 entry: deleting it");
-            }
-            Opened::Forged => {
-                self.inner.counters.integrity_failures.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("strata_l2_integrity_failures_total", "namespace" => namespace.to_owned())
-                    .increment(1);
-                tracing::warn!(namespace, key, "l2 entry without a valid MAC: deleting it");
-            }
-        }
-        None
-    }
-
     /// The keys and arguments of the lock and unlock scripts (see `scripts.rs`).
     fn lock_invocation<'a>(
         &self,
@@ -547,42 +470,5 @@ impl RedisTier {
             .arg(millis_at_least_one(self.inner.tombstone_ttl))
             .arg(tag);
         inv
-    }
-
-    /// Deletes an entry the client could not decode, if it still holds `bytes`.
-    async fn discard_entry(&self, ns: &NsKeys, key: &str, bytes: Vec<u8>) {
-        let mut inv = self.inner.scripts.discard.prepare_invoke();
-        inv.key(ns.entry(key)).arg(bytes);
-        let r: Result<Value> =
-            self.run("redis tier discard", |mut c| async move { inv.invoke_async(&mut c).await }).await;
-        if let Err(e) = r {
-            tracing::warn!(error = %e, "could not delete an undecodable l2 entry");
-        }
-    }
-
-    async fn lookup_raw(
-        &self,
-        ns: &NsKeys,
-        namespace: &str,
-        keys: &[String],
-        pending: &[usize],
-        discard: &[Vec<u8>],
-        lease_ms: u64,
-    ) -> Result<Vec<RawLookup>> {
-        let mut inv = self.inner.scripts.lookup.prepare_invoke();
-        inv.key(ns.meta()).key(ns.wide_locks());
-        for &i in pending {
-            inv.key(ns.entry(&keys[i])).key(ns.lease(&keys[i])).key(ns.key_locks(&keys[i]));
-        }
-        inv.arg(lease_ms).arg(self.inner.clock.now().0).arg(self.inner.max_entry_bytes);
-        for &i in pending {
-            inv.arg(discard[i].as_slice());
-        }
-        let v: Value =
-            self.run("redis tier lookup", |mut c| async move { inv.invoke_async(&mut c).await }).await?;
-        let (answers, repaired) = parse_lookup_reply(&v, pending.len())
-            .ok_or_else(|| bad_reply(ErrorKind::Tier, "redis tier lookup"))?;
-        self.count_repaired(namespace, repaired);
-        Ok(answers)
     }
 }

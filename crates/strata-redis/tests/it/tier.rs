@@ -88,7 +88,7 @@ async fn tier_lookup_many_in_one_round_trip() {
     let started = Instant::now();
     let out = tier.lookup_many("m", &keys, LEASE).await.unwrap();
     let took = started.elapsed();
-    assert_eq!(tier.ops() - before, 1, "one script run for the batch");
+    assert_eq!(tier.ops() - before, 2, "one plain read and one script run for the batch");
     for (i, (k, l)) in keys.iter().zip(&out).enumerate() {
         if i % 2 == 0 {
             assert_eq!(hit_value(l).as_deref(), Some(k.as_str()));
@@ -100,7 +100,69 @@ async fn tier_lookup_many_in_one_round_trip() {
     let again = tier.lookup_many("m", &keys[1..3], LEASE).await.unwrap();
     assert!(!token(&again[0]).leader, "leases taken by the batch hold");
     assert!(tier.lookup_many("m", &[], None).await.unwrap().is_empty());
-    eprintln!("[lookup_many] 50 keys (25 hits, 25 leased misses) in {took:?}, 1 redis op");
+    eprintln!("[lookup_many] 50 keys (25 hits, 25 leased misses) in {took:?}, 2 redis ops");
+    // Hits alone: the plain read answers them, no script runs.
+    let scripts = || evalsha_calls(&server);
+    let (ops, calls) = (tier.ops(), scripts());
+    let hits: Vec<String> = keys.iter().step_by(2).cloned().collect();
+    let out = tier.lookup_many("m", &hits, LEASE).await.unwrap();
+    assert!(hits.iter().zip(&out).all(|(k, l)| hit_value(l).as_deref() == Some(k.as_str())));
+    assert_eq!((tier.ops() - ops, scripts() - calls), (1, 0), "hits cost one plain read, no script");
+}
+
+/// How many `EVALSHA` the server has run.
+fn evalsha_calls(server: &RedisServer) -> u64 {
+    let info = server.command(&["INFO", "commandstats"]).expect("INFO");
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|v| v.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The plain read serves what the lookup script would, and nothing it would not: an
+/// entry a tag or the namespace invalidated, a soft-expired one (a miss carrying it as
+/// stale), a tagged one (the script checks its tags), one whose meta hash is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tier_plain_reads_answer_only_fresh_valid_hits() {
+    let server = RedisServer::start();
+    let tier = redis_tier(&server, "plain").await;
+    let fill = |key: &'static str, tags: &'static [&'static str]| {
+        let tier = tier.clone();
+        async move {
+            let t = token(&tier.lookup("p", key, None).await.unwrap());
+            assert_eq!(tier.fill("p", key, fresh(key, tags), TTL, &t).await.unwrap(), FillOutcome::Stored);
+        }
+    };
+    fill("a", &[]).await;
+    fill("b", &["tg"]).await;
+    let calls = evalsha_calls(&server);
+    assert_eq!(hit_value(&tier.lookup("p", "a", None).await.unwrap()).as_deref(), Some("a"));
+    assert_eq!(evalsha_calls(&server), calls, "an untagged fresh hit runs no script");
+    assert_eq!(hit_value(&tier.lookup("p", "b", None).await.unwrap()).as_deref(), Some("b"));
+    assert_eq!(evalsha_calls(&server), calls + 1, "a tagged one is checked by the script");
+    tier.invalidate_tag("p", "tg").await.unwrap();
+    assert!(is_miss(&tier.lookup("p", "b", None).await.unwrap()));
+    assert_eq!(hit_value(&tier.lookup("p", "a", None).await.unwrap()).as_deref(), Some("a"));
+    tier.invalidate_namespace("p").await.unwrap();
+    assert!(is_miss(&tier.lookup("p", "a", None).await.unwrap()), "the namespace epoch holds");
+    // A lost meta hash: the entry's stamp is from a clock that is gone.
+    fill("c", &[]).await;
+    let mut conn = raw_conn(&server).await;
+    let _: () = redis::cmd("DEL").arg("plain:{p}:m").query_async(&mut conn).await.unwrap();
+    assert!(is_miss(&tier.lookup("p", "c", None).await.unwrap()), "a lost meta hash makes it cold");
+    // Soft-expired: a miss that carries the entry.
+    let t = token(&tier.lookup("p", "d", None).await.unwrap());
+    let mut env = fresh("d", &[]);
+    env.soft_expiry = now();
+    tier.fill("p", "d", env, TTL, &t).await.unwrap();
+    match tier.lookup("p", "d", None).await.unwrap() {
+        strata::tier::Lookup::Miss { stale: Some(s), .. } => assert!(s.value.is_some()),
+        other => panic!("a miss with the stale entry: {other:?}"),
+    }
+    // An entry of the wrong type: the server's error sends it to the script, which drops it.
+    let _: () =
+        redis::cmd("HSET").arg("plain:{p}:e:x").arg("z").arg("1").query_async(&mut conn).await.unwrap();
+    assert!(is_miss(&tier.lookup("p", "x", None).await.unwrap()));
 }
 
 /// Entry fields with stamp `s`, expiries `far`, envelope `e` and tags `t`.
