@@ -1,9 +1,12 @@
-//! What each tier script costs Redis: runs one operation many times against a
-//! `redis-server` started here on a random loopback port, and reads from `INFO
-//! commandstats` the server time per script call and how many commands each call ran
-//! (`total_commands_processed` counts the ones a script runs). Operations: a lookup
-//! that hits, a lookup of a missing key (no lease), a lookup of a missing key that
-//! takes the lease, a fill, a delete. A plain `GET` of the same entry is the yardstick.
+//! What each tier operation costs Redis: runs one operation many times against a
+//! `redis-server` started here on a random loopback port, and reads from `INFO` the
+//! server's CPU time per operation (`used_cpu_user` + `used_cpu_sys`: the commands, the
+//! scripts and the network round trip), the script time and script calls per operation
+//! (`cmdstat_evalsha`) and how many commands each operation ran
+//! (`total_commands_processed` counts the ones a script runs). Operations: a lookup that
+//! hits (answered by the plain read, no script), a lookup of a missing key (no lease),
+//! a lookup of a missing key that takes the lease, a lookup miss then a fill, a delete.
+//! A plain `GET` of the same entry is the yardstick.
 //!
 //! Run: `cargo run --release -p strata-redis --example script_cost -- [--calls N]`
 //! (default 20,000 per operation). Needs `redis-server` on the PATH.
@@ -19,12 +22,14 @@ use strata_testkit::RedisServer;
 const NS: &str = "cost";
 const TTL: Duration = Duration::from_secs(600);
 
-/// `calls` and `usec` of the script commands, and every command processed.
+/// `calls` and `usec` of the script commands, every command processed, and the
+/// server's CPU time (µs).
 #[derive(Debug, Clone, Copy, Default)]
 struct Counters {
     script_calls: u64,
     script_usec: u64,
     commands: u64,
+    cpu_us: f64,
 }
 
 fn counters(server: &RedisServer) -> Result<Counters, String> {
@@ -33,6 +38,11 @@ fn counters(server: &RedisServer) -> Result<Counters, String> {
     for line in info.lines() {
         if let Some(v) = line.strip_prefix("total_commands_processed:") {
             c.commands = v.trim().parse().unwrap_or(0);
+        }
+        for name in ["used_cpu_user:", "used_cpu_sys:"] {
+            if let Some(v) = line.strip_prefix(name) {
+                c.cpu_us += v.trim().parse::<f64>().unwrap_or(0.0) * 1e6;
+            }
         }
         for name in ["cmdstat_evalsha:", "cmdstat_eval:"] {
             if let Some(stats) = line.strip_prefix(name) {
@@ -69,14 +79,17 @@ fn envelope(i: u64) -> Envelope {
 }
 
 fn report(name: &str, calls: u64, before: Counters, after: Counters) {
-    let scripts = after.script_calls.saturating_sub(before.script_calls).max(1);
+    let per_op = |x: f64| x / calls as f64;
+    let scripts = after.script_calls.saturating_sub(before.script_calls);
     let usec = after.script_usec.saturating_sub(before.script_usec);
     let commands = after.commands.saturating_sub(before.commands);
     println!(
-        "{name:<28} {calls:>7} calls  {:>6.2} us/script call  {:>5.2} commands per call",
-        usec as f64 / scripts as f64,
-        // Each call is one EVALSHA plus what the script ran (INFO itself adds one).
-        commands.saturating_sub(1) as f64 / calls as f64,
+        "{name:<28} {calls:>7} ops  {:>6.2} us CPU/op  {:>6.2} us in scripts/op  {:>4.2} scripts/op  {:>5.2} commands/op",
+        per_op(after.cpu_us - before.cpu_us),
+        per_op(usec as f64),
+        per_op(scripts as f64),
+        // What the operation ran, scripts included (INFO itself adds one).
+        per_op(commands.saturating_sub(1) as f64),
     );
 }
 
@@ -141,23 +154,11 @@ async fn main() -> Result<(), String> {
     let keys: Vec<String> =
         redis::cmd("KEYS").arg("*e:hit").query_async(&mut conn).await.map_err(|e| e.to_string())?;
     let key = keys.first().ok_or("no entry key")?;
-    let before = server.command(&["INFO", "commandstats"]).map_err(|e| e.to_string())?;
+    let b = counters(&server)?;
     for _ in 0..calls {
         let _: Vec<u8> =
             redis::cmd("GET").arg(key).query_async(&mut conn).await.map_err(|e| e.to_string())?;
     }
-    let after = server.command(&["INFO", "commandstats"]).map_err(|e| e.to_string())?;
-    let get_usec = |info: &str| {
-        info.lines()
-            .find_map(|l| l.strip_prefix("cmdstat_get:"))
-            .and_then(|s| s.split(',').find_map(|kv| kv.strip_prefix("usec=")))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    println!(
-        "{:<28} {calls:>7} calls  {:>6.2} us/GET",
-        "plain GET of the entry",
-        get_usec(&after).saturating_sub(get_usec(&before)) as f64 / calls as f64
-    );
+    report("plain GET of the entry", calls, b, counters(&server)?);
     Ok(())
 }

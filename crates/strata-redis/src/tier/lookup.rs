@@ -32,11 +32,13 @@ impl RedisTier {
         let mut discard: Vec<Vec<u8>> = vec![Vec::new(); keys.len()];
         // Hits first, without a script (see `plain_read`); what it leaves goes to the
         // script. An entry that does not open is sent back to be discarded.
-        for (i, hit) in self.plain_read(&ns, keys).await?.into_iter().enumerate() {
-            let Some(s) = hit else { continue };
-            match self.open(&ns, namespace, &keys[i], &s) {
-                Some(env) => results[i] = Some(Lookup::Hit(env)),
-                None => discard[i] = s.bytes,
+        if self.inner.plain_gate.open() {
+            for (i, hit) in self.plain_read(&ns, keys).await?.into_iter().enumerate() {
+                let Some(s) = hit else { continue };
+                match self.open(&ns, namespace, &keys[i], &s) {
+                    Some(env) => results[i] = Some(Lookup::Hit(env)),
+                    None => discard[i] = s.bytes,
+                }
             }
         }
         let mut pending: Vec<usize> = (0..keys.len()).filter(|&i| results[i].is_none()).collect();
@@ -127,8 +129,10 @@ impl RedisTier {
         let now = self.inner.clock.now().0;
         let v: Vec<Value> =
             self.run("redis tier lookup", |mut c| async move { pipe.query_async(&mut c).await }).await?;
-        plain_read::read_plain_reply(&v, keys.len(), now, self.inner.max_entry_bytes)
-            .ok_or_else(|| bad_reply(ErrorKind::Tier, "redis tier lookup"))
+        let read = plain_read::read_plain_reply(&v, keys.len(), now, self.inner.max_entry_bytes)
+            .ok_or_else(|| bad_reply(ErrorKind::Tier, "redis tier lookup"))?;
+        self.inner.plain_gate.record(read.hits.iter().any(Option::is_some), read.found);
+        Ok(read.hits)
     }
 
     async fn lookup_raw(

@@ -41,7 +41,10 @@
 //!   `GETRANGE` per entry (bounded) and an `HMGET` of the meta hash, checked in the client exactly as
 //!   the script checks (see `plain_read.rs` for why that answers what the script would):
 //!   a fresh, valid, untagged entry is a hit without a script (a script call costs Redis
-//!   20–30 µs of CPU, a `GETRANGE` under 1 µs); a miss costs this round trip more. Every other key goes to the lookup script:
+//!   20–30 µs of CPU, a `GETRANGE` under 1 µs); a miss costs this round trip more. A
+//!   tier whose plain reads found entries but answered none of them 64 times in a row
+//!   (tagged data) tries one lookup in 16 until one answers. Every other key goes to
+//!   the lookup script:
 //!   read the entry, check its stamp against the
 //!   namespace epoch and the epochs of its tags; an invalid entry is deleted and is a
 //!   miss; a valid entry past its soft expiry is a miss that carries the entry as a
@@ -230,6 +233,7 @@ impl RedisTierBuilder {
                 integrity: Integrity::from_keys(self.integrity_keys.as_deref(), WHAT)?,
                 counters: Counters::default(),
                 wait_for_replicas: self.wait_for_replicas,
+                plain_gate: plain_read::PlainGate::default(),
             }),
         };
         if !self.connection.lazy {
@@ -255,6 +259,8 @@ struct Inner {
     counters: Counters,
     /// `WAIT` after invalidations: replicas and timeout.
     wait_for_replicas: Option<(u32, Duration)>,
+    /// Whether lookups try the plain read first.
+    plain_gate: plain_read::PlainGate,
 }
 
 /// The L2 tier on Redis/Valkey: implements the full fill-guard contract of [`Tier`](strata::tier::Tier)

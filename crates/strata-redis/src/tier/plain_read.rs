@@ -18,10 +18,55 @@
 //! requires, a server error such as `WRONGTYPE` or `NOPERM`) is left to the script,
 //! which takes leases, repairs and deletes: this path never writes.
 
+use std::sync::atomic::{AtomicU32, Ordering};
+
 use redis::Value;
 
 use crate::reply::value_bytes;
 use crate::tier::format::{ENVELOPE_FORMAT, NsKeys, Stored};
+
+/// Consecutive plain reads that found entries and answered none of them (tagged,
+/// soft-expired, corrupt) after which the tier stops trying them but for one lookup in
+/// [`PROBE_EVERY`]: where entries are tagged, a plain read never answers, and each
+/// would only add a round trip (~20 µs of Redis CPU) in front of the script.
+const GIVE_UP_AFTER: u32 = 64;
+
+/// While given up, one lookup in this many still tries the plain read, so that the
+/// tier notices when its reads can answer again.
+const PROBE_EVERY: u32 = 16;
+
+/// Whether a tier's lookups try the plain read first (see [`GIVE_UP_AFTER`]). Reads
+/// that find no entry do not count: a miss costs the script either way.
+#[derive(Debug, Default)]
+pub(crate) struct PlainGate {
+    unanswered: AtomicU32,
+    skipped: AtomicU32,
+}
+
+impl PlainGate {
+    /// Whether this lookup tries the plain read.
+    pub(crate) fn open(&self) -> bool {
+        self.unanswered.load(Ordering::Relaxed) < GIVE_UP_AFTER
+            || self.skipped.fetch_add(1, Ordering::Relaxed).is_multiple_of(PROBE_EVERY)
+    }
+
+    /// Records a plain read's outcome: it answered a key, or found entries and answered
+    /// none (else nothing to learn).
+    pub(crate) fn record(&self, answered: bool, found: bool) {
+        if answered {
+            self.unanswered.store(0, Ordering::Relaxed);
+        } else if found {
+            let _ = self.unanswered.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_add(1));
+        }
+    }
+}
+
+/// What a plain read found: per key, the entry when it answers as a hit; and whether it
+/// saw any entry at all.
+pub(crate) struct PlainRead {
+    pub(crate) hits: Vec<Option<Stored>>,
+    pub(crate) found: bool,
+}
 
 /// The meta hash fields the read checks, in the order the scripts' `clock_of` reads
 /// them: c, n, l, f, tf, xg, x0, x1, xw, xf.
@@ -52,21 +97,22 @@ pub(crate) fn plain_read_pipeline(ns: &NsKeys, keys: &[String], max: usize) -> r
     pipe
 }
 
-/// Reads the pipeline's reply: per key, the entry when it is a fresh valid hit
-/// at `now` (ns), else `None` (the script decides). `max` is the largest envelope the
-/// tier returns. `None` overall when the reply does not have the pipeline's shape.
-pub(crate) fn read_plain_reply(
-    reply: &[Value],
-    keys: usize,
-    now: u64,
-    max: usize,
-) -> Option<Vec<Option<Stored>>> {
+/// Reads the pipeline's reply: per key, the entry when it is a fresh valid hit at `now`
+/// (ns), else `None` (the script decides). `max` is the largest envelope the tier
+/// returns. `None` overall when the reply does not have the pipeline's shape.
+pub(crate) fn read_plain_reply(reply: &[Value], keys: usize, now: u64, max: usize) -> Option<PlainRead> {
     if reply.len() != keys + 1 {
         return None;
     }
     let (entries, meta) = reply.split_at(keys);
-    let Some(meta) = Meta::parse(&meta[0]) else { return Some(entries.iter().map(|_| None).collect()) };
-    Some(entries.iter().map(|e| value_bytes(e).and_then(|x| fresh_hit(x, &meta, now, max))).collect())
+    let found = entries.iter().any(|e| !matches!(value_bytes(e), Some([])));
+    let hits = match Meta::parse(&meta[0]) {
+        None => entries.iter().map(|_| None).collect(),
+        Some(meta) => {
+            entries.iter().map(|e| value_bytes(e).and_then(|x| fresh_hit(x, &meta, now, max))).collect()
+        }
+    };
+    Some(PlainRead { hits, found })
 }
 
 /// What the scripts' `clock_of` checks of the meta hash, and what a hit needs of it.
@@ -211,7 +257,7 @@ mod tests {
 
     fn read(entry: Vec<u8>, meta_fields: [Option<&str>; 10], now: u64) -> Option<Stored> {
         let reply = [Value::BulkString(entry), meta(meta_fields)];
-        read_plain_reply(&reply, 1, now, 1024).unwrap().pop().unwrap()
+        read_plain_reply(&reply, 1, now, 1024).unwrap().hits.pop().unwrap()
     }
 
     #[test]
@@ -280,10 +326,30 @@ mod tests {
         .unwrap();
         assert!(matches!(err, Value::ServerError(_)));
         let reply = [err.clone(), meta(GOOD_META)];
-        assert!(read_plain_reply(&reply, 1, 1, 1024).unwrap()[0].is_none());
+        let read = read_plain_reply(&reply, 1, 1, 1024).unwrap();
+        assert!(read.hits[0].is_none() && read.found);
         let reply = [Value::BulkString(entry(ok, b"\x02abc")), err];
-        assert!(read_plain_reply(&reply, 1, 1, 1024).unwrap()[0].is_none());
+        assert!(read_plain_reply(&reply, 1, 1, 1024).unwrap().hits[0].is_none());
+        let reply = [Value::BulkString(Vec::new()), meta(GOOD_META)];
+        assert!(!read_plain_reply(&reply, 1, 1, 1024).unwrap().found, "no entry");
         // A reply of another shape.
         assert!(read_plain_reply(&[meta(GOOD_META)], 1, 1, 1024).is_none());
+    }
+
+    #[test]
+    fn the_gate_gives_up_on_reads_that_never_answer_and_probes() {
+        let gate = PlainGate::default();
+        for _ in 0..1000 {
+            gate.record(false, false);
+        }
+        assert!(gate.open(), "misses teach nothing");
+        for _ in 0..GIVE_UP_AFTER {
+            assert!(gate.open());
+            gate.record(false, true);
+        }
+        let tried = (0..PROBE_EVERY * 4).filter(|_| gate.open()).count();
+        assert_eq!(tried, 4, "one lookup in {PROBE_EVERY}");
+        gate.record(true, true);
+        assert!((0..10).all(|_| gate.open()), "an answer opens it again");
     }
 }

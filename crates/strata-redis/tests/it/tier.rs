@@ -76,7 +76,7 @@ async fn tier_hot_key_ranking_survives_garbage_and_expires() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tier_lookup_many_in_one_round_trip() {
+async fn tier_lookup_many_in_two_round_trips_at_most() {
     let server = RedisServer::start();
     let tier = redis_tier(&server, "many").await;
     let keys: Vec<String> = (0..50).map(|i| format!("k{i}")).collect();
@@ -108,6 +108,27 @@ async fn tier_lookup_many_in_one_round_trip() {
     let out = tier.lookup_many("m", &hits, LEASE).await.unwrap();
     assert!(hits.iter().zip(&out).all(|(k, l)| hit_value(l).as_deref() == Some(k.as_str())));
     assert_eq!((tier.ops() - ops, scripts() - calls), (1, 0), "hits cost one plain read, no script");
+}
+
+/// Where entries are tagged the plain read never answers: after 64 such reads the tier
+/// stops paying its round trip but for one lookup in 16.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tier_tagged_data_stops_paying_for_plain_reads() {
+    let server = RedisServer::start();
+    let tier = redis_tier(&server, "tagged").await;
+    let keys: Vec<String> = (0..96).map(|i| format!("k{i}")).collect();
+    for k in &keys {
+        let t = token(&tier.lookup("t", k, None).await.unwrap());
+        tier.fill("t", k, fresh(k, &["tg"]), TTL, &t).await.unwrap();
+    }
+    let mut trips = Vec::new();
+    for k in &keys {
+        let ops = tier.ops();
+        assert_eq!(hit_value(&tier.lookup("t", k, None).await.unwrap()).as_deref(), Some(k.as_str()));
+        trips.push(tier.ops() - ops);
+    }
+    assert!(trips[..64].iter().all(|&n| n == 2), "{trips:?}");
+    assert_eq!(trips[64..].iter().sum::<u64>(), 32 + 2, "one probe in 16: {trips:?}");
 }
 
 /// How many `EVALSHA` the server has run.
