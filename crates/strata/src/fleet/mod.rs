@@ -215,9 +215,16 @@ impl Fleet {
         if !self.cfg.addressed {
             return self.send_control(body, Attempt::UnlessDown).await;
         }
-        let Some(_publisher) = self.publisher_for(Attempt::UnlessDown).await else {
+        // Not under the publisher lock: an addressed acknowledgement travels apart from
+        // this instance's messages, so receivers take no sequence claim from it (see the
+        // listener) and its number need not be exact. Under the lock, the acknowledgements
+        // the listener sends one per message heard (a round trip each) queued ahead of
+        // this instance's own invalidations, which give up after `PUBLISHER_WAIT`; each
+        // that did burned a sequence number, a gap that every receiver repaired by a
+        // futile replay and an L1 flush (`strata bench --scenario payment --redis`).
+        if self.is_down() {
             return Err(self.refusal());
-        };
+        }
         let msg = self.message(self.last_seq(), body);
         self.bounded(self.backplane.publish_to(to, &msg), "backplane acknowledgement").await
     }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use strata::backplane::{Backplane, Message, OriginId, Subscription};
 use strata::tier::Tier;
 use strata::{BreakerState, Cache, Consistency, ErrorKind, InProcessBackplane, InProcessTier};
 
@@ -244,4 +245,70 @@ async fn strong_failed_l2_delete_makes_every_member_bypass_until_l2_is_clean() {
     assert_eq!(a.flush_pending().await, 0);
     eventually("b trusts L2 again", || !b.is_bypassed()).await;
     assert_eq!(b.get_or_load(&1, db.loader(1)).await.expect("read").as_deref(), Some("v2"));
+}
+
+/// A backplane whose acknowledgements take `ack_delay` to go out (a busy connection).
+struct SlowAcks {
+    inner: InProcessBackplane,
+    ack_delay: Duration,
+}
+
+#[async_trait::async_trait]
+impl Backplane for SlowAcks {
+    fn name(&self) -> &str {
+        "slow-acks"
+    }
+    async fn publish(&self, message: &Message) -> strata::Result<()> {
+        self.inner.publish(message).await
+    }
+    async fn subscribe(&self) -> strata::Result<Subscription> {
+        self.inner.subscribe().await
+    }
+    async fn heartbeat(&self, message: &Message, beat: u64, interval: Duration) -> strata::Result<()> {
+        self.inner.heartbeat(message, beat, interval).await
+    }
+    async fn publish_to(&self, to: OriginId, message: &Message) -> strata::Result<()> {
+        tokio::time::sleep(self.ack_delay).await;
+        self.inner.publish_to(to, message).await
+    }
+    async fn subscribe_as(&self, me: OriginId) -> strata::Result<Subscription> {
+        self.inner.subscribe_as(me).await
+    }
+}
+
+/// An acknowledgement on its way does not hold up the member's own invalidations: they
+/// used to queue behind it for the publisher, give up after 100 ms, and burn a sequence
+/// number that every receiver then repaired by flushing its L1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_acknowledgement_does_not_hold_up_the_members_own_invalidations() {
+    let tier = InProcessTier::new();
+    let hub = InProcessBackplane::new();
+    let build = |bp: Arc<dyn Backplane>| {
+        Cache::<u64, String>::builder(NS)
+            .tier(Arc::new(tier.clone()))
+            .backplane(bp)
+            .consistency(Consistency::Strong)
+            .heartbeat_interval(Duration::from_millis(20))
+            .membership_lease(Duration::from_secs(3))
+            .build()
+            .expect("valid")
+    };
+    let a = build(Arc::new(hub.connect()));
+    let b = build(Arc::new(SlowAcks { inner: hub.connect(), ack_delay: Duration::from_millis(400) }));
+    for c in [&a, &b] {
+        tokio::time::timeout(Duration::from_secs(5), c.ready()).await.expect("ready");
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let first = tokio::spawn({
+        let a = a.clone();
+        async move { a.invalidate(&1).await }
+    });
+    // B heard it and is sending its (slow) acknowledgement.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    b.invalidate(&2).await.expect("not refused behind the acknowledgement");
+    first.await.expect("task").expect("acknowledged once B's ack arrived");
+    assert_eq!(b.stats().invalidations_buffered, 0, "{:?}", b.stats());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let s = a.stats();
+    assert_eq!((s.gaps_detected, s.repairs_flushed), (0, 0), "no number burned: {s:?}");
 }
