@@ -519,6 +519,35 @@ async fn stream_flushall_under_subscriber_is_lost_then_flows() {
     }
 }
 
+/// A number its origin never published (burned by a refused publish) is not looked for
+/// past the origin's message before it: one page, not the whole stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_replay_of_a_burned_number_stops_at_the_origins_previous_message() {
+    let server = RedisServer::start();
+    let bp = stream_bp(&server).await;
+    for seq in 1..=2500 {
+        bp.publish(&msg(5, seq, "old")).await.unwrap();
+    }
+    // Origin 1 published 1 and 3 between other origins' messages; 2 was burned.
+    bp.publish(&msg(1, 1, "a")).await.unwrap();
+    for seq in 2501..=2600 {
+        bp.publish(&msg(5, seq, "x")).await.unwrap();
+    }
+    bp.publish(&msg(1, 3, "b")).await.unwrap();
+    let pages = || {
+        let info = server.command(&["INFO", "commandstats"]).expect("INFO");
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_xrevrange:calls="))
+            .and_then(|v| v.split(',').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = pages();
+    assert_eq!(bp.replay(1, 2, 2).await.unwrap(), None, "never published");
+    assert_eq!(pages() - before, 1, "stopped at origin 1's message 1, in the first page");
+    // What is there is still found across pages.
+    assert_eq!(bp.replay(5, 1, 2).await.unwrap().map(|v| v.len()), Some(2));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_replay_of_the_widest_range_does_not_overflow() {
     let server = RedisServer::start();
