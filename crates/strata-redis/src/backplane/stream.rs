@@ -54,7 +54,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use redis::Value;
@@ -103,6 +103,7 @@ impl RedisStreamBackplaneBuilder {
                 next_subscription: AtomicU64::new(1),
                 stats: StatCounters::default(),
                 integrity: Integrity::from_keys(self.integrity_keys.as_deref(), WHAT)?,
+                ack_expiries: Default::default(),
                 cfg: self,
             }),
         };
@@ -322,8 +323,11 @@ impl Backplane for RedisStreamBackplane {
         let key = inner.ack_key(to);
         let bytes = seal_message(inner.integrity.as_ref(), &key, message)?;
         // Kept a while, so that a reader reconnecting still finds them; the origin
-        // reads them as they come, so a short stream is enough.
+        // reads them as they come, so a short stream is enough. The expiry is set by
+        // the first acknowledgement to an origin and then every quarter of it: a stream
+        // recreated without one (evicted, deleted) gets it back within that quarter.
         let keep_ms = u64::try_from(ACK_STREAM_KEEP.as_millis()).unwrap_or(u64::MAX);
+        let expire = inner.ack_expiries.due(to, Instant::now(), ACK_STREAM_KEEP / 4);
         let mut pipe = redis::pipe();
         pipe.cmd("XADD")
             .arg(&key)
@@ -333,8 +337,11 @@ impl Backplane for RedisStreamBackplane {
             .arg("*")
             .arg("m")
             .arg(&bytes[..]);
-        pipe.ignore().cmd("PEXPIRE").arg(&key).arg(keep_ms).ignore();
-        inner
+        pipe.ignore();
+        if expire {
+            pipe.cmd("PEXPIRE").arg(&key).arg(keep_ms).ignore();
+        }
+        let sent = inner
             .publisher
             .call(
                 inner.cfg.op_timeout,
@@ -342,8 +349,13 @@ impl Backplane for RedisStreamBackplane {
                 "redis stream acknowledgement",
                 |mut c| async move { pipe.query_async::<()>(&mut c).await },
             )
-            .await
-            .map_err(|e| e.into_error())?;
+            .await;
+        if let Err(e) = sent {
+            if expire {
+                inner.ack_expiries.forget(to);
+            }
+            return Err(e.into_error());
+        }
         inner.stats.published.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }

@@ -2,8 +2,10 @@
 //! with its subscriptions' reader tasks: the keys, the connections, the scripts, the
 //! counters.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use strata::backplane::OriginId;
 use strata::error::Result;
@@ -29,6 +31,39 @@ pub(crate) struct StreamInner {
     pub(crate) next_subscription: AtomicU64,
     pub(crate) stats: StatCounters,
     pub(crate) integrity: Option<Integrity>,
+    /// When each origin's acknowledgement stream last had its expiry set from here.
+    pub(crate) ack_expiries: AckExpiries,
+}
+
+/// When this instance last set the expiry of each origin's acknowledgement stream, so
+/// that an acknowledgement is one `XADD`, with the `PEXPIRE` once per interval and
+/// origin instead of beside every `XADD` (a third of a Strong write's commands: the
+/// `PEXPIRE`s of its N - 1 acknowledgements).
+#[derive(Debug, Default)]
+pub(crate) struct AckExpiries(parking_lot::Mutex<HashMap<OriginId, Instant>>);
+
+/// Origins remembered at most; past it, those not refreshed within the interval go.
+const MAX_ACK_EXPIRIES: usize = 4096;
+
+impl AckExpiries {
+    /// Whether an acknowledgement to `to` at `now` sets its stream's expiry (recorded as
+    /// set): when none was set from here within `every`.
+    pub(crate) fn due(&self, to: OriginId, now: Instant, every: Duration) -> bool {
+        let mut seen = self.0.lock();
+        if seen.get(&to).is_some_and(|&t| now.saturating_duration_since(t) < every) {
+            return false;
+        }
+        if seen.len() >= MAX_ACK_EXPIRIES {
+            seen.retain(|_, t| now.saturating_duration_since(*t) < every);
+        }
+        seen.insert(to, now);
+        true
+    }
+
+    /// The expiry of `to`'s stream may not have been set: the next acknowledgement sets it.
+    pub(crate) fn forget(&self, to: OriginId) {
+        self.0.lock().remove(&to);
+    }
 }
 
 impl StreamInner {
@@ -67,5 +102,23 @@ impl StreamInner {
             "redis stream backplane: {what} (no publish could succeed; does something else write \
              under the prefix?); subscribers that missed messages because of it report Lost"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_origins_ack_stream_expiry_is_set_once_per_interval() {
+        let e = AckExpiries::default();
+        let t = Instant::now();
+        let every = Duration::from_secs(15);
+        assert!(e.due(7, t, every), "the first acknowledgement sets it");
+        assert!(!e.due(7, t + Duration::from_secs(14), every));
+        assert!(e.due(9, t, every), "per origin");
+        assert!(e.due(7, t + every, every), "and again each interval");
+        e.forget(7);
+        assert!(e.due(7, t + every, every), "a failed send sets it next time");
     }
 }
