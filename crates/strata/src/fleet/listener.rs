@@ -21,6 +21,10 @@ const FORGET_AFTER_HEARTBEATS: u32 = 60;
 /// a live origin beats every interval, so its entry is younger than one (plus delays).
 const FRESH_BEAT_INTERVALS: u32 = 3;
 
+/// Messages acknowledged at most before the acknowledgements owed go out, even while
+/// more events wait: a long burst does not hold every origin's writes until its end.
+const MAX_OWED_MESSAGES: usize = 64;
+
 struct Listener<'a, H> {
     host: &'a H,
     fleet: &'a Fleet,
@@ -36,6 +40,11 @@ struct Listener<'a, H> {
     verifying: Option<Verification>,
     /// When the last message was read: nothing read before it can have been lost.
     last_read: Timestamp,
+    /// Strong level: acknowledgements owed (origin -> the highest number applied), sent
+    /// once no event waits in the subscription (see `owe_ack`).
+    owed: HashMap<OriginId, u64>,
+    /// Messages acknowledged in `owed` since it was last sent.
+    owed_messages: usize,
 }
 
 /// Subscribes (again after every loss) and handles events until stopped.
@@ -52,6 +61,8 @@ pub(crate) async fn run<H: Host>(host: Arc<H>, mut stop: Stop) {
         beats: HashMap::new(),
         verifying: None,
         last_read: host.now(),
+        owed: HashMap::new(),
+        owed_messages: 0,
     };
     let mut backoff = Duration::from_millis(10);
     loop {
@@ -100,7 +111,11 @@ pub(crate) async fn run<H: Host>(host: Arc<H>, mut stop: Stop) {
                 Some(ev) => l.handle(ev).await,
                 None => break,
             }
+            if sub.is_empty() || l.owed_messages >= MAX_OWED_MESSAGES {
+                l.send_owed().await;
+            }
         }
+        l.send_owed().await;
         // The subscription ended: we are deaf until the next one.
         host.stats().gaps_detected.incr();
         mark_unhealthy(&*host, host.now());
@@ -345,7 +360,7 @@ impl<H: Host> Listener<'_, H> {
         }
         if cfg.strong && !m.is_control() {
             // Even for a number not believed yet: its repair ran above.
-            self.acknowledge(m.origin, m.seq).await;
+            self.owe_ack(m.origin, m.seq);
         }
         self.origins.prune(now, forget_after);
         in_order
@@ -370,12 +385,25 @@ impl<H: Host> Listener<'_, H> {
         }
     }
 
-    /// Strong level: tells `origin` that everything it sent up to `seq` is applied here
-    /// (repairs included, since they ran before this).
-    async fn acknowledge(&self, origin: OriginId, seq: u64) {
-        if let Err(e) = self.fleet.send_ack(origin, seq).await {
-            // The origin waits until our lease lapses instead; by then we serve no L1.
-            tracing::warn!(error = %e, origin, seq, "acknowledgement not sent");
+    /// Strong level: `origin`'s messages up to `seq` are applied here (repairs included,
+    /// since they ran before this). Acknowledgements are cumulative, so the ones owed
+    /// wait until the subscription holds no further event: a member that fell behind
+    /// and reads a burst answers each origin once for it, not once per message (one
+    /// `XADD` each on Redis), which is what let it fall further behind.
+    fn owe_ack(&mut self, origin: OriginId, seq: u64) {
+        let owed = self.owed.entry(origin).or_insert(seq);
+        *owed = (*owed).max(seq);
+        self.owed_messages += 1;
+    }
+
+    /// Sends the acknowledgements owed.
+    async fn send_owed(&mut self) {
+        self.owed_messages = 0;
+        for (origin, seq) in std::mem::take(&mut self.owed) {
+            if let Err(e) = self.fleet.send_ack(origin, seq).await {
+                // The origin waits until our lease lapses instead; by then we serve no L1.
+                tracing::warn!(error = %e, origin, seq, "acknowledgement not sent");
+            }
         }
     }
 
