@@ -279,6 +279,18 @@ impl Backplane for SlowAcks {
     }
 }
 
+/// A Strong member on `tier` and `bp` that waits up to 3 s for acknowledgements.
+fn strong_member(tier: &InProcessTier, bp: Arc<dyn Backplane>) -> Cache<u64, String> {
+    Cache::builder(NS)
+        .tier(Arc::new(tier.clone()))
+        .backplane(bp)
+        .consistency(Consistency::Strong)
+        .heartbeat_interval(Duration::from_millis(20))
+        .membership_lease(Duration::from_secs(3))
+        .build()
+        .expect("valid")
+}
+
 /// An acknowledgement on its way does not hold up the member's own invalidations: they
 /// used to queue behind it for the publisher, give up after 100 ms, and burn a sequence
 /// number that every receiver then repaired by flushing its L1.
@@ -286,16 +298,7 @@ impl Backplane for SlowAcks {
 async fn a_slow_acknowledgement_does_not_hold_up_the_members_own_invalidations() {
     let tier = InProcessTier::new();
     let hub = InProcessBackplane::new();
-    let build = |bp: Arc<dyn Backplane>| {
-        Cache::<u64, String>::builder(NS)
-            .tier(Arc::new(tier.clone()))
-            .backplane(bp)
-            .consistency(Consistency::Strong)
-            .heartbeat_interval(Duration::from_millis(20))
-            .membership_lease(Duration::from_secs(3))
-            .build()
-            .expect("valid")
-    };
+    let build = |bp: Arc<dyn Backplane>| strong_member(&tier, bp);
     let a = build(Arc::new(hub.connect()));
     let b = build(Arc::new(SlowAcks {
         inner: hub.connect(),
@@ -326,16 +329,7 @@ async fn a_slow_acknowledgement_does_not_hold_up_the_members_own_invalidations()
 async fn a_member_behind_acknowledges_a_burst_once() {
     let tier = InProcessTier::new();
     let hub = InProcessBackplane::new();
-    let build = |bp: Arc<dyn Backplane>| {
-        Cache::<u64, String>::builder(NS)
-            .tier(Arc::new(tier.clone()))
-            .backplane(bp)
-            .consistency(Consistency::Strong)
-            .heartbeat_interval(Duration::from_millis(20))
-            .membership_lease(Duration::from_secs(3))
-            .build()
-            .expect("valid")
-    };
+    let build = |bp: Arc<dyn Backplane>| strong_member(&tier, bp);
     let slow = Arc::new(SlowAcks {
         inner: hub.connect(),
         ack_delay: Duration::from_millis(200),
