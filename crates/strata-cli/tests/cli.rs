@@ -29,27 +29,19 @@ fn run_with_report(args: &[&str], json: &Path) -> (Value, String) {
     (report, stdout)
 }
 
+/// A bench run small enough for a test: 2 s, 3 instances, 300 req/s, 200 keys.
+const SMALL_RUN: [&str; 8] = ["--duration", "2", "--instances", "3", "--rate", "300", "--keys", "200"];
+
 fn short_bench(scenario: &str, dir: &Path) -> (Value, String) {
     let json = dir.join(format!("{scenario}.json"));
     let svg = dir.join(format!("{scenario}.svg"));
     let (report, stdout) = run_with_report(
         &[
-            "bench",
-            "--scenario",
-            scenario,
-            "--duration",
-            "2",
-            "--instances",
-            "3",
-            "--rate",
-            "300",
-            "--keys",
-            "200",
-            "--json",
-            json.to_str().unwrap(),
-            "--plot",
-            svg.to_str().unwrap(),
-        ],
+            &["bench", "--scenario", scenario][..],
+            &SMALL_RUN,
+            &["--json", json.to_str().unwrap(), "--plot", svg.to_str().unwrap()],
+        ]
+        .concat(),
         &json,
     );
     let svg = std::fs::read_to_string(&svg).unwrap();
@@ -272,23 +264,8 @@ fn multi_tier_short_bench() {
     let json = dir.path().join("mtc.json");
     let (url, json_arg) = (redis.url(), json.to_str().unwrap());
     let (report, _) = run_with_report(
-        &[
-            "bench",
-            "--redis",
-            &url,
-            "--strategies",
-            "multi-tier",
-            "--duration",
-            "2",
-            "--instances",
-            "3",
-            "--rate",
-            "300",
-            "--keys",
-            "200",
-            "--json",
-            json_arg,
-        ],
+        &[&["bench", "--redis", &url, "--strategies", "multi-tier"][..], &SMALL_RUN, &["--json", json_arg]]
+            .concat(),
         &json,
     );
     let s = strategy(&report, "multi-tier");

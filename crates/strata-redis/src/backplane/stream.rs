@@ -218,7 +218,7 @@ impl RedisStreamBackplane {
         let want = usize::try_from(want).unwrap_or(usize::MAX);
         let mut found: BTreeMap<u64, Message> = BTreeMap::new();
         let (integrity, stream) = (self.inner.integrity.as_ref(), &self.inner.stream_key);
-        while scanned < limit {
+        'scan: while scanned < limit {
             let key = self.inner.stream_key.clone();
             let end_arg = end.clone();
             let v: Value = self
@@ -245,7 +245,6 @@ impl RedisStreamBackplane {
                 parse_entries(&v).ok_or_else(|| bad_reply(ErrorKind::Backplane, "redis stream replay"))?;
             scanned = scanned.saturating_add(entries.len() as u64);
             let done = entries.len() < page;
-            let mut passed = false;
             for e in &entries {
                 let Some(m) = e.message.as_deref().and_then(|b| open_message(integrity, stream, b)) else {
                     continue;
@@ -256,11 +255,10 @@ impl RedisStreamBackplane {
                 if (from_seq..=to_seq).contains(&m.seq) {
                     found.entry(m.seq).or_insert(m);
                 } else if m.seq < from_seq {
-                    passed = true;
-                    break;
+                    break 'scan;
                 }
             }
-            if found.len() >= want || passed {
+            if found.len() >= want {
                 break;
             }
             match entries.last().and_then(|last| last.id.predecessor()) {

@@ -14,9 +14,10 @@ use crate::tier::format::{NsKeys, Opened, RawLookup, Stored, millis_at_least_one
 use crate::tier::{RedisTier, plain_read};
 
 impl RedisTier {
-    /// Reads several keys of one namespace in one script run (one round trip). Each
-    /// key's answer is what [`Tier::lookup`](strata::tier::Tier::lookup) would return for it; with `lease`, a
-    /// lease is tried for every missing key.
+    /// Reads several keys of one namespace: one round trip when the plain read answers
+    /// them all, else one more for the lookup script's run over the rest. Each key's
+    /// answer is what [`Tier::lookup`](strata::tier::Tier::lookup) would return for it;
+    /// with `lease`, a lease is tried for every missing key.
     pub async fn lookup_many(
         &self,
         namespace: &str,

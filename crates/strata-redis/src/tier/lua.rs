@@ -26,8 +26,12 @@ end
 
 "#;
 
+/// The longest entry head the scripts parse, and the plain read too (`plain_read.rs`).
+pub(crate) const HEAD_MAX: usize = 128;
+
 /// Lua helpers prepended to every tier script, after `local ENVELOPE_FORMAT = <byte>`,
-/// `local MAX_TAG_EPOCHS = <n>`, `local MAX_TOMBS = <n>` and [`PCALL`].
+/// `local MAX_TAG_EPOCHS = <n>`, `local MAX_TOMBS = <n>`, `local HEAD_MAX = <n>` and
+/// [`PCALL`].
 pub(crate) const PRELUDE: &str = r#"
 local function d(x)
   return string.format('%d', x)
@@ -411,8 +415,8 @@ end
 -- An entry is one string (one allocation, where a hash with a field over 64 bytes
 -- costs a hash table of its fields): a head `<s>,<f>,<h>,<v>,<tags len>,<mac len>;`
 -- (stamp, soft and hard expiry in ns, the version or nothing), then the tags as the
--- `t` field writes them, the MAC (if any) and the envelope.
-local HEAD_MAX = 128
+-- `t` field writes them, the MAC (if any) and the envelope. HEAD_MAX (prepended) is
+-- the longest head read.
 
 local function entry_string(s, f, h, v, t, m, e)
   return s .. ',' .. f .. ',' .. h .. ',' .. v .. ',' .. #t .. ',' .. #m .. ';' .. t .. m .. e

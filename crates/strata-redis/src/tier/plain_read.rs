@@ -24,6 +24,7 @@ use redis::Value;
 
 use crate::reply::value_bytes;
 use crate::tier::format::{ENVELOPE_FORMAT, NsKeys, Stored};
+use crate::tier::lua::HEAD_MAX;
 
 /// Consecutive plain reads that found entries and answered none of them (tagged,
 /// soft-expired, corrupt) after which the tier stops trying them but for one lookup in
@@ -71,9 +72,6 @@ pub(crate) struct PlainRead {
 /// The meta hash fields the read checks, in the order the scripts' `clock_of` reads
 /// them: c, n, l, f, tf, xg, x0, x1, xw, xf.
 const META_FIELDS: [&str; 10] = ["c", "n", "l", "f", "tf", "xg", "x0", "x1", "xw", "xf"];
-
-/// The longest entry head the scripts parse (`HEAD_MAX` in `lua.rs`).
-const HEAD_MAX: usize = 128;
 
 /// The most MAC bytes an entry read here may carry (the tier's MACs have 32).
 const MAC_MAX: usize = 64;
@@ -155,7 +153,8 @@ impl Meta {
             Some(_) => return None,
         };
         let starts = [number(6)?, number(7)?];
-        let _started_ms = number(8)?;
+        // xw (when the current generation started) only has to parse.
+        number(8)?;
         if epoch > clock || lease_floor > leases || tag_floor > clock || tomb_floor > clock {
             return None;
         }

@@ -19,7 +19,7 @@
 //! rebuilt or dropped, and the entries it deleted as corrupt.
 
 use crate::tier::format::ENVELOPE_FORMAT;
-use crate::tier::lua::{PCALL, PRELUDE};
+use crate::tier::lua::{HEAD_MAX, PCALL, PRELUDE};
 
 /// Lookup over one or more keys of a namespace.
 ///
@@ -331,7 +331,8 @@ pub(crate) const ALLOW_OOM: &str = "#!lua flags=allow-oom\n";
 fn with_prelude(body: &str, max_tag_epochs: usize, legacy_tombstones: bool) -> String {
     format!(
         "{ALLOW_OOM}local ENVELOPE_FORMAT = {ENVELOPE_FORMAT}\nlocal MAX_TAG_EPOCHS = {max_tag_epochs}\n\
-         local MAX_TOMBS = {MAX_TOMBS}\nlocal LEGACY_TOMBS = {legacy_tombstones}\n{PCALL}{PRELUDE}{body}"
+         local MAX_TOMBS = {MAX_TOMBS}\nlocal LEGACY_TOMBS = {legacy_tombstones}\nlocal HEAD_MAX = {HEAD_MAX}\n\
+         {PCALL}{PRELUDE}{body}"
     )
 }
 
