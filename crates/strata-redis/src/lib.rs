@@ -26,7 +26,10 @@
 //! are described in the [`tier`] module.
 //!
 //! The core's L2 call wrapper owns resilience: [`Cache`](strata::Cache) bounds every L2
-//! call with its `l2_timeout` (default 50 ms) and runs it through its own
+//! call with its `l2_timeout` (default 50 ms; a call still running while the server
+//! keeps answering the connection's other calls, a busy server rather than a stalled
+//! one, is waited for up to `l2_busy_timeout`: the tier reports the replies it hears
+//! through [`Tier::progress`](strata::tier::Tier::progress)) and runs it through its own
 //! [`CircuitBreaker`](strata::breaker::CircuitBreaker), which it also forces open when
 //! L2 may hold wrong data (both set on [`CacheBuilder`](strata::CacheBuilder)). The tier
 //! adds neither a breaker nor an operation timeout, so a call meets one of each. What

@@ -30,6 +30,8 @@ pub(crate) struct ManagedConn {
     reconnect_after: u32,
     reconnects: AtomicU64,
     abandoned: AtomicU64,
+    /// Replies heard (see [`ManagedConn::replies`]).
+    replies: AtomicU64,
 }
 
 /// How a [`ManagedConn::call`] ended, for the caller's counters.
@@ -96,6 +98,7 @@ impl ManagedConn {
             reconnect_after: reconnect_after.max(1),
             reconnects: AtomicU64::new(0),
             abandoned: AtomicU64::new(0),
+            replies: AtomicU64::new(0),
         })
     }
 
@@ -146,6 +149,13 @@ impl ManagedConn {
         self.abandoned.load(Ordering::Relaxed)
     }
 
+    /// Calls the server answered (an error reply included; not a connection that
+    /// failed), whoever made them: how the cache tells a busy server, whose replies keep
+    /// coming, from a stalled one ([`strata::tier::Tier::progress`]).
+    pub(crate) fn replies(&self) -> u64 {
+        self.replies.load(Ordering::Relaxed)
+    }
+
     /// Runs `f` on the connection with `timeout`; errors are mapped to `kind`.
     pub(crate) async fn call<T, F, Fut>(
         &self,
@@ -163,10 +173,20 @@ impl ManagedConn {
         in_flight.finish();
         match out {
             Ok(Ok(v)) => {
+                self.replies.fetch_add(1, Ordering::Relaxed);
                 self.consecutive_timeouts.store(0, Ordering::Relaxed);
                 Ok(v)
             }
-            Ok(Err(e)) => Err(CallError::Failed(map_redis_error(kind, what, e))),
+            Ok(Err(e)) => {
+                if !(e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.is_timeout())
+                {
+                    self.replies.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(CallError::Failed(map_redis_error(kind, what, e)))
+            }
             Err(_) => {
                 self.note_timeout(what);
                 Err(CallError::Timeout(Error::timeout(what, timeout)))

@@ -214,6 +214,10 @@ stats! {
     suspicious_messages: Counter,
     /// L2 calls that failed or timed out.
     l2_errors: Counter,
+    /// L2 calls still running at `l2_timeout` that were waited for because the tier
+    /// kept answering other calls (a busy server, not a stalled one), up to
+    /// `l2_busy_timeout`; those that then ran out count in `l2_errors` too.
+    l2_calls_waited_busy: Counter,
     /// L2 entries that could not be decoded (treated as misses and evicted).
     l2_undecodable: Counter,
     /// L2 entries written under another schema (another build's value type, codec or

@@ -240,10 +240,15 @@ pub struct BenchArgs {
     /// [default: 24 h], e.g. 5 to see the hottest key expire inside the window.
     #[arg(long, value_name = "SECS")]
     pub ttl: Option<f64>,
-    /// strata only: the timeout of each L2 call, milliseconds [default: the library's,
-    /// 50]; an overloaded machine crosses 50 ms, and each timeout counts as an outage.
+    /// strata only: the timeout of each L2 call that hears nothing back, milliseconds
+    /// [default: the library's, 50]; each such timeout counts as an outage.
     #[arg(long, value_name = "MS")]
     pub l2_timeout: Option<u64>,
+    /// strata only: how long an L2 call may run while Redis keeps answering other
+    /// calls (busy, not stalled), milliseconds [default: the library's, 10 ×
+    /// --l2-timeout]; equal to --l2-timeout turns that wait off.
+    #[arg(long, value_name = "MS")]
+    pub l2_busy_timeout: Option<u64>,
     /// strata only: rank hot keys and preload them when an instance joins
     /// (`CacheBuilder::warm_up`), so that `--join-at` shows a warm join.
     #[arg(long)]
@@ -356,6 +361,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         hot_key_copies: args.hot_key_copies,
         warm_joins: args.warm_join_at.is_some(),
         l2_timeout: args.l2_timeout.map(Duration::from_millis),
+        l2_busy_timeout: args.l2_busy_timeout.map(Duration::from_millis),
         ttl,
     };
     let run_config = RunConfig {

@@ -24,6 +24,10 @@ impl Tier for RedisTier {
         self.inner.tombstone_ttl
     }
 
+    fn progress(&self) -> Option<u64> {
+        Some(self.inner.conn.replies())
+    }
+
     async fn lookup(&self, namespace: &str, key: &str, lease: Option<Duration>) -> Result<Lookup> {
         let keys = [key.to_owned()];
         let mut out = self.lookup_many(namespace, &keys, lease).await?;

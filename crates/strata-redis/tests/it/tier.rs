@@ -14,6 +14,7 @@ use strata_testkit::{FaultProxy, RedisServer};
 use crate::support::{LEASE, TTL, fresh, hit_value, is_miss, now, raw_conn, redis_tier, token, write_entry};
 use strata::testing::conformance;
 
+mod busy;
 mod eviction;
 mod poison;
 mod replication;

@@ -46,6 +46,7 @@ pub struct CacheBuilder<K, V> {
     early_refresh_beta: f64,
     consistency: Option<Consistency>,
     l2_timeout: Duration,
+    l2_busy_timeout: Option<Duration>,
     lease_wait: Duration,
     max_value_bytes: usize,
     pub(super) heartbeat_interval: Duration,
@@ -99,6 +100,7 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
             early_refresh_beta: 1.0,
             consistency: None,
             l2_timeout: Duration::from_millis(50),
+            l2_busy_timeout: None,
             lease_wait: Duration::from_millis(500),
             max_value_bytes: 1 << 20,
             heartbeat_interval: Duration::from_secs(1),
@@ -236,8 +238,30 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
     }
 
     /// Timeout of each L2 call; keep it near the tier's p99.9. Default 50 ms.
+    ///
+    /// It ends a call when the tier heard nothing back from its server during it (a
+    /// paused, crashed or unreachable server: fail fast, the breaker counts it). A call
+    /// still running while the server keeps answering other calls (a busy server working
+    /// through a backlog) is waited for up to [`l2_busy_timeout`](Self::l2_busy_timeout).
     pub fn l2_timeout(mut self, timeout: Duration) -> Self {
         self.l2_timeout = timeout;
+        self
+    }
+
+    /// How long an L2 call may run while the tier keeps answering other calls: past
+    /// [`l2_timeout`](Self::l2_timeout) a call is waited for in further slices of
+    /// `l2_timeout`, each as long as the tier heard back from its server during the one
+    /// before ([`Tier::progress`](crate::tier::Tier::progress)), up to this in all.
+    /// Default 10 × `l2_timeout` (500 ms by default); equal to `l2_timeout` turns the
+    /// wait off. Counted in [`CacheStats::l2_calls_waited_busy`](crate::CacheStats::l2_calls_waited_busy).
+    ///
+    /// Why: an overloaded server (one that shares saturated cores with its clients,
+    /// say) answers late but answers; failing those calls as an outage sends every
+    /// read to the database and opens the breaker, which is the load that overloaded
+    /// it, so the fleet spirals. A tier that cannot tell (`progress` is `None`, such as
+    /// the in-process and sharded tiers) ends every call at `l2_timeout`.
+    pub fn l2_busy_timeout(mut self, timeout: Duration) -> Self {
+        self.l2_busy_timeout = Some(timeout);
         self
     }
 
@@ -392,6 +416,7 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
             early_refresh_beta: self.early_refresh_beta,
             consistency,
             l2_timeout: self.l2_timeout,
+            l2_busy_timeout: self.l2_busy_timeout.unwrap_or(self.l2_timeout.saturating_mul(10)),
             lease_wait: self.lease_wait,
             max_value_bytes: self.max_value_bytes,
             heartbeat_interval: self.heartbeat_interval,
@@ -450,6 +475,15 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
             ));
         }
         check_max_tag_epochs(self.max_tag_epochs)?;
+        if let Some(busy) = self.l2_busy_timeout
+            && busy < self.l2_timeout
+        {
+            return Err(BuildError::new(
+                "l2_busy_timeout",
+                format!("is {busy:?}, below l2_timeout ({:?})", self.l2_timeout),
+                "use at least l2_timeout (equal turns the wait for a busy tier off), or leave the default (10 × l2_timeout)",
+            ));
+        }
         for (name, d, zero_ok) in [
             ("ttl", Some(self.ttl), false),
             ("l1_ttl", self.l1_ttl, false),
@@ -461,6 +495,7 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
             ("loader_soft_timeout", self.soft_timeout, true),
             ("loader_hard_timeout", Some(self.hard_timeout), false),
             ("l2_timeout", Some(self.l2_timeout), false),
+            ("l2_busy_timeout", self.l2_busy_timeout, false),
             ("lease_wait", Some(self.lease_wait), true),
             ("heartbeat_interval", Some(self.heartbeat_interval), false),
             ("membership_lease", Some(self.membership_lease), true),

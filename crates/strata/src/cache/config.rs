@@ -63,6 +63,7 @@ pub(crate) struct Config<K, V> {
     pub(crate) early_refresh_beta: f64,
     pub(crate) consistency: Consistency,
     pub(crate) l2_timeout: Duration,
+    pub(crate) l2_busy_timeout: Duration,
     pub(crate) lease_wait: Duration,
     pub(crate) max_value_bytes: usize,
     pub(crate) heartbeat_interval: Duration,
@@ -119,6 +120,7 @@ impl<K, V> std::fmt::Debug for Config<K, V> {
             .field("loader_soft_timeout", &self.soft_timeout)
             .field("loader_hard_timeout", &self.hard_timeout)
             .field("l2_timeout", &self.l2_timeout)
+            .field("l2_busy_timeout", &self.l2_busy_timeout)
             .field("load_protection", &self.load)
             .field("tags", &self.tags.is_some())
             .field("version", &self.version.is_some())

@@ -309,7 +309,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
         let Some(l2) = &self.l2 else { return scopes.len() };
         for (i, scope) in scopes.iter().enumerate() {
             let call = l2.tier().invalidate(l2.ns(), scope);
-            if l2.call_past_breaker(l2_call_name(scope), call).await.is_err() {
+            if l2.call_past_breaker(l2_call_name(scope), &self.stats, call).await.is_err() {
                 return i;
             }
             if *scope == Scope::All {
@@ -330,7 +330,8 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
         let Some(l2) = &self.l2 else { return };
         let unlocks = std::mem::take(&mut self.pending.lock().unlocks);
         for (i, (scope, id)) in unlocks.iter().enumerate() {
-            let res = l2.call_past_breaker("unlock", l2.tier().unlock(l2.ns(), scope, *id)).await;
+            let res =
+                l2.call_past_breaker("unlock", &self.stats, l2.tier().unlock(l2.ns(), scope, *id)).await;
             if res.is_err() {
                 self.pending.lock().unlocks.extend(unlocks[i..].iter().cloned());
                 break;

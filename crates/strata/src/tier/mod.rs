@@ -156,6 +156,20 @@ pub trait Tier: Send + Sync + 'static {
     /// The longest loader hard timeout this tier's tombstones protect against.
     fn tombstone_ttl(&self) -> Duration;
 
+    /// A count that grows each time the tier hears back from its server (a reply to
+    /// any call, whoever made it), or `None` when the tier cannot tell.
+    ///
+    /// The cache uses it to tell a busy tier from a stalled one: a call still running
+    /// at the cache's `l2_timeout` is waited for while this count keeps growing (the
+    /// server answers calls queued before it, so it is working through a backlog), up
+    /// to `l2_busy_timeout`; a call that saw no reply at all during one `l2_timeout`
+    /// fails as before (see [`CacheBuilder::l2_busy_timeout`](crate::CacheBuilder::l2_busy_timeout)).
+    /// Default `None`: every call ends at `l2_timeout`, right for a tier that is never
+    /// slow (in-process) or that bounds its calls itself.
+    fn progress(&self) -> Option<u64> {
+        None
+    }
+
     /// Reads `key`. An entry is a hit while valid (see the module doc) and before its
     /// `soft_expiry`; a valid entry past `soft_expiry` but before `hard_expiry` comes back
     /// as `Miss { stale: Some(..) }`. On a miss, when `lease` is given, tries to take the

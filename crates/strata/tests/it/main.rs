@@ -11,6 +11,7 @@ static ALLOC: strata_testkit::alloc::PeakAlloc = strata_testkit::alloc::PeakAllo
 
 mod api;
 mod buffered;
+mod busy_tier;
 mod config;
 mod conformance;
 mod fail_safe;

@@ -190,6 +190,8 @@ pub struct FleetConfig {
     pub warm_joins: bool,
     /// `--l2-timeout`: strata's timeout of each L2 call [default: the library's].
     pub l2_timeout: Option<Duration>,
+    /// `--l2-busy-timeout`: how long strata waits for a busy tier [default: the library's].
+    pub l2_busy_timeout: Option<Duration>,
     /// `--ttl`: how long the invalidated caches (near-pubsub, strata, redis-global,
     /// multi-tier) keep a copy [default: [`INVALIDATED_TTL`]].
     pub ttl: Duration,

@@ -362,6 +362,9 @@ fn build_cache(
     if let Some(timeout) = cfg.l2_timeout {
         builder = builder.l2_timeout(timeout);
     }
+    if let Some(timeout) = cfg.l2_busy_timeout {
+        builder = builder.l2_busy_timeout(timeout);
+    }
     if cfg.warm_up {
         // Reports every second: the bench's runs last seconds, not hours.
         builder = builder.warm_up(WarmUp::new().report_every(Duration::from_secs(1)));

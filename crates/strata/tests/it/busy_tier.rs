@@ -1,0 +1,120 @@
+//! `l2_busy_timeout`: an L2 call past `l2_timeout` is waited for while the tier reports
+//! progress (a busy server answering other calls), never longer than
+//! `l2_busy_timeout`, and not at all when the tier cannot tell. Tokio's paused time:
+//! the slow lookup's 10 s pass instantly.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use strata::tier::{Envelope, FillOutcome, FillToken, Lookup, Tier};
+use strata::{Cache, InProcessTier, Scope, Timestamp};
+use tokio::time::Instant;
+
+const SLOW: Duration = Duration::from_secs(10);
+
+/// An in-process tier whose lookups take [`SLOW`] and whose progress count, when it
+/// reports one, grows at every look (as if other calls were answered all along).
+struct SlowTier {
+    tier: InProcessTier,
+    reports_progress: bool,
+    replies: AtomicU64,
+}
+
+#[async_trait::async_trait]
+impl Tier for SlowTier {
+    fn name(&self) -> &str {
+        "slow"
+    }
+    fn tombstone_ttl(&self) -> Duration {
+        self.tier.tombstone_ttl()
+    }
+    fn progress(&self) -> Option<u64> {
+        self.reports_progress.then(|| self.replies.fetch_add(1, Ordering::SeqCst))
+    }
+    async fn lookup(&self, ns: &str, key: &str, lease: Option<Duration>) -> strata::Result<Lookup> {
+        tokio::time::sleep(SLOW).await;
+        self.tier.lookup(ns, key, lease).await
+    }
+    async fn fill(
+        &self,
+        ns: &str,
+        key: &str,
+        env: Envelope,
+        ttl: Duration,
+        token: &FillToken,
+    ) -> strata::Result<FillOutcome> {
+        self.tier.fill(ns, key, env, ttl, token).await
+    }
+    async fn set(&self, ns: &str, key: &str, env: Envelope, ttl: Duration) -> strata::Result<()> {
+        self.tier.set(ns, key, env, ttl).await
+    }
+    async fn delete(&self, ns: &str, keys: &[String]) -> strata::Result<()> {
+        self.tier.delete(ns, keys).await
+    }
+    async fn invalidate_tag(&self, ns: &str, tag: &str) -> strata::Result<()> {
+        self.tier.invalidate_tag(ns, tag).await
+    }
+    async fn invalidate_namespace(&self, ns: &str) -> strata::Result<()> {
+        self.tier.invalidate_namespace(ns).await
+    }
+    async fn touch(&self, ns: &str, key: &str, soft: Timestamp, ttl: Duration) -> strata::Result<bool> {
+        self.tier.touch(ns, key, soft, ttl).await
+    }
+    async fn lock(&self, ns: &str, scope: &Scope, id: u64, ttl: Duration) -> strata::Result<()> {
+        self.tier.lock(ns, scope, id, ttl).await
+    }
+    async fn unlock(&self, ns: &str, scope: &Scope, id: u64) -> strata::Result<()> {
+        self.tier.unlock(ns, scope, id).await
+    }
+}
+
+/// How long one `get_or_load` took, and the cache's counters after it.
+async fn read_once(reports_progress: bool, busy_timeout: Option<Duration>) -> (Duration, strata::CacheStats) {
+    let tier = SlowTier { tier: InProcessTier::new(), reports_progress, replies: AtomicU64::new(0) };
+    let mut builder =
+        Cache::<u64, String>::builder("ns").tier(Arc::new(tier)).l2_timeout(Duration::from_millis(50));
+    if let Some(t) = busy_timeout {
+        builder = builder.l2_busy_timeout(t);
+    }
+    let cache = builder.build().expect("valid");
+    let start = Instant::now();
+    let v = cache
+        .get_or_load(&1, || async { Ok::<_, std::io::Error>(Some("db".to_owned())) })
+        .await
+        .expect("loaded");
+    assert_eq!(v.as_deref(), Some("db"), "loaded once L2 gave up");
+    (start.elapsed(), cache.stats())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tier_that_keeps_answering_is_waited_for_up_to_the_busy_timeout() {
+    // Default: 10 × l2_timeout.
+    let (took, s) = read_once(true, None).await;
+    assert_eq!((s.l2_errors, s.l2_calls_waited_busy, s.loads), (1, 1, 1), "{s:?}");
+    assert!(took >= Duration::from_millis(500) && took < SLOW, "gave up at the busy timeout: {took:?}");
+
+    let (took, s) = read_once(true, Some(Duration::from_millis(120))).await;
+    assert_eq!((s.l2_errors, s.l2_calls_waited_busy), (1, 1), "{s:?}");
+    assert!(took >= Duration::from_millis(120) && took < Duration::from_millis(500), "{took:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tier_that_cannot_tell_or_a_wait_turned_off_ends_at_the_l2_timeout() {
+    for (progress, busy) in [(false, None), (true, Some(Duration::from_millis(50)))] {
+        let (took, s) = read_once(progress, busy).await;
+        assert_eq!((s.l2_errors, s.l2_calls_waited_busy, s.loads), (1, 0, 1), "{s:?}");
+        assert!(took < Duration::from_millis(100), "ended at l2_timeout: {took:?}");
+    }
+}
+
+#[test]
+fn a_busy_timeout_below_the_l2_timeout_is_refused_at_build() {
+    let e = Cache::<u64, String>::builder("ns")
+        .l2_timeout(Duration::from_millis(50))
+        .l2_busy_timeout(Duration::from_millis(20))
+        .build()
+        .unwrap_err();
+    let text = e.to_string();
+    assert!(text.contains("l2_busy_timeout") && text.contains("at least l2_timeout"), "{text}");
+}
