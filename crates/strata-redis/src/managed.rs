@@ -12,6 +12,10 @@ use strata::error::{Error, ErrorKind};
 use crate::cluster::{Connector, RedisConn};
 use crate::connection::{ConnectionOptions, map_redis_error};
 
+/// The most slices of its timeout a call waits while the server keeps answering
+/// other calls (see [`ManagedConn::call`]).
+const BUSY_SLICES: u32 = 5;
+
 /// A connection ([`ConnectionManager`] to one server, or a cluster connection) that is
 /// replaced by a fresh one after repeated timeouts: a connection to a peer that
 /// vanished without a reset (a paused server, a dropped network path) never reports an
@@ -157,6 +161,14 @@ impl ManagedConn {
     }
 
     /// Runs `f` on the connection with `timeout`; errors are mapped to `kind`.
+    ///
+    /// `timeout` ends a call during which the connection heard nothing back. A call
+    /// still running while the server answers the connection's other calls (it is busy
+    /// working through what was queued before this one, not stalled) is waited for in
+    /// further slices of `timeout` while replies keep coming, up to [`BUSY_SLICES`]
+    /// slices: under load, a publish failed at 100 ms (its command still queued, and
+    /// usually executed later) burned a sequence number that every receiver repaired
+    /// by flushing its L1, and reported a committed write as failed.
     pub(crate) async fn call<T, F, Fut>(
         &self,
         timeout: Duration,
@@ -169,7 +181,7 @@ impl ManagedConn {
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let in_flight = InFlight { conn: self, what, finished: false };
-        let out = tokio::time::timeout(timeout, f(self.get())).await;
+        let out = self.while_answering(timeout, f(self.get())).await;
         in_flight.finish();
         match out {
             Ok(Ok(v)) => {
@@ -187,10 +199,32 @@ impl ManagedConn {
                 }
                 Err(CallError::Failed(map_redis_error(kind, what, e)))
             }
-            Err(_) => {
+            Err(waited) => {
                 self.note_timeout(what);
-                Err(CallError::Timeout(Error::timeout(what, timeout)))
+                Err(CallError::Timeout(Error::timeout(what, waited)))
             }
+        }
+    }
+
+    /// `call` within `timeout`, or within further slices of it while replies come;
+    /// else how long it was waited for.
+    async fn while_answering<T>(
+        &self,
+        timeout: Duration,
+        call: impl Future<Output = T>,
+    ) -> Result<T, Duration> {
+        let mut call = std::pin::pin!(call);
+        let mut seen = self.replies();
+        let mut slices: u32 = 1;
+        loop {
+            if let Ok(out) = tokio::time::timeout(timeout, call.as_mut()).await {
+                return Ok(out);
+            }
+            let now = self.replies();
+            if now == seen || slices >= BUSY_SLICES {
+                return Err(timeout.saturating_mul(slices));
+            }
+            (seen, slices) = (now, slices + 1);
         }
     }
 
