@@ -188,6 +188,10 @@ stats! {
     early_refreshes_from_l2: Counter,
     /// Reads that waited for another fleet member's fill instead of loading.
     lease_waits: Counter,
+    /// Reads waiting for another member's fill that took the load lease over, the
+    /// holder having released it (its load failed) or let it expire, and loaded for
+    /// the fleet.
+    lease_takeovers: Counter,
     /// Invalidation messages published.
     invalidations_sent: Counter,
     /// Invalidation messages received from other instances.

@@ -410,6 +410,13 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
 
     /// Waits for the lease holder's fill; on success the value, else the token to fill
     /// with ourselves (from the last lookup, so it predates our load).
+    ///
+    /// Each poll asks for the lease too: when the holder released it (its load failed,
+    /// or it was told to stay out of L2) or it expired (the holder died), the first
+    /// waiter to ask becomes the fleet's loader at once and the others go on waiting
+    /// for its fill. Polls that did not ask left every waiter polling until
+    /// `lease_wait` and then loading, all of them, from the database that had just
+    /// failed the holder's load.
     async fn wait_for_fleet_fill(
         &self,
         loading: &Loading<K>,
@@ -421,10 +428,11 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
         let deadline = now.checked_add(self.cfg.lease_wait).unwrap_or(now);
         let mut pause = Duration::from_millis(1);
         let mut last = None;
+        let lease = Some(self.cfg.hard_timeout);
         while tokio::time::Instant::now() < deadline {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(20));
-            match l2.call("lookup", &self.stats, l2.tier().lookup(l2.ns(), &loading.key_str, None)).await {
+            match l2.call("lookup", &self.stats, l2.tier().lookup(l2.ns(), &loading.key_str, lease)).await {
                 Ok(Lookup::Hit(env)) => {
                     let replace = self.replacement_token(&loading.key_str, &env);
                     if let Some(value) = self.fill_from_l2(loading, env).await {
@@ -434,6 +442,10 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
                         // Filled under another schema: waiting longer will not help.
                         return Err(replace);
                     }
+                }
+                Ok(Lookup::Miss { token, .. }) if token.leader => {
+                    self.stats.lease_takeovers.incr();
+                    return Err(Some(token));
                 }
                 Ok(Lookup::Miss { token, .. }) => last = Some(token),
                 Err(_) => return Err(last),

@@ -103,6 +103,50 @@ async fn fleet_lease_lets_one_instance_load_while_the_others_wait_for_its_fill()
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 
+/// The lease holder's load fails and it releases the lease: one waiting instance takes
+/// the lease over and loads for the fleet, the others get its fill. (Waiters used to
+/// poll without asking for the lease, so each instance loaded once `lease_wait` ran
+/// out: here 3 loads instead of 1, from a database that had just failed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_lease_is_taken_over_by_one_waiting_instance() {
+    let f = fleet(4, Mode::Stream, None).await;
+    let (failed, loaded) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let holder = {
+        let (c, failed) = (f.caches[0].clone(), failed.clone());
+        tokio::spawn(async move {
+            c.get_or_load(&9, move || async move {
+                failed.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(60)).await;
+                Err::<Option<String>, _>(io::Error::other("db hiccup"))
+            })
+            .await
+        })
+    };
+    // The holder has the lease before the others read.
+    eventually("the holder is loading", || failed.load(Ordering::SeqCst) == 1).await;
+    let mut tasks = Vec::new();
+    for c in &f.caches[1..] {
+        for _ in 0..8 {
+            let (c, loaded) = (c.clone(), loaded.clone());
+            tasks.push(tokio::spawn(async move {
+                c.get_or_load(&9, move || async move {
+                    loaded.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(60)).await;
+                    Ok::<_, io::Error>(Some("nine".to_string()))
+                })
+                .await
+            }));
+        }
+    }
+    assert!(holder.await.expect("task").expect_err("the holder's load failed").is_loader());
+    for t in tasks {
+        assert_eq!(t.await.expect("task").expect("value").as_deref(), Some("nine"));
+    }
+    assert_eq!(loaded.load(Ordering::SeqCst), 1, "one instance loaded for the fleet");
+    let takeovers: u64 = f.caches.iter().map(|c| c.stats().lease_takeovers).sum();
+    assert_eq!(takeovers, 1);
+}
+
 /// A read that misses while an early refresh runs (the entry expired meanwhile) joins
 /// the refresh's flight, and gets the refreshed value: not "load was abandoned", which
 /// it got while a refresh handed its result to nobody (found by the shuttle model
