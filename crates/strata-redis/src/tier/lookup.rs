@@ -15,7 +15,9 @@ use crate::tier::{RedisTier, plain_read};
 
 impl RedisTier {
     /// Reads several keys of one namespace: one round trip when the plain read answers
-    /// them all, else one more for the lookup script's run over the rest. Each key's
+    /// them all, else one more for the lookup script's run over the rest (one in all
+    /// while most recent lookups missed: the plain read is skipped then, see
+    /// [`PlainGate`](super::plain_read::PlainGate)). Each key's
     /// answer is what [`Tier::lookup`](strata::tier::Tier::lookup) would return for it;
     /// with `lease`, a lease is tried for every missing key.
     pub async fn lookup_many(
@@ -44,6 +46,7 @@ impl RedisTier {
         }
         let mut pending: Vec<usize> = (0..keys.len()).filter(|&i| results[i].is_none()).collect();
         if pending.is_empty() {
+            self.inner.plain_gate.record_outcomes(keys.len(), 0);
             return Ok(results.into_iter().flatten().collect());
         }
         // Two passes at most: the script checks every field but the postcard inside the
@@ -87,6 +90,8 @@ impl RedisTier {
             }
             pending = next;
         }
+        let hits = results.iter().filter(|r| matches!(r, Some(Lookup::Hit(_)))).count();
+        self.inner.plain_gate.record_outcomes(hits, keys.len() - hits);
         results
             .into_iter()
             .map(|r| r.ok_or_else(|| bad_reply(ErrorKind::Tier, "redis tier lookup")))

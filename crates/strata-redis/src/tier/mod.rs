@@ -41,7 +41,9 @@
 //!   `GETRANGE` per entry (bounded) and an `HMGET` of the meta hash, checked in the client exactly as
 //!   the script checks (see `plain_read.rs` for why that answers what the script would):
 //!   a fresh, valid, untagged entry is a hit without a script (a script call costs Redis
-//!   20–30 µs of CPU, a `GETRANGE` under 1 µs); a miss costs this round trip more. A
+//!   20–30 µs of CPU, a `GETRANGE` under 1 µs); a miss costs this round trip more, so
+//!   while most of the tier's recent lookups missed (a small fleet, whose L1 answers the
+//!   repeated reads; a cold start) the plain read is skipped. A
 //!   tier whose plain reads found entries but answered none of them 64 times in a row
 //!   (tagged data) tries one lookup in 16 until one answers. Every other key goes to
 //!   the lookup script:
