@@ -16,8 +16,8 @@ use crate::tier::{RedisTier, plain_read};
 impl RedisTier {
     /// Reads several keys of one namespace: one round trip when the plain read answers
     /// them all, else one more for the lookup script's run over the rest (one in all
-    /// while most recent lookups missed: the plain read is skipped then, see
-    /// [`PlainGate`](super::plain_read::PlainGate)). Each key's
+    /// while most recent lookups missed: the plain read is skipped then, see the
+    /// [`tier`](crate::tier) module docs). Each key's
     /// answer is what [`Tier::lookup`](strata::tier::Tier::lookup) would return for it;
     /// with `lease`, a lease is tried for every missing key.
     pub async fn lookup_many(
