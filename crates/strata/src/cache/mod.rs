@@ -20,6 +20,7 @@
 pub(crate) mod batch;
 pub(crate) mod builder;
 pub(crate) mod builder_fleet;
+pub(crate) mod builder_l2;
 pub(crate) mod builder_load;
 pub(crate) mod builder_write;
 pub(crate) mod config;
