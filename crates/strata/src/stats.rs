@@ -250,10 +250,11 @@ stats! {
     /// a write under way: at the Strong level always; else under a write lock (a
     /// poisoned fill token) or, with L2 unreachable, soon after a heard invalidation.
     l1_fills_skipped: Counter,
-    /// Loaded values L2 could not take (it failed) that went into L1 for `max_stale` at
-    /// most instead of their TTL: their key, a tag or the namespace was invalidated
-    /// lately here, so a write lock whose writer could die before releasing it may
-    /// cover them.
+    /// Loaded values L2 did not take that went into L1 for `max_stale` at most instead
+    /// of their TTL: L2 failed and their key, a tag or the namespace was invalidated
+    /// lately here (a write lock whose writer could die before releasing it may cover
+    /// them), or L2's fill guard refused them (an invalidation overtook the load, which
+    /// may not have reached this instance yet).
     l1_fills_shortened: Counter,
     /// Keys preloaded from L2 into L1 by warm-up.
     warm_up_keys: Counter,

@@ -87,6 +87,7 @@ impl Tier for RedisTier {
                 Ok(FillOutcome::Stored)
             }
             0 => Ok(FillOutcome::Rejected),
+            4 => Ok(FillOutcome::Superseded),
             _ => Err(bad_reply(ErrorKind::Tier, "redis tier fill")),
         }
     }

@@ -115,9 +115,10 @@ return out
 /// ARGV: stamp, ttl ms, lease id ('0' = none), e ('' = the value is over the size
 /// limit: guard only, store nothing), t, f, h, version ('' = none), tombstone ms, MAC
 /// ('' = none), then the value's tags.
-/// Result: 1 (stored), 0 (rejected), 2 (accepted but not stored, the entry it would
-/// have replaced deleted) or 3 (accepted, but Redis refused the write for memory: the
-/// entry it would have replaced deleted). The fill is the one script without
+/// Result: 1 (stored), 0 (rejected: invalidated since the stamp), 4 (rejected by the
+/// version guard), 2 (accepted but not stored, the entry it would have replaced
+/// deleted) or 3 (accepted, but Redis refused the write for memory: the entry it would
+/// have replaced deleted). The fill is the one script without
 /// `allow-oom`: it is the one that grows the data set, so under `noeviction` it must
 /// not push the server past `maxmemory`.
 const FILL_BODY: &str = r#"
@@ -148,7 +149,7 @@ if ARGV[8] ~= '' then
     corrupt = 1
   elseif held and held[6] and held[6] ~= '' and valid(hs, htags, meta)
       and dec_lt(ARGV[8], held[6]) then
-    return done(0)
+    return done(4)
   end
 end
 if ARGV[4] == '' then

@@ -143,7 +143,7 @@ async fn versions(tier: &dyn Tier, label: &str) {
     );
     assert_eq!(
         tier.fill("ver", "k", versioned("v1", 1), TTL, &older).await.expect("tier call"),
-        FillOutcome::Rejected,
+        FillOutcome::Superseded,
         "{label}: an older version must not replace a newer one"
     );
     assert_eq!(

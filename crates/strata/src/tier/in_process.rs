@@ -307,7 +307,7 @@ impl Tier for InProcessTier {
                     && matches!((held.version, envelope.version), (Some(h), Some(v)) if h > v)
             });
             if newer_stored {
-                return FillOutcome::Rejected;
+                return FillOutcome::Superseded;
             }
             ns.entries.insert(key.to_owned(), (envelope, now.saturating_add(ttl)));
             FillOutcome::Stored

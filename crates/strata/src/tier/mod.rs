@@ -126,6 +126,10 @@ pub enum FillOutcome {
     Stored,
     /// The fill was refused because an invalidation happened since the lookup.
     Rejected,
+    /// The fill was refused by the version guard: the tier holds a valid entry of a
+    /// newer version (no invalidation needed: the loader read an older copy, a lagging
+    /// replica say).
+    Superseded,
 }
 
 /// Settings every tier implementation honours.
@@ -194,7 +198,10 @@ pub trait Tier: Send + Sync + 'static {
 
     /// Stores a loaded value if no invalidation happened since `token` was issued, and
     /// (when both carry a [`Envelope::version`]) the tier does not hold a valid entry
-    /// of a newer version; either refusal is [`FillOutcome::Rejected`].
+    /// of a newer version: [`FillOutcome::Rejected`] for the first refusal,
+    /// [`FillOutcome::Superseded`] for the second (the cache keeps such a value out of
+    /// L1, while an invalidated one may stay there for `max_stale`, until the
+    /// invalidation reaches it).
     async fn fill(
         &self,
         namespace: &str,

@@ -186,3 +186,47 @@ async fn invalidate_all_hides_every_entry_in_every_tier() {
         assert_eq!(c.get(&2).await.expect("get"), None, "L2 hides them as well");
     }
 }
+
+/// An invalidation that reached L2 (its tombstone) but not yet this instance refuses a
+/// slow load's fill; the value still goes into L1, for `max_stale` at most (the
+/// invalidation drops it when it arrives). Kept out of L1 altogether, a key written
+/// more often than it loads was never cached: under an overloaded database every read
+/// of the hot keys loaded again. A newer version in L2 keeps a value out of L1
+/// (`api::an_older_version_never_replaces_a_newer_one_in_l2`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_refused_by_an_invalidation_not_heard_here_lives_in_l1_for_max_stale() {
+    let clock = strata::testing::ManualClock::new();
+    let tier = InProcessTier::new();
+    let max_stale = std::time::Duration::from_secs(2);
+    let cache: Cache<u64, String> = Cache::builder(NS)
+        .tier(Arc::new(tier.clone()))
+        .clock(Arc::new(clock.clone()))
+        .ttl(std::time::Duration::from_secs(600))
+        .max_stale(max_stale)
+        .build()
+        .expect("valid");
+    let (started, gate) = (Arc::new(Notify::new()), Arc::new(Semaphore::new(0)));
+    let slow = {
+        let (cache, started, gate) = (cache.clone(), started.clone(), gate.clone());
+        tokio::spawn(async move {
+            cache
+                .get_or_load(&1, move || async move {
+                    started.notify_one();
+                    gate.acquire().await.expect("gate").forget();
+                    Ok::<_, std::io::Error>(Some("v1".to_owned()))
+                })
+                .await
+        })
+    };
+    started.notified().await;
+    // Another instance's write: its L2 delete landed, its broadcast is still on its way.
+    strata::tier::Tier::delete(&tier, NS, &["1".to_owned()]).await.expect("delete");
+    gate.add_permits(1);
+    assert_eq!(slow.await.expect("task").expect("load").as_deref(), Some("v1"));
+    let s = cache.stats();
+    assert_eq!((s.fills_rejected, s.l1_fills_shortened, s.loads), (1, 1, 1), "{s:?}");
+    assert_eq!(l2_value(&tier, 1), None, "not in L2");
+    assert_eq!(cache.get_local(&1).as_deref(), Some("v1"), "in L1");
+    clock.advance(max_stale + std::time::Duration::from_millis(1));
+    assert_eq!(cache.get_local(&1), None, "gone at max_stale");
+}
