@@ -43,7 +43,7 @@
 //! | level | bound on stale reads |
 //! |---|---|
 //! | [`Consistency::Local`] | the L1 time to live (no invalidation reaches other instances) |
-//! | [`Consistency::Invalidated`] | the backplane's propagation delay while it is healthy; `max_stale` (plus the time to detect it: three heartbeat intervals) while it is not, while a member's L2 delete waits for its retry, or for a row loaded with L2 failing under a write lock whose writer died before its release |
+//! | [`Consistency::Invalidated`] | the backplane's propagation delay while it is healthy; `max_stale` (plus the time to detect it: three heartbeat intervals) while it is not, while a member's L2 delete waits for its retry, or for a row loaded with L2 failing under a write lock whose writer died before its release, or loaded while a write whose writer died before broadcasting it was under way |
 //! | [`Consistency::Strong`] | none for writes made under a [`WriteLock`] (linearizable per key); for a plain `invalidate` after a commit, until it returns; a failed L2 delete makes the cache *bypassed* (every read goes to the loader, `get` answers [`ErrorKind::Bypassed`]) until L2 is clean |
 //!
 //! What makes these bounds hold:
@@ -122,7 +122,13 @@
 //!   dying after its commit leaves no instance serving the row read under its lock for
 //!   longer than that (keeping such loads out of L1 altogether, as before, sent every
 //!   read of the keys written lately, the hot ones, to the database for as long as L2
-//!   failed). With L1 filled only from L2 at the Strong
+//!   failed). A value whose L2 fill an invalidation refused (one not heard here yet:
+//!   heard during the load, the L1 guard refuses it) lives in L1 for `max_stale` at most
+//!   too, until that invalidation arrives and drops it; a writer that died between its
+//!   L2 delete and its broadcast leaves it served that long at most (kept out of L1, a
+//!   key written more often than it loads was never cached). One refused because L2
+//!   holds a newer version ([`FillOutcome::Superseded`](tier::FillOutcome::Superseded))
+//!   stays out. With L1 filled only from L2 at the Strong
 //!   level, no read can return the old row once any read returned the new one: reads
 //!   and writes are linearizable per key (checked by `strata check --level strong`).
 //! * **Strong acknowledgements.** At [`Consistency::Strong`], `invalidate` waits until
