@@ -8,6 +8,7 @@ use std::time::Duration;
 use parking_lot::RwLock;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use strata::error::{Error, ErrorKind};
+use strata::tier::await_while_answering;
 
 use crate::cluster::{Connector, RedisConn};
 use crate::connection::{ConnectionOptions, map_redis_error};
@@ -181,7 +182,8 @@ impl ManagedConn {
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let in_flight = InFlight { conn: self, what, finished: false };
-        let out = self.while_answering(timeout, f(self.get())).await;
+        let cap = timeout.saturating_mul(BUSY_SLICES);
+        let out = await_while_answering(f(self.get()), timeout, cap, || Some(self.replies())).await.outcome;
         in_flight.finish();
         match out {
             Ok(Ok(v)) => {
@@ -203,28 +205,6 @@ impl ManagedConn {
                 self.note_timeout(what);
                 Err(CallError::Timeout(Error::timeout(what, waited)))
             }
-        }
-    }
-
-    /// `call` within `timeout`, or within further slices of it while replies come;
-    /// else how long it was waited for.
-    async fn while_answering<T>(
-        &self,
-        timeout: Duration,
-        call: impl Future<Output = T>,
-    ) -> Result<T, Duration> {
-        let mut call = std::pin::pin!(call);
-        let mut seen = self.replies();
-        let mut slices: u32 = 1;
-        loop {
-            if let Ok(out) = tokio::time::timeout(timeout, call.as_mut()).await {
-                return Ok(out);
-            }
-            let now = self.replies();
-            if now == seen || slices >= BUSY_SLICES {
-                return Err(timeout.saturating_mul(slices));
-            }
-            (seen, slices) = (now, slices + 1);
         }
     }
 

@@ -25,6 +25,8 @@ impl Tier for RedisTier {
     }
 
     fn progress(&self) -> Option<u64> {
+        // On a Cluster the count covers every node: a call to a stalled master while
+        // the others answer is waited for until `l2_busy_timeout`, not `l2_timeout`.
         Some(self.inner.conn.replies())
     }
 

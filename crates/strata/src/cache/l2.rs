@@ -16,12 +16,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use crate::breaker::{BreakerState, CircuitBreaker};
 use crate::error::{Error, Result};
 use crate::stats::Stats;
-use crate::tier::Tier;
+use crate::tier::{Tier, await_while_answering};
 
 /// A tier with its breaker and timeouts.
 pub(crate) struct L2 {
@@ -36,7 +34,8 @@ impl L2 {
     pub(crate) fn new(
         tier: Arc<dyn Tier>,
         breaker: CircuitBreaker,
-        (timeout, busy_timeout): (Duration, Duration),
+        timeout: Duration,
+        busy_timeout: Duration,
         namespace: String,
     ) -> Self {
         L2 { tier, breaker, timeout, busy_timeout: busy_timeout.max(timeout), namespace }
@@ -96,32 +95,17 @@ impl L2 {
         stats: &Stats,
         call: impl Future<Output = Result<T>>,
     ) -> Result<T> {
-        let mut call = std::pin::pin!(call);
-        let start = Instant::now();
-        let mut seen = self.tier.progress();
-        let mut slice = self.timeout;
-        let mut waited = false;
-        loop {
-            if let Ok(r) = tokio::time::timeout(slice, call.as_mut()).await {
-                return r;
+        let tier = &self.tier;
+        let answered = await_while_answering(call, self.timeout, self.busy_timeout, || tier.progress()).await;
+        if answered.waited {
+            stats.l2_calls_waited_busy.incr();
+        }
+        match answered.outcome {
+            Ok(r) => r,
+            Err(elapsed) if answered.waited => {
+                Err(Error::timeout(&format!("l2 {what} (the tier answered other calls meanwhile)"), elapsed))
             }
-            let elapsed = start.elapsed();
-            let now = self.tier.progress();
-            let answering = matches!((seen, now), (Some(a), Some(b)) if a != b);
-            let left = self.busy_timeout.saturating_sub(elapsed);
-            if !answering || left.is_zero() {
-                return Err(if waited {
-                    Error::timeout(&format!("l2 {what} (the tier answered other calls meanwhile)"), elapsed)
-                } else {
-                    Error::timeout(&format!("l2 {what}"), self.timeout)
-                });
-            }
-            if !waited {
-                waited = true;
-                stats.l2_calls_waited_busy.incr();
-            }
-            seen = now;
-            slice = self.timeout.min(left);
+            Err(_) => Err(Error::timeout(&format!("l2 {what}"), self.timeout)),
         }
     }
 

@@ -328,7 +328,8 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
         let tags = value.as_ref().and_then(|v| self.tags_of(&loading.key, v));
         let mut filled = false;
         let mut stored_in_l2 = false;
-        let mut rejected = false;
+        // The token of a fill an invalidation refused (see `rejected_admission`).
+        let mut refused: Option<&FillToken> = None;
         if let (Some(l2), Some(token)) = (&self.l2, token)
             && !self.pending.lock().covers(key_str, tags.as_deref().map_or(&[], Vec::as_slice))
         {
@@ -352,7 +353,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
                         // An invalidation (maybe from another instance, not yet heard of
                         // here) overtook this load.
                         self.stats.fills_rejected.incr();
-                        rejected = true;
+                        refused = Some(token);
                     }
                     Ok(FillOutcome::Superseded) => {
                         // L2 holds a newer version, which no invalidation will replace:
@@ -370,7 +371,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
         }
         let admission = if stored_in_l2 {
             L1Admission::Full
-        } else if let (true, Some(token)) = (rejected, token) {
+        } else if let Some(token) = refused {
             self.rejected_admission(token)
         } else {
             self.l1_admission(loading, token)

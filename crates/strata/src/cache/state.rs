@@ -113,7 +113,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
                 cfg.breaker.clone(),
                 breaker_clock,
             );
-            L2::new(tier, breaker, (cfg.l2_timeout, cfg.l2_busy_timeout), cfg.namespace.clone())
+            L2::new(tier, breaker, cfg.l2_timeout, cfg.l2_busy_timeout, cfg.namespace.clone())
         });
         let rng = match cfg.seed {
             Some(s) => SmallRng::seed_from_u64(s),

@@ -35,12 +35,14 @@
 //! it, since a value loaded under a lock may predate a write that commits after the
 //! load (and whose writer may die before it releases the lock).
 
+mod busy;
 #[cfg(feature = "testing")]
 pub mod conformance;
 mod in_process;
 pub mod sharded;
 
 pub use crate::tag_epochs::{DEFAULT_MAX_TAG_EPOCHS, MIN_MAX_TAG_EPOCHS};
+pub use busy::{Answered, await_while_answering};
 pub use in_process::InProcessTier;
 pub use sharded::{ShardedTier, ShardedTierBuilder};
 
