@@ -123,6 +123,11 @@ impl Counter {
     pub(crate) fn incr(&self) {
         self.0.fetch_add(1, Ordering::Relaxed);
     }
+    pub(crate) fn add(&self, n: u64) {
+        if n > 0 {
+            self.0.fetch_add(n, Ordering::Relaxed);
+        }
+    }
     pub(crate) fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
@@ -194,6 +199,17 @@ stats! {
     lease_takeovers: Counter,
     /// Invalidation messages published.
     invalidations_sent: Counter,
+    /// Invalidation messages published in one backplane call with others: what queued
+    /// behind a slow publish leaves together.
+    messages_batched: Counter,
+    /// Invalidation messages whose sender stopped waiting (the backplane was down, or
+    /// the publisher busy past the fail-fast wait) while they stayed queued, to be
+    /// published in order when the backplane answers (and buffered for retry).
+    messages_left_queued: Counter,
+    /// Invalidation messages given up unpublished (their publish failed three times or
+    /// for good, or the outbox overflowed): each sequence number given up is a gap the
+    /// other instances repair, by a flush.
+    messages_given_up: Counter,
     /// Invalidation messages received from other instances.
     invalidations_received: Counter,
     /// Keys, tags or namespaces invalidated locally because of a received message.

@@ -277,10 +277,16 @@ impl Backplane for RedisStreamBackplane {
     }
 
     async fn publish(&self, message: &Message) -> Result<()> {
+        self.publish_batch(std::slice::from_ref(message)).await
+    }
+
+    async fn publish_batch(&self, messages: &[Message]) -> Result<()> {
         let inner = &self.inner;
-        let bytes = seal_message(inner.integrity.as_ref(), &inner.stream_key, message)?;
         let mut inv = inner.publish_script.prepare_invoke();
-        inv.key(&inner.stream_key).key(&inner.counter_key).arg(inner.cfg.max_len).arg(&bytes[..]);
+        inv.key(&inner.stream_key).key(&inner.counter_key).arg(inner.cfg.max_len);
+        for message in messages {
+            inv.arg(&seal_message(inner.integrity.as_ref(), &inner.stream_key, message)?[..]);
+        }
         let v: Value = inner
             .publisher
             .call(inner.cfg.op_timeout, ErrorKind::Backplane, "redis stream publish", |mut c| async move {
@@ -288,7 +294,7 @@ impl Backplane for RedisStreamBackplane {
             })
             .await
             .map_err(|e| e.into_error())?;
-        inner.stats.published.fetch_add(1, Ordering::Relaxed);
+        inner.stats.published.fetch_add(messages.len() as u64, Ordering::Relaxed);
         for what in publish_repairs(&v, &inner.stream_key, &inner.counter_key) {
             self.inner.repaired(&what);
         }

@@ -8,10 +8,12 @@ use redis::Value;
 
 use crate::reply::{value_array, value_bytes, value_string, value_u64};
 
-/// Stream backplane publish: number the entry, append it, cap the stream.
+/// Stream backplane publish: number each entry, append it, cap the stream.
 ///
-/// KEYS: stream, counter. ARGV: max len, message bytes. Returns
-/// `{number, counter restarted (0 or 1), what was wrong with the stream ('' if nothing)}`.
+/// KEYS: stream, counter. ARGV: max len, then one message's bytes per entry, in order
+/// (a batch is one call: the subscribers blocked on the stream wake once for all of
+/// it). Returns `{last number, counter restarted (0 or 1), what was wrong with the
+/// stream ('' if nothing)}`.
 ///
 /// Anyone who can write under the prefix can leave these keys in a state where no
 /// publish could ever succeed again; the script repairs that here, atomically, so
@@ -29,45 +31,50 @@ use crate::reply::{value_array, value_bytes, value_string, value_u64};
 ///   ids notices at its next idle read (see `STREAM_CATCH_UP`).
 ///
 /// A failed append gives its number back, so that it does not look like a trimmed
-/// entry to the subscribers.
+/// entry to the subscribers, and ends the call with its error (the entries before it
+/// stay appended; the publisher sends the batch again, and a subscriber takes a
+/// message seen twice as a late duplicate).
 ///
 /// `allow-oom`: Redis runs it while over `maxmemory` (an invalidation refused for
 /// memory is a lost one; an entry is small and the cap trims the stream).
 pub(crate) const STREAM_PUBLISH: &str = r#"#!lua flags=allow-oom
 local restarted = 0
-local n = redis.pcall('INCR', KEYS[2])
-if type(n) ~= 'number' or n < 1 or n >= 9007199254740992 then
-  redis.call('SET', KEYS[2], 1)
-  n = 1
-  restarted = 1
-end
-local function append()
-  return redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'm', ARGV[2], 'n', n)
-end
-local added = append()
-if type(added) ~= 'table' or not added.err then
-  return {n, restarted, ''}
-end
 local problem = ''
-local kind = redis.call('TYPE', KEYS[1]).ok
-if kind == 'stream' then
-  local info = redis.call('XINFO', 'STREAM', KEYS[1])
-  for i = 1, #info, 2 do
-    if info[i] == 'last-generated-id' and info[i + 1] == '18446744073709551615-18446744073709551615' then
-      problem = 'exhausted'
+local n = 0
+for i = 2, #ARGV do
+  local fresh = 0
+  n = redis.pcall('INCR', KEYS[2])
+  if type(n) ~= 'number' or n < 1 or n >= 9007199254740992 then
+    redis.call('SET', KEYS[2], 1)
+    n = 1
+    fresh = 1
+    restarted = 1
+  end
+  local added = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'm', ARGV[i], 'n', n)
+  if type(added) == 'table' and added.err then
+    local wrong = ''
+    local kind = redis.call('TYPE', KEYS[1]).ok
+    if kind == 'stream' then
+      local info = redis.call('XINFO', 'STREAM', KEYS[1])
+      for j = 1, #info, 2 do
+        if info[j] == 'last-generated-id' and info[j + 1] == '18446744073709551615-18446744073709551615' then
+          wrong = 'exhausted'
+        end
+      end
+    elseif kind ~= 'none' then
+      wrong = kind
+    end
+    if wrong == '' then
+      if fresh == 0 then redis.call('DECR', KEYS[2]) end
+      return added
+    end
+    problem = wrong
+    redis.call('DEL', KEYS[1])
+    added = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'm', ARGV[i], 'n', n)
+    if type(added) == 'table' and added.err then
+      return added
     end
   end
-elseif kind ~= 'none' then
-  problem = kind
-end
-if problem == '' then
-  if restarted == 0 then redis.call('DECR', KEYS[2]) end
-  return added
-end
-redis.call('DEL', KEYS[1])
-added = append()
-if type(added) == 'table' and added.err then
-  return added
 end
 return {n, restarted, problem}
 "#;

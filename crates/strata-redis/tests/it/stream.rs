@@ -587,3 +587,37 @@ async fn a_backplane_sharing_the_tiers_connection_opens_one_less() {
         .expect_err("another server");
     assert!(err.to_string().contains("share_connection"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_batch_is_one_script_call_delivered_in_order() {
+    let server = RedisServer::start();
+    let bp = stream_bp(&server).await;
+    let mut sub = bp.subscribe().await.unwrap();
+    bp.publish(&msg(2, 1, "a")).await.unwrap();
+    assert_eq!(message_of(&next_event(&mut sub, Duration::from_secs(5)).await).map(|m| m.seq), Some(1));
+    let calls = |server: &RedisServer| {
+        let stats = server.command(&["INFO", "commandstats"]).expect("INFO");
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+            .and_then(|rest| rest.split(',').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = calls(&server);
+    let batch: Vec<Message> = (2..=9).map(|seq| msg(2, seq, &format!("k{seq}"))).collect();
+    bp.publish_batch(&batch).await.expect("batch");
+    assert_eq!(calls(&server) - before, 1, "eight messages, one script call");
+    for seq in 2..=9 {
+        let ev = next_event(&mut sub, Duration::from_secs(5)).await;
+        assert_eq!(message_of(&ev), Some(&msg(2, seq, &format!("k{seq}"))));
+    }
+    assert_eq!(bp.replay(2, 1, 9).await.unwrap().map(|v| v.len()), Some(9));
+    // A batch into a key that is not a stream any more repairs it once and appends all.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    server.command(&["DEL", bp.stream_key()]).unwrap();
+    server.command(&["SET", bp.stream_key(), "not a stream"]).unwrap();
+    let batch: Vec<Message> = (10..=12).map(|seq| msg(2, seq, "b")).collect();
+    bp.publish_batch(&batch).await.expect("the batch replaces the string by a stream");
+    assert_eq!(bp.stats().repairs, 1, "{:?}", bp.stats());
+    assert_eq!(bp.replay(2, 10, 12).await.unwrap().map(|v| v.len()), Some(3));
+}

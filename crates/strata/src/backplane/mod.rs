@@ -208,6 +208,17 @@ pub trait Backplane: Send + Sync + 'static {
     /// stream) or handed to it (Pub/Sub).
     async fn publish(&self, message: &Message) -> Result<()>;
 
+    /// Publishes `messages` in order, as one call where the backplane can (what queued
+    /// behind a slow publish leaves together). An error means any suffix of them may
+    /// not have been published; the caller may publish them again (receivers take a
+    /// number seen twice as a late duplicate). The default publishes them one by one.
+    async fn publish_batch(&self, messages: &[Message]) -> Result<()> {
+        for message in messages {
+            self.publish(message).await?;
+        }
+        Ok(())
+    }
+
     /// Opens a subscription that receives every message published after it starts,
     /// including this process's own (receivers skip their own by origin id).
     async fn subscribe(&self) -> Result<Subscription>;

@@ -29,7 +29,7 @@ pub(crate) async fn run<H: Host>(host: Arc<H>, mut stop: Stop) {
         } else {
             MessageBody::Heartbeat
         };
-        let _ = fleet.send_heartbeat(body).await;
+        let _ = fleet.send_heartbeat(body, host.stats()).await;
         let now = host.now();
         let last = host.health().last_own_heartbeat();
         let missed = now.since(last) > every.saturating_mul(MISSED_HEARTBEATS);

@@ -400,7 +400,7 @@ impl<H: Host> Listener<'_, H> {
     async fn send_owed(&mut self) {
         self.owed_messages = 0;
         for (origin, seq) in std::mem::take(&mut self.owed) {
-            if let Err(e) = self.fleet.send_ack(origin, seq).await {
+            if let Err(e) = self.fleet.send_ack(origin, seq, self.host.stats()).await {
                 // The origin waits until our lease lapses instead; by then we serve no L1.
                 tracing::warn!(error = %e, origin, seq, "acknowledgement not sent");
             }

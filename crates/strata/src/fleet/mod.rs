@@ -19,6 +19,7 @@ mod health;
 pub(crate) mod heartbeat;
 pub(crate) mod listener;
 mod membership;
+mod outbox;
 mod sequence;
 mod verify;
 
@@ -34,6 +35,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::scope::Scope;
 use crate::stats::Stats;
 use membership::Members;
+use outbox::Outbox;
 
 /// What the fleet asks of the cache it serves.
 pub(crate) trait Host: Send + Sync + 'static {
@@ -112,17 +114,25 @@ pub(crate) enum Attempt {
     Probe,
 }
 
+/// What a sender got while waiting for its turn to publish.
+enum Turn<'a> {
+    /// The publisher lock: the sender publishes what is queued up to its message.
+    Publisher(tokio::sync::MutexGuard<'a, ()>),
+    /// Its message's outcome, settled by another sender.
+    Outcome(Result<()>),
+    /// Neither, and it may not wait (see [`Attempt`]): the message stays queued.
+    NotWaited,
+}
+
 /// This instance's side of the fleet protocol.
 pub(crate) struct Fleet {
     backplane: Arc<dyn Backplane>,
     cfg: FleetConfig,
-    /// Held across a publish so that messages leave in sequence order (receivers would
-    /// otherwise see false gaps).
+    /// Held by whoever publishes: the outbox's messages leave in sequence order
+    /// (receivers would otherwise see false gaps), and a control message after them.
     publisher: tokio::sync::Mutex<()>,
-    /// The last sequence number used: published, or consumed by a message that was not
-    /// (see [`Fleet::send`]). Taken under `publisher` by a publish, without it by a
-    /// message refused before it got there.
-    last_seq: AtomicU64,
+    /// The numbered messages waiting to be published.
+    outbox: Outbox,
     /// This instance's heartbeats so far (the count a digest carries).
     beats: AtomicU64,
     /// The publish breaker: set when a publish failed, cleared when one succeeded.
@@ -136,7 +146,7 @@ impl Fleet {
             backplane,
             cfg,
             publisher: tokio::sync::Mutex::new(()),
-            last_seq: AtomicU64::new(0),
+            outbox: Outbox::default(),
             beats: AtomicU64::new(0),
             down: AtomicBool::new(false),
             members: Members::default(),
@@ -151,9 +161,9 @@ impl Fleet {
         &self.backplane
     }
 
-    /// The last sequence number this instance used.
+    /// The last sequence number this instance used (published, queued, or given up).
     pub(crate) fn last_seq(&self) -> u64 {
-        self.last_seq.load(Ordering::SeqCst)
+        self.outbox.last_seq()
     }
 
     /// Whether the last publish failed (and none succeeded since).
@@ -163,46 +173,112 @@ impl Fleet {
 
     /// Sends one message with the next sequence number and returns it.
     ///
-    /// A message that does not go out still uses a sequence number, whether its publish
-    /// failed or it was refused before (backplane known down, publisher busy): receivers
-    /// then see a gap at this instance's next message or heartbeat and repair (replay
-    /// cannot find the number, so they flush), which is what makes a lost message safe.
-    /// Taking no number would leave them trusting their L1 while the message waits in
-    /// the retry buffer, stale past the backplane's propagation delay for as long as
-    /// the backplane stays down, and for good if this instance dies first. Numbers
-    /// consumed in a row show as one gap, so an outage costs each receiver one repair.
+    /// The message is numbered and queued in the [`outbox`], then published in its
+    /// turn, batched with what queued behind a slow publish. A caller that cannot wait
+    /// (the backplane is known down, or a fail-fast attempt found the publisher busy
+    /// for [`PUBLISHER_WAIT`]) gets an error and buffers the message for retry, but the
+    /// message stays queued and goes out in order when the backplane answers: the
+    /// other instances see no gap for it. Only a message whose publish keeps failing
+    /// (or the oldest of an overflowing outbox) gives its number up; receivers then see
+    /// a gap at this instance's next message or heartbeat and repair it (replay cannot
+    /// find the number, so they flush). That is what makes a lost message safe: taking
+    /// no number would leave them trusting their L1 while the message waits in the
+    /// retry buffer, stale past the backplane's propagation delay for as long as the
+    /// backplane stays down, and for good if this instance dies first. Numbers given up
+    /// in a row show as one gap, so an outage costs each receiver one repair.
     pub(crate) async fn send(&self, body: &MessageBody, stats: &Stats, attempt: Attempt) -> Result<u64> {
-        let Some(_publisher) = self.publisher_for(attempt).await else {
-            self.next_seq()?;
-            return Err(self.refusal());
+        let (seq, mut done, burned) = self.outbox.push(|seq| self.message(seq, body.clone()))?;
+        stats.messages_given_up.add(burned);
+        let outcome = match self.publisher_or_outcome(attempt, &mut done).await {
+            // Published by another caller's drain, or failed there.
+            Turn::Outcome(outcome) => outcome,
+            Turn::NotWaited => Err(self.refusal()),
+            Turn::Publisher(_publisher) => {
+                let drained = self.drain_through(seq, stats).await;
+                // Not told only when a batch ahead of it failed.
+                done.try_recv().unwrap_or_else(|_| Err(drained.err().unwrap_or_else(|| self.refusal())))
+            }
         };
-        let seq = self.next_seq()?;
-        let msg = self.message(seq, body.clone());
-        self.publish_bounded(&msg, "backplane publish").await?;
-        stats.invalidations_sent.incr();
-        Ok(seq)
+        if outcome.is_err() && self.outbox.holds(seq) {
+            stats.messages_left_queued.incr();
+        }
+        outcome.map(|()| seq)
     }
 
-    /// Sends a control message (heartbeat, acknowledgement): it carries the last
-    /// sequence number used, read under the publisher lock so that every smaller number
-    /// that will ever be published already was (a number still on its way would look
-    /// like a gap to the receivers).
-    pub(crate) async fn send_control(&self, body: MessageBody, attempt: Attempt) -> Result<()> {
+    /// The publisher lock, or the message's outcome if it came first (another caller's
+    /// drain published it, or failed), or neither when the attempt must not wait.
+    async fn publisher_or_outcome(
+        &self,
+        attempt: Attempt,
+        done: &mut tokio::sync::oneshot::Receiver<Result<()>>,
+    ) -> Turn<'_> {
+        tokio::select! {
+            biased;
+            outcome = &mut *done => Turn::Outcome(outcome.unwrap_or_else(|_| Err(Error::new(
+                ErrorKind::Backplane,
+                "backplane message dropped from the outbox unpublished",
+            )))),
+            guard = self.publisher_for(attempt) => guard.map_or(Turn::NotWaited, Turn::Publisher),
+        }
+    }
+
+    /// Publishes the outbox's messages numbered up to `through`, in batches, until
+    /// none is left or a publish fails (whose error it returns). The caller holds the
+    /// publisher lock.
+    async fn drain_through(&self, through: u64, stats: &Stats) -> Result<()> {
+        loop {
+            let batch = self.outbox.batch(through);
+            let Some(last) = batch.last().map(|m| m.seq) else { return Ok(()) };
+            let sent = match batch.as_slice() {
+                [one] => self.publish_bounded(one, "backplane publish").await,
+                many => self.bounded(self.backplane.publish_batch(many), "backplane publish").await,
+            };
+            let n = batch.len() as u64;
+            match sent {
+                Ok(()) => {
+                    self.outbox.published(last);
+                    stats.invalidations_sent.add(n);
+                    if n > 1 {
+                        stats.messages_batched.add(n);
+                    }
+                }
+                Err(e) => {
+                    stats.messages_given_up.add(self.outbox.failed(last, &e).burned);
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Sends a control message (heartbeat, acknowledgement) after what the outbox
+    /// holds: it carries the outbox's watermark, read under the publisher lock, so that
+    /// every smaller number that will ever be published already was (a number still on
+    /// its way would look like a gap to the receivers).
+    pub(crate) async fn send_control(
+        &self,
+        body: MessageBody,
+        attempt: Attempt,
+        stats: &Stats,
+    ) -> Result<()> {
         let Some(_publisher) = self.publisher_for(attempt).await else {
             return Err(self.refusal());
         };
-        let msg = self.message(self.last_seq(), body);
+        // What waits in the outbox goes first (a message its caller stopped waiting for
+        // is published here at the latest); a failure there shows in the watermark.
+        let _ = self.drain_through(self.outbox.last_seq(), stats).await;
+        let msg = self.message(self.outbox.watermark(), body);
         self.publish_bounded(&msg, "backplane control message").await
     }
 
     /// Sends a heartbeat (a control message, see [`Fleet::send_control`]) through
     /// [`Backplane::heartbeat`], which may aggregate it with the other members'.
-    pub(crate) async fn send_heartbeat(&self, body: MessageBody) -> Result<()> {
+    pub(crate) async fn send_heartbeat(&self, body: MessageBody, stats: &Stats) -> Result<()> {
         if !self.cfg.addressed {
-            return self.send_control(body, Attempt::Probe).await;
+            return self.send_control(body, Attempt::Probe, stats).await;
         }
         let _publisher = self.publisher.lock().await;
-        let msg = self.message(self.last_seq(), body);
+        let _ = self.drain_through(self.outbox.last_seq(), stats).await;
+        let msg = self.message(self.outbox.watermark(), body);
         let beat = self.beats.fetch_add(1, Ordering::SeqCst).saturating_add(1);
         let interval = self.cfg.heartbeat_interval;
         self.bounded(self.backplane.heartbeat(&msg, beat, interval), "backplane heartbeat").await
@@ -210,18 +286,17 @@ impl Fleet {
 
     /// Sends a Strong-level acknowledgement to `to` alone (to everyone when not
     /// addressed). It carries the last sequence number like any control message.
-    pub(crate) async fn send_ack(&self, to: OriginId, seq: u64) -> Result<()> {
+    pub(crate) async fn send_ack(&self, to: OriginId, seq: u64, stats: &Stats) -> Result<()> {
         let body = MessageBody::Ack { to, seq };
         if !self.cfg.addressed {
-            return self.send_control(body, Attempt::UnlessDown).await;
+            return self.send_control(body, Attempt::UnlessDown, stats).await;
         }
         // Not under the publisher lock: an addressed acknowledgement travels apart from
         // this instance's messages, so receivers take no sequence claim from it (see the
         // listener) and its number need not be exact. Under the lock, the acknowledgements
         // the listener sends one per message heard (a round trip each) queued ahead of
-        // this instance's own invalidations, which give up after `PUBLISHER_WAIT`; each
-        // that did burned a sequence number, a gap that every receiver repaired by a
-        // futile replay and an L1 flush (`strata bench --scenario payment --redis`).
+        // this instance's own invalidations, which gave up after `PUBLISHER_WAIT`
+        // (`strata bench --scenario payment --redis`).
         if self.is_down() {
             return Err(self.refusal());
         }
@@ -255,14 +330,6 @@ impl Fleet {
         } else {
             Error::timeout("waiting for the backplane publisher", PUBLISHER_WAIT)
         }
-    }
-
-    fn next_seq(&self) -> Result<u64> {
-        self.last_seq
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |s| s.checked_add(1))
-            .ok()
-            .and_then(|s| s.checked_add(1))
-            .ok_or_else(|| Error::new(ErrorKind::Backplane, "backplane sequence numbers exhausted"))
     }
 
     /// Strong level: waits until every member heard within its lease acknowledged
