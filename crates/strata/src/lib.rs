@@ -65,6 +65,15 @@
 //!   it within three intervals costs a flush. Most such losses cost nothing
 //!   ([`CacheStats::repairs_verified`]); at the Strong level, which must not
 //!   acknowledge over a hole, a reported loss flushes L1.
+//! * **In order, not given up.** An instance's messages leave in number order from
+//!   its outbox, batched ([`Backplane::publish_batch`](backplane::Backplane::publish_batch))
+//!   when they queued behind a slow publish. An `invalidate` that cannot wait (the
+//!   backplane is down, or the publisher busy past 100 ms) returns an error and buffers
+//!   its message for retry, but the message stays queued and goes out in its turn, so
+//!   the others see no gap ([`CacheStats::messages_left_queued`]). A number is given up
+//!   only when its message's publish failed three times or for good, or the outbox
+//!   (4,096 messages) overflowed ([`CacheStats::messages_given_up`]): that gap costs
+//!   every receiver a flush.
 //! * **Liveness at O(N).** Heartbeats go through
 //!   [`Backplane::heartbeat`](backplane::Backplane::heartbeat): the in-process and Redis
 //!   stream and Pub/Sub backplanes keep each member's latest and deliver them all as one

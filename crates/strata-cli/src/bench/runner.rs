@@ -2,8 +2,8 @@
 //! times, whatever the strategy's speed, and measures each request from its scheduled
 //! start (so a runner that falls behind shows up as latency, not as a lower load).
 //!
-//! A dedicated thread walks the schedule (sleeping, then yielding for the last
-//! [`SPIN`] to be on time) and spawns each request as a task on the multi-thread
+//! A dedicated thread walks the schedule (sleeping until each request is due, never
+//! spinning: see `wait_until`) and spawns each request as a task on the multi-thread
 //! runtime. At most `max_in_flight` requests run at once; a request due while the limit
 //! is reached is dropped and counted, so a slow strategy cannot exhaust memory.
 
@@ -23,9 +23,6 @@ use super::freshness::Ledger;
 use super::schedule::{Op, Request, Schedule};
 use super::strategy::Strategy;
 
-/// Below this much time to wait, the dispatcher yields instead of sleeping (a sleep
-/// overshoots by ~50–100 µs on Linux).
-const SPIN: Duration = Duration::from_micros(100);
 /// How long the dispatcher waits before the first request (time to start the thread).
 const LEAD_IN: Duration = Duration::from_millis(20);
 /// Upper bound of the latency histograms (values above are clamped).
@@ -425,18 +422,15 @@ async fn carry_out(strategy: Arc<dyn Strategy>, event: Event, t0: Instant) -> Re
 /// has only it).
 const WARM_JOINER: usize = 1;
 
-/// Sleeps until shortly before `due`, then yields until it.
+/// Sleeps until `due`, then returns: the requests due meanwhile are dispatched at once,
+/// one behind the other. A sleep overshoots by ~50–100 µs on Linux (the timer slack),
+/// which the start delay reports. Yielding in a loop for the last 100 µs instead, as
+/// this runner did, kept a core busy in the kernel (`sched_yield` every few
+/// microseconds) whenever requests came faster than one per 100 µs: at 20,000/s one of
+/// this machine's two cores, taken from the strategies under test.
 fn wait_until(due: Instant) {
-    loop {
-        let now = Instant::now();
-        if now >= due {
-            return;
-        }
-        let left = due - now;
-        if left > SPIN {
-            std::thread::sleep(left - SPIN);
-        } else {
-            std::thread::yield_now();
-        }
+    let now = Instant::now();
+    if due > now {
+        std::thread::sleep(due - now);
     }
 }

@@ -19,6 +19,8 @@ struct SlowTier {
     tier: InProcessTier,
     reports_progress: bool,
     replies: AtomicU64,
+    /// Told when a lookup begins.
+    looking: tokio::sync::Notify,
 }
 
 #[async_trait::async_trait]
@@ -33,6 +35,7 @@ impl Tier for SlowTier {
         self.reports_progress.then(|| self.replies.fetch_add(1, Ordering::SeqCst))
     }
     async fn lookup(&self, ns: &str, key: &str, lease: Option<Duration>) -> strata::Result<Lookup> {
+        self.looking.notify_one();
         tokio::time::sleep(SLOW).await;
         self.tier.lookup(ns, key, lease).await
     }
@@ -69,9 +72,18 @@ impl Tier for SlowTier {
     }
 }
 
+fn slow_tier(reports_progress: bool) -> SlowTier {
+    SlowTier {
+        tier: InProcessTier::new(),
+        reports_progress,
+        replies: AtomicU64::new(0),
+        looking: tokio::sync::Notify::new(),
+    }
+}
+
 /// How long one `get_or_load` took, and the cache's counters after it.
 async fn read_once(reports_progress: bool, busy_timeout: Option<Duration>) -> (Duration, strata::CacheStats) {
-    let tier = SlowTier { tier: InProcessTier::new(), reports_progress, replies: AtomicU64::new(0) };
+    let tier = slow_tier(reports_progress);
     let mut builder =
         Cache::<u64, String>::builder("ns").tier(Arc::new(tier)).l2_timeout(Duration::from_millis(50));
     if let Some(t) = busy_timeout {
@@ -117,4 +129,35 @@ fn a_busy_timeout_below_the_l2_timeout_is_refused_at_build() {
         .unwrap_err();
     let text = e.to_string();
     assert!(text.contains("l2_busy_timeout") && text.contains("at least l2_timeout"), "{text}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_whose_timer_fired_late_is_waited_for_another_slice() {
+    // The tier cannot tell whether it answers; this process "stalls" for 100 ms during
+    // the first 50 ms slice (the clock jumps, as for a process that got no core), so
+    // that slice's silence proves nothing: one more slice, then the call ends.
+    let tier = Arc::new(slow_tier(false));
+    let cache = Cache::<u64, String>::builder("ns")
+        .tier(tier.clone())
+        .l2_timeout(Duration::from_millis(50))
+        .build()
+        .expect("valid");
+    let stall = {
+        let tier = tier.clone();
+        tokio::spawn(async move {
+            tier.looking.notified().await;
+            tokio::time::advance(Duration::from_millis(100)).await;
+        })
+    };
+    let start = Instant::now();
+    let v = cache
+        .get_or_load(&1, || async { Ok::<_, std::io::Error>(Some("db".to_owned())) })
+        .await
+        .expect("loaded");
+    let took = start.elapsed();
+    stall.await.expect("stall task");
+    assert_eq!(v.as_deref(), Some("db"));
+    let s = cache.stats();
+    assert_eq!((s.l2_errors, s.l2_calls_waited_busy, s.loads), (1, 1, 1), "{s:?}");
+    assert!(took >= Duration::from_millis(150) && took < Duration::from_millis(500), "{took:?}");
 }
