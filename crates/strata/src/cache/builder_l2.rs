@@ -28,6 +28,14 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
     /// paused, crashed or unreachable server: fail fast, the breaker counts it). A call
     /// still running while the server keeps answering other calls (a busy server working
     /// through a backlog) is waited for up to [`l2_busy_timeout`](Self::l2_busy_timeout).
+    ///
+    /// It is the floor of each call's budget: while the tier has been answering slowly,
+    /// calls get the smoothed latency of its answers plus four mean deviations (TCP's
+    /// retransmission timeout, RFC 6298), up to `l2_busy_timeout`. Calls that got no
+    /// answer are not counted, so after fast answers a server that stops answering
+    /// fails calls at `l2_timeout`. And a call whose timer fired a quarter of a slice
+    /// late (this process did not get a core) is waited for another slice, up to
+    /// `l2_busy_timeout`: its silence proves nothing about the server.
     pub fn l2_timeout(mut self, timeout: Duration) -> Self {
         self.l2_timeout = timeout;
         self

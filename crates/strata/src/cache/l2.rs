@@ -16,6 +16,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::l2_budget::Budget;
 use crate::breaker::{BreakerState, CircuitBreaker};
 use crate::error::{Error, Result};
 use crate::stats::Stats;
@@ -27,6 +28,8 @@ pub(crate) struct L2 {
     breaker: CircuitBreaker,
     timeout: Duration,
     busy_timeout: Duration,
+    /// What a call gets before it counts as failed, from what recent calls took.
+    budget: Budget,
     namespace: String,
 }
 
@@ -38,7 +41,8 @@ impl L2 {
         busy_timeout: Duration,
         namespace: String,
     ) -> Self {
-        L2 { tier, breaker, timeout, busy_timeout: busy_timeout.max(timeout), namespace }
+        let busy_timeout = busy_timeout.max(timeout);
+        L2 { tier, breaker, timeout, busy_timeout, budget: Budget::default(), namespace }
     }
 
     /// The tier, for building a call.
@@ -87,8 +91,9 @@ impl L2 {
         self.bounded(what, stats, call).await
     }
 
-    /// Runs `call` for `l2_timeout`, and then for further slices of it as long as the
-    /// tier heard back from its server during the last one, until `l2_busy_timeout`.
+    /// Runs `call` for its budget (`l2_timeout`, more while the tier has been answering
+    /// slowly: see `l2_budget`), and then for further slices of it as long as the tier
+    /// heard back from its server during the last one, until `l2_busy_timeout`.
     async fn bounded<T>(
         &self,
         what: &str,
@@ -96,16 +101,21 @@ impl L2 {
         call: impl Future<Output = Result<T>>,
     ) -> Result<T> {
         let tier = &self.tier;
-        let answered = await_while_answering(call, self.timeout, self.busy_timeout, || tier.progress()).await;
+        let budget = self.budget.get(self.timeout, self.busy_timeout);
+        let started = tokio::time::Instant::now();
+        let answered = await_while_answering(call, budget, self.busy_timeout, || tier.progress()).await;
         if answered.waited {
             stats.l2_calls_waited_busy.incr();
         }
         match answered.outcome {
-            Ok(r) => r,
+            Ok(r) => {
+                self.budget.observe(started.elapsed());
+                r
+            }
             Err(elapsed) if answered.waited => {
                 Err(Error::timeout(&format!("l2 {what} (the tier answered other calls meanwhile)"), elapsed))
             }
-            Err(_) => Err(Error::timeout(&format!("l2 {what}"), self.timeout)),
+            Err(_) => Err(Error::timeout(&format!("l2 {what}"), budget)),
         }
     }
 

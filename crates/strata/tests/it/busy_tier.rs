@@ -4,7 +4,7 @@
 //! the slow lookup's 10 s pass instantly.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use strata::tier::{Envelope, FillOutcome, FillToken, Lookup, Tier};
@@ -17,7 +17,9 @@ const SLOW: Duration = Duration::from_secs(10);
 /// reports one, grows at every look (as if other calls were answered all along).
 struct SlowTier {
     tier: InProcessTier,
-    reports_progress: bool,
+    /// How long a lookup takes.
+    delay: Duration,
+    reports_progress: AtomicBool,
     replies: AtomicU64,
     /// Told when a lookup begins.
     looking: tokio::sync::Notify,
@@ -32,11 +34,11 @@ impl Tier for SlowTier {
         self.tier.tombstone_ttl()
     }
     fn progress(&self) -> Option<u64> {
-        self.reports_progress.then(|| self.replies.fetch_add(1, Ordering::SeqCst))
+        self.reports_progress.load(Ordering::SeqCst).then(|| self.replies.fetch_add(1, Ordering::SeqCst))
     }
     async fn lookup(&self, ns: &str, key: &str, lease: Option<Duration>) -> strata::Result<Lookup> {
         self.looking.notify_one();
-        tokio::time::sleep(SLOW).await;
+        tokio::time::sleep(self.delay).await;
         self.tier.lookup(ns, key, lease).await
     }
     async fn fill(
@@ -75,7 +77,8 @@ impl Tier for SlowTier {
 fn slow_tier(reports_progress: bool) -> SlowTier {
     SlowTier {
         tier: InProcessTier::new(),
-        reports_progress,
+        delay: SLOW,
+        reports_progress: AtomicBool::new(reports_progress),
         replies: AtomicU64::new(0),
         looking: tokio::sync::Notify::new(),
     }
@@ -160,4 +163,46 @@ async fn a_call_whose_timer_fired_late_is_waited_for_another_slice() {
     let s = cache.stats();
     assert_eq!((s.l2_errors, s.l2_calls_waited_busy, s.loads), (1, 1, 1), "{s:?}");
     assert!(took >= Duration::from_millis(150) && took < Duration::from_millis(500), "{took:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tier_that_has_been_answering_slowly_gets_a_longer_budget() {
+    // Every lookup takes 80 ms, past the 50 ms `l2_timeout`. While the tier shows
+    // progress the first is waited for and answers; what it took raises the budget, so
+    // that the next ones answer within it without a wait, even once the tier can no
+    // longer tell whether it answers others (one caller alone on its connection).
+    let tier = Arc::new(SlowTier { delay: Duration::from_millis(80), ..slow_tier(true) });
+    let cache = Cache::<u64, String>::builder("ns")
+        .tier(tier.clone())
+        .l2_timeout(Duration::from_millis(50))
+        .build()
+        .expect("valid");
+    cache.get_or_load(&1, move || load(1)).await.expect("read");
+    let s = cache.stats();
+    assert_eq!((s.l2_errors, s.l2_calls_waited_busy), (0, 1), "{s:?}");
+    tier.reports_progress.store(false, Ordering::SeqCst);
+    for k in 2..=10 {
+        let start = Instant::now();
+        cache.get_or_load(&k, move || load(k)).await.expect("read");
+        assert!(start.elapsed() >= Duration::from_millis(80), "reached L2");
+    }
+    let s = cache.stats();
+    // The lookups and the fills after them: none failed, none needed the wait.
+    assert_eq!((s.l2_errors, s.l2_calls_waited_busy), (0, 1), "{s:?}");
+
+    // A tier that stops answering is not waited for longer than the budget its last
+    // answers earned, and never past `l2_busy_timeout`.
+    let stalled = Arc::new(slow_tier(false));
+    let fresh = Cache::<u64, String>::builder("ns")
+        .tier(stalled)
+        .l2_timeout(Duration::from_millis(50))
+        .build()
+        .expect("valid");
+    let start = Instant::now();
+    fresh.get_or_load(&1, move || load(1)).await.expect("read");
+    assert!(start.elapsed() < Duration::from_millis(100), "no sample yet: the floor");
+}
+
+async fn load(k: u64) -> Result<Option<String>, std::io::Error> {
+    Ok(Some(format!("db{k}")))
 }
