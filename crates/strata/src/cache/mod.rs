@@ -194,6 +194,10 @@ impl<K: CacheKey, V: CacheValue> Cache<K, V> {
     /// `Shutdown` because no acknowledgement can be awaited.
     pub async fn shutdown(&self) {
         self.inner.retry_pending().await;
+        if let Some(fleet) = &self.inner.fleet {
+            // Failures are the fleet's to repair: an unpublished number is a gap.
+            let _ = fleet.drain(&self.inner.stats).await;
+        }
         self.inner.close();
         self.lifetime.stop();
     }

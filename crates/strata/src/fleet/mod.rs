@@ -250,6 +250,13 @@ impl Fleet {
         }
     }
 
+    /// Publishes everything the outbox holds (a last attempt at shutdown: messages
+    /// whose callers were cancelled are buffered nowhere else).
+    pub(crate) async fn drain(&self, stats: &Stats) -> Result<()> {
+        let _publisher = self.publisher.lock().await;
+        self.drain_through(self.outbox.last_seq(), stats).await
+    }
+
     /// Sends a control message (heartbeat, acknowledgement) after what the outbox
     /// holds: it carries the outbox's watermark, read under the publisher lock, so that
     /// every smaller number that will ever be published already was (a number still on

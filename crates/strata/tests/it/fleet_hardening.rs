@@ -226,14 +226,56 @@ async fn messages_whose_callers_stopped_waiting_go_out_in_their_turn_without_a_g
     assert!(stalling.batches.load(Ordering::SeqCst) >= 1);
 }
 
-#[tokio::test]
-async fn a_message_refused_while_the_backplane_is_down_goes_out_in_order_when_it_is_back() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_publishes_what_a_cancelled_caller_left_in_the_outbox() {
+    let hub = InProcessBackplane::with_mode(Mode::Stream);
+    let stalling = Arc::new(StallingBackplane::new(hub.connect()));
+    // No heartbeat during the test: only the shutdown can publish the message.
+    let a: Cache<u64, String> = Cache::builder(NS)
+        .backplane(stalling.clone())
+        .heartbeat_interval(Duration::from_secs(30))
+        .l2_timeout(Duration::from_secs(5))
+        .build()
+        .expect("valid");
+    let b: Cache<u64, String> = Cache::builder(NS).backplane(Arc::new(hub.connect())).build().expect("valid");
+    a.ready().await;
+    b.ready().await;
+    let db = Db::default();
+    db.set(2, "v1");
+    b.get_or_load(&2, db.loader(2)).await.expect("load");
+
+    stalling.stall(true);
+    let first = {
+        let a = a.clone();
+        tokio::spawn(async move { a.invalidate(&1).await })
+    };
+    within("first publish hangs", || stalling.stalled_invalidations.load(Ordering::SeqCst) == 1).await;
+    // Cancelled while it waits behind the stall: its message is numbered and queued,
+    // but the caller never got to buffer it for retry.
+    assert!(tokio::time::timeout(Duration::from_millis(20), a.invalidate(&2)).await.is_err());
+    stalling.stall(false);
+    first.await.expect("task").expect("published once the stall ended");
+    assert_eq!(a.pending_invalidations(), 0, "nothing buffered for retry");
+    a.shutdown().await;
+    within("b dropped key 2", || b.get_local(&2).is_none()).await;
+    assert_eq!(b.stats().gaps_detected, 0, "{:?}", b.stats());
+}
+
+/// Two instances over Pub/Sub, the second holding keys 1 and 2 and hearing the first.
+async fn two_holding_keys_1_and_2() -> (crate::support::Fleet, Db) {
     let f = fleet(2, Mode::PubSub, None).await;
-    let (a, b) = (&f.caches[0], &f.caches[1]);
+    let b = &f.caches[1];
     let db = Db::with(&[(1, "v1"), (2, "two")]);
     b.get_or_load(&1, db.loader(1)).await.expect("load");
     b.get_or_load(&2, db.loader(2)).await.expect("load");
     within("heartbeat heard", || b.stats().heartbeats_received >= 1).await;
+    (f, db)
+}
+
+#[tokio::test]
+async fn a_message_refused_while_the_backplane_is_down_goes_out_in_order_when_it_is_back() {
+    let (f, _db) = two_holding_keys_1_and_2().await;
+    let (a, b) = (&f.caches[0], &f.caches[1]);
     f.conns[0].faults().set_disconnected(true);
     // The first publish fails; the second is refused at once (the backplane is known
     // down). Neither reaches b, but both stay in a's outbox.
@@ -257,12 +299,8 @@ async fn a_message_refused_while_the_backplane_is_down_goes_out_in_order_when_it
 
 #[tokio::test]
 async fn a_message_given_up_while_the_backplane_is_down_shows_as_a_gap() {
-    let f = fleet(2, Mode::PubSub, None).await;
+    let (f, _db) = two_holding_keys_1_and_2().await;
     let (a, b) = (&f.caches[0], &f.caches[1]);
-    let db = Db::with(&[(1, "v1"), (2, "two")]);
-    b.get_or_load(&1, db.loader(1)).await.expect("load");
-    b.get_or_load(&2, db.loader(2)).await.expect("load");
-    within("heartbeat heard", || b.stats().heartbeats_received >= 1).await;
     f.conns[0].faults().set_disconnected(true);
     assert!(a.invalidate(&1).await.is_err());
     // The retry task's probes and the heartbeats fail too, until the message has had
