@@ -68,9 +68,9 @@
 //! * **In order, not given up.** An instance's messages leave in number order from
 //!   its outbox, batched ([`Backplane::publish_batch`](backplane::Backplane::publish_batch))
 //!   when they queued behind a slow publish. An `invalidate` that cannot wait (the
-//!   backplane is down, or the publisher busy past 100 ms) returns an error and buffers
-//!   its message for retry, but the message stays queued and goes out in its turn, so
-//!   the others see no gap ([`CacheStats::messages_left_queued`]). A number is given up
+//!   backplane is down, or the publisher busy past 100 ms) returns an error, but its
+//!   message stays queued and goes out in its turn, so the others see no gap
+//!   ([`CacheStats::messages_left_queued`]; counted in `pending_invalidations`). A number is given up
 //!   only when its message's publish failed three times or for good, or the outbox
 //!   (4,096 messages) overflowed ([`CacheStats::messages_given_up`]): that gap costs
 //!   every receiver a flush.

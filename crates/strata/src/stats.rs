@@ -204,7 +204,8 @@ stats! {
     messages_batched: Counter,
     /// Invalidation messages whose sender stopped waiting (the backplane was down, or
     /// the publisher busy past the fail-fast wait) while they stayed queued, to be
-    /// published in order when the backplane answers (and buffered for retry).
+    /// published in order when the backplane answers (not buffered for retry as well:
+    /// that would send them twice).
     messages_left_queued: Counter,
     /// Invalidation messages given up unpublished (their publish failed three times or
     /// for good, or the outbox overflowed): each sequence number given up is a gap the

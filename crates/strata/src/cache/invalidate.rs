@@ -10,7 +10,7 @@ use super::state::Inner;
 use crate::backplane::MessageBody;
 use crate::clock::Timestamp;
 use crate::error::{Error, ErrorKind, Result};
-use crate::fleet::Attempt;
+use crate::fleet::{Attempt, NotSent};
 use crate::key::{CacheKey, CacheValue};
 use crate::l1::LoadStart;
 use crate::scope::Scope;
@@ -192,21 +192,27 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
         Ok(())
     }
 
-    /// Publishes one message; one that fails, or is refused because the backplane is
-    /// known down or the publisher is stuck behind a hanging publish, is buffered for
-    /// the retry task. Either way this returns within [`Attempt::FailFast`]'s bounds,
-    /// not after an outage.
+    /// Publishes one message. One that fails, or is refused because the backplane is
+    /// known down or the publisher is stuck behind a hanging publish, stays in the
+    /// fleet's outbox, which publishes it in its turn (or gives its number up, a gap
+    /// the receivers repair by a flush); one that could not even be queued is buffered
+    /// for the retry task. Either way this returns within [`Attempt::FailFast`]'s
+    /// bounds, not after an outage.
     async fn publish_or_buffer(&self, body: MessageBody) -> Result<u64> {
         let Some(fleet) = &self.fleet else { return Ok(0) };
         match fleet.send(&body, &self.stats, Attempt::FailFast).await {
             Ok(seq) => Ok(seq),
-            Err(e) => {
+            Err(NotSent { error, queued: true }) => {
+                tracing::debug!(error = %error, namespace = %self.cfg.namespace, "message not published yet; it stays queued, in order");
+                Err(error)
+            }
+            Err(NotSent { error, queued: false }) => {
                 self.stats.invalidations_buffered.incr();
                 self.buffer_messages(|p| p.push_message(body));
                 // The fleet logs the failure that opened its breaker; the refusals that
                 // follow would log once per invalidation of the outage.
-                tracing::debug!(error = %e, namespace = %self.cfg.namespace, "message not published; buffered for retry");
-                Err(e)
+                tracing::debug!(error = %error, namespace = %self.cfg.namespace, "message not published; buffered for retry");
+                Err(error)
             }
         }
     }
@@ -292,10 +298,13 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
         while let Some(body) = iter.next() {
             // A probe: the first of these to succeed is what tells callers the
             // backplane is back.
-            if fleet.send(&body, &self.stats, Attempt::Probe).await.is_err() {
+            if let Err(not_sent) = fleet.send(&body, &self.stats, Attempt::Probe).await {
+                // One still in the outbox goes out from there; the ones after it were
+                // not tried.
+                let again = (!not_sent.queued).then_some(body);
                 self.buffer_messages(|p| {
                     p.messages_in_flight -= taken;
-                    p.requeue_messages(std::iter::once(body).chain(iter))
+                    p.requeue_messages(again.into_iter().chain(iter))
                 });
                 return;
             }

@@ -133,9 +133,11 @@ impl<K: CacheKey, V: CacheValue> Cache<K, V> {
         self.inner.is_bypassed()
     }
 
-    /// Invalidations waiting to be retried against L2 or the backplane.
+    /// Invalidations waiting to be retried against L2 or the backplane, and messages
+    /// waiting in the outbox for their turn to be published.
     pub fn pending_invalidations(&self) -> usize {
-        self.inner.pending.lock().len()
+        let queued = self.inner.fleet.as_ref().map_or(0, |f| f.queued());
+        self.inner.pending.lock().len() + queued
     }
 
     /// Resolves once the backplane subscription is live (at once without a backplane),

@@ -114,6 +114,15 @@ pub(crate) enum Attempt {
     Probe,
 }
 
+/// A message [`Fleet::send`] did not publish.
+#[derive(Debug)]
+pub(crate) struct NotSent {
+    pub(crate) error: Error,
+    /// Still in the outbox: it goes out in its turn, or its number is given up (a gap
+    /// the receivers repair). Either way nothing needs to send it again.
+    pub(crate) queued: bool,
+}
+
 /// What a sender got while waiting for its turn to publish.
 enum Turn<'a> {
     /// The publisher lock: the sender publishes what is queued up to its message.
@@ -176,9 +185,10 @@ impl Fleet {
     /// The message is numbered and queued in the [`outbox`], then published in its
     /// turn, batched with what queued behind a slow publish. A caller that cannot wait
     /// (the backplane is known down, or a fail-fast attempt found the publisher busy
-    /// for [`PUBLISHER_WAIT`]) gets an error and buffers the message for retry, but the
-    /// message stays queued and goes out in order when the backplane answers: the
-    /// other instances see no gap for it. Only a message whose publish keeps failing
+    /// for [`PUBLISHER_WAIT`]) gets an error saying the message stays queued: it goes
+    /// out in order when the backplane answers, and the other instances see no gap for
+    /// it. (Buffering it for retry as well would send it twice, and each copy drops the
+    /// key from every L1 that had loaded it again.) Only a message whose publish keeps failing
     /// (or the oldest of an overflowing outbox) gives its number up; receivers then see
     /// a gap at this instance's next message or heartbeat and repair it (replay cannot
     /// find the number, so they flush). That is what makes a lost message safe: taking
@@ -186,8 +196,16 @@ impl Fleet {
     /// retry buffer, stale past the backplane's propagation delay for as long as the
     /// backplane stays down, and for good if this instance dies first. Numbers given up
     /// in a row show as one gap, so an outage costs each receiver one repair.
-    pub(crate) async fn send(&self, body: &MessageBody, stats: &Stats, attempt: Attempt) -> Result<u64> {
-        let (seq, mut done, burned) = self.outbox.push(|seq| self.message(seq, body.clone()))?;
+    pub(crate) async fn send(
+        &self,
+        body: &MessageBody,
+        stats: &Stats,
+        attempt: Attempt,
+    ) -> std::result::Result<u64, NotSent> {
+        let (seq, mut done, burned) = self
+            .outbox
+            .push(|seq| self.message(seq, body.clone()))
+            .map_err(|error| NotSent { error, queued: false })?;
         stats.messages_given_up.add(burned);
         let outcome = match self.publisher_or_outcome(attempt, &mut done).await {
             // Published by another caller's drain, or failed there.
@@ -199,10 +217,18 @@ impl Fleet {
                 done.try_recv().unwrap_or_else(|_| Err(drained.err().unwrap_or_else(|| self.refusal())))
             }
         };
-        if outcome.is_err() && self.outbox.holds(seq) {
-            stats.messages_left_queued.incr();
-        }
-        outcome.map(|()| seq)
+        outcome.map(|()| seq).map_err(|error| {
+            let queued = self.outbox.holds(seq);
+            if queued {
+                stats.messages_left_queued.incr();
+            }
+            NotSent { error, queued }
+        })
+    }
+
+    /// Messages waiting in the outbox.
+    pub(crate) fn queued(&self) -> usize {
+        self.outbox.len()
     }
 
     /// The publisher lock, or the message's outcome if it came first (another caller's

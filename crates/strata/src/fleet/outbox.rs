@@ -111,6 +111,11 @@ impl Outbox {
         s.queue.front().map_or(s.last_seq, |q| q.msg.seq.saturating_sub(1))
     }
 
+    /// Messages queued.
+    pub(crate) fn len(&self) -> usize {
+        self.state.lock().queue.len()
+    }
+
     /// Whether message `seq` is still queued (neither published nor given up).
     pub(crate) fn holds(&self, seq: u64) -> bool {
         let s = self.state.lock();
