@@ -185,17 +185,19 @@ impl Fleet {
     /// The message is numbered and queued in the [`outbox`], then published in its
     /// turn, batched with what queued behind a slow publish. A caller that cannot wait
     /// (the backplane is known down, or a fail-fast attempt found the publisher busy
-    /// for [`PUBLISHER_WAIT`]) gets an error saying the message stays queued: it goes
+    /// for [`PUBLISHER_WAIT`]) gets [`NotSent`] saying the message stays queued: it goes
     /// out in order when the backplane answers, and the other instances see no gap for
     /// it. (Buffering it for retry as well would send it twice, and each copy drops the
-    /// key from every L1 that had loaded it again.) Only a message whose publish keeps failing
-    /// (or the oldest of an overflowing outbox) gives its number up; receivers then see
-    /// a gap at this instance's next message or heartbeat and repair it (replay cannot
-    /// find the number, so they flush). That is what makes a lost message safe: taking
-    /// no number would leave them trusting their L1 while the message waits in the
-    /// retry buffer, stale past the backplane's propagation delay for as long as the
-    /// backplane stays down, and for good if this instance dies first. Numbers given up
-    /// in a row show as one gap, so an outage costs each receiver one repair.
+    /// key from every L1 that had loaded it again.)
+    ///
+    /// Only a message whose publish keeps failing (or the oldest of an overflowing
+    /// outbox) gives its number up; receivers then see a gap at this instance's next
+    /// message or heartbeat and repair it (replay cannot find the number, so they
+    /// flush). That is what makes a lost message safe: taking no number would leave
+    /// them trusting their L1, stale past the backplane's propagation delay, for as
+    /// long as the message is not delivered, and for good if this instance dies first.
+    /// Numbers given up in a row show as one gap, so an outage costs each receiver one
+    /// repair.
     pub(crate) async fn send(
         &self,
         body: &MessageBody,
