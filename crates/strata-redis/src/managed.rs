@@ -8,7 +8,7 @@ use std::time::Duration;
 use parking_lot::RwLock;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use strata::error::{Error, ErrorKind};
-use strata::tier::await_while_answering;
+use strata::tier::{LatencyBudget, await_while_answering};
 
 use crate::cluster::{Connector, RedisConn};
 use crate::connection::{ConnectionOptions, map_redis_error};
@@ -37,6 +37,8 @@ pub(crate) struct ManagedConn {
     abandoned: AtomicU64,
     /// Replies heard (see [`ManagedConn::replies`]).
     replies: AtomicU64,
+    /// What a call gets before its first slice ends, from what answered calls took.
+    budget: LatencyBudget,
 }
 
 /// How a [`ManagedConn::call`] ended, for the caller's counters.
@@ -104,6 +106,7 @@ impl ManagedConn {
             reconnects: AtomicU64::new(0),
             abandoned: AtomicU64::new(0),
             replies: AtomicU64::new(0),
+            budget: LatencyBudget::default(),
         })
     }
 
@@ -169,7 +172,9 @@ impl ManagedConn {
     /// further slices of `timeout` while replies keep coming, up to [`BUSY_SLICES`]
     /// slices: under load, a publish failed at 100 ms (its command still queued, and
     /// usually executed later) burned a sequence number that every receiver repaired
-    /// by flushing its L1, and reported a committed write as failed.
+    /// by flushing its L1, and reported a committed write as failed. The first slice is
+    /// `timeout` while the server answers fast, longer while its answers have been slow
+    /// ([`LatencyBudget`]).
     pub(crate) async fn call<T, F, Fut>(
         &self,
         timeout: Duration,
@@ -183,8 +188,13 @@ impl ManagedConn {
     {
         let in_flight = InFlight { conn: self, what, finished: false };
         let cap = timeout.saturating_mul(BUSY_SLICES);
-        let out = await_while_answering(f(self.get()), timeout, cap, || Some(self.replies())).await.outcome;
+        let slice = self.budget.get(timeout, cap);
+        let started = tokio::time::Instant::now();
+        let out = await_while_answering(f(self.get()), slice, cap, || Some(self.replies())).await.outcome;
         in_flight.finish();
+        if out.is_ok() {
+            self.budget.observe(started.elapsed());
+        }
         match out {
             Ok(Ok(v)) => {
                 self.replies.fetch_add(1, Ordering::Relaxed);

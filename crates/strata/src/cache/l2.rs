@@ -16,11 +16,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::l2_budget::Budget;
 use crate::breaker::{BreakerState, CircuitBreaker};
 use crate::error::{Error, Result};
 use crate::stats::Stats;
-use crate::tier::{Tier, await_while_answering};
+use crate::tier::{LatencyBudget, Tier, await_while_answering};
 
 /// A tier with its breaker and timeouts.
 pub(crate) struct L2 {
@@ -29,7 +28,7 @@ pub(crate) struct L2 {
     timeout: Duration,
     busy_timeout: Duration,
     /// What a call gets before it counts as failed, from what recent calls took.
-    budget: Budget,
+    budget: LatencyBudget,
     namespace: String,
 }
 
@@ -42,7 +41,7 @@ impl L2 {
         namespace: String,
     ) -> Self {
         let busy_timeout = busy_timeout.max(timeout);
-        L2 { tier, breaker, timeout, busy_timeout, budget: Budget::default(), namespace }
+        L2 { tier, breaker, timeout, busy_timeout, budget: LatencyBudget::default(), namespace }
     }
 
     /// The tier, for building a call.
@@ -92,7 +91,7 @@ impl L2 {
     }
 
     /// Runs `call` for its budget (`l2_timeout`, more while the tier has been answering
-    /// slowly: see `l2_budget`), and then for further slices of it as long as the tier
+    /// slowly: see [`LatencyBudget`]), and then for further slices of it as long as the tier
     /// heard back from its server during the last one, until `l2_busy_timeout`.
     async fn bounded<T>(
         &self,

@@ -33,7 +33,6 @@ pub(crate) mod hit_age;
 pub(crate) mod hot_keys;
 pub(crate) mod invalidate;
 pub(crate) mod l2;
-pub(crate) mod l2_budget;
 pub(crate) mod load;
 pub(crate) mod pending;
 pub(crate) mod probe;

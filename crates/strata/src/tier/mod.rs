@@ -35,6 +35,7 @@
 //! it, since a value loaded under a lock may predate a write that commits after the
 //! load (and whose writer may die before it releases the lock).
 
+mod budget;
 mod busy;
 #[cfg(feature = "testing")]
 pub mod conformance;
@@ -42,6 +43,7 @@ mod in_process;
 pub mod sharded;
 
 pub use crate::tag_epochs::{DEFAULT_MAX_TAG_EPOCHS, MIN_MAX_TAG_EPOCHS};
+pub use budget::LatencyBudget;
 pub use busy::{Answered, await_while_answering};
 pub use in_process::InProcessTier;
 pub use sharded::{ShardedTier, ShardedTierBuilder};

@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use strata::Cache;
+use strata::backplane::Backplane;
 use strata::tier::Tier;
-use strata_redis::RedisTier;
+use strata_redis::{RedisStreamBackplane, RedisTier};
 use strata_testkit::{FaultProxy, RedisServer};
 
 const L2_TIMEOUT: Duration = Duration::from_millis(50);
@@ -79,7 +80,8 @@ async fn a_busy_tier_is_waited_for_and_a_stalled_one_is_not() {
     assert_eq!((s.l2_hits, s.l2_errors, s.l2_calls_waited_busy), (0, 1, 0), "{s:?}");
     assert_eq!(loads.load(Ordering::SeqCst), 1);
 
-    // Stalled: nothing comes back, so the call fails at `l2_timeout`, not later.
+    // Stalled: nothing comes back, so the call fails at the end of its budget (the
+    // slow answers before raised it above `l2_timeout`) and is not waited for further.
     traffic.abort();
     // The last lookups started (two round trips each) are answered.
     tokio::time::sleep(LATENCY * 4 + Duration::from_millis(150)).await;
@@ -89,4 +91,42 @@ async fn a_busy_tier_is_waited_for_and_a_stalled_one_is_not() {
     let s = waiting.stats();
     assert_eq!((s.l2_errors, s.l2_calls_waited_busy), (1, 1), "{s:?}");
     assert_eq!(loads.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_whose_answers_were_slow_gives_its_calls_a_longer_budget() {
+    let server = RedisServer::start();
+    let proxy = FaultProxy::start(server.addr()).await.unwrap();
+    let url = format!("redis://127.0.0.1:{}", proxy.port());
+    let tier = Arc::new(RedisTier::builder(&url).prefix("budget").build().await.unwrap());
+    // Publishes through the tier's connection, with a 100 ms timeout: less than the
+    // proxy's 120 ms round trip.
+    let bp = RedisStreamBackplane::builder(&url)
+        .prefix("budget")
+        .share_connection(&tier)
+        .op_timeout(Duration::from_millis(100))
+        .build()
+        .await
+        .unwrap();
+    proxy.set_latency(LATENCY, Duration::ZERO);
+    let traffic = other_traffic(tier.clone());
+    tokio::time::sleep(LATENCY * 2 + Duration::from_millis(50)).await;
+    // While the tier's lookups keep the replies coming, the publishes are waited for
+    // and answer in ~120 ms: what they took becomes the connection's budget.
+    for seq in 1..=3 {
+        bp.publish(&crate::support::msg(1, seq, "busy")).await.expect("waited for, answered");
+    }
+    traffic.abort();
+    tokio::time::sleep(LATENCY * 4 + Duration::from_millis(150)).await;
+    // Alone on the connection now (no reply to go by): answered within the budget,
+    // where a 100 ms timeout would have failed them.
+    for seq in 4..=6 {
+        bp.publish(&crate::support::msg(1, seq, "alone")).await.expect("within the budget");
+    }
+    // A server that stops answering still fails the call, at the end of the budget.
+    proxy.blackhole(true);
+    let started = std::time::Instant::now();
+    let e = bp.publish(&crate::support::msg(1, 7, "stalled")).await.expect_err("no answer");
+    assert!(e.is_transient(), "{e}");
+    assert!(started.elapsed() < Duration::from_millis(1500), "{:?}", started.elapsed());
 }

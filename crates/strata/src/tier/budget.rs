@@ -1,5 +1,7 @@
-//! The time an L2 call gets before it counts as failed: `l2_timeout` while the tier
-//! answers fast, more while it has been answering slowly.
+//! [`LatencyBudget`]: the time a call to a server gets before it counts as failed, its
+//! floor (the cache's `l2_timeout`, a connection's timeout) while the server answers
+//! fast, more while it has been answering slowly. For the cache's L2 calls and for
+//! adapters' connections.
 //!
 //! A fixed 50 ms budget fails fast when Redis stops answering, but also fails calls to
 //! a Redis that answers every call, slowly, because it shares saturated cores with its
@@ -8,24 +10,27 @@
 //! 2.5–5× its compulsory database reads at 50 ms, and held at 1.00× with 150 ms). So
 //! the budget follows the latency the calls that got an answer took, the way TCP sets
 //! its retransmission timeout (RFC 6298: a smoothed round trip plus four times its
-//! mean deviation), never below `l2_timeout` and never above `l2_busy_timeout`. A call
-//! that got no answer is not a sample (Karn's rule): a tier that stops answering
-//! keeps the budget its last answers earned, `l2_timeout` after fast ones.
+//! mean deviation), never below its floor (`l2_timeout`) and never above its cap
+//! (`l2_busy_timeout`). A call that got no answer is not a sample (Karn's rule): a
+//! server that stops answering keeps the budget its last answers earned, the floor
+//! after fast ones.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-/// Smoothed latency and its mean deviation, in microseconds; 0 before the first sample.
+/// A call budget from the latency of the calls that got an answer (see the module
+/// docs): smoothed latency and its mean deviation, in microseconds, 0 before the first
+/// sample.
 #[derive(Debug, Default)]
-pub(crate) struct Budget {
+pub struct LatencyBudget {
     srtt_us: AtomicU64,
     rttvar_us: AtomicU64,
 }
 
-impl Budget {
+impl LatencyBudget {
     /// Takes the latency of a call that got an answer. Concurrent updates may lose one
     /// another's sample, which an average of many does not notice.
-    pub(crate) fn observe(&self, took: Duration) {
+    pub fn observe(&self, took: Duration) {
         let r = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1);
         let srtt = self.srtt_us.load(Ordering::Relaxed);
         if srtt == 0 {
@@ -41,7 +46,7 @@ impl Budget {
     }
 
     /// The budget: the smoothed latency plus four deviations, within `floor..=cap`.
-    pub(crate) fn get(&self, floor: Duration, cap: Duration) -> Duration {
+    pub fn get(&self, floor: Duration, cap: Duration) -> Duration {
         let srtt = self.srtt_us.load(Ordering::Relaxed);
         let rttvar = self.rttvar_us.load(Ordering::Relaxed);
         let us = srtt.saturating_add(rttvar.saturating_mul(4));
@@ -58,7 +63,7 @@ mod tests {
 
     #[test]
     fn fast_answers_keep_the_floor() {
-        let b = Budget::default();
+        let b = LatencyBudget::default();
         assert_eq!(b.get(FLOOR, CAP), FLOOR, "no sample yet");
         for _ in 0..100 {
             b.observe(Duration::from_micros(300));
@@ -68,7 +73,7 @@ mod tests {
 
     #[test]
     fn slow_answers_raise_it_up_to_the_cap_and_fast_ones_bring_it_back() {
-        let b = Budget::default();
+        let b = LatencyBudget::default();
         for i in 0..50u64 {
             b.observe(Duration::from_millis(20 + (i % 5) * 20));
         }
