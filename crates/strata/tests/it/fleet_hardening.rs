@@ -174,20 +174,43 @@ async fn invalidate_fails_fast_into_the_outbox_while_the_backplane_stalls() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn messages_whose_callers_stopped_waiting_go_out_in_their_turn_without_a_gap() {
+/// `a` on a stalling connection and `b` on a plain one, both ready. `a`'s backplane
+/// timeout (the larger of 500 ms and `l2_timeout`) is well past the stalls of these
+/// tests: the backplane is slow, not down.
+async fn stalling_pair(
+    heartbeat: Option<Duration>,
+) -> (Arc<StallingBackplane>, Cache<u64, String>, Cache<u64, String>) {
     let hub = InProcessBackplane::with_mode(Mode::Stream);
     let stalling = Arc::new(StallingBackplane::new(hub.connect()));
-    // A backplane timeout (the larger of 500 ms and `l2_timeout`) well past the stall
-    // below: the backplane is slow, not down.
-    let a: Cache<u64, String> = Cache::builder(NS)
-        .backplane(stalling.clone())
-        .l2_timeout(Duration::from_secs(5))
-        .build()
-        .expect("valid");
+    let mut builder = Cache::builder(NS).backplane(stalling.clone()).l2_timeout(Duration::from_secs(5));
+    if let Some(every) = heartbeat {
+        builder = builder.heartbeat_interval(every);
+    }
+    let a: Cache<u64, String> = builder.build().expect("valid");
     let b: Cache<u64, String> = Cache::builder(NS).backplane(Arc::new(hub.connect())).build().expect("valid");
     a.ready().await;
     b.ready().await;
+    (stalling, a, b)
+}
+
+/// Stalls the backplane and starts `a.invalidate(&1)`, whose publish then hangs
+/// (holding the publisher) until the stall ends.
+async fn hang_a_publish(
+    stalling: &StallingBackplane,
+    a: &Cache<u64, String>,
+) -> tokio::task::JoinHandle<strata::Result<()>> {
+    stalling.stall(true);
+    let first = {
+        let a = a.clone();
+        tokio::spawn(async move { a.invalidate(&1).await })
+    };
+    within("first publish hangs", || stalling.stalled_invalidations.load(Ordering::SeqCst) == 1).await;
+    first
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn messages_whose_callers_stopped_waiting_go_out_in_their_turn_without_a_gap() {
+    let (stalling, a, b) = stalling_pair(None).await;
     let db = Db::default();
     for k in 1..=4 {
         db.set(k, "v1");
@@ -196,12 +219,7 @@ async fn messages_whose_callers_stopped_waiting_go_out_in_their_turn_without_a_g
     within("a heard by b", || b.stats().heartbeats_received >= 1).await;
     let before = b.stats();
 
-    stalling.stall(true);
-    let first = {
-        let a = a.clone();
-        tokio::spawn(async move { a.invalidate(&1).await })
-    };
-    within("first publish hangs", || stalling.stalled_invalidations.load(Ordering::SeqCst) == 1).await;
+    let first = hang_a_publish(&stalling, &a).await;
     // Behind the hanging publish, each caller waits for the publisher 100 ms and gives
     // up; its message stays queued.
     let behind = futures::future::join_all((2..=4).map(|k| {
@@ -230,28 +248,13 @@ async fn messages_whose_callers_stopped_waiting_go_out_in_their_turn_without_a_g
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shutdown_publishes_what_a_cancelled_caller_left_in_the_outbox() {
-    let hub = InProcessBackplane::with_mode(Mode::Stream);
-    let stalling = Arc::new(StallingBackplane::new(hub.connect()));
     // No heartbeat during the test: only the shutdown can publish the message.
-    let a: Cache<u64, String> = Cache::builder(NS)
-        .backplane(stalling.clone())
-        .heartbeat_interval(Duration::from_secs(30))
-        .l2_timeout(Duration::from_secs(5))
-        .build()
-        .expect("valid");
-    let b: Cache<u64, String> = Cache::builder(NS).backplane(Arc::new(hub.connect())).build().expect("valid");
-    a.ready().await;
-    b.ready().await;
+    let (stalling, a, b) = stalling_pair(Some(Duration::from_secs(30))).await;
     let db = Db::default();
     db.set(2, "v1");
     b.get_or_load(&2, db.loader(2)).await.expect("load");
 
-    stalling.stall(true);
-    let first = {
-        let a = a.clone();
-        tokio::spawn(async move { a.invalidate(&1).await })
-    };
-    within("first publish hangs", || stalling.stalled_invalidations.load(Ordering::SeqCst) == 1).await;
+    let first = hang_a_publish(&stalling, &a).await;
     // Cancelled while it waits behind the stall: its message is numbered and queued,
     // but the caller never got to buffer it for retry.
     assert!(tokio::time::timeout(Duration::from_millis(20), a.invalidate(&2)).await.is_err());
