@@ -8,7 +8,7 @@ use std::time::Duration;
 use parking_lot::RwLock;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use strata::error::{Error, ErrorKind};
-use strata::tier::{LatencyBudget, await_while_answering};
+use strata::tier::LatencyBudget;
 
 use crate::cluster::{Connector, RedisConn};
 use crate::connection::{ConnectionOptions, map_redis_error};
@@ -188,13 +188,8 @@ impl ManagedConn {
     {
         let in_flight = InFlight { conn: self, what, finished: false };
         let cap = timeout.saturating_mul(BUSY_SLICES);
-        let slice = self.budget.get(timeout, cap);
-        let started = tokio::time::Instant::now();
-        let out = await_while_answering(f(self.get()), slice, cap, || Some(self.replies())).await.outcome;
+        let out = self.budget.run(f(self.get()), timeout, cap, || Some(self.replies())).await.outcome;
         in_flight.finish();
-        if out.is_ok() {
-            self.budget.observe(started.elapsed());
-        }
         match out {
             Ok(Ok(v)) => {
                 self.replies.fetch_add(1, Ordering::Relaxed);

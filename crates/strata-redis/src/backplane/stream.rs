@@ -203,8 +203,9 @@ impl RedisStreamBackplane {
     /// than `origin`'s last message numbered below `from_seq`: an origin publishes its
     /// messages in number order (its outbox), so its numbers grow along the stream and
     /// nothing wanted lies before that one. (A batch sent again after a failed publish
-    /// repeats numbers, but always with every higher number after it.) (A number the origin burned, never published, used to cost a scan of the
-    /// whole stream, up to 201 pages of 1,000 entries at the default cap.)
+    /// repeats numbers, but always with every higher number after it. A number the
+    /// origin gave up, never published, used to cost a scan of the whole stream, up to
+    /// 201 pages of 1,000 entries at the default cap.)
     async fn scan_for(&self, origin: OriginId, from_seq: u64, to_seq: u64) -> Result<Option<Vec<Message>>> {
         let mut end = "+".to_owned();
         let mut scanned: u64 = 0;

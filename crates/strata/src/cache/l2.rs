@@ -19,7 +19,7 @@ use std::time::Duration;
 use crate::breaker::{BreakerState, CircuitBreaker};
 use crate::error::{Error, Result};
 use crate::stats::Stats;
-use crate::tier::{LatencyBudget, Tier, await_while_answering};
+use crate::tier::{LatencyBudget, Tier};
 
 /// A tier with its breaker and timeouts.
 pub(crate) struct L2 {
@@ -100,21 +100,16 @@ impl L2 {
         call: impl Future<Output = Result<T>>,
     ) -> Result<T> {
         let tier = &self.tier;
-        let budget = self.budget.get(self.timeout, self.busy_timeout);
-        let started = tokio::time::Instant::now();
-        let answered = await_while_answering(call, budget, self.busy_timeout, || tier.progress()).await;
+        let answered = self.budget.run(call, self.timeout, self.busy_timeout, || tier.progress()).await;
         if answered.waited {
             stats.l2_calls_waited_busy.incr();
         }
         match answered.outcome {
-            Ok(r) => {
-                self.budget.observe(started.elapsed());
-                r
-            }
+            Ok(r) => r,
             Err(elapsed) if answered.waited => {
                 Err(Error::timeout(&format!("l2 {what} (the tier answered other calls meanwhile)"), elapsed))
             }
-            Err(_) => Err(Error::timeout(&format!("l2 {what}"), budget)),
+            Err(_) => Err(Error::timeout(&format!("l2 {what}"), answered.slice)),
         }
     }
 

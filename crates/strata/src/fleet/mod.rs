@@ -257,10 +257,7 @@ impl Fleet {
         loop {
             let batch = self.outbox.batch(through);
             let Some(last) = batch.last().map(|m| m.seq) else { return Ok(()) };
-            let sent = match batch.as_slice() {
-                [one] => self.publish_bounded(one, "backplane publish").await,
-                many => self.bounded(self.backplane.publish_batch(many), "backplane publish").await,
-            };
+            let sent = self.bounded(self.backplane.publish_batch(&batch), "backplane publish").await;
             let n = batch.len() as u64;
             match sent {
                 Ok(()) => {
@@ -298,11 +295,17 @@ impl Fleet {
         let Some(_publisher) = self.publisher_for(attempt).await else {
             return Err(self.refusal());
         };
-        // What waits in the outbox goes first (a message its caller stopped waiting for
-        // is published here at the latest); a failure there shows in the watermark.
-        let _ = self.drain_through(self.outbox.last_seq(), stats).await;
-        let msg = self.message(self.outbox.watermark(), body);
+        let msg = self.control_message(body, stats).await;
         self.publish_bounded(&msg, "backplane control message").await
+    }
+
+    /// Publishes what waits in the outbox (a message its caller stopped waiting for is
+    /// published here at the latest), then builds a control message carrying the
+    /// watermark; a failure of the drain shows in it. The caller holds the publisher
+    /// lock.
+    async fn control_message(&self, body: MessageBody, stats: &Stats) -> Message {
+        let _ = self.drain_through(self.outbox.last_seq(), stats).await;
+        self.message(self.outbox.watermark(), body)
     }
 
     /// Sends a heartbeat (a control message, see [`Fleet::send_control`]) through
@@ -312,8 +315,7 @@ impl Fleet {
             return self.send_control(body, Attempt::Probe, stats).await;
         }
         let _publisher = self.publisher.lock().await;
-        let _ = self.drain_through(self.outbox.last_seq(), stats).await;
-        let msg = self.message(self.outbox.watermark(), body);
+        let msg = self.control_message(body, stats).await;
         let beat = self.beats.fetch_add(1, Ordering::SeqCst).saturating_add(1);
         let interval = self.cfg.heartbeat_interval;
         self.bounded(self.backplane.heartbeat(&msg, beat, interval), "backplane heartbeat").await
@@ -402,7 +404,7 @@ impl Fleet {
         let was_down = self.down.swap(res.is_err(), Ordering::SeqCst);
         match (&res, was_down) {
             (Err(e), false) => tracing::warn!(error = %e, namespace = %self.cfg.namespace,
-                "backplane publish failed; invalidations are buffered without waiting until one succeeds"),
+                "backplane publish failed; invalidations stay queued without waiting until one succeeds"),
             (Ok(()), true) => tracing::info!(namespace = %self.cfg.namespace, "backplane publishes again"),
             _ => {}
         }

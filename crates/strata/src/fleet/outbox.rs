@@ -152,21 +152,21 @@ impl Outbox {
     /// error will not go away by retrying.
     pub(crate) fn failed(&self, through: u64, err: &Error) -> Failed {
         let mut s = self.state.lock();
-        let mut out = Failed::default();
-        let for_good = !err.is_transient();
-        let mut kept = VecDeque::new();
-        while s.queue.front().is_some_and(|q| q.msg.seq <= through) {
-            let Some(mut q) = s.queue.pop_front() else { break };
+        for q in s.queue.iter_mut().take_while(|q| q.msg.seq <= through) {
             q.attempts += 1;
             q.tell(Err(err.clone()));
-            if for_good || q.attempts >= MAX_ATTEMPTS {
-                out.burned += 1;
-            } else {
-                kept.push_back(q);
-            }
         }
-        while let Some(q) = kept.pop_back() {
-            s.queue.push_front(q);
+        // Every publish starts at the front, so attempts never grow along the queue:
+        // the messages to give up are a prefix of it.
+        let for_good = !err.is_transient();
+        let mut out = Failed::default();
+        while s
+            .queue
+            .front()
+            .is_some_and(|q| q.msg.seq <= through && (for_good || q.attempts >= MAX_ATTEMPTS))
+        {
+            s.queue.pop_front();
+            out.burned += 1;
         }
         out
     }

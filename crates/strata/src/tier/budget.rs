@@ -15,8 +15,11 @@
 //! server that stops answering keeps the budget its last answers earned, the floor
 //! after fast ones.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use super::busy::{Answered, await_while_answering};
 
 /// A call budget from the latency of the calls that got an answer (see the module
 /// docs): smoothed latency and its mean deviation, in microseconds, 0 before the first
@@ -51,6 +54,24 @@ impl LatencyBudget {
         let rttvar = self.rttvar_us.load(Ordering::Relaxed);
         let us = srtt.saturating_add(rttvar.saturating_mul(4));
         Duration::from_micros(us).clamp(floor, cap.max(floor))
+    }
+
+    /// Runs `call` through [`await_while_answering`] with this budget (within
+    /// `floor..=cap`) as its slice, and takes what it took as a sample if it answered.
+    pub async fn run<T>(
+        &self,
+        call: impl Future<Output = T>,
+        floor: Duration,
+        cap: Duration,
+        progress: impl Fn() -> Option<u64>,
+    ) -> Answered<T> {
+        let slice = self.get(floor, cap);
+        let started = tokio::time::Instant::now();
+        let answered = await_while_answering(call, slice, cap, progress).await;
+        if answered.outcome.is_ok() {
+            self.observe(started.elapsed());
+        }
+        answered
     }
 }
 

@@ -13,6 +13,8 @@ pub struct Answered<T> {
     pub outcome: Result<T, Duration>,
     /// Whether the call ran past its first `timeout` and was waited for further.
     pub waited: bool,
+    /// The first slice the call was given (`timeout`).
+    pub slice: Duration,
 }
 
 /// Awaits `call` for `timeout`, then in further slices of `timeout` for as long as
@@ -45,7 +47,7 @@ pub async fn await_while_answering<T>(
     loop {
         let deadline = Instant::now() + slice;
         if let Ok(out) = tokio::time::timeout_at(deadline, call.as_mut()).await {
-            return Answered { outcome: Ok(out), waited };
+            return Answered { outcome: Ok(out), waited, slice: timeout };
         }
         let starved = Instant::now().saturating_duration_since(deadline) > slice / 4;
         let elapsed = start.elapsed();
@@ -53,7 +55,7 @@ pub async fn await_while_answering<T>(
         let answering = matches!((seen, now), (Some(a), Some(b)) if a != b);
         let left = cap.saturating_sub(elapsed);
         if !(answering || starved) || left.is_zero() {
-            return Answered { outcome: Err(elapsed), waited };
+            return Answered { outcome: Err(elapsed), waited, slice: timeout };
         }
         (seen, waited, slice) = (now, true, timeout.min(left));
     }
