@@ -147,6 +147,8 @@ fn payment_short_bench() {
         assert!(s["consumer_stale_reads"].as_u64().unwrap() <= s["consumer_reads"].as_u64().unwrap());
     }
     assert!(stdout.contains("consumer stale"));
+    // Strong writes at 8x would overload the host the steady window is measured on.
+    assert!(stdout.contains("replayed 2x faster"), "{stdout}");
 }
 
 #[test]
@@ -303,6 +305,11 @@ fn bad_outputs_and_unreachable_servers_fail_before_the_run() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--plot /nonexistent-dir/plot.svg"), "{err}");
+    assert!(!err.contains("done:"), "no strategy ran: {err}");
+    let out = strata(&["bench", "--warm-up-speed", "0.5"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--warm-up-speed must be a factor ≥ 1"), "{err}");
     assert!(!err.contains("done:"), "no strategy ran: {err}");
     // A port nothing listens on (bound, then closed).
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();

@@ -44,4 +44,13 @@ impl Scenario {
             Scenario::Drafts => 1.0,
         }
     }
+
+    /// How much faster than real time the warm-up before the steady window runs
+    /// unless `--warm-up-speed` says otherwise (see [`super::steady`]).
+    pub fn default_warm_up_speed(self) -> f64 {
+        match self {
+            Scenario::Payment => super::steady::PAYMENT_WARM_UP_SPEED,
+            Scenario::Billsetting | Scenario::Drafts => super::steady::WARM_UP_SPEED,
+        }
+    }
 }
