@@ -103,6 +103,13 @@
 //!   backplane doubts every member it knew the same way until each has spoken again
 //!   (or has been silent for 60 heartbeat intervals and is forgotten).
 //!   [`CacheHealth::in_doubt`] shows it.
+//! * **Silent members.** A member that stops beating while the others are heard
+//!   (killed, or cut off from the backplane but not from L2) may have deleted an
+//!   entry from L2 and not published the invalidation. After 5 silent heartbeat
+//!   intervals (at least 1 s) every other instance flushes its L1 once and doubts that member as
+//!   above until it speaks again or is forgotten ([`CacheStats::members_silent`]). A
+//!   member that shuts down with nothing buffered says it leaves
+//!   ([`Cache::shutdown`]), and costs the others nothing.
 //! * **Single-flight and leases.** Concurrent misses on a key run one load per instance,
 //!   and with a leasing tier one per fleet.
 //! * **Schema identity.** Every L2 entry carries the [schema fingerprint](schema) of the
@@ -152,12 +159,14 @@
 //! * When an L2 delete fails at the Invalidated level, other instances may read the old
 //!   value back from L2 until they hear the writer's next heartbeat (one heartbeat
 //!   interval, within the bound), and after that entries younger than `max_stale`
-//!   (loaded before the commit): within `max_stale`. Not bounded: a writer that can
-//!   reach the database but not the backplane (its heartbeats cannot say a delete
-//!   waits), and a writer that dies with deletes buffered (they are lost: the old
-//!   entries stay in L2 until their TTL, or until change capture invalidates them; the
-//!   others stop doubting it once it is forgotten). At the Strong level the cache is
-//!   bypassed instead.
+//!   (loaded before the commit): within `max_stale`. A writer killed between its L2
+//!   delete and its publish, or cut off from the backplane while it reaches the
+//!   database and L2: 5 heartbeat intervals plus `max_stale` (silent members, above),
+//!   for as long as it is not forgotten (60 intervals). Not bounded: a writer that
+//!   dies with deletes buffered (they are lost: the old entries stay in L2 until their
+//!   TTL, or until change capture invalidates them; the others stop doubting it once
+//!   it is forgotten), and one cut off from the backplane for longer than 60 intervals
+//!   that keeps writing. At the Strong level the cache is bypassed instead.
 //! * L1 time checks use this process's clock (1 ms resolution), L2 expiry the tier's.
 //!   An entry L1 takes from L2 counts as created at the earlier of its load (on the
 //!   clock of the instance that loaded it) and its fill here, and lives in L1 no longer

@@ -88,6 +88,12 @@ pub enum MessageBody {
     /// origin and sequence number are 0: it speaks for the origins it lists. (Last, like
     /// `BufferedHeartbeat`: an older receiver counts it as malformed.)
     Digest(Vec<Beat>),
+    /// The origin is shutting down with nothing left to deliver: every number up to
+    /// `seq` was published or given up, and no L2 invalidation of its waits in a retry
+    /// buffer. Receivers forget it at once instead of doubting it once it falls silent.
+    /// (Last, like `Digest`: an older receiver counts it as malformed, and doubts the
+    /// origin when it falls silent, as it would after a crash.)
+    Leave,
 }
 
 /// One origin's latest heartbeat, as a [`MessageBody::Digest`] lists it.
@@ -162,7 +168,7 @@ impl Message {
     }
 
     /// True for messages that invalidate nothing and use no sequence number of their
-    /// own (heartbeats, digests of them and acknowledgements).
+    /// own (heartbeats, digests of them, acknowledgements and leaving notices).
     pub fn is_control(&self) -> bool {
         matches!(
             self.body,
@@ -170,6 +176,7 @@ impl Message {
                 | MessageBody::BufferedHeartbeat
                 | MessageBody::Ack { .. }
                 | MessageBody::Digest(_)
+                | MessageBody::Leave
         )
     }
 }

@@ -50,10 +50,11 @@ use handle::CacheHandle;
 use state::{Inner, Lifetime};
 use write_lock::WriteLock;
 
-use crate::backplane::OriginId;
+use crate::backplane::{MessageBody, OriginId};
 use crate::breaker::BreakerState;
 use crate::consistency::Consistency;
 use crate::error::Result;
+use crate::fleet::Attempt;
 use crate::key::{CacheKey, CacheValue};
 use crate::scope::Scope;
 use crate::stats::CacheStats;
@@ -197,7 +198,12 @@ impl<K: CacheKey, V: CacheValue> Cache<K, V> {
         self.inner.retry_pending().await;
         if let Some(fleet) = &self.inner.fleet {
             // Failures are the fleet's to repair: an unpublished number is a gap.
-            let _ = fleet.drain(&self.inner.stats).await;
+            let drained = fleet.drain(&self.inner.stats).await.is_ok();
+            if drained && self.pending_invalidations() == 0 {
+                // Nothing of ours is lost with us: the others need not doubt us once
+                // we fall silent. Otherwise they will, as after a crash.
+                let _ = fleet.send_control(MessageBody::Leave, Attempt::Probe, &self.inner.stats).await;
+            }
         }
         self.inner.close();
         self.lifetime.stop();

@@ -13,7 +13,14 @@
 //! subscription) heard no heartbeat meanwhile: it doubts every member it knows until
 //! each has spoken again.
 //!
+//! A member that falls silent while this instance hears the others (crashed, or cut
+//! off from the backplane itself) may have deleted an entry from L2 and not published
+//! the invalidation: its last messages may be lost with it, and its heartbeats can no
+//! longer say so. It is doubted until it speaks again or is forgotten; a member that
+//! shuts down cleanly says it leaves ([`MessageBody::Leave`]) and is not doubted.
+//!
 //! [`MessageBody::BufferedHeartbeat`]: crate::backplane::MessageBody::BufferedHeartbeat
+//! [`MessageBody::Leave`]: crate::backplane::MessageBody::Leave
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -34,11 +41,22 @@ impl Doubts {
     }
 
     /// Doubts every member in `heard` (with when each was last heard): this instance
-    /// could not hear them for a while.
-    pub(crate) fn doubt_all(&mut self, heard: impl Iterator<Item = (OriginId, Timestamp)>) {
+    /// could not hear them for a while, or they fell silent. Returns how many were not
+    /// doubted before.
+    pub(crate) fn doubt_all(&mut self, heard: impl Iterator<Item = (OriginId, Timestamp)>) -> usize {
+        let mut new = 0;
         for (origin, at) in heard {
-            self.map.entry(origin).or_insert(at);
+            if let std::collections::hash_map::Entry::Vacant(e) = self.map.entry(origin) {
+                e.insert(at);
+                new += 1;
+            }
         }
+        new
+    }
+
+    /// Stops doubting `origin` (it said it left with nothing buffered).
+    pub(crate) fn forget(&mut self, origin: OriginId) {
+        self.map.remove(&origin);
     }
 
     /// `origin` was heard at `now`: a plain heartbeat (`clean`) ends the doubt; any

@@ -17,6 +17,14 @@ use crate::shutdown::Stop;
 
 /// Origins not heard from for this many heartbeat intervals are forgotten.
 const FORGET_AFTER_HEARTBEATS: u32 = 60;
+/// Below the Strong level, a member not heard for this many heartbeat intervals while
+/// others are heard is doubted (see `doubt`): it beats every interval, so a few missed
+/// beats mean it crashed or lost the backplane, either of which may have taken an
+/// invalidation it had not published yet.
+const SILENT_AFTER_HEARTBEATS: u32 = 5;
+/// ... and not before this long: with short intervals a busy host's scheduling
+/// hiccups would pass for silence (and each costs a flush).
+const SILENT_AFTER_AT_LEAST: Duration = Duration::from_secs(1);
 /// A digest's entry older than this many heartbeat intervals is not a sign of life:
 /// a live origin beats every interval, so its entry is younger than one (plus delays).
 const FRESH_BEAT_INTERVALS: u32 = 3;
@@ -45,6 +53,15 @@ struct Listener<'a, H> {
     owed: HashMap<OriginId, u64>,
     /// Messages acknowledged in `owed` since it was last sent.
     owed_messages: usize,
+    /// When the members' silence was last looked at (once per heartbeat interval).
+    silence_checked: Timestamp,
+    /// Since when this instance has heard the backplane without a pause of more than
+    /// two heartbeat intervals (its own heartbeat and the digests come every interval):
+    /// a member is silent only if it was not heard while this instance was hearing.
+    hearing_since: Timestamp,
+    /// Below the Strong level: the members that said they left, and when. A digest may
+    /// still list one's last beat for a few intervals: that is not a sign of life.
+    left: HashMap<OriginId, Timestamp>,
 }
 
 /// Subscribes (again after every loss) and handles events until stopped.
@@ -63,6 +80,9 @@ pub(crate) async fn run<H: Host>(host: Arc<H>, mut stop: Stop) {
         last_read: host.now(),
         owed: HashMap::new(),
         owed_messages: 0,
+        silence_checked: host.now(),
+        hearing_since: host.now(),
+        left: HashMap::new(),
     };
     let mut backoff = Duration::from_millis(10);
     loop {
@@ -89,6 +109,7 @@ pub(crate) async fn run<H: Host>(host: Arc<H>, mut stop: Stop) {
         host.flush_local();
         l.verifying = None;
         l.last_read = host.now();
+        l.hearing_since = l.last_read;
         l.cut_off_ended();
         l.disconnected = false;
         if !strong {
@@ -127,7 +148,12 @@ impl<H: Host> Listener<'_, H> {
         let host = self.host;
         match ev {
             BackplaneEvent::Message(m) => {
-                self.last_read = host.now();
+                let now = host.now();
+                let pause = self.fleet.config().heartbeat_interval.saturating_mul(2);
+                if now.since(self.last_read) > pause {
+                    self.hearing_since = now;
+                }
+                self.last_read = now;
                 self.on_message(m).await;
             }
             BackplaneEvent::Disconnected => {
@@ -137,6 +163,7 @@ impl<H: Host> Listener<'_, H> {
             }
             BackplaneEvent::Resumed { complete } => {
                 self.disconnected = false;
+                self.hearing_since = host.now();
                 self.cut_off_ended();
                 if !complete {
                     host.stats().repairs_flushed.incr();
@@ -278,6 +305,7 @@ impl<H: Host> Listener<'_, H> {
         let now = host.now();
         let forget_after = cfg.heartbeat_interval.saturating_mul(FORGET_AFTER_HEARTBEATS);
         self.doubts.expire(now, forget_after);
+        self.doubt_the_silent(now, forget_after);
         self.sync_doubt();
         if m.origin == cfg.origin {
             if m.seq > self.fleet.last_seq() {
@@ -305,6 +333,9 @@ impl<H: Host> Listener<'_, H> {
                     }
                 }
             }
+            return false;
+        }
+        if m.is_control() && self.left.contains_key(&m.origin) {
             return false;
         }
         let Some(pos) = Position::of(&m, cfg.origin, self.fleet.last_seq()) else {
@@ -338,7 +369,7 @@ impl<H: Host> Listener<'_, H> {
             MessageBody::Heartbeat | MessageBody::BufferedHeartbeat => {
                 host.stats().heartbeats_received.incr()
             }
-            MessageBody::Ack { .. } | MessageBody::Digest(_) => {}
+            MessageBody::Ack { .. } | MessageBody::Digest(_) | MessageBody::Leave => {}
             body => {
                 host.stats().invalidations_received.incr();
                 // Applying an invalidation twice is harmless, so apply before any repair.
@@ -351,10 +382,15 @@ impl<H: Host> Listener<'_, H> {
             in_order &= self.repair(m.origin, from, to).await;
         }
         if !cfg.strong {
-            if m.body == MessageBody::BufferedHeartbeat {
-                self.doubts.doubt(m.origin, now);
-            } else {
-                self.doubts.heard(m.origin, now, m.body == MessageBody::Heartbeat);
+            match m.body {
+                MessageBody::BufferedHeartbeat => self.doubts.doubt(m.origin, now),
+                // Whatever it sent before is repaired above: nothing of its is missing.
+                MessageBody::Leave if in_order => {
+                    self.doubts.forget(m.origin);
+                    self.origins.forget(m.origin);
+                    self.left.insert(m.origin, now);
+                }
+                _ => self.doubts.heard(m.origin, now, m.body == MessageBody::Heartbeat),
             }
             self.sync_doubt();
         }
@@ -374,8 +410,44 @@ impl<H: Host> Listener<'_, H> {
         if self.fleet.config().strong {
             return;
         }
-        self.doubts.doubt_all(self.origins.heard());
+        let _ = self.doubts.doubt_all(self.origins.heard());
         self.sync_doubt();
+    }
+
+    /// Below the Strong level, doubts the members that fell silent while this instance
+    /// hears the backplane (see `doubt`); looked at once per heartbeat interval. After
+    /// a pause of its own (its subscription, a paused server) it waits as long again:
+    /// the others' beats had no way to reach it.
+    fn doubt_the_silent(&mut self, now: Timestamp, forget_after: Duration) {
+        let cfg = self.fleet.config();
+        if cfg.strong || self.disconnected || now.since(self.silence_checked) < cfg.heartbeat_interval {
+            return;
+        }
+        self.silence_checked = now;
+        self.left.retain(|_, at| now.since(*at) < forget_after);
+        let silent_after =
+            cfg.heartbeat_interval.saturating_mul(SILENT_AFTER_HEARTBEATS).max(SILENT_AFTER_AT_LEAST);
+        // Not those already forgotten (kept in `origins` until there are many).
+        let hearing_since = self.hearing_since;
+        let silent = self.origins.heard().filter(|(_, at)| {
+            now.since((*at).max(hearing_since)) >= silent_after && now.since(*at) < forget_after
+        });
+        let new = self.doubts.doubt_all(silent);
+        if new > 0 {
+            // A copy its lost message would have dropped may be of a key nobody reads
+            // while the doubt lasts, and be served again once it is forgotten: gone now.
+            // Later deletes of a member still alive are what the doubt covers.
+            self.host.stats().members_silent.add(new as u64);
+            self.host.stats().repairs_flushed.incr();
+            self.flush();
+            tracing::warn!(
+                namespace = %cfg.namespace,
+                members = new,
+                "backplane: member(s) silent for {SILENT_AFTER_HEARTBEATS} heartbeat intervals (at least 1 s) without \
+                 leaving; L1 flushed, and entries older than max_stale are not trusted until they speak \
+                 again or are forgotten"
+            );
+        }
     }
 
     /// Publishes the doubt to the read path.
@@ -458,7 +530,8 @@ impl<H: Host> Listener<'_, H> {
             MessageBody::Heartbeat
             | MessageBody::BufferedHeartbeat
             | MessageBody::Ack { .. }
-            | MessageBody::Digest(_) => {}
+            | MessageBody::Digest(_)
+            | MessageBody::Leave => {}
         }
     }
 }

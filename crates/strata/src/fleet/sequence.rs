@@ -143,6 +143,11 @@ impl Origins {
         self.map.iter().map(|(&id, o)| (id, o.last_heard))
     }
 
+    /// Forgets `origin` (it said it left).
+    pub(crate) fn forget(&mut self, origin: OriginId) {
+        self.map.remove(&origin);
+    }
+
     /// Forgets the origins not heard for `forget_after`, once there are many.
     pub(crate) fn prune(&mut self, now: Timestamp, forget_after: Duration) {
         if self.map.len() > MAX_ORIGINS {

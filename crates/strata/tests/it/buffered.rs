@@ -95,3 +95,60 @@ async fn an_instance_back_from_a_backplane_outage_doubts_until_every_member_spok
     // c speaks within a heartbeat; a is forgotten after 60 silent heartbeat intervals.
     eventually("a is forgotten: b trusts again", || !b.health().in_doubt).await;
 }
+
+/// A member that falls silent while the others are heard (crashed, or cut off from the
+/// backplane) may have deleted an entry from L2 and not published the invalidation:
+/// the others doubt it, so an old L1 copy is not served, until it speaks again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_falls_silent_is_doubted_until_it_speaks_again() {
+    let tier = InProcessTier::new();
+    let hub = InProcessBackplane::new();
+    let a_conn = hub.connect();
+    let a = build(a_conn.clone(), Arc::new(tier.clone()));
+    let (b, c) = (build(hub.connect(), Arc::new(tier.clone())), build(hub.connect(), Arc::new(tier.clone())));
+    for cache in [&a, &b, &c] {
+        tokio::time::timeout(Duration::from_secs(5), cache.ready()).await.expect("ready");
+    }
+    let db = Db::with(&[(1, "v1")]);
+    assert_eq!(b.get_or_load(&1, db.loader(1)).await.expect("load").as_deref(), Some("v1"));
+    eventually("b heard a and c", || b.stats().heartbeats_received > 4).await;
+    assert!(!b.health().in_doubt);
+    tokio::time::sleep(MAX_STALE * 2).await;
+
+    // a loses the backplane: its L2 delete lands, its message does not go out.
+    a_conn.faults().set_disconnected(true);
+    db.set(1, "v2");
+    let _ = a.invalidate(&1).await;
+    assert_eq!(l2_value(&tier, 1), None, "the L2 delete landed");
+    assert_eq!(b.get_local(&1).as_deref(), Some("v1"), "b did not hear it");
+
+    // Five heartbeat intervals (at least 1 s) later b doubts a and drops what a's lost message would
+    // have dropped: its L1 goes.
+    eventually("b doubts the silent a", || b.health().in_doubt).await;
+    assert_eq!(b.stats().members_silent, 1, "c still beats");
+    assert_eq!(b.get_local(&1), None, "flushed");
+    assert_eq!(b.get_or_load(&1, db.loader(1)).await.expect("read").as_deref(), Some("v2"));
+
+    // a is back: its heartbeat ends the doubt.
+    a_conn.faults().set_disconnected(false);
+    eventually("b trusts again", || !b.health().in_doubt).await;
+}
+
+/// A member that shuts down with nothing buffered says it leaves: the others forget it
+/// at once and do not doubt it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_shuts_down_cleanly_is_not_doubted() {
+    let tier = InProcessTier::new();
+    let hub = InProcessBackplane::new();
+    let a = build(hub.connect(), Arc::new(tier.clone()));
+    let b = build(hub.connect(), Arc::new(tier.clone()));
+    for cache in [&a, &b] {
+        tokio::time::timeout(Duration::from_secs(5), cache.ready()).await.expect("ready");
+    }
+    eventually("b heard a", || b.stats().heartbeats_received > 2).await;
+    a.shutdown().await;
+    // Longer than what makes a member silent (5 intervals, at least 1 s).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!b.health().in_doubt);
+    assert_eq!(b.stats().members_silent, 0);
+}
