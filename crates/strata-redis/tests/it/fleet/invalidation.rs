@@ -1,11 +1,11 @@
-//! Invalidations across a fleet: propagation, and a subscriber killed in the middle
-//! (the stream resumes, Pub/Sub flushes).
+//! Invalidations across a fleet: propagation, a subscriber killed in the middle (the
+//! stream resumes, Pub/Sub flushes), and a writer killed before its publish.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use strata_redis::RedisPubSubBackplane;
-use strata_testkit::RedisServer;
+use strata_redis::{RedisPubSubBackplane, RedisStreamBackplane};
+use strata_testkit::{FaultProxy, RedisServer};
 
 use super::{Db, instance, kill_clients, stream, until_dropped};
 
@@ -117,4 +117,49 @@ async fn pubsub_fleet_subscriber_killed_flushes() {
     );
     assert!(s.repairs_flushed >= 1, "repaired by a flush: {s:?}");
     assert!(killed_at.elapsed() < Duration::from_secs(10));
+}
+
+/// A writer whose backplane stops answering (a blackholed proxy) while its tier still
+/// reaches Redis deletes the entry from L2 but cannot publish, and is then killed (its
+/// handle dropped without `shutdown`): no message will ever say what it invalidated.
+/// The others find it silent within 5 heartbeat intervals and drop their L1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_fleet_writer_killed_before_its_publish_is_found_silent() {
+    let server = RedisServer::start();
+    let proxy = FaultProxy::start(server.addr()).await.expect("proxy");
+    let db = Db::default();
+    db.set(1, "v1");
+    let a_bp = RedisStreamBackplane::builder(format!("redis://127.0.0.1:{}", proxy.port()))
+        .block(Duration::from_millis(300))
+        .read_grace(Duration::from_millis(300))
+        .build()
+        .await
+        .expect("A's backplane");
+    let a = instance(&server, Arc::new(a_bp)).await;
+    let b = instance(&server, Arc::new(stream(&server).await)).await;
+    assert_eq!(b.get_or_load(&1, db.loader(1)).await.unwrap().as_deref(), Some("v1"));
+    let heard = async {
+        while b.stats().heartbeats_received < 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), heard).await.expect("B heard A");
+
+    proxy.blackhole(true);
+    db.set(1, "v2");
+    let started = Instant::now();
+    assert!(a.invalidate(&1).await.is_err(), "the publish cannot go out");
+    drop(a);
+    assert_eq!(b.get_local(&1).as_deref(), Some("v1"), "B heard nothing");
+    let dropped = until_dropped(&b, 1, Duration::from_secs(5), "B after A fell silent").await;
+    assert_eq!(b.get_or_load(&1, db.loader(1)).await.unwrap().as_deref(), Some("v2"));
+    let s = b.stats();
+    assert_eq!(s.members_silent, 1, "{s:?}");
+    eprintln!(
+        "[fleet/stream] writer killed between its L2 delete and its publish: B dropped the key {:?} after \
+         the invalidate (heartbeat 200 ms: silent after 1 s); members_silent {}, repairs_flushed {}",
+        started.elapsed().max(dropped),
+        s.members_silent,
+        s.repairs_flushed
+    );
 }
