@@ -43,7 +43,7 @@
 //! | level | bound on stale reads |
 //! |---|---|
 //! | [`Consistency::Local`] | the L1 time to live (no invalidation reaches other instances) |
-//! | [`Consistency::Invalidated`] | the backplane's propagation delay while it is healthy; `max_stale` (plus the time to detect it: three heartbeat intervals) while it is not, while a member's L2 delete waits for its retry, or for a row loaded with L2 failing under a write lock whose writer died before its release, or loaded while a write whose writer died before broadcasting it was under way |
+//! | [`Consistency::Invalidated`] | the backplane's propagation delay while it is healthy; `max_stale` (plus the time to detect it: three heartbeat intervals) while it is not, while a member's L2 delete waits for its retry, or for a row loaded with L2 failing under a write lock whose writer died before its release, or loaded while a write whose writer died before broadcasting it was under way; five heartbeat intervals (at least 1 s) after its last heartbeat for a writer killed between its L2 delete and its publish, plus `max_stale` for one cut off from the backplane that still reaches L2 (see *Silent members*) |
 //! | [`Consistency::Strong`] | none for writes made under a [`WriteLock`] (linearizable per key); for a plain `invalidate` after a commit, until it returns; a failed L2 delete makes the cache *bypassed* (every read goes to the loader, `get` answers [`ErrorKind::Bypassed`]) until L2 is clean |
 //!
 //! What makes these bounds hold:

@@ -542,10 +542,12 @@ fn repairs_line(s: &StrategyReport) -> Option<String> {
     let n = |k: &str| d.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
     let (gaps, flushed, replayed, verified) =
         (n("gaps_detected"), n("repairs_flushed"), n("repairs_replayed"), n("repairs_verified"));
-    (gaps > 0).then(|| {
+    let silent = n("members_silent");
+    (gaps > 0 || silent > 0).then(|| {
         format!(
             "{} {gaps} detected, repaired by {flushed} L1 flushes and {replayed} replays; {verified} checks \
-             of reported stream losses found nothing missing",
+             of reported stream losses found nothing missing; {silent} members found silent (an L1 flush \
+             each)",
             s.name
         )
     })
