@@ -62,6 +62,9 @@ struct Listener<'a, H> {
     /// Below the Strong level: the members that said they left, and when. A digest may
     /// still list one's last beat for a few intervals: that is not a sign of life.
     left: HashMap<OriginId, Timestamp>,
+    /// Below the Strong level: the members found silent, with when each was last heard
+    /// (each costs one flush, even if it was doubted already for another reason).
+    silent: HashMap<OriginId, Timestamp>,
 }
 
 /// Subscribes (again after every loss) and handles events until stopped.
@@ -83,6 +86,7 @@ pub(crate) async fn run<H: Host>(host: Arc<H>, mut stop: Stop) {
         silence_checked: host.now(),
         hearing_since: host.now(),
         left: HashMap::new(),
+        silent: HashMap::new(),
     };
     let mut backoff = Duration::from_millis(10);
     loop {
@@ -338,6 +342,8 @@ impl<H: Host> Listener<'_, H> {
         if m.is_control() && self.left.contains_key(&m.origin) {
             return false;
         }
+        // Heard again: if it falls silent again, that costs another flush.
+        self.silent.remove(&m.origin);
         let Some(pos) = Position::of(&m, cfg.origin, self.fleet.last_seq()) else {
             // No live instance sends this. What it invalidates is dropped (once too
             // often is safe, once too few is not); nothing else is believed: no
@@ -425,14 +431,23 @@ impl<H: Host> Listener<'_, H> {
         }
         self.silence_checked = now;
         self.left.retain(|_, at| now.since(*at) < forget_after);
+        self.silent.retain(|_, at| now.since(*at) < forget_after);
         let silent_after =
             cfg.heartbeat_interval.saturating_mul(SILENT_AFTER_HEARTBEATS).max(SILENT_AFTER_AT_LEAST);
         // Not those already forgotten (kept in `origins` until there are many).
         let hearing_since = self.hearing_since;
-        let silent = self.origins.heard().filter(|(_, at)| {
-            now.since((*at).max(hearing_since)) >= silent_after && now.since(*at) < forget_after
-        });
-        let new = self.doubts.doubt_all(silent);
+        let fallen: Vec<_> = self
+            .origins
+            .heard()
+            .filter(|(origin, at)| {
+                now.since((*at).max(hearing_since)) >= silent_after
+                    && now.since(*at) < forget_after
+                    && !self.silent.contains_key(origin)
+            })
+            .collect();
+        let new = fallen.len();
+        self.silent.extend(fallen.iter().copied());
+        let _ = self.doubts.doubt_all(fallen.into_iter());
         if new > 0 {
             // A copy its lost message would have dropped may be of a key nobody reads
             // while the doubt lasts, and be served again once it is forgotten: gone now.
