@@ -13,7 +13,8 @@ pub enum Consistency {
     #[default]
     Invalidated,
     /// Read-your-writes across the fleet: `invalidate` returns only after every live
-    /// member acknowledged the invalidation or its membership lease lapsed, and an
+    /// member acknowledged the invalidation, its membership lease lapsed, or it left
+    /// (closed by `Cache::shutdown`, which says so), and an
     /// instance whose own lease lapsed serves nothing from L1 until it has renewed it
     /// and flushed. When an L2 delete fails, the L2 breaker is forced open and the
     /// cache is *bypassed* (every read goes to the loader) until the namespace has been

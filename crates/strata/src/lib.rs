@@ -149,8 +149,9 @@
 //!   and writes are linearizable per key (checked by `strata check --level strong`).
 //! * **Strong acknowledgements.** At [`Consistency::Strong`], `invalidate` waits until
 //!   every member heard within its membership lease has acknowledged the message, or its
-//!   lease has lapsed; a member that has not heard its own heartbeat back for half a lease
-//!   serves nothing from L1. This assumes the skew between members' clocks' rates and
+//!   lease has lapsed, or it left ([`Cache::shutdown`] closes the cache, so that it serves
+//!   nothing, before it says so); a member that has not heard its own heartbeat back for
+//!   half a lease serves nothing from L1. This assumes the skew between members' clocks' rates and
 //!   between their backplane deliveries stays under half a lease.
 //!
 //! Not promised, or bounded differently:

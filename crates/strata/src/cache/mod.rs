@@ -193,19 +193,25 @@ impl<K: CacheKey, V: CacheValue> Cache<K, V> {
     /// [`ErrorKind::Shutdown`](crate::ErrorKind::Shutdown) (`get_local` returns `None`);
     /// invalidations still reach L2 and the backplane (a write committed during a
     /// drain must not be lost to the fleet), but at the Strong level they return
-    /// `Shutdown` because no acknowledgement can be awaited.
+    /// `Shutdown` because no acknowledgement can be awaited. Once closed with nothing
+    /// left to deliver, it tells the fleet it leaves: the others then neither doubt it
+    /// when it falls silent nor, at the Strong level, wait for its acknowledgements. A
+    /// handle dropped without `shutdown` is a crash to the others.
     pub async fn shutdown(&self) {
         self.inner.retry_pending().await;
+        let mut leave = false;
         if let Some(fleet) = &self.inner.fleet {
             // Failures are the fleet's to repair: an unpublished number is a gap.
-            let drained = fleet.drain(&self.inner.stats).await.is_ok();
-            if drained && self.pending_invalidations() == 0 {
-                // Nothing of ours is lost with us: the others need not doubt us once
-                // we fall silent. Otherwise they will, as after a crash.
-                let _ = fleet.send_control(MessageBody::Leave, Attempt::Probe, &self.inner.stats).await;
-            }
+            leave = fleet.drain(&self.inner.stats).await.is_ok() && self.pending_invalidations() == 0;
         }
         self.inner.close();
+        if let (true, Some(fleet)) = (leave, &self.inner.fleet) {
+            // Nothing of ours is lost with us: the others need not doubt us once we fall
+            // silent (otherwise they will, as after a crash), and at the Strong level,
+            // closed, we serve nothing any more: their writes need not wait for our
+            // acknowledgement, or for our lease to lapse.
+            let _ = fleet.send_control(MessageBody::Leave, Attempt::Probe, &self.inner.stats).await;
+        }
         self.lifetime.stop();
     }
 }

@@ -387,6 +387,14 @@ impl<H: Host> Listener<'_, H> {
         if let Some((from, to)) = tracked.missed {
             in_order &= self.repair(m.origin, from, to).await;
         }
+        if m.body == MessageBody::Leave {
+            // Closed before it said so: at the Strong level no write waits for it any
+            // more, whatever it sent before (a gap in it was repaired above, or flushed).
+            if cfg.strong {
+                self.fleet.members().forget(m.origin);
+            }
+            self.left.insert(m.origin, now);
+        }
         if !cfg.strong {
             match m.body {
                 MessageBody::BufferedHeartbeat => self.doubts.doubt(m.origin, now),
@@ -394,7 +402,6 @@ impl<H: Host> Listener<'_, H> {
                 MessageBody::Leave if in_order => {
                     self.doubts.forget(m.origin);
                     self.origins.forget(m.origin);
-                    self.left.insert(m.origin, now);
                 }
                 _ => self.doubts.heard(m.origin, now, m.body == MessageBody::Heartbeat),
             }
@@ -426,11 +433,15 @@ impl<H: Host> Listener<'_, H> {
     /// the others' beats had no way to reach it.
     fn doubt_the_silent(&mut self, now: Timestamp, forget_after: Duration) {
         let cfg = self.fleet.config();
-        if cfg.strong || self.disconnected || now.since(self.silence_checked) < cfg.heartbeat_interval {
+        if self.disconnected || now.since(self.silence_checked) < cfg.heartbeat_interval {
             return;
         }
         self.silence_checked = now;
         self.left.retain(|_, at| now.since(*at) < forget_after);
+        if cfg.strong {
+            // Leases stand for liveness there.
+            return;
+        }
         self.silent.retain(|_, at| now.since(*at) < forget_after);
         let silent_after =
             cfg.heartbeat_interval.saturating_mul(SILENT_AFTER_HEARTBEATS).max(SILENT_AFTER_AT_LEAST);

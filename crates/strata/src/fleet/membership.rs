@@ -40,6 +40,12 @@ impl Members {
         }
     }
 
+    /// Forgets `origin`: it said it left, closed (it serves nothing any more).
+    pub(crate) fn forget(&self, origin: OriginId) {
+        self.map.lock().remove(&origin);
+        self.acks.notify_waiters();
+    }
+
     /// Waits until every member heard within `lease` acknowledged `seq`, or until its
     /// lease lapsed (then it has stopped serving L1 by its own clock).
     pub(crate) async fn wait_for_acks(

@@ -358,3 +358,36 @@ async fn a_member_behind_acknowledges_a_burst_once() {
     assert!(acks <= 3, "{acks} acknowledgements for a burst of 10");
     assert_eq!(a.stats().gaps_detected, 0);
 }
+
+/// A member that shuts down closes (it serves nothing any more), then says it leaves:
+/// the others' writes stop waiting for it at once instead of for its lease to lapse (a
+/// rolling deploy would otherwise hold every Strong write for a lease per restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_shuts_down_is_not_waited_for() {
+    let tier = InProcessTier::new();
+    let hub = InProcessBackplane::new();
+    let member = || {
+        Cache::<u64, String>::builder(NS)
+            .tier(Arc::new(tier.clone()))
+            .backplane(Arc::new(hub.connect()))
+            .consistency(Consistency::Strong)
+            .heartbeat_interval(Duration::from_millis(20))
+            // Far longer than the test: only a leave message can end the wait.
+            .membership_lease(Duration::from_secs(60))
+            .write_lock_ttl(Duration::from_secs(400))
+            .build()
+            .expect("valid")
+    };
+    let (a, b, c) = (member(), member(), member());
+    for m in [&a, &b, &c] {
+        tokio::time::timeout(Duration::from_secs(5), m.ready()).await.expect("ready");
+    }
+    eventually("a heard b and c", || a.stats().heartbeats_received > 6).await;
+    a.invalidate(&1).await.expect("acknowledged by b and c");
+    c.shutdown().await;
+    tokio::time::timeout(Duration::from_secs(10), a.invalidate(&2))
+        .await
+        .expect("not held up by c's 60 s lease")
+        .expect("acknowledged by b");
+    drop(b);
+}
