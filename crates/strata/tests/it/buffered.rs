@@ -152,3 +152,35 @@ async fn a_member_that_shuts_down_cleanly_is_not_doubted() {
     assert!(!b.health().in_doubt);
     assert_eq!(b.stats().members_silent, 0);
 }
+
+/// Silence is counted only while the receiver hears the backplane itself: after a
+/// pause of its own (here 1.5 s in which nothing reached it) the members it missed are
+/// not taken for silent ones, and nothing is flushed for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_of_the_receivers_own_is_not_taken_for_the_others_silence() {
+    let tier = InProcessTier::new();
+    let hub = InProcessBackplane::new();
+    // Beats every 50 ms: silent after 1 s (the floor), forgotten after 3 s.
+    let build = |conn: InProcessBackplane| {
+        Cache::<u64, String>::builder(NS)
+            .tier(Arc::new(tier.clone()))
+            .backplane(Arc::new(conn))
+            .heartbeat_interval(Duration::from_millis(50))
+            .max_stale(MAX_STALE)
+            .build()
+            .expect("valid")
+    };
+    let b_conn = hub.connect();
+    let (a, b, c) = (build(hub.connect()), build(b_conn.clone()), build(hub.connect()));
+    for cache in [&a, &b, &c] {
+        tokio::time::timeout(Duration::from_secs(5), cache.ready()).await.expect("ready");
+    }
+    eventually("b heard a and c", || b.stats().heartbeats_received > 4).await;
+    b_conn.faults().set_delay(Duration::from_millis(1500));
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    b_conn.faults().set_delay(Duration::ZERO);
+    eventually("b hears everyone again", || b.is_backplane_healthy() && !b.health().in_doubt).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(b.stats().members_silent, 0);
+    drop((a, c));
+}
