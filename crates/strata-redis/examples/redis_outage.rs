@@ -190,18 +190,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         drained.as_secs_f64(),
         if fleet.iter().any(|c| c.pending_invalidations() > 0) { " (NOT drained)" } else { "" }
     );
-    let s = fleet.iter().map(Cache::stats).fold((0, 0, 0, 0), |acc, s| {
+    let s = fleet.iter().map(Cache::stats).fold((0, 0, 0, 0, 0), |acc, s| {
         (
             acc.0 + s.invalidations_buffered,
             acc.1 + s.invalidations_sent,
             acc.2 + s.repairs_flushed,
             acc.3 + s.pending_collapsed,
+            acc.4 + s.members_silent,
         )
     });
     println!(
         "fleet totals: {} buffered, {} messages sent, {} buffer collapses into a namespace invalidation, \
-         {} L1 flushes by gap repair",
-        s.0, s.1, s.3, s.2
+         {} L1 flushes by gap repair ({} of them for members found silent)",
+        s.0, s.1, s.3, s.2, s.4
     );
     for c in &fleet {
         c.shutdown().await;
