@@ -106,10 +106,10 @@
 //! * **Silent members.** A member that stops beating while the others are heard
 //!   (killed, or cut off from the backplane but not from L2) may have deleted an
 //!   entry from L2 and not published the invalidation. After 5 silent heartbeat
-//!   intervals (at least 1 s) every other instance flushes its L1 once and doubts that member as
-//!   above until it speaks again or is forgotten ([`CacheStats::members_silent`]). A
-//!   member that shuts down with nothing buffered says it leaves
-//!   ([`Cache::shutdown`]), and costs the others nothing.
+//!   intervals (at least 1 s) every other instance flushes its L1 once and doubts that
+//!   member as above until it speaks again or is forgotten
+//!   ([`CacheStats::members_silent`]). A member that shuts down with nothing buffered
+//!   says it leaves ([`Cache::shutdown`]), and costs the others nothing.
 //! * **Single-flight and leases.** Concurrent misses on a key run one load per instance,
 //!   and with a leasing tier one per fleet.
 //! * **Schema identity.** Every L2 entry carries the [schema fingerprint](schema) of the
@@ -151,8 +151,8 @@
 //!   every member heard within its membership lease has acknowledged the message, or its
 //!   lease has lapsed, or it left ([`Cache::shutdown`] closes the cache, so that it serves
 //!   nothing, before it says so); a member that has not heard its own heartbeat back for
-//!   half a lease serves nothing from L1. This assumes the skew between members' clocks' rates and
-//!   between their backplane deliveries stays under half a lease.
+//!   half a lease serves nothing from L1. This assumes the skew between members' clocks'
+//!   rates and between their backplane deliveries stays under half a lease.
 //!
 //! Not promised, or bounded differently:
 //!

@@ -228,9 +228,9 @@ stats! {
     /// showed cost nothing of theirs: L1 kept, no flush.
     repairs_verified: Counter,
     /// Below the Strong level: members that fell silent (no heartbeat for 5 intervals,
-    /// at least 1 s, while others were heard) without saying they left, each doubted until it speaks
-    /// again or is forgotten (a crash, or a member cut off from the backplane, may take
-    /// an invalidation it had not published yet).
+    /// at least 1 s, while others were heard) without saying they left, each doubted
+    /// until it speaks again or is forgotten (a crash, or a member cut off from the
+    /// backplane, may take an invalidation it had not published yet).
     members_silent: Counter,
     /// Malformed backplane messages skipped.
     malformed_messages: Counter,

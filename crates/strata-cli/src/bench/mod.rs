@@ -78,9 +78,9 @@ distribution for reads and writes), a uniformly random instance per request.";
 pub const AFTER_LONG_HELP: &str = "\
 Defaults: each strategy runs a cold window (--duration, every cache empty), a warm-up
 (--steady-after seconds of traffic, default twice --duration, replayed 8x faster, 2x for
-payment, and not counted), then a steady window as long as the cold one; the 4 embedded strategies take
-about 2.5 min (4 x (15 + 3.75 + 15) s plus setup) on 2 cores; with --redis, 6 strategies,
-about 4 min.
+payment, and not counted), then a steady window as long as the cold one; the 4 embedded
+strategies take about 2.5 min (4 x (15 + 3.75 + 15) s plus setup) on 2 cores; with
+--redis, 6 strategies, about 4 min.
 The main table is the cold start; the steady table after it gives per strategy DB reads/s,
 x bound (the compulsory reads of a cache that served everything before), shared-tier ops
 per request, hit %, stale and failed requests, DB reads/s in the first and last thirds of

@@ -199,13 +199,14 @@ impl<K: CacheKey, V: CacheValue> Cache<K, V> {
     /// handle dropped without `shutdown` is a crash to the others.
     pub async fn shutdown(&self) {
         self.inner.retry_pending().await;
-        let mut leave = false;
-        if let Some(fleet) = &self.inner.fleet {
-            // Failures are the fleet's to repair: an unpublished number is a gap.
-            leave = fleet.drain(&self.inner.stats).await.is_ok() && self.pending_invalidations() == 0;
-        }
+        let fleet = self.inner.fleet.as_ref();
+        // Failures are the fleet's to repair: an unpublished number is a gap.
+        let leave = match fleet {
+            Some(fleet) => fleet.drain(&self.inner.stats).await.is_ok() && self.pending_invalidations() == 0,
+            None => false,
+        };
         self.inner.close();
-        if let (true, Some(fleet)) = (leave, &self.inner.fleet) {
+        if leave && let Some(fleet) = fleet {
             // Nothing of ours is lost with us: the others need not doubt us once we fall
             // silent (otherwise they will, as after a crash), and at the Strong level,
             // closed, we serve nothing any more: their writes need not wait for our

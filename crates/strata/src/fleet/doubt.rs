@@ -41,17 +41,11 @@ impl Doubts {
     }
 
     /// Doubts every member in `heard` (with when each was last heard): this instance
-    /// could not hear them for a while, or they fell silent. Returns how many were not
-    /// doubted before.
-    pub(crate) fn doubt_all(&mut self, heard: impl Iterator<Item = (OriginId, Timestamp)>) -> usize {
-        let mut new = 0;
+    /// could not hear them for a while, or they fell silent.
+    pub(crate) fn doubt_all(&mut self, heard: impl Iterator<Item = (OriginId, Timestamp)>) {
         for (origin, at) in heard {
-            if let std::collections::hash_map::Entry::Vacant(e) = self.map.entry(origin) {
-                e.insert(at);
-                new += 1;
-            }
+            self.map.entry(origin).or_insert(at);
         }
-        new
     }
 
     /// Stops doubting `origin` (it said it left with nothing buffered).

@@ -423,7 +423,7 @@ impl<H: Host> Listener<'_, H> {
         if self.fleet.config().strong {
             return;
         }
-        let _ = self.doubts.doubt_all(self.origins.heard());
+        self.doubts.doubt_all(self.origins.heard());
         self.sync_doubt();
     }
 
@@ -458,7 +458,7 @@ impl<H: Host> Listener<'_, H> {
             .collect();
         let new = fallen.len();
         self.silent.extend(fallen.iter().copied());
-        let _ = self.doubts.doubt_all(fallen.into_iter());
+        self.doubts.doubt_all(fallen.into_iter());
         if new > 0 {
             // A copy its lost message would have dropped may be of a key nobody reads
             // while the doubt lasts, and be served again once it is forgotten: gone now.
