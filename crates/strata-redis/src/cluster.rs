@@ -27,6 +27,10 @@ const CLUSTER_RETRIES: u32 = 2;
 /// Bounds of the wait before each such retry, in ms (jittered, growing as 10·2ⁿ).
 const CLUSTER_RETRY_WAIT_MS: (u64, u64) = (10, 100);
 
+/// Where a push connection's messages go: handed to redis-rs, which calls it from its
+/// connection task and must not block (so it can only drop what does not fit).
+pub(crate) type PushSink = Box<dyn Fn(redis::PushInfo) -> Result<(), ()> + Send + Sync>;
+
 /// A connection to one server or to a Redis Cluster; commands, scripts and pipelines
 /// run on either unchanged (a pipeline must stay in one slot on a cluster). Cloning
 /// gives another handle to the same connection.
@@ -136,16 +140,40 @@ impl Connector {
 
     /// A dedicated connection (for a subscriber's blocking reads), connected now:
     /// each connection attempt bounded by `connect_timeout`, no response timeout (the
-    /// caller bounds each read).
-    pub(crate) async fn dedicated(&self, connect_timeout: Duration) -> RedisResult<RedisConn> {
+    /// caller bounds each read). With `pushes`, a RESP3 connection to one server whose
+    /// push messages (Pub/Sub deliveries, and a last one when it disconnects) go to
+    /// it; a cluster has none (the caller reads instead).
+    pub(crate) async fn dedicated(
+        &self,
+        connect_timeout: Duration,
+        pushes: Option<PushSink>,
+    ) -> RedisResult<RedisConn> {
         match self {
             Connector::Single(client) => {
                 let cfg = redis::AsyncConnectionConfig::new()
                     .set_connection_timeout(Some(connect_timeout))
                     .set_response_timeout(None);
+                let Some(pushes) = pushes else {
+                    return client
+                        .get_multiplexed_async_connection_with_config(&cfg)
+                        .await
+                        .map(RedisConn::Plain);
+                };
+                // The same server, credentials and TLS settings, spoken in RESP3 (Redis
+                // 6 and later): one connection both reads the stream and receives pushes.
+                let info = client.get_connection_info().clone();
+                let settings = info.redis_settings().clone().set_protocol(redis::ProtocolVersion::RESP3);
+                let client = redis::Client::open(info.set_redis_settings(settings))?;
+                let cfg = cfg.set_push_sender(pushes);
                 client.get_multiplexed_async_connection_with_config(&cfg).await.map(RedisConn::Plain)
             }
             Connector::Cluster(client) => {
+                if pushes.is_some() {
+                    return Err(redis::RedisError::from((
+                        redis::ErrorKind::InvalidClientConfig,
+                        "push delivery is for one server; a cluster subscriber reads",
+                    )));
+                }
                 let cfg = ClusterConfig::new().set_connection_timeout(connect_timeout);
                 client.get_async_connection_with_config(cfg).await.map(RedisConn::Cluster)
             }
@@ -155,6 +183,7 @@ impl Connector {
     /// [`dedicated`](Self::dedicated), within `limit`, then named `name` (`CLIENT
     /// SETNAME`, within `grace`) on the node that serves `key`; `what` names the caller
     /// in errors (of kind `Backplane`).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn dedicated_named(
         &self,
         connect_timeout: Duration,
@@ -163,8 +192,9 @@ impl Connector {
         key: &str,
         grace: Duration,
         what: &str,
+        pushes: Option<PushSink>,
     ) -> Result<RedisConn, Error> {
-        let mut conn = match tokio::time::timeout(limit, self.dedicated(connect_timeout)).await {
+        let mut conn = match tokio::time::timeout(limit, self.dedicated(connect_timeout, pushes)).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => return Err(map_redis_error(ErrorKind::Backplane, &format!("{what} connect"), e)),
             Err(_) => return Err(Error::timeout(&format!("{what} connect"), limit)),

@@ -356,7 +356,7 @@ pub const WRITE_BEHIND_ACL: &str = "~strata:* +ping +info +evalsha +script|load 
 
 pub use backplane::BackplaneStats;
 pub use backplane::pubsub::{RedisPubSubBackplane, RedisPubSubBackplaneBuilder};
-pub use backplane::stream::{RedisStreamBackplane, RedisStreamBackplaneBuilder};
+pub use backplane::stream::{RedisStreamBackplane, RedisStreamBackplaneBuilder, StreamDelivery};
 pub use backplane::{pubsub, stream};
 pub use connection::ConnectionOptions;
 pub use integrity::{IntegrityKey, MIN_INTEGRITY_KEY_BYTES};

@@ -30,7 +30,7 @@ pub(crate) const KEEP_INTERVALS: u32 = 8;
 
 /// Adds the heartbeat scripts' ARGV for `message` (see [`DIGEST_BODY`]) to `inv`, whose
 /// keys the caller has set: `max_len` is the stream's cap (0 on Pub/Sub), `channel` the
-/// Pub/Sub channel ('' on the stream).
+/// Pub/Sub channel (on the stream: the one its entries are pushed on, '' for none).
 pub(crate) fn heartbeat_args(
     inv: &mut redis::ScriptInvocation<'_>,
     message: &Message,
@@ -134,7 +134,9 @@ local msg = '\2\0\0' .. varint(#ns) .. ns .. varint(tonumber(ARGV[7])) .. varint
 "#;
 
 /// The stream's heartbeat: [`DIGEST_BODY`], then the digest numbered and appended like
-/// a publish. KEYS: stream, counter, beats hash. Returns 1 when it appended a digest.
+/// a publish (and, when `ARGV[8]` names a channel, published on it as the publish
+/// script does: `stream_scripts::push_payload`). KEYS: stream, counter, beats hash.
+/// Returns 1 when it appended a digest.
 pub(crate) fn stream_heartbeat() -> String {
     format!(
         "#!lua flags=allow-oom\n{DIGEST_BODY}{}",
@@ -148,6 +150,9 @@ local added = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'm', msg
 if type(added) == 'table' and added.err then
   redis.call('DECR', KEYS[2])
   return added
+end
+if ARGV[8] ~= '' then
+  redis.call('PUBLISH', ARGV[8], added .. '\n' .. n .. '\n' .. msg)
 end
 return 1
 "#

@@ -31,6 +31,7 @@ pub mod stream;
 mod stream_builder;
 
 mod stream_inner;
+mod stream_push;
 mod stream_reader;
 pub(crate) mod stream_scripts;
 

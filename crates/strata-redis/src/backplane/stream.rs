@@ -53,7 +53,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -65,7 +65,7 @@ use tokio::sync::mpsc;
 pub use crate::backplane::BackplaneStats;
 use crate::backplane::digest::{heartbeat_args, invoke_heartbeat, stream_heartbeat};
 use crate::backplane::stream_builder::WHAT;
-pub use crate::backplane::stream_builder::{DEFAULT_MAX_LEN, RedisStreamBackplaneBuilder};
+pub use crate::backplane::stream_builder::{DEFAULT_MAX_LEN, RedisStreamBackplaneBuilder, StreamDelivery};
 use crate::backplane::stream_inner::StreamInner;
 use crate::backplane::stream_reader::StreamReader;
 use crate::backplane::stream_scripts::{
@@ -170,8 +170,13 @@ impl RedisStreamBackplane {
     async fn open_subscription(&self, me: Option<OriginId>) -> Result<Subscription> {
         let k = self.inner.next_subscription.fetch_add(1, Ordering::Relaxed);
         let name = format!("{}-{k}", self.client_name_prefix());
-        let mut conn = self.inner.connect(&name).await?;
         let inner = &self.inner;
+        // A new origin's ack stream: everything in it is for this subscription.
+        let acks = me.map(|me| (inner.ack_key(me), StreamId::ZERO));
+        let overflow = Arc::new(AtomicBool::new(false));
+        // Under push delivery, subscribed before the start is read: every entry after
+        // it is pushed (and those before it, which are dropped by id).
+        let (mut conn, pushes) = inner.open(&name, acks.as_ref().map(|(k, _)| k.as_str()), &overflow).await?;
         let mut inv = inner.start_script.prepare_invoke();
         inv.key(&inner.stream_key).key(&inner.counter_key);
         let v: Value = match tokio::time::timeout(inner.cfg.read_grace, inv.invoke_async(&mut conn)).await {
@@ -192,10 +197,10 @@ impl RedisStreamBackplane {
             last_id,
             last_n,
             backoff: Backoff::new(inner.cfg.reconnect_min, inner.cfg.reconnect_max),
-            // A new origin's ack stream: everything in it is for this subscription.
-            acks: me.map(|me| (inner.ack_key(me), StreamId::ZERO)),
+            acks,
+            overflow,
         };
-        tokio::spawn(reader.run(conn));
+        tokio::spawn(reader.run((conn, pushes)));
         Ok(rx)
     }
 
@@ -284,7 +289,7 @@ impl Backplane for RedisStreamBackplane {
     async fn publish_batch(&self, messages: &[Message]) -> Result<()> {
         let inner = &self.inner;
         let mut inv = inner.publish_script.prepare_invoke();
-        inv.key(&inner.stream_key).key(&inner.counter_key).arg(inner.cfg.max_len);
+        inv.key(&inner.stream_key).key(&inner.counter_key).arg(inner.cfg.max_len).arg(inner.push_channel());
         for message in messages {
             inv.arg(&seal_message(inner.integrity.as_ref(), &inner.stream_key, message)?[..]);
         }
@@ -318,7 +323,7 @@ impl Backplane for RedisStreamBackplane {
         }
         let mut inv = inner.heartbeat_script.prepare_invoke();
         inv.key(&inner.stream_key).key(&inner.counter_key).key(inner.beats_key(&message.namespace));
-        heartbeat_args(&mut inv, message, beat, interval, inner.cfg.max_len, "")?;
+        heartbeat_args(&mut inv, message, beat, interval, inner.cfg.max_len, inner.push_channel())?;
         let what = "redis stream heartbeat";
         invoke_heartbeat(inv, &inner.publisher, inner.cfg.op_timeout, what, &inner.stats).await
     }
@@ -327,6 +332,23 @@ impl Backplane for RedisStreamBackplane {
         let inner = &self.inner;
         let key = inner.ack_key(to);
         let bytes = seal_message(inner.integrity.as_ref(), &key, message)?;
+        if inner.pushes() {
+            // Pushed to the origin's connection alone (see `stream_push`).
+            let sent = inner
+                .publisher
+                .call(
+                    inner.cfg.op_timeout,
+                    ErrorKind::Backplane,
+                    "redis stream acknowledgement",
+                    |mut c| async move {
+                        redis::cmd("PUBLISH").arg(key).arg(&bytes[..]).query_async::<()>(&mut c).await
+                    },
+                )
+                .await;
+            sent.map_err(|e| e.into_error())?;
+            inner.stats.published.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
         // Kept a while, so that a reader reconnecting still finds them; the origin
         // reads them as they come, so a short stream is enough. The expiry is set by
         // the first acknowledgement to an origin and then every quarter of it: a stream

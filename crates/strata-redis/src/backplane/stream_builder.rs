@@ -18,6 +18,25 @@ pub(crate) const WHAT: &str = "redis stream backplane";
 /// Default cap of the stream (entries, approximate).
 pub const DEFAULT_MAX_LEN: u64 = 100_000;
 
+/// How a subscriber learns of new entries (see
+/// [`RedisStreamBackplaneBuilder::delivery`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum StreamDelivery {
+    /// Every entry is also published on a Pub/Sub channel named like the stream, and
+    /// each subscriber receives it as a RESP3 push on its connection: one `PUBLISH`
+    /// per entry however many subscribers there are, where a blocking read costs one
+    /// `XREAD` per subscriber and entry. The stream stays the log: a gap in the
+    /// entries' numbers, a quiet block time, a reconnect or a subscriber that fell
+    /// behind is caught up by reading it, as with [`BlockingRead`](Self::BlockingRead).
+    /// Needs Redis 6 or later (RESP3; an ACL user needs `+hello`, `+subscribe` and
+    /// the channels `&<prefix>:*`). A Redis Cluster always uses `BlockingRead`.
+    #[default]
+    PubSub,
+    /// Each subscriber loops on `XREAD BLOCK` (the behaviour of strata 0.1).
+    BlockingRead,
+}
+
 /// Builds a [`RedisStreamBackplane`](crate::RedisStreamBackplane); see
 /// [`RedisStreamBackplane::builder`](crate::RedisStreamBackplane::builder).
 #[must_use = "a builder does nothing until .build().await"]
@@ -34,6 +53,7 @@ pub struct RedisStreamBackplaneBuilder {
     pub(crate) reconnect_max: Duration,
     pub(crate) integrity_keys: Option<Vec<IntegrityKey>>,
     pub(crate) shared: Option<SharedConnection>,
+    pub(crate) delivery: StreamDelivery,
 }
 
 impl std::fmt::Debug for RedisStreamBackplaneBuilder {
@@ -43,6 +63,7 @@ impl std::fmt::Debug for RedisStreamBackplaneBuilder {
             .field("max_len", &self.max_len)
             .field("integrity_keys", &self.integrity_keys.as_ref().map(Vec::len))
             .field("shares_connection", &self.shared.is_some())
+            .field("delivery", &self.delivery)
             .finish_non_exhaustive()
     }
 }
@@ -61,7 +82,19 @@ impl RedisStreamBackplaneBuilder {
             reconnect_max: DEFAULT_RECONNECT_BACKOFF.1,
             integrity_keys: None,
             shared: None,
+            delivery: StreamDelivery::default(),
         }
+    }
+
+    /// How subscribers learn of new entries (default [`StreamDelivery::PubSub`] on one
+    /// server; a Redis Cluster reads). Acknowledgements (the Strong level's) travel the
+    /// same way: a member acknowledges with one `PUBLISH` under `PubSub`, one `XADD`
+    /// under `BlockingRead`, so every member of a fleet at the Strong level needs the
+    /// same setting (a member that acknowledges the other way is waited for until its
+    /// lease lapses); invalidations reach every member either way.
+    pub fn delivery(mut self, delivery: StreamDelivery) -> Self {
+        self.delivery = delivery;
+        self
     }
 
     /// Signs every message this backplane publishes with an HMAC-SHA256 under the first

@@ -4,17 +4,23 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use strata::backplane::OriginId;
-use strata::error::Result;
+use strata::error::{Error, ErrorKind, Result};
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
 
 use crate::backplane::StatCounters;
-use crate::backplane::stream_builder::RedisStreamBackplaneBuilder;
-use crate::cluster::{Connector, RedisConn};
+use crate::backplane::stream_builder::{RedisStreamBackplaneBuilder, StreamDelivery};
+use crate::cluster::{Connector, PushSink, RedisConn};
+use crate::connection::map_redis_error;
 use crate::integrity::Integrity;
 use crate::managed::ManagedConn;
+
+/// A subscriber's connection, with the queue of its pushes under push delivery.
+pub(crate) type Connected = (RedisConn, Option<mpsc::Receiver<redis::PushInfo>>);
 
 pub(crate) struct StreamInner {
     pub(crate) cfg: RedisStreamBackplaneBuilder,
@@ -67,8 +73,9 @@ impl AckExpiries {
 }
 
 impl StreamInner {
-    /// Opens a dedicated subscriber connection and names it.
-    pub(crate) async fn connect(&self, name: &str) -> Result<RedisConn> {
+    /// Opens a dedicated subscriber connection and names it; with `pushes`, a RESP3
+    /// connection whose Pub/Sub messages go there (see [`Self::pushes`]).
+    pub(crate) async fn connect(&self, name: &str, pushes: Option<PushSink>) -> Result<RedisConn> {
         let (cfg, key) = (&self.cfg, &self.stream_key);
         let limit = cfg.connection.connect_timeout + cfg.op_timeout;
         self.client
@@ -79,8 +86,63 @@ impl StreamInner {
                 key,
                 cfg.read_grace,
                 "redis stream subscriber",
+                pushes,
             )
             .await
+    }
+
+    /// Opens a subscriber's connection: under push delivery, subscribed to the stream's
+    /// channel and to `ack_channel`, its pushes queued (up to the channel capacity;
+    /// one that does not fit sets `overflow` and is read from the stream instead).
+    pub(crate) async fn open(
+        &self,
+        name: &str,
+        ack_channel: Option<&str>,
+        overflow: &Arc<AtomicBool>,
+    ) -> Result<Connected> {
+        if !self.pushes() {
+            return Ok((self.connect(name, None).await?, None));
+        }
+        let (tx, rx) = mpsc::channel(self.cfg.channel_capacity);
+        let full = overflow.clone();
+        let sink: PushSink = Box::new(move |info| {
+            tx.try_send(info).map_err(|e| {
+                if matches!(e, TrySendError::Full(_)) {
+                    full.store(true, Ordering::Relaxed);
+                }
+            })
+        });
+        let mut conn = self.connect(name, Some(sink)).await?;
+        let mut channels = vec![self.stream_key.clone()];
+        channels.extend(ack_channel.map(str::to_owned));
+        let grace = self.cfg.read_grace;
+        let subscribed = match &mut conn {
+            RedisConn::Plain(m) => tokio::time::timeout(grace, m.subscribe(channels)).await,
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::Backplane,
+                    "redis stream subscriber: push delivery needs one server",
+                ));
+            }
+        };
+        match subscribed {
+            Ok(Ok(())) => Ok((conn, Some(rx))),
+            Ok(Err(e)) => Err(map_redis_error(ErrorKind::Backplane, "redis stream subscribe", e)),
+            Err(_) => Err(Error::timeout("redis stream subscribe", grace)),
+        }
+    }
+
+    /// Whether subscribers receive entries as pushes ([`StreamDelivery::PubSub`] on one
+    /// server) rather than by blocking reads.
+    pub(crate) fn pushes(&self) -> bool {
+        self.cfg.delivery == StreamDelivery::PubSub && self.client.single().is_some()
+    }
+
+    /// The channel every entry is published on beside the stream: the stream's key on
+    /// one server, whatever this handle's delivery (a fleet's members may differ while
+    /// a deploy changes it), none on a cluster (where a `PUBLISH` reaches every node).
+    pub(crate) fn push_channel(&self) -> &str {
+        if self.client.single().is_some() { &self.stream_key } else { "" }
     }
 
     /// The stream of the acknowledgements addressed to `origin`: beside the shared

@@ -4,21 +4,23 @@
 //! acknowledgements addressed to the subscriber's origin.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use redis::Value;
-use strata::backplane::BackplaneEvent;
+use strata::backplane::{BackplaneEvent, Message};
 use strata::error::{Error, ErrorKind};
 use tokio::sync::mpsc;
 
 use crate::backplane::open_message;
-use crate::backplane::stream_inner::StreamInner;
+use crate::backplane::stream_inner::{Connected, StreamInner};
 use crate::backplane::stream_scripts::{RawEntry, StreamId, parse_entries, parse_xread_streams};
 use crate::cluster::RedisConn;
 use crate::connection::{Backoff, map_redis_error};
 use crate::reply::{bad_reply, value_array, value_string, value_u64};
 
 /// Why the reader stopped reading on its connection.
+#[derive(Debug)]
 pub(crate) enum Stop {
     /// The receiver was dropped: end the task.
     Closed,
@@ -28,7 +30,7 @@ pub(crate) enum Stop {
 
 /// What a catch-up read does with a loss it finds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Gaps {
+pub(crate) enum Gaps {
     /// Returns it: after a reconnect the caller sends `Lost` then
     /// `Resumed { complete: false }`.
     Collect,
@@ -47,12 +49,15 @@ pub(crate) struct StreamReader {
     pub(crate) last_n: Option<u64>,
     pub(crate) backoff: Backoff,
     /// The stream of the acknowledgements addressed to this subscription's origin, and
-    /// the last id read from it (`subscribe_as`; `None` for a plain `subscribe`).
+    /// the last id read from it (`subscribe_as`; `None` for a plain `subscribe`). Under
+    /// push delivery, the channel they are published on (the id is not used).
     pub(crate) acks: Option<(String, StreamId)>,
+    /// Set when a push did not fit in the connection's queue (see `stream_push`).
+    pub(crate) overflow: Arc<AtomicBool>,
 }
 
 impl StreamReader {
-    async fn send(&self, ev: BackplaneEvent) -> std::result::Result<(), Stop> {
+    pub(crate) async fn send(&self, ev: BackplaneEvent) -> std::result::Result<(), Stop> {
         self.inner.stats.count(&ev, "redis-stream");
         self.tx.send(ev).await.map_err(|_| Stop::Closed)
     }
@@ -72,12 +77,24 @@ impl StreamReader {
     }
 
     /// Delivers one entry; returns true when it revealed a gap.
-    async fn deliver(&mut self, e: RawEntry, gaps: Gaps) -> std::result::Result<bool, Stop> {
-        let mut gap = false;
+    pub(crate) async fn deliver(&mut self, e: RawEntry, gaps: Gaps) -> std::result::Result<bool, Stop> {
         let (integrity, stream) = (self.inner.integrity.as_ref(), &self.inner.stream_key);
         let message = e.message.as_deref().and_then(|b| open_message(integrity, stream, b));
+        self.deliver_opened(e.id, e.number, message, gaps).await
+    }
+
+    /// [`deliver`](Self::deliver), its message opened (`None`: it did not open).
+    pub(crate) async fn deliver_opened(
+        &mut self,
+        id: StreamId,
+        number: Option<u64>,
+        message: Option<Message>,
+        gaps: Gaps,
+    ) -> std::result::Result<bool, Stop> {
+        let mut gap = false;
+        let integrity = self.inner.integrity.as_ref();
         // Unverified entries have no say in the numbering: a forged number would fake a loss.
-        if let Some(n) = e.number.filter(|_| message.is_some() || integrity.is_none()) {
+        if let Some(n) = number.filter(|_| message.is_some() || integrity.is_none()) {
             // No successor to u64::MAX (an entry numbered by hand): whatever follows is a gap.
             if let Some(last) = self.last_n
                 && last.checked_add(1) != Some(n)
@@ -96,7 +113,7 @@ impl StreamReader {
             }
             self.last_n = Some(n);
         }
-        self.last_id = e.id;
+        self.last_id = id;
         let ev = match message {
             Some(m) => BackplaneEvent::Message(m),
             None => {
@@ -108,17 +125,21 @@ impl StreamReader {
         Ok(gap)
     }
 
-    pub(crate) async fn run(mut self, conn: RedisConn) {
+    pub(crate) async fn run(mut self, conn: Connected) {
         let mut conn = Some(conn);
         loop {
-            let mut c = match conn.take() {
+            let (mut c, pushes) = match conn.take() {
                 Some(c) => c,
                 None => match self.reconnect().await {
                     Some(c) => c,
                     None => return,
                 },
             };
-            match self.read_loop(&mut c).await {
+            let stop = match pushes {
+                Some(mut pushes) => self.push_loop(&mut c, &mut pushes).await,
+                None => self.read_loop(&mut c).await,
+            };
+            match stop {
                 Stop::Closed => return,
                 Stop::Failed(e) => {
                     tracing::warn!(subscriber = %self.name, error = %e, "redis stream backplane: subscription lost");
@@ -131,7 +152,7 @@ impl StreamReader {
     }
 
     /// Reconnects with backoff and catches up; `None` when the receiver is gone.
-    async fn reconnect(&mut self) -> Option<RedisConn> {
+    async fn reconnect(&mut self) -> Option<Connected> {
         let started = Instant::now();
         loop {
             let delay = self.backoff.next_delay();
@@ -139,7 +160,8 @@ impl StreamReader {
                 _ = self.tx.closed() => return None,
                 _ = tokio::time::sleep(delay) => {}
             }
-            let mut c = match self.inner.connect(&self.name).await {
+            let ack_channel = self.acks.as_ref().map(|(k, _)| k.as_str());
+            let (mut c, pushes) = match self.inner.open(&self.name, ack_channel, &self.overflow).await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::debug!(subscriber = %self.name, error = %e, "redis stream backplane: reconnect failed");
@@ -161,7 +183,7 @@ impl StreamReader {
                     if self.send(BackplaneEvent::Resumed { complete }).await.is_err() {
                         return None;
                     }
-                    return Some(c);
+                    return Some((c, pushes));
                 }
                 Err(Stop::Closed) => return None,
                 Err(Stop::Failed(e)) => {
@@ -173,7 +195,11 @@ impl StreamReader {
 
     /// Delivers everything after the last id, reading a stream that was deleted or
     /// re-created below that id from its start; returns whether nothing was lost.
-    async fn catch_up(&mut self, c: &mut RedisConn, gaps: Gaps) -> std::result::Result<bool, Stop> {
+    pub(crate) async fn catch_up(
+        &mut self,
+        c: &mut RedisConn,
+        gaps: Gaps,
+    ) -> std::result::Result<bool, Stop> {
         let mut complete = true;
         let inner = self.inner.clone();
         loop {

@@ -10,9 +10,10 @@ use crate::reply::{value_array, value_bytes, value_string, value_u64};
 
 /// Stream backplane publish: number each entry, append it, cap the stream.
 ///
-/// KEYS: stream, counter. ARGV: max len, then one message's bytes per entry, in order
-/// (a batch is one call: the subscribers blocked on the stream wake once for all of
-/// it). Returns `{last number, counter restarted (0 or 1), what was wrong with the
+/// KEYS: stream, counter. ARGV: max len, the channel the entries are also published
+/// on ('' for none: see [`push_payload`] for what is published), then one message's
+/// bytes per entry, in order (a batch is one call: the subscribers blocked on the
+/// stream wake once for all of it). Returns `{last number, counter restarted (0 or 1), what was wrong with the
 /// stream ('' if nothing)}`.
 ///
 /// Anyone who can write under the prefix can leave these keys in a state where no
@@ -41,7 +42,7 @@ pub(crate) const STREAM_PUBLISH: &str = r#"#!lua flags=allow-oom
 local restarted = 0
 local problem = ''
 local n = 0
-for i = 2, #ARGV do
+for i = 3, #ARGV do
   local fresh = 0
   n = redis.pcall('INCR', KEYS[2])
   if type(n) ~= 'number' or n < 1 or n >= 9007199254740992 then
@@ -74,6 +75,9 @@ for i = 2, #ARGV do
     if type(added) == 'table' and added.err then
       return added
     end
+  end
+  if ARGV[2] ~= '' then
+    redis.call('PUBLISH', ARGV[2], added .. '\n' .. n .. '\n' .. ARGV[i])
   end
 end
 return {n, restarted, problem}
@@ -225,6 +229,20 @@ fn take_field(entry: &mut RawEntry, k: &Value, v: &Value) {
     }
 }
 
+/// Reads what the publish and heartbeat scripts publish beside each entry they append
+/// (when given a channel): `<id>\n<number>\n<message bytes>`, the entry as a
+/// subscriber would read it from the stream, so a push and a read of the same entry
+/// are one thing to the reader. `None` when the id does not parse (not published by
+/// this backplane: anyone allowed to `PUBLISH` on the channel chooses the bytes); a
+/// number that is not a `u64` leaves the entry unnumbered, as in the stream.
+pub(crate) fn push_payload(payload: &[u8]) -> Option<RawEntry> {
+    let mut parts = payload.splitn(3, |&b| b == b'\n');
+    let id = StreamId::parse(std::str::from_utf8(parts.next()?).ok()?)?;
+    let number = std::str::from_utf8(parts.next()?).ok().and_then(|n| n.parse().ok());
+    let message = parts.next()?.to_vec();
+    Some(RawEntry { id, message: Some(message), number })
+}
+
 /// Parses an `XREAD` reply of several streams: each stream's key and entries (only
 /// the streams that had any; a nil reply is none).
 pub(crate) fn parse_xread_streams(v: &Value) -> Option<Vec<(String, Vec<RawEntry>)>> {
@@ -243,6 +261,19 @@ pub(crate) fn parse_xread_streams(v: &Value) -> Option<Vec<(String, Vec<RawEntry
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn pushed_entries_parse_as_their_stream_entry() {
+        let e = push_payload(b"17-2\n41\nbytes\nwith newlines").expect("parses");
+        assert_eq!((e.id, e.number), (StreamId { ms: 17, seq: 2 }, Some(41)));
+        assert_eq!(e.message.as_deref(), Some(&b"bytes\nwith newlines"[..]));
+        let unnumbered = push_payload(b"17-3\n1e+15\nm").expect("parses");
+        assert_eq!(unnumbered.number, None, "a number that is not a u64 leaves it unnumbered");
+        assert_eq!(push_payload(b"17-3\n5\n").and_then(|e| e.message).as_deref(), Some(&b""[..]));
+        for bad in [&b""[..], b"17-3", b"17-3\n5", b"x\n5\nm", b"18446744073709551616-0\n1\nm"] {
+            assert!(push_payload(bad).is_none(), "{bad:?}");
+        }
+    }
     use super::*;
 
     const MAX: &str = "18446744073709551615-18446744073709551615";

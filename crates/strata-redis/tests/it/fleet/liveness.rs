@@ -7,19 +7,29 @@ use std::time::Duration;
 
 use strata::backplane::{Message, MessageBody};
 use strata::{Cache, Consistency};
-use strata_redis::{RedisStreamBackplane, RedisTier};
+use strata_redis::{RedisStreamBackplane, RedisTier, StreamDelivery};
 use strata_testkit::RedisServer;
 
-use super::{Db, stream};
+use super::{Db, stream_builder};
 use crate::support;
 
 const NS: &str = "liveness";
 
 async fn member(server: &RedisServer, strong: bool, broadcast: bool) -> Cache<u64, String> {
+    member_with(server, strong, broadcast, StreamDelivery::default()).await
+}
+
+async fn member_with(
+    server: &RedisServer,
+    strong: bool,
+    broadcast: bool,
+    delivery: StreamDelivery,
+) -> Cache<u64, String> {
     let tier = RedisTier::builder(server.url()).prefix("fleet").build().await.expect("tier");
+    let bp = stream_builder(server).delivery(delivery).build().await.expect("stream backplane");
     let mut b = Cache::builder(NS)
         .tier(Arc::new(tier))
-        .backplane(Arc::new(stream(server).await))
+        .backplane(Arc::new(bp))
         .heartbeat_interval(Duration::from_millis(50))
         .broadcast_heartbeats(broadcast);
     if strong {
@@ -100,17 +110,28 @@ async fn an_idle_fleet_appends_one_digest_per_interval() {
 }
 
 /// At the Strong level an invalidation waits for every member's acknowledgement,
-/// which arrives in the origin's own stream: the shared stream holds the invalidations
-/// and digests only.
+/// which is read from the origin's own stream: the shared stream holds the
+/// invalidations and digests only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strong_acknowledgements_travel_in_the_origins_stream() {
+    strong_acknowledgements_are_addressed(StreamDelivery::BlockingRead).await;
+}
+
+/// Under push delivery the acknowledgements are pushed to the origin's connection
+/// alone: nothing is kept for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strong_acknowledgements_are_pushed_to_the_origin() {
+    strong_acknowledgements_are_addressed(StreamDelivery::PubSub).await;
+}
+
+async fn strong_acknowledgements_are_addressed(delivery: StreamDelivery) {
     let server = RedisServer::start();
     let db = Db::default();
     db.seed(0..10);
     let fleet = [
-        member(&server, true, false).await,
-        member(&server, true, false).await,
-        member(&server, true, false).await,
+        member_with(&server, true, false, delivery).await,
+        member_with(&server, true, false, delivery).await,
+        member_with(&server, true, false, delivery).await,
     ];
     tokio::time::sleep(Duration::from_millis(200)).await;
     let from = last_id(&server).await;
@@ -134,6 +155,10 @@ async fn strong_acknowledgements_travel_in_the_origins_stream() {
     assert_eq!((invalidations, acks), (3, 0), "{entries:?}");
     let mut raw = support::raw_conn(&server).await;
     let keys: Vec<String> = redis::cmd("KEYS").arg("*:ack:*").query_async(&mut raw).await.expect("KEYS");
+    if delivery == StreamDelivery::PubSub {
+        assert_eq!(keys, Vec::<String>::new(), "pushed, not kept");
+        return;
+    }
     assert_eq!(keys.len(), 3, "one acknowledgement stream per origin: {keys:?}");
     for k in &keys {
         let ttl: i64 = redis::cmd("PTTL").arg(k).query_async(&mut raw).await.expect("PTTL");

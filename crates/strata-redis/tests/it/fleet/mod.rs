@@ -166,13 +166,14 @@ async fn instance(server: &RedisServer, backplane: Arc<dyn Backplane>) -> Cache<
 }
 
 async fn stream(server: &RedisServer) -> RedisStreamBackplane {
+    stream_builder(server).build().await.expect("stream backplane")
+}
+
+fn stream_builder(server: &RedisServer) -> strata_redis::RedisStreamBackplaneBuilder {
     RedisStreamBackplane::builder(server.url())
         .block(Duration::from_millis(300))
         .read_grace(Duration::from_millis(300))
         .reconnect_backoff(Duration::from_millis(300), Duration::from_millis(600))
-        .build()
-        .await
-        .expect("stream backplane")
 }
 
 /// Polls until `key` is gone from `cache`'s L1; returns how long that took.

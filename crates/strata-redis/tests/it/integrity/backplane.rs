@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use strata::backplane::{Backplane, BackplaneEvent, Message, MessageBody};
 use strata::{Cache, Scope};
-use strata_redis::{RedisPubSubBackplane, RedisStreamBackplane};
+use strata_redis::{RedisPubSubBackplane, RedisStreamBackplane, StreamDelivery};
 use strata_testkit::RedisServer;
 
 use super::{K1, K2, keys};
@@ -23,7 +23,12 @@ fn forged(origin: u64, seq: u64, namespace: &str, body: MessageBody) -> Vec<u8> 
 }
 
 async fn stream(server: &RedisServer, k: &[&[u8]]) -> RedisStreamBackplane {
+    stream_with(server, k, StreamDelivery::default()).await
+}
+
+async fn stream_with(server: &RedisServer, k: &[&[u8]], delivery: StreamDelivery) -> RedisStreamBackplane {
     RedisStreamBackplane::builder(server.url())
+        .delivery(delivery)
         .block(Duration::from_millis(300))
         .read_grace(Duration::from_millis(300))
         .integrity_keys(keys(k))
@@ -40,8 +45,20 @@ async fn instance(bp: &RedisStreamBackplane) -> Cache<u64, String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_stream_messages_are_ignored_counted_and_l1_keeps_serving() {
+    forged_stream_messages(StreamDelivery::BlockingRead).await;
+}
+
+/// Under push delivery the forgeries are published on the stream's channel, with an
+/// id far ahead: unverified, it must not move the readers' position either (the
+/// genuine invalidation after it is still delivered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_pushes_are_ignored_counted_and_l1_keeps_serving() {
+    forged_stream_messages(StreamDelivery::PubSub).await;
+}
+
+async fn forged_stream_messages(delivery: StreamDelivery) {
     let server = RedisServer::start();
-    let bp = stream(&server, &[K1]).await;
+    let bp = stream_with(&server, &[K1], delivery).await;
     let (a, b) = (instance(&bp).await, instance(&bp).await);
     for k in 1..=3u64 {
         a.get_or_load(&k, move || async move { Ok::<_, std::io::Error>(Some(format!("v{k}"))) })
@@ -63,6 +80,13 @@ async fn forged_stream_messages_are_ignored_counted_and_l1_keeps_serving() {
     // consume an entry number, which every reader then sees as a loss: a flush, as any
     // write to the counter can cause; see the crate docs. Raw appends here.)
     for (bytes, number) in &forgeries {
+        if delivery == StreamDelivery::PubSub {
+            let mut payload = format!("99999999999999-0\n{number}\n").into_bytes();
+            payload.extend_from_slice(bytes);
+            let _: u64 =
+                redis::cmd("PUBLISH").arg(bp.stream_key()).arg(payload).query_async(&mut raw).await.unwrap();
+            continue;
+        }
         let _: String = redis::cmd("XADD")
             .arg(bp.stream_key())
             .arg("*")
