@@ -56,9 +56,11 @@
 //! the losses a backplane cannot see. On the stream, heartbeats are kept in a hash per
 //! namespace (`{prefix}:{bp}:beats:<namespace>`, expiring once its members are gone) and
 //! appended as one digest entry per heartbeat interval, so a fleet of N reads one entry
-//! per interval instead of N; Strong acknowledgements go to their origin's own stream
-//! (`{prefix}:{bp}:ack:<origin>`, capped, expiring a minute after its last entry), read
-//! in the same `XREAD` as the shared stream. On Pub/Sub the digest is published on the
+//! per interval instead of N. Strong acknowledgements are pushed to their origin's own
+//! channel (`{prefix}:{bp}:ack:<origin>`, subscribed on the subscriber's connection)
+//! under the default push delivery; with blocking reads they go to the origin's own
+//! stream of that name (capped, expiring a minute after its last entry), read in the
+//! same `XREAD` as the shared stream. On Pub/Sub the digest is published on the
 //! channel and acknowledgements on the origin's own channel (`{prefix}:bp:ack:<origin>`,
 //! subscribed on the same connection). With integrity keys heartbeats are published one
 //! by one (N² deliveries per interval): a digest built in Redis could not be sealed.
@@ -75,8 +77,12 @@
 //! detects exactly (entries are numbered) and reports as `Lost` then
 //! `Resumed { complete: false }`; the core then flushes its L1. `replay(origin, from,
 //! to)` answers from the stream while it still holds those messages, `Ok(None)`
-//! otherwise. Staleness bound: when healthy, the propagation delay (one `XREAD`
-//! round trip after the publish, about 0.2 ms on loopback); when unhealthy (after
+//! otherwise. Subscribers learn of new entries as RESP3 pushes by default (each entry
+//! is also published on a channel named like the stream: one `PUBLISH` per entry
+//! however many subscribers; the stream is read where the pushes leave a gap, a quiet
+//! block time or a reconnect), or by blocking `XREAD`s ([`StreamDelivery`]; always on
+//! a Redis Cluster). Staleness bound: when healthy, the propagation delay (a push, or
+//! one `XREAD` round trip, after the publish: about 0.2 ms on loopback); when unhealthy (after
 //! `Disconnected`, or when heartbeats stop), the core's `max_stale`.
 //!
 //! **Pub/Sub** ([`RedisPubSubBackplane`]). A publish returns once Redis has handed the
@@ -306,7 +312,7 @@
 //! |---|---|
 //! | [`tier`] | [`RedisTier`]: its connection, counters and `build`; inside, `tier::port` (the [`Tier`](strata::tier::Tier) implementation), `tier::builder` ([`RedisTierBuilder`]'s settings and checks), `tier::startup` and `tier::eviction` (the build's checks), `tier::slots` (cluster hash slots, [`cluster_shard_namespace`]), `tier::format` (key names, the stored envelope, the lookup reply), `tier::lua` (the checks every script shares: strict numbers, the meta hash read and repaired) and `tier::scripts` (the Lua scripts, with the fill's version guard) |
 //! | `backplane` | what both backplanes share: [`BackplaneStats`], the publishing connection, reconnect defaults |
-//! | [`stream`] | [`RedisStreamBackplane`] (`backplane/stream.rs`, with `stream_builder.rs` and `stream_scripts.rs` beside it) |
+//! | [`stream`] | [`RedisStreamBackplane`] (`backplane/stream.rs`, with `stream_builder.rs`, `stream_scripts.rs`, `stream_inner.rs` and the subscriber's readers `stream_reader.rs` (blocking reads) and `stream_push.rs` (pushes) beside it) |
 //! | [`pubsub`] | [`RedisPubSubBackplane`] and its builder (`backplane/pubsub.rs`) |
 //! | `connection` | [`ConnectionOptions`], the settings every builder shares; opening clients from URLs, password redaction, error mapping, reconnect backoff |
 //! | `cluster` | the connection every call goes through, to one server or to a Redis Cluster, and the client that opens it |

@@ -66,6 +66,10 @@ pub struct BackplaneStats {
     /// Times a publish found the stream or its counter unusable (written by someone
     /// else) and replaced it; always 0 for Pub/Sub.
     pub repairs: u64,
+    /// Reads the subscriptions sent (stream: each blocking `XREAD`, and each read of
+    /// the stream at a subscribe, a catch-up or a quiet block time; a push costs none;
+    /// always 0 for Pub/Sub): with `published`, the commands this handle sent.
+    pub reads: u64,
 }
 
 #[derive(Default)]
@@ -77,6 +81,7 @@ pub(crate) struct StatCounters {
     pub(crate) disconnects: AtomicU64,
     pub(crate) resumes: AtomicU64,
     pub(crate) repairs: AtomicU64,
+    pub(crate) reads: AtomicU64,
 }
 
 impl StatCounters {
@@ -89,6 +94,7 @@ impl StatCounters {
             disconnects: self.disconnects.load(Ordering::Relaxed),
             resumes: self.resumes.load(Ordering::Relaxed),
             repairs: self.repairs.load(Ordering::Relaxed),
+            reads: self.reads.load(Ordering::Relaxed),
         }
     }
 

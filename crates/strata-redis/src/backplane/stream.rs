@@ -29,8 +29,16 @@
 //!
 //! Each [`Backplane::subscribe`] opens a dedicated connection named
 //! `strata-bp-<id>-<k>` (`CLIENT SETNAME`, visible in `CLIENT LIST`) and runs a task
-//! that loops on `XREAD COUNT c BLOCK b STREAMS key <last id>`, starting at the
-//! stream's last entry at subscribe time. When the connection fails (or a read does
+//! that follows the stream from its last entry at subscribe time. How it learns of new
+//! entries is [`StreamDelivery`]: by default on one server the publish script also
+//! publishes each entry (`<id>\n<n>\n<m>`) on a channel named like the stream, and
+//! the subscriber, on a RESP3 connection subscribed to it, receives it as a push (one
+//! `PUBLISH` per entry whatever the number of subscribers, where a blocking read costs
+//! one `XREAD` per subscriber and entry); the stream stays the log, read on the same
+//! connection wherever the pushes cannot be the whole story (see `stream_push`). With
+//! [`StreamDelivery::BlockingRead`], and always on a Redis Cluster, the task loops on
+//! `XREAD COUNT c BLOCK b STREAMS key <last id>`. What follows holds for both. When
+//! the connection fails (or a read does
 //! not answer within the block time plus a grace period) it emits
 //! [`BackplaneEvent::Disconnected`](strata::backplane::BackplaneEvent::Disconnected), reconnects with jittered exponential backoff,
 //! reads everything after the last id it saw (delivering it), and then emits
@@ -39,7 +47,8 @@
 //! trimmed (or the counter went backwards: Redis lost data). A gap seen while
 //! connected (a reader slower than the cap) emits `Lost` alone.
 //!
-//! A read that waited its whole block time for nothing runs the same catch-up read,
+//! A read that waited its whole block time for nothing (under push delivery: a block
+//! time with no entry pushed) runs the same catch-up read,
 //! which sees what a blocked `XREAD` cannot: numbered entries gone after the last
 //! one read (`Lost`), and a stream deleted or re-created below the reader's position
 //! (`DEL`, `FLUSHALL`, an eviction, a repair, a clock behind the old ids), whose new
@@ -49,7 +58,15 @@
 //!
 //! The subscription channel is bounded: when the receiver is slow the task waits
 //! (the stream is the buffer), so nothing is dropped in the process; a reader slower
-//! than the stream's window shows up as a gap, hence `Lost`.
+//! than the stream's window shows up as a gap, hence `Lost`. Under push delivery the
+//! pushes queue up to the same capacity; those that do not fit are dropped and read
+//! from the stream instead.
+//!
+//! A fleet may mix deliveries (a deploy that changes it, or one from strata 0.1, whose
+//! publishers do not publish entries on the channel): a pushed reader reads what was
+//! not pushed when the next entry's number shows the gap, or after a block time. Only
+//! the Strong level's acknowledgements need every member on the same delivery (see
+//! [`RedisStreamBackplaneBuilder::delivery`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -177,6 +194,7 @@ impl RedisStreamBackplane {
         // Under push delivery, subscribed before the start is read: every entry after
         // it is pushed (and those before it, which are dropped by id).
         let (mut conn, pushes) = inner.open(&name, acks.as_ref().map(|(k, _)| k.as_str()), &overflow).await?;
+        inner.stats.reads.fetch_add(1, Ordering::Relaxed);
         let mut inv = inner.start_script.prepare_invoke();
         inv.key(&inner.stream_key).key(&inner.counter_key);
         let v: Value = match tokio::time::timeout(inner.cfg.read_grace, inv.invoke_async(&mut conn)).await {

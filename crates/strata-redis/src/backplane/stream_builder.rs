@@ -29,8 +29,10 @@ pub enum StreamDelivery {
     /// `XREAD` per subscriber and entry. The stream stays the log: a gap in the
     /// entries' numbers, a quiet block time, a reconnect or a subscriber that fell
     /// behind is caught up by reading it, as with [`BlockingRead`](Self::BlockingRead).
-    /// Needs Redis 6 or later (RESP3; an ACL user needs `+hello`, `+subscribe` and
-    /// the channels `&<prefix>:*`). A Redis Cluster always uses `BlockingRead`.
+    /// Needs Redis 6 or later (RESP3; an ACL user needs `+subscribe` and the channels
+    /// `&<prefix>:*`, both in [`MINIMAL_ACL`](crate::MINIMAL_ACL)). Entries appended to
+    /// the stream by anything but strata (unnumbered) are read only by a catch-up. A
+    /// Redis Cluster always uses `BlockingRead`.
     #[default]
     PubSub,
     /// Each subscriber loops on `XREAD BLOCK` (the behaviour of strata 0.1).

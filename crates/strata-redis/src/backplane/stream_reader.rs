@@ -4,7 +4,7 @@
 //! acknowledgements addressed to the subscriber's origin.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use redis::Value;
@@ -206,6 +206,7 @@ impl StreamReader {
             // After the largest id nothing can come: read nothing, but still look at
             // the stream's last id and the counter.
             let from = self.last_id.successor().map(|id| id.to_string()).unwrap_or_default();
+            inner.stats.reads.fetch_add(1, Ordering::Relaxed);
             let mut inv = inner.catch_up_script.prepare_invoke();
             inv.key(&inner.stream_key).key(&inner.counter_key).arg(from).arg(inner.cfg.batch);
             let v: Value = match tokio::time::timeout(inner.cfg.read_grace, inv.invoke_async(c)).await {
@@ -297,6 +298,7 @@ impl StreamReader {
                 Some((key, last)) => cmd.arg(key).arg(last_id).arg(last.to_string()),
                 None => cmd.arg(last_id),
             };
+            inner.stats.reads.fetch_add(1, Ordering::Relaxed);
             let read = cmd.query_async::<Value>(c);
             let r = tokio::select! {
                 _ = self.tx.closed() => return Stop::Closed,

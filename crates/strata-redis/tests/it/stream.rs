@@ -261,6 +261,58 @@ async fn stream_malformed_entries_are_skipped() {
     eprintln!("[stream] 2 malformed entries skipped, next message delivered; stats {:?}", bp.stats());
 }
 
+/// Under push delivery a subscriber sends no command per entry: three subscribers,
+/// 50 entries, not one `XREAD`, one `PUBLISH` per entry, and one read per subscriber
+/// (where it starts). With blocking reads the same costs an `XREAD` per subscriber and
+/// wake-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushed_entries_cost_no_read_per_subscriber() {
+    for delivery in [StreamDelivery::PubSub, StreamDelivery::BlockingRead] {
+        let server = RedisServer::start();
+        let bp = RedisStreamBackplane::builder(server.url())
+            .delivery(delivery)
+            .block(Duration::from_secs(30))
+            .build()
+            .await
+            .expect("stream backplane");
+        let mut subs = Vec::new();
+        for _ in 0..3 {
+            subs.push(bp.subscribe().await.unwrap());
+        }
+        for i in 1..=50 {
+            bp.publish(&msg(3, i, "k")).await.unwrap();
+        }
+        for sub in &mut subs {
+            for i in 1..=50 {
+                assert_eq!(message_of(&next_event(sub, Duration::from_secs(5)).await), Some(&msg(3, i, "k")));
+            }
+        }
+        let stats = server.command(&["INFO", "commandstats"]).unwrap();
+        let calls = |cmd: &str| {
+            stats
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
+                .and_then(|rest| rest.split(',').next())
+                .map_or(0, |n| n.parse::<u64>().unwrap())
+        };
+        let s = bp.stats();
+        eprintln!(
+            "[stream] {delivery:?}: XREAD {}, PUBLISH {}, reads {}",
+            calls("xread"),
+            calls("publish"),
+            s.reads
+        );
+        assert_eq!(calls("publish"), 50, "one PUBLISH per entry under either delivery");
+        if delivery == StreamDelivery::PubSub {
+            assert_eq!(calls("xread"), 0, "{stats}");
+            assert_eq!(s.reads, 3, "one read per subscriber, where it starts: {s:?}");
+        } else {
+            assert!(calls("xread") >= 3 + 3, "each subscriber blocks, wakes and blocks again: {stats}");
+            assert!(s.reads > 3, "{s:?}");
+        }
+    }
+}
+
 /// Under push delivery, what is published on the stream's channel by anyone else is
 /// skipped and counted; entries appended to the stream by hand, unnumbered, between
 /// two pushed ones, are not read at all (a reader reads the stream only where the

@@ -265,12 +265,11 @@ impl Strategy for StrataCache {
             .fold((0, 0), |(l1, l2), s| (l1 + s.l1_hits, l2 + s.l2_hits));
         let remote_ops = match &self.remote {
             Remote::InProcess { tier, hub } => tier.ops() + hub.published(),
-            // Tier round trips + XADDs + one XREAD per delivered message (an upper
-            // bound: a read may return several; idle XREADs, one per second and
-            // subscriber, are not counted).
+            // Tier round trips + the backplane's publishes and reads (a pushed entry
+            // costs no command of the subscriber's).
             Remote::Redis { tiers, backplanes, .. } => {
                 tiers.lock().iter().map(RedisTier::ops).sum::<u64>()
-                    + backplanes.lock().iter().map(|b| b.stats().published + b.stats().delivered).sum::<u64>()
+                    + backplanes.lock().iter().map(|b| b.stats().published + b.stats().reads).sum::<u64>()
             }
         };
         TierCounts { l1_hits, l2_hits, remote_ops }
