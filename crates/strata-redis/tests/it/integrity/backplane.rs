@@ -22,10 +22,6 @@ fn forged(origin: u64, seq: u64, namespace: &str, body: MessageBody) -> Vec<u8> 
     m.encode().unwrap().to_vec()
 }
 
-async fn stream(server: &RedisServer, k: &[&[u8]]) -> RedisStreamBackplane {
-    stream_with(server, k, StreamDelivery::default()).await
-}
-
 async fn stream_with(server: &RedisServer, k: &[&[u8]], delivery: StreamDelivery) -> RedisStreamBackplane {
     RedisStreamBackplane::builder(server.url())
         .delivery(delivery)
