@@ -58,9 +58,10 @@
 //! appended as one digest entry per heartbeat interval, so a fleet of N reads one entry
 //! per interval instead of N. Strong acknowledgements are pushed to their origin's own
 //! channel (`{prefix}:{bp}:ack:<origin>`, subscribed on the subscriber's connection)
-//! under the default push delivery; with blocking reads they go to the origin's own
-//! stream of that name (capped, expiring a minute after its last entry), read in the
-//! same `XREAD` as the shared stream. On Pub/Sub the digest is published on the
+//! under the default push delivery, and appended to the origin's own stream of that
+//! name only when the origin's connection was not there to receive them (read when it
+//! reconnects); with blocking reads they always go to that stream (capped, expiring a
+//! minute after its last entry), read in the same `XREAD` as the shared stream. On Pub/Sub the digest is published on the
 //! channel and acknowledgements on the origin's own channel (`{prefix}:bp:ack:<origin>`,
 //! subscribed on the same connection). With integrity keys heartbeats are published one
 //! by one (N² deliveries per interval): a digest built in Redis could not be sealed.

@@ -351,21 +351,25 @@ impl Backplane for RedisStreamBackplane {
         let key = inner.ack_key(to);
         let bytes = seal_message(inner.integrity.as_ref(), &key, message)?;
         if inner.pushes() {
-            // Pushed to the origin's connection alone (see `stream_push`).
-            let sent = inner
+            // Pushed to the origin's connection (see `stream_push`); kept in its stream
+            // only when no connection of the origin's was there to receive it.
+            let (channel, payload) = (key.clone(), bytes.clone());
+            let receivers: u64 = inner
                 .publisher
                 .call(
                     inner.cfg.op_timeout,
                     ErrorKind::Backplane,
                     "redis stream acknowledgement",
                     |mut c| async move {
-                        redis::cmd("PUBLISH").arg(key).arg(&bytes[..]).query_async::<()>(&mut c).await
+                        redis::cmd("PUBLISH").arg(channel).arg(&payload[..]).query_async(&mut c).await
                     },
                 )
-                .await;
-            sent.map_err(|e| e.into_error())?;
-            inner.stats.published.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
+                .await
+                .map_err(|e| e.into_error())?;
+            if receivers > 0 {
+                inner.stats.published.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
         }
         // Kept a while, so that a reader reconnecting still finds them; the origin
         // reads them as they come, so a short stream is enough. The expiry is set by

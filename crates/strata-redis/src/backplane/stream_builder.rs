@@ -90,10 +90,13 @@ impl RedisStreamBackplaneBuilder {
 
     /// How subscribers learn of new entries (default [`StreamDelivery::PubSub`] on one
     /// server; a Redis Cluster reads). Acknowledgements (the Strong level's) travel the
-    /// same way: a member acknowledges with one `PUBLISH` under `PubSub`, one `XADD`
-    /// under `BlockingRead`, so every member of a fleet at the Strong level needs the
-    /// same setting (a member that acknowledges the other way is waited for until its
-    /// lease lapses); invalidations reach every member either way.
+    /// same way: under `PubSub` a member acknowledges with one `PUBLISH` to the origin's
+    /// channel, and appends to the origin's acknowledgement stream only when no
+    /// connection of the origin's received it (the origin reads that stream when it
+    /// reconnects, and a `BlockingRead` origin reads it always); under `BlockingRead`
+    /// it appends to that stream. So while a deploy changes this setting at the Strong
+    /// level, a `PubSub` origin waits for the lease of each `BlockingRead` member (until
+    /// its next reconnect); invalidations reach every member either way.
     pub fn delivery(mut self, delivery: StreamDelivery) -> Self {
         self.delivery = delivery;
         self

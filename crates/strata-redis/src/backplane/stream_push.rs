@@ -11,12 +11,15 @@
 //! no entry pushed (which also sees a stream deleted or re-created, as in
 //! [`stream_reader`](super::stream_reader)), and a reconnect. An entry read there and
 //! pushed as well is delivered once: pushes at or below the last id delivered are
-//! dropped. Acknowledgements addressed to this origin are pushed alone (not kept in a
-//! stream): one lost with a connection makes its origin wait for the sender's lease.
+//! dropped. Acknowledgements addressed to this origin are pushed to it; one that
+//! reached no subscriber of the origin's channel (its connection was down) is
+//! appended to the origin's acknowledgement stream instead, which the origin reads
+//! after it reconnects. One lost in flight with a connection makes its origin wait for
+//! the sender's lease.
 
 use std::sync::atomic::Ordering;
 
-use redis::PushKind;
+use redis::{PushKind, Value};
 use strata::backplane::BackplaneEvent;
 use strata::error::{Error, ErrorKind};
 use tokio::sync::mpsc;
@@ -24,9 +27,10 @@ use tokio::time::Instant;
 
 use crate::backplane::open_message;
 use crate::backplane::stream_reader::{Gaps, Stop, StreamReader};
-use crate::backplane::stream_scripts::push_payload;
+use crate::backplane::stream_scripts::{parse_entries, push_payload};
 use crate::cluster::RedisConn;
-use crate::reply::value_bytes;
+use crate::connection::map_redis_error;
+use crate::reply::{bad_reply, value_bytes};
 
 impl StreamReader {
     /// Delivers pushes until the connection fails or the receiver is gone.
@@ -113,6 +117,40 @@ impl StreamReader {
             }
         }
         self.deliver_opened(e.id, e.number, Some(message), Gaps::Report).await.map(|_| ())
+    }
+
+    /// After a reconnect, delivers the acknowledgements kept in this origin's stream:
+    /// a member whose `PUBLISH` reached no subscriber of the origin's channel (this
+    /// connection was down) appends it there instead.
+    pub(crate) async fn catch_up_acks(&mut self, c: &mut RedisConn) -> Result<(), Stop> {
+        let Some((key, last)) = self.acks.clone() else { return Ok(()) };
+        let Some(from) = last.successor() else { return Ok(()) };
+        let inner = self.inner.clone();
+        inner.stats.reads.fetch_add(1, Ordering::Relaxed);
+        let mut cmd = redis::cmd("XRANGE");
+        cmd.arg(&key).arg(from.to_string()).arg("+").arg("COUNT").arg(inner.cfg.batch);
+        let v = match tokio::time::timeout(inner.cfg.read_grace, cmd.query_async::<Value>(c)).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                return Err(Stop::Failed(map_redis_error(
+                    ErrorKind::Backplane,
+                    "redis stream acknowledgements",
+                    e,
+                )));
+            }
+            Err(_) => {
+                return Err(Stop::Failed(Error::timeout(
+                    "redis stream acknowledgements",
+                    inner.cfg.read_grace,
+                )));
+            }
+        };
+        let entries = parse_entries(&v)
+            .ok_or_else(|| Stop::Failed(bad_reply(ErrorKind::Backplane, "redis stream acknowledgements")))?;
+        for e in entries {
+            self.deliver_ack(e).await?;
+        }
+        Ok(())
     }
 
     /// Delivers an acknowledgement addressed to this origin.

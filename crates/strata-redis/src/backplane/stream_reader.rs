@@ -65,7 +65,7 @@ impl StreamReader {
     /// Delivers an acknowledgement addressed to this origin (unnumbered: the ack
     /// stream is not the invalidation log, and an ack lost with it only makes its
     /// origin wait for the sender's lease).
-    async fn deliver_ack(&mut self, e: RawEntry) -> std::result::Result<(), Stop> {
+    pub(crate) async fn deliver_ack(&mut self, e: RawEntry) -> std::result::Result<(), Stop> {
         let Some((key, last)) = self.acks.as_mut() else { return Ok(()) };
         *last = e.id;
         let message = e.message.as_deref().and_then(|b| open_message(self.inner.integrity.as_ref(), key, b));
@@ -168,7 +168,11 @@ impl StreamReader {
                     continue;
                 }
             };
-            match self.catch_up(&mut c, Gaps::Collect).await {
+            let caught_up = match self.catch_up(&mut c, Gaps::Collect).await {
+                Ok(complete) if pushes.is_some() => self.catch_up_acks(&mut c).await.map(|()| complete),
+                other => other,
+            };
+            match caught_up {
                 Ok(complete) => {
                     self.backoff.reset();
                     tracing::info!(

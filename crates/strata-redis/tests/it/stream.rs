@@ -313,6 +313,54 @@ async fn pushed_entries_cost_no_read_per_subscriber() {
     }
 }
 
+/// Under push delivery an acknowledgement sent while its origin's connection is down
+/// reaches no subscriber, so it is kept in the origin's acknowledgement stream, which
+/// the origin reads when it reconnects (before `Resumed`): a Strong write does not
+/// wait for the sender's lease. While the origin is connected nothing is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledgement_sent_while_its_origin_is_away_is_read_when_it_returns() {
+    const ORIGIN: u64 = 0x51;
+    let server = RedisServer::start();
+    let bp = RedisStreamBackplane::builder(server.url())
+        .block(Duration::from_millis(500))
+        .reconnect_backoff(Duration::from_millis(400), Duration::from_millis(800))
+        .build()
+        .await
+        .unwrap();
+    let member = stream_bp(&server).await;
+    let mut sub = bp.subscribe_as(ORIGIN).await.unwrap();
+    let ack = |seq| Message { body: MessageBody::Ack { to: ORIGIN, seq }, ..msg(7, 0, "") };
+    member.publish_to(ORIGIN, &ack(1)).await.unwrap();
+    assert_eq!(message_of(&next_event(&mut sub, Duration::from_secs(5)).await), Some(&ack(1)));
+    assert_eq!(
+        server.command(&["EXISTS", &format!("{}:ack:{ORIGIN:x}", bp.stream_key())]).unwrap(),
+        ":0\r\n"
+    );
+
+    let clients = clients_named(&server, &bp.client_name_prefix());
+    server.command(&["CLIENT", "KILL", "ID", &clients[0].0]).unwrap();
+    wait_for(&mut sub, Duration::from_secs(5), "Disconnected", |e| *e == BackplaneEvent::Disconnected).await;
+    member.publish_to(ORIGIN, &ack(2)).await.unwrap();
+    let mut got = Vec::new();
+    loop {
+        match next_event(&mut sub, Duration::from_secs(5)).await {
+            BackplaneEvent::Message(m) => got.push(m),
+            BackplaneEvent::Resumed { complete } => {
+                assert!(complete);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(got, vec![ack(2)], "read from the origin's stream before Resumed");
+    member.publish_to(ORIGIN, &ack(3)).await.unwrap();
+    assert_eq!(
+        message_of(&next_event(&mut sub, Duration::from_secs(5)).await),
+        Some(&ack(3)),
+        "pushed again"
+    );
+}
+
 /// Under push delivery, what is published on the stream's channel by anyone else is
 /// skipped and counted; entries appended to the stream by hand, unnumbered, between
 /// two pushed ones, are not read at all (a reader reads the stream only where the
