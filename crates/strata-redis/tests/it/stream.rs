@@ -18,6 +18,17 @@ async fn stream_bp(server: &RedisServer) -> RedisStreamBackplane {
         .expect("stream backplane")
 }
 
+/// A backplane whose subscribers are slow to reconnect, so that what is sent after a
+/// `CLIENT KILL` is surely sent while they are away.
+async fn slow_to_reconnect(server: &RedisServer) -> RedisStreamBackplane {
+    RedisStreamBackplane::builder(server.url())
+        .block(Duration::from_millis(500))
+        .reconnect_backoff(Duration::from_millis(400), Duration::from_millis(800))
+        .build()
+        .await
+        .expect("stream backplane")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_round_trip_and_replay() {
     let server = RedisServer::start();
@@ -75,13 +86,7 @@ async fn stream_round_trip_and_replay() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_client_kill_resumes_complete_with_gap_messages() {
     let server = RedisServer::start();
-    let bp = RedisStreamBackplane::builder(server.url())
-        .block(Duration::from_millis(500))
-        // A slow first reconnect, so that messages are surely published in the gap.
-        .reconnect_backoff(Duration::from_millis(400), Duration::from_millis(800))
-        .build()
-        .await
-        .unwrap();
+    let bp = slow_to_reconnect(&server).await;
     let publisher = stream_bp(&server).await;
     let mut sub = bp.subscribe().await.unwrap();
     publisher.publish(&msg(9, 1, "a")).await.unwrap();
@@ -321,12 +326,7 @@ async fn pushed_entries_cost_no_read_per_subscriber() {
 async fn an_acknowledgement_sent_while_its_origin_is_away_is_read_when_it_returns() {
     const ORIGIN: u64 = 0x51;
     let server = RedisServer::start();
-    let bp = RedisStreamBackplane::builder(server.url())
-        .block(Duration::from_millis(500))
-        .reconnect_backoff(Duration::from_millis(400), Duration::from_millis(800))
-        .build()
-        .await
-        .unwrap();
+    let bp = slow_to_reconnect(&server).await;
     let member = stream_bp(&server).await;
     let mut sub = bp.subscribe_as(ORIGIN).await.unwrap();
     let ack = |seq| Message { body: MessageBody::Ack { to: ORIGIN, seq }, ..msg(7, 0, "") };
