@@ -318,6 +318,31 @@ async fn pushed_entries_cost_no_read_per_subscriber() {
     }
 }
 
+/// Under push delivery a receiver that does not keep up fills its queue of pushes, and
+/// those that do not fit are dropped: the reader reads them from the stream instead,
+/// so all 200 entries arrive, in order, with no loss reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_that_do_not_fit_are_read_from_the_stream() {
+    let server = RedisServer::start();
+    let bp = RedisStreamBackplane::builder(server.url())
+        .channel_capacity(2)
+        .block(Duration::from_secs(30))
+        .build()
+        .await
+        .expect("stream backplane");
+    let mut sub = bp.subscribe().await.unwrap();
+    for i in 1..=200 {
+        bp.publish(&msg(3, i, "k")).await.unwrap();
+    }
+    for i in 1..=200 {
+        assert_eq!(message_of(&next_event(&mut sub, Duration::from_secs(5)).await).map(|m| m.seq), Some(i));
+    }
+    let s = bp.stats();
+    assert_eq!(s.lost, 0, "{s:?}");
+    assert!(s.reads > 1, "the dropped pushes were read from the stream: {s:?}");
+    eprintln!("[stream] 200 entries through a queue of 2: {s:?}");
+}
+
 /// Under push delivery an acknowledgement sent while its origin's connection is down
 /// reaches no subscriber, so it is kept in the origin's acknowledgement stream, which
 /// the origin reads when it reconnects (before `Resumed`): a Strong write does not
