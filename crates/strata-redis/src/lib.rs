@@ -81,7 +81,7 @@
 //! otherwise. Subscribers learn of new entries as RESP3 pushes by default (each entry
 //! is also published on a channel named like the stream: one `PUBLISH` per entry
 //! however many subscribers; the stream is read where the pushes leave a gap, a quiet
-//! block time or a reconnect), or by blocking `XREAD`s ([`StreamDelivery`]; always on
+//! spell or a reconnect), or by blocking `XREAD`s ([`StreamDelivery`]; always on
 //! a Redis Cluster). Staleness bound: when healthy, the propagation delay (a push, or
 //! one `XREAD` round trip, after the publish: about 0.2 ms on loopback); when unhealthy (after
 //! `Disconnected`, or when heartbeats stop), the core's `max_stale`.

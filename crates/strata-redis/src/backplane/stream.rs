@@ -48,7 +48,7 @@
 //! connected (a reader slower than the cap) emits `Lost` alone.
 //!
 //! A read that waited its whole block time for nothing (under push delivery: a block
-//! time with no entry pushed) runs the same catch-up read,
+//! time and a read grace with no entry pushed) runs the same catch-up read,
 //! which sees what a blocked `XREAD` cannot: numbered entries gone after the last
 //! one read (`Lost`), and a stream deleted or re-created below the reader's position
 //! (`DEL`, `FLUSHALL`, an eviction, a repair, a clock behind the old ids), whose new
@@ -64,7 +64,7 @@
 //!
 //! A fleet may mix deliveries (a deploy that changes it, or one from strata 0.1, whose
 //! publishers do not publish entries on the channel): a pushed reader reads what was
-//! not pushed when the next entry's number shows the gap, or after a block time. Only
+//! not pushed when the next entry's number shows the gap, or after a block time and a read grace. Only
 //! the Strong level's acknowledgements need every member on the same delivery (see
 //! [`RedisStreamBackplaneBuilder::delivery`]).
 

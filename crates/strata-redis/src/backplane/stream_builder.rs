@@ -27,7 +27,7 @@ pub enum StreamDelivery {
     /// each subscriber receives it as a RESP3 push on its connection: one `PUBLISH`
     /// per entry however many subscribers there are, where a blocking read costs one
     /// `XREAD` per subscriber and entry. The stream stays the log: a gap in the
-    /// entries' numbers, a quiet block time, a reconnect or a subscriber that fell
+    /// entries' numbers, a quiet spell (block time and read grace), a reconnect or a subscriber that fell
     /// behind is caught up by reading it, as with [`BlockingRead`](Self::BlockingRead).
     /// Needs Redis 6 or later (RESP3; an ACL user needs `+subscribe` and the channels
     /// `&<prefix>:*`, both in [`MINIMAL_ACL`](crate::MINIMAL_ACL)). Entries appended to
@@ -149,7 +149,10 @@ impl RedisStreamBackplaneBuilder {
     }
 
     /// How long one `XREAD` blocks (default 1 s). A read that has not answered after
-    /// this plus [`read_grace`](Self::read_grace) counts as a lost connection.
+    /// this plus [`read_grace`](Self::read_grace) counts as a lost connection. Under
+    /// push delivery, a subscriber that was pushed no entry for this plus
+    /// `read_grace` reads the stream (and a read that does not answer within
+    /// `read_grace` counts as a lost connection).
     pub fn block(mut self, d: Duration) -> Self {
         self.block = d;
         self

@@ -7,8 +7,8 @@
 //! The stream stays the log, and the reader reads it, on the same connection, whenever
 //! a push cannot be the whole story: an entry numbered other than the one after the
 //! last delivered (one that was not pushed: appended by an older release or a reader
-//! behind on its queue), pushes dropped because the queue was full, a block time with
-//! no entry pushed (which also sees a stream deleted or re-created, as in
+//! behind on its queue), pushes dropped because the queue was full, a block time and
+//! a read grace with no entry pushed (which also sees a stream deleted or re-created, as in
 //! [`stream_reader`](super::stream_reader)), and a reconnect. An entry read there and
 //! pushed as well is delivered once: pushes at or below the last id delivered are
 //! dropped. Acknowledgements addressed to this origin are pushed to it; one that
@@ -39,7 +39,10 @@ impl StreamReader {
         c: &mut RedisConn,
         pushes: &mut mpsc::Receiver<redis::PushInfo>,
     ) -> Stop {
-        let block = self.inner.cfg.block;
+        // Longer than a blocking read's wait: the digests of a quiet fleet come once per
+        // heartbeat interval (1 s by default, like `block`), and a read at every
+        // digest that came a little late cost a catch-up per subscriber and second.
+        let quiet = self.inner.cfg.block + self.inner.cfg.read_grace;
         let mut last_entry = Instant::now();
         loop {
             if self.overflow.swap(false, Ordering::Relaxed) {
@@ -51,11 +54,11 @@ impl StreamReader {
             }
             let next = tokio::select! {
                 _ = self.tx.closed() => return Stop::Closed,
-                next = tokio::time::timeout_at(last_entry + block, pushes.recv()) => next,
+                next = tokio::time::timeout_at(last_entry + quiet, pushes.recv()) => next,
             };
             let push = match next {
                 Err(_) => {
-                    // No entry for a block time: a quiet stream, or one this
+                    // No entry for that long: a quiet stream, or one this
                     // connection's pushes do not show (see `read_loop`'s idle read).
                     if let Err(stop) = self.catch_up(c, Gaps::Report).await {
                         return stop;

@@ -462,16 +462,19 @@ async fn until_resumed(sub: &mut strata::backplane::Subscription) -> (Vec<u64>, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_exhausted_ids_are_repaired_and_publishing_resumes() {
     let server = RedisServer::start();
+    // Quiet for 300 ms, the reader reads the stream (which holds an entry appended by
+    // hand below: never pushed).
     let bp = RedisStreamBackplane::builder(server.url())
         .op_timeout(Duration::from_secs(2))
         .block(Duration::from_millis(200))
+        .read_grace(Duration::from_millis(100))
         .build()
         .await
         .unwrap();
-    // Away while the stream is repaired: reconnects 400–800 ms after its connection dies.
+    // Away while the stream is repaired: reconnects 1–1.5 s after its connection dies.
     let away_bp = RedisStreamBackplane::builder(server.url())
         .block(Duration::from_millis(200))
-        .reconnect_backoff(Duration::from_millis(400), Duration::from_millis(800))
+        .reconnect_backoff(Duration::from_millis(1000), Duration::from_millis(1500))
         .build()
         .await
         .unwrap();
