@@ -1,16 +1,27 @@
 //! The stream backplane's reading of Redis replies (RESP, through the client's parser):
 //! `XREAD` (RESP2 arrays and RESP3 maps), entries `[[id, [field, value, …]], …]` with
-//! their `m` (message) and `n` (number) fields, the messages in them, stream ids, and
-//! the publish script's repair report. The first byte picks the reading.
+//! their `m` (message) and `n` (number) fields, the messages in them, stream ids, the
+//! publish script's repair report, and the pushes of push delivery
+//! (`<id>\n<number>\n<message>`, any bytes anyone allowed to `PUBLISH` chooses). The
+//! first byte picks the reading.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use strata_redis::fuzzing::{
-    open_backplane_message, stream_entries, stream_id, stream_publish_repairs, xread,
+    open_backplane_message, push_entry, stream_entries, stream_id, stream_publish_repairs, xread,
 };
 
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else { return };
+    if mode & 8 != 0 {
+        // A push: what parses has an id that parses, and its message is opened as the
+        // reader opens it.
+        if let Some((id, message, _number)) = push_entry(rest) {
+            assert!(stream_id(&id).is_some(), "a pushed entry's id parses");
+            let _ = open_backplane_message(mode & 4 != 0, "strata:{bp}", &message.unwrap_or_default());
+        }
+        return;
+    }
     if mode % 4 == 3 {
         // A stream id alone: what parses displays as an id that parses to itself.
         if let Some((shown, next, prev)) = std::str::from_utf8(rest).ok().and_then(stream_id) {

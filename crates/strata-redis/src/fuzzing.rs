@@ -7,7 +7,9 @@ use strata::backplane::Message;
 use strata::error::Result;
 use strata::tier::Envelope;
 
-use crate::backplane::stream_scripts::{StreamId, parse_entries, parse_xread_streams, publish_repairs};
+use crate::backplane::stream_scripts::{
+    StreamId, parse_entries, parse_xread_streams, publish_repairs, push_payload,
+};
 use crate::backplane::{open_message, seal_message};
 use crate::integrity::{Integrity, IntegrityKey};
 use crate::tier::format::{self, Opened, RawLookup, Stored};
@@ -99,6 +101,12 @@ pub fn stream_entries(v: &Value) -> Option<Vec<Entry>> {
 /// Reads an `XREAD` reply (of one stream or several), every stream's entries in turn.
 pub fn xread(v: &Value) -> Option<Vec<Entry>> {
     parse_xread_streams(v).map(|streams| streams.into_iter().flat_map(|(_, e)| entries(e)).collect())
+}
+
+/// Reads a push of the stream backplane (`<id>\n<number>\n<message>`), as a pushed
+/// subscriber does.
+pub fn push_entry(payload: &[u8]) -> Option<Entry> {
+    push_payload(payload).map(|e| (e.id.to_string(), e.message, e.number))
 }
 
 /// Parses a stream id and gives it back displayed, with its successor and predecessor.
