@@ -121,6 +121,7 @@ impl RedisStreamBackplaneBuilder {
                 stats: StatCounters::default(),
                 integrity: Integrity::from_keys(self.integrity_keys.as_deref(), WHAT)?,
                 ack_expiries: Default::default(),
+                no_resp3: AtomicBool::new(false),
                 cfg: self,
             }),
         };

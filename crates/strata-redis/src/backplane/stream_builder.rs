@@ -29,8 +29,9 @@ pub enum StreamDelivery {
     /// `XREAD` per subscriber and entry. The stream stays the log: a gap in the
     /// entries' numbers, a quiet spell (block time and read grace), a reconnect or a subscriber that fell
     /// behind is caught up by reading it, as with [`BlockingRead`](Self::BlockingRead).
-    /// Needs Redis 6 or later (RESP3; an ACL user needs `+subscribe` and the channels
-    /// `&<prefix>:*`, both in [`MINIMAL_ACL`](crate::MINIMAL_ACL)). Entries appended to
+    /// Needs RESP3 (Redis 6 or later; on an older server the subscribers read instead,
+    /// with a warning) and, for an ACL user, `+subscribe` and the channels
+    /// `&<prefix>:*` (both in [`MINIMAL_ACL`](crate::MINIMAL_ACL)). Entries appended to
     /// the stream by anything but strata (unnumbered) are read only by a catch-up. A
     /// Redis Cluster always uses `BlockingRead`.
     #[default]

@@ -39,6 +39,8 @@ pub(crate) struct StreamInner {
     pub(crate) integrity: Option<Integrity>,
     /// When each origin's acknowledgement stream last had its expiry set from here.
     pub(crate) ack_expiries: AckExpiries,
+    /// The server refused RESP3: subscribers read even under push delivery.
+    pub(crate) no_resp3: AtomicBool,
 }
 
 /// When this instance last set the expiry of each origin's acknowledgement stream, so
@@ -112,7 +114,23 @@ impl StreamInner {
                 }
             })
         });
-        let mut conn = self.connect(name, Some(sink)).await?;
+        let mut conn = match self.connect(name, Some(sink)).await {
+            Ok(c) => c,
+            Err(e) if e.to_string().contains("HELLO") => {
+                // Redis before 6 (or `HELLO` renamed away): no RESP3, so no pushes. This
+                // handle reads from now on, and acknowledges into the origins' streams.
+                if !self.no_resp3.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        error = %e,
+                        "redis stream backplane: the server does not speak RESP3 (Redis 6 or later), so \
+                         entries cannot be pushed; subscribers read the stream instead \
+                         (set .delivery(StreamDelivery::BlockingRead) to say so)"
+                    );
+                }
+                return Ok((self.connect(name, None).await?, None));
+            }
+            Err(e) => return Err(e),
+        };
         let mut channels = vec![self.stream_key.clone()];
         channels.extend(ack_channel.map(str::to_owned));
         let grace = self.cfg.read_grace;
@@ -135,7 +153,9 @@ impl StreamInner {
     /// Whether subscribers receive entries as pushes ([`StreamDelivery::PubSub`] on one
     /// server) rather than by blocking reads.
     pub(crate) fn pushes(&self) -> bool {
-        self.cfg.delivery == StreamDelivery::PubSub && self.client.single().is_some()
+        self.cfg.delivery == StreamDelivery::PubSub
+            && self.client.single().is_some()
+            && !self.no_resp3.load(Ordering::Relaxed)
     }
 
     /// The channel every entry is published on beside the stream: the stream's key on

@@ -160,7 +160,9 @@ impl RedisTierBuilder {
     }
 
     /// How many tag epochs (`t:<tag>` fields of a namespace's meta hash) the tier keeps,
-    /// from 16 to 100,000; default 10,000.
+    /// from 16 to 100,000; default 10,000. (The pruning starts when the hash holds more
+    /// than this plus ten fields, its own up to ten bookkeeping fields included, so up to
+    /// ten more tag epochs may be kept while some of those are absent.)
     ///
     /// Every tag ever invalidated used to stay in the meta hash for good (100,000 tags,
     /// about 14 MB). Past this bound the tag invalidation that crosses it drops the older

@@ -318,6 +318,23 @@ async fn pushed_entries_cost_no_read_per_subscriber() {
     }
 }
 
+/// A server without RESP3 (Redis before 6; here `HELLO` renamed away) cannot push: a
+/// backplane left on push delivery reads instead (with a warning), so entries and
+/// acknowledgements still arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_delivery_without_resp3_reads_instead() {
+    const ORIGIN: u64 = 0x53;
+    let server = RedisServer::builder().arg("rename-command", "HELLO \"\"").start();
+    let bp = stream_bp(&server).await;
+    let mut sub = bp.subscribe_as(ORIGIN).await.expect("subscribes, reading");
+    bp.publish(&msg(3, 1, "k")).await.unwrap();
+    assert_eq!(message_of(&next_event(&mut sub, Duration::from_secs(5)).await), Some(&msg(3, 1, "k")));
+    let ack = Message { body: MessageBody::Ack { to: ORIGIN, seq: 1 }, ..msg(7, 0, "") };
+    stream_bp(&server).await.publish_to(ORIGIN, &ack).await.unwrap();
+    assert_eq!(message_of(&next_event(&mut sub, Duration::from_secs(5)).await), Some(&ack));
+    assert!(bp.stats().reads > 1, "{:?}", bp.stats());
+}
+
 /// Under push delivery a receiver that does not keep up fills its queue of pushes, and
 /// those that do not fit are dropped: the reader reads them from the stream instead,
 /// so all 200 entries arrive, in order, with no loss reported.
