@@ -354,16 +354,15 @@ impl Backplane for RedisStreamBackplane {
         if inner.pushes() {
             // Pushed to the origin's connection (see `stream_push`); kept in its stream
             // only when no connection of the origin's was there to receive it.
-            let (channel, payload) = (key.clone(), bytes.clone());
+            let mut publish = redis::cmd("PUBLISH");
+            publish.arg(&key).arg(&bytes[..]);
             let receivers: u64 = inner
                 .publisher
                 .call(
                     inner.cfg.op_timeout,
                     ErrorKind::Backplane,
                     "redis stream acknowledgement",
-                    |mut c| async move {
-                        redis::cmd("PUBLISH").arg(channel).arg(&payload[..]).query_async(&mut c).await
-                    },
+                    |mut c| async move { publish.query_async(&mut c).await },
                 )
                 .await
                 .map_err(|e| e.into_error())?;

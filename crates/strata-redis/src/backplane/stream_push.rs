@@ -29,7 +29,6 @@ use crate::backplane::open_message;
 use crate::backplane::stream_reader::{Gaps, Stop, StreamReader};
 use crate::backplane::stream_scripts::{parse_entries, push_payload};
 use crate::cluster::RedisConn;
-use crate::connection::map_redis_error;
 use crate::reply::{bad_reply, value_bytes};
 
 impl StreamReader {
@@ -82,7 +81,7 @@ impl StreamReader {
                 last_entry = Instant::now();
                 self.pushed(c, payload).await
             } else if self.acks.as_ref().is_some_and(|(k, _)| k.as_bytes() == channel) {
-                self.pushed_ack(payload).await
+                self.deliver_ack_bytes(Some(payload)).await
             } else {
                 Ok(())
             };
@@ -126,44 +125,17 @@ impl StreamReader {
     /// a member whose `PUBLISH` reached no subscriber of the origin's channel (this
     /// connection was down) appends it there instead.
     pub(crate) async fn catch_up_acks(&mut self, c: &mut RedisConn) -> Result<(), Stop> {
-        let Some((key, last)) = self.acks.clone() else { return Ok(()) };
+        let Some((key, last)) = self.acks.as_ref() else { return Ok(()) };
         let Some(from) = last.successor() else { return Ok(()) };
-        let inner = self.inner.clone();
-        inner.stats.reads.fetch_add(1, Ordering::Relaxed);
         let mut cmd = redis::cmd("XRANGE");
-        cmd.arg(&key).arg(from.to_string()).arg("+").arg("COUNT").arg(inner.cfg.batch);
-        let v = match tokio::time::timeout(inner.cfg.read_grace, cmd.query_async::<Value>(c)).await {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => {
-                return Err(Stop::Failed(map_redis_error(
-                    ErrorKind::Backplane,
-                    "redis stream acknowledgements",
-                    e,
-                )));
-            }
-            Err(_) => {
-                return Err(Stop::Failed(Error::timeout(
-                    "redis stream acknowledgements",
-                    inner.cfg.read_grace,
-                )));
-            }
-        };
+        cmd.arg(key).arg(from.to_string()).arg("+").arg("COUNT").arg(self.inner.cfg.batch);
+        let v = self.read("redis stream acknowledgements", cmd.query_async::<Value>(c)).await?;
         let entries = parse_entries(&v)
             .ok_or_else(|| Stop::Failed(bad_reply(ErrorKind::Backplane, "redis stream acknowledgements")))?;
         for e in entries {
             self.deliver_ack(e).await?;
         }
         Ok(())
-    }
-
-    /// Delivers an acknowledgement addressed to this origin.
-    async fn pushed_ack(&mut self, payload: &[u8]) -> Result<(), Stop> {
-        let Some((key, _)) = self.acks.as_ref() else { return Ok(()) };
-        let ev = match open_message(self.inner.integrity.as_ref(), key, payload) {
-            Some(m) => BackplaneEvent::Message(m),
-            None => BackplaneEvent::Malformed,
-        };
-        self.send(ev).await
     }
 }
 

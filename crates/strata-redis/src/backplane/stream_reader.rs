@@ -50,7 +50,8 @@ pub(crate) struct StreamReader {
     pub(crate) backoff: Backoff,
     /// The stream of the acknowledgements addressed to this subscription's origin, and
     /// the last id read from it (`subscribe_as`; `None` for a plain `subscribe`). Under
-    /// push delivery, the channel they are published on (the id is not used).
+    /// push delivery the key also names the channel they are pushed on, and the stream
+    /// is read only after a reconnect.
     pub(crate) acks: Option<(String, StreamId)>,
     /// Set when a push did not fit in the connection's queue (see `stream_push`).
     pub(crate) overflow: Arc<AtomicBool>,
@@ -62,14 +63,36 @@ impl StreamReader {
         self.tx.send(ev).await.map_err(|_| Stop::Closed)
     }
 
-    /// Delivers an acknowledgement addressed to this origin (unnumbered: the ack
-    /// stream is not the invalidation log, and an ack lost with it only makes its
+    /// Runs one read of the stream (counted), within the read grace: an error or a
+    /// timeout fails the connection.
+    pub(crate) async fn read(
+        &self,
+        what: &'static str,
+        read: impl Future<Output = redis::RedisResult<Value>>,
+    ) -> std::result::Result<Value, Stop> {
+        let grace = self.inner.cfg.read_grace;
+        self.inner.stats.reads.fetch_add(1, Ordering::Relaxed);
+        match tokio::time::timeout(grace, read).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(Stop::Failed(map_redis_error(ErrorKind::Backplane, what, e))),
+            Err(_) => Err(Stop::Failed(Error::timeout(what, grace))),
+        }
+    }
+
+    /// Delivers an acknowledgement read from this origin's ack stream (unnumbered: the
+    /// ack stream is not the invalidation log, and an ack lost with it only makes its
     /// origin wait for the sender's lease).
     pub(crate) async fn deliver_ack(&mut self, e: RawEntry) -> std::result::Result<(), Stop> {
-        let Some((key, last)) = self.acks.as_mut() else { return Ok(()) };
+        let Some((_, last)) = self.acks.as_mut() else { return Ok(()) };
         *last = e.id;
-        let message = e.message.as_deref().and_then(|b| open_message(self.inner.integrity.as_ref(), key, b));
-        let ev = match message {
+        self.deliver_ack_bytes(e.message.as_deref()).await
+    }
+
+    /// Delivers an acknowledgement addressed to this origin, however it came (`None`:
+    /// an entry without a message).
+    pub(crate) async fn deliver_ack_bytes(&mut self, bytes: Option<&[u8]>) -> std::result::Result<(), Stop> {
+        let Some((key, _)) = self.acks.as_ref() else { return Ok(()) };
+        let ev = match bytes.and_then(|b| open_message(self.inner.integrity.as_ref(), key, b)) {
             Some(m) => BackplaneEvent::Message(m),
             None => BackplaneEvent::Malformed,
         };
@@ -210,22 +233,9 @@ impl StreamReader {
             // After the largest id nothing can come: read nothing, but still look at
             // the stream's last id and the counter.
             let from = self.last_id.successor().map(|id| id.to_string()).unwrap_or_default();
-            inner.stats.reads.fetch_add(1, Ordering::Relaxed);
             let mut inv = inner.catch_up_script.prepare_invoke();
             inv.key(&inner.stream_key).key(&inner.counter_key).arg(from).arg(inner.cfg.batch);
-            let v: Value = match tokio::time::timeout(inner.cfg.read_grace, inv.invoke_async(c)).await {
-                Ok(Ok(v)) => v,
-                Ok(Err(e)) => {
-                    return Err(Stop::Failed(map_redis_error(
-                        ErrorKind::Backplane,
-                        "redis stream catch-up",
-                        e,
-                    )));
-                }
-                Err(_) => {
-                    return Err(Stop::Failed(Error::timeout("redis stream catch-up", inner.cfg.read_grace)));
-                }
-            };
+            let v = self.read("redis stream catch-up", inv.invoke_async(c)).await?;
             // The counter may hold anything someone wrote: unreadable, it tells nothing
             // (and the next publish restarts it).
             let parsed = value_array(&v).and_then(|a| {
