@@ -341,11 +341,13 @@ mod write_behind;
 /// after the user, its password, `resetkeys resetchannels -@all`:
 /// `ACL SETUSER app on >PASSWORD resetkeys resetchannels -@all <MINIMAL_ACL>`. For another
 /// prefix, replace `strata:` in the key and channel patterns. `+info` is optional: the
-/// tier's eviction check is skipped (with a debug log) when it is denied. Tested by
+/// tier's eviction check is skipped (with a debug log) when it is denied. (Builds before
+/// 2026-12-06 also ran `DEL`, `EXISTS` and `HGET`: keep `+del +exists +hget` until a
+/// rolling deploy from one of them has finished.) Tested by
 /// `tier::a_least_privilege_acl_user_runs_the_tier_and_the_stream_backplane`.
 pub const MINIMAL_ACL: &str = "~strata:* &strata:* +ping +info +evalsha +script|load +client|setname \
-    +time +get +set +del +unlink +incr +pexpire +pttl +exists +type \
-    +getrange +strlen +hget +hset +hmget +hgetall +hexists +hincrby +hdel +hlen +hrandfield +decr +xinfo \
+    +time +get +set +unlink +incr +pexpire +pttl +type \
+    +getrange +strlen +hset +hmget +hgetall +hexists +hincrby +hdel +hlen +hrandfield +decr +xinfo \
     +zadd +zrem +zcount +zcard +zincrby +zrevrange +zremrangebyscore +zremrangebyrank +zunionstore \
     +xadd +xrange +xrevrange +xread +publish +subscribe";
 
@@ -358,7 +360,7 @@ pub const MINIMAL_ACL: &str = "~strata:* &strata:* +ping +info +evalsha +script|
 /// `INFO persistence`, which shows whether the AOF is on but not its fsync policy), and
 /// on a Redis Cluster `+cluster|slots`. Tested by
 /// `write_behind::write_behind_under_a_least_privilege_acl_user`.
-pub const WRITE_BEHIND_ACL: &str = "~strata:* +ping +info +evalsha +script|load +time +type +exists \
+pub const WRITE_BEHIND_ACL: &str = "~strata:* +ping +info +evalsha +script|load +time +type \
     +unlink +hmget +hset +hdel +hstrlen +zadd +zrem +zscore +zcard +zrange +zrangebyscore +xadd";
 
 pub use backplane::BackplaneStats;

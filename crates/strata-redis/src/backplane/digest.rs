@@ -106,11 +106,11 @@ local entry = string.format('%d', now) .. ':' .. ARGV[2]
 local set = redis.pcall('HSET', beats, ARGV[1], entry)
 if type(set) == 'table' and set.err then
   -- Not a hash (anyone who can write under the prefix chooses): replaced.
-  redis.call('DEL', beats)
+  redis.call('UNLINK', beats)
   redis.call('HSET', beats, ARGV[1], entry)
 end
 redis.call('PEXPIRE', beats, keep)
-local last = tonumber(redis.call('HGET', beats, '_') or '')
+local last = tonumber(redis.call('HMGET', beats, '_')[1] or '')
 if last and last <= now and now - last < interval * 9 / 10 then return 0 end
 redis.call('HSET', beats, '_', string.format('%d', now))
 local all = redis.call('HGETALL', beats)

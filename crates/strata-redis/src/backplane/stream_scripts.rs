@@ -70,7 +70,7 @@ for i = 3, #ARGV do
       return added
     end
     problem = wrong
-    redis.call('DEL', KEYS[1])
+    redis.call('UNLINK', KEYS[1])
     added = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'm', ARGV[i], 'n', n)
     if type(added) == 'table' and added.err then
       return added
@@ -133,7 +133,7 @@ if ARGV[1] ~= '' then
   entries = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])
 end
 local last = ''
-if #entries < tonumber(ARGV[2]) and redis.call('EXISTS', KEYS[1]) == 1 then
+if #entries < tonumber(ARGV[2]) and redis.call('TYPE', KEYS[1]).ok ~= 'none' then
   local info = redis.call('XINFO', 'STREAM', KEYS[1])
   for i = 1, #info, 2 do
     if info[i] == 'last-generated-id' then last = info[i + 1] end

@@ -20,12 +20,11 @@ static RECORD: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r#"
 local k = KEYS[1]
-if redis.call('EXISTS', k) == 1 then
-  if redis.call('TYPE', k).ok == 'zset' then
-    redis.call('ZUNIONSTORE', k, 1, k, 'WEIGHTS', 0.5)
-  else
-    redis.call('UNLINK', k)
-  end
+local ty = redis.call('TYPE', k).ok
+if ty == 'zset' then
+  redis.call('ZUNIONSTORE', k, 1, k, 'WEIGHTS', 0.5)
+elseif ty ~= 'none' then
+  redis.call('UNLINK', k)
 end
 for i = 3, #ARGV, 2 do
   redis.call('ZINCRBY', k, ARGV[i + 1], ARGV[i])

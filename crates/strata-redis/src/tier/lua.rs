@@ -29,8 +29,13 @@ end
 /// The longest entry head the scripts parse, and the plain read too (`plain_read.rs`).
 pub(crate) const HEAD_MAX: usize = 128;
 
+/// The most MAC bytes an entry read in one call may carry (the tier's MACs have 32):
+/// the plain read's bound and the scripts' one read of an entry (`read_entry`) leave
+/// room for them.
+pub(crate) const MAC_MAX: usize = 64;
+
 /// Lua helpers prepended to every tier script, after `local ENVELOPE_FORMAT = <byte>`,
-/// `local MAX_TAG_EPOCHS = <n>`, `local MAX_TOMBS = <n>`, `local HEAD_MAX = <n>` and
+/// `local MAX_TAG_EPOCHS = <n>`, `local MAX_TOMBS = <n>`, `local HEAD_MAX = <n>`, `local MAC_MAX = <n>` and
 /// [`PCALL`].
 pub(crate) const PRELUDE: &str = r#"
 local function d(x)
@@ -112,7 +117,8 @@ local function clock_of(meta)
   local r = pc('HMGET', meta, 'c', 'n', 'l', 'f', 'tf', 'xg', 'x0', 'x1', 'xw', 'xf')
   if r.err then return repair_meta(meta) end
   if not r[1] then
-    if redis.call('EXISTS', meta) == 1 then return repair_meta(meta) end
+    -- A hash without a clock is corrupt; no hash at all was lost (or never made).
+    if redis.call('UNLINK', meta) == 1 then return repair_meta(meta) end
     return new_meta(meta)
   end
   local c, n = num(r[1]), num(r[2])
@@ -433,40 +439,35 @@ end
 -- Reads the entry at `ek`, checking every field a script or the client parses.
 -- Returns its fields {e, s, t, f, h, v, m} (e and the MAC m only `with_e`, else true
 -- and nothing; m is nil when there is none), its stamp and its tags; nil when there is
--- no entry; false when it was corrupt and has been deleted (the caller counts it): not
--- a string, a head that does not parse, an empty envelope or one over `max` bytes
--- (never read: the head is read first), a bad format byte, a stamp, tag list, expiry
--- or version that does not parse, a stamp above the clock.
+-- no entry (an empty string reads as none: no release writes one, and the next fill
+-- replaces it); false when it was corrupt and has been deleted (the caller counts it):
+-- not a string, a head that does not parse, an empty envelope or one over `max` bytes,
+-- a bad format byte, a stamp, tag list, expiry or version that does not parse, a stamp
+-- above the clock.
 local function read_entry(ek, meta, max, with_e)
-  -- With the envelope: an entry no longer than `max` is read whole, in one call after
-  -- its length (the hit path's cost); a longer one is looked at head first, so that an
-  -- oversized value is never copied into the script.
-  local x = nil
-  if with_e then
-    local len = pc('STRLEN', ek)
-    if len == 0 then
-      if redis.call('EXISTS', ek) == 1 then redis.call('UNLINK', ek) return false end
-      return nil
-    end
-    if type(len) == 'number' and len <= max then x = redis.call('GET', ek) end
-  end
-  local head = x or pc('GETRANGE', ek, 0, HEAD_MAX - 1)
-  if type(head) ~= 'string' then
+  -- One bounded read: with the envelope, up to `max` bytes of it plus the longest head
+  -- and MAC, so that an entry that fits is read whole in one call (the hit path's cost,
+  -- and a miss's: a missing key reads as ''); without, the head. A longer entry is
+  -- measured (STRLEN) before it is read, so an oversized value is never copied into
+  -- the script whole.
+  local limit = HEAD_MAX
+  -- (A Redis string holds at most 512 MB: a larger `max` reads every entry whole.)
+  if with_e then limit = math.min(max, 536870912) + HEAD_MAX + MAC_MAX end
+  local x = pc('GETRANGE', ek, 0, d(limit - 1))
+  if type(x) ~= 'string' then
     -- strata 0.1 stored entries as hashes: during a rolling deploy one is a plain miss.
     local old = redis.call('TYPE', ek).ok == 'hash' and pc('HEXISTS', ek, 'e') == 1
     redis.call('UNLINK', ek)
     if old then return nil end
     return false
   end
-  if head == '' then
-    if redis.call('EXISTS', ek) == 1 then redis.call('UNLINK', ek) return false end
-    return nil
-  end
-  local p, at = entry_head(head)
+  if x == '' then return nil end
+  local whole = #x < limit
+  local p, at = entry_head(x)
   local tl, ml, elen = 0, 0, 0
   if p then
     tl, ml = tonumber(p[5]), tonumber(p[6])
-    elen = (x and #x or redis.call('STRLEN', ek)) - (at - 1) - tl - ml
+    elen = (whole and #x or redis.call('STRLEN', ek)) - (at - 1) - tl - ml
   end
   if not p or elen <= 0 or elen > max then
     redis.call('UNLINK', ek)
@@ -474,13 +475,19 @@ local function read_entry(ek, meta, max, with_e)
   end
   local r
   if with_e then
-    x = x or redis.call('GET', ek)
+    if not whole then x = redis.call('GET', ek) end
     local m = nil
     if ml > 0 then m = string.sub(x, at + tl, at + tl + ml - 1) end
     r = {string.sub(x, at + tl + ml), p[1], string.sub(x, at, at + tl - 1), p[2], p[3], p[4], m}
   else
     local t = ''
-    if tl > 0 then t = redis.call('GETRANGE', ek, at - 1, at + tl - 2) end
+    if tl > 0 then
+      if at + tl - 1 <= #x then
+        t = string.sub(x, at, at + tl - 1)
+      else
+        t = redis.call('GETRANGE', ek, at - 1, at + tl - 2)
+      end
+    end
     r = {true, p[1], t, p[2], p[3], p[4]}
   end
   local s, tg = num(r[2]), parse_tags(r[3])

@@ -24,7 +24,7 @@ use redis::Value;
 
 use crate::reply::value_bytes;
 use crate::tier::format::{ENVELOPE_FORMAT, NsKeys, Stored};
-use crate::tier::lua::HEAD_MAX;
+use crate::tier::lua::{HEAD_MAX, MAC_MAX};
 
 /// Consecutive plain reads that found entries and answered none of them (tagged,
 /// soft-expired, corrupt) after which the tier stops trying them but for one lookup in
@@ -111,12 +111,10 @@ pub(crate) struct PlainRead {
 /// them: c, n, l, f, tf, xg, x0, x1, xw, xf.
 const META_FIELDS: [&str; 10] = ["c", "n", "l", "f", "tf", "xg", "x0", "x1", "xw", "xf"];
 
-/// The most MAC bytes an entry read here may carry (the tier's MACs have 32).
-const MAC_MAX: usize = 64;
-
 /// How many bytes of an entry the read asks for when envelopes go up to `max`: an entry
-/// that fills them may be longer and is left to the script, which looks at an entry's
-/// length before reading it, so an oversized one is never transferred whole.
+/// that fills them may be longer and is left to the script, which reads the same bytes
+/// and measures a longer entry before reading it, so an oversized one is never
+/// transferred whole.
 fn read_limit(max: usize) -> usize {
     max.saturating_add(HEAD_MAX + MAC_MAX)
 }

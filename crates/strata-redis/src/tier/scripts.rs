@@ -19,7 +19,7 @@
 //! rebuilt or dropped, and the entries it deleted as corrupt.
 
 use crate::tier::format::ENVELOPE_FORMAT;
-use crate::tier::lua::{HEAD_MAX, PCALL, PRELUDE};
+use crate::tier::lua::{HEAD_MAX, MAC_MAX, PCALL, PRELUDE};
 
 /// Lookup over one or more keys of a namespace.
 ///
@@ -134,7 +134,7 @@ local function done(result)
       redis.call('UNLINK', lk)
       repaired = repaired + 1
     elseif own == ARGV[3] then
-      redis.call('DEL', lk)
+      redis.call('UNLINK', lk)
     end
   end
   return {result, repaired, corrupt}
@@ -313,7 +313,7 @@ if type(held) == 'table' then
   return {0, 1, 0}
 end
 if held == ARGV[1] then
-  redis.call('DEL', KEYS[1])
+  redis.call('UNLINK', KEYS[1])
   return {1, 0, 0}
 end
 return {0, 0, 0}
@@ -333,7 +333,7 @@ fn with_prelude(body: &str, max_tag_epochs: usize, legacy_tombstones: bool) -> S
     format!(
         "{ALLOW_OOM}local ENVELOPE_FORMAT = {ENVELOPE_FORMAT}\nlocal MAX_TAG_EPOCHS = {max_tag_epochs}\n\
          local MAX_TOMBS = {MAX_TOMBS}\nlocal LEGACY_TOMBS = {legacy_tombstones}\nlocal HEAD_MAX = {HEAD_MAX}\n\
-         {PCALL}{PRELUDE}{body}"
+         local MAC_MAX = {MAC_MAX}\n{PCALL}{PRELUDE}{body}"
     )
 }
 

@@ -185,10 +185,8 @@ local function read_rec(g, key)
   local rk = rec_key(g, key)
   local r = pc('HMGET', rk, 'v', 's', 'a', 'd', 'st', 'o', 'r', 'e', 'xs', 'xa')
   if r.err or not r[1] then
-    if r.err or redis.call('EXISTS', rk) == 1 then
-      redis.call('UNLINK', rk)
-      dropped = dropped + 1
-    end
+    -- Not a hash, or one without a value: dropped (UNLINK says whether it was there).
+    if redis.call('UNLINK', rk) == 1 then dropped = dropped + 1 end
     forget(g, key)
     return nil
   end
