@@ -342,13 +342,13 @@ mod write_behind;
 /// `ACL SETUSER app on >PASSWORD resetkeys resetchannels -@all <MINIMAL_ACL>`. For another
 /// prefix, replace `strata:` in the key and channel patterns. `+info` is optional: the
 /// tier's eviction check is skipped (with a debug log) when it is denied. (Builds before
-/// 2026-12-06 also ran `DEL`, `EXISTS` and `HGET`: keep `+del +exists +hget` until a
-/// rolling deploy from one of them has finished.) Tested by
+/// 2026-12-06 also ran `DEL`, `EXISTS`, `HGET` and `ZCOUNT`: keep `+del +exists +hget
+/// +zcount` until a rolling deploy from one of them has finished.) Tested by
 /// `tier::a_least_privilege_acl_user_runs_the_tier_and_the_stream_backplane`.
 pub const MINIMAL_ACL: &str = "~strata:* &strata:* +ping +info +evalsha +script|load +client|setname \
     +time +get +set +unlink +incr +pexpire +pttl +type \
     +getrange +strlen +hset +hmget +hgetall +hexists +hincrby +hdel +hlen +hrandfield +decr +xinfo \
-    +zadd +zrem +zcount +zcard +zincrby +zrevrange +zremrangebyscore +zremrangebyrank +zunionstore \
+    +zadd +zrem +zcard +zincrby +zrevrange +zremrangebyscore +zremrangebyrank +zunionstore \
     +xadd +xrange +xrevrange +xread +publish +subscribe";
 
 /// The least-privilege Redis ACL rule for [`RedisWriteBehindQueue`] alone, with the

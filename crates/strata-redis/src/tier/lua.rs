@@ -192,11 +192,16 @@ local function drop_key(k)
   repaired = repaired + 1
 end
 
--- True when the write-lock set `k` (members: lock ids, scores: expiry ms) holds a live
--- lock. Anything else at `k` (another type; a set without expiry, since locks always
--- expire) is dropped: no lock.
-local function locked(k, now)
-  local n = pc('ZCOUNT', k, '(' .. d(now), '+inf')
+-- True when the write-lock set `k` (members: lock ids, scores: expiry ms) holds a
+-- lock. A lock set lives no shorter than its latest lock (the lock script extends its
+-- expiry to past the lock's), an unlock removes its id and an emptied set is gone, so
+-- a set that exists holds a live lock or one whose holder died without unlocking while
+-- a later or longer lock keeps the set: counting its members (ZCARD, without the
+-- server's time) errs only towards poisoning a token, never towards missing a lock.
+-- Anything else at `k` (another type; a set without expiry, since locks always expire)
+-- is dropped: no lock.
+local function locked(k)
+  local n = pc('ZCARD', k)
   if type(n) ~= 'number' or (n > 0 and redis.call('PTTL', k) < 0) then
     drop_key(k)
     return false

@@ -44,13 +44,10 @@ local max = tonumber(ARGV[3])
 clock_of(meta)
 -- The write locks matter to misses only (a locked key's token is poisoned): a hit
 -- costs the meta hash and its entry, nothing more.
-local wall, wide = nil, false
+local wide = nil
 local function poisoned(wk)
-  if not wall then
-    wall = now_ms()
-    wide = locked(KEYS[2], wall)
-  end
-  return wide or locked(wk, wall)
+  if wide == nil then wide = locked(KEYS[2]) end
+  return wide or locked(wk)
 end
 local out = {}
 local unlocked = {}
@@ -229,7 +226,9 @@ local until_ms = d(wall + lock_ms)
 invalidate_scope(scope, tomb_ms, function(set)
   redis.call('ZREMRANGEBYSCORE', set, '-inf', d(wall))
   redis.call('ZADD', set, until_ms, id)
-  if redis.call('PTTL', set) < lock_ms then redis.call('PEXPIRE', set, lock_ms) end
+  -- The set outlives each of its locks (by a millisecond: PEXPIRE counts from the
+  -- script's start, `wall` from its TIME), which is what `locked` relies on.
+  if redis.call('PTTL', set) <= lock_ms then redis.call('PEXPIRE', set, lock_ms + 1) end
 end)
 return {1, repaired, corrupt}
 "#;
