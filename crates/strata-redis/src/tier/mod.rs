@@ -15,8 +15,8 @@
 //! | `…:l:<key>` | string, PX = lease ttl | the id of the lease holder |
 //! | `…:x0`, `…:x1` | hash, no TTL | the two tombstone generations: `<key>` → the clock tick of the key's last invalidation, `_` → the tick the generation started at |
 //! | `…:x:<key>` | string, PX = tombstone ttl | strata 0.1's tombstone, written and read only with [`legacy_tombstones`](RedisTierBuilder::legacy_tombstones) (the default) |
-//! | `…:w:<key>` | sorted set, PX = lock ttl | write locks on the key: lock id → expiry (server ms) |
-//! | `…:w` | sorted set, PX = lock ttl | write locks on a tag or the whole namespace |
+//! | `…:w:<key>` | sorted set, PX = its longest lock's ttl + 1 ms | write locks on the key: lock id → expiry (server ms) |
+//! | `…:w` | sorted set, PX = its longest lock's ttl + 1 ms | write locks on a tag or the whole namespace |
 //!
 //! The stamp, tags and expiries sit in their own fields so that the Lua scripts
 //! validate and touch entries without decoding postcard; on a hit they override the
@@ -73,8 +73,11 @@
 //!   and `PX` (an entry is one string: it is read once and written once).
 //! - **lock** / **unlock** (write locks, see [`Tier::lock`](strata::tier::Tier::lock)): invalidate the scope as
 //!   delete / invalidate_tag / invalidate_namespace do and add / remove the lock id.
-//!   While a live lock covers a key, lookup hands out tokens with stamp 0, which every
-//!   fill refuses (0 is below every namespace epoch), even after the lock expired.
+//!   While a lock set covers a key, lookup hands out tokens with stamp 0, which every
+//!   fill refuses (0 is below every namespace epoch), even after the lock expired. A
+//!   lock set outlives each lock added to it and an unlock removes its id, so the
+//!   lookup asks only whether the set holds anything (`ZCARD`); a lock whose holder
+//!   died poisons tokens until its expiry, or longer while a later lock keeps the set.
 //!
 //! # Undecodable entries
 //!
