@@ -42,6 +42,14 @@ local function d(x)
   return string.format('%d', x)
 end
 
+-- The server's time, read once per run (a script runs atomically: one instant serves
+-- the clock tick, the tombstone generation's age and a lock's expiry alike).
+local TIME_NOW = nil
+local function server_time()
+  if not TIME_NOW then TIME_NOW = redis.call('TIME') end
+  return TIME_NOW
+end
+
 -- What this run found corrupt: `repaired` counts the keys it rebuilt or dropped (meta
 -- hash, leases, tombstones, lock sets), `corrupt` the entries it deleted as corrupt.
 local repaired, corrupt = 0, 0
@@ -94,7 +102,7 @@ end
 -- per invalidation, so every older entry and fill token is invalid: the namespace
 -- comes back cold, never stale. Leases granted before keep their (lower) ids.
 local function new_meta(meta, above)
-  local t = redis.call('TIME')
+  local t = server_time()
   local base = tonumber(t[1]) * 1000000 + tonumber(t[2])
   if above and above >= base then base = above + 1 end
   redis.call('UNLINK', meta, tomb_gen(meta, 0), tomb_gen(meta, 1))
@@ -148,7 +156,7 @@ end
 -- the old master's last ticks: its tombstone refuses their fills.
 local function tick(meta)
   clock_of(meta)
-  local t = redis.call('TIME')
+  local t = server_time()
   local at = tonumber(t[1]) * 1000000 + tonumber(t[2])
   if at <= M.c then at = M.c + 1 end
   redis.call('HSET', meta, 'c', d(at))
@@ -182,7 +190,7 @@ end
 
 -- The server's time in milliseconds (write-lock expiries).
 local function now_ms()
-  local t = redis.call('TIME')
+  local t = server_time()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
