@@ -71,12 +71,14 @@ pub struct Error {
     kind: ErrorKind,
     context: Arc<str>,
     source: Option<Source>,
+    /// See [`Error::is_queued`].
+    queued: bool,
 }
 
 impl Error {
     /// An error of `kind` with a one-line, lowercase description of what failed.
     pub fn new(kind: ErrorKind, context: impl Into<Arc<str>>) -> Self {
-        Error { kind, context: context.into(), source: None }
+        Error { kind, context: context.into(), source: None, queued: false }
     }
 
     /// Attaches the underlying cause.
@@ -105,6 +107,7 @@ impl Error {
             kind: ErrorKind::Loader,
             context: Arc::from("loader failed"),
             source: Some(Arc::from(source)),
+            queued: false,
         }
     }
 
@@ -172,12 +175,39 @@ impl Error {
     pub fn is_invalid_input(&self) -> bool {
         self.kind == ErrorKind::InvalidInput
     }
+
+    /// True when an invalidation did all of its work here (this instance's copies
+    /// dropped, L2 cleaned) and only its backplane message is late: the backplane was
+    /// down or its publisher busy past the caller's wait, so the message waits, numbered,
+    /// in this instance's outbox and goes out in order when the backplane answers.
+    /// Retrying the invalidation would only send it twice.
+    ///
+    /// What that means depends on the level. At Invalidated the write needs nothing
+    /// more: its bound holds from the commit, as for every write (an instance the
+    /// message never reaches sees the gap in this instance's numbers, or its silence,
+    /// and drops its copies; see "The consistency promise" in the crate docs), so a
+    /// caller may treat the write as done. At Strong the fleet has not acknowledged it:
+    /// read-your-writes on other instances is not confirmed. False for every other
+    /// error, among them an invalidation whose L2 delete failed (buffered and retried:
+    /// L2 may still hold the old value until then).
+    pub fn is_queued(&self) -> bool {
+        self.queued
+    }
+
+    /// Marks an invalidation's error as [`Error::is_queued`].
+    pub(crate) fn into_queued(mut self) -> Self {
+        self.queued = true;
+        self
+    }
 }
 
 impl fmt::Debug for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("Error");
         d.field("kind", &self.kind).field("context", &self.context);
+        if self.queued {
+            d.field("queued", &true);
+        }
         if let Some(s) = &self.source {
             d.field("source", &format_args!("{s}"));
         }
@@ -190,6 +220,9 @@ impl fmt::Display for Error {
         write!(f, "{}: {}", self.kind.as_str(), self.context)?;
         if let Some(s) = &self.source {
             write!(f, ": {s}")?;
+        }
+        if self.queued {
+            write!(f, " (the invalidation's message stays queued and goes out in order)")?;
         }
         Ok(())
     }

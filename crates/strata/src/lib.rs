@@ -70,7 +70,8 @@
 //!   when they queued behind a slow publish. An `invalidate` that cannot wait (the
 //!   backplane is down, or the publisher busy past 100 ms) returns an error, but its
 //!   message stays queued and goes out in its turn, so the others see no gap
-//!   ([`CacheStats::messages_left_queued`]; counted in `pending_invalidations`). A number is given up
+//!   ([`CacheStats::messages_left_queued`]; counted in `pending_invalidations`). That
+//!   error says so ([`Error::is_queued`]): below Strong the write needs nothing more. A number is given up
 //!   only when its message's publish failed three times or for good, or the outbox
 //!   (4,096 messages) overflowed ([`CacheStats::messages_given_up`]): that gap costs
 //!   every receiver a flush.

@@ -389,6 +389,15 @@ impl BenchReport {
                 lags.join(", ")
             );
         }
+        let queued: Vec<String> = self.strategies.iter().filter_map(queued_writes).collect();
+        if !queued.is_empty() {
+            let _ = writeln!(
+                out,
+                "# writes done with their invalidation message late (committed, L2 clean, the message queued \
+                 and sent in order: `Error::is_queued`; not failed below Strong; so far in the run): {}",
+                queued.join(", ")
+            );
+        }
         let repairs: Vec<String> = self.strategies.iter().filter_map(repairs_line).collect();
         if !repairs.is_empty() {
             let _ = writeln!(
@@ -533,6 +542,13 @@ impl StrategyReport {
             },
         )
     }
+}
+
+/// "<name> <count>" of a strategy's writes whose invalidation message was only late
+/// (strata's `writes_queued` detail), when there were any.
+fn queued_writes(s: &StrategyReport) -> Option<String> {
+    let n = s.details.as_ref()?.get("writes_queued")?.as_u64().filter(|&n| n > 0)?;
+    Some(format!("{} {n}", s.name))
 }
 
 /// How a strategy's instances repaired what they missed, from its details (strata's

@@ -204,7 +204,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
             Ok(seq) => Ok(seq),
             Err(NotSent { error, queued: true }) => {
                 tracing::debug!(error = %error, namespace = %self.cfg.namespace, "message not published yet; it stays queued, in order");
-                Err(error)
+                Err(error.into_queued())
             }
             Err(NotSent { error, queued: false }) => {
                 self.stats.invalidations_buffered.incr();

@@ -230,6 +230,9 @@ async fn messages_whose_callers_stopped_waiting_go_out_in_their_turn_without_a_g
     for r in behind {
         let e = r.expect_err("gave up waiting for the publisher");
         assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+        // The caller can tell the write needs nothing more (below Strong).
+        assert!(e.is_queued(), "{e:?}");
+        assert!(e.to_string().contains("stays queued"), "{e}");
     }
     assert_eq!(a.stats().messages_left_queued, 3, "{:?}", a.stats());
     stalling.stall(false);
@@ -288,6 +291,7 @@ async fn a_message_refused_while_the_backplane_is_down_goes_out_in_order_when_it
     assert!(a.invalidate(&1).await.is_err());
     let refused = a.invalidate(&2).await.expect_err("refused");
     assert_eq!(refused.kind(), ErrorKind::CircuitOpen, "{refused}");
+    assert!(refused.is_queued(), "{refused:?}");
     assert!(a.stats().messages_left_queued >= 2, "{:?}", a.stats());
     let gaps = b.stats().gaps_detected;
     f.conns[0].faults().set_disconnected(false);
