@@ -262,7 +262,13 @@ pub(crate) async fn invalidate(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
                 "the invalidation could not be completed ({e}); {}",
-                if e.is_transient() { "it was buffered and is retried" } else { "retry it" }
+                if e.is_queued() {
+                    "its message goes out in order when the backplane answers (below Strong nothing more is needed)"
+                } else if e.is_transient() {
+                    "it was buffered and is retried"
+                } else {
+                    "retry it"
+                }
             ),
         ),
     }
