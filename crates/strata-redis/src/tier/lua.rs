@@ -35,8 +35,8 @@ pub(crate) const HEAD_MAX: usize = 128;
 pub(crate) const MAC_MAX: usize = 64;
 
 /// Lua helpers prepended to every tier script, after `local ENVELOPE_FORMAT = <byte>`,
-/// `local MAX_TAG_EPOCHS = <n>`, `local MAX_TOMBS = <n>`, `local HEAD_MAX = <n>`, `local MAC_MAX = <n>` and
-/// [`PCALL`].
+/// `local MAX_TAG_EPOCHS = <n>`, `local MAX_TOMBS = <n>`, `local HEAD_MAX = <n>`,
+/// `local MAC_MAX = <n>` and [`PCALL`].
 pub(crate) const PRELUDE: &str = r#"
 local function d(x)
   return string.format('%d', x)

@@ -218,12 +218,13 @@ impl Strategy for StrataCache {
     async fn write(&self, instance: usize, key: u64, value: &str) -> Result<u64> {
         self.lag.write_started(instance, key);
         let version = self.db.write(key, value).await?;
-        match self.cache(instance)?.invalidate(&key).await {
+        let cache = self.cache(instance)?;
+        match cache.invalidate(&key).await {
             Ok(()) => {}
             // Committed, L2 clean, the message queued and sent in order: below Strong
             // that is the whole write (its staleness is what the propagation lag and
             // the stale reads measure); at Strong the fleet did not acknowledge it.
-            Err(e) if e.is_queued() && self.cfg.scenario != Scenario::Payment => {
+            Err(e) if e.is_queued() && cache.consistency() != Consistency::Strong => {
                 self.writes_queued.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => return Err(e.into()),
