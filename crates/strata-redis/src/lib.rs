@@ -330,6 +330,7 @@ mod connection;
 #[doc(hidden)]
 pub mod fuzzing;
 mod integrity;
+mod lua_source;
 mod managed;
 mod reply;
 pub mod tier;

@@ -41,6 +41,7 @@ use crate::backplane::{
 };
 use crate::connection::{Backoff, ConnectionOptions, map_redis_error};
 use crate::integrity::{Integrity, IntegrityKey};
+use crate::lua_source;
 use crate::managed::ManagedConn;
 use crate::tls::TlsConfig;
 
@@ -179,7 +180,7 @@ impl RedisPubSubBackplaneBuilder {
                 publisher,
                 stats: StatCounters::default(),
                 receivers: AtomicU64::new(0),
-                heartbeat_script: redis::Script::new(&pubsub_heartbeat()),
+                heartbeat_script: lua_source::script(&pubsub_heartbeat()),
                 cfg: self,
             }),
         };

@@ -91,6 +91,7 @@ use crate::backplane::stream_scripts::{
 use crate::backplane::{StatCounters, connect_publisher, open_message, ping_publisher, seal_message};
 use crate::connection::{Backoff, map_redis_error};
 use crate::integrity::Integrity;
+use crate::lua_source;
 use crate::reply::{bad_reply, value_array, value_string, value_u64};
 
 /// Entries kept in an origin's acknowledgement stream (approximately).
@@ -112,10 +113,10 @@ impl RedisStreamBackplaneBuilder {
                 counter_key: format!("{prefix}:{{bp}}:seq"),
                 client,
                 publisher,
-                publish_script: redis::Script::new(STREAM_PUBLISH),
-                start_script: redis::Script::new(STREAM_START),
-                catch_up_script: redis::Script::new(STREAM_CATCH_UP),
-                heartbeat_script: redis::Script::new(&stream_heartbeat()),
+                publish_script: lua_source::script(STREAM_PUBLISH),
+                start_script: lua_source::script(STREAM_START),
+                catch_up_script: lua_source::script(STREAM_CATCH_UP),
+                heartbeat_script: lua_source::script(&stream_heartbeat()),
                 instance: rand::random::<u32>(),
                 next_subscription: AtomicU64::new(1),
                 stats: StatCounters::default(),

@@ -18,6 +18,7 @@
 //! every script but the lookup answers `{result, repaired, corrupt}`: the keys it
 //! rebuilt or dropped, and the entries it deleted as corrupt.
 
+use crate::lua_source;
 use crate::tier::format::ENVELOPE_FORMAT;
 use crate::tier::lua::{HEAD_MAX, MAC_MAX, PCALL, PRELUDE};
 
@@ -357,17 +358,49 @@ impl TierScripts {
     pub(crate) fn new(max_tag_epochs: usize, legacy_tombstones: bool) -> Self {
         let with_prelude = |body: &str| with_prelude(body, max_tag_epochs, legacy_tombstones);
         TierScripts {
-            lookup: redis::Script::new(&with_prelude(LOOKUP_BODY)),
-            fill: redis::Script::new(with_prelude(FILL_BODY).trim_start_matches(ALLOW_OOM)),
-            set: redis::Script::new(&with_prelude(SET_BODY)),
-            delete: redis::Script::new(&with_prelude(DELETE_BODY)),
-            invalidate_tag: redis::Script::new(&with_prelude(INVALIDATE_TAG_BODY)),
-            invalidate_namespace: redis::Script::new(&with_prelude(INVALIDATE_NAMESPACE_BODY)),
-            touch: redis::Script::new(&with_prelude(TOUCH_BODY)),
-            discard: redis::Script::new(&with_prelude(DISCARD_BODY)),
-            release_lease: redis::Script::new(&format!("{ALLOW_OOM}{PCALL}{RELEASE_LEASE_BODY}")),
-            lock: redis::Script::new(&with_prelude(&format!("{LOCK_PRELUDE}{LOCK_BODY}"))),
-            unlock: redis::Script::new(&with_prelude(&format!("{LOCK_PRELUDE}{UNLOCK_BODY}"))),
+            lookup: lua_source::script(&with_prelude(LOOKUP_BODY)),
+            fill: lua_source::script(with_prelude(FILL_BODY).trim_start_matches(ALLOW_OOM)),
+            set: lua_source::script(&with_prelude(SET_BODY)),
+            delete: lua_source::script(&with_prelude(DELETE_BODY)),
+            invalidate_tag: lua_source::script(&with_prelude(INVALIDATE_TAG_BODY)),
+            invalidate_namespace: lua_source::script(&with_prelude(INVALIDATE_NAMESPACE_BODY)),
+            touch: lua_source::script(&with_prelude(TOUCH_BODY)),
+            discard: lua_source::script(&with_prelude(DISCARD_BODY)),
+            release_lease: lua_source::script(&format!("{ALLOW_OOM}{PCALL}{RELEASE_LEASE_BODY}")),
+            lock: lua_source::script(&with_prelude(&format!("{LOCK_PRELUDE}{LOCK_BODY}"))),
+            unlock: lua_source::script(&with_prelude(&format!("{LOCK_PRELUDE}{UNLOCK_BODY}"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the server keeps of the tier's scripts (see [`lua_source`]): the helpers a
+    /// script does not call and every comment stay in this file only.
+    #[test]
+    fn the_server_keeps_a_fraction_of_the_source() {
+        let bodies = [
+            LOOKUP_BODY,
+            FILL_BODY,
+            SET_BODY,
+            DELETE_BODY,
+            INVALIDATE_TAG_BODY,
+            INVALIDATE_NAMESPACE_BODY,
+            TOUCH_BODY,
+            DISCARD_BODY,
+        ];
+        let (mut source, mut kept) = (0, 0);
+        for body in bodies {
+            let full = with_prelude(body, 64, true);
+            let compact = lua_source::compact(&full);
+            println!("{} -> {}", full.len(), compact.len());
+            assert!(compact.starts_with(ALLOW_OOM), "the flags line must stay first");
+            source += full.len();
+            kept += compact.len();
+        }
+        println!("tier scripts: {source} bytes of source, {kept} sent");
+        assert!(kept * 2 < source, "{kept} of {source} bytes kept");
     }
 }

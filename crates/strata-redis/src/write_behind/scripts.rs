@@ -18,6 +18,7 @@
 //! Every script answers the number of repairs and drops last, for the client's
 //! counters and logs.
 
+use crate::lua_source;
 use crate::tier::lua::PCALL;
 
 /// Shared helpers, after [`PCALL`].
@@ -477,7 +478,7 @@ pub(crate) struct Scripts {
 
 impl Scripts {
     pub(crate) fn new() -> Self {
-        let with = |flags: &str, body: &str| redis::Script::new(&format!("{flags}{PCALL}{PRELUDE}{body}"));
+        let with = |flags: &str, body: &str| lua_source::script(&format!("{flags}{PCALL}{PRELUDE}{body}"));
         Scripts {
             save: with("#!lua\n", SAVE),
             pending: with(ALLOW_OOM, PENDING),
