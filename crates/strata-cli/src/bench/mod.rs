@@ -78,13 +78,16 @@ distribution for reads and writes), a uniformly random instance per request.";
 pub const AFTER_LONG_HELP: &str = "\
 Defaults: each strategy runs a cold window (--duration, every cache empty), a warm-up
 (--steady-after seconds of traffic, default twice --duration, replayed 8x faster, 2x for
-payment, and not counted), then a steady window as long as the cold one; the 4 embedded
-strategies take about 2.5 min (4 x (15 + 3.75 + 15) s plus setup) on 2 cores; with
---redis, 6 strategies, about 4 min.
+payment, and not counted; a cache whose copies outlive the run ten times first reads every
+key on every instance, as a fleet running for hours has; one whose copies live at most
+twice the window ends it with its TTL of traffic at the real rate, so that copies' ages
+are spread as in a running fleet), then a steady window as long as the cold one; the 4
+embedded strategies take about 3 min on 2 cores; with --redis, 6 strategies, about 5 min.
 The main table is the cold start; the steady table after it gives per strategy DB reads/s,
 x bound (the compulsory reads of a cache that served everything before), shared-tier ops
 per request, hit %, stale and failed requests, DB reads/s in the first and last thirds of
-the window and whether they agree (within 10 %, or within twice their Poisson noise:
+the window and whether they agree (within 10 %, or within twice their noise, Poisson's
+scaled by the per-second counts' dispersion where reads come in clumps:
 'steady', else DRIFTING); the JSON has the same as each strategy's `cold` and `steady`
 objects (with Redis CPU seconds and commands/s under --redis).
 

@@ -6,16 +6,30 @@
 //! drives the same code as the measured windows, only sooner (a request that finds
 //! the fleet busy is dropped, which only makes the warm-up lighter). Then a second
 //! window as long as the cold one, at the real rate, is measured: the steady window.
+//!
+//! Two things a fast replay of a minute of traffic cannot give, and a fleet that has run
+//! for hours has, are added per strategy, by how long its copies live (its TTL):
+//! - copies that outlive the whole run many times over (the 24 h default of the
+//!   invalidated caches): every key has been read on every instance, so before the
+//!   replay each instance reads every key once, through the same `read` (the fill
+//!   pass; a Zipf tail of 10,000 keys takes minutes of traffic to be read once, and
+//!   its first loads were most of these caches' "steady" DB reads);
+//! - copies that live at most twice the window (local-ttl's 5 s): their ages are
+//!   spread evenly, so the warm-up ends with that long of traffic at the real rate (the
+//!   tail; after the fast replay alone, every copy had been loaded within a second and
+//!   expired at once inside the window).
+//!
 //! Its compulsory bound counts only what a perfect fleet-shared cache that had served
-//! everything before must still load (writes followed by reads, keys never read
-//! before). Whether it is steady is checked: DB reads/s in its first and last thirds
-//! agree within 10 %, or within two standard deviations of their Poisson noise when
-//! the counts are small.
+//! every key before must still load (reads after writes). Whether it is steady is
+//! checked: DB reads/s in its first and last thirds agree within 10 %, or within two
+//! standard deviations of their noise when the counts are small (Poisson noise, scaled
+//! up where reads come in clumps: see `dispersion`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
+use futures::stream::{self, StreamExt};
 use indicatif::ProgressBar;
 use serde::Serialize;
 
@@ -111,14 +125,27 @@ impl Window {
 pub struct Plan {
     /// Replayed uncounted, `speed` times faster than real time.
     pub warm_up: Schedule,
+    /// How long the fast replay takes.
+    warm_up_wall: Duration,
     /// Measured.
     pub steady: Schedule,
-    /// The steady window's compulsory DB reads, given everything before it.
-    pub compulsory: u64,
+    /// Which keys a perfect fleet-shared cache holds after the warm-up (every key has
+    /// been served; a write without a read after it leaves its key out).
+    served: Vec<bool>,
+    /// What the steady window and the tail are generated from.
+    params: ScheduleParams,
     /// With events (`--join-at` and the like): a third window as long, after the
     /// steady one, that they happen in (so that they disturb neither measurement).
     pub events: Option<Schedule>,
 }
+
+/// Reads in flight at once during the fill pass.
+const FILL_CONCURRENCY: usize = 64;
+
+/// A TTL this many times the span from the fill pass to the window's end gets the
+/// pass: what it loads does not expire in the window, as in a fleet whose copies live
+/// that long.
+const FILL_TTL_FACTOR: u32 = 10;
 
 impl Plan {
     /// `warm_up` seconds of traffic after `cold`, then a window as long as the cold one
@@ -139,37 +166,84 @@ impl Plan {
         let steady = ScheduleParams { seed: params.seed.wrapping_add(2), ..params.clone() };
         let warm_up = Schedule::generate(&warm)?;
         let steady = Schedule::generate(&steady)?;
-        let compulsory = compulsory_after(&[cold, &warm_up], &steady);
+        let mut served = vec![true; usize::try_from(steady.keys).unwrap_or(usize::MAX).min(1 << 32)];
+        for schedule in [cold, &warm_up] {
+            loads(&mut served, schedule);
+        }
         let events = if events {
             Some(Schedule::generate(&ScheduleParams { seed: params.seed.wrapping_add(3), ..params.clone() })?)
         } else {
             None
         };
-        Ok(Plan { warm_up, steady, compulsory, events })
+        Ok(Plan { warm_up, warm_up_wall: warm.duration, steady, served, params: params.clone(), events })
+    }
+
+    /// The real-time tail of the warm-up for copies that live `ttl` (see the module
+    /// docs), or none.
+    fn tail(&self, ttl: Option<Duration>) -> Result<Option<Schedule>> {
+        match ttl {
+            Some(ttl) if ttl <= self.params.duration * 2 => Ok(Some(Schedule::generate(&ScheduleParams {
+                duration: ttl,
+                seed: self.params.seed.wrapping_add(4),
+                ..self.params.clone()
+            })?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Whether copies that live `ttl` get the fill pass (see the module docs).
+    fn fills(&self, ttl: Option<Duration>) -> bool {
+        let span = self.warm_up_wall + self.params.duration;
+        ttl.is_some_and(|ttl| ttl > span * FILL_TTL_FACTOR)
+    }
+
+    /// The steady window's compulsory DB reads after `tail`.
+    fn compulsory(&self, tail: Option<&Schedule>) -> u64 {
+        let mut served = self.served.clone();
+        if let Some(tail) = tail {
+            loads(&mut served, tail);
+        }
+        loads(&mut served, &self.steady)
     }
 }
 
-/// The compulsory DB reads of `this` for a cache that served `before` first.
-fn compulsory_after(before: &[&Schedule], this: &Schedule) -> u64 {
-    let mut cached = vec![false; usize::try_from(this.keys).unwrap_or(usize::MAX).min(1 << 32)];
+/// The loads a perfect fleet-shared cache holding `served` makes for `schedule`;
+/// `served` is updated (a read caches its key, a write drops it unless read after).
+fn loads(served: &mut [bool], schedule: &Schedule) -> u64 {
     let mut loads = 0u64;
-    for (i, schedule) in before.iter().copied().chain(std::iter::once(this)).enumerate() {
-        let counted = i == before.len();
-        for r in &schedule.requests {
-            let Some(slot) = cached.get_mut(r.key as usize) else { continue };
-            let load = match r.op {
-                Op::Read => !std::mem::replace(slot, true),
-                Op::Write { consumer, .. } => {
-                    *slot = consumer.is_some();
-                    consumer.is_some()
-                }
-            };
-            if load && counted {
-                loads += 1;
+    for r in &schedule.requests {
+        let Some(slot) = served.get_mut(r.key as usize) else { continue };
+        let load = match r.op {
+            Op::Read => !std::mem::replace(slot, true),
+            Op::Write { consumer, .. } => {
+                *slot = consumer.is_some();
+                consumer.is_some()
             }
-        }
+        };
+        loads += u64::from(load);
     }
     loads
+}
+
+/// Reads every key on every instance once (instance by instance: the first loads, the
+/// others find what a shared tier holds), `FILL_CONCURRENCY` at a time. A read that
+/// fails only leaves its copy out; a pass where every read failed is an error.
+async fn fill(strategy: &Arc<dyn Strategy>, keys: u64, instances: u32) -> Result<()> {
+    let reads = (0..instances as usize).flat_map(|i| (0..keys).map(move |k| (i, k)));
+    let total = keys.saturating_mul(u64::from(instances));
+    let failed = stream::iter(reads)
+        .map(|(i, k)| {
+            let strategy = strategy.clone();
+            async move { strategy.read(i, k).await.is_err() }
+        })
+        .buffer_unordered(FILL_CONCURRENCY)
+        .filter(|failed| std::future::ready(*failed))
+        .count()
+        .await as u64;
+    if total > 0 && failed == total {
+        bail!("every read of the fill pass failed");
+    }
+    Ok(())
 }
 
 /// Runs the warm-up and measures the steady window of `strategy`, built and already
@@ -183,7 +257,14 @@ pub async fn measure(
 ) -> Result<(Window, Outcome)> {
     let quiet = ProgressBar::hidden();
     let no_events = RunConfig { events: Vec::new(), ..config.clone() };
+    if plan.fills(strategy.ttl()) {
+        fill(strategy, plan.params.keys, plan.params.instances).await?;
+    }
     runner::run(strategy.clone(), &plan.warm_up, &no_events, &quiet, db).await?;
+    let tail = plan.tail(strategy.ttl())?;
+    if let Some(tail) = &tail {
+        runner::run(strategy.clone(), tail, &no_events, &quiet, db).await?;
+    }
     let _ = strategy.propagation(); // the warm-up's
     let db_before = db.counts();
     let tiers_before = strategy.tier_counts();
@@ -203,11 +284,16 @@ pub async fn measure(
         l2_hits: tiers_after.l2_hits.saturating_sub(tiers_before.l2_hits),
         remote_ops: tiers_after.remote_ops.saturating_sub(tiers_before.remote_ops),
     };
-    let mut window = Window::new(&outcome, db_delta, tiers_delta, plan.compulsory, secs, nodes.as_ref());
+    let compulsory = plan.compulsory(tail.as_ref());
+    let mut window = Window::new(&outcome, db_delta, tiers_delta, compulsory, secs, nodes.as_ref());
     window.propagation_lag_p99_us = strategy.propagation().map(|l| l.p99_us);
-    let (first, last) = thirds(&outcome.db_reads_per_second);
+    // Whole seconds only: the series ends with the part of a second the run took after
+    // its last whole one, whose count would pull the last third down.
+    let whole = &outcome.db_reads_per_second[..outcome.db_reads_per_second.len().min(secs as usize)];
+    let (first, last) = thirds(whole);
     window.thirds_db_reads_per_s = Some((first, last));
-    window.steady = Some(agree(first, last, secs / 3.0));
+    let noise = dispersion(whole);
+    window.steady = Some(agree(first, last, secs / 3.0, noise));
     Ok((window, outcome))
 }
 
@@ -235,10 +321,31 @@ fn thirds(per_second: &[u64]) -> (f64, f64) {
 }
 
 /// Two rates over `secs` each agree: within 10 %, or within two standard deviations of
-/// the Poisson noise of their counts.
-fn agree(a: f64, b: f64, secs: f64) -> bool {
-    let noise = 2.0 * ((a + b) * secs.max(1.0)).sqrt() / secs.max(1.0);
+/// their counts' noise: Poisson noise scaled by `dispersion` (see [`dispersion`]).
+fn agree(a: f64, b: f64, secs: f64, dispersion: f64) -> bool {
+    let secs = secs.max(1.0);
+    let noise = 2.0 * (dispersion.max(1.0) * (a + b) * secs).sqrt() / secs;
     (a - b).abs() <= (0.1 * a.max(b)).max(noise)
+}
+
+/// How much noisier than Poisson a per-second series is: its variance over its mean,
+/// at least 1, the variance taken from consecutive differences (half their variance)
+/// so that a trend does not count as noise. DB reads come in clumps where one
+/// event causes many (a write makes every instance that held the key reload it: ~20
+/// reads from one event at the defaults), and such counts vary clump-size times more
+/// than independent ones.
+fn dispersion(per_second: &[u64]) -> f64 {
+    if per_second.len() < 3 {
+        return 1.0;
+    }
+    let mean = per_second.iter().sum::<u64>() as f64 / per_second.len() as f64;
+    if mean <= 0.0 {
+        return 1.0;
+    }
+    let diffs: Vec<f64> = per_second.windows(2).map(|w| w[1] as f64 - w[0] as f64).collect();
+    let slope = diffs.iter().sum::<f64>() / diffs.len() as f64;
+    let variance = diffs.iter().map(|d| (d - slope).powi(2)).sum::<f64>() / diffs.len() as f64 / 2.0;
+    (variance / mean).max(1.0)
 }
 
 /// The steady window's table: one line per strategy, the cold figures beside.
@@ -246,7 +353,9 @@ pub fn table(rows: &[(&str, &Window, &Window)], warm_up: Duration, speed: f64) -
     use std::fmt::Write as _;
     let mut out = format!(
         "# steady window: after {:.0} s of the same traffic replayed {speed}x faster, uncounted \
-         (the table above is the cold start)\n",
+         (the table above is the cold start); caches whose copies outlive the run read every key \
+         on every instance first, those whose copies live at most twice the window end the \
+         warm-up with that long at the real rate\n",
         warm_up.as_secs_f64()
     );
     let _ = writeln!(
@@ -290,8 +399,47 @@ mod tests {
     #[test]
     fn thirds_and_agreement() {
         assert_eq!(thirds(&[10, 10, 10, 20, 20, 20]), (10.0, 20.0));
-        assert!(agree(100.0, 105.0, 5.0));
-        assert!(!agree(100.0, 150.0, 5.0));
-        assert!(agree(4.0, 6.0, 5.0), "small counts: within their noise");
+        assert!(agree(100.0, 105.0, 5.0, 1.0));
+        assert!(!agree(100.0, 150.0, 5.0, 1.0));
+        assert!(agree(4.0, 6.0, 5.0, 1.0), "small counts: within their noise");
+        assert!(!agree(80.0, 60.0, 5.0, 1.0), "as Poisson counts, they differ");
+        assert!(agree(80.0, 60.0, 5.0, 20.0), "in clumps of 20, they do not");
+    }
+
+    #[test]
+    fn the_warm_up_a_cache_gets_follows_its_ttl() {
+        use super::super::scenario::Scenario;
+        let params = ScheduleParams {
+            hot_key_share: 0.0,
+            scenario: Scenario::Billsetting,
+            duration: Duration::from_secs(15),
+            rate: 200.0,
+            keys: 1000,
+            zipf: 1.0,
+            write_ratio: 0.0,
+            instances: 4,
+            seed: 7,
+        };
+        let cold = Schedule::generate(&params).unwrap();
+        let plan = Plan::new(&params, &cold, Duration::from_secs(30), 8.0, false).unwrap();
+        let day = Some(Duration::from_secs(24 * 3600));
+        let (five, minute) = (Some(Duration::from_secs(5)), Some(Duration::from_secs(60)));
+        assert!(plan.fills(day) && !plan.fills(five) && !plan.fills(minute) && !plan.fills(None));
+        assert_eq!(plan.tail(five).unwrap().map(|t| t.requests.last().unwrap().at.as_secs()), Some(4));
+        assert!(plan.tail(day).unwrap().is_none() && plan.tail(minute).unwrap().is_none());
+        assert!(plan.tail(None).unwrap().is_none());
+        // Every key was served before: without writes nothing is compulsory.
+        assert_eq!(plan.compulsory(None), 0);
+        assert_eq!(plan.compulsory(plan.tail(five).unwrap().as_ref()), 0);
+    }
+
+    #[test]
+    fn dispersion_of_clumped_and_trending_series() {
+        assert_eq!(dispersion(&[100, 100, 100, 100]), 1.0, "never below Poisson");
+        // Every other second a clump of 40: differences of ±40 about a mean of 20.
+        let clumped = [0, 40, 0, 40, 0, 40, 0, 40];
+        assert!(dispersion(&clumped) > 30.0, "{}", dispersion(&clumped));
+        // A steady trend is not noise.
+        assert_eq!(dispersion(&[10, 20, 30, 40, 50, 60]), 1.0);
     }
 }
