@@ -82,7 +82,7 @@ payment, and not counted; a cache whose copies outlive the run ten times first r
 key on every instance, as a fleet running for hours has; one whose copies live at most
 twice the window ends it with its TTL of traffic at the real rate, so that copies' ages
 are spread as in a running fleet), then a steady window as long as the cold one; the 4
-embedded strategies take about 3 min on 2 cores; with --redis, 6 strategies, about 5 min.
+embedded strategies take about 2.5 min on 2 cores; with --redis, 6 strategies, about 4 min.
 The main table is the cold start; the steady table after it gives per strategy DB reads/s,
 x bound (the compulsory reads of a cache that served everything before), shared-tier ops
 per request, hit %, stale and failed requests, DB reads/s in the first and last thirds of
