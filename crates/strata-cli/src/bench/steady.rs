@@ -12,8 +12,9 @@
 //! - copies that outlive the whole run many times over (the 24 h default of the
 //!   invalidated caches): every key has been read on every instance, so before the
 //!   replay each instance reads every key once, through the same `read` (the fill
-//!   pass; a Zipf tail of 10,000 keys takes minutes of traffic to be read once, and
-//!   its first loads were most of these caches' "steady" DB reads);
+//!   pass, at most 2,000,000 reads: the hottest keys that fit; a Zipf tail of 10,000
+//!   keys takes minutes of traffic to be read once, and its first loads were most of
+//!   these caches' "steady" DB reads);
 //! - copies that live at most twice the window (local-ttl's 5 s): their ages are
 //!   spread evenly, so the warm-up ends with that long of traffic at the real rate (the
 //!   tail; after the fast replay alone, every copy had been loaded within a second and
@@ -142,6 +143,10 @@ pub struct Plan {
 /// Reads in flight at once during the fill pass.
 const FILL_CONCURRENCY: usize = 64;
 
+/// The most reads of a fill pass: beyond, it covers the hottest keys that fit (key 0
+/// is the hottest), so that `--keys 1000000` does not spend minutes warming up.
+const FILL_MAX_READS: u64 = 2_000_000;
+
 /// A TTL this many times the span from the fill pass to the window's end gets the
 /// pass: what it loads does not expire in the window, as in a fleet whose copies live
 /// that long.
@@ -226,9 +231,11 @@ fn loads(served: &mut [bool], schedule: &Schedule) -> u64 {
 }
 
 /// Reads every key on every instance once (instance by instance: the first loads, the
-/// others find what a shared tier holds), `FILL_CONCURRENCY` at a time. A read that
-/// fails only leaves its copy out; a pass where every read failed is an error.
+/// others find what a shared tier holds), `FILL_CONCURRENCY` at a time, at most
+/// `FILL_MAX_READS` in all. A read that fails only leaves its copy out; a pass where
+/// every read failed is an error.
 async fn fill(strategy: &Arc<dyn Strategy>, keys: u64, instances: u32) -> Result<()> {
+    let keys = keys.min(FILL_MAX_READS / u64::from(instances.max(1)));
     let reads = (0..instances as usize).flat_map(|i| (0..keys).map(move |k| (i, k)));
     let total = keys.saturating_mul(u64::from(instances));
     let failed = stream::iter(reads)
