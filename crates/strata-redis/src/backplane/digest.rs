@@ -85,8 +85,9 @@ pub(crate) fn beat_head(message: &Message, beat: u64) -> Result<Vec<u8>> {
 ///
 /// Times are the server's (`TIME`), so every instance's beats age by one clock. A
 /// digest is due when the last one (field `_`) is nine tenths of an interval old, or
-/// in the future (the server's clock went back). The hash expires after the keep
-/// time, so a namespace whose members are gone leaves nothing behind.
+/// in the future (the server's clock went back). The hash expires the keep time after
+/// the last digest (one is due within an interval of any beat), so a namespace whose
+/// members are gone leaves nothing behind.
 const DIGEST_BODY: &str = r#"
 local beats = KEYS[#KEYS]
 local function varint(n)
@@ -109,10 +110,12 @@ if type(set) == 'table' and set.err then
   redis.call('UNLINK', beats)
   redis.call('HSET', beats, ARGV[1], entry)
 end
-redis.call('PEXPIRE', beats, keep)
 local last = tonumber(redis.call('HMGET', beats, '_')[1] or '')
 if last and last <= now and now - last < interval * 9 / 10 then return 0 end
 redis.call('HSET', beats, '_', string.format('%d', now))
+-- The expiry moves with each digest, not each beat: while anyone beats, a digest is
+-- due within an interval, far inside the keep time (one command per beat less).
+redis.call('PEXPIRE', beats, keep)
 local all = redis.call('HGETALL', beats)
 local parts, drop = {}, {}
 for i = 1, #all, 2 do
