@@ -71,10 +71,10 @@
 //!   backplane is down, or the publisher busy past 100 ms) returns an error, but its
 //!   message stays queued and goes out in its turn, so the others see no gap
 //!   ([`CacheStats::messages_left_queued`]; counted in `pending_invalidations`). That
-//!   error says so ([`Error::is_queued`]): below Strong the write needs nothing more. A number is given up
-//!   only when its message's publish failed three times or for good, or the outbox
-//!   (4,096 messages) overflowed ([`CacheStats::messages_given_up`]): that gap costs
-//!   every receiver a flush.
+//!   error says so ([`Error::is_queued`]): below Strong the write needs nothing more.
+//!   A number is given up only when its message's publish failed three times or for
+//!   good, or the outbox (4,096 messages) overflowed ([`CacheStats::messages_given_up`]):
+//!   that gap costs every receiver a flush.
 //! * **Liveness at O(N).** Heartbeats go through
 //!   [`Backplane::heartbeat`](backplane::Backplane::heartbeat): the in-process and Redis
 //!   stream and Pub/Sub backplanes keep each member's latest and deliver them all as one

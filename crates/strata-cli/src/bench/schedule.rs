@@ -160,25 +160,25 @@ impl Schedule {
     /// read before, or when the key was written since the last time it was loaded. A
     /// consumer read follows its write.
     pub fn compulsory_db_reads(&self) -> u64 {
-        let mut cached = vec![false; usize::try_from(self.keys).unwrap_or(usize::MAX).min(1 << 32)];
+        let mut served = vec![false; usize::try_from(self.keys).unwrap_or(usize::MAX).min(1 << 32)];
+        self.loads_after(&mut served)
+    }
+
+    /// The DB reads a perfect fleet-shared cache holding the keys marked in `served`
+    /// makes for this schedule; `served` is updated (a read caches its key, a write
+    /// drops it unless a consumer reads it right after).
+    pub fn loads_after(&self, served: &mut [bool]) -> u64 {
         let mut loads = 0u64;
         for r in &self.requests {
-            let Some(slot) = cached.get_mut(r.key as usize) else { continue };
-            match r.op {
-                Op::Read => {
-                    if !*slot {
-                        loads += 1;
-                        *slot = true;
-                    }
-                }
+            let Some(slot) = served.get_mut(r.key as usize) else { continue };
+            let load = match r.op {
+                Op::Read => !std::mem::replace(slot, true),
                 Op::Write { consumer, .. } => {
-                    *slot = false;
-                    if consumer.is_some() {
-                        loads += 1;
-                        *slot = true;
-                    }
+                    *slot = consumer.is_some();
+                    consumer.is_some()
                 }
-            }
+            };
+            loads += u64::from(load);
         }
         loads
     }

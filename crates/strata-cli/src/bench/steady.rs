@@ -37,7 +37,7 @@ use serde::Serialize;
 use super::db::{Db, DbCounts};
 use super::redis_nodes::{self, NodesReport};
 use super::runner::{self, Outcome, RunConfig};
-use super::schedule::{Op, Schedule, ScheduleParams};
+use super::schedule::{Schedule, ScheduleParams};
 use super::strategy::{Strategy, TierCounts};
 use crate::secret::SecretUrl;
 
@@ -173,7 +173,7 @@ impl Plan {
         let steady = Schedule::generate(&steady)?;
         let mut served = vec![true; usize::try_from(steady.keys).unwrap_or(usize::MAX).min(1 << 32)];
         for schedule in [cold, &warm_up] {
-            loads(&mut served, schedule);
+            schedule.loads_after(&mut served);
         }
         let events = if events {
             Some(Schedule::generate(&ScheduleParams { seed: params.seed.wrapping_add(3), ..params.clone() })?)
@@ -206,28 +206,10 @@ impl Plan {
     fn compulsory(&self, tail: Option<&Schedule>) -> u64 {
         let mut served = self.served.clone();
         if let Some(tail) = tail {
-            loads(&mut served, tail);
+            tail.loads_after(&mut served);
         }
-        loads(&mut served, &self.steady)
+        self.steady.loads_after(&mut served)
     }
-}
-
-/// The loads a perfect fleet-shared cache holding `served` makes for `schedule`;
-/// `served` is updated (a read caches its key, a write drops it unless read after).
-fn loads(served: &mut [bool], schedule: &Schedule) -> u64 {
-    let mut loads = 0u64;
-    for r in &schedule.requests {
-        let Some(slot) = served.get_mut(r.key as usize) else { continue };
-        let load = match r.op {
-            Op::Read => !std::mem::replace(slot, true),
-            Op::Write { consumer, .. } => {
-                *slot = consumer.is_some();
-                consumer.is_some()
-            }
-        };
-        loads += u64::from(load);
-    }
-    loads
 }
 
 /// Reads every key on every instance once (instance by instance: the first loads, the

@@ -89,9 +89,9 @@
 //! a longer entry with `STRLEN` before reading it, so it is never transferred whole) is
 //! left by the plain read to the script, which finds it. An empty string at an entry's
 //! key reads as no entry (no release writes one; the next fill replaces it). The
-//! postcard inside the envelope is decoded in Rust: an
-//! entry that fails there is read once more with its bytes, and the script deletes it
-//! if it still holds them and answers a miss either way. Every such entry is a miss:
+//! postcard inside the envelope is decoded in Rust: an entry that fails there is read
+//! once more with its bytes, and the script deletes it if it still holds them and
+//! answers a miss either way. Every such entry is a miss:
 //! deleted, counted in `strata_l2_undecodable_total` and
 //! [`RedisTierStats::undecodable`], never returned as an error.
 //!
