@@ -49,6 +49,15 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Silent unless asked: a fault run logs a warning per gap and timeout, which would
+    // bury the tables. `RUST_LOG=strata=warn,strata_redis=warn` shows them.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .init();
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

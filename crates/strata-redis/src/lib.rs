@@ -54,7 +54,7 @@
 //! know about losses through [`BackplaneEvent`](strata::backplane::BackplaneEvent).
 //! The core tracks per-origin sequence numbers and heartbeats on top, which catches
 //! the losses a backplane cannot see. On the stream, heartbeats are kept in a hash per
-//! namespace (`{prefix}:{bp}:beats:<namespace>`, expiring once its members are gone) and
+//! namespace (`{prefix}:{bp}:beats:<namespace>`, without a TTL, so `volatile-*` eviction leaves it) and
 //! appended as one digest entry per heartbeat interval, so a fleet of N reads one entry
 //! per interval instead of N. Strong acknowledgements are pushed to their origin's own
 //! channel (`{prefix}:{bp}:ack:<origin>`, subscribed on the subscriber's connection)

@@ -20,6 +20,7 @@ use strata::backplane::{Message, MessageBody};
 use strata::error::{Error, ErrorKind, Result};
 
 use crate::backplane::StatCounters;
+use crate::backplane::stream_scripts::last_number;
 use crate::managed::ManagedConn;
 
 /// The variant index of `MessageBody::Digest` in the wire format (the enum's order).
@@ -85,9 +86,13 @@ pub(crate) fn beat_head(message: &Message, beat: u64) -> Result<Vec<u8>> {
 ///
 /// Times are the server's (`TIME`), so every instance's beats age by one clock. A
 /// digest is due when the last one (field `_`) is nine tenths of an interval old, or
-/// in the future (the server's clock went back). The hash expires the keep time after
-/// the last digest (one is due within an interval of any beat), so a namespace whose
-/// members are gone leaves nothing behind.
+/// in the future (the server's clock went back). The hash has no TTL, like the stream
+/// and the meta hash: under `volatile-*` eviction a TTL made it the one backplane key
+/// Redis could take (67 times in a 3 MB `volatile-lru` run, each costing members that
+/// looked silent and L1 flushes). A namespace whose members are all gone leaves its
+/// last beats behind (a field each, ~50 bytes), dropped by the next digest once older
+/// than the keep time. (Releases before 2026-12-06 set a TTL, which then runs out
+/// once: a deploy from one of them loses the hash once, within the keep time.)
 const DIGEST_BODY: &str = r#"
 local beats = KEYS[#KEYS]
 local function varint(n)
@@ -113,9 +118,6 @@ end
 local last = tonumber(redis.call('HMGET', beats, '_')[1] or '')
 if last and last <= now and now - last < interval * 9 / 10 then return 0 end
 redis.call('HSET', beats, '_', string.format('%d', now))
--- The expiry moves with each digest, not each beat: while anyone beats, a digest is
--- due within an interval, far inside the keep time (one command per beat less).
-redis.call('PEXPIRE', beats, keep)
 local all = redis.call('HGETALL', beats)
 local parts, drop = {}, {}
 for i = 1, #all, 2 do
@@ -140,14 +142,23 @@ local msg = '\2\0\0' .. varint(#ns) .. ns .. varint(tonumber(ARGV[7])) .. varint
 /// a publish (and, when `ARGV[8]` names a channel, published on it as the publish
 /// script does: `stream_scripts::push_payload`). KEYS: stream, counter, beats hash.
 /// Returns 1 when it appended a digest.
-pub(crate) fn stream_heartbeat() -> String {
+pub(crate) fn stream_heartbeat(resume: bool) -> String {
     format!(
-        "#!lua flags=allow-oom\n{DIGEST_BODY}{}",
+        "#!lua flags=allow-oom\n{}{DIGEST_BODY}{}",
+        last_number(resume),
         r#"
 local n = redis.pcall('INCR', KEYS[2])
 if type(n) ~= 'number' or n < 1 or n >= 9007199254740992 then
   -- A counter INCR refuses: the next publish repairs it (and the stream).
   return 0
+end
+if n == 1 then
+  -- The counter is gone: resume from the stream (see `stream_scripts::LAST_NUMBER`).
+  local s = last_number(KEYS[1])
+  if s then
+    n = s + 1
+    redis.call('SET', KEYS[2], n)
+  end
 end
 local added = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'm', msg, 'n', n)
 if type(added) == 'table' and added.err then

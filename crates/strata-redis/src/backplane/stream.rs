@@ -86,7 +86,7 @@ pub use crate::backplane::stream_builder::{DEFAULT_MAX_LEN, RedisStreamBackplane
 use crate::backplane::stream_inner::StreamInner;
 use crate::backplane::stream_reader::StreamReader;
 use crate::backplane::stream_scripts::{
-    STREAM_CATCH_UP, STREAM_PUBLISH, STREAM_START, StreamId, parse_entries, publish_repairs,
+    StreamId, parse_entries, publish_repairs, stream_catch_up, stream_publish, stream_start,
 };
 use crate::backplane::{StatCounters, connect_publisher, open_message, ping_publisher, seal_message};
 use crate::connection::{Backoff, map_redis_error};
@@ -107,20 +107,24 @@ impl RedisStreamBackplaneBuilder {
         self.check()?;
         let (client, publisher) = connect_publisher(&self.connection, self.shared.as_ref(), WHAT)?;
         let prefix = &self.connection.prefix;
+        let integrity = Integrity::from_keys(self.integrity_keys.as_deref(), WHAT)?;
+        // A gone counter resumes from the stream's numbers only where they can be
+        // trusted (see `stream_scripts::LAST_NUMBER`).
+        let resume = integrity.is_none();
         let bp = RedisStreamBackplane {
             inner: Arc::new(StreamInner {
                 stream_key: format!("{prefix}:{{bp}}"),
                 counter_key: format!("{prefix}:{{bp}}:seq"),
                 client,
                 publisher,
-                publish_script: lua_source::script(STREAM_PUBLISH),
-                start_script: lua_source::script(STREAM_START),
-                catch_up_script: lua_source::script(STREAM_CATCH_UP),
-                heartbeat_script: lua_source::script(&stream_heartbeat()),
+                publish_script: lua_source::script(&stream_publish(resume)),
+                start_script: lua_source::script(&stream_start(resume)),
+                catch_up_script: lua_source::script(&stream_catch_up(resume)),
+                heartbeat_script: lua_source::script(&stream_heartbeat(resume)),
                 instance: rand::random::<u32>(),
                 next_subscription: AtomicU64::new(1),
                 stats: StatCounters::default(),
-                integrity: Integrity::from_keys(self.integrity_keys.as_deref(), WHAT)?,
+                integrity,
                 ack_expiries: Default::default(),
                 no_resp3: AtomicBool::new(false),
                 cfg: self,

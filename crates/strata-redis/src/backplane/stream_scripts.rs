@@ -8,6 +8,50 @@ use redis::Value;
 
 use crate::reply::{value_array, value_bytes, value_string, value_u64};
 
+/// The number of the stream's last numbered entry (`nil` when it has none: the stream
+/// is gone, or holds no entry whose `n` reads as a number from 1 to 2^53 - 2): where
+/// the numbering stands when its counter is gone. Every number the counter gave was
+/// appended (a failed append gives its number back) and trimming keeps the newest
+/// entries, so while the stream is there its last numbered entry holds the counter's
+/// value. A counter evicted (`allkeys-*` under `maxmemory`) or deleted alone therefore
+/// costs the subscribers nothing: the scripts below resume from here instead of
+/// restarting at 1, which every subscriber would report as `Lost` (and a fleet would
+/// answer by emptying every L1). Entries without a readable number are skipped, as the
+/// subscribers skip them; only the newest 8 are looked at.
+///
+/// Not with integrity keys ([`last_number`]`(false)`): a script cannot check an
+/// entry's MAC, and a forged number must neither fake a loss nor hide one.
+const LAST_NUMBER: &str = r#"
+local function last_number(stream)
+  local last = redis.pcall('XREVRANGE', stream, '+', '-', 'COUNT', 8)
+  if type(last) ~= 'table' or last.err then return nil end
+  for i = 1, #last do
+    local fields = last[i][2]
+    for j = 1, #fields - 1, 2 do
+      if fields[j] == 'n' then
+        local v = fields[j + 1]
+        if type(v) == 'string' and #v <= 16 and string.find(v, '^[1-9]%d*$') then
+          local s = tonumber(v)
+          if s < 9007199254740991 then return s end
+        end
+        break
+      end
+    end
+  end
+  return nil
+end
+"#;
+
+/// Where a gone counter is not looked for in the stream: integrity keys are in use.
+const NO_LAST_NUMBER: &str = "\nlocal function last_number(stream) return nil end\n";
+
+/// The definition of `last_number` the scripts below start with: [`LAST_NUMBER`] where
+/// the stream's numbers can be trusted (`resume`: no integrity keys), else one that
+/// finds none.
+pub(crate) fn last_number(resume: bool) -> &'static str {
+    if resume { LAST_NUMBER } else { NO_LAST_NUMBER }
+}
+
 /// Stream backplane publish: number each entry, append it, cap the stream.
 ///
 /// KEYS: stream, counter. ARGV: max len, the channel the entries are also published
@@ -21,6 +65,10 @@ use crate::reply::{value_array, value_bytes, value_string, value_u64};
 /// that two publishers cannot both repair (the second would delete what the first
 /// appended):
 ///
+/// A counter that is gone (`INCR` gives 1) resumes from the stream's last numbered
+/// entry ([`LAST_NUMBER`], without integrity keys); only when the stream is gone too does the numbering
+/// restart at 1.
+///
 /// - a counter that `INCR` refuses (not an integer, or at its maximum), that gives
 ///   a number below 1 (entries the subscribers could not number), or that Lua
 ///   cannot carry exactly (2^53 and above) restarts at 1; subscribers see the
@@ -29,7 +77,7 @@ use crate::reply::{value_array, value_bytes, value_string, value_u64};
 ///   possible (`XADD … *` has no id left to give), is deleted and the entry appended
 ///   to a new stream; its history is gone, which subscribers that had not read it
 ///   see as a gap in the numbers, and a subscriber whose position is above the new
-///   ids notices at its next idle read (see `STREAM_CATCH_UP`).
+///   ids notices at its next idle read (see [`stream_catch_up`]).
 ///
 /// A failed append gives its number back, so that it does not look like a trimmed
 /// entry to the subscribers, and ends the call with its error (the entries before it
@@ -38,7 +86,11 @@ use crate::reply::{value_array, value_bytes, value_string, value_u64};
 ///
 /// `allow-oom`: Redis runs it while over `maxmemory` (an invalidation refused for
 /// memory is a lost one; an entry is small and the cap trims the stream).
-pub(crate) const STREAM_PUBLISH: &str = r#"#!lua flags=allow-oom
+pub(crate) fn stream_publish(resume: bool) -> String {
+    format!("#!lua flags=allow-oom\n{}{PUBLISH_BODY}", last_number(resume))
+}
+
+const PUBLISH_BODY: &str = r#"
 local restarted = 0
 local problem = ''
 local n = 0
@@ -50,6 +102,12 @@ for i = 3, #ARGV do
     n = 1
     fresh = 1
     restarted = 1
+  elseif n == 1 then
+    local s = last_number(KEYS[1])
+    if s then
+      n = s + 1
+      redis.call('SET', KEYS[2], n)
+    end
   end
   local added = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'm', ARGV[i], 'n', n)
   if type(added) == 'table' and added.err then
@@ -110,12 +168,17 @@ pub(crate) fn publish_repairs(reply: &Value, stream_key: &str, counter_key: &str
 
 /// Where a new subscriber starts: the last entry's id and the counter, atomically.
 ///
-/// KEYS: stream, counter. Returns {last id or '0-0', counter}.
-pub(crate) const STREAM_START: &str = r#"
+/// KEYS: stream, counter. Returns {last id or '0-0', counter (where it is gone: the
+/// stream's last number, [`LAST_NUMBER`]; '0' without either)}.
+pub(crate) fn stream_start(resume: bool) -> String {
+    format!("{}{START_BODY}", last_number(resume))
+}
+
+const START_BODY: &str = r#"
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 local id = '0-0'
 if #last > 0 then id = last[1][1] end
-return {id, redis.call('GET', KEYS[2]) or '0'}
+return {id, redis.call('GET', KEYS[2]) or last_number(KEYS[1]) or '0'}
 "#;
 
 /// Catch-up read, after a reconnect or a read that waited its block time for
@@ -126,8 +189,13 @@ return {id, redis.call('GET', KEYS[2]) or '0'}
 ///
 /// KEYS: stream, counter. ARGV: first id to read ('' to read nothing: the reader is
 /// at the largest id), count. Returns {counter, entries, last generated id or '' when
-/// the stream does not exist (or the batch was full)}.
-pub(crate) const STREAM_CATCH_UP: &str = r#"
+/// the stream does not exist (or the batch was full)}. A counter that is gone counts
+/// as the stream's last number ([`LAST_NUMBER`]): the next publish resumes from there.
+pub(crate) fn stream_catch_up(resume: bool) -> String {
+    format!("{}{CATCH_UP_BODY}", last_number(resume))
+}
+
+const CATCH_UP_BODY: &str = r#"
 local entries = {}
 if ARGV[1] ~= '' then
   entries = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])
@@ -139,7 +207,7 @@ if #entries < tonumber(ARGV[2]) and redis.call('TYPE', KEYS[1]).ok ~= 'none' the
     if info[i] == 'last-generated-id' then last = info[i + 1] end
   end
 end
-return {redis.call('GET', KEYS[2]) or '0', entries, last}
+return {redis.call('GET', KEYS[2]) or last_number(KEYS[1]) or '0', entries, last}
 "#;
 
 /// A stream entry id, `<ms>-<seq>`, both parts `u64` in Redis.

@@ -117,13 +117,23 @@ impl ServerMemory {
                  invalidates it (tombstones, clocks, epochs and the backplane stream have no TTL \
                  and stay)",
             )
+        } else if self.policy == "allkeys-lfu" {
+            Some(
+                "every key can be evicted: a lost namespace meta hash makes the namespace cold, \
+                 lost tombstones refuse every fill in flight, and a lost backplane stream on the \
+                 same server flushes the L1 of every reader that had not read all of it (each \
+                 loss is detected and costs misses, never a stale read); write-lock sets as under \
+                 volatile-*. LFU keeps these, strata's most used keys, far longer than LRU does",
+            )
         } else {
             Some(
                 "every key can be evicted: a lost namespace meta hash makes the namespace cold, \
                  lost tombstones refuse every fill in flight, and a lost backplane stream on the \
                  same server flushes the L1 of every reader that had not read all of it (each \
                  loss is detected and costs misses, never a stale read); write-lock sets as under \
-                 volatile-*",
+                 volatile-*. Under pressure this policy takes them as often as any entry (its \
+                 clock counts seconds, and entries live less than one): prefer allkeys-lfu, \
+                 which keeps strata's most used keys, or volatile-*",
             )
         }
     }
@@ -240,5 +250,8 @@ mod tests {
         assert_eq!(memory(1 << 20, "noeviction").risk(), None);
         assert!(memory(1 << 20, "volatile-lru").risk().is_some_and(|r| r.contains("write-lock")));
         assert!(memory(1 << 20, "allkeys-lfu").risk().is_some_and(|r| r.contains("meta hash")));
+        assert!(memory(1 << 20, "allkeys-lru").risk().is_some_and(|r| r.contains("prefer allkeys-lfu")));
+        assert!(memory(1 << 20, "allkeys-random").risk().is_some_and(|r| r.contains("prefer allkeys-lfu")));
+        assert!(memory(1 << 20, "allkeys-lfu").risk().is_some_and(|r| !r.contains("prefer")));
     }
 }
