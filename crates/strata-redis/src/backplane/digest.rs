@@ -152,14 +152,8 @@ if type(n) ~= 'number' or n < 1 or n >= 9007199254740992 then
   -- A counter INCR refuses: the next publish repairs it (and the stream).
   return 0
 end
-if n == 1 then
-  -- The counter is gone: resume from the stream (see `stream_scripts::LAST_NUMBER`).
-  local s = last_number(KEYS[1])
-  if s then
-    n = s + 1
-    redis.call('SET', KEYS[2], n)
-  end
-end
+-- A counter that is gone resumes from the stream (see `stream_scripts::LAST_NUMBER`).
+n = resume_number(KEYS[1], KEYS[2], n)
 local added = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'm', msg, 'n', n)
 if type(added) == 'table' and added.err then
   redis.call('DECR', KEYS[2])

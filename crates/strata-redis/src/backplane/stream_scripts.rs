@@ -40,12 +40,23 @@ local function last_number(stream)
   end
   return nil
 end
+local function resume_number(stream, counter, n)
+  if n ~= 1 then return n end
+  local s = last_number(stream)
+  if not s then return 1 end
+  redis.call('SET', counter, s + 1)
+  return s + 1
+end
 "#;
 
 /// Where a gone counter is not looked for in the stream: integrity keys are in use.
-const NO_LAST_NUMBER: &str = "\nlocal function last_number(stream) return nil end\n";
+const NO_LAST_NUMBER: &str = "
+local function last_number(stream) return nil end
+local function resume_number(stream, counter, n) return n end
+";
 
-/// The definition of `last_number` the scripts below start with: [`LAST_NUMBER`] where
+/// The definitions of `last_number` and `resume_number` (the number an `INCR` gave,
+/// or where a gone counter resumes) the scripts below start with: [`LAST_NUMBER`] where
 /// the stream's numbers can be trusted (`resume`: no integrity keys), else one that
 /// finds none.
 pub(crate) fn last_number(resume: bool) -> &'static str {
@@ -102,12 +113,8 @@ for i = 3, #ARGV do
     n = 1
     fresh = 1
     restarted = 1
-  elseif n == 1 then
-    local s = last_number(KEYS[1])
-    if s then
-      n = s + 1
-      redis.call('SET', KEYS[2], n)
-    end
+  else
+    n = resume_number(KEYS[1], KEYS[2], n)
   end
   local added = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'm', ARGV[i], 'n', n)
   if type(added) == 'table' and added.err then
