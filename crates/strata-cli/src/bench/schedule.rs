@@ -160,8 +160,13 @@ impl Schedule {
     /// read before, or when the key was written since the last time it was loaded. A
     /// consumer read follows its write.
     pub fn compulsory_db_reads(&self) -> u64 {
-        let mut served = vec![false; usize::try_from(self.keys).unwrap_or(usize::MAX).min(1 << 32)];
-        self.loads_after(&mut served)
+        self.loads_after(&mut self.key_marks(false))
+    }
+
+    /// One mark per key (at most 2^32), each `served`: the cache state
+    /// [`loads_after`](Self::loads_after) reads and updates.
+    pub fn key_marks(&self, served: bool) -> Vec<bool> {
+        vec![served; usize::try_from(self.keys).unwrap_or(usize::MAX).min(1 << 32)]
     }
 
     /// The DB reads a perfect fleet-shared cache holding the keys marked in `served`

@@ -171,7 +171,7 @@ impl Plan {
         let steady = ScheduleParams { seed: params.seed.wrapping_add(2), ..params.clone() };
         let warm_up = Schedule::generate(&warm)?;
         let steady = Schedule::generate(&steady)?;
-        let mut served = vec![true; usize::try_from(steady.keys).unwrap_or(usize::MAX).min(1 << 32)];
+        let mut served = steady.key_marks(true);
         for schedule in [cold, &warm_up] {
             schedule.loads_after(&mut served);
         }

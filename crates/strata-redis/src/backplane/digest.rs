@@ -20,7 +20,7 @@ use strata::backplane::{Message, MessageBody};
 use strata::error::{Error, ErrorKind, Result};
 
 use crate::backplane::StatCounters;
-use crate::backplane::stream_scripts::last_number;
+use crate::backplane::stream_scripts::numbering_helpers;
 use crate::managed::ManagedConn;
 
 /// The variant index of `MessageBody::Digest` in the wire format (the enum's order).
@@ -145,7 +145,7 @@ local msg = '\2\0\0' .. varint(#ns) .. ns .. varint(tonumber(ARGV[7])) .. varint
 pub(crate) fn stream_heartbeat(resume: bool) -> String {
     format!(
         "#!lua flags=allow-oom\n{}{DIGEST_BODY}{}",
-        last_number(resume),
+        numbering_helpers(resume),
         r#"
 local n = redis.pcall('INCR', KEYS[2])
 if type(n) ~= 'number' or n < 1 or n >= 9007199254740992 then

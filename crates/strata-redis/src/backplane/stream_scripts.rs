@@ -19,7 +19,7 @@ use crate::reply::{value_array, value_bytes, value_string, value_u64};
 /// answer by emptying every L1). Entries without a readable number are skipped, as the
 /// subscribers skip them; only the newest 8 are looked at.
 ///
-/// Not with integrity keys ([`last_number`]`(false)`): a script cannot check an
+/// Not with integrity keys ([`numbering_helpers`]`(false)`): a script cannot check an
 /// entry's MAC, and a forged number must neither fake a loss nor hide one.
 const LAST_NUMBER: &str = r#"
 local function last_number(stream)
@@ -59,7 +59,7 @@ local function resume_number(stream, counter, n) return n end
 /// or where a gone counter resumes) the scripts below start with: [`LAST_NUMBER`] where
 /// the stream's numbers can be trusted (`resume`: no integrity keys), else one that
 /// finds none.
-pub(crate) fn last_number(resume: bool) -> &'static str {
+pub(crate) fn numbering_helpers(resume: bool) -> &'static str {
     if resume { LAST_NUMBER } else { NO_LAST_NUMBER }
 }
 
@@ -76,10 +76,6 @@ pub(crate) fn last_number(resume: bool) -> &'static str {
 /// that two publishers cannot both repair (the second would delete what the first
 /// appended):
 ///
-/// A counter that is gone (`INCR` gives 1) resumes from the stream's last numbered
-/// entry ([`LAST_NUMBER`], without integrity keys); only when the stream is gone too does the numbering
-/// restart at 1.
-///
 /// - a counter that `INCR` refuses (not an integer, or at its maximum), that gives
 ///   a number below 1 (entries the subscribers could not number), or that Lua
 ///   cannot carry exactly (2^53 and above) restarts at 1; subscribers see the
@@ -90,6 +86,10 @@ pub(crate) fn last_number(resume: bool) -> &'static str {
 ///   see as a gap in the numbers, and a subscriber whose position is above the new
 ///   ids notices at its next idle read (see [`stream_catch_up`]).
 ///
+/// A counter that is gone (`INCR` gives 1) is no such case: it resumes from the stream's
+/// last numbered entry ([`LAST_NUMBER`], without integrity keys); only when the stream
+/// is gone too does the numbering restart at 1.
+///
 /// A failed append gives its number back, so that it does not look like a trimmed
 /// entry to the subscribers, and ends the call with its error (the entries before it
 /// stay appended; the publisher sends the batch again, and a subscriber takes a
@@ -98,7 +98,7 @@ pub(crate) fn last_number(resume: bool) -> &'static str {
 /// `allow-oom`: Redis runs it while over `maxmemory` (an invalidation refused for
 /// memory is a lost one; an entry is small and the cap trims the stream).
 pub(crate) fn stream_publish(resume: bool) -> String {
-    format!("#!lua flags=allow-oom\n{}{PUBLISH_BODY}", last_number(resume))
+    format!("#!lua flags=allow-oom\n{}{PUBLISH_BODY}", numbering_helpers(resume))
 }
 
 const PUBLISH_BODY: &str = r#"
@@ -178,7 +178,7 @@ pub(crate) fn publish_repairs(reply: &Value, stream_key: &str, counter_key: &str
 /// KEYS: stream, counter. Returns {last id or '0-0', counter (where it is gone: the
 /// stream's last number, [`LAST_NUMBER`]; '0' without either)}.
 pub(crate) fn stream_start(resume: bool) -> String {
-    format!("{}{START_BODY}", last_number(resume))
+    format!("{}{START_BODY}", numbering_helpers(resume))
 }
 
 const START_BODY: &str = r#"
@@ -199,7 +199,7 @@ return {id, redis.call('GET', KEYS[2]) or last_number(KEYS[1]) or '0'}
 /// the stream does not exist (or the batch was full)}. A counter that is gone counts
 /// as the stream's last number ([`LAST_NUMBER`]): the next publish resumes from there.
 pub(crate) fn stream_catch_up(resume: bool) -> String {
-    format!("{}{CATCH_UP_BODY}", last_number(resume))
+    format!("{}{CATCH_UP_BODY}", numbering_helpers(resume))
 }
 
 const CATCH_UP_BODY: &str = r#"

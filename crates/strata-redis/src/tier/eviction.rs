@@ -91,6 +91,18 @@ fn histograms_matter(maxmemory: u64) -> bool {
     maxmemory != 0 && maxmemory < SMALL_MAXMEMORY
 }
 
+/// What an `allkeys-*` policy puts at risk, whichever one (a macro: `concat!` takes
+/// literals only).
+macro_rules! all_keys_risk {
+    () => {
+        "every key can be evicted: a lost namespace meta hash makes the namespace cold, \
+         lost tombstones refuse every fill in flight, and a lost backplane stream on the \
+         same server flushes the L1 of every reader that had not read all of it (each \
+         loss is detected and costs misses, never a stale read); write-lock sets as under \
+         volatile-*"
+    };
+}
+
 /// The server's memory limit and eviction policy, as `INFO memory` tells.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ServerMemory {
@@ -121,23 +133,17 @@ impl ServerMemory {
                  heartbeats hash have no TTL and stay)",
             )
         } else if self.policy == "allkeys-lfu" {
-            Some(
-                "every key can be evicted: a lost namespace meta hash makes the namespace cold, \
-                 lost tombstones refuse every fill in flight, and a lost backplane stream on the \
-                 same server flushes the L1 of every reader that had not read all of it (each \
-                 loss is detected and costs misses, never a stale read); write-lock sets as under \
-                 volatile-*. LFU keeps these, strata's most used keys, far longer than LRU does",
-            )
+            Some(concat!(
+                all_keys_risk!(),
+                ". LFU keeps these, strata's most used keys, far longer than LRU does"
+            ))
         } else {
-            Some(
-                "every key can be evicted: a lost namespace meta hash makes the namespace cold, \
-                 lost tombstones refuse every fill in flight, and a lost backplane stream on the \
-                 same server flushes the L1 of every reader that had not read all of it (each \
-                 loss is detected and costs misses, never a stale read); write-lock sets as under \
-                 volatile-*. Under pressure this policy takes them as often as any entry (its \
-                 clock counts seconds, and entries live less than one): prefer allkeys-lfu, \
-                 which keeps strata's most used keys, or volatile-*",
-            )
+            Some(concat!(
+                all_keys_risk!(),
+                ". Under pressure this policy takes them as often as any entry (its clock counts \
+                 seconds, and entries live less than one): prefer allkeys-lfu, which keeps \
+                 strata's most used keys, or volatile-*"
+            ))
         }
     }
 }

@@ -677,10 +677,10 @@ async fn stream_deleted_under_subscriber_reads_the_new_stream() {
     }
 }
 
-/// Eviction (`allkeys-*` under `maxmemory`) takes the counter alone as often as the
-/// stream: 107 and 105 times in one 3 MB run. The numbering resumes from the stream's
-/// last entry, so the subscriber sees no gap; with the stream gone as well (the
-/// `FLUSHALL` below) it cannot.
+/// Eviction (`allkeys-*` under `maxmemory`) takes the counter as often as the stream
+/// (107 and 105 times in one 3 MB run). When it takes the counter alone, the numbering
+/// resumes from the stream's last entry, so the subscriber sees no gap; with the stream
+/// gone as well (the `FLUSHALL` below) it cannot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_counter_deleted_under_subscriber_resumes_its_numbering() {
     for ahead in [false, true] {

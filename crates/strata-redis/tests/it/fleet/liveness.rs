@@ -43,7 +43,7 @@ async fn member_with(
 /// The shared stream's entries from `from` (an id) on, decoded.
 async fn entries_after(server: &RedisServer, from: &str) -> Vec<Message> {
     let mut raw = support::raw_conn(server).await;
-    let key = RedisStreamBackplane::builder(server.url()).build().await.expect("bp").stream_key().to_owned();
+    let key = stream_key(server).await;
     let v: Vec<(String, Vec<Vec<u8>>)> = redis::cmd("XRANGE")
         .arg(&key)
         .arg(format!("({from}"))
@@ -108,14 +108,15 @@ async fn an_idle_fleet_appends_one_digest_per_interval() {
         }
         if !broadcast {
             // No TTL: under `volatile-*` eviction Redis cannot take it (nor the stream).
-            let beats = format!("{}:beats:{NS}", last_stream_key(&server).await);
+            let beats = format!("{}:beats:{NS}", stream_key(&server).await);
             let ttl = server.command(&["PTTL", &beats]).unwrap();
             assert_eq!(ttl.trim(), ":-1", "{beats}: {ttl:?}");
         }
     }
 }
 
-async fn last_stream_key(server: &RedisServer) -> String {
+/// The shared stream's key, under the default prefix.
+async fn stream_key(server: &RedisServer) -> String {
     RedisStreamBackplane::builder(server.url()).build().await.expect("bp").stream_key().to_owned()
 }
 
