@@ -113,6 +113,19 @@
 //!   says it leaves ([`Cache::shutdown`]), and costs the others nothing.
 //! * **Single-flight and leases.** Concurrent misses on a key run one load per instance,
 //!   and with a leasing tier one per fleet.
+//! * **Pushed reloads.** Below the Strong level, the instance that reloads a key after
+//!   another instance's invalidation, with a fill L2 accepted, sends the entry on the
+//!   backplane ([`MessageBody::Reload`](backplane::MessageBody::Reload),
+//!   [`CacheBuilder::push_reloads`]), and each instance that held the key installs it
+//!   in L1 instead of reading L2 again, only if the last thing it heard about the key
+//!   is that same invalidation (its L1 guard's tombstone records the message; no later
+//!   invalidation of the key, a tag or the namespace, no write of its own, no repair,
+//!   no doubt). The sender read the database after that invalidation reached it, so
+//!   after the write it announced, and a backplane that delivers every origin's messages
+//!   in one order ([`Backplane::delivers_in_one_order`](backplane::Backplane::delivers_in_one_order);
+//!   no push otherwise) means the receiver heard no invalidation of the key that the
+//!   sender had not: an install is as fresh as an L2 read when the push was sent. A lost
+//!   push costs one L2 read.
 //! * **Schema identity.** Every L2 entry carries the [schema fingerprint](schema) of the
 //!   cache that wrote it: its value type's serde shape (field and variant names, order
 //!   and types, traced at build time), its codec's name and

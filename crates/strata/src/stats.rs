@@ -197,6 +197,14 @@ stats! {
     /// holder having released it (its load failed) or let it expire, and loaded for
     /// the fleet.
     lease_takeovers: Counter,
+    /// Keys reloaded after another instance's invalidation and pushed to the fleet
+    /// (see [`CacheBuilder::push_reloads`](crate::CacheBuilder::push_reloads)).
+    reloads_pushed: Counter,
+    /// Pushed reloads installed in L1 (each saves this instance an L2 read).
+    reloads_installed: Counter,
+    /// Pushed reloads not installed: the key was not held here, L1 holds it again, or
+    /// something about it happened here since the invalidation the reload follows.
+    reloads_refused: Counter,
     /// Invalidation messages published.
     invalidations_sent: Counter,
     /// Invalidation messages published in one backplane call with others: what queued

@@ -288,6 +288,12 @@ impl Backplane for RedisPubSubBackplane {
         "redis-pubsub"
     }
 
+    /// One channel on one server (a Cluster is refused at build): Redis sends each
+    /// subscriber the channel's messages in the order it executed the `PUBLISH`es.
+    fn delivers_in_one_order(&self) -> bool {
+        true
+    }
+
     async fn publish(&self, message: &Message) -> Result<()> {
         let inner = &self.inner;
         let bytes = seal_message(inner.integrity.as_ref(), &inner.channel, message)?;

@@ -306,6 +306,11 @@ impl Backplane for RedisStreamBackplane {
         "redis-stream"
     }
 
+    /// One stream: every subscriber reads it in its order.
+    fn delivers_in_one_order(&self) -> bool {
+        true
+    }
+
     async fn publish(&self, message: &Message) -> Result<()> {
         self.publish_batch(std::slice::from_ref(message)).await
     }

@@ -236,6 +236,12 @@ impl Backplane for InProcessBackplane {
         }
     }
 
+    /// One hub delivers under one lock, in one order, unless this connection's
+    /// [`FaultControl::set_reorder`] is on.
+    fn delivers_in_one_order(&self) -> bool {
+        !self.faults.reorder.load(Ordering::SeqCst)
+    }
+
     async fn publish(&self, message: &Message) -> Result<()> {
         self.check_connected()?;
         self.hub.published.fetch_add(1, Ordering::Relaxed);

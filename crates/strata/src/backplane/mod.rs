@@ -94,6 +94,24 @@ pub enum MessageBody {
     /// (Last, like `Digest`: an older receiver counts it as malformed, and doubts the
     /// origin when it falls silent, as it would after a crash.)
     Leave,
+    /// A reload after an invalidation: the origin loaded `key` again after applying its
+    /// invalidation `after` (an origin and sequence number: the message that dropped the
+    /// key there), and L2 took the value. A receiver whose last word on `key` is that
+    /// same message, and which held the key when it dropped it, may install `entry` in
+    /// L1 instead of reading L2 again (see [`CacheBuilder::push_reloads`]). Like a
+    /// heartbeat, it carries the sender's last sequence number without using a new one:
+    /// a lost one costs a read, never a repair. (Last, like `Leave`: an older receiver
+    /// counts it as malformed and ignores it.)
+    ///
+    /// [`CacheBuilder::push_reloads`]: crate::CacheBuilder::push_reloads
+    Reload {
+        /// The key reloaded.
+        key: String,
+        /// The invalidation the reload follows: `(origin, seq)`.
+        after: (OriginId, u64),
+        /// The entry as L2 stored it (its stamp left 0).
+        entry: Box<crate::tier::Envelope>,
+    },
 }
 
 /// One origin's latest heartbeat, as a [`MessageBody::Digest`] lists it.
@@ -168,7 +186,7 @@ impl Message {
     }
 
     /// True for messages that invalidate nothing and use no sequence number of their
-    /// own (heartbeats, digests of them, acknowledgements and leaving notices).
+    /// own (heartbeats, digests of them, acknowledgements, leaving notices and reloads).
     pub fn is_control(&self) -> bool {
         matches!(
             self.body,
@@ -177,6 +195,7 @@ impl Message {
                 | MessageBody::Ack { .. }
                 | MessageBody::Digest(_)
                 | MessageBody::Leave
+                | MessageBody::Reload { .. }
         )
     }
 }
@@ -214,6 +233,16 @@ pub trait Backplane: Send + Sync + 'static {
     /// Publishes a message. Returns once the message is durable on the backplane (for a
     /// stream) or handed to it (Pub/Sub).
     async fn publish(&self, message: &Message) -> Result<()>;
+
+    /// True when every subscriber of a namespace receives its messages, whatever their
+    /// origins, in one order (one stream, one Pub/Sub channel on one server). Pushed
+    /// reloads ([`MessageBody::Reload`]) rely on it: a receiver installs one only if the
+    /// last invalidation it heard of the key is the one the sender's load followed,
+    /// which shows it heard no invalidation the sender had not. Default false: the
+    /// cache then neither pushes nor installs reloads.
+    fn delivers_in_one_order(&self) -> bool {
+        false
+    }
 
     /// Publishes `messages` in order, as one call where the backplane can (what queued
     /// behind a slow publish leaves together). An error means any suffix of them may

@@ -204,11 +204,14 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
                 let stores = to_load.iter().zip(&values).map(|(&j, value)| {
                     self.store_loaded(&loadings[j], value.clone(), tokens[j].as_ref(), load_nanos)
                 });
-                join_all(stores).await;
+                let pushes = join_all(stores).await;
                 for (&j, value) in to_load.iter().zip(values) {
                     if let Some(l) = led[j].take() {
                         let _ = l.lead.tx.send(Some(Ok(value)));
                     }
+                }
+                for body in pushes.into_iter().flatten() {
+                    self.push_reload(body).await;
                 }
             }
             Err(e) => {

@@ -25,6 +25,9 @@ use crate::scope::Scope;
 use crate::tag_epochs::DEFAULT_MAX_TAG_EPOCHS;
 use crate::tier::Tier;
 
+/// The default of [`CacheBuilder::push_reloads`]: values of up to 4 KiB.
+const DEFAULT_PUSH_RELOADS: usize = 4096;
+
 /// Builds a [`Cache`]. Create it with [`Cache::builder`]. Every duration setting is at
 /// most 365 days; [`build`](Self::build) names a setting out of range and its range.
 #[must_use = "a builder does nothing until build() is called"]
@@ -51,6 +54,7 @@ pub struct CacheBuilder<K, V> {
     pub(super) max_value_bytes: usize,
     pub(super) heartbeat_interval: Duration,
     pub(super) broadcast_heartbeats: bool,
+    pub(super) push_reloads: usize,
     pub(super) membership_lease: Duration,
     write_lock_ttl: Duration,
     max_tag_epochs: usize,
@@ -105,6 +109,7 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
             max_value_bytes: 1 << 20,
             heartbeat_interval: Duration::from_secs(1),
             broadcast_heartbeats: false,
+            push_reloads: DEFAULT_PUSH_RELOADS,
             membership_lease: Duration::from_secs(5),
             write_lock_ttl: Duration::from_secs(30),
             max_tag_epochs: DEFAULT_MAX_TAG_EPOCHS,
@@ -367,6 +372,7 @@ impl<K: CacheKey, V: CacheValue> CacheBuilder<K, V> {
             max_value_bytes: self.max_value_bytes,
             heartbeat_interval: self.heartbeat_interval,
             broadcast_heartbeats: self.broadcast_heartbeats,
+            push_reloads: self.push_reloads,
             membership_lease: self.membership_lease,
             write_lock_ttl: self.write_lock_ttl,
             max_tag_epochs: self.max_tag_epochs,

@@ -69,6 +69,9 @@ pub(crate) struct Config<K, V> {
     pub(crate) heartbeat_interval: Duration,
     /// See [`CacheBuilder::broadcast_heartbeats`](super::builder::CacheBuilder::broadcast_heartbeats).
     pub(crate) broadcast_heartbeats: bool,
+    /// See [`CacheBuilder::push_reloads`](super::builder::CacheBuilder::push_reloads): the
+    /// largest encoded value pushed, 0 for none.
+    pub(crate) push_reloads: usize,
     pub(crate) membership_lease: Duration,
     pub(crate) write_lock_ttl: Duration,
     pub(crate) max_tag_epochs: usize,

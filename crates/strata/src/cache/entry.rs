@@ -10,7 +10,7 @@ use super::state::Inner;
 use crate::clock::{Timestamp, mul_f64_saturating};
 use crate::error::{Error, ErrorKind, Result};
 use crate::key::{CacheKey, CacheValue};
-use crate::l1::{Entry, LoadStart, Meta, Slot, Tags};
+use crate::l1::{Cause, Entry, LoadStart, Meta, Slot, Tags};
 use crate::tier::{Envelope, FillToken};
 
 impl<K: CacheKey, V: CacheValue> Inner<K, V> {
@@ -109,13 +109,8 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
         env: Envelope,
         start: LoadStart,
     ) -> Option<Entry<V>> {
-        if env.schema != self.cfg.schema {
-            self.stats.l2_schema_mismatches.incr();
-            tracing::debug!(key = key_str, namespace = %self.cfg.namespace, schema = env.schema, "l2 entry of another schema: a miss");
-            return None;
-        }
-        let value = match env.value.as_deref().map(|b| self.cfg.codec.decode(b)).transpose() {
-            Ok(v) => v,
+        match self.decode_envelope(key_str, env, start) {
+            Ok(entry) => entry,
             Err(e) => {
                 self.stats.l2_undecodable.incr();
                 tracing::warn!(error = %e, key = key_str, namespace = %self.cfg.namespace, "undecodable l2 entry evicted");
@@ -124,9 +119,25 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
                         .call("delete", &self.stats, l2.tier().delete(l2.ns(), &[key_str.to_owned()]))
                         .await;
                 }
-                return None;
+                None
             }
-        };
+        }
+    }
+
+    /// Decodes an envelope into an L1 entry: `Ok(None)` for one of another schema
+    /// (counted), an error when its value does not decode.
+    pub(crate) fn decode_envelope(
+        &self,
+        key_str: &str,
+        env: Envelope,
+        start: LoadStart,
+    ) -> Result<Option<Entry<V>>> {
+        if env.schema != self.cfg.schema {
+            self.stats.l2_schema_mismatches.incr();
+            tracing::debug!(key = key_str, namespace = %self.cfg.namespace, schema = env.schema, "l2 entry of another schema: a miss");
+            return Ok(None);
+        }
+        let value = env.value.as_deref().map(|b| self.cfg.codec.decode(b)).transpose()?;
         let now = self.now();
         // The envelope's times are on the clock of whichever instance loaded the value.
         // L1's checks are on ours: the entry is no younger than our fill (a writer whose
@@ -138,11 +149,11 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
         let fresh_until = env.soft_expiry.min(l1_fresh);
         let usable_until =
             env.hard_expiry.min(fresh_until.saturating_add(self.cfg.fail_safe_extra())).max(fresh_until);
-        Some(Entry {
+        Ok(Some(Entry {
             value,
             meta: Meta::new(created, fresh_until, usable_until, start.seq, env.load_nanos),
             tags: (!env.tags.is_empty()).then(|| Arc::new(env.tags)),
-        })
+        }))
     }
 
     /// When `env`, an L2 hit, is of another schema: the token to replace it with this
@@ -183,20 +194,35 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
     /// backplane subscription is not live yet, the cache is bypassed or closed, or
     /// (with a version function) L1 holds a live entry of a newer version.
     pub(crate) fn fill_l1(&self, key: &K, entry: Entry<V>, start: LoadStart) -> bool {
-        let now = self.now();
-        if !self.health.is_subscribed()
+        self.fill_l1_after(key, entry, start).is_some()
+    }
+
+    /// Whether L1 takes no fill now: the backplane subscription is not live yet, the
+    /// cache is bypassed or closed, or (Strong) its membership lease lapsed.
+    pub(crate) fn l1_closed(&self, now: Timestamp) -> bool {
+        !self.health.is_subscribed()
             || self.is_bypassed()
             || self.is_closed()
             || (self.cfg.is_strong() && !self.own_lease_held(now))
-        {
-            return false;
+    }
+
+    /// [`Inner::fill_l1`]; when it stored, also the remote invalidation behind the
+    /// key's last tombstone before `start` (see `Guards::fill_if_clean_after`).
+    pub(crate) fn fill_l1_after(&self, key: &K, entry: Entry<V>, start: LoadStart) -> Option<Option<Cause>> {
+        let now = self.now();
+        if self.l1_closed(now) {
+            return None;
         }
         let tags = entry.tags.clone();
         let version = self.version_of(entry.value.as_ref());
         // Packed before the guard's lock is taken: a cold slot allocates.
         let slot = Slot::new(entry, self.xfetch_lead);
-        let stored =
-            self.guards.fill_if_clean(key, start, now, tags.as_deref().map_or(&[], Vec::as_slice), || {
+        let stored = self.guards.fill_if_clean_after(
+            key,
+            start,
+            now,
+            tags.as_deref().map_or(&[], Vec::as_slice),
+            || {
                 if let Some(new) = version
                     && self.holds_newer_version(key, new, now)
                 {
@@ -204,8 +230,9 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
                 }
                 self.l1.insert(key.clone(), slot);
                 true
-            });
-        if !stored {
+            },
+        );
+        if stored.is_none() {
             self.stats.fills_rejected.incr();
         }
         stored

@@ -12,7 +12,7 @@ use crate::clock::Timestamp;
 use crate::error::{Error, ErrorKind, Result};
 use crate::fleet::{Attempt, NotSent};
 use crate::key::{CacheKey, CacheValue};
-use crate::l1::LoadStart;
+use crate::l1::{Cause, LoadStart};
 use crate::scope::Scope;
 
 /// What a [`Scope`]'s L2 invalidation is called in logs and errors.
@@ -37,14 +37,14 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
             return Ok(());
         }
         self.clean_l2_if_bypassed().await;
-        self.drop_local(scope, typed);
+        self.drop_local(scope, typed, None);
         let mut first_err = None;
         if let Some(l2) = &self.l2 {
             match l2.call(l2_call_name(scope), &self.stats, l2.tier().invalidate(l2.ns(), scope)).await {
                 // A read here that reached L2 just before the delete may have put the old
                 // value back in our L1 (we skip our own message): drop it once more.
                 Ok(()) => {
-                    self.drop_local(scope, typed);
+                    self.drop_local(scope, typed, None);
                 }
                 Err(e) => {
                     self.l2_invalidation_failed(scope, &e);
@@ -61,13 +61,14 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
 
     /// Drops this instance's copies `scope` covers and keeps the loads in flight from
     /// storing what they read before: keys are tombstoned, tags and the namespace get a
-    /// new epoch. Returns how many keys of a key scope could not be parsed.
-    pub(crate) fn drop_local(&self, scope: &Scope, typed: Option<&[K]>) -> u64 {
+    /// new epoch. `cause` is the remote message applied (none for this instance's own
+    /// invalidations). Returns how many keys of a key scope could not be parsed.
+    pub(crate) fn drop_local(&self, scope: &Scope, typed: Option<&[K]>, cause: Option<Cause>) -> u64 {
         match (scope, typed) {
             (Scope::Keys(_), Some(keys)) => {
                 let now = self.now();
                 for key in keys {
-                    self.evict_key(key, now);
+                    self.evict_key(key, now, cause);
                 }
                 0
             }
@@ -76,7 +77,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
                 let mut bad = 0;
                 for k in keys {
                     match K::parse_key(k) {
-                        Some(key) => self.evict_key(&key, now),
+                        Some(key) => self.evict_key(&key, now, cause),
                         None => bad += 1,
                     }
                 }
@@ -120,10 +121,10 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
 
     /// Drops `key`'s L1 entry under the fill guards' tombstone (L1 leaves one of its own
     /// in the entry's place, so that the key keeps its standing: see `L1::invalidate`).
-    pub(crate) fn evict_key(&self, key: &K, now: Timestamp) {
-        self.guards.invalidate_key(key, now, || {
-            self.l1.invalidate(key);
+    pub(crate) fn evict_key(&self, key: &K, now: Timestamp, cause: Option<Cause>) {
+        self.guards.invalidate_key(key, now, cause, || {
             self.flights.detach(key);
+            self.l1.invalidate(key)
         });
     }
 
@@ -280,7 +281,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
         if self.l2.is_some() {
             self.retry_unlocks().await;
             for scope in &scopes {
-                self.drop_local(scope, None);
+                self.drop_local(scope, None, None);
             }
         }
         let Some(fleet) = &self.fleet else {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::flight::{self, FinishOnDrop, FlightKind, Lead};
 use super::state::Inner;
+use crate::backplane::MessageBody;
 use crate::clock::{ClockKind, Timestamp, duration_nanos};
 use crate::error::{Error, Result};
 use crate::key::{CacheKey, CacheValue};
@@ -130,9 +131,10 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
             }
             _ => None,
         };
+        let mut push = None;
         let result = match self.call_loader(self.load_one(&loading.key_str, loader()), soft).await {
             Ok((value, load_nanos)) => {
-                self.store_loaded(&loading, value.clone(), token.as_ref(), load_nanos).await;
+                push = self.store_loaded(&loading, value.clone(), token.as_ref(), load_nanos).await;
                 Ok(value)
             }
             Err(e) => {
@@ -149,6 +151,9 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
         };
         self.flights.finish(&key, lead.id);
         flight::complete(&tx, result);
+        if let Some(body) = push {
+            self.push_reload(body).await;
+        }
     }
 
     /// The L2 part of a load: `Ok` with the value when L2 (or the lease holder's fill)
@@ -312,22 +317,24 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
     }
 
     /// Stores a loaded value: in L2 through the token's guarded fill, then in L1.
+    /// Returns the reload to push to the fleet, if any (see `reload.rs`).
     pub(crate) async fn store_loaded(
         &self,
         loading: &Loading<K>,
         value: Option<V>,
         token: Option<&FillToken>,
         load_nanos: u64,
-    ) {
+    ) -> Option<MessageBody> {
         let key_str = &loading.key_str;
         if value.is_none() && self.cfg.negative_ttl.is_none() {
             self.release_lease(key_str, token).await;
-            return;
+            return None;
         }
         let now = self.now();
         let tags = value.as_ref().and_then(|v| self.tags_of(&loading.key, v));
         let mut filled = false;
         let mut stored_in_l2 = false;
+        let mut pushable = None;
         // The token of a fill an invalidation refused (see `rejected_admission`).
         let mut refused: Option<&FillToken> = None;
         if let (Some(l2), Some(token)) = (&self.l2, token)
@@ -348,6 +355,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
                 let env =
                     self.make_envelope(bytes, self.version_of(value.as_ref()), now, load_nanos, tags.clone());
                 let ttl = self.l2_store_ttl(&env, now);
+                pushable = self.pushable(&env);
                 match l2.call("fill", &self.stats, l2.tier().fill(l2.ns(), key_str, env, ttl, token)).await {
                     Ok(FillOutcome::Rejected) => {
                         // An invalidation (maybe from another instance, not yet heard of
@@ -359,7 +367,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
                         // L2 holds a newer version, which no invalidation will replace:
                         // this one must not reach L1 either.
                         self.stats.fills_rejected.incr();
-                        return;
+                        return None;
                     }
                     Ok(FillOutcome::Stored) => stored_in_l2 = true,
                     Err(_) => {}
@@ -378,14 +386,18 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
         };
         if admission == L1Admission::Refused {
             self.stats.l1_fills_skipped.incr();
-            return;
+            return None;
         }
         let mut entry = self.make_entry(value, now, load_nanos, loading.start, tags);
         if admission == L1Admission::Brief {
             entry.meta.cap_life(now.saturating_add(self.cfg.max_stale));
             self.stats.l1_fills_shortened.incr();
         }
-        self.fill_l1(&loading.key, entry, loading.start);
+        // Pushed only what L2 took, loaded after a remote invalidation this instance had
+        // applied (what the L1 guard found under its lock).
+        let after = self.fill_l1_after(&loading.key, entry, loading.start)??;
+        let env = pushable.filter(|_| stored_in_l2)?;
+        Some(Self::reload_message(key_str, after, env))
     }
 
     /// How a value L2 did not take goes into L1. It may have been read under a write

@@ -37,6 +37,7 @@ pub(crate) mod load;
 pub(crate) mod pending;
 pub(crate) mod probe;
 pub(crate) mod read;
+pub(crate) mod reload;
 pub(crate) mod state;
 pub(crate) mod tasks;
 pub(crate) mod warm_up;

@@ -14,8 +14,10 @@ use crate::clock::Timestamp;
 use crate::error::{Error, ErrorKind};
 use crate::fleet::{self, Fleet, Health, Host};
 use crate::key::{CacheKey, CacheValue};
+use crate::l1::Cause;
 use crate::scope::Scope;
 use crate::stats::Stats;
+use crate::tier::Envelope;
 
 /// How often buffered invalidations are retried, at the most.
 const RETRY_EVERY: Duration = Duration::from_millis(100);
@@ -114,8 +116,8 @@ impl<K: CacheKey, V: CacheValue> Host for Inner<K, V> {
         Inner::now(self)
     }
 
-    fn apply_remote(&self, scope: &Scope) {
-        let malformed = self.drop_local(scope, None);
+    fn apply_remote(&self, scope: &Scope, cause: Option<Cause>) {
+        let malformed = self.drop_local(scope, None, cause);
         let applied = match scope {
             Scope::Keys(keys) => keys.len() as u64 - malformed,
             Scope::Tag(_) | Scope::All => 1,
@@ -130,6 +132,10 @@ impl<K: CacheKey, V: CacheValue> Host for Inner<K, V> {
         for hook in &self.cfg.remote_hooks {
             hook(scope);
         }
+    }
+
+    fn apply_reload(&self, key: &str, after: Cause, entry: &Envelope) {
+        self.install_reload(key, after, entry);
     }
 
     fn flush_local(&self) {

@@ -22,7 +22,7 @@ impl<K: CacheKey, V: CacheValue> Cache<K, V> {
         };
         inner.clean_l2_if_bypassed().await;
         let now = inner.clock.now();
-        inner.evict_key(&key, now);
+        inner.evict_key(&key, now, None);
         let start = inner.guards.start(now);
         let entry = inner.make_entry(Some(value), now, 0, start, tags.clone());
         inner.fill_l1(&key, entry, start);

@@ -13,6 +13,7 @@ use super::verify::{VERIFY_INTERVALS, Verification, Via};
 use super::{Fleet, Host, mark_healthy, mark_unhealthy};
 use crate::backplane::{BackplaneEvent, Beat, Message, MessageBody, OriginId};
 use crate::clock::Timestamp;
+use crate::l1::Cause;
 use crate::shutdown::Stop;
 
 /// Origins not heard from for this many heartbeat intervals are forgotten.
@@ -349,13 +350,15 @@ impl<H: Host> Listener<'_, H> {
             // often is safe, once too few is not); nothing else is believed: no
             // sequence number, no sign of life, no acknowledgement.
             host.stats().suspicious_messages.incr();
-            self.apply(&m.body);
+            self.apply(&m.body, None);
             return false;
         };
         // An acknowledgement addressed to us may travel apart from the origin's messages
         // (its own channel), so it can arrive before the invalidation it follows: its
         // sequence number says nothing about what we missed.
         let is_ack = matches!(m.body, MessageBody::Ack { .. });
+        // A late duplicate is applied again, but is not the key's latest word.
+        let cause = self.origins.is_new(m.origin, m.seq).then_some((m.origin, m.seq));
         let tracked = if is_ack {
             super::sequence::Tracked { missed: None, suspicious: false }
         } else {
@@ -375,17 +378,23 @@ impl<H: Host> Listener<'_, H> {
             MessageBody::Heartbeat | MessageBody::BufferedHeartbeat => {
                 host.stats().heartbeats_received.incr()
             }
-            MessageBody::Ack { .. } | MessageBody::Digest(_) | MessageBody::Leave => {}
+            MessageBody::Ack { .. }
+            | MessageBody::Digest(_)
+            | MessageBody::Leave
+            | MessageBody::Reload { .. } => {}
             body => {
                 host.stats().invalidations_received.incr();
                 // Applying an invalidation twice is harmless, so apply before any repair.
-                self.apply(body);
+                self.apply(body, cause);
                 record_lag(&cfg.namespace, m.sent_at_ms);
             }
         }
         let mut in_order = !is_ack && !tracked.suspicious;
         if let Some((from, to)) = tracked.missed {
             in_order &= self.repair(m.origin, from, to).await;
+        }
+        if let (MessageBody::Reload { key, after, entry }, true) = (&m.body, in_order) {
+            host.apply_reload(key, *after, entry); // nothing of its origin's missing
         }
         if m.body == MessageBody::Leave {
             // Closed before it said so: at the Strong level no write waits for it any
@@ -530,7 +539,9 @@ impl<H: Host> Listener<'_, H> {
         let replayed = match replay {
             Some(messages) => {
                 for m in &messages {
-                    self.apply(&m.body);
+                    // No cause: applied after the message that revealed the gap, a
+                    // replayed one must not pass for the key's latest word.
+                    self.apply(&m.body, None);
                 }
                 host.stats().repairs_replayed.incr();
                 true
@@ -545,9 +556,9 @@ impl<H: Host> Listener<'_, H> {
         replayed
     }
 
-    fn apply(&self, body: &MessageBody) {
+    fn apply(&self, body: &MessageBody, cause: Option<Cause>) {
         match body {
-            MessageBody::Invalidate(scope) => self.host.apply_remote(scope),
+            MessageBody::Invalidate(scope) => self.host.apply_remote(scope, cause),
             MessageBody::Bypass => {
                 if self.fleet.config().strong {
                     self.host.bypass();
@@ -557,7 +568,8 @@ impl<H: Host> Listener<'_, H> {
             | MessageBody::BufferedHeartbeat
             | MessageBody::Ack { .. }
             | MessageBody::Digest(_)
-            | MessageBody::Leave => {}
+            | MessageBody::Leave
+            | MessageBody::Reload { .. } => {}
         }
     }
 }

@@ -32,8 +32,10 @@ use std::time::Duration;
 use crate::backplane::{Backplane, Message, MessageBody, OriginId, now_ms};
 use crate::clock::Timestamp;
 use crate::error::{Error, ErrorKind, Result};
+use crate::l1::Cause;
 use crate::scope::Scope;
 use crate::stats::Stats;
+use crate::tier::Envelope;
 use membership::Members;
 use outbox::Outbox;
 
@@ -47,8 +49,12 @@ pub(crate) trait Host: Send + Sync + 'static {
     fn stats(&self) -> &Stats;
     /// The cache's clock.
     fn now(&self) -> Timestamp;
-    /// Drops the local copies `scope` covers (an invalidation another instance sent).
-    fn apply_remote(&self, scope: &Scope);
+    /// Drops the local copies `scope` covers (an invalidation another instance sent;
+    /// `cause` is its origin and sequence number when believed).
+    fn apply_remote(&self, scope: &Scope, cause: Option<Cause>);
+    /// Installs a reload another instance pushed after invalidation `after` (see
+    /// [`MessageBody::Reload`](crate::backplane::MessageBody::Reload)).
+    fn apply_reload(&self, key: &str, after: Cause, entry: &Envelope);
     /// Drops every local copy and refuses the fills in flight: the repair of a gap.
     fn flush_local(&self);
     /// Whether an L2 invalidation of this instance waits in its retry buffer (its

@@ -13,6 +13,7 @@ use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::backplane::OriginId;
 use crate::clock::Timestamp;
 use crate::sync::{AtomicBool, AtomicU64, Mutex, RwLock};
 use crate::tag_epochs::TagEpochs;
@@ -24,8 +25,26 @@ const SWEEP_AT: usize = 1024;
 /// One shard of tombstones. Expired ones are swept when the map has doubled since the
 /// last sweep, so sweeping stays amortised O(1) per invalidation.
 struct Tombstones<K> {
-    map: HashMap<K, (u64, Timestamp)>,
+    map: HashMap<K, Tombstone>,
     sweep_at: usize,
+}
+
+/// The backplane message behind an invalidation another instance sent: its origin and
+/// sequence number (see [`MessageBody::Reload`](crate::backplane::MessageBody::Reload)).
+pub(crate) type Cause = (OriginId, u64);
+
+/// A key's last invalidation here.
+#[derive(Clone, Copy)]
+struct Tombstone {
+    /// The local invalidation clock it advanced to.
+    at: u64,
+    /// When it may be forgotten.
+    expires: Timestamp,
+    /// The remote message it applied; `None` for this instance's own writes.
+    cause: Option<Cause>,
+    /// Whether L1 held the key when this invalidation (or one before it that no fill
+    /// followed) dropped it: only then is a pushed reload worth installing.
+    held: bool,
 }
 
 /// When a load began: the local invalidation clock and the time. Every fill carries
@@ -85,16 +104,31 @@ impl<K: Hash + Eq + Clone> Guards<K> {
         &self.shards[i]
     }
 
-    /// Tombstones `key` and runs `evict` under the same lock as fills.
-    pub(crate) fn invalidate_key(&self, key: &K, now: Timestamp, evict: impl FnOnce()) {
+    /// Tombstones `key` and runs `evict` (which says whether L1 held the key) under the
+    /// same lock as fills. `cause` is the remote message applied, if any.
+    pub(crate) fn invalidate_key(
+        &self,
+        key: &K,
+        now: Timestamp,
+        cause: Option<Cause>,
+        evict: impl FnOnce() -> bool,
+    ) {
         let mut shard = self.shard(key).lock();
         let at = self.advance();
         if shard.map.len() >= shard.sweep_at {
-            shard.map.retain(|_, (_, exp)| *exp > now);
+            shard.map.retain(|_, t| t.expires > now);
             shard.sweep_at = (shard.map.len() * 2).max(SWEEP_AT);
         }
-        shard.map.insert(key.clone(), (at, now.saturating_add(self.tombstone_ttl)));
-        evict();
+        let held = evict();
+        // A key dropped twice before anything refilled it was held for the first drop.
+        let held_before = shard.map.get(key).is_some_and(|t| t.held && t.expires > now);
+        let tombstone = Tombstone {
+            at,
+            expires: now.saturating_add(self.tombstone_ttl),
+            cause,
+            held: held || held_before,
+        };
+        shard.map.insert(key.clone(), tombstone);
     }
 
     /// Runs `store` if no invalidation of `key`, of the namespace, or of one of `tags`
@@ -109,15 +143,51 @@ impl<K: Hash + Eq + Clone> Guards<K> {
         tags: &[String],
         store: impl FnOnce() -> bool,
     ) -> bool {
+        self.fill_if_clean_after(key, start, now, tags, store).is_some()
+    }
+
+    /// [`Guards::fill_if_clean`], which also tells, when it stored, the remote message
+    /// behind the key's last invalidation before `start` (`Some(None)`: none, or this
+    /// instance's own write). Read under the same lock: no later invalidation can slip
+    /// between the check and the answer.
+    pub(crate) fn fill_if_clean_after(
+        &self,
+        key: &K,
+        start: LoadStart,
+        now: Timestamp,
+        tags: &[String],
+        store: impl FnOnce() -> bool,
+    ) -> Option<Option<Cause>> {
         if now.since(start.at) >= self.tombstone_ttl {
             // The tombstones that could prove this fill stale may be gone already.
-            return false;
+            return None;
         }
         let shard = self.shard(key).lock();
-        if shard.map.get(key).is_some_and(|(at, exp)| *at > start.seq && *exp > now) {
-            return false;
+        let last = shard.map.get(key).filter(|t| t.expires > now);
+        if last.is_some_and(|t| t.at > start.seq) || !self.valid(start.seq, tags) {
+            return None;
         }
-        if !self.valid(start.seq, tags) {
+        let cause = last.and_then(|t| t.cause);
+        let stored = store();
+        drop(shard);
+        stored.then_some(cause)
+    }
+
+    /// Runs `store` if `key`'s last invalidation here was the remote message `cause`, L1 held the key then, and no invalidation of `key`, the
+    /// namespace or one of `tags` came since (see
+    /// [`MessageBody::Reload`](crate::backplane::MessageBody::Reload)); returns what
+    /// `store` returned. Under the lock fills take, so `store` may look at L1.
+    pub(crate) fn install_reload(
+        &self,
+        key: &K,
+        cause: Cause,
+        now: Timestamp,
+        tags: &[String],
+        store: impl FnOnce() -> bool,
+    ) -> bool {
+        let shard = self.shard(key).lock();
+        let Some(t) = shard.map.get(key).copied() else { return false };
+        if t.cause != Some(cause) || !t.held || t.expires <= now || !self.valid(t.at, tags) {
             return false;
         }
         let stored = store();
@@ -129,7 +199,7 @@ impl<K: Hash + Eq + Clone> Guards<K> {
     /// tombstones still tell: they live the guard's tombstone lifetime).
     pub(crate) fn tombstoned_since(&self, key: &K, since: Timestamp) -> bool {
         let shard = self.shard(key).lock();
-        shard.map.get(key).is_some_and(|(_, exp)| exp.saturating_sub(self.tombstone_ttl) >= since)
+        shard.map.get(key).is_some_and(|t| t.expires.saturating_sub(self.tombstone_ttl) >= since)
     }
 
     /// The lowest `fill_seq` that survived the namespace invalidations so far.
@@ -184,7 +254,7 @@ mod tests {
     fn a_fill_that_began_before_its_key_was_invalidated_is_refused() {
         let (g, clock) = (Guards::<u64>::new(TTL, DEFAULT_MAX_TAG_EPOCHS), ManualClock::new());
         let before = g.start(clock.now());
-        g.invalidate_key(&1, clock.now(), || {});
+        g.invalidate_key(&1, clock.now(), None, || false);
         let after = g.start(clock.now());
         assert!(!fill(&g, 1, before, clock.now(), &[]));
         assert!(fill(&g, 2, before, clock.now(), &[]), "other keys are not affected");
@@ -195,7 +265,7 @@ mod tests {
     fn the_tombstone_outlives_the_slowest_allowed_fill() {
         let (g, clock) = (Guards::<u64>::new(TTL, DEFAULT_MAX_TAG_EPOCHS), ManualClock::new());
         let before = g.start(clock.now());
-        g.invalidate_key(&1, clock.now(), || {});
+        g.invalidate_key(&1, clock.now(), None, || false);
         clock.advance(TTL - Duration::from_millis(1));
         assert!(!fill(&g, 1, before, clock.now(), &[]), "the tombstone still holds");
         clock.advance(Duration::from_millis(1));
@@ -224,6 +294,51 @@ mod tests {
     }
 
     #[test]
+    fn a_reload_is_installed_only_over_the_invalidation_it_follows() {
+        let (g, clock) = (Guards::<u64>::new(TTL, DEFAULT_MAX_TAG_EPOCHS), ManualClock::new());
+        let now = clock.now();
+        let install =
+            |key: u64, cause: Cause, tags: &[String]| g.install_reload(&key, cause, now, tags, || true);
+        g.invalidate_key(&1, now, Some((7, 3)), || true);
+        assert!(!install(1, (7, 2), &[]), "another message");
+        assert!(!install(1, (8, 3), &[]), "another origin");
+        assert!(install(1, (7, 3), &[]));
+        g.invalidate_key(&2, now, Some((7, 4)), || false);
+        assert!(!install(2, (7, 4), &[]), "not held when dropped");
+        g.invalidate_key(&2, now, Some((7, 5)), || true);
+        g.invalidate_key(&2, now, Some((7, 6)), || false);
+        assert!(install(2, (7, 6), &[]), "held for the drop before, nothing refilled since");
+        g.invalidate_key(&3, now, Some((7, 7)), || true);
+        g.invalidate_key(&3, now, None, || false);
+        assert!(!install(3, (7, 7), &[]), "a write of this instance's since");
+        g.invalidate_key(&4, now, Some((7, 8)), || true);
+        g.invalidate_tag("t");
+        assert!(install(4, (7, 8), &[]));
+        assert!(!install(4, (7, 8), &["t".to_owned()]), "its tag invalidated since");
+        g.invalidate_all();
+        assert!(!install(4, (7, 8), &[]), "the namespace invalidated since");
+        assert!(!install(5, (7, 9), &[]), "never invalidated here");
+        g.invalidate_key(&6, now, Some((7, 10)), || true);
+        clock.advance(TTL);
+        assert!(!g.install_reload(&6, (7, 10), clock.now(), &[], || true), "the tombstone expired");
+    }
+
+    #[test]
+    fn a_clean_fill_tells_the_remote_invalidation_it_followed() {
+        let (g, clock) = (Guards::<u64>::new(TTL, DEFAULT_MAX_TAG_EPOCHS), ManualClock::new());
+        let now = clock.now();
+        g.invalidate_key(&1, now, Some((7, 3)), || true);
+        g.invalidate_key(&2, now, None, || true);
+        let start = g.start(now);
+        assert_eq!(g.fill_if_clean_after(&1, start, now, &[], || true), Some(Some((7, 3))));
+        assert_eq!(g.fill_if_clean_after(&2, start, now, &[], || true), Some(None), "its own write");
+        assert_eq!(g.fill_if_clean_after(&3, start, now, &[], || true), Some(None), "never invalidated");
+        assert_eq!(g.fill_if_clean_after(&1, start, now, &[], || false), None, "declined");
+        g.invalidate_key(&1, now, Some((7, 4)), || true);
+        assert_eq!(g.fill_if_clean_after(&1, start, now, &[], || true), None, "invalidated since the start");
+    }
+
+    #[test]
     fn store_may_decline_under_the_lock() {
         let (g, clock) = (Guards::<u64>::new(TTL, DEFAULT_MAX_TAG_EPOCHS), ManualClock::new());
         let start = g.start(clock.now());
@@ -234,11 +349,11 @@ mod tests {
     fn expired_tombstones_are_swept() {
         let (g, clock) = (Guards::<u64>::new(TTL, DEFAULT_MAX_TAG_EPOCHS), ManualClock::new());
         for k in 0..(SWEEP_AT as u64 * SHARDS as u64 * 2) {
-            g.invalidate_key(&k, clock.now(), || {});
+            g.invalidate_key(&k, clock.now(), None, || false);
         }
         clock.advance(TTL * 2);
         for k in 0..(SWEEP_AT as u64 * SHARDS as u64 * 2) {
-            g.invalidate_key(&(k + 1_000_000_000), clock.now(), || {});
+            g.invalidate_key(&(k + 1_000_000_000), clock.now(), None, || false);
         }
         let held: usize = g.shards.iter().map(|s| s.lock().map.len()).sum();
         assert!(held < SWEEP_AT * SHARDS * 3, "{held} tombstones held");

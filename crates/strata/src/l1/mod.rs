@@ -34,7 +34,7 @@
 mod guard;
 mod slot;
 
-pub(crate) use guard::{Guards, LoadStart};
+pub(crate) use guard::{Cause, Guards, LoadStart};
 pub(crate) use slot::{Entry, Meta, Slot, Tags, XFetchLead};
 
 use std::hash::{BuildHasher, Hash, Hasher};
@@ -304,7 +304,7 @@ impl<K: Hash + Eq, V: Clone> L1<K, V> {
     /// cold tombstone that is evicted leaves a ghost, as a cold entry would). A ghost
     /// of `key` is left as it is. quick_cache's `remove` would erase either record, so
     /// that a key invalidated or replaced would come back as if never seen.
-    pub(crate) fn invalidate(&self, key: &K) {
+    pub(crate) fn invalidate(&self, key: &K) -> bool {
         let hash = KEY_HASHER.hash_one(key);
         let mut shard = self.shard(hash).write();
         // `peek_mut` finds residents only, without counting a use; dropping its guard
@@ -314,8 +314,10 @@ impl<K: Hash + Eq, V: Clone> L1<K, V> {
             self.tombstones.fetch_add(1, Ordering::Relaxed);
         }
         drop(shard);
+        let held = old.is_some();
         // The old slot is dropped after the lock.
         drop(old);
+        held
     }
 
     /// Empties the table, the eviction policy's record of past keys included.

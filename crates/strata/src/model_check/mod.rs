@@ -140,9 +140,9 @@ impl World {
     /// `Inner::evict_key`: the key's tombstone, its L1 entry and its flight, under the
     /// guard's lock.
     pub(super) fn invalidate_key(&self, version: u64) {
-        self.guards.invalidate_key(&KEY, self.now(), || {
-            self.l1.invalidate(&KEY);
+        self.guards.invalidate_key(&KEY, self.now(), None, || {
             self.flights.detach(&KEY);
+            self.l1.invalidate(&KEY)
         });
         self.invalidation_returned(version);
     }

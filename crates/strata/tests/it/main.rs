@@ -23,6 +23,7 @@ mod hostile_bytes;
 mod l1_history;
 mod model;
 mod overload;
+mod reload;
 mod schema;
 mod sharded;
 mod single_flight;

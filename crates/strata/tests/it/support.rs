@@ -81,6 +81,24 @@ pub(crate) struct Fleet {
 }
 
 pub(crate) async fn fleet(n: usize, mode: Mode, clock: Option<ManualClock>) -> Fleet {
+    fleet_of(n, mode, clock, |b| b).await
+}
+
+/// [`fleet`] with a setting of the test's own on every builder.
+pub(crate) async fn fleet_with(
+    n: usize,
+    mode: Mode,
+    adjust: impl Fn(strata::CacheBuilder<u64, String>) -> strata::CacheBuilder<u64, String>,
+) -> Fleet {
+    fleet_of(n, mode, None, adjust).await
+}
+
+async fn fleet_of(
+    n: usize,
+    mode: Mode,
+    clock: Option<ManualClock>,
+    adjust: impl Fn(strata::CacheBuilder<u64, String>) -> strata::CacheBuilder<u64, String>,
+) -> Fleet {
     let clock_dyn: Option<Arc<dyn Clock>> = clock.map(|c| Arc::new(c) as Arc<dyn Clock>);
     let tier = match &clock_dyn {
         Some(c) => InProcessTier::with_config(TierConfig::default(), c.clone()),
@@ -100,7 +118,7 @@ pub(crate) async fn fleet(n: usize, mode: Mode, clock: Option<ManualClock>) -> F
         if let Some(c) = &clock_dyn {
             b = b.clock(c.clone());
         }
-        let cache = b.build().expect("valid config");
+        let cache = adjust(b).build().expect("valid config");
         cache.ready().await;
         conns.push(conn);
         caches.push(cache);
