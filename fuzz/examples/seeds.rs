@@ -66,7 +66,14 @@ fn messages() -> Vec<Message> {
         m(4, MessageBody::Bypass),
         m(4, MessageBody::Ack { to: 9, seq: 17 }),
         Message { sent_at_ms: 0, ..m(5, MessageBody::Invalidate(Scope::Keys(vec![]))) },
-        m(5, MessageBody::Reload { key: "7".into(), after: (0xfeed, 12), entry: Box::new(envelopes()[0].clone()) }),
+        m(
+            5,
+            MessageBody::Reload {
+                key: "7".into(),
+                after: (0xfeed, 12),
+                entry: Box::new(envelopes()[0].clone()),
+            },
+        ),
     ]
 }
 

@@ -82,7 +82,10 @@
 //! is also published on a channel named like the stream: one `PUBLISH` per entry
 //! however many subscribers; the stream is read where the pushes leave a gap, a quiet
 //! spell or a reconnect), or by blocking `XREAD`s ([`StreamDelivery`]; always on
-//! a Redis Cluster). Staleness bound: when healthy, the propagation delay (a push, or
+//! a Redis Cluster). Pushed reloads
+//! ([`MessageBody::Reload`](strata::backplane::MessageBody::Reload)) are no entries: they
+//! are published on `<stream>:reloads` to the pushed subscribers only (with blocking
+//! reads there are none), so the stream never holds values. Staleness bound: when healthy, the propagation delay (a push, or
 //! one `XREAD` round trip, after the publish: about 0.2 ms on loopback); when unhealthy (after
 //! `Disconnected`, or when heartbeats stop), the core's `max_stale`.
 //!

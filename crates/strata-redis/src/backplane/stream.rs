@@ -13,6 +13,9 @@
 //! a quiet period look the same). An entry without a readable `n` (not written by
 //! this backplane) is delivered without taking part in the numbering.
 //!
+//! A pushed reload ([`MessageBody::Reload`](strata::backplane::MessageBody::Reload)) is
+//! no entry: see [`RedisStreamBackplane`]'s `publish`.
+//!
 //! On a Redis Cluster both keys carry the hash tag `bp` and live on the master that
 //! serves its slot; each subscriber reads on a dedicated cluster connection (see the
 //! crate docs, "Redis Cluster", for what a failover of that master does).
@@ -75,7 +78,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use redis::Value;
-use strata::backplane::{Backplane, Message, OriginId, Subscription};
+use strata::backplane::{Backplane, Message, MessageBody, OriginId, Subscription};
 use strata::error::{Error, ErrorKind, Result};
 use tokio::sync::mpsc;
 
@@ -311,8 +314,33 @@ impl Backplane for RedisStreamBackplane {
         true
     }
 
+    /// A pushed reload is no invalidation, and may be lost (it costs its receivers an
+    /// L2 read), so it does not go into the stream, whose entries it would fill with
+    /// values: under push delivery it is published on its own channel, which every
+    /// pushed subscriber listens to; with blocking reads (a Cluster, Redis before 6) it
+    /// is dropped. Receivers need no order for it: the invalidations it follows come in
+    /// the stream's (see `strata`'s `cache::reload`).
     async fn publish(&self, message: &Message) -> Result<()> {
-        self.publish_batch(std::slice::from_ref(message)).await
+        if !matches!(message.body, MessageBody::Reload { .. }) {
+            return self.publish_batch(std::slice::from_ref(message)).await;
+        }
+        let inner = &self.inner;
+        if !inner.pushes() {
+            return Ok(());
+        }
+        let channel = inner.reload_channel();
+        let mut publish = redis::cmd("PUBLISH");
+        publish.arg(&channel).arg(&seal_message(inner.integrity.as_ref(), &channel, message)?[..]);
+        let what = "redis stream reload";
+        inner
+            .publisher
+            .call(inner.cfg.op_timeout, ErrorKind::Backplane, what, |mut c| async move {
+                publish.query_async::<()>(&mut c).await
+            })
+            .await
+            .map_err(|e| e.into_error())?;
+        inner.stats.published.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     async fn publish_batch(&self, messages: &[Message]) -> Result<()> {

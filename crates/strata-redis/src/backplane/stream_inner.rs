@@ -131,7 +131,7 @@ impl StreamInner {
             }
             Err(e) => return Err(e),
         };
-        let mut channels = vec![self.stream_key.clone()];
+        let mut channels = vec![self.stream_key.clone(), self.reload_channel()];
         channels.extend(ack_channel.map(str::to_owned));
         let grace = self.cfg.read_grace;
         let subscribed = match &mut conn {
@@ -163,6 +163,13 @@ impl StreamInner {
     /// a deploy changes it), none on a cluster (where a `PUBLISH` reaches every node).
     pub(crate) fn push_channel(&self) -> &str {
         if self.client.single().is_some() { &self.stream_key } else { "" }
+    }
+
+    /// The channel pushed reloads ([`MessageBody::Reload`](strata::backplane::MessageBody::Reload))
+    /// travel on under push delivery: beside the stream, not in it (see
+    /// `RedisStreamBackplane::publish`).
+    pub(crate) fn reload_channel(&self) -> String {
+        format!("{}:reloads", self.stream_key)
     }
 
     /// The stream of the acknowledgements addressed to `origin`: beside the shared

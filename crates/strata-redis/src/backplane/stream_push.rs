@@ -20,7 +20,7 @@
 use std::sync::atomic::Ordering;
 
 use redis::{PushKind, Value};
-use strata::backplane::BackplaneEvent;
+use strata::backplane::{BackplaneEvent, MessageBody};
 use strata::error::{Error, ErrorKind};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -80,6 +80,8 @@ impl StreamReader {
             let r = if channel == self.inner.stream_key.as_bytes() {
                 last_entry = Instant::now();
                 self.pushed(c, payload).await
+            } else if channel == self.inner.reload_channel().as_bytes() {
+                self.pushed_reload(payload).await
             } else if self.acks.as_ref().is_some_and(|(k, _)| k.as_bytes() == channel) {
                 self.deliver_ack_bytes(Some(payload)).await
             } else {
@@ -119,6 +121,22 @@ impl StreamReader {
             }
         }
         self.deliver_opened(e.id, e.number, Some(message), Gaps::Report).await.map(|_| ())
+    }
+
+    /// Delivers a pushed reload as it comes: it takes no part in the stream's numbering
+    /// or order (see `RedisStreamBackplane::publish`). Anything else on its channel is
+    /// malformed.
+    async fn pushed_reload(&mut self, payload: &[u8]) -> Result<(), Stop> {
+        let channel = self.inner.reload_channel();
+        match open_message(self.inner.integrity.as_ref(), &channel, payload) {
+            Some(m) if matches!(m.body, MessageBody::Reload { .. }) => {
+                self.send(BackplaneEvent::Message(m)).await
+            }
+            _ => {
+                tracing::debug!(subscriber = %self.name, "redis stream backplane: malformed reload skipped");
+                self.send(BackplaneEvent::Malformed).await
+            }
+        }
     }
 
     /// After a reconnect, delivers the acknowledgements kept in this origin's stream:

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use strata::backplane::{Message, MessageBody};
 use strata_redis::{RedisPubSubBackplane, RedisStreamBackplane};
 use strata_testkit::{FaultProxy, RedisServer};
 
@@ -162,4 +163,52 @@ async fn stream_fleet_writer_killed_before_its_publish_is_found_silent() {
         s.members_silent,
         s.repairs_flushed
     );
+}
+
+/// A key reloaded after another instance's invalidation is pushed to the instances
+/// that held it, on the reload channel beside the stream (the stream gains no entry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_fleet_reloads_reach_the_holders_beside_the_stream() {
+    let server = RedisServer::start();
+    let db = Db::default();
+    db.set(1, "v1");
+    let mut fleet = Vec::new();
+    for _ in 0..3 {
+        fleet.push(instance(&server, Arc::new(stream(&server).await)).await);
+    }
+    let (writer, reloader, holder) = (&fleet[0], &fleet[1], &fleet[2]);
+    for c in &fleet {
+        assert_eq!(c.get_or_load(&1, db.loader(1)).await.unwrap().as_deref(), Some("v1"));
+    }
+    db.set(1, "v2");
+    writer.invalidate(&1).await.unwrap();
+    until_dropped(reloader, 1, Duration::from_secs(2), "the reloader").await;
+    until_dropped(holder, 1, Duration::from_secs(2), "the holder").await;
+    let (loads, holder_l2) = (db.loads(), holder.stats().l2_hits);
+    assert_eq!(reloader.get_or_load(&1, db.loader(1)).await.unwrap().as_deref(), Some("v2"));
+    super::wait_until(Duration::from_secs(2), "the holder installed the reload", || {
+        holder.stats().reloads_installed == 1
+    })
+    .await;
+    assert_eq!(holder.get_or_load(&1, db.loader(1)).await.unwrap().as_deref(), Some("v2"));
+    assert_eq!(
+        (db.loads(), holder.stats().l2_hits),
+        (loads + 1, holder_l2),
+        "one load, no L2 read by the holder"
+    );
+    assert_eq!((reloader.stats().reloads_pushed, writer.stats().reloads_installed), (1, 0));
+    let client = redis::Client::open(server.url()).expect("client");
+    let mut c = client.get_multiplexed_async_connection().await.expect("connection");
+    let all: redis::streams::StreamRangeReply =
+        redis::cmd("XRANGE").arg("strata:{bp}").arg("-").arg("+").query_async(&mut c).await.expect("XRANGE");
+    let bodies: Vec<MessageBody> = all
+        .ids
+        .iter()
+        .filter_map(|e| match e.map.get("m") {
+            Some(redis::Value::BulkString(b)) => Message::decode(b).ok().map(|m| m.body),
+            _ => None,
+        })
+        .collect();
+    assert!(bodies.iter().any(|b| matches!(b, MessageBody::Invalidate(_))), "the stream read back");
+    assert!(!bodies.iter().any(|b| matches!(b, MessageBody::Reload { .. })), "no reload in the stream");
 }
