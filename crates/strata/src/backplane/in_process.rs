@@ -237,9 +237,11 @@ impl Backplane for InProcessBackplane {
     }
 
     /// One hub delivers under one lock, in one order, unless this connection's
-    /// [`FaultControl::set_reorder`] is on.
+    /// [`FaultControl::set_reorder`] is on or it ever dropped a message silently
+    /// ([`FaultControl::drop_next`]).
     fn delivers_in_one_order(&self) -> bool {
-        !self.faults.reorder.load(Ordering::SeqCst)
+        let f = &self.faults;
+        !f.reorder.load(Ordering::SeqCst) && f.drop_next.load(Ordering::SeqCst) == 0 && f.dropped() == 0
     }
 
     async fn publish(&self, message: &Message) -> Result<()> {

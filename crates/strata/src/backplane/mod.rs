@@ -234,12 +234,15 @@ pub trait Backplane: Send + Sync + 'static {
     /// stream) or handed to it (Pub/Sub).
     async fn publish(&self, message: &Message) -> Result<()>;
 
-    /// True when every subscriber of a namespace receives its messages, whatever their
-    /// origins, in one order (one stream, one Pub/Sub channel on one server). Pushed
-    /// reloads ([`MessageBody::Reload`]) rely on it: a receiver installs one only if the
-    /// last invalidation it heard of the key is the one the sender's load followed,
-    /// which shows it heard no invalidation the sender had not. Default false: the
-    /// cache then neither pushes nor installs reloads.
+    /// True when every subscriber of a namespace receives its invalidations, whatever
+    /// their origins, in one order and without a hole it is not told of (one numbered
+    /// stream, one Pub/Sub channel on one server, whose losses end the subscription):
+    /// what a subscriber applied is a prefix of that order, or it knows it is not.
+    /// Pushed reloads ([`MessageBody::Reload`]) rely on it: a receiver installs one only
+    /// if the last invalidation it heard of the key is the one the sender's load
+    /// followed, which then shows it heard no invalidation of the key the sender had not.
+    /// Reloads themselves need no order. Default false: the cache then neither pushes
+    /// nor installs reloads.
     fn delivers_in_one_order(&self) -> bool {
         false
     }

@@ -26,10 +26,14 @@ use crate::tier::Envelope;
 
 impl<K: CacheKey, V: CacheValue> Inner<K, V> {
     /// Whether this cache pushes and installs reloads: on, below the Strong level, over
-    /// a backplane that delivers in one order.
+    /// a backplane that delivers in one order, while it is healthy and no member is
+    /// doubted (a loss it reported may not be repaired yet: this instance's word on a
+    /// key may be behind, or ahead of, the sender's).
     fn reloads_travel(&self) -> bool {
         self.cfg.push_reloads > 0
             && !self.cfg.is_strong()
+            && self.health.is_healthy()
+            && !self.health.is_doubted()
             && self.fleet.as_ref().is_some_and(|f| f.backplane().delivers_in_one_order())
     }
 

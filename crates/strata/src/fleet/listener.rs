@@ -353,10 +353,10 @@ impl<H: Host> Listener<'_, H> {
             self.apply(&m.body, None);
             return false;
         };
-        // An acknowledgement addressed to us may travel apart from the origin's messages
-        // (its own channel), so it can arrive before the invalidation it follows: its
-        // sequence number says nothing about what we missed.
-        let is_ack = matches!(m.body, MessageBody::Ack { .. });
+        // An acknowledgement addressed to us, or a reload, may travel apart from the
+        // origin's messages (its own channel), so it can arrive before the invalidation
+        // it follows: its sequence number says nothing about what we missed.
+        let is_ack = matches!(m.body, MessageBody::Ack { .. } | MessageBody::Reload { .. });
         // A late duplicate is applied again, but is not the key's latest word.
         let cause = self.origins.is_new(m.origin, m.seq).then_some((m.origin, m.seq));
         let tracked = if is_ack {
@@ -393,8 +393,8 @@ impl<H: Host> Listener<'_, H> {
         if let Some((from, to)) = tracked.missed {
             in_order &= self.repair(m.origin, from, to).await;
         }
-        if let (MessageBody::Reload { key, after, entry }, true) = (&m.body, in_order) {
-            host.apply_reload(key, *after, entry); // nothing of its origin's missing
+        if let MessageBody::Reload { key, after, entry } = &m.body {
+            host.apply_reload(key, *after, entry);
         }
         if m.body == MessageBody::Leave {
             // Closed before it said so: at the Strong level no write waits for it any
