@@ -427,11 +427,17 @@ pub async fn run(args: CheckArgs) -> Result<()> {
     for w in &mut workers {
         w.send("stop").await?;
     }
+    let mut installed = 0;
     for w in &mut workers {
-        let n = w.expect("stopped", Duration::from_secs(60)).await?;
-        skipped.insert(w.name.clone(), n.parse::<u64>().unwrap_or(0));
+        let line = w.expect("stopped", Duration::from_secs(60)).await?;
+        let mut counts = line.split_whitespace().map(|n| n.parse::<u64>().unwrap_or(0));
+        skipped.insert(w.name.clone(), counts.next().unwrap_or(0));
+        installed += counts.next().unwrap_or(0);
     }
-    eprintln!("strata check: load stopped; settling for {} ms ...", settle.as_millis());
+    eprintln!(
+        "strata check: load stopped ({installed} pushed reloads installed); settling for {} ms ...",
+        settle.as_millis()
+    );
     tokio::time::sleep(settle).await;
 
     let mut end = Quiescence::default();

@@ -158,7 +158,8 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
     let _ = stop_tx.send(true);
     let skipped = load.await.context("the load task failed")?;
     recorder.flush().context("cannot write the history")?;
-    say(&format!("stopped {skipped}"))?;
+    // The reloads this instance installed from the others' pushes, for the progress log.
+    say(&format!("stopped {skipped} {}", cache.stats().reloads_installed))?;
     if command != "stop" {
         return Ok(());
     }
