@@ -150,6 +150,13 @@ mod checked {
                 Self::Model(a) => a.fetch_add(value, order),
             }
         }
+
+        pub(crate) fn fetch_max(&self, value: u64, order: Ordering) -> u64 {
+            match self {
+                Self::Real(a) => a.fetch_max(value, order),
+                Self::Model(a) => a.fetch_max(value, order),
+            }
+        }
     }
 
     pub(crate) enum AtomicBool {

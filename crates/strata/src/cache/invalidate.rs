@@ -12,7 +12,7 @@ use crate::clock::Timestamp;
 use crate::error::{Error, ErrorKind, Result};
 use crate::fleet::{Attempt, NotSent};
 use crate::key::{CacheKey, CacheValue};
-use crate::l1::{Cause, LoadStart};
+use crate::l1::{By, LoadStart};
 use crate::scope::Scope;
 
 /// What a [`Scope`]'s L2 invalidation is called in logs and errors.
@@ -37,14 +37,14 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
             return Ok(());
         }
         self.clean_l2_if_bypassed().await;
-        self.drop_local(scope, typed, None);
+        self.drop_local(scope, typed, By::Own);
         let mut first_err = None;
         if let Some(l2) = &self.l2 {
             match l2.call(l2_call_name(scope), &self.stats, l2.tier().invalidate(l2.ns(), scope)).await {
                 // A read here that reached L2 just before the delete may have put the old
                 // value back in our L1 (we skip our own message): drop it once more.
                 Ok(()) => {
-                    self.drop_local(scope, typed, None);
+                    self.drop_local(scope, typed, By::Own);
                 }
                 Err(e) => {
                     self.l2_invalidation_failed(scope, &e);
@@ -61,14 +61,15 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
 
     /// Drops this instance's copies `scope` covers and keeps the loads in flight from
     /// storing what they read before: keys are tombstoned, tags and the namespace get a
-    /// new epoch. `cause` is the remote message applied (none for this instance's own
-    /// invalidations). Returns how many keys of a key scope could not be parsed.
-    pub(crate) fn drop_local(&self, scope: &Scope, typed: Option<&[K]>, cause: Option<Cause>) -> u64 {
+    /// new epoch. `by` says who invalidated (see [`By`]). Returns how many keys of a key
+    /// scope could not be parsed.
+    pub(crate) fn drop_local(&self, scope: &Scope, typed: Option<&[K]>, by: By) -> u64 {
+        let own_wide = by == By::Own && !matches!(scope, Scope::Keys(_));
         match (scope, typed) {
             (Scope::Keys(_), Some(keys)) => {
                 let now = self.now();
                 for key in keys {
-                    self.evict_key(key, now, cause);
+                    self.evict_key(key, now, by);
                 }
                 0
             }
@@ -77,7 +78,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
                 let mut bad = 0;
                 for k in keys {
                     match K::parse_key(k) {
-                        Some(key) => self.evict_key(&key, now, cause),
+                        Some(key) => self.evict_key(&key, now, by),
                         None => bad += 1,
                     }
                 }
@@ -86,6 +87,9 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
             (Scope::Tag(tag), _) => {
                 self.note_wide_invalidation();
                 self.guards.invalidate_tag(tag);
+                if own_wide {
+                    self.guards.own_wide_invalidation();
+                }
                 // Loads in flight may carry the tag; their fills are refused by the epoch
                 // check, but new readers must not join them.
                 self.flights.detach_all();
@@ -94,6 +98,9 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
             (Scope::All, _) => {
                 self.note_wide_invalidation();
                 self.flush_l1();
+                if own_wide {
+                    self.guards.own_wide_invalidation();
+                }
                 0
             }
         }
@@ -121,8 +128,8 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
 
     /// Drops `key`'s L1 entry under the fill guards' tombstone (L1 leaves one of its own
     /// in the entry's place, so that the key keeps its standing: see `L1::invalidate`).
-    pub(crate) fn evict_key(&self, key: &K, now: Timestamp, cause: Option<Cause>) {
-        self.guards.invalidate_key(key, now, cause, || {
+    pub(crate) fn evict_key(&self, key: &K, now: Timestamp, by: By) {
+        self.guards.invalidate_key(key, now, by, || {
             self.flights.detach(key);
             self.l1.invalidate(key)
         });
@@ -201,7 +208,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
     /// bounds, not after an outage.
     async fn publish_or_buffer(&self, body: MessageBody) -> Result<u64> {
         let Some(fleet) = &self.fleet else { return Ok(0) };
-        match fleet.send(&body, &self.stats, Attempt::FailFast).await {
+        match fleet.send(&body, &self.stats, Attempt::FailFast, self.guards.mark()).await {
             Ok(seq) => Ok(seq),
             Err(NotSent { error, queued: true }) => {
                 tracing::debug!(error = %error, namespace = %self.cfg.namespace, "message not published yet; it stays queued, in order");
@@ -281,7 +288,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
         if self.l2.is_some() {
             self.retry_unlocks().await;
             for scope in &scopes {
-                self.drop_local(scope, None, None);
+                self.drop_local(scope, None, By::Own);
             }
         }
         let Some(fleet) = &self.fleet else {
@@ -299,7 +306,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
         while let Some(body) = iter.next() {
             // A probe: the first of these to succeed is what tells callers the
             // backplane is back.
-            if let Err(not_sent) = fleet.send(&body, &self.stats, Attempt::Probe).await {
+            if let Err(not_sent) = fleet.send(&body, &self.stats, Attempt::Probe, self.guards.mark()).await {
                 // One still in the outbox goes out from there; the ones after it were
                 // not tried.
                 let again = (!not_sent.queued).then_some(body);

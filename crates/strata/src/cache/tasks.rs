@@ -14,7 +14,7 @@ use crate::clock::Timestamp;
 use crate::error::{Error, ErrorKind};
 use crate::fleet::{self, Fleet, Health, Host};
 use crate::key::{CacheKey, CacheValue};
-use crate::l1::Cause;
+use crate::l1::{By, Cause};
 use crate::scope::Scope;
 use crate::stats::Stats;
 use crate::tier::Envelope;
@@ -117,7 +117,7 @@ impl<K: CacheKey, V: CacheValue> Host for Inner<K, V> {
     }
 
     fn apply_remote(&self, scope: &Scope, cause: Option<Cause>) {
-        let malformed = self.drop_local(scope, None, cause);
+        let malformed = self.drop_local(scope, None, cause.map_or(By::Unknown, By::Message));
         let applied = match scope {
             Scope::Keys(keys) => keys.len() as u64 - malformed,
             Scope::Tag(_) | Scope::All => 1,
@@ -136,6 +136,10 @@ impl<K: CacheKey, V: CacheValue> Host for Inner<K, V> {
 
     fn apply_reload(&self, key: &str, after: Cause, entry: &Envelope) {
         self.install_reload(key, after, entry);
+    }
+
+    fn own_settled(&self, mark: u64) {
+        self.guards.own_settled(mark);
     }
 
     fn flush_local(&self) {

@@ -4,7 +4,7 @@ use super::Cache;
 use crate::clock::Timestamp;
 use crate::error::Result;
 use crate::key::{CacheKey, CacheValue};
-use crate::l1::{LoadStart, Slot};
+use crate::l1::{By, LoadStart, Slot};
 use crate::scope::Scope;
 
 impl<K: CacheKey, V: CacheValue> Cache<K, V> {
@@ -22,7 +22,7 @@ impl<K: CacheKey, V: CacheValue> Cache<K, V> {
         };
         inner.clean_l2_if_bypassed().await;
         let now = inner.clock.now();
-        inner.evict_key(&key, now, None);
+        inner.evict_key(&key, now, By::Own);
         let start = inner.guards.start(now);
         let entry = inner.make_entry(Some(value), now, 0, start, tags.clone());
         inner.fill_l1(&key, entry, start);

@@ -29,6 +29,7 @@ use super::state::{Inner, Lifetime};
 use crate::backplane::MessageBody;
 use crate::error::{Error, ErrorKind, Result};
 use crate::key::{CacheKey, CacheValue};
+use crate::l1::By;
 use crate::scope::Scope;
 
 /// The scopes a write names, merged: one key scope (sorted, without duplicates), each
@@ -84,7 +85,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
         }
         self.clean_l2_if_bypassed().await;
         for scope in &scopes {
-            self.drop_local(scope, None, None);
+            self.drop_local(scope, None, By::Own);
         }
         for scope in &scopes {
             let res = l2.call("lock", &self.stats, l2.tier().lock(l2.ns(), scope, lock.id, lock.ttl)).await;
@@ -106,7 +107,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
         };
         // L1s may have been refilled from L2 before the lock: drop them again.
         for scope in &lock.scopes {
-            self.drop_local(scope, None, None);
+            self.drop_local(scope, None, By::Own);
         }
         lock.message = Some(message.clone());
         if let Err(e) = self.publish(MessageBody::Invalidate(message)).await {
@@ -132,7 +133,7 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
             }
         }
         for scope in &scopes {
-            self.drop_local(scope, None, None);
+            self.drop_local(scope, None, By::Own);
         }
         if let Some(message) = lock.message.take()
             && !self.cfg.is_strong()

@@ -319,6 +319,9 @@ impl<H: Host> Listener<'_, H> {
                 host.stats().suspicious_messages.incr();
                 return false;
             }
+            if let (false, Some(mark)) = (m.is_control(), self.fleet.heard_own(m.seq)) {
+                host.own_settled(mark);
+            }
             if m.is_heartbeat() {
                 if cfg.strong
                     && host.health().heard_own_heartbeat()
@@ -556,20 +559,12 @@ impl<H: Host> Listener<'_, H> {
         replayed
     }
 
+    /// Applies what a message asks (only invalidations and, at Strong, bypasses do).
     fn apply(&self, body: &MessageBody, cause: Option<Cause>) {
         match body {
             MessageBody::Invalidate(scope) => self.host.apply_remote(scope, cause),
-            MessageBody::Bypass => {
-                if self.fleet.config().strong {
-                    self.host.bypass();
-                }
-            }
-            MessageBody::Heartbeat
-            | MessageBody::BufferedHeartbeat
-            | MessageBody::Ack { .. }
-            | MessageBody::Digest(_)
-            | MessageBody::Leave
-            | MessageBody::Reload { .. } => {}
+            MessageBody::Bypass if self.fleet.config().strong => self.host.bypass(),
+            _ => {}
         }
     }
 }

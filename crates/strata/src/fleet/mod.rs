@@ -55,6 +55,8 @@ pub(crate) trait Host: Send + Sync + 'static {
     /// Installs a reload another instance pushed after invalidation `after` (see
     /// [`MessageBody::Reload`](crate::backplane::MessageBody::Reload)).
     fn apply_reload(&self, key: &str, after: Cause, entry: &Envelope);
+    /// A message of this instance's own came back, sent with `mark` (see `Fleet::send`).
+    fn own_settled(&self, mark: u64);
     /// Drops every local copy and refuses the fills in flight: the repair of a gap.
     fn flush_local(&self);
     /// Whether an L2 invalidation of this instance waits in its retry buffer (its
@@ -105,6 +107,10 @@ pub(crate) struct FleetConfig {
 /// length of an outage.
 const PUBLISHER_WAIT: Duration = Duration::from_millis(100);
 
+/// Marks of messages not heard back kept at most (see [`Fleet::send`]); the oldest go
+/// first, which only delays what their hearing would have settled.
+const MAX_MARKS: usize = 4096;
+
 /// How a message may wait for the backplane.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Attempt {
@@ -148,6 +154,8 @@ pub(crate) struct Fleet {
     publisher: tokio::sync::Mutex<()>,
     /// The numbered messages waiting to be published.
     outbox: Outbox,
+    /// `(seq, mark)` of this instance's messages not heard back yet (see [`Fleet::send`]).
+    marks: parking_lot::Mutex<std::collections::VecDeque<(u64, u64)>>,
     /// This instance's heartbeats so far (the count a digest carries).
     beats: AtomicU64,
     /// The publish breaker: set when a publish failed, cleared when one succeeded.
@@ -162,6 +170,7 @@ impl Fleet {
             cfg,
             publisher: tokio::sync::Mutex::new(()),
             outbox: Outbox::default(),
+            marks: Default::default(),
             beats: AtomicU64::new(0),
             down: AtomicBool::new(false),
             members: Members::default(),
@@ -204,15 +213,27 @@ impl Fleet {
     /// long as the message is not delivered, and for good if this instance dies first.
     /// Numbers given up in a row show as one gap, so an outage costs each receiver one
     /// repair.
+    ///
+    /// `mark` is the sender's local clock (see `Guards::mark`), handed back by
+    /// [`Fleet::heard_own`] when the message comes back to this instance.
     pub(crate) async fn send(
         &self,
         body: &MessageBody,
         stats: &Stats,
         attempt: Attempt,
+        mark: u64,
     ) -> std::result::Result<u64, NotSent> {
         let (seq, mut done, burned) = self
             .outbox
-            .push(|seq| self.message(seq, body.clone()))
+            .push(|seq| {
+                // Under the outbox's lock: the marks queue in number order.
+                let mut marks = self.marks.lock();
+                if marks.len() == MAX_MARKS {
+                    marks.pop_front();
+                }
+                marks.push_back((seq, mark));
+                self.message(seq, body.clone())
+            })
             .map_err(|error| NotSent { error, queued: false })?;
         stats.messages_given_up.add(burned);
         let outcome = match self.publisher_or_outcome(attempt, &mut done).await {
@@ -232,6 +253,17 @@ impl Fleet {
             }
             NotSent { error, queued }
         })
+    }
+
+    /// The mark [`Fleet::send`] was given for this instance's message `seq`, now heard
+    /// back (messages come back in number order; marks of earlier ones not heard are
+    /// dropped).
+    pub(crate) fn heard_own(&self, seq: u64) -> Option<u64> {
+        let mut marks = self.marks.lock();
+        while marks.front().is_some_and(|&(s, _)| s < seq) {
+            marks.pop_front();
+        }
+        marks.front().filter(|&&(s, _)| s == seq).map(|&(_, mark)| mark)
     }
 
     /// Messages waiting in the outbox.

@@ -33,6 +33,21 @@ struct Tombstones<K> {
 /// sequence number (see [`MessageBody::Reload`](crate::backplane::MessageBody::Reload)).
 pub(crate) type Cause = (OriginId, u64);
 
+/// Who invalidated a key here, as its tombstone records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum By {
+    /// This instance (a write of its own). It is applied at once, before its message
+    /// takes its place in the backplane's order, so a remote message applied after it
+    /// may come before it in that order: until this instance hears back a message of
+    /// its own sent after it ([`Guards::own_settled`]), no remote message is the key's
+    /// last word.
+    Own,
+    /// A remote message, believed, in the backplane's order.
+    Message(Cause),
+    /// A message not believed, or replayed out of order by a repair.
+    Unknown,
+}
+
 /// A key's last invalidation here.
 #[derive(Clone, Copy)]
 struct Tombstone {
@@ -40,8 +55,11 @@ struct Tombstone {
     at: u64,
     /// When it may be forgotten.
     expires: Timestamp,
-    /// The remote message it applied; `None` for this instance's own writes.
+    /// The remote message it applied, when that is the key's last word here (see [`By`]).
     cause: Option<Cause>,
+    /// The local clock value of the last drop of the key by a write of this instance's
+    /// own while this tombstone or one it replaced lived (0: none).
+    own_at: u64,
     /// Whether L1 held the key when this invalidation (or one before it that no fill
     /// followed) dropped it: only then is a pushed reload worth installing.
     held: bool,
@@ -69,6 +87,11 @@ pub(crate) struct Guards<K> {
     /// Tombstones; the shard lock also serialises "check guards then insert into L1"
     /// against "tombstone then evict", which is what makes the L1 guard airtight.
     shards: Box<[Mutex<Tombstones<K>>]>,
+    /// The local clock value of the last tag or namespace invalidation of this
+    /// instance's own (see [`Guards::own_wide_invalidation`]).
+    own_wide_at: AtomicU64,
+    /// The largest [`Guards::mark`] of a message of this instance's own heard back.
+    own_settled: AtomicU64,
     hasher: std::collections::hash_map::RandomState,
     tombstone_ttl: Duration,
 }
@@ -85,6 +108,8 @@ impl<K: Hash + Eq + Clone> Guards<K> {
             shards: (0..SHARDS)
                 .map(|_| Mutex::new(Tombstones { map: HashMap::new(), sweep_at: SWEEP_AT }))
                 .collect(),
+            own_wide_at: AtomicU64::new(0),
+            own_settled: AtomicU64::new(0),
             hasher: Default::default(),
             tombstone_ttl,
         }
@@ -105,14 +130,8 @@ impl<K: Hash + Eq + Clone> Guards<K> {
     }
 
     /// Tombstones `key` and runs `evict` (which says whether L1 held the key) under the
-    /// same lock as fills. `cause` is the remote message applied, if any.
-    pub(crate) fn invalidate_key(
-        &self,
-        key: &K,
-        now: Timestamp,
-        cause: Option<Cause>,
-        evict: impl FnOnce() -> bool,
-    ) {
+    /// same lock as fills. `by` says who invalidated it.
+    pub(crate) fn invalidate_key(&self, key: &K, now: Timestamp, by: By, evict: impl FnOnce() -> bool) {
         let mut shard = self.shard(key).lock();
         let at = self.advance();
         if shard.map.len() >= shard.sweep_at {
@@ -120,14 +139,16 @@ impl<K: Hash + Eq + Clone> Guards<K> {
             shard.sweep_at = (shard.map.len() * 2).max(SWEEP_AT);
         }
         let held = evict();
+        let before = shard.map.get(key).filter(|t| t.expires > now);
         // A key dropped twice before anything refilled it was held for the first drop.
-        let held_before = shard.map.get(key).is_some_and(|t| t.held && t.expires > now);
-        let tombstone = Tombstone {
-            at,
-            expires: now.saturating_add(self.tombstone_ttl),
-            cause,
-            held: held || held_before,
+        let held = held || before.is_some_and(|t| t.held);
+        let own_at = if by == By::Own { at } else { before.map_or(0, |t| t.own_at) };
+        let cause = match by {
+            By::Message(c) if own_at <= self.own_settled.load(Ordering::SeqCst) => Some(c),
+            _ => None,
         };
+        let tombstone =
+            Tombstone { at, expires: now.saturating_add(self.tombstone_ttl), cause, own_at, held };
         shard.map.insert(key.clone(), tombstone);
     }
 
@@ -185,6 +206,11 @@ impl<K: Hash + Eq + Clone> Guards<K> {
         tags: &[String],
         store: impl FnOnce() -> bool,
     ) -> bool {
+        if self.own_wide_at.load(Ordering::SeqCst) > self.own_settled.load(Ordering::SeqCst) {
+            // A tag or namespace invalidation of this instance's own may not have taken
+            // its place in the backplane's order yet (see [`By::Own`]).
+            return false;
+        }
         let shard = self.shard(key).lock();
         let Some(t) = shard.map.get(key).copied() else { return false };
         if t.cause != Some(cause) || !t.held || t.expires <= now || !self.valid(t.at, tags) {
@@ -221,6 +247,25 @@ impl<K: Hash + Eq + Clone> Guards<K> {
         self.tag_epochs.read().valid(fill_seq, tags)
     }
 
+    /// A tag or namespace invalidation of this instance's own just ran: no pushed
+    /// reload is installed until it is settled (see [`By::Own`]).
+    pub(crate) fn own_wide_invalidation(&self) {
+        self.own_wide_at.fetch_max(self.seq.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+
+    /// This instance heard back a message of its own sent when its local clock read
+    /// `mark` (see [`Guards::mark`]): every invalidation of its own up to then has its
+    /// place in the backplane's order, before every remote message applied from now on.
+    pub(crate) fn own_settled(&self, mark: u64) {
+        self.own_settled.fetch_max(mark, Ordering::SeqCst);
+    }
+
+    /// The local clock, read when a message of this instance's own is sent: it covers
+    /// every invalidation this instance applied before.
+    pub(crate) fn mark(&self) -> u64 {
+        self.seq.load(Ordering::SeqCst)
+    }
+
     /// Invalidates every entry carrying `tag` (lazily, on read).
     pub(crate) fn invalidate_tag(&self, tag: &str) {
         let mut epochs = self.tag_epochs.write();
@@ -254,7 +299,7 @@ mod tests {
     fn a_fill_that_began_before_its_key_was_invalidated_is_refused() {
         let (g, clock) = (Guards::<u64>::new(TTL, DEFAULT_MAX_TAG_EPOCHS), ManualClock::new());
         let before = g.start(clock.now());
-        g.invalidate_key(&1, clock.now(), None, || false);
+        g.invalidate_key(&1, clock.now(), By::Own, || false);
         let after = g.start(clock.now());
         assert!(!fill(&g, 1, before, clock.now(), &[]));
         assert!(fill(&g, 2, before, clock.now(), &[]), "other keys are not affected");
@@ -265,7 +310,7 @@ mod tests {
     fn the_tombstone_outlives_the_slowest_allowed_fill() {
         let (g, clock) = (Guards::<u64>::new(TTL, DEFAULT_MAX_TAG_EPOCHS), ManualClock::new());
         let before = g.start(clock.now());
-        g.invalidate_key(&1, clock.now(), None, || false);
+        g.invalidate_key(&1, clock.now(), By::Own, || false);
         clock.advance(TTL - Duration::from_millis(1));
         assert!(!fill(&g, 1, before, clock.now(), &[]), "the tombstone still holds");
         clock.advance(Duration::from_millis(1));
@@ -299,42 +344,55 @@ mod tests {
         let now = clock.now();
         let install =
             |key: u64, cause: Cause, tags: &[String]| g.install_reload(&key, cause, now, tags, || true);
-        g.invalidate_key(&1, now, Some((7, 3)), || true);
+        g.invalidate_key(&1, now, By::Message((7, 3)), || true);
         assert!(!install(1, (7, 2), &[]), "another message");
         assert!(!install(1, (8, 3), &[]), "another origin");
         assert!(install(1, (7, 3), &[]));
-        g.invalidate_key(&2, now, Some((7, 4)), || false);
+        g.invalidate_key(&2, now, By::Message((7, 4)), || false);
         assert!(!install(2, (7, 4), &[]), "not held when dropped");
-        g.invalidate_key(&2, now, Some((7, 5)), || true);
-        g.invalidate_key(&2, now, Some((7, 6)), || false);
+        g.invalidate_key(&2, now, By::Message((7, 5)), || true);
+        g.invalidate_key(&2, now, By::Message((7, 6)), || false);
         assert!(install(2, (7, 6), &[]), "held for the drop before, nothing refilled since");
-        g.invalidate_key(&3, now, Some((7, 7)), || true);
-        g.invalidate_key(&3, now, None, || false);
+        g.invalidate_key(&3, now, By::Message((7, 7)), || true);
+        g.invalidate_key(&3, now, By::Own, || false);
         assert!(!install(3, (7, 7), &[]), "a write of this instance's since");
-        g.invalidate_key(&4, now, Some((7, 8)), || true);
+        g.invalidate_key(&3, now, By::Message((7, 11)), || false);
+        assert!(!install(3, (7, 11), &[]), "a message applied after an own write may precede it");
+        g.own_settled(g.mark());
+        g.invalidate_key(&3, now, By::Message((7, 14)), || false);
+        assert!(install(3, (7, 14), &[]), "one applied after the own write's message came back");
+        g.invalidate_key(&7, now, By::Message((7, 12)), || true);
+        g.invalidate_key(&7, now, By::Unknown, || false);
+        assert!(!install(7, (7, 12), &[]), "a replayed message since");
+        g.invalidate_key(&4, now, By::Message((7, 8)), || true);
         g.invalidate_tag("t");
         assert!(install(4, (7, 8), &[]));
         assert!(!install(4, (7, 8), &["t".to_owned()]), "its tag invalidated since");
         g.invalidate_all();
         assert!(!install(4, (7, 8), &[]), "the namespace invalidated since");
         assert!(!install(5, (7, 9), &[]), "never invalidated here");
-        g.invalidate_key(&6, now, Some((7, 10)), || true);
+        g.invalidate_key(&6, now, By::Message((7, 10)), || true);
+        g.own_wide_invalidation();
+        assert!(!install(6, (7, 10), &[]), "an own tag or namespace invalidation not settled");
+        g.own_settled(g.mark());
+        assert!(install(6, (7, 10), &[]), "settled");
+        g.invalidate_key(&6, now, By::Message((7, 13)), || true);
         clock.advance(TTL);
-        assert!(!g.install_reload(&6, (7, 10), clock.now(), &[], || true), "the tombstone expired");
+        assert!(!g.install_reload(&6, (7, 13), clock.now(), &[], || true), "the tombstone expired");
     }
 
     #[test]
     fn a_clean_fill_tells_the_remote_invalidation_it_followed() {
         let (g, clock) = (Guards::<u64>::new(TTL, DEFAULT_MAX_TAG_EPOCHS), ManualClock::new());
         let now = clock.now();
-        g.invalidate_key(&1, now, Some((7, 3)), || true);
-        g.invalidate_key(&2, now, None, || true);
+        g.invalidate_key(&1, now, By::Message((7, 3)), || true);
+        g.invalidate_key(&2, now, By::Own, || true);
         let start = g.start(now);
         assert_eq!(g.fill_if_clean_after(&1, start, now, &[], || true), Some(Some((7, 3))));
         assert_eq!(g.fill_if_clean_after(&2, start, now, &[], || true), Some(None), "its own write");
         assert_eq!(g.fill_if_clean_after(&3, start, now, &[], || true), Some(None), "never invalidated");
         assert_eq!(g.fill_if_clean_after(&1, start, now, &[], || false), None, "declined");
-        g.invalidate_key(&1, now, Some((7, 4)), || true);
+        g.invalidate_key(&1, now, By::Message((7, 4)), || true);
         assert_eq!(g.fill_if_clean_after(&1, start, now, &[], || true), None, "invalidated since the start");
     }
 
@@ -349,11 +407,11 @@ mod tests {
     fn expired_tombstones_are_swept() {
         let (g, clock) = (Guards::<u64>::new(TTL, DEFAULT_MAX_TAG_EPOCHS), ManualClock::new());
         for k in 0..(SWEEP_AT as u64 * SHARDS as u64 * 2) {
-            g.invalidate_key(&k, clock.now(), None, || false);
+            g.invalidate_key(&k, clock.now(), By::Own, || false);
         }
         clock.advance(TTL * 2);
         for k in 0..(SWEEP_AT as u64 * SHARDS as u64 * 2) {
-            g.invalidate_key(&(k + 1_000_000_000), clock.now(), None, || false);
+            g.invalidate_key(&(k + 1_000_000_000), clock.now(), By::Own, || false);
         }
         let held: usize = g.shards.iter().map(|s| s.lock().map.len()).sum();
         assert!(held < SWEEP_AT * SHARDS * 3, "{held} tombstones held");

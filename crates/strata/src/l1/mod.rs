@@ -34,7 +34,7 @@
 mod guard;
 mod slot;
 
-pub(crate) use guard::{Cause, Guards, LoadStart};
+pub(crate) use guard::{By, Cause, Guards, LoadStart};
 pub(crate) use slot::{Entry, Meta, Slot, Tags, XFetchLead};
 
 use std::hash::{BuildHasher, Hash, Hasher};

@@ -8,7 +8,8 @@
 //! which the cache calls them, step for step, each step naming the function it stands
 //! for: the read path (`Cache::get_or_load`, `Inner::probe`), the flight
 //! (`Inner::run_flight`, `Inner::fill_l1`), early refresh (`Inner::spawn_refresh`) and
-//! the local side of invalidations (`Inner::evict_key`, `drop_local`, `flush_l1`).
+//! the local side of invalidations (`Inner::evict_key`, `drop_local`, `flush_l1`), and
+//! pushed reloads (`Host::apply_remote` with its cause, `Inner::install_reload`).
 //!
 //! The scenarios (in `scenarios`) run every case under shuttle's random scheduler and
 //! its PCT scheduler; [`iterations`] reads `STRATA_SHUTTLE_ITERATIONS` to explore more.
@@ -22,7 +23,7 @@ use std::time::Duration;
 use crate::cache::flight::{self, FinishOnDrop, FlightKind, Flights, Lead};
 use crate::clock::Timestamp;
 use crate::error::{Error, ErrorKind, Result};
-use crate::l1::{Entry, EntryWeighter, FastFloor, Guards, L1, LoadStart, Meta, Slot, Tags, XFetchLead};
+use crate::l1::{By, Entry, EntryWeighter, FastFloor, Guards, L1, LoadStart, Meta, Slot, Tags, XFetchLead};
 use crate::tag_epochs::DEFAULT_MAX_TAG_EPOCHS;
 use shuttle::sync::atomic::{AtomicBool, AtomicU64};
 
@@ -34,6 +35,8 @@ const ENTRY_TTL: Duration = Duration::from_secs(5);
 const TAG: &str = "plan:gold";
 /// The key every scenario loads.
 pub(super) const KEY: u64 = 1;
+/// The origin of the other instances' messages.
+const REMOTE: u64 = 9;
 
 /// No XFetch lead: the fast path serves a slot until its expiry.
 fn lead() -> XFetchLead {
@@ -71,6 +74,9 @@ pub(super) struct World {
     tagged: bool,
     /// Whether the loader fails.
     failing: AtomicBool,
+    /// The version another instance's write committed, once it has (0 before): what a
+    /// pushed reload following its invalidation read at least.
+    announced: AtomicU64,
     /// Flight tasks, joined at the end so that no fill lands after the final checks.
     tasks: Mutex<Vec<shuttle::future::JoinHandle<()>>>,
 }
@@ -91,6 +97,7 @@ impl World {
             loads: AtomicU64::new(0),
             tagged,
             failing: AtomicBool::new(false),
+            announced: AtomicU64::new(0),
             tasks: Mutex::new(Vec::new()),
         })
     }
@@ -140,11 +147,54 @@ impl World {
     /// `Inner::evict_key`: the key's tombstone, its L1 entry and its flight, under the
     /// guard's lock.
     pub(super) fn invalidate_key(&self, version: u64) {
-        self.guards.invalidate_key(&KEY, self.now(), None, || {
+        self.guards.invalidate_key(&KEY, self.now(), By::Own, || {
             self.flights.detach(&KEY);
             self.l1.invalidate(&KEY)
         });
         self.invalidation_returned(version);
+    }
+
+    /// Another instance's write of `version` committed; its message is on its way.
+    pub(super) fn announce(&self, version: u64) {
+        self.announced.store(version, Ordering::SeqCst);
+    }
+
+    pub(super) fn announced(&self) -> u64 {
+        self.announced.load(Ordering::SeqCst)
+    }
+
+    /// `Host::apply_remote` of that write's key invalidation: `Inner::evict_key` with
+    /// the message as its cause.
+    pub(super) fn remote_invalidate_key(&self, version: u64) {
+        self.guards.invalidate_key(&KEY, self.now(), By::Message((REMOTE, version)), || {
+            self.flights.detach(&KEY);
+            self.l1.invalidate(&KEY)
+        });
+        self.invalidation_returned(version);
+    }
+
+    /// `Inner::install_reload`: `value`, which the sending instance read after it
+    /// applied the invalidation of `after`, installed if this instance's last word on
+    /// the key is that message and L1 does not hold it.
+    pub(super) fn install_reload(&self, after: u64, value: u64) -> bool {
+        let now = self.now();
+        let tags = self.tags();
+        let fresh_until = now.saturating_add(ENTRY_TTL);
+        let start = self.guards.start(now);
+        let entry = Entry {
+            value: Some(value),
+            meta: Meta::new(now, fresh_until, fresh_until, start.seq, 1_000),
+            tags: tags.clone(),
+        };
+        let slot = Slot::new(entry, lead());
+        let tags = tags.as_deref().map_or(&[][..], Vec::as_slice);
+        self.guards.install_reload(&KEY, (REMOTE, after), now, tags, || {
+            if self.l1.peek(&KEY).is_some() {
+                return false;
+            }
+            self.l1.insert(KEY, slot);
+            true
+        })
     }
 
     /// `Inner::drop_local` of a tag scope: a new tag epoch, and no joining old flights.

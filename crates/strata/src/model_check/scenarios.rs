@@ -247,3 +247,48 @@ fn read_joining_an_early_refresh() {
 fn a_read_joining_an_early_refresh_gets_its_value() {
     check(read_joining_an_early_refresh);
 }
+
+/// L1 holds version 1. Another instance writes (its message arrives here later); a
+/// third, having applied that message, reads the row and pushes what it read; this
+/// instance writes too; two reads run. Whatever the order, the push installs nothing
+/// older than the row once every invalidation has returned: not after this instance's
+/// own write, nor before the message it follows.
+fn reload_racing_a_remote_and_a_local_write() {
+    let world = World::new(false);
+    block_on(async {
+        assert_eq!(world.get_or_load().await.expect("loaded"), Some(1));
+        world.join_flights().await;
+        let remote = {
+            let world = world.clone();
+            spawn(async move {
+                later().await;
+                let version = world.commit();
+                world.announce(version);
+                later().await;
+                world.remote_invalidate_key(version);
+                None
+            })
+        };
+        let push = {
+            let world = world.clone();
+            spawn(async move {
+                while world.announced() == 0 {
+                    shuttle::future::yield_now().await;
+                }
+                let after = world.announced();
+                // The sender's database read, after the write it heard of committed.
+                let value = world.row();
+                later().await;
+                world.install_reload(after, value);
+                None
+            })
+        };
+        let tasks = vec![remote, push, writer(&world, World::invalidate_key), reader(&world), reader(&world)];
+        settle(&world, tasks).await;
+    });
+}
+
+#[test]
+fn a_pushed_reload_racing_a_remote_and_a_local_write_leaves_no_stale_entry() {
+    check(reload_racing_a_remote_and_a_local_write);
+}

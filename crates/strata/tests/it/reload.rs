@@ -83,3 +83,27 @@ async fn pushing_reloads_off_keeps_every_instance_reading_l2() {
     assert_eq!((f.caches[1].stats().reloads_pushed, f.caches[2].stats().reloads_installed), (0, 0));
     assert_eq!(f.caches[2].get_local(&1), None);
 }
+
+#[tokio::test]
+async fn an_own_write_stops_holding_reloads_back_once_its_message_came_back() {
+    let f = fleet(3, Mode::Stream, None).await;
+    let (writer, reloader, receiver) = (&f.caches[0], &f.caches[1], &f.caches[2]);
+    let db = Db::with(&[(1, "v1")]);
+    for c in &f.caches {
+        c.get_or_load(&1, db.loader(1)).await.expect("load");
+    }
+    db.set(1, "v2");
+    receiver.invalidate(&1).await.expect("invalidate");
+    for c in [writer, reloader] {
+        eventually("applied", || c.stats().invalidations_applied == 1).await;
+    }
+    // The receiver's own message has come back by now (one hub, one order).
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    db.set(1, "v3");
+    writer.invalidate(&1).await.expect("invalidate");
+    eventually("applied", || receiver.stats().invalidations_applied == 1).await;
+    eventually("applied", || reloader.stats().invalidations_applied == 2).await;
+    assert_eq!(reloader.get_or_load(&1, db.loader(1)).await.expect("reload").as_deref(), Some("v3"));
+    eventually("installed", || receiver.stats().reloads_installed == 1).await;
+    assert_eq!(receiver.get_local(&1).as_deref(), Some("v3"));
+}
