@@ -6,7 +6,22 @@ use std::time::Duration;
 
 use strata::backplane::Mode;
 
-use crate::support::{Db, eventually, fleet};
+use crate::support::{Db, Fleet, eventually, fleet};
+
+/// Every instance loads key 1 (v1); the row becomes v2 and the first instance
+/// invalidates it; returns the database once every other instance applied that.
+async fn held_everywhere_then_written(f: &Fleet) -> Db {
+    let db = Db::with(&[(1, "v1")]);
+    for c in &f.caches {
+        c.get_or_load(&1, db.loader(1)).await.expect("load");
+    }
+    db.set(1, "v2");
+    f.caches[0].invalidate(&1).await.expect("invalidate");
+    for c in &f.caches[1..] {
+        eventually("applied", || c.stats().invalidations_applied == 1).await;
+    }
+    db
+}
 
 #[tokio::test]
 async fn a_reload_reaches_the_instances_that_held_the_key_without_an_l2_read() {
@@ -43,16 +58,8 @@ async fn a_reload_reaches_the_instances_that_held_the_key_without_an_l2_read() {
 #[tokio::test]
 async fn a_write_of_the_receivers_own_since_the_invalidation_refuses_the_reload() {
     let f = fleet(3, Mode::Stream, None).await;
-    let (writer, reloader, receiver) = (&f.caches[0], &f.caches[1], &f.caches[2]);
-    let db = Db::with(&[(1, "v1")]);
-    for c in &f.caches {
-        c.get_or_load(&1, db.loader(1)).await.expect("load");
-    }
-    db.set(1, "v2");
-    writer.invalidate(&1).await.expect("invalidate");
-    for c in &f.caches[1..] {
-        eventually("applied", || c.stats().invalidations_applied == 1).await;
-    }
+    let (reloader, receiver) = (&f.caches[1], &f.caches[2]);
+    let db = held_everywhere_then_written(&f).await;
     // The push reaches the receiver late; before it does, the receiver writes v3.
     f.conns[2].faults().set_delay(Duration::from_millis(40));
     assert_eq!(reloader.get_or_load(&1, db.loader(1)).await.expect("reload").as_deref(), Some("v2"));
@@ -69,15 +76,7 @@ async fn a_write_of_the_receivers_own_since_the_invalidation_refuses_the_reload(
 #[tokio::test]
 async fn pushing_reloads_off_keeps_every_instance_reading_l2() {
     let f = crate::support::fleet_with(3, Mode::Stream, |b| b.push_reloads(0)).await;
-    let db = Db::with(&[(1, "v1")]);
-    for c in &f.caches {
-        c.get_or_load(&1, db.loader(1)).await.expect("load");
-    }
-    db.set(1, "v2");
-    f.caches[0].invalidate(&1).await.expect("invalidate");
-    for c in &f.caches[1..] {
-        eventually("applied", || c.stats().invalidations_applied == 1).await;
-    }
+    let db = held_everywhere_then_written(&f).await;
     f.caches[1].get_or_load(&1, db.loader(1)).await.expect("reload");
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!((f.caches[1].stats().reloads_pushed, f.caches[2].stats().reloads_installed), (0, 0));
