@@ -64,7 +64,9 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
     /// new epoch. `by` says who invalidated (see [`By`]). Returns how many keys of a key
     /// scope could not be parsed.
     pub(crate) fn drop_local(&self, scope: &Scope, typed: Option<&[K]>, by: By) -> u64 {
-        let own_wide = by == By::Own && !matches!(scope, Scope::Keys(_));
+        if by == By::Own {
+            self.guards.own_invalidation();
+        }
         match (scope, typed) {
             (Scope::Keys(_), Some(keys)) => {
                 let now = self.now();
@@ -87,9 +89,6 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
             (Scope::Tag(tag), _) => {
                 self.note_wide_invalidation();
                 self.guards.invalidate_tag(tag);
-                if own_wide {
-                    self.guards.own_wide_invalidation();
-                }
                 // Loads in flight may carry the tag; their fills are refused by the epoch
                 // check, but new readers must not join them.
                 self.flights.detach_all();
@@ -98,9 +97,6 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
             (Scope::All, _) => {
                 self.note_wide_invalidation();
                 self.flush_l1();
-                if own_wide {
-                    self.guards.own_wide_invalidation();
-                }
                 0
             }
         }

@@ -12,7 +12,10 @@
 //! since every receiver hears the namespace's messages in one order
 //! ([`Backplane::delivers_in_one_order`]), it heard no invalidation of the key that the
 //! sender had not heard before loading. A write whose message comes later drops the
-//! install as it drops any copy.
+//! install as it drops any copy. A write of the receiver's own is the exception to
+//! "one order": it is applied at once, before its message takes its place in the
+//! order, so until a message of its own sent after it comes back, no remote message
+//! the receiver applies counts as a key's last word (`Guards::own_settled`).
 //!
 //! [`CacheBuilder::push_reloads`]: crate::CacheBuilder::push_reloads
 //! [`Backplane::delivers_in_one_order`]: crate::backplane::Backplane::delivers_in_one_order

@@ -39,8 +39,8 @@ pub(crate) enum By {
     /// This instance (a write of its own). It is applied at once, before its message
     /// takes its place in the backplane's order, so a remote message applied after it
     /// may come before it in that order: until this instance hears back a message of
-    /// its own sent after it ([`Guards::own_settled`]), no remote message is the key's
-    /// last word.
+    /// its own sent after it ([`Guards::own_settled`]), no remote message applied is a
+    /// key's last word.
     Own,
     /// A remote message, believed, in the backplane's order.
     Message(Cause),
@@ -57,9 +57,6 @@ struct Tombstone {
     expires: Timestamp,
     /// The remote message it applied, when that is the key's last word here (see [`By`]).
     cause: Option<Cause>,
-    /// The local clock value of the last drop of the key by a write of this instance's
-    /// own while this tombstone or one it replaced lived (0: none).
-    own_at: u64,
     /// Whether L1 held the key when this invalidation (or one before it that no fill
     /// followed) dropped it: only then is a pushed reload worth installing.
     held: bool,
@@ -87,9 +84,9 @@ pub(crate) struct Guards<K> {
     /// Tombstones; the shard lock also serialises "check guards then insert into L1"
     /// against "tombstone then evict", which is what makes the L1 guard airtight.
     shards: Box<[Mutex<Tombstones<K>>]>,
-    /// The local clock value of the last tag or namespace invalidation of this
-    /// instance's own (see [`Guards::own_wide_invalidation`]).
-    own_wide_at: AtomicU64,
+    /// A lower bound of the local clock value of this instance's latest own
+    /// invalidation, set before it runs (see [`Guards::own_invalidation`]).
+    own_last_at: AtomicU64,
     /// The largest [`Guards::mark`] of a message of this instance's own heard back.
     own_settled: AtomicU64,
     hasher: std::collections::hash_map::RandomState,
@@ -108,7 +105,7 @@ impl<K: Hash + Eq + Clone> Guards<K> {
             shards: (0..SHARDS)
                 .map(|_| Mutex::new(Tombstones { map: HashMap::new(), sweep_at: SWEEP_AT }))
                 .collect(),
-            own_wide_at: AtomicU64::new(0),
+            own_last_at: AtomicU64::new(0),
             own_settled: AtomicU64::new(0),
             hasher: Default::default(),
             tombstone_ttl,
@@ -132,6 +129,9 @@ impl<K: Hash + Eq + Clone> Guards<K> {
     /// Tombstones `key` and runs `evict` (which says whether L1 held the key) under the
     /// same lock as fills. `by` says who invalidated it.
     pub(crate) fn invalidate_key(&self, key: &K, now: Timestamp, by: By, evict: impl FnOnce() -> bool) {
+        if by == By::Own {
+            self.own_invalidation();
+        }
         let mut shard = self.shard(key).lock();
         let at = self.advance();
         if shard.map.len() >= shard.sweep_at {
@@ -142,13 +142,12 @@ impl<K: Hash + Eq + Clone> Guards<K> {
         let before = shard.map.get(key).filter(|t| t.expires > now);
         // A key dropped twice before anything refilled it was held for the first drop.
         let held = held || before.is_some_and(|t| t.held);
-        let own_at = if by == By::Own { at } else { before.map_or(0, |t| t.own_at) };
+        let settled = self.own_last_at.load(Ordering::SeqCst) <= self.own_settled.load(Ordering::SeqCst);
         let cause = match by {
-            By::Message(c) if own_at <= self.own_settled.load(Ordering::SeqCst) => Some(c),
+            By::Message(c) if settled => Some(c),
             _ => None,
         };
-        let tombstone =
-            Tombstone { at, expires: now.saturating_add(self.tombstone_ttl), cause, own_at, held };
+        let tombstone = Tombstone { at, expires: now.saturating_add(self.tombstone_ttl), cause, held };
         shard.map.insert(key.clone(), tombstone);
     }
 
@@ -206,11 +205,6 @@ impl<K: Hash + Eq + Clone> Guards<K> {
         tags: &[String],
         store: impl FnOnce() -> bool,
     ) -> bool {
-        if self.own_wide_at.load(Ordering::SeqCst) > self.own_settled.load(Ordering::SeqCst) {
-            // A tag or namespace invalidation of this instance's own may not have taken
-            // its place in the backplane's order yet (see [`By::Own`]).
-            return false;
-        }
         let shard = self.shard(key).lock();
         let Some(t) = shard.map.get(key).copied() else { return false };
         if t.cause != Some(cause) || !t.held || t.expires <= now || !self.valid(t.at, tags) {
@@ -247,10 +241,13 @@ impl<K: Hash + Eq + Clone> Guards<K> {
         self.tag_epochs.read().valid(fill_seq, tags)
     }
 
-    /// A tag or namespace invalidation of this instance's own just ran: no pushed
-    /// reload is installed until it is settled (see [`By::Own`]).
-    pub(crate) fn own_wide_invalidation(&self) {
-        self.own_wide_at.fetch_max(self.seq.load(Ordering::SeqCst), Ordering::SeqCst);
+    /// An invalidation of this instance's own (a key, a tag or the namespace) is about
+    /// to run: until it is settled, no remote message applied is recorded as a key's
+    /// last word (see [`By::Own`]). Set before the invalidation advances the clock, so
+    /// that no remote message applied after it misses it; the message sent for it
+    /// carries a mark at least this large.
+    pub(crate) fn own_invalidation(&self) {
+        self.own_last_at.fetch_max(self.seq.load(Ordering::SeqCst) + 1, Ordering::SeqCst);
     }
 
     /// This instance heard back a message of its own sent when its local clock read
@@ -358,6 +355,8 @@ mod tests {
         assert!(!install(3, (7, 7), &[]), "a write of this instance's since");
         g.invalidate_key(&3, now, By::Message((7, 11)), || false);
         assert!(!install(3, (7, 11), &[]), "a message applied after an own write may precede it");
+        g.invalidate_key(&8, now, By::Message((7, 15)), || true);
+        assert!(!install(8, (7, 15), &[]), "so may one of another key");
         g.own_settled(g.mark());
         g.invalidate_key(&3, now, By::Message((7, 14)), || false);
         assert!(install(3, (7, 14), &[]), "one applied after the own write's message came back");
@@ -371,11 +370,13 @@ mod tests {
         g.invalidate_all();
         assert!(!install(4, (7, 8), &[]), "the namespace invalidated since");
         assert!(!install(5, (7, 9), &[]), "never invalidated here");
+        g.own_invalidation();
+        g.invalidate_tag("u");
         g.invalidate_key(&6, now, By::Message((7, 10)), || true);
-        g.own_wide_invalidation();
-        assert!(!install(6, (7, 10), &[]), "an own tag or namespace invalidation not settled");
+        assert!(!install(6, (7, 10), &[]), "applied while an own tag invalidation was not settled");
         g.own_settled(g.mark());
-        assert!(install(6, (7, 10), &[]), "settled");
+        g.invalidate_key(&6, now, By::Message((7, 13)), || true);
+        assert!(install(6, (7, 13), &[]), "settled");
         g.invalidate_key(&6, now, By::Message((7, 13)), || true);
         clock.advance(TTL);
         assert!(!g.install_reload(&6, (7, 13), clock.now(), &[], || true), "the tombstone expired");
