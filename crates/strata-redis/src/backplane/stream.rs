@@ -117,6 +117,7 @@ impl RedisStreamBackplaneBuilder {
         let bp = RedisStreamBackplane {
             inner: Arc::new(StreamInner {
                 stream_key: format!("{prefix}:{{bp}}"),
+                reload_channel: format!("{prefix}:{{bp}}:reloads"),
                 counter_key: format!("{prefix}:{{bp}}:seq"),
                 client,
                 publisher,
@@ -328,17 +329,9 @@ impl Backplane for RedisStreamBackplane {
         if !inner.pushes() {
             return Ok(());
         }
-        let channel = inner.reload_channel();
-        let mut publish = redis::cmd("PUBLISH");
-        publish.arg(&channel).arg(&seal_message(inner.integrity.as_ref(), &channel, message)?[..]);
-        let what = "redis stream reload";
-        inner
-            .publisher
-            .call(inner.cfg.op_timeout, ErrorKind::Backplane, what, |mut c| async move {
-                publish.query_async::<()>(&mut c).await
-            })
-            .await
-            .map_err(|e| e.into_error())?;
+        let channel = &inner.reload_channel;
+        let bytes = seal_message(inner.integrity.as_ref(), channel, message)?;
+        inner.publish_on(channel, &bytes, "redis stream reload").await?;
         inner.stats.published.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -392,19 +385,7 @@ impl Backplane for RedisStreamBackplane {
         if inner.pushes() {
             // Pushed to the origin's connection (see `stream_push`); kept in its stream
             // only when no connection of the origin's was there to receive it.
-            let mut publish = redis::cmd("PUBLISH");
-            publish.arg(&key).arg(&bytes[..]);
-            let receivers: u64 = inner
-                .publisher
-                .call(
-                    inner.cfg.op_timeout,
-                    ErrorKind::Backplane,
-                    "redis stream acknowledgement",
-                    |mut c| async move { publish.query_async(&mut c).await },
-                )
-                .await
-                .map_err(|e| e.into_error())?;
-            if receivers > 0 {
+            if inner.publish_on(&key, &bytes, "redis stream acknowledgement").await? > 0 {
                 inner.stats.published.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }

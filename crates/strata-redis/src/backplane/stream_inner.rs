@@ -25,6 +25,10 @@ pub(crate) type Connected = (RedisConn, Option<mpsc::Receiver<redis::PushInfo>>)
 pub(crate) struct StreamInner {
     pub(crate) cfg: RedisStreamBackplaneBuilder,
     pub(crate) stream_key: String,
+    /// The channel pushed reloads
+    /// ([`MessageBody::Reload`](strata::backplane::MessageBody::Reload)) travel on under
+    /// push delivery: beside the stream, not in it (see `RedisStreamBackplane::publish`).
+    pub(crate) reload_channel: String,
     pub(crate) counter_key: String,
     pub(crate) client: Connector,
     pub(crate) publisher: Arc<ManagedConn>,
@@ -131,7 +135,7 @@ impl StreamInner {
             }
             Err(e) => return Err(e),
         };
-        let mut channels = vec![self.stream_key.clone(), self.reload_channel()];
+        let mut channels = vec![self.stream_key.clone(), self.reload_channel.clone()];
         channels.extend(ack_channel.map(str::to_owned));
         let grace = self.cfg.read_grace;
         let subscribed = match &mut conn {
@@ -165,11 +169,16 @@ impl StreamInner {
         if self.client.single().is_some() { &self.stream_key } else { "" }
     }
 
-    /// The channel pushed reloads ([`MessageBody::Reload`](strata::backplane::MessageBody::Reload))
-    /// travel on under push delivery: beside the stream, not in it (see
-    /// `RedisStreamBackplane::publish`).
-    pub(crate) fn reload_channel(&self) -> String {
-        format!("{}:reloads", self.stream_key)
+    /// Publishes `bytes` on `channel`; returns how many subscribers received them.
+    pub(crate) async fn publish_on(&self, channel: &str, bytes: &[u8], what: &'static str) -> Result<u64> {
+        let mut publish = redis::cmd("PUBLISH");
+        publish.arg(channel).arg(bytes);
+        self.publisher
+            .call(self.cfg.op_timeout, ErrorKind::Backplane, what, |mut c| async move {
+                publish.query_async(&mut c).await
+            })
+            .await
+            .map_err(|e| e.into_error())
     }
 
     /// The stream of the acknowledgements addressed to `origin`: beside the shared

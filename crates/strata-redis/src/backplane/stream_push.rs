@@ -80,7 +80,7 @@ impl StreamReader {
             let r = if channel == self.inner.stream_key.as_bytes() {
                 last_entry = Instant::now();
                 self.pushed(c, payload).await
-            } else if channel == self.inner.reload_channel().as_bytes() {
+            } else if channel == self.inner.reload_channel.as_bytes() {
                 self.pushed_reload(payload).await
             } else if self.acks.as_ref().is_some_and(|(k, _)| k.as_bytes() == channel) {
                 self.deliver_ack_bytes(Some(payload)).await
@@ -127,8 +127,7 @@ impl StreamReader {
     /// or order (see `RedisStreamBackplane::publish`). Anything else on its channel is
     /// malformed.
     async fn pushed_reload(&mut self, payload: &[u8]) -> Result<(), Stop> {
-        let channel = self.inner.reload_channel();
-        match open_message(self.inner.integrity.as_ref(), &channel, payload) {
+        match open_message(self.inner.integrity.as_ref(), &self.inner.reload_channel, payload) {
             Some(m) if matches!(m.body, MessageBody::Reload { .. }) => {
                 self.send(BackplaneEvent::Message(m)).await
             }

@@ -64,7 +64,8 @@ impl<K: CacheKey, V: CacheValue> Inner<K, V> {
     /// new epoch. `by` says who invalidated (see [`By`]). Returns how many keys of a key
     /// scope could not be parsed.
     pub(crate) fn drop_local(&self, scope: &Scope, typed: Option<&[K]>, by: By) -> u64 {
-        if by == By::Own {
+        if by == By::Own && !matches!(scope, Scope::Keys(_)) {
+            // Keys are marked by `Guards::invalidate_key` itself.
             self.guards.own_invalidation();
         }
         match (scope, typed) {

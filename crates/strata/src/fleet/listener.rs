@@ -359,10 +359,10 @@ impl<H: Host> Listener<'_, H> {
         // An acknowledgement addressed to us, or a reload, may travel apart from the
         // origin's messages (its own channel), so it can arrive before the invalidation
         // it follows: its sequence number says nothing about what we missed.
-        let is_ack = matches!(m.body, MessageBody::Ack { .. } | MessageBody::Reload { .. });
+        let apart = matches!(m.body, MessageBody::Ack { .. } | MessageBody::Reload { .. });
         // A late duplicate is applied again, but is not the key's latest word.
         let cause = self.origins.is_new(m.origin, m.seq).then_some((m.origin, m.seq));
-        let tracked = if is_ack {
+        let tracked = if apart {
             super::sequence::Tracked { missed: None, suspicious: false }
         } else {
             self.origins.track(m.origin, pos, now)
@@ -392,7 +392,7 @@ impl<H: Host> Listener<'_, H> {
                 record_lag(&cfg.namespace, m.sent_at_ms);
             }
         }
-        let mut in_order = !is_ack && !tracked.suspicious;
+        let mut in_order = !apart && !tracked.suspicious;
         if let Some((from, to)) = tracked.missed {
             in_order &= self.repair(m.origin, from, to).await;
         }

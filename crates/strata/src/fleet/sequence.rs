@@ -96,13 +96,13 @@ pub(crate) struct Origins {
 }
 
 impl Origins {
-    /// Tracks a message at `pos` from `origin`, heard at `now`.
     /// Whether `seq` is above every number of `origin` seen here (or the origin is new):
     /// not a late duplicate, nor older than what was applied.
     pub(crate) fn is_new(&self, origin: OriginId, seq: u64) -> bool {
         self.map.get(&origin).is_none_or(|o| seq > o.last_seq)
     }
 
+    /// Tracks a message at `pos` from `origin`, heard at `now`.
     pub(crate) fn track(&mut self, origin: OriginId, pos: Position, now: Timestamp) -> Tracked {
         let Some(o) = self.map.get_mut(&origin) else {
             self.map.insert(

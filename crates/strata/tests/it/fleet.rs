@@ -9,7 +9,7 @@ use strata::backplane::Mode;
 use strata::testing::ManualClock;
 use strata::{BreakerConfig, BreakerState, Cache, ErrorKind};
 
-use crate::support::{Db, eventually, fleet};
+use crate::support::{Db, eventually, fleet, held_everywhere_then_written};
 
 // ---------------------------------------------------------------------------------
 // Backplane: own messages, gaps, repair, max_stale
@@ -17,14 +17,8 @@ use crate::support::{Db, eventually, fleet};
 #[tokio::test]
 async fn invalidation_reaches_every_other_instance_and_own_messages_are_ignored() {
     let f = fleet(3, Mode::Stream, None).await;
-    let db = Db::with(&[(1, "v1")]);
-    for c in &f.caches {
-        c.get_or_load(&1, db.loader(1)).await.expect("load");
-    }
-    db.set(1, "v2");
-    f.caches[0].invalidate(&1).await.expect("invalidate");
+    let db = held_everywhere_then_written(&f).await;
     for c in &f.caches[1..] {
-        eventually("applied", || c.stats().invalidations_applied == 1).await;
         assert_eq!(c.get_local(&1), None);
     }
     for c in &f.caches[1..] {

@@ -6,22 +6,7 @@ use std::time::Duration;
 
 use strata::backplane::Mode;
 
-use crate::support::{Db, Fleet, eventually, fleet};
-
-/// Every instance loads key 1 (v1); the row becomes v2 and the first instance
-/// invalidates it; returns the database once every other instance applied that.
-async fn held_everywhere_then_written(f: &Fleet) -> Db {
-    let db = Db::with(&[(1, "v1")]);
-    for c in &f.caches {
-        c.get_or_load(&1, db.loader(1)).await.expect("load");
-    }
-    db.set(1, "v2");
-    f.caches[0].invalidate(&1).await.expect("invalidate");
-    for c in &f.caches[1..] {
-        eventually("applied", || c.stats().invalidations_applied == 1).await;
-    }
-    db
-}
+use crate::support::{Db, eventually, fleet, held_everywhere_then_written};
 
 #[tokio::test]
 async fn a_reload_reaches_the_instances_that_held_the_key_without_an_l2_read() {

@@ -84,6 +84,21 @@ pub(crate) async fn fleet(n: usize, mode: Mode, clock: Option<ManualClock>) -> F
     fleet_of(n, mode, clock, |b| b).await
 }
 
+/// Every instance loads key 1 (v1); the row becomes v2 and the first instance
+/// invalidates it; returns the database once every other instance applied that.
+pub(crate) async fn held_everywhere_then_written(f: &Fleet) -> Db {
+    let db = Db::with(&[(1, "v1")]);
+    for c in &f.caches {
+        c.get_or_load(&1, db.loader(1)).await.expect("load");
+    }
+    db.set(1, "v2");
+    f.caches[0].invalidate(&1).await.expect("invalidate");
+    for c in &f.caches[1..] {
+        eventually("applied", || c.stats().invalidations_applied == 1).await;
+    }
+    db
+}
+
 /// [`fleet`] with a setting of the test's own on every builder.
 pub(crate) async fn fleet_with(
     n: usize,
