@@ -98,6 +98,26 @@ impl RedisTier {
             .collect()
     }
 
+    /// [`Tier::peek`](strata::tier::Tier::peek): the plain read alone, one round trip
+    /// and no script. An entry that does not open is left to the next full lookup,
+    /// which counts it and deletes it; the plain gate does not learn from it (a
+    /// waiter's misses say nothing about how often lookups hit).
+    pub(crate) async fn peek(&self, namespace: &str, key: &str) -> Result<Option<Envelope>> {
+        let ns = NsKeys::new(&self.inner.prefix, namespace);
+        let keys = [key.to_owned()];
+        let pipe = plain_read::plain_read_pipeline(&ns, &keys, self.inner.max_entry_bytes);
+        let now = self.inner.clock.now().0;
+        let v: Vec<Value> =
+            self.run("redis tier peek", |mut c| async move { pipe.query_async(&mut c).await }).await?;
+        let read = plain_read::read_plain_reply(&v, 1, now, self.inner.max_entry_bytes)
+            .ok_or_else(|| bad_reply(ErrorKind::Tier, "redis tier peek"))?;
+        let Some(stored) = read.hits.into_iter().next().flatten() else { return Ok(None) };
+        Ok(match stored.open(self.inner.integrity.as_ref(), &ns.entry(key)) {
+            Opened::Valid(env) => Some(env),
+            Opened::Undecodable | Opened::Forged => None,
+        })
+    }
+
     /// Verifies and decodes an entry the lookup script returned; `None` (counted and
     /// logged: undecodable, or forged when integrity keys are set) for a miss.
     fn open(&self, ns: &NsKeys, namespace: &str, key: &str, s: &Stored) -> Option<Envelope> {

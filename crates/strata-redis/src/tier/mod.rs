@@ -53,6 +53,9 @@
 //!   stale fallback. On a miss the script reads the clock (the token's stamp) and,
 //!   when asked, takes the lease with `SET PX` unless a live lease (id above the lease
 //!   floor) is held.
+//! - **peek** (an instance waiting for another's fill, three polls in four): the plain
+//!   read alone, whatever the gate says; a hit as the lookup answers it, anything else
+//!   `None` and left to the next full lookup (no lease, no repair, no script).
 //! - **fill**: refuse if the token's stamp is below the tombstone floor, a tombstone
 //!   newer than the stamp exists, a tombstone generation was lost, or the namespace or
 //!   one of the value's tags was invalidated since the stamp; otherwise store the entry

@@ -36,6 +36,10 @@ impl Tier for RedisTier {
         out.pop().ok_or_else(|| bad_reply(ErrorKind::Tier, "redis tier lookup"))
     }
 
+    async fn peek(&self, namespace: &str, key: &str) -> Result<Option<Envelope>> {
+        RedisTier::peek(self, namespace, key).await
+    }
+
     async fn lookup_many(
         &self,
         namespace: &str,

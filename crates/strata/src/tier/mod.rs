@@ -184,6 +184,20 @@ pub trait Tier: Send + Sync + 'static {
     /// load lease for that long; the token says whether this caller won it.
     async fn lookup(&self, namespace: &str, key: &str, lease: Option<Duration>) -> Result<Lookup>;
 
+    /// Whether `key` has become a hit: the entry [`Tier::lookup`] would return as
+    /// [`Lookup::Hit`], or `None` for anything else (a miss, a stale entry, or an
+    /// answer only the full lookup can give). Takes no lease and repairs nothing.
+    ///
+    /// The cache asks it between the full lookups while it waits for another
+    /// instance's fill, so it should cost the server as little as the tier can make
+    /// it; the default is the full lookup without a lease.
+    async fn peek(&self, namespace: &str, key: &str) -> Result<Option<Envelope>> {
+        Ok(match self.lookup(namespace, key, None).await? {
+            Lookup::Hit(env) => Some(env),
+            Lookup::Miss { .. } => None,
+        })
+    }
+
     /// [`Tier::lookup`] of several keys, answered in the order of `keys`. Tiers that
     /// can should answer in one round trip (the core's batch reads rely on it); the
     /// default looks the keys up one by one.

@@ -108,3 +108,43 @@ async fn fault_fleet_stampede_on_an_expired_key_loads_once() {
         "{TAG} nobody waited out the lease"
     );
 }
+
+/// An instance waiting for another's fill polls L2 with plain reads; one poll in four
+/// (and the last) runs the lookup script, which could take a released lease over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_polls_with_plain_reads_not_scripts() {
+    const TAG: &str = "[fleet/stampede/polls]";
+    let server = RedisServer::start();
+    let db = Db { delay: Duration::from_millis(600), ..Db::default() };
+    db.set(7, "hot");
+    let opts = Opts { lease_wait: Duration::from_secs(3), ..Opts::default() };
+    let a = instance_with(&server.url(), Arc::new(stream(&server).await), &opts).await;
+    let b = instance_with(&server.url(), Arc::new(stream(&server).await), &opts).await;
+    server.command(&["CONFIG", "RESETSTAT"]).expect("RESETSTAT");
+    let leader = tokio::spawn({
+        let (a, loader) = (a.clone(), db.loader(7));
+        async move { a.get_or_load(&7, loader).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let waiter = b.get_or_load(&7, db.loader(7)).await.expect("the waiter's read");
+    assert_eq!(waiter.as_deref(), Some("hot"));
+    assert_eq!(leader.await.expect("task").expect("the leader's read").as_deref(), Some("hot"));
+    let info = server.command(&["INFO", "commandstats"]).expect("INFO");
+    let calls = |cmd: &str| -> u64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls="))?.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let (scripts, plain) = (calls("evalsha"), calls("getrange"));
+    eprintln!(
+        "{TAG} one 600 ms load, one waiter: {} load(s), {} lease wait(s), {scripts} scripts run \
+         (heartbeats, the leader's lookup and fill, the waiter's lookups), {plain} GETRANGEs",
+        db.loads(),
+        b.stats().lease_waits
+    );
+    assert_eq!(db.loads(), 1, "{TAG} the waiter took the leader's fill");
+    assert_eq!(b.stats().lease_waits, 1);
+    // Polls 1, 2, 4, 8, 16, then every 20 ms: ~30 in 550 ms, every one a script before.
+    assert!(plain >= 12, "{TAG} the waiter polled by plain reads: {plain} GETRANGEs");
+    assert!(scripts <= 24, "{TAG} {scripts} scripts: the polls between the full ones run none");
+}
