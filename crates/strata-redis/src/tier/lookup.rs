@@ -105,13 +105,9 @@ impl RedisTier {
     pub(crate) async fn peek(&self, namespace: &str, key: &str) -> Result<Option<Envelope>> {
         let ns = NsKeys::new(&self.inner.prefix, namespace);
         let keys = [key.to_owned()];
-        let pipe = plain_read::plain_read_pipeline(&ns, &keys, self.inner.max_entry_bytes);
-        let now = self.inner.clock.now().0;
-        let v: Vec<Value> =
-            self.run("redis tier peek", |mut c| async move { pipe.query_async(&mut c).await }).await?;
-        let read = plain_read::read_plain_reply(&v, 1, now, self.inner.max_entry_bytes)
-            .ok_or_else(|| bad_reply(ErrorKind::Tier, "redis tier peek"))?;
-        let Some(stored) = read.hits.into_iter().next().flatten() else { return Ok(None) };
+        let Some(stored) = self.plain_read_only(&ns, &keys).await?.hits.into_iter().next().flatten() else {
+            return Ok(None);
+        };
         Ok(match stored.open(self.inner.integrity.as_ref(), &ns.entry(key)) {
             Opened::Valid(env) => Some(env),
             Opened::Undecodable | Opened::Forged => None,
@@ -151,14 +147,19 @@ impl RedisTier {
     /// The plain read of every key (see [`plain_read`]): per key, a fresh hit the
     /// lookup script would have answered, or `None`.
     async fn plain_read(&self, ns: &NsKeys, keys: &[String]) -> Result<Vec<Option<Stored>>> {
+        let read = self.plain_read_only(ns, keys).await?;
+        self.inner.plain_gate.record(read.hits.iter().any(Option::is_some), read.found);
+        Ok(read.hits)
+    }
+
+    /// The plain read's round trip and reply, without telling the gate.
+    async fn plain_read_only(&self, ns: &NsKeys, keys: &[String]) -> Result<plain_read::PlainRead> {
         let pipe = plain_read::plain_read_pipeline(ns, keys, self.inner.max_entry_bytes);
         let now = self.inner.clock.now().0;
         let v: Vec<Value> =
             self.run("redis tier lookup", |mut c| async move { pipe.query_async(&mut c).await }).await?;
-        let read = plain_read::read_plain_reply(&v, keys.len(), now, self.inner.max_entry_bytes)
-            .ok_or_else(|| bad_reply(ErrorKind::Tier, "redis tier lookup"))?;
-        self.inner.plain_gate.record(read.hits.iter().any(Option::is_some), read.found);
-        Ok(read.hits)
+        plain_read::read_plain_reply(&v, keys.len(), now, self.inner.max_entry_bytes)
+            .ok_or_else(|| bad_reply(ErrorKind::Tier, "redis tier lookup"))
     }
 
     async fn lookup_raw(
