@@ -278,6 +278,53 @@ fn multi_tier_short_bench() {
     assert!(keys.is_empty(), "left behind: {keys:?}");
 }
 
+/// `--redis-backplane` beside `--redis`: strata's stream lives on the second server
+/// (the layout for a tier server that evicts), the tier's keys on the first; both are
+/// left clean. Without `--redis` or `--redis-ring` it is refused before the run.
+#[test]
+fn the_backplane_can_live_on_its_own_server() {
+    let (tier, backplane) = (strata_testkit::RedisServer::start(), strata_testkit::RedisServer::start());
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("split.json");
+    let (report, _) = run_with_report(
+        &[
+            &[
+                "bench",
+                "--redis",
+                &tier.url(),
+                "--redis-backplane",
+                &backplane.url(),
+                "--strategies",
+                "strata",
+            ][..],
+            &SMALL_RUN,
+            &["--json", json.to_str().unwrap()],
+        ]
+        .concat(),
+        &json,
+    );
+    let s = strategy(&report, "strata");
+    assert_eq!(s["stale_reads"], 0, "{s:#}");
+    let calls = |server: &strata_testkit::RedisServer, cmd: &str| -> u64 {
+        let stats = server.command(&["INFO", "commandstats"]).unwrap();
+        let prefix = format!("cmdstat_{cmd}:calls=");
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+    };
+    assert!(calls(&backplane, "xadd") > 0, "the stream is on the backplane's server");
+    assert_eq!(calls(&tier, "xadd"), 0, "and not on the tier's");
+    assert!(calls(&tier, "evalsha") > 0, "the tier's scripts run on its own server");
+    for server in [&tier, &backplane] {
+        assert!(server.command(&["DBSIZE"]).unwrap().starts_with(":0"), "left behind on {}", server.url());
+    }
+    let out = strata(&["bench", "--redis-backplane", &backplane.url()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--redis-backplane needs --redis or --redis-ring"), "{err}");
+}
+
 #[test]
 fn help_states_defaults_and_metrics() {
     let out = strata(&["bench", "--help"]);

@@ -266,9 +266,11 @@ pub struct BenchArgs {
     /// the slots, redis-global a plain cluster client. Excludes --redis and --redis-ring.
     #[arg(long, value_delimiter = ',', value_name = "URLS", conflicts_with_all = ["redis", "redis_ring"])]
     pub redis_cluster: Option<Vec<SecretUrl>>,
-    /// strata over a ring: put the backplane stream on this server instead of the
-    /// ring's first (its commands are then not in the per-server counts).
-    #[arg(long, value_name = "URL", requires = "redis_ring")]
+    /// strata with --redis or over a ring: put the backplane stream on this server
+    /// instead of the tier's (the ring's first), e.g. one without `maxmemory` beside a
+    /// tier server that evicts, the layout the eviction docs recommend; its commands
+    /// are then not in the per-server counts.
+    #[arg(long, value_name = "URL", conflicts_with = "redis_cluster")]
     pub redis_backplane: Option<SecretUrl>,
     /// strata over a ring or a Cluster: how many shards hold a hot key (1 = no copies).
     #[arg(long, default_value_t = 1, value_name = "N")]
@@ -305,6 +307,11 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         if let Some(path) = path {
             check_writable(path, what)?;
         }
+    }
+    if args.redis_backplane.is_some() && args.redis.is_none() && args.redis_ring.is_none() {
+        bail!(
+            "--redis-backplane needs --redis or --redis-ring: it moves strata's backplane off the tier's server"
+        );
     }
     let servers =
         args.redis.iter().chain(args.redis_ring.iter().flatten()).chain(args.redis_cluster.iter().flatten());
