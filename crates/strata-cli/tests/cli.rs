@@ -305,6 +305,12 @@ fn the_backplane_can_live_on_its_own_server() {
     );
     let s = strategy(&report, "strata");
     assert_eq!(s["stale_reads"], 0, "{s:#}");
+    let port = backplane.url().rsplit(':').next().unwrap().trim_end_matches('/').to_owned();
+    assert!(
+        report["redis_backplane"].as_str().is_some_and(|u| u.contains(&port)),
+        "{}",
+        report["redis_backplane"]
+    );
     let calls = |server: &strata_testkit::RedisServer, cmd: &str| -> u64 {
         let stats = server.command(&["INFO", "commandstats"]).unwrap();
         let prefix = format!("cmdstat_{cmd}:calls=");

@@ -390,7 +390,13 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         values: args.scenario.values(),
         events,
     };
-    let mut report = BenchReport::new(&params, &schedule, db.description(), args.redis.as_ref());
+    let mut report = BenchReport::new(
+        &params,
+        &schedule,
+        db.description(),
+        args.redis.as_ref(),
+        args.redis_backplane.as_ref(),
+    );
     eprintln!("{}", report.headline());
 
     let result = run_strategies(&kinds, &fleet, &schedule, plan.as_ref(), &run_config, &mut report).await;

@@ -41,6 +41,10 @@ pub struct BenchReport {
     pub database: String,
     /// The Redis URL, when one was used, with its password replaced by `***`.
     pub redis: Option<String>,
+    /// `--redis-backplane`: the server strata's backplane used instead of the tier's,
+    /// password replaced by `***`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_backplane: Option<String>,
     /// Requests in the schedule (consumer reads not included).
     pub requests: u64,
     /// UI-like reads in the schedule.
@@ -198,6 +202,7 @@ impl BenchReport {
         schedule: &Schedule,
         database: &str,
         redis: Option<&SecretUrl>,
+        redis_backplane: Option<&SecretUrl>,
     ) -> BenchReport {
         let duration_s = p.duration.as_secs_f64();
         let compulsory = schedule.compulsory_db_reads();
@@ -212,6 +217,7 @@ impl BenchReport {
             seed: p.seed,
             database: database.to_owned(),
             redis: redis.map(|r| r.redacted().to_owned()),
+            redis_backplane: redis_backplane.map(|r| r.redacted().to_owned()),
             requests: schedule.requests.len() as u64,
             reads: schedule.reads(),
             consumer_reads: schedule.consumer_reads(),
@@ -248,6 +254,15 @@ impl BenchReport {
         )
     }
 
+    /// `<sep>redis: URL` (and where the backplane went), or nothing without Redis.
+    fn redis_description(&self, sep: &str) -> String {
+        let Some(redis) = &self.redis else { return String::new() };
+        match &self.redis_backplane {
+            Some(bp) => format!("{sep}redis: {redis} (strata's backplane: {bp})"),
+            None => format!("{sep}redis: {redis}"),
+        }
+    }
+
     /// What is about to run, for stderr.
     pub fn headline(&self) -> String {
         format!(
@@ -255,7 +270,7 @@ impl BenchReport {
             self.scenario,
             self.parameters(),
             self.database,
-            self.redis.as_deref().map(|r| format!(", redis: {r}")).unwrap_or_default(),
+            self.redis_description(", "),
             self.workload(),
         )
     }
@@ -324,7 +339,7 @@ impl BenchReport {
             "# {}; database: {}{}",
             self.workload(),
             self.database,
-            self.redis.as_deref().map(|r| format!("; redis: {r}")).unwrap_or_default(),
+            self.redis_description("; "),
         );
         let _ = writeln!(out, "# cold start: every strategy starts with empty caches");
         for (i, row) in rows.iter().enumerate() {
