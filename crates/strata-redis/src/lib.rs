@@ -290,14 +290,15 @@
 //! # Requirements on the server
 //!
 //! Redis ≥ 6.2 or Valkey (exclusive stream ranges, `XADD … MAXLEN ~`). The tier's
-//! tombstones, clocks and epochs must not be evicted: run the tier on a server (or
-//! database) with `maxmemory-policy noeviction` and memory to spare, or without
-//! `maxmemory`. Under `volatile-*` a tombstone may be evicted (a fill that began before
-//! an invalidation may then store the old value until its TTL); under `allkeys-*`
-//! also the namespace meta hash (the namespace goes cold) and, on the same server, the
-//! backplane stream (gaps, repaired by flushing L1). The tier reads `INFO memory` at
-//! build time and warns ([`EvictionCheck::Warn`], the default) or refuses
-//! ([`EvictionCheck::Refuse`]).
+//! tombstones, clocks and epochs and the backplane's stream, counter and heartbeats
+//! have no TTL, so under `volatile-*` only entries, leases and write-lock sets can be
+//! evicted (see [`tier`], "Eviction policy"); under `allkeys-*` also the namespace meta
+//! hash (the namespace goes cold) and the stream with its counter (a loss each
+//! subscriber verifies, or flushes its L1 for). Keep the backplane on a server that
+//! does not evict: sharing an `allkeys-lru` server with the tier, the meta hash was
+//! evicted ~100× as often (README, "Redis under memory pressure"). The tier and the
+//! stream backplane read `INFO memory` at build time and warn
+//! ([`EvictionCheck::Warn`], the default) or refuse ([`EvictionCheck::Refuse`]).
 //!
 //! The least-privilege ACL is [`MINIMAL_ACL`] (commands, keys and channels under the
 //! prefix; tested with the conformance suite and a backplane round trip), and

@@ -96,6 +96,8 @@ use crate::connection::{Backoff, map_redis_error};
 use crate::integrity::Integrity;
 use crate::lua_source;
 use crate::reply::{bad_reply, value_array, value_string, value_u64};
+use crate::tier::EvictionCheck;
+use crate::tier::eviction::{ServerMemory, info_texts};
 
 /// Entries kept in an origin's acknowledgement stream (approximately).
 const ACK_STREAM_LEN: u64 = 256;
@@ -137,8 +139,52 @@ impl RedisStreamBackplaneBuilder {
         if !bp.inner.cfg.connection.lazy {
             let t = bp.inner.cfg.connection.connect_timeout + bp.inner.cfg.op_timeout;
             ping_publisher(&bp.inner.publisher, t, WHAT, "redis stream backplane ping").await?;
+            bp.check_eviction(t).await?;
         }
         Ok(bp)
+    }
+}
+
+impl RedisStreamBackplane {
+    /// Warns, or refuses, when the stream's server may evict any key (see
+    /// [`RedisStreamBackplaneBuilder::eviction_check`]).
+    async fn check_eviction(&self, timeout: Duration) -> Result<()> {
+        let check = self.inner.cfg.eviction_check;
+        if check == EvictionCheck::Skip {
+            return Ok(());
+        }
+        let mut c = self.inner.publisher.get();
+        let info =
+            tokio::time::timeout(timeout, redis::cmd("INFO").arg("memory").query_async::<Value>(&mut c))
+                .await;
+        let Ok(Ok(v)) = info else {
+            tracing::debug!("redis stream backplane: cannot read INFO memory; eviction not checked");
+            return Ok(());
+        };
+        let Some(memory) = info_texts(&v)
+            .iter()
+            .filter_map(|t| ServerMemory::parse(t))
+            .find(|m| m.maxmemory > 0 && m.policy.starts_with("allkeys-"))
+        else {
+            return Ok(());
+        };
+        let message = format!(
+            "redis stream backplane: `{}` may evict any key (maxmemory {} bytes, maxmemory-policy {}): the \
+             stream and its counter lost together are a loss every subscriber must verify or flush its L1 \
+             for, and a tier sharing the server loses its meta hash far more often; put the backplane on a \
+             server with maxmemory-policy noeviction or volatile-* (no backplane key has a TTL), or build \
+             with .eviction_check(EvictionCheck::Skip) to accept it",
+            self.inner.publisher.shown_url(),
+            memory.maxmemory,
+            memory.policy
+        );
+        match check {
+            EvictionCheck::Refuse => Err(Error::new(ErrorKind::InvalidInput, message)),
+            _ => {
+                tracing::warn!("{message}");
+                Ok(())
+            }
+        }
     }
 }
 

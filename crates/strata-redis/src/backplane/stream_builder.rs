@@ -10,6 +10,7 @@ use crate::backplane::{
 };
 use crate::connection::{Backoff, ConnectionOptions};
 use crate::integrity::IntegrityKey;
+use crate::tier::EvictionCheck;
 use crate::tls::TlsConfig;
 
 /// Names the backplane in errors.
@@ -57,6 +58,7 @@ pub struct RedisStreamBackplaneBuilder {
     pub(crate) integrity_keys: Option<Vec<IntegrityKey>>,
     pub(crate) shared: Option<SharedConnection>,
     pub(crate) delivery: StreamDelivery,
+    pub(crate) eviction_check: EvictionCheck,
 }
 
 impl std::fmt::Debug for RedisStreamBackplaneBuilder {
@@ -67,6 +69,7 @@ impl std::fmt::Debug for RedisStreamBackplaneBuilder {
             .field("integrity_keys", &self.integrity_keys.as_ref().map(Vec::len))
             .field("shares_connection", &self.shared.is_some())
             .field("delivery", &self.delivery)
+            .field("eviction_check", &self.eviction_check)
             .finish_non_exhaustive()
     }
 }
@@ -86,7 +89,23 @@ impl RedisStreamBackplaneBuilder {
             integrity_keys: None,
             shared: None,
             delivery: StreamDelivery::default(),
+            eviction_check: EvictionCheck::default(),
         }
+    }
+
+    /// What to do when the stream's server may evict any key (`maxmemory` with an
+    /// `allkeys-*` policy), read with `INFO memory` at build time (not with
+    /// `.lazy(true)`, and silently skipped where the ACL user may not run `INFO`).
+    /// There the stream and its counter can be lost together, a loss every subscriber
+    /// must verify or flush its L1 for, and a tier on the same server loses its
+    /// namespace meta hash far more often than on its own (README, "Redis under memory
+    /// pressure": in 3 MB under `allkeys-lru` the steady window read the database 5.3×
+    /// as often as a plain cache-aside, 0.25× with the backplane on a server of its
+    /// own). `volatile-*` is fine: no backplane key has a TTL. Default
+    /// [`EvictionCheck::Warn`].
+    pub fn eviction_check(mut self, check: EvictionCheck) -> Self {
+        self.eviction_check = check;
+        self
     }
 
     /// How subscribers learn of new entries (default [`StreamDelivery::PubSub`] on one

@@ -843,3 +843,27 @@ async fn stream_batch_is_one_script_call_delivered_in_order() {
     assert_eq!(bp.stats().repairs, 1, "{:?}", bp.stats());
     assert_eq!(bp.replay(2, 10, 12).await.unwrap().map(|v| v.len()), Some(3));
 }
+
+/// A stream on a server that may evict any key is named at build time; `Refuse` makes
+/// that an error that says where to put the backplane; `volatile-*` (no backplane key
+/// has a TTL) and `noeviction` pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_build_checks_the_eviction_policy() {
+    use strata::error::ErrorKind;
+    use strata_redis::EvictionCheck;
+    let build = |url: String, check| async move {
+        RedisStreamBackplane::builder(url).prefix("ev").eviction_check(check).build().await
+    };
+    let server =
+        RedisServer::builder().arg("maxmemory", "3mb").arg("maxmemory-policy", "allkeys-lru").start();
+    let err = build(server.url(), EvictionCheck::Refuse).await.expect_err("allkeys-lru refused");
+    let msg = err.to_string();
+    assert!(msg.contains("allkeys-lru") && msg.contains("put the backplane on a server"), "{msg}");
+    assert_eq!(err.kind(), ErrorKind::InvalidInput);
+    build(server.url(), EvictionCheck::Warn).await.expect("warns, builds");
+    build(server.url(), EvictionCheck::Skip).await.expect("does not look");
+    for policy in ["volatile-lru", "noeviction"] {
+        server.command(&["CONFIG", "SET", "maxmemory-policy", policy]).unwrap();
+        build(server.url(), EvictionCheck::Refuse).await.expect(policy);
+    }
+}
