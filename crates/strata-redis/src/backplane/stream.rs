@@ -97,7 +97,7 @@ use crate::integrity::Integrity;
 use crate::lua_source;
 use crate::reply::{bad_reply, value_array, value_string, value_u64};
 use crate::tier::EvictionCheck;
-use crate::tier::eviction::{ServerMemory, info_texts};
+use crate::tier::eviction::{enforce, server_memories};
 
 /// Entries kept in an origin's acknowledgement stream (approximately).
 const ACK_STREAM_LEN: u64 = 256;
@@ -153,18 +153,9 @@ impl RedisStreamBackplane {
         if check == EvictionCheck::Skip {
             return Ok(());
         }
-        let mut c = self.inner.publisher.get();
-        let info =
-            tokio::time::timeout(timeout, redis::cmd("INFO").arg("memory").query_async::<Value>(&mut c))
-                .await;
-        let Ok(Ok(v)) = info else {
-            tracing::debug!("redis stream backplane: cannot read INFO memory; eviction not checked");
-            return Ok(());
-        };
-        let Some(memory) = info_texts(&v)
-            .iter()
-            .filter_map(|t| ServerMemory::parse(t))
-            .find(|m| m.maxmemory > 0 && m.policy.starts_with("allkeys-"))
+        let memories = server_memories(&self.inner.publisher, timeout, "redis stream backplane").await;
+        let Some(memory) =
+            memories.into_iter().flatten().find(|m| m.maxmemory > 0 && m.policy.starts_with("allkeys-"))
         else {
             return Ok(());
         };
@@ -178,13 +169,7 @@ impl RedisStreamBackplane {
             memory.maxmemory,
             memory.policy
         );
-        match check {
-            EvictionCheck::Refuse => Err(Error::new(ErrorKind::InvalidInput, message)),
-            _ => {
-                tracing::warn!("{message}");
-                Ok(())
-            }
-        }
+        enforce(check, message)
     }
 }
 

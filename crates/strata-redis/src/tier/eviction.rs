@@ -36,6 +36,7 @@ use strata::error::{Error, ErrorKind, Result};
 
 use super::RedisTier;
 use super::builder::RedisTierBuilder;
+use crate::managed::ManagedConn;
 
 /// What [`RedisTier`]'s build does when the server may evict strata's keys
 /// (what is at risk under each policy: the crate docs, "Eviction").
@@ -157,21 +158,9 @@ impl RedisTier {
         if check == EvictionCheck::Skip {
             return Ok(());
         }
-        let mut c = self.inner.conn.get();
-        let info = tokio::time::timeout(timeout, async {
-            redis::cmd("INFO").arg("memory").query_async::<Value>(&mut c).await
-        })
-        .await;
-        // One server answers with its text; a cluster connection sends INFO to every
-        // master and answers with each one's text by address.
-        let texts = match info {
-            Ok(Ok(v)) => info_texts(&v),
-            other => {
-                tracing::debug!(result = ?other.map(|r| r.map(|_| ())), "redis tier: cannot read INFO memory; eviction not checked");
-                return Ok(());
-            }
+        let Some(memories) = server_memories(&self.inner.conn, timeout, "redis tier").await else {
+            return Ok(());
         };
-        let memories: Vec<ServerMemory> = texts.iter().filter_map(|t| ServerMemory::parse(t)).collect();
         if let Some(small) = memories.iter().map(|m| m.maxmemory).filter(|m| *m > 0).min() {
             self.note_histograms(small, timeout).await;
         }
@@ -191,12 +180,39 @@ impl RedisTier {
             memory.maxmemory,
             memory.policy
         );
-        match check {
-            EvictionCheck::Refuse => Err(Error::new(ErrorKind::InvalidInput, message)),
-            _ => {
-                tracing::warn!("{message}");
-                Ok(())
-            }
+        enforce(check, message)
+    }
+}
+
+/// What `INFO memory` says of each server behind `conn` (one, or every master of a
+/// cluster); `None`, logged at debug, where it cannot be read (an ACL user without
+/// `INFO`, a timeout): the check is then skipped, never failed.
+pub(crate) async fn server_memories(
+    conn: &ManagedConn,
+    timeout: Duration,
+    what: &str,
+) -> Option<Vec<ServerMemory>> {
+    let mut c = conn.get();
+    let info =
+        tokio::time::timeout(timeout, redis::cmd("INFO").arg("memory").query_async::<Value>(&mut c)).await;
+    match info {
+        // One server answers with its text; a cluster connection sends INFO to every
+        // master and answers with each one's text by address.
+        Ok(Ok(v)) => Some(info_texts(&v).iter().filter_map(|t| ServerMemory::parse(t)).collect()),
+        other => {
+            tracing::debug!(result = ?other.map(|r| r.map(|_| ())), "{what}: cannot read INFO memory; eviction not checked");
+            None
+        }
+    }
+}
+
+/// Applies an [`EvictionCheck`] to a risk found: a warning, or the build's error.
+pub(crate) fn enforce(check: EvictionCheck, message: String) -> Result<()> {
+    match check {
+        EvictionCheck::Refuse => Err(Error::new(ErrorKind::InvalidInput, message)),
+        _ => {
+            tracing::warn!("{message}");
+            Ok(())
         }
     }
 }
